@@ -1,0 +1,172 @@
+//! Settings, layered: built-in defaults, then the config file, then `CONTROL_PLANE_*`
+//! environment variables (and `DATABASE_URL`), then command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Address the HTTP server binds; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Holds the SQLite database (unless `database_url` says otherwise) and artifacts.
+    pub data_dir: PathBuf,
+    /// `postgres://…` or `sqlite://…`; empty means SQLite at `<data_dir>/control-plane.db`.
+    pub database_url: Option<String>,
+    /// Lets anyone create an account with `POST /api/v1/auth/signup`.
+    pub allow_signup: bool,
+    /// Base URL users reach the server at, for links the API hands out.
+    pub public_url: Option<String>,
+    /// GPU price list; relative paths resolve against the working directory.
+    pub gpu_catalog: Option<PathBuf>,
+    pub limits: Limits,
+    pub auth: AuthSettings,
+    pub eligibility: Eligibility,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest training file accepted, in bytes; larger uploads answer 413.
+    pub max_upload_bytes: u64,
+    /// Largest single record (JSONL line, array element, CSV row), in bytes.
+    pub max_record_bytes: usize,
+    /// How many bad records an enrichment error lists before summarising.
+    pub max_reported_errors: usize,
+    pub max_rank: u32,
+    pub max_seq_len: u32,
+    pub max_epochs: u32,
+    pub max_batch_size: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    pub session_ttl_hours: i64,
+    pub api_token_ttl_hours: i64,
+    /// Failed logins allowed per email and per client address within the window.
+    pub login_max_failures: u32,
+    pub login_window_seconds: u64,
+    /// Set the session cookie's `Secure` flag (enable behind HTTPS).
+    pub secure_cookies: bool,
+}
+
+/// The rules of spec §7.1 a training file must meet before a job can use it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Eligibility {
+    pub min_conversations: i64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./data"),
+            database_url: None,
+            allow_signup: false,
+            public_url: None,
+            gpu_catalog: None,
+            limits: Limits::default(),
+            auth: AuthSettings::default(),
+            eligibility: Eligibility::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_upload_bytes: 1 << 30,
+            max_record_bytes: protocol::dataset::DEFAULT_MAX_RECORD_BYTES,
+            max_reported_errors: 20,
+            max_rank: 256,
+            max_seq_len: 32_768,
+            max_epochs: 100,
+            max_batch_size: 1024,
+        }
+    }
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            session_ttl_hours: 24 * 7,
+            api_token_ttl_hours: 24 * 30,
+            login_max_failures: 5,
+            login_window_seconds: 300,
+            secure_cookies: false,
+        }
+    }
+}
+
+impl Default for Eligibility {
+    fn default() -> Self {
+        Eligibility {
+            min_conversations: 50,
+        }
+    }
+}
+
+/// Values given on the command line; they override every other layer.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Overrides {
+    /// Config file (TOML); see configs/control-plane.toml.
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Data directory (SQLite database and artifacts).
+    #[arg(long, global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Database URL (postgres://… or sqlite://…); DATABASE_URL also works.
+    #[arg(long, global = true)]
+    pub database_url: Option<String>,
+}
+
+impl Settings {
+    pub fn load(overrides: &Overrides) -> Result<Settings, figment::Error> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(path) = &overrides.config {
+            if !path.exists() {
+                return Err(figment::Error::from(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment
+            .merge(Env::prefixed("CONTROL_PLANE_").split("__"))
+            .merge(Env::raw().only(&["DATABASE_URL"]));
+        let mut settings: Settings = figment.extract()?;
+        if let Some(dir) = &overrides.data_dir {
+            settings.data_dir = dir.clone();
+        }
+        if let Some(url) = &overrides.database_url {
+            settings.database_url = Some(url.clone());
+        }
+        settings.database_url = settings.database_url.filter(|url| !url.trim().is_empty());
+        Ok(settings)
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!("sqlite://{}", self.data_dir.join("control-plane.db").display())
+        })
+    }
+
+    pub fn artifacts_dir(&self) -> PathBuf {
+        self.data_dir.join("artifacts")
+    }
+
+    pub fn uploads_dir(&self) -> PathBuf {
+        self.data_dir.join("training-files")
+    }
+
+    pub fn gpu_catalog_path(&self) -> Option<&Path> {
+        self.gpu_catalog.as_deref()
+    }
+}

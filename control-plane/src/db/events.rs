@@ -1,0 +1,113 @@
+//! The job event log: every status change and everything agents report.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::types::Json;
+use sqlx::QueryBuilder;
+use uuid::Uuid;
+
+use super::{on_pool, Db, DbError};
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow)]
+pub struct Event {
+    pub id: Uuid,
+    pub job_id: Uuid,
+    pub attempt_id: Option<Uuid>,
+    pub event_type: String,
+    pub severity: String,
+    pub message: String,
+    pub details: Option<Json<serde_json::Value>>,
+    pub source: Option<String>,
+    #[serde(skip_serializing)]
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl Event {
+    pub fn new(job_id: Uuid, event_type: &str, severity: &str, message: impl Into<String>) -> Event {
+        Event {
+            id: Uuid::new_v4(),
+            job_id,
+            attempt_id: None,
+            event_type: event_type.to_owned(),
+            severity: severity.to_owned(),
+            message: message.into(),
+            details: None,
+            source: Some("control_plane".to_owned()),
+            idempotency_key: None,
+            created_at: super::now(),
+        }
+    }
+
+    pub fn with_details(mut self, details: serde_json::Value) -> Event {
+        self.details = Some(Json(details));
+        self
+    }
+}
+
+/// An `INSERT` of `$event` ready to run on any executor of either backend.
+macro_rules! insert_event {
+    ($event:expr) => {{
+        let event: &$crate::db::events::Event = $event;
+        sqlx::query(
+            "INSERT INTO event_logs (id, job_id, attempt_id, event_type, severity, message, details, source,
+                                     idempotency_key, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(event.id)
+        .bind(event.job_id)
+        .bind(event.attempt_id)
+        .bind(&event.event_type)
+        .bind(&event.severity)
+        .bind(&event.message)
+        .bind(&event.details)
+        .bind(&event.source)
+        .bind(&event.idempotency_key)
+        .bind(event.created_at)
+    }};
+}
+pub(crate) use insert_event;
+
+pub async fn insert(db: &Db, event: &Event) -> Result<(), DbError> {
+    on_pool!(db, pool => insert_event!(event).execute(pool).await.map(|r| r.rows_affected()))?;
+    Ok(())
+}
+
+#[derive(Debug, Default)]
+pub struct EventFilter {
+    pub event_type: Option<String>,
+    pub severity: Option<String>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+/// A job's events, oldest first, and how many match in all.
+pub async fn list(db: &Db, job_id: Uuid, filter: &EventFilter) -> Result<(Vec<Event>, i64), DbError> {
+    fn conditions<'a, DB: sqlx::Database>(query: &mut QueryBuilder<'a, DB>, job_id: Uuid, filter: &EventFilter)
+    where
+        Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+        String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    {
+        query.push(" FROM event_logs WHERE job_id = ").push_bind(job_id);
+        if let Some(event_type) = &filter.event_type {
+            query.push(" AND event_type = ").push_bind(event_type.clone());
+        }
+        if let Some(severity) = &filter.severity {
+            query.push(" AND severity = ").push_bind(severity.clone());
+        }
+    }
+    Ok(on_pool!(db, pool => {
+        let mut count = QueryBuilder::new("SELECT COUNT(*)");
+        conditions(&mut count, job_id, filter);
+        let (total,): (i64,) = count.build_query_as().fetch_one(pool).await?;
+        let mut select = QueryBuilder::new("SELECT *");
+        conditions(&mut select, job_id, filter);
+        select
+            .push(" ORDER BY created_at, id LIMIT ")
+            .push_bind(filter.limit)
+            .push(" OFFSET ")
+            .push_bind(filter.offset);
+        (select.build_query_as::<Event>().fetch_all(pool).await?, total)
+    }))
+}

@@ -1,0 +1,315 @@
+//! Training files (uploaded chat datasets) and the conversations enrichment extracts.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::types::Json;
+use sqlx::QueryBuilder;
+use uuid::Uuid;
+
+use super::{now, on_pool, Db, DbError};
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct TrainingFile {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub name: String,
+    pub description: Option<String>,
+    #[serde(skip)]
+    pub file_path: String,
+    pub file_size: i64,
+    pub mime_type: Option<String>,
+    pub file_format: Option<String>,
+    pub sha256: String,
+    pub conversation_count: i64,
+    pub training_pairs_count: i64,
+    pub average_quality_score: Option<f64>,
+    pub quality_scores: Json<serde_json::Value>,
+    pub scaffolding_distribution: Json<serde_json::Value>,
+    pub human_review: Json<serde_json::Value>,
+    pub status: String,
+    pub enrichment_status: String,
+    pub enrichment_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub last_enriched_at: Option<DateTime<Utc>>,
+    pub deleted_at: Option<DateTime<Utc>>,
+}
+
+pub struct NewFile<'a> {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub name: &'a str,
+    pub description: Option<&'a str>,
+    pub file_path: &'a str,
+    pub file_size: i64,
+    pub mime_type: Option<&'a str>,
+    pub sha256: &'a str,
+}
+
+pub async fn insert(db: &Db, file: NewFile<'_>) -> Result<TrainingFile, DbError> {
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, TrainingFile>(
+        "INSERT INTO training_files (id, user_id, name, description, file_path, file_size, mime_type, sha256,
+                                     created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)
+         RETURNING *",
+    )
+    .bind(file.id)
+    .bind(file.user_id)
+    .bind(file.name)
+    .bind(file.description)
+    .bind(file.file_path)
+    .bind(file.file_size)
+    .bind(file.mime_type)
+    .bind(file.sha256)
+    .bind(now())
+    .fetch_one(pool)
+    .await)?)
+}
+
+/// A file its owner can see (not deleted). `None` for anyone else's.
+pub async fn get_owned(db: &Db, id: Uuid, user_id: Uuid) -> Result<Option<TrainingFile>, DbError> {
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, TrainingFile>(
+        "SELECT * FROM training_files WHERE id = $1 AND user_id = $2 AND deleted_at IS NULL",
+    )
+    .bind(id)
+    .bind(user_id)
+    .fetch_optional(pool)
+    .await)?)
+}
+
+pub async fn get(db: &Db, id: Uuid) -> Result<Option<TrainingFile>, DbError> {
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, TrainingFile>("SELECT * FROM training_files WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await)?)
+}
+
+#[derive(Debug, Default)]
+pub struct FileFilter {
+    pub status: Option<String>,
+    pub enrichment_status: Option<String>,
+    pub search: Option<String>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+pub async fn list(db: &Db, user_id: Uuid, filter: &FileFilter) -> Result<(Vec<TrainingFile>, i64), DbError> {
+    fn conditions<'a, DB: sqlx::Database>(
+        query: &mut QueryBuilder<'a, DB>,
+        user_id: Uuid,
+        filter: &'a FileFilter,
+    ) where
+        Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+        String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    {
+        query.push(" FROM training_files WHERE deleted_at IS NULL AND user_id = ").push_bind(user_id);
+        if let Some(status) = &filter.status {
+            query.push(" AND status = ").push_bind(status.clone());
+        }
+        if let Some(status) = &filter.enrichment_status {
+            query.push(" AND enrichment_status = ").push_bind(status.clone());
+        }
+        if let Some(search) = &filter.search {
+            let pattern = format!("%{}%", search.to_lowercase().replace(['%', '_'], ""));
+            query.push(" AND LOWER(name) LIKE ").push_bind(pattern);
+        }
+    }
+    let (rows, total) = on_pool!(db, pool => {
+        let mut count = QueryBuilder::new("SELECT COUNT(*)");
+        conditions(&mut count, user_id, filter);
+        let (total,): (i64,) = count.build_query_as().fetch_one(pool).await?;
+        let mut select = QueryBuilder::new("SELECT *");
+        conditions(&mut select, user_id, filter);
+        select
+            .push(" ORDER BY created_at DESC, id LIMIT ")
+            .push_bind(filter.limit)
+            .push(" OFFSET ")
+            .push_bind(filter.offset);
+        let rows = select.build_query_as::<TrainingFile>().fetch_all(pool).await?;
+        (rows, total)
+    });
+    Ok((rows, total))
+}
+
+/// Soft-deletes a file unless a live job uses it; `Err(job name)` names that job.
+pub async fn soft_delete(db: &Db, id: Uuid, user_id: Uuid) -> Result<Result<bool, String>, DbError> {
+    let live: Vec<&str> = crate::domain::JobStatus::ALL
+        .into_iter()
+        .filter(|s| s.is_live())
+        .map(|s| s.as_str())
+        .collect();
+    let live_list = live.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
+    let blocking_sql = format!(
+        "SELECT name FROM training_jobs WHERE training_file_id = $1 AND status IN ({live_list}) LIMIT 1"
+    );
+    let outcome = on_pool!(db, pool => {
+        let mut tx = pool.begin().await?;
+        let blocking: Option<(String,)> = sqlx::query_as(&blocking_sql).bind(id).fetch_optional(&mut *tx).await?;
+        if let Some((job,)) = blocking {
+            return Ok(Err(job));
+        }
+        let now = now();
+        let deleted = sqlx::query(
+            "UPDATE training_files SET deleted_at = $3, status = 'deleted'
+             WHERE id = $1 AND user_id = $2 AND deleted_at IS NULL",
+        )
+        .bind(id)
+        .bind(user_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        deleted == 1
+    });
+    Ok(Ok(outcome))
+}
+
+/// Moves a pending file to `processing`; false if another worker got it first.
+pub async fn claim_for_enrichment(db: &Db, id: Uuid) -> Result<bool, DbError> {
+    let claimed = on_pool!(db, pool => sqlx::query(
+        "UPDATE training_files SET enrichment_status = 'processing' WHERE id = $1 AND enrichment_status = 'pending'",
+    )
+    .bind(id)
+    .execute(pool)
+    .await.map(|r| r.rows_affected()))?;
+    Ok(claimed == 1)
+}
+
+pub async fn pending_enrichment(db: &Db) -> Result<Vec<Uuid>, DbError> {
+    let rows: Vec<(Uuid,)> = on_pool!(db, pool => sqlx::query_as(
+        "SELECT id FROM training_files WHERE enrichment_status = 'pending' AND deleted_at IS NULL ORDER BY created_at",
+    )
+    .fetch_all(pool)
+    .await)?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}
+
+pub struct EnrichmentResult {
+    pub file_format: String,
+    pub conversation_count: i64,
+    pub training_pairs_count: i64,
+    pub average_quality_score: Option<f64>,
+    pub quality_scores: serde_json::Value,
+    pub scaffolding_distribution: serde_json::Value,
+    pub human_review: serde_json::Value,
+}
+
+pub async fn finish_enrichment(db: &Db, id: Uuid, result: &EnrichmentResult) -> Result<(), DbError> {
+    on_pool!(db, pool => sqlx::query(
+        "UPDATE training_files SET enrichment_status = 'completed', enrichment_error = NULL, file_format = $2,
+             conversation_count = $3, training_pairs_count = $4, average_quality_score = $5,
+             quality_scores = $6, scaffolding_distribution = $7, human_review = $8, last_enriched_at = $9
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(&result.file_format)
+    .bind(result.conversation_count)
+    .bind(result.training_pairs_count)
+    .bind(result.average_quality_score)
+    .bind(Json(&result.quality_scores))
+    .bind(Json(&result.scaffolding_distribution))
+    .bind(Json(&result.human_review))
+    .bind(now())
+    .execute(pool)
+    .await.map(|r| r.rows_affected()))?;
+    Ok(())
+}
+
+/// Marks enrichment failed and drops any conversations stored before the failure was known.
+pub async fn fail_enrichment(db: &Db, id: Uuid, format: Option<&str>, error: &str) -> Result<(), DbError> {
+    on_pool!(db, pool => {
+        let mut tx = pool.begin().await?;
+        sqlx::query("DELETE FROM conversations WHERE training_file_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE training_files SET enrichment_status = 'failed', enrichment_error = $2, file_format = $3,
+                 conversation_count = 0, training_pairs_count = 0, last_enriched_at = $4
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(error)
+        .bind(format)
+        .bind(now())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+    });
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct StoredConversation {
+    pub id: Uuid,
+    pub training_file_id: Uuid,
+    pub line_number: i64,
+    pub persona: Option<String>,
+    pub emotional_arc: Option<String>,
+    pub topic: Option<String>,
+    pub quality_score: Option<f64>,
+    pub human_reviewed: Option<bool>,
+    pub messages: Json<serde_json::Value>,
+    pub metadata: Option<Json<serde_json::Value>>,
+    pub created_at: DateTime<Utc>,
+}
+
+pub struct NewConversation {
+    pub line_number: i64,
+    pub persona: Option<String>,
+    pub emotional_arc: Option<String>,
+    pub topic: Option<String>,
+    pub quality_score: Option<f64>,
+    pub human_reviewed: Option<bool>,
+    pub messages: serde_json::Value,
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// Inserts a batch of conversations in one statement.
+pub async fn insert_conversations(db: &Db, file_id: Uuid, batch: &[NewConversation]) -> Result<(), DbError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let now = now();
+    on_pool!(db, pool => {
+        let mut query = QueryBuilder::new(
+            "INSERT INTO conversations (id, training_file_id, line_number, persona, emotional_arc, topic,
+                                        quality_score, human_reviewed, messages, metadata, created_at) ",
+        );
+        query.push_values(batch, |mut row, c| {
+            row.push_bind(Uuid::new_v4())
+                .push_bind(file_id)
+                .push_bind(c.line_number)
+                .push_bind(c.persona.clone())
+                .push_bind(c.emotional_arc.clone())
+                .push_bind(c.topic.clone())
+                .push_bind(c.quality_score)
+                .push_bind(c.human_reviewed)
+                .push_bind(Json(c.messages.clone()))
+                .push_bind(c.metadata.clone().map(Json))
+                .push_bind(now);
+        });
+        query.build().execute(pool).await?;
+    });
+    Ok(())
+}
+
+pub async fn conversations(
+    db: &Db,
+    file_id: Uuid,
+    quality_min: Option<f64>,
+    limit: i64,
+) -> Result<Vec<StoredConversation>, DbError> {
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, StoredConversation>(
+        "SELECT * FROM conversations
+         WHERE training_file_id = $1 AND ($2 IS NULL OR quality_score >= $2)
+         ORDER BY quality_score IS NULL, quality_score DESC, line_number
+         LIMIT $3",
+    )
+    .bind(file_id)
+    .bind(quality_min)
+    .bind(limit)
+    .fetch_all(pool)
+    .await)?)
+}

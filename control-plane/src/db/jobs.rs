@@ -1,0 +1,298 @@
+//! Training jobs. Status changes happen only through [`change_status`], which applies the
+//! change if the job is still in the status the caller saw, and logs the event with it.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::types::Json;
+use sqlx::QueryBuilder;
+use uuid::Uuid;
+
+use super::events::{insert_event, Event};
+use super::{on_pool, Db, DbError};
+use crate::domain::{GpuType, Hyperparameters, JobStatus};
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow)]
+pub struct Job {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub name: String,
+    pub description: Option<String>,
+    pub base_model: String,
+    pub training_file_id: Uuid,
+    pub preset_id: Option<Uuid>,
+    pub gpu_type: Option<String>,
+    pub gpu_model: Option<String>,
+    pub hyperparameters: Option<Json<serde_json::Value>>,
+    #[sqlx(try_from = "String")]
+    pub status: JobStatus,
+    pub progress_percentage: i64,
+    pub current_step: i64,
+    pub total_steps: Option<i64>,
+    pub current_epoch: i64,
+    pub total_epochs: Option<i64>,
+    pub current_stage: Option<String>,
+    pub stage_substatus: Option<String>,
+    pub queued_at: Option<DateTime<Utc>>,
+    pub estimated_start_time: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub elapsed_seconds: i64,
+    pub estimated_remaining_seconds: Option<i64>,
+    pub current_cost: f64,
+    pub estimated_cost_min: Option<f64>,
+    pub estimated_cost_max: Option<f64>,
+    pub estimated_duration_hours_min: Option<f64>,
+    pub estimated_duration_hours_max: Option<f64>,
+    pub hourly_rate: Option<f64>,
+    pub final_cost: Option<f64>,
+    pub error_message: Option<String>,
+    pub failed_stage: Option<String>,
+    pub cancelled_reason: Option<String>,
+    pub cancelled_at: Option<DateTime<Utc>>,
+    pub retry_count: i64,
+    pub max_retries: i64,
+    pub interruption_count: i64,
+    pub max_interruptions: i64,
+    pub resume_from_checkpoint_id: Option<Uuid>,
+    pub agent_id: Option<Uuid>,
+    pub external_job_id: Option<String>,
+}
+
+pub struct NewJob<'a> {
+    pub user_id: Uuid,
+    pub name: &'a str,
+    pub description: Option<&'a str>,
+    pub base_model: &'a str,
+    pub training_file_id: Uuid,
+    /// Configuration carried over from a template; the job still starts as a draft.
+    pub preset_id: Option<Uuid>,
+}
+
+/// Creates a draft and logs its creation.
+pub async fn insert_draft(db: &Db, job: NewJob<'_>) -> Result<Job, DbError> {
+    let id = Uuid::new_v4();
+    let event = Event::new(id, "status", "info", format!("Job \"{}\" created as a draft", job.name))
+        .with_details(serde_json::json!({"to": "draft"}));
+    Ok(on_pool!(db, pool => {
+        let mut tx = pool.begin().await?;
+        let row = sqlx::query_as::<_, Job>(
+            "INSERT INTO training_jobs (id, user_id, name, description, base_model, training_file_id, preset_id,
+                                        status, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'draft', $8, $8)
+             RETURNING *",
+        )
+        .bind(id)
+        .bind(job.user_id)
+        .bind(job.name)
+        .bind(job.description)
+        .bind(job.base_model)
+        .bind(job.training_file_id)
+        .bind(job.preset_id)
+        .bind(event.created_at)
+        .fetch_one(&mut *tx)
+        .await?;
+        insert_event!(&event).execute(&mut *tx).await?;
+        tx.commit().await?;
+        row
+    }))
+}
+
+/// Who is asking: operators and admins see every job, users their own.
+#[derive(Debug, Clone, Copy)]
+pub struct Viewer {
+    pub user_id: Uuid,
+    pub sees_everything: bool,
+}
+
+pub async fn get(db: &Db, id: Uuid, viewer: Viewer) -> Result<Option<Job>, DbError> {
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, Job>(
+        "SELECT * FROM training_jobs WHERE id = $1 AND (user_id = $2 OR $3)",
+    )
+    .bind(id)
+    .bind(viewer.user_id)
+    .bind(viewer.sees_everything)
+    .fetch_optional(pool)
+    .await)?)
+}
+
+pub async fn list(
+    db: &Db,
+    viewer: Viewer,
+    status: Option<JobStatus>,
+    limit: i64,
+    offset: i64,
+) -> Result<(Vec<Job>, i64), DbError> {
+    fn conditions<'a, DB: sqlx::Database>(query: &mut QueryBuilder<'a, DB>, viewer: Viewer, status: Option<JobStatus>)
+    where
+        Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+        &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    {
+        query.push(" FROM training_jobs WHERE 1 = 1");
+        if !viewer.sees_everything {
+            query.push(" AND user_id = ").push_bind(viewer.user_id);
+        }
+        if let Some(status) = status {
+            query.push(" AND status = ").push_bind(status.as_str());
+        }
+    }
+    Ok(on_pool!(db, pool => {
+        let mut count = QueryBuilder::new("SELECT COUNT(*)");
+        conditions(&mut count, viewer, status);
+        let (total,): (i64,) = count.build_query_as().fetch_one(pool).await?;
+        let mut select = QueryBuilder::new("SELECT *");
+        conditions(&mut select, viewer, status);
+        select
+            .push(" ORDER BY created_at DESC, id LIMIT ")
+            .push_bind(limit)
+            .push(" OFFSET ")
+            .push_bind(offset);
+        (select.build_query_as::<Job>().fetch_all(pool).await?, total)
+    }))
+}
+
+/// 1-based place in the queue: jobs queued before this one, plus one.
+pub async fn queue_position(db: &Db, job: &Job) -> Result<Option<i64>, DbError> {
+    let (Some(queued_at), JobStatus::Queued) = (job.queued_at, job.status) else {
+        return Ok(None);
+    };
+    let (ahead,): (i64,) = on_pool!(db, pool => sqlx::query_as(
+        "SELECT COUNT(*) FROM training_jobs WHERE status = 'queued' AND (queued_at < $1 OR (queued_at = $1 AND id < $2))",
+    )
+    .bind(queued_at)
+    .bind(job.id)
+    .fetch_one(pool)
+    .await)?;
+    Ok(Some(ahead + 1))
+}
+
+/// Estimated hours of queued work ahead of a job that would be queued now.
+pub async fn queued_hours_ahead(db: &Db) -> Result<f64, DbError> {
+    let (hours,): (Option<f64>,) = on_pool!(db, pool => sqlx::query_as(
+        "SELECT SUM((estimated_duration_hours_min + estimated_duration_hours_max) / 2) FROM training_jobs
+         WHERE status IN ('queued', 'provisioning', 'training')",
+    )
+    .fetch_one(pool)
+    .await)?;
+    Ok(hours.unwrap_or(0.0))
+}
+
+pub struct Configuration<'a> {
+    pub preset_id: Option<Uuid>,
+    pub gpu_type: GpuType,
+    pub gpu_model: &'a str,
+    pub hyperparameters: &'a Hyperparameters,
+    pub hourly_rate: f64,
+    pub estimated_duration_hours: (f64, f64),
+    pub estimated_cost: (f64, f64),
+}
+
+/// What a status change writes besides the status itself.
+pub enum Change<'a> {
+    Configure(Configuration<'a>),
+    Queue { estimated_start_time: DateTime<Utc> },
+    Cancel { reason: &'a str, final_cost: f64 },
+}
+
+impl Change<'_> {
+    fn target(&self) -> JobStatus {
+        match self {
+            Change::Configure(_) => JobStatus::Configured,
+            Change::Queue { .. } => JobStatus::Queued,
+            Change::Cancel { .. } => JobStatus::Cancelled,
+        }
+    }
+}
+
+pub enum ChangeOutcome {
+    Applied(Job),
+    /// The job was no longer in the expected status; it is in this one.
+    Conflict(JobStatus),
+}
+
+/// Applies `change` to a job that is in `from`, and logs `event` in the same transaction.
+/// The state machine check is the caller's ([`JobStatus::check`]); this guards against a
+/// concurrent change between the caller's read and this write.
+pub async fn change_status(
+    db: &Db,
+    job_id: Uuid,
+    from: JobStatus,
+    change: Change<'_>,
+    event: &Event,
+) -> Result<ChangeOutcome, DbError> {
+    let to = change.target();
+    let at = event.created_at;
+    Ok(on_pool!(db, pool => {
+        let mut tx = pool.begin().await?;
+        let query = match &change {
+            Change::Configure(c) => sqlx::query_as::<_, Job>(
+                "UPDATE training_jobs SET status = $3, preset_id = $4, gpu_type = $5, gpu_model = $6,
+                     hyperparameters = $7, total_epochs = $8, hourly_rate = $9,
+                     estimated_duration_hours_min = $10, estimated_duration_hours_max = $11,
+                     estimated_cost_min = $12, estimated_cost_max = $13
+                 WHERE id = $1 AND status = $2 RETURNING *",
+            )
+            .bind(job_id)
+            .bind(from.as_str())
+            .bind(to.as_str())
+            .bind(c.preset_id)
+            .bind(c.gpu_type.as_str())
+            .bind(c.gpu_model)
+            .bind(Json(c.hyperparameters))
+            .bind(i64::from(c.hyperparameters.epochs))
+            .bind(c.hourly_rate)
+            .bind(c.estimated_duration_hours.0)
+            .bind(c.estimated_duration_hours.1)
+            .bind(c.estimated_cost.0)
+            .bind(c.estimated_cost.1),
+            Change::Queue { estimated_start_time } => sqlx::query_as::<_, Job>(
+                "UPDATE training_jobs SET status = $3, queued_at = $4, estimated_start_time = $5
+                 WHERE id = $1 AND status = $2 RETURNING *",
+            )
+            .bind(job_id)
+            .bind(from.as_str())
+            .bind(to.as_str())
+            .bind(at)
+            .bind(*estimated_start_time),
+            Change::Cancel { reason, final_cost } => sqlx::query_as::<_, Job>(
+                "UPDATE training_jobs SET status = $3, cancelled_reason = $4, cancelled_at = $5,
+                     completed_at = $5, final_cost = $6, current_cost = $6, estimated_start_time = NULL
+                 WHERE id = $1 AND status = $2 RETURNING *",
+            )
+            .bind(job_id)
+            .bind(from.as_str())
+            .bind(to.as_str())
+            .bind(*reason)
+            .bind(at)
+            .bind(*final_cost),
+        };
+        match query.fetch_optional(&mut *tx).await? {
+            Some(job) => {
+                insert_event!(event).execute(&mut *tx).await?;
+                tx.commit().await?;
+                ChangeOutcome::Applied(job)
+            }
+            None => {
+                let (status,): (String,) = sqlx::query_as("SELECT status FROM training_jobs WHERE id = $1")
+                    .bind(job_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                ChangeOutcome::Conflict(status.parse().unwrap_or(from))
+            }
+        }
+    }))
+}
+
+/// Cost accrued so far: hours since the job started training at its hourly rate.
+pub fn accrued_cost(job: &Job, at: DateTime<Utc>) -> f64 {
+    let (Some(started), Some(rate)) = (job.started_at, job.hourly_rate) else {
+        return job.current_cost;
+    };
+    let hours = (at - started).num_milliseconds().max(0) as f64 / 3_600_000.0;
+    round_cents(job.current_cost.max(hours * rate))
+}
+
+pub fn round_cents(amount: f64) -> f64 {
+    (amount * 100.0).round() / 100.0
+}

@@ -1,0 +1,73 @@
+//! Per-step training metrics. One row per (job, step): a step reported twice is kept once.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{on_pool, Db, DbError};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct MetricPoint {
+    pub step: i64,
+    pub epoch: Option<i64>,
+    pub training_loss: Option<f64>,
+    pub validation_loss: Option<f64>,
+    pub learning_rate: Option<f64>,
+    pub grad_norm: Option<f64>,
+    pub tokens_per_second: Option<f64>,
+    pub gpu_utilization: Option<i64>,
+    pub memory_used_gb: Option<f64>,
+    pub recorded_at: DateTime<Utc>,
+}
+
+const COLUMNS: &str = "step, epoch, training_loss, validation_loss, learning_rate, grad_norm, \
+                       tokens_per_second, gpu_utilization, memory_used_gb, recorded_at";
+
+/// Stores a point; returns false when that step was already recorded.
+pub async fn record(db: &Db, job_id: Uuid, attempt_id: Option<Uuid>, point: &MetricPoint) -> Result<bool, DbError> {
+    let inserted = on_pool!(db, pool => sqlx::query(
+        "INSERT INTO training_metrics (id, job_id, attempt_id, step, epoch, training_loss, validation_loss,
+             learning_rate, grad_norm, tokens_per_second, gpu_utilization, memory_used_gb, recorded_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+         ON CONFLICT (job_id, step) DO NOTHING",
+    )
+    .bind(Uuid::new_v4())
+    .bind(job_id)
+    .bind(attempt_id)
+    .bind(point.step)
+    .bind(point.epoch)
+    .bind(point.training_loss)
+    .bind(point.validation_loss)
+    .bind(point.learning_rate)
+    .bind(point.grad_norm)
+    .bind(point.tokens_per_second)
+    .bind(point.gpu_utilization)
+    .bind(point.memory_used_gb)
+    .bind(point.recorded_at)
+    .execute(pool)
+    .await.map(|r| r.rows_affected()))?;
+    Ok(inserted == 1)
+}
+
+/// Up to `limit` points, oldest first, keeping every `interval`-th step (and always the last).
+pub async fn history(db: &Db, job_id: Uuid, interval: i64, limit: i64) -> Result<Vec<MetricPoint>, DbError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM training_metrics
+         WHERE job_id = $1 AND (step % $2 = 0 OR step = (SELECT MAX(step) FROM training_metrics WHERE job_id = $1))
+         ORDER BY step LIMIT $3"
+    );
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, MetricPoint>(&sql)
+        .bind(job_id)
+        .bind(interval)
+        .bind(limit)
+        .fetch_all(pool)
+        .await)?)
+}
+
+pub async fn latest(db: &Db, job_id: Uuid) -> Result<Option<MetricPoint>, DbError> {
+    let sql = format!("SELECT {COLUMNS} FROM training_metrics WHERE job_id = $1 ORDER BY step DESC LIMIT 1");
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, MetricPoint>(&sql)
+        .bind(job_id)
+        .fetch_optional(pool)
+        .await)?)
+}

@@ -1,0 +1,11 @@
+//! Types that parse their input, so an invalid value cannot be built.
+
+pub mod gpu_catalog;
+pub mod hyperparameters;
+pub mod job_status;
+pub mod user;
+
+pub use gpu_catalog::{GpuCatalog, GpuType};
+pub use hyperparameters::{FieldError, Hyperparameters};
+pub use job_status::JobStatus;
+pub use user::{Email, Password, Role};

@@ -1,0 +1,288 @@
+//! Background enrichment of uploaded training files: one streaming pass that validates
+//! every record, stores the conversations for preview and computes the file's statistics.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use protocol::dataset::{self, Conversation, DatasetError, Limits, Record};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, Semaphore};
+use uuid::Uuid;
+
+use crate::db::files::{self, EnrichmentResult, NewConversation};
+use crate::db::Db;
+
+/// Conversations stored per INSERT.
+const BATCH: usize = 500;
+
+#[derive(Clone)]
+pub struct Enricher {
+    db: Db,
+    limits: Limits,
+    max_reported_errors: usize,
+    permits: Arc<Semaphore>,
+}
+
+impl Enricher {
+    pub fn new(db: Db, max_record_bytes: usize, max_reported_errors: usize) -> Enricher {
+        Enricher {
+            db,
+            limits: Limits { max_record_bytes },
+            max_reported_errors,
+            permits: Arc::new(Semaphore::new(2)),
+        }
+    }
+
+    /// Enriches the file in the background; returns at once.
+    pub fn enqueue(&self, file_id: Uuid) {
+        let enricher = self.clone();
+        tokio::spawn(async move {
+            let Ok(_permit) = enricher.permits.clone().acquire_owned().await else { return };
+            if let Err(error) = enricher.run(file_id).await {
+                tracing::error!(%file_id, %error, "enrichment failed");
+                let message = format!("enrichment could not finish: {error}");
+                if let Err(error) = files::fail_enrichment(&enricher.db, file_id, None, &message).await {
+                    tracing::error!(%file_id, %error, "could not record the enrichment failure");
+                }
+            }
+        });
+    }
+
+    /// Picks up files left pending by a previous run of the server.
+    pub async fn resume_pending(&self) -> Result<(), crate::db::DbError> {
+        for id in files::pending_enrichment(&self.db).await? {
+            self.enqueue(id);
+        }
+        Ok(())
+    }
+
+    pub async fn run(&self, file_id: Uuid) -> Result<(), EnrichmentError> {
+        if !files::claim_for_enrichment(&self.db, file_id).await? {
+            return Ok(());
+        }
+        let Some(file) = files::get(&self.db, file_id).await? else { return Ok(()) };
+        tracing::info!(%file_id, size = file.file_size, "enriching training file");
+        let started = std::time::Instant::now();
+        let input = std::fs::File::open(&file.file_path)?;
+        let (records_tx, mut records_rx) = mpsc::channel::<Result<Record, DatasetError>>(BATCH * 2);
+        let limits = self.limits;
+        // Parsing is blocking work: it runs on its own thread and streams records over.
+        let reader = tokio::task::spawn_blocking(move || -> Result<Option<dataset::Format>, DatasetError> {
+            let (format, records) = match dataset::open(input, limits) {
+                Ok(opened) => opened,
+                Err(error) => {
+                    let _ = records_tx.blocking_send(Err(error));
+                    return Ok(None);
+                }
+            };
+            for record in records {
+                if records_tx.blocking_send(record).is_err() {
+                    break;
+                }
+            }
+            Ok(Some(format))
+        });
+
+        let mut stats = Statistics::default();
+        let mut errors = ErrorReport::new(self.max_reported_errors);
+        let mut batch = Vec::with_capacity(BATCH);
+        while let Some(record) = records_rx.recv().await {
+            match record {
+                Ok(record) => {
+                    stats.add(&record.conversation);
+                    // After the first bad record nothing more is stored: the file will fail.
+                    if errors.is_empty() {
+                        batch.push(to_row(record));
+                        if batch.len() == BATCH {
+                            files::insert_conversations(&self.db, file_id, &batch).await?;
+                            batch.clear();
+                        }
+                    }
+                }
+                Err(DatasetError::Record(error)) => errors.push(error.to_string()),
+                Err(DatasetError::Io(error)) => return Err(error.into()),
+            }
+        }
+        let format = reader.await??;
+        let format_name = format.map(|f| f.as_str());
+        if let Some(message) = errors.summary() {
+            files::fail_enrichment(&self.db, file_id, format_name, &message).await?;
+            tracing::info!(%file_id, bad_records = errors.total, "training file failed enrichment");
+            return Ok(());
+        }
+        files::insert_conversations(&self.db, file_id, &batch).await?;
+        let result = stats.finish(format_name.unwrap_or("unknown"));
+        files::finish_enrichment(&self.db, file_id, &result).await?;
+        tracing::info!(
+            %file_id,
+            conversations = result.conversation_count,
+            seconds = started.elapsed().as_secs_f64(),
+            "training file enriched"
+        );
+        Ok(())
+    }
+}
+
+/// Why enrichment itself could not finish (bad records in the file are not errors here).
+#[derive(Debug, thiserror::Error)]
+pub enum EnrichmentError {
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
+    #[error("cannot read the stored file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error("the reader thread stopped: {0}")]
+    Reader(#[from] tokio::task::JoinError),
+}
+
+fn to_row(record: Record) -> NewConversation {
+    let Conversation { messages, metadata } = record.conversation;
+    NewConversation {
+        line_number: record.line as i64,
+        persona: metadata.persona,
+        emotional_arc: metadata.emotional_arc,
+        topic: metadata.topic,
+        quality_score: metadata.quality_score,
+        human_reviewed: metadata.human_reviewed,
+        messages: serde_json::to_value(messages).unwrap_or(Value::Null),
+        metadata: metadata.raw,
+    }
+}
+
+/// The first few bad records by line, and how many there were in all.
+struct ErrorReport {
+    cap: usize,
+    shown: Vec<String>,
+    total: usize,
+}
+
+impl ErrorReport {
+    fn new(cap: usize) -> ErrorReport {
+        ErrorReport { cap, shown: Vec::new(), total: 0 }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    fn push(&mut self, message: String) {
+        self.total += 1;
+        if self.shown.len() < self.cap {
+            self.shown.push(message);
+        }
+    }
+
+    fn summary(&self) -> Option<String> {
+        if self.total == 0 {
+            return None;
+        }
+        let mut text = self.shown.join("\n");
+        let hidden = self.total - self.shown.len();
+        if hidden > 0 {
+            text.push_str(&format!("\n… and {hidden} more"));
+        }
+        text.push_str(&format!(
+            "\n{} bad record{} in total",
+            self.total,
+            if self.total == 1 { "" } else { "s" }
+        ));
+        Some(text)
+    }
+}
+
+#[derive(Default)]
+struct Mean {
+    sum: f64,
+    count: u64,
+}
+
+impl Mean {
+    fn add(&mut self, value: Option<f64>) {
+        if let Some(value) = value {
+            self.sum += value;
+            self.count += 1;
+        }
+    }
+
+    fn value(&self) -> Option<f64> {
+        (self.count > 0).then(|| ((self.sum / self.count as f64) * 100.0).round() / 100.0)
+    }
+}
+
+#[derive(Default)]
+struct Statistics {
+    conversations: i64,
+    training_pairs: i64,
+    quality: Mean,
+    empathy: Mean,
+    clarity: Mean,
+    appropriateness: Mean,
+    personas: HashMap<String, i64>,
+    emotional_arcs: HashMap<String, i64>,
+    topics: HashMap<String, i64>,
+    human_reviewed: i64,
+    ai_generated: i64,
+}
+
+impl Statistics {
+    fn add(&mut self, conversation: &Conversation) {
+        let metadata = &conversation.metadata;
+        self.conversations += 1;
+        self.training_pairs += conversation.training_pairs() as i64;
+        self.quality.add(metadata.quality_score);
+        self.empathy.add(metadata.quality_scores.empathy);
+        self.clarity.add(metadata.quality_scores.clarity);
+        self.appropriateness.add(metadata.quality_scores.appropriateness);
+        for (counts, value) in [
+            (&mut self.personas, &metadata.persona),
+            (&mut self.emotional_arcs, &metadata.emotional_arc),
+            (&mut self.topics, &metadata.topic),
+        ] {
+            if let Some(value) = value {
+                *counts.entry(value.clone()).or_default() += 1;
+            }
+        }
+        match metadata.human_reviewed {
+            Some(true) => self.human_reviewed += 1,
+            Some(false) | None => self.ai_generated += 1,
+        }
+    }
+
+    fn finish(self, format: &str) -> EnrichmentResult {
+        let total = self.conversations.max(1) as f64;
+        let percentage = |count: i64| ((count as f64 / total) * 1000.0).round() / 10.0;
+        let distribution = |counts: HashMap<String, i64>, key: &str| -> Value {
+            let mut entries: Vec<(String, i64)> = counts.into_iter().collect();
+            entries.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            Value::Array(
+                entries
+                    .into_iter()
+                    .map(|(name, count)| json!({key: name, "count": count, "percentage": percentage(count)}))
+                    .collect(),
+            )
+        };
+        EnrichmentResult {
+            file_format: format.to_owned(),
+            conversation_count: self.conversations,
+            training_pairs_count: self.training_pairs,
+            average_quality_score: self.quality.value(),
+            quality_scores: json!({
+                "empathy": self.empathy.value(),
+                "clarity": self.clarity.value(),
+                "appropriateness": self.appropriateness.value(),
+            }),
+            scaffolding_distribution: json!({
+                "personas": distribution(self.personas, "type"),
+                "emotional_arcs": distribution(self.emotional_arcs, "type"),
+                "topics": distribution(self.topics, "category"),
+            }),
+            human_review: json!({
+                "human_reviewed_count": self.human_reviewed,
+                "ai_generated_count": self.ai_generated,
+                "human_reviewed_percentage": percentage(self.human_reviewed),
+                "ai_generated_percentage": percentage(self.ai_generated),
+            }),
+        }
+    }
+}

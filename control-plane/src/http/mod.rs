@@ -1,0 +1,143 @@
+//! The JSON API under `/api/v1`, plus `/healthz` and `/metrics`.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::configuration::Settings;
+use crate::db::Db;
+use crate::domain::{FieldError, GpuCatalog};
+use crate::enrichment::Enricher;
+use crate::live::LiveUpdates;
+
+pub mod agents;
+pub mod auth;
+pub mod error;
+pub mod files;
+pub mod jobs;
+pub mod ops;
+pub mod presets;
+pub mod stream;
+pub mod templates;
+
+use error::{ApiError, ApiResult};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub settings: Arc<Settings>,
+    pub catalog: Arc<GpuCatalog>,
+    pub live: LiveUpdates,
+    pub enricher: Enricher,
+    pub login_limiter: Arc<auth::LoginLimiter>,
+    pub metrics: Arc<ops::RequestMetrics>,
+}
+
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .merge(auth::router())
+        .merge(files::router())
+        .merge(presets::router())
+        .merge(jobs::router())
+        .merge(stream::router())
+        .merge(templates::router())
+        .merge(agents::router());
+    Router::new()
+        .nest("/api/v1", api)
+        .merge(ops::router())
+        .layer(axum::middleware::from_fn_with_state(state.clone(), ops::track_requests))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// `Query` whose rejection is our JSON error.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(value)| ApiQuery(value))
+            .map_err(|rejection: QueryRejection| {
+                ApiError::BadRequest(format!("invalid query string: {}", rejection.body_text()))
+            })
+    }
+}
+
+/// `Json` whose rejection is our JSON error, naming what is wrong with the body.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        axum::Json::<T>::from_request(request, state)
+            .await
+            .map(|axum::Json(value)| ApiJson(value))
+            .map_err(|rejection: JsonRejection| match rejection {
+                JsonRejection::JsonDataError(e) => ApiError::Unprocessable {
+                    message: format!("invalid request body: {}", e.body_text()),
+                    rules: Vec::new(),
+                },
+                other => ApiError::BadRequest(format!("invalid request body: {}", other.body_text())),
+            })
+    }
+}
+
+/// A page of a list, as spec §5.2 shapes it.
+#[derive(Serialize)]
+pub struct Page<T> {
+    pub data: Vec<T>,
+    /// Rows matching the filters, on every page.
+    pub count: i64,
+    pub page: i64,
+    pub total_pages: i64,
+}
+
+impl<T> Page<T> {
+    pub fn new(data: Vec<T>, count: i64, limit: i64, offset: i64) -> Page<T> {
+        Page {
+            data,
+            count,
+            page: offset / limit + 1,
+            total_pages: (count + limit - 1) / limit,
+        }
+    }
+}
+
+pub const MAX_PAGE_SIZE: i64 = 500;
+
+pub fn page_bounds(limit: Option<i64>, offset: Option<i64>, default: i64) -> ApiResult<(i64, i64)> {
+    let limit = limit.unwrap_or(default);
+    let offset = offset.unwrap_or(0);
+    let mut errors = Vec::new();
+    if !(1..=MAX_PAGE_SIZE).contains(&limit) {
+        errors.push(FieldError::new("limit", format!("must be between 1 and {MAX_PAGE_SIZE}")));
+    }
+    if offset < 0 {
+        errors.push(FieldError::new("offset", "must not be negative"));
+    }
+    if errors.is_empty() {
+        Ok((limit, offset))
+    } else {
+        Err(ApiError::Validation(errors))
+    }
+}
+
+pub fn one_of(field: &str, value: &str, allowed: &[&str]) -> ApiResult<()> {
+    if allowed.contains(&value) {
+        Ok(())
+    } else {
+        Err(ApiError::Validation(vec![FieldError::new(
+            field,
+            format!("must be one of {}", allowed.join(", ")),
+        )]))
+    }
+}

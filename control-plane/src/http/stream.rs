@@ -1,0 +1,56 @@
+//! `GET /api/v1/jobs/{id}/stream`: a job's status changes, metrics and events as SSE.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::routing::get;
+use axum::Router;
+use futures::stream::{self, Stream, StreamExt};
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+use uuid::Uuid;
+
+use super::auth::CurrentUser;
+use super::error::ApiResult;
+use super::jobs::visible_job;
+use super::AppState;
+use crate::live::JobUpdate;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/jobs/{id}/stream", get(stream_job))
+}
+
+fn to_sse(update: &JobUpdate) -> SseEvent {
+    let data = match update {
+        JobUpdate::Status { job } => serde_json::to_string(job),
+        JobUpdate::Metrics { point, .. } => serde_json::to_string(point),
+        JobUpdate::Event { event, .. } => serde_json::to_string(event),
+    }
+    .unwrap_or_default();
+    SseEvent::default().event(update.name()).data(data)
+}
+
+async fn stream_job(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+    // Subscribe before reading the snapshot so nothing written in between is missed.
+    let updates = BroadcastStream::new(state.live.subscribe());
+    let job = visible_job(&state, &user, id).await?;
+    let snapshot = to_sse(&JobUpdate::Status { job: Box::new(job) });
+    let live = updates.filter_map(move |update| async move {
+        match update {
+            Ok(update) if update.job_id() == id => Some(Ok(to_sse(&update))),
+            Ok(_) => None,
+            // The client fell behind: tell it to refetch rather than silently skip.
+            Err(BroadcastStreamRecvError::Lagged(missed)) => {
+                Some(Ok(SseEvent::default().event("resync").data(missed.to_string())))
+            }
+        }
+    });
+    let stream = stream::once(async move { Ok(snapshot) }).chain(live);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}

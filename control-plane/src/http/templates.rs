@@ -1,0 +1,191 @@
+//! Job templates (spec §5.9): save a configuration, start new jobs from it.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::auth::CurrentUser;
+use super::error::{ApiError, ApiResult};
+use super::jobs::{configure_job, create_draft, visible_job, ConfigureJob, CreateJob};
+use super::{ApiJson, ApiQuery, AppState};
+use crate::db::templates::{self, NewTemplate, Template};
+use crate::db::presets;
+use crate::domain::{FieldError, GpuType, Hyperparameters, JobStatus};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/templates", get(list).post(create))
+        .route("/templates/{id}/use", post(use_template))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewTemplateRequest {
+    name: String,
+    description: Option<String>,
+    icon: Option<String>,
+    preset_id: Option<Uuid>,
+    hyperparameters: Option<Map<String, Value>>,
+    gpu_type: Option<String>,
+    gpu_model: Option<String>,
+    base_model: Option<String>,
+    source_job_id: Option<Uuid>,
+    #[serde(default)]
+    is_public: bool,
+}
+
+async fn create(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    ApiJson(mut request): ApiJson<NewTemplateRequest>,
+) -> ApiResult<(StatusCode, Json<Template>)> {
+    // A template made from a job takes what the request leaves out from that job.
+    if let Some(job_id) = request.source_job_id {
+        let job = visible_job(&state, &user, job_id).await?;
+        request.preset_id = request.preset_id.or(job.preset_id);
+        request.gpu_type = request.gpu_type.or(job.gpu_type);
+        request.gpu_model = request.gpu_model.or(job.gpu_model);
+        request.base_model = request.base_model.or(Some(job.base_model));
+        if request.hyperparameters.is_none() {
+            request.hyperparameters = job.hyperparameters.and_then(|h| h.0.as_object().cloned());
+        }
+    }
+    let mut errors = Vec::new();
+    let name = request.name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        errors.push(FieldError::new("name", "must be 1 to 200 characters"));
+    }
+    if let Some(gpu_type) = &request.gpu_type {
+        if GpuType::parse(gpu_type).is_none() {
+            errors.push(FieldError::new("gpu_type", "must be spot or ondemand"));
+        }
+    }
+    if let Some(model) = &request.gpu_model {
+        if state.catalog.find(model).is_none() {
+            errors.push(FieldError::new(
+                "gpu_model",
+                format!("unknown GPU model; available: {}", state.catalog.model_names()),
+            ));
+        }
+    }
+    if let Some(preset_id) = request.preset_id {
+        if presets::get_visible(&state.db, preset_id, user.0.id).await?.is_none() {
+            errors.push(FieldError::new("preset_id", "no such preset"));
+        }
+    }
+    if let Some(hyperparameters) = &request.hyperparameters {
+        if let Err(field_errors) = Hyperparameters::resolve(&Map::new(), hyperparameters, &state.settings.limits) {
+            errors.extend(
+                field_errors
+                    .into_iter()
+                    .map(|e| FieldError::new(format!("hyperparameters.{}", e.field), e.message)),
+            );
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+    let hyperparameters = request.hyperparameters.map(Value::Object);
+    let template = templates::create(
+        &state.db,
+        user.0.id,
+        NewTemplate {
+            name,
+            description: request.description.as_deref(),
+            icon: request.icon.as_deref(),
+            preset_id: request.preset_id,
+            hyperparameters: hyperparameters.as_ref(),
+            gpu_type: request.gpu_type.as_deref(),
+            gpu_model: request.gpu_model.as_deref(),
+            base_model: request.base_model.as_deref(),
+            source_job_id: request.source_job_id,
+            is_public: request.is_public,
+        },
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(template)))
+}
+
+#[derive(Deserialize)]
+struct ListParams {
+    is_public: Option<bool>,
+    search: Option<String>,
+}
+
+#[derive(Serialize)]
+struct TemplateList {
+    data: Vec<Template>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    ApiQuery(params): ApiQuery<ListParams>,
+) -> ApiResult<Json<TemplateList>> {
+    let search = params.search.as_deref().filter(|s| !s.trim().is_empty());
+    let data = templates::visible_to(&state.db, user.0.id, params.is_public, search).await?;
+    Ok(Json(TemplateList { data }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UseTemplate {
+    training_file_id: Uuid,
+    name: String,
+    base_model: Option<String>,
+}
+
+#[derive(Serialize)]
+struct UsedTemplate {
+    job_id: Uuid,
+    job_name: String,
+    status: JobStatus,
+}
+
+/// Creates a job from a template. A template with a full configuration (GPU type and
+/// model) yields a `configured` job ready to start; otherwise a `draft`.
+async fn use_template(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<Uuid>,
+    ApiJson(request): ApiJson<UseTemplate>,
+) -> ApiResult<(StatusCode, Json<UsedTemplate>)> {
+    let template = templates::get_visible(&state.db, id, user.0.id)
+        .await?
+        .ok_or(ApiError::NotFound("template"))?;
+    let Some(base_model) = request.base_model.or(template.base_model.clone()) else {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "base_model",
+            "the template names no base model; give one",
+        )]));
+    };
+    let draft = CreateJob {
+        training_file_id: request.training_file_id,
+        name: request.name,
+        description: template.description.clone(),
+        base_model,
+    };
+    let mut job = create_draft(&state, &user, &draft, template.preset_id).await?;
+    if let (Some(gpu_type), Some(gpu_model)) = (&template.gpu_type, &template.gpu_model) {
+        let configuration = ConfigureJob {
+            preset_id: template.preset_id,
+            hyperparameters: template
+                .hyperparameters
+                .as_ref()
+                .and_then(|h| h.0.as_object().cloned())
+                .unwrap_or_default(),
+            gpu_type: gpu_type.clone(),
+            gpu_model: gpu_model.clone(),
+        };
+        job = configure_job(&state, &user, job, &configuration).await?;
+    }
+    templates::count_use(&state.db, template.id).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(UsedTemplate { job_id: job.id, job_name: job.name, status: job.status }),
+    ))
+}

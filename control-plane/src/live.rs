@@ -1,0 +1,129 @@
+//! Live job updates for SSE subscribers.
+//!
+//! Writers publish after their transaction commits. On SQLite (one server) an update goes
+//! straight to this process's subscribers. On PostgreSQL it goes out with `pg_notify`, and
+//! every replica, this one included, forwards what it hears on `LISTEN` to its subscribers,
+//! so a client connected to any replica sees every replica's writes.
+
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgListener;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::db::events::Event;
+use crate::db::jobs::Job;
+use crate::db::metrics::MetricPoint;
+use crate::db::Db;
+
+const CHANNEL: &str = "lora_job_updates";
+/// PostgreSQL refuses NOTIFY payloads of 8000 bytes or more.
+const MAX_NOTIFY_BYTES: usize = 7900;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum JobUpdate {
+    Status { job: Box<Job> },
+    Metrics { job_id: Uuid, user_id: Uuid, point: MetricPoint },
+    Event { user_id: Uuid, event: Event },
+}
+
+impl JobUpdate {
+    pub fn job_id(&self) -> Uuid {
+        match self {
+            JobUpdate::Status { job } => job.id,
+            JobUpdate::Metrics { job_id, .. } => *job_id,
+            JobUpdate::Event { event, .. } => event.job_id,
+        }
+    }
+
+    /// The SSE event name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            JobUpdate::Status { .. } => "status",
+            JobUpdate::Metrics { .. } => "metrics",
+            JobUpdate::Event { .. } => "event",
+        }
+    }
+
+    /// Keeps a notification under PostgreSQL's payload limit by dropping bulky detail.
+    fn slimmed(mut self) -> JobUpdate {
+        match &mut self {
+            JobUpdate::Status { job } => job.hyperparameters = None,
+            JobUpdate::Event { event, .. } => {
+                event.details = None;
+                event.message.truncate(1000);
+            }
+            JobUpdate::Metrics { .. } => {}
+        }
+        self
+    }
+}
+
+#[derive(Clone)]
+pub struct LiveUpdates {
+    sender: broadcast::Sender<JobUpdate>,
+    db: Db,
+}
+
+impl LiveUpdates {
+    pub fn new(db: Db) -> LiveUpdates {
+        let (sender, _) = broadcast::channel(1024);
+        LiveUpdates { sender, db }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<JobUpdate> {
+        self.sender.subscribe()
+    }
+
+    pub async fn publish(&self, update: JobUpdate) {
+        match &self.db {
+            crate::db::Db::Sqlite(_) => {
+                // No subscriber is not an error.
+                let _ = self.sender.send(update);
+            }
+            crate::db::Db::Postgres(pool) => {
+                let payload = match serde_json::to_string(&update) {
+                    Ok(text) if text.len() <= MAX_NOTIFY_BYTES => text,
+                    _ => serde_json::to_string(&update.slimmed()).unwrap_or_default(),
+                };
+                if let Err(error) = sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(CHANNEL)
+                    .bind(payload)
+                    .execute(pool)
+                    .await
+                {
+                    tracing::warn!(%error, "could not publish a live update");
+                }
+            }
+        }
+    }
+
+    /// On PostgreSQL, forwards notifications to local subscribers until the process ends.
+    /// Returns once listening has started, so nothing published afterwards is missed.
+    pub async fn start_listener(&self) -> Result<(), sqlx::Error> {
+        let crate::db::Db::Postgres(pool) = &self.db else {
+            return Ok(());
+        };
+        let mut listener = PgListener::connect_with(pool).await?;
+        listener.listen(CHANNEL).await?;
+        let sender = self.sender.clone();
+        tokio::spawn(async move {
+            loop {
+                match listener.recv().await {
+                    Ok(notification) => match serde_json::from_str::<JobUpdate>(notification.payload()) {
+                        Ok(update) => {
+                            let _ = sender.send(update);
+                        }
+                        Err(error) => tracing::warn!(%error, "ignoring a malformed live update"),
+                    },
+                    // PgListener reconnects by itself on the next recv.
+                    Err(error) => {
+                        tracing::warn!(%error, "live update listener lost its connection");
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+}

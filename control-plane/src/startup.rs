@@ -1,0 +1,112 @@
+//! Builds the application from settings: database, migrations, background work, router.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::configuration::Settings;
+use crate::db::Db;
+use crate::domain::GpuCatalog;
+use crate::enrichment::Enricher;
+use crate::http::{self, auth::LoginLimiter, ops::RequestMetrics, AppState};
+use crate::live::LiveUpdates;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("database: {0}")]
+    Database(#[from] crate::db::DbError),
+    #[error(transparent)]
+    Catalog(#[from] crate::domain::gpu_catalog::CatalogError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen { address: SocketAddr, source: std::io::Error },
+    #[error("live updates: {0}")]
+    Listener(#[from] sqlx::Error),
+}
+
+pub struct Application {
+    listener: TcpListener,
+    address: SocketAddr,
+    state: AppState,
+}
+
+/// Opens the database named by the settings (creating the data directory for SQLite)
+/// and brings its schema up to date.
+pub async fn open_database(settings: &Settings) -> Result<Db, StartupError> {
+    let url = settings.database_url();
+    if url.starts_with("sqlite:") {
+        std::fs::create_dir_all(&settings.data_dir).map_err(|source| StartupError::DataDir {
+            path: settings.data_dir.display().to_string(),
+            source,
+        })?;
+    }
+    let db = Db::connect(&url).await?;
+    db.migrate().await?;
+    Ok(db)
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> Result<Application, StartupError> {
+        let db = open_database(&settings).await?;
+        Self::with_database(settings, db).await
+    }
+
+    pub async fn with_database(settings: Settings, db: Db) -> Result<Application, StartupError> {
+        let catalog = GpuCatalog::load(settings.gpu_catalog_path())?;
+        for dir in [settings.uploads_dir(), settings.artifacts_dir()] {
+            std::fs::create_dir_all(&dir).map_err(|source| StartupError::DataDir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        let live = LiveUpdates::new(db.clone());
+        live.start_listener().await?;
+        let enricher = Enricher::new(
+            db.clone(),
+            settings.limits.max_record_bytes,
+            settings.limits.max_reported_errors,
+        );
+        enricher.resume_pending().await?;
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .map_err(|source| StartupError::Listen { address: settings.listen, source })?;
+        let address = listener
+            .local_addr()
+            .map_err(|source| StartupError::Listen { address: settings.listen, source })?;
+        let state = AppState {
+            login_limiter: Arc::new(LoginLimiter::new(
+                settings.auth.login_max_failures,
+                Duration::from_secs(settings.auth.login_window_seconds),
+            )),
+            db,
+            settings: Arc::new(settings),
+            catalog: Arc::new(catalog),
+            live,
+            enricher,
+            metrics: Arc::new(RequestMetrics::default()),
+        };
+        Ok(Application { listener, address, state })
+    }
+
+    /// The bound address (useful with port 0).
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        tracing::info!(address = %self.address, database = self.state.db.backend(), "control plane listening");
+        let app = http::router(self.state.clone());
+        axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        self.state.db.close().await;
+        Ok(())
+    }
+}
