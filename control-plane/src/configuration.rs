@@ -154,7 +154,10 @@ impl Settings {
 
     pub fn database_url(&self) -> String {
         self.database_url.clone().unwrap_or_else(|| {
-            format!("sqlite://{}", self.data_dir.join("control-plane.db").display())
+            format!(
+                "sqlite://{}",
+                self.data_dir.join("control-plane.db").display()
+            )
         })
     }
 
@@ -168,5 +171,26 @@ impl Settings {
 
     pub fn gpu_catalog_path(&self) -> Option<&Path> {
         self.gpu_catalog.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// configs/control-plane.toml documents the defaults; keep it true.
+    #[test]
+    fn the_documented_config_file_holds_the_defaults() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/control-plane.toml");
+        let overrides = Overrides {
+            config: Some(path.into()),
+            ..Overrides::default()
+        };
+        let mut from_file = Settings::load(&overrides).expect("configs/control-plane.toml parses");
+        from_file.database_url = None; // DATABASE_URL in the environment may set it
+        assert_eq!(
+            toml::to_string(&from_file).ok(),
+            toml::to_string(&Settings::default()).ok()
+        );
     }
 }

@@ -37,11 +37,15 @@ impl Enricher {
     pub fn enqueue(&self, file_id: Uuid) {
         let enricher = self.clone();
         tokio::spawn(async move {
-            let Ok(_permit) = enricher.permits.clone().acquire_owned().await else { return };
+            let Ok(_permit) = enricher.permits.clone().acquire_owned().await else {
+                return;
+            };
             if let Err(error) = enricher.run(file_id).await {
                 tracing::error!(%file_id, %error, "enrichment failed");
                 let message = format!("enrichment could not finish: {error}");
-                if let Err(error) = files::fail_enrichment(&enricher.db, file_id, None, &message).await {
+                if let Err(error) =
+                    files::fail_enrichment(&enricher.db, file_id, None, &message).await
+                {
                     tracing::error!(%file_id, %error, "could not record the enrichment failure");
                 }
             }
@@ -60,28 +64,32 @@ impl Enricher {
         if !files::claim_for_enrichment(&self.db, file_id).await? {
             return Ok(());
         }
-        let Some(file) = files::get(&self.db, file_id).await? else { return Ok(()) };
+        let Some(file) = files::get(&self.db, file_id).await? else {
+            return Ok(());
+        };
         tracing::info!(%file_id, size = file.file_size, "enriching training file");
         let started = std::time::Instant::now();
         let input = std::fs::File::open(&file.file_path)?;
         let (records_tx, mut records_rx) = mpsc::channel::<Result<Record, DatasetError>>(BATCH * 2);
         let limits = self.limits;
         // Parsing is blocking work: it runs on its own thread and streams records over.
-        let reader = tokio::task::spawn_blocking(move || -> Result<Option<dataset::Format>, DatasetError> {
-            let (format, records) = match dataset::open(input, limits) {
-                Ok(opened) => opened,
-                Err(error) => {
-                    let _ = records_tx.blocking_send(Err(error));
-                    return Ok(None);
+        let reader = tokio::task::spawn_blocking(
+            move || -> Result<Option<dataset::Format>, DatasetError> {
+                let (format, records) = match dataset::open(input, limits) {
+                    Ok(opened) => opened,
+                    Err(error) => {
+                        let _ = records_tx.blocking_send(Err(error));
+                        return Ok(None);
+                    }
+                };
+                for record in records {
+                    if records_tx.blocking_send(record).is_err() {
+                        break;
+                    }
                 }
-            };
-            for record in records {
-                if records_tx.blocking_send(record).is_err() {
-                    break;
-                }
-            }
-            Ok(Some(format))
-        });
+                Ok(Some(format))
+            },
+        );
 
         let mut stats = Statistics::default();
         let mut errors = ErrorReport::new(self.max_reported_errors);
@@ -159,7 +167,11 @@ struct ErrorReport {
 
 impl ErrorReport {
     fn new(cap: usize) -> ErrorReport {
-        ErrorReport { cap, shown: Vec::new(), total: 0 }
+        ErrorReport {
+            cap,
+            shown: Vec::new(),
+            total: 0,
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -233,7 +245,8 @@ impl Statistics {
         self.quality.add(metadata.quality_score);
         self.empathy.add(metadata.quality_scores.empathy);
         self.clarity.add(metadata.quality_scores.clarity);
-        self.appropriateness.add(metadata.quality_scores.appropriateness);
+        self.appropriateness
+            .add(metadata.quality_scores.appropriateness);
         for (counts, value) in [
             (&mut self.personas, &metadata.persona),
             (&mut self.emotional_arcs, &metadata.emotional_arc),

@@ -22,9 +22,18 @@ const MAX_NOTIFY_BYTES: usize = 7900;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum JobUpdate {
-    Status { job: Box<Job> },
-    Metrics { job_id: Uuid, user_id: Uuid, point: MetricPoint },
-    Event { user_id: Uuid, event: Event },
+    Status {
+        job: Box<Job>,
+    },
+    Metrics {
+        job_id: Uuid,
+        user_id: Uuid,
+        point: MetricPoint,
+    },
+    Event {
+        user_id: Uuid,
+        event: Event,
+    },
 }
 
 impl JobUpdate {
@@ -110,12 +119,16 @@ impl LiveUpdates {
         tokio::spawn(async move {
             loop {
                 match listener.recv().await {
-                    Ok(notification) => match serde_json::from_str::<JobUpdate>(notification.payload()) {
-                        Ok(update) => {
-                            let _ = sender.send(update);
+                    Ok(notification) => {
+                        match serde_json::from_str::<JobUpdate>(notification.payload()) {
+                            Ok(update) => {
+                                let _ = sender.send(update);
+                            }
+                            Err(error) => {
+                                tracing::warn!(%error, "ignoring a malformed live update")
+                            }
                         }
-                        Err(error) => tracing::warn!(%error, "ignoring a malformed live update"),
-                    },
+                    }
                     // PgListener reconnects by itself on the next recv.
                     Err(error) => {
                         tracing::warn!(%error, "live update listener lost its connection");

@@ -51,9 +51,13 @@ enum Command {
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: i64 = number.parse().map_err(|_| format!("{text:?}: expected a number and a unit (s, m, h, d)"))?;
+    let number: i64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a number and a unit (s, m, h, d)"))?;
     match unit {
         "s" => Ok(Duration::seconds(number)),
         "m" => Ok(Duration::minutes(number)),
@@ -61,7 +65,13 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         "d" => Ok(Duration::days(number)),
         _ => Err(format!("{text:?}: unknown unit {unit:?}; use s, m, h or d")),
     }
-    .and_then(|d| if d > Duration::zero() { Ok(d) } else { Err("must be positive".into()) })
+    .and_then(|d| {
+        if d > Duration::zero() {
+            Ok(d)
+        } else {
+            Err("must be positive".into())
+        }
+    })
 }
 
 async fn shutdown_signal() {
@@ -70,7 +80,9 @@ async fn shutdown_signal() {
     };
     #[cfg(unix)]
     let terminate = async {
-        if let Ok(mut signal) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut signal) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             signal.recv().await;
         }
     };
@@ -97,13 +109,24 @@ async fn main() -> anyhow::Result<()> {
             let db = open_database(&settings).await?;
             println!("migrations applied ({})", db.backend());
         }
-        Command::CreateUser { email, role, password_stdin: _ } => {
+        Command::CreateUser {
+            email,
+            role,
+            password_stdin: _,
+        } => {
             let mut password = String::new();
-            std::io::stdin().read_to_string(&mut password).context("reading the password from stdin")?;
+            std::io::stdin()
+                .read_to_string(&mut password)
+                .context("reading the password from stdin")?;
             let password = password.trim_end_matches(['\n', '\r']).to_owned();
             let db = open_database(&settings).await?;
             match create_account(&db, &email, password, role).await {
-                Ok(user) => println!("created {} user {} ({})", user.role().as_str(), user.email, user.id),
+                Ok(user) => println!(
+                    "created {} user {} ({})",
+                    user.role().as_str(),
+                    user.email,
+                    user.id
+                ),
                 Err(error) => bail!("{error}"),
             }
         }

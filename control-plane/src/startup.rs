@@ -16,13 +16,19 @@ use crate::live::LiveUpdates;
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
     #[error("cannot create the data directory {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("database: {0}")]
     Database(#[from] crate::db::DbError),
     #[error(transparent)]
     Catalog(#[from] crate::domain::gpu_catalog::CatalogError),
     #[error("cannot listen on {address}: {source}")]
-    Listen { address: SocketAddr, source: std::io::Error },
+    Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("live updates: {0}")]
     Listener(#[from] sqlx::Error),
 }
@@ -70,12 +76,19 @@ impl Application {
             settings.limits.max_reported_errors,
         );
         enricher.resume_pending().await?;
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .map_err(|source| StartupError::Listen { address: settings.listen, source })?;
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| StartupError::Listen {
+                    address: settings.listen,
+                    source,
+                })?;
         let address = listener
             .local_addr()
-            .map_err(|source| StartupError::Listen { address: settings.listen, source })?;
+            .map_err(|source| StartupError::Listen {
+                address: settings.listen,
+                source,
+            })?;
         let state = AppState {
             login_limiter: Arc::new(LoginLimiter::new(
                 settings.auth.login_max_failures,
@@ -88,7 +101,11 @@ impl Application {
             enricher,
             metrics: Arc::new(RequestMetrics::default()),
         };
-        Ok(Application { listener, address, state })
+        Ok(Application {
+            listener,
+            address,
+            state,
+        })
     }
 
     /// The bound address (useful with port 0).
@@ -100,12 +117,18 @@ impl Application {
         &self.state
     }
 
-    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         tracing::info!(address = %self.address, database = self.state.db.backend(), "control plane listening");
         let app = http::router(self.state.clone());
-        axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        axum::serve(
+            self.listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await?;
         self.state.db.close().await;
         Ok(())
     }

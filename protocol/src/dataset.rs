@@ -145,14 +145,25 @@ impl Default for Limits {
 pub fn open<R: Read + 'static>(
     input: R,
     limits: Limits,
-) -> Result<(Format, Box<dyn Iterator<Item = Result<Record, DatasetError>>>), DatasetError> {
+) -> Result<
+    (
+        Format,
+        Box<dyn Iterator<Item = Result<Record, DatasetError>>>,
+    ),
+    DatasetError,
+> {
     let mut input = io::BufReader::with_capacity(64 * 1024, input);
     let head = input.fill_buf()?;
-    let head = head.strip_prefix(b"\xEF\xBB\xBF".as_slice()).unwrap_or(head);
+    let head = head
+        .strip_prefix(b"\xEF\xBB\xBF".as_slice())
+        .unwrap_or(head);
     // A NUL on the first line means a binary file, not a text dataset with one bad record.
     let first_line = head.split(|&b| b == b'\n').next().unwrap_or(head);
     if first_line.contains(&0) {
-        return Err(record_error(1, "binary data (NUL bytes): expected a text dataset"));
+        return Err(record_error(
+            1,
+            "binary data (NUL bytes): expected a text dataset",
+        ));
     }
     let Some(&first) = head.iter().find(|b| !b.is_ascii_whitespace()) else {
         return Err(record_error(1, "the file is empty"));
@@ -367,8 +378,7 @@ impl<R: BufRead> JsonlReader<R> {
             .strip_prefix(b"\xEF\xBB\xBF".as_slice())
             .unwrap_or(&self.buffer);
         let text = utf8_text(bytes)?;
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| json_error_message(&e, 0))?;
+        let value: Value = serde_json::from_str(text).map_err(|e| json_error_message(&e, 0))?;
         conversation_from_value(value)
     }
 }
@@ -379,12 +389,15 @@ impl<R: BufRead> Iterator for JsonlReader<R> {
     fn next(&mut self) -> Option<Self::Item> {
         loop {
             self.line += 1;
-            let outcome =
-                match read_bounded_line(&mut self.input, &mut self.buffer, self.limits.max_record_bytes) {
-                    Err(e) => return Some(Err(e.into())),
-                    Ok(None) => return None,
-                    Ok(Some(outcome)) => outcome,
-                };
+            let outcome = match read_bounded_line(
+                &mut self.input,
+                &mut self.buffer,
+                self.limits.max_record_bytes,
+            ) {
+                Err(e) => return Some(Err(e.into())),
+                Ok(None) => return None,
+                Ok(Some(outcome)) => outcome,
+            };
             if let Err(length) = outcome {
                 return Some(Err(record_error(
                     self.line,
@@ -519,7 +532,10 @@ impl<R: BufRead> Iterator for JsonArrayReader<R> {
             }
             let Some(first) = first else {
                 self.finished = true;
-                return Err(record_error(self.line, "unexpected end of file: the JSON array is not closed"));
+                return Err(record_error(
+                    self.line,
+                    "unexpected end of file: the JSON array is not closed",
+                ));
             };
             if first == b']' {
                 self.finished = true;
@@ -536,11 +552,17 @@ impl<R: BufRead> Iterator for JsonArrayReader<R> {
             match self.read_element(first)? {
                 Err(()) => {
                     self.finished = true;
-                    Err(record_error(line, "unexpected end of file inside this conversation"))
+                    Err(record_error(
+                        line,
+                        "unexpected end of file inside this conversation",
+                    ))
                 }
                 Ok(false) => Err(record_error(
                     line,
-                    format!("record is over the limit of {} bytes", self.limits.max_record_bytes),
+                    format!(
+                        "record is over the limit of {} bytes",
+                        self.limits.max_record_bytes
+                    ),
                 )),
                 Ok(true) => {
                     let text = utf8_text(&self.element).map_err(|m| record_error(line, m))?;

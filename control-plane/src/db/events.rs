@@ -25,7 +25,12 @@ pub struct Event {
 }
 
 impl Event {
-    pub fn new(job_id: Uuid, event_type: &str, severity: &str, message: impl Into<String>) -> Event {
+    pub fn new(
+        job_id: Uuid,
+        event_type: &str,
+        severity: &str,
+        message: impl Into<String>,
+    ) -> Event {
         Event {
             id: Uuid::new_v4(),
             job_id,
@@ -83,15 +88,26 @@ pub struct EventFilter {
 }
 
 /// A job's events, oldest first, and how many match in all.
-pub async fn list(db: &Db, job_id: Uuid, filter: &EventFilter) -> Result<(Vec<Event>, i64), DbError> {
-    fn conditions<'a, DB: sqlx::Database>(query: &mut QueryBuilder<'a, DB>, job_id: Uuid, filter: &EventFilter)
-    where
+pub async fn list(
+    db: &Db,
+    job_id: Uuid,
+    filter: &EventFilter,
+) -> Result<(Vec<Event>, i64), DbError> {
+    fn conditions<'a, DB: sqlx::Database>(
+        query: &mut QueryBuilder<'a, DB>,
+        job_id: Uuid,
+        filter: &EventFilter,
+    ) where
         Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
         String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     {
-        query.push(" FROM event_logs WHERE job_id = ").push_bind(job_id);
+        query
+            .push(" FROM event_logs WHERE job_id = ")
+            .push_bind(job_id);
         if let Some(event_type) = &filter.event_type {
-            query.push(" AND event_type = ").push_bind(event_type.clone());
+            query
+                .push(" AND event_type = ")
+                .push_bind(event_type.clone());
         }
         if let Some(severity) = &filter.severity {
             query.push(" AND severity = ").push_bind(severity.clone());

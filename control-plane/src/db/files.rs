@@ -78,10 +78,12 @@ pub async fn get_owned(db: &Db, id: Uuid, user_id: Uuid) -> Result<Option<Traini
 }
 
 pub async fn get(db: &Db, id: Uuid) -> Result<Option<TrainingFile>, DbError> {
-    Ok(on_pool!(db, pool => sqlx::query_as::<_, TrainingFile>("SELECT * FROM training_files WHERE id = $1")
+    Ok(
+        on_pool!(db, pool => sqlx::query_as::<_, TrainingFile>("SELECT * FROM training_files WHERE id = $1")
         .bind(id)
         .fetch_optional(pool)
-        .await)?)
+        .await)?,
+    )
 }
 
 #[derive(Debug, Default)]
@@ -93,7 +95,11 @@ pub struct FileFilter {
     pub offset: i64,
 }
 
-pub async fn list(db: &Db, user_id: Uuid, filter: &FileFilter) -> Result<(Vec<TrainingFile>, i64), DbError> {
+pub async fn list(
+    db: &Db,
+    user_id: Uuid,
+    filter: &FileFilter,
+) -> Result<(Vec<TrainingFile>, i64), DbError> {
     fn conditions<'a, DB: sqlx::Database>(
         query: &mut QueryBuilder<'a, DB>,
         user_id: Uuid,
@@ -102,12 +108,16 @@ pub async fn list(db: &Db, user_id: Uuid, filter: &FileFilter) -> Result<(Vec<Tr
         Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
         String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     {
-        query.push(" FROM training_files WHERE deleted_at IS NULL AND user_id = ").push_bind(user_id);
+        query
+            .push(" FROM training_files WHERE deleted_at IS NULL AND user_id = ")
+            .push_bind(user_id);
         if let Some(status) = &filter.status {
             query.push(" AND status = ").push_bind(status.clone());
         }
         if let Some(status) = &filter.enrichment_status {
-            query.push(" AND enrichment_status = ").push_bind(status.clone());
+            query
+                .push(" AND enrichment_status = ")
+                .push_bind(status.clone());
         }
         if let Some(search) = &filter.search {
             let pattern = format!("%{}%", search.to_lowercase().replace(['%', '_'], ""));
@@ -132,13 +142,21 @@ pub async fn list(db: &Db, user_id: Uuid, filter: &FileFilter) -> Result<(Vec<Tr
 }
 
 /// Soft-deletes a file unless a live job uses it; `Err(job name)` names that job.
-pub async fn soft_delete(db: &Db, id: Uuid, user_id: Uuid) -> Result<Result<bool, String>, DbError> {
+pub async fn soft_delete(
+    db: &Db,
+    id: Uuid,
+    user_id: Uuid,
+) -> Result<Result<bool, String>, DbError> {
     let live: Vec<&str> = crate::domain::JobStatus::ALL
         .into_iter()
         .filter(|s| s.is_live())
         .map(|s| s.as_str())
         .collect();
-    let live_list = live.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(", ");
+    let live_list = live
+        .iter()
+        .map(|s| format!("'{s}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let blocking_sql = format!(
         "SELECT name FROM training_jobs WHERE training_file_id = $1 AND status IN ({live_list}) LIMIT 1"
     );
@@ -195,7 +213,11 @@ pub struct EnrichmentResult {
     pub human_review: serde_json::Value,
 }
 
-pub async fn finish_enrichment(db: &Db, id: Uuid, result: &EnrichmentResult) -> Result<(), DbError> {
+pub async fn finish_enrichment(
+    db: &Db,
+    id: Uuid,
+    result: &EnrichmentResult,
+) -> Result<(), DbError> {
     on_pool!(db, pool => sqlx::query(
         "UPDATE training_files SET enrichment_status = 'completed', enrichment_error = NULL, file_format = $2,
              conversation_count = $3, training_pairs_count = $4, average_quality_score = $5,
@@ -217,7 +239,12 @@ pub async fn finish_enrichment(db: &Db, id: Uuid, result: &EnrichmentResult) -> 
 }
 
 /// Marks enrichment failed and drops any conversations stored before the failure was known.
-pub async fn fail_enrichment(db: &Db, id: Uuid, format: Option<&str>, error: &str) -> Result<(), DbError> {
+pub async fn fail_enrichment(
+    db: &Db,
+    id: Uuid,
+    format: Option<&str>,
+    error: &str,
+) -> Result<(), DbError> {
     on_pool!(db, pool => {
         let mut tx = pool.begin().await?;
         sqlx::query("DELETE FROM conversations WHERE training_file_id = $1")
@@ -267,7 +294,11 @@ pub struct NewConversation {
 }
 
 /// Inserts a batch of conversations in one statement.
-pub async fn insert_conversations(db: &Db, file_id: Uuid, batch: &[NewConversation]) -> Result<(), DbError> {
+pub async fn insert_conversations(
+    db: &Db,
+    file_id: Uuid,
+    batch: &[NewConversation],
+) -> Result<(), DbError> {
     if batch.is_empty() {
         return Ok(());
     }
@@ -301,7 +332,8 @@ pub async fn conversations(
     quality_min: Option<f64>,
     limit: i64,
 ) -> Result<Vec<StoredConversation>, DbError> {
-    Ok(on_pool!(db, pool => sqlx::query_as::<_, StoredConversation>(
+    Ok(
+        on_pool!(db, pool => sqlx::query_as::<_, StoredConversation>(
         "SELECT * FROM conversations
          WHERE training_file_id = $1 AND ($2 IS NULL OR quality_score >= $2)
          ORDER BY quality_score IS NULL, quality_score DESC, line_number
@@ -311,5 +343,6 @@ pub async fn conversations(
     .bind(quality_min)
     .bind(limit)
     .fetch_all(pool)
-    .await)?)
+    .await)?,
+    )
 }

@@ -73,8 +73,13 @@ pub struct NewJob<'a> {
 /// Creates a draft and logs its creation.
 pub async fn insert_draft(db: &Db, job: NewJob<'_>) -> Result<Job, DbError> {
     let id = Uuid::new_v4();
-    let event = Event::new(id, "status", "info", format!("Job \"{}\" created as a draft", job.name))
-        .with_details(serde_json::json!({"to": "draft"}));
+    let event = Event::new(
+        id,
+        "status",
+        "info",
+        format!("Job \"{}\" created as a draft", job.name),
+    )
+    .with_details(serde_json::json!({"to": "draft"}));
     Ok(on_pool!(db, pool => {
         let mut tx = pool.begin().await?;
         let row = sqlx::query_as::<_, Job>(
@@ -124,8 +129,11 @@ pub async fn list(
     limit: i64,
     offset: i64,
 ) -> Result<(Vec<Job>, i64), DbError> {
-    fn conditions<'a, DB: sqlx::Database>(query: &mut QueryBuilder<'a, DB>, viewer: Viewer, status: Option<JobStatus>)
-    where
+    fn conditions<'a, DB: sqlx::Database>(
+        query: &mut QueryBuilder<'a, DB>,
+        viewer: Viewer,
+        status: Option<JobStatus>,
+    ) where
         Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
         &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     {

@@ -24,7 +24,12 @@ const COLUMNS: &str = "step, epoch, training_loss, validation_loss, learning_rat
                        tokens_per_second, gpu_utilization, memory_used_gb, recorded_at";
 
 /// Stores a point; returns false when that step was already recorded.
-pub async fn record(db: &Db, job_id: Uuid, attempt_id: Option<Uuid>, point: &MetricPoint) -> Result<bool, DbError> {
+pub async fn record(
+    db: &Db,
+    job_id: Uuid,
+    attempt_id: Option<Uuid>,
+    point: &MetricPoint,
+) -> Result<bool, DbError> {
     let inserted = on_pool!(db, pool => sqlx::query(
         "INSERT INTO training_metrics (id, job_id, attempt_id, step, epoch, training_loss, validation_loss,
              learning_rate, grad_norm, tokens_per_second, gpu_utilization, memory_used_gb, recorded_at)
@@ -50,7 +55,12 @@ pub async fn record(db: &Db, job_id: Uuid, attempt_id: Option<Uuid>, point: &Met
 }
 
 /// Up to `limit` points, oldest first, keeping every `interval`-th step (and always the last).
-pub async fn history(db: &Db, job_id: Uuid, interval: i64, limit: i64) -> Result<Vec<MetricPoint>, DbError> {
+pub async fn history(
+    db: &Db,
+    job_id: Uuid,
+    interval: i64,
+    limit: i64,
+) -> Result<Vec<MetricPoint>, DbError> {
     let sql = format!(
         "SELECT {COLUMNS} FROM training_metrics
          WHERE job_id = $1 AND (step % $2 = 0 OR step = (SELECT MAX(step) FROM training_metrics WHERE job_id = $1))
@@ -65,7 +75,9 @@ pub async fn history(db: &Db, job_id: Uuid, interval: i64, limit: i64) -> Result
 }
 
 pub async fn latest(db: &Db, job_id: Uuid) -> Result<Option<MetricPoint>, DbError> {
-    let sql = format!("SELECT {COLUMNS} FROM training_metrics WHERE job_id = $1 ORDER BY step DESC LIMIT 1");
+    let sql = format!(
+        "SELECT {COLUMNS} FROM training_metrics WHERE job_id = $1 ORDER BY step DESC LIMIT 1"
+    );
     Ok(on_pool!(db, pool => sqlx::query_as::<_, MetricPoint>(&sql)
         .bind(job_id)
         .fetch_optional(pool)

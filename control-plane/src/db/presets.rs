@@ -44,7 +44,7 @@ pub const BALANCED_PRESET_ID: Uuid = Uuid::from_u128(0x00000000_0000_4000_8000_0
 pub async fn visible_to(db: &Db, user_id: Uuid) -> Result<Vec<Preset>, DbError> {
     Ok(on_pool!(db, pool => sqlx::query_as::<_, Preset>(
         "SELECT * FROM hyperparameter_presets WHERE is_system OR created_by = $1
-         ORDER BY is_system DESC, requires_completed_jobs, created_at, name",
+         ORDER BY is_system DESC, CASE risk_level WHEN 'low' THEN 0 WHEN 'medium' THEN 1 ELSE 2 END, created_at, name",
     )
     .bind(user_id)
     .fetch_all(pool)

@@ -42,7 +42,11 @@ pub struct NewTemplate<'a> {
     pub is_public: bool,
 }
 
-pub async fn create(db: &Db, user_id: Uuid, template: NewTemplate<'_>) -> Result<Template, DbError> {
+pub async fn create(
+    db: &Db,
+    user_id: Uuid,
+    template: NewTemplate<'_>,
+) -> Result<Template, DbError> {
     Ok(on_pool!(db, pool => sqlx::query_as::<_, Template>(
         "INSERT INTO job_templates (id, user_id, name, description, icon, preset_id, hyperparameters, gpu_type,
              gpu_model, base_model, source_job_id, is_public, created_at, updated_at)

@@ -74,10 +74,12 @@ pub async fn create_user(
 }
 
 pub async fn find_by_email(db: &Db, email: &Email) -> Result<Option<User>, DbError> {
-    Ok(on_pool!(db, pool => sqlx::query_as::<_, User>("SELECT * FROM users WHERE email = $1")
+    Ok(
+        on_pool!(db, pool => sqlx::query_as::<_, User>("SELECT * FROM users WHERE email = $1")
         .bind(email.as_str())
         .fetch_optional(pool)
-        .await)?)
+        .await)?,
+    )
 }
 
 pub async fn store_token(
@@ -108,7 +110,11 @@ pub async fn store_token(
 }
 
 /// The user a live token belongs to.
-pub async fn user_for_token(db: &Db, kind: TokenKind, token_hash: &str) -> Result<Option<User>, DbError> {
+pub async fn user_for_token(
+    db: &Db,
+    kind: TokenKind,
+    token_hash: &str,
+) -> Result<Option<User>, DbError> {
     let sql = match kind {
         TokenKind::Session => {
             "SELECT users.* FROM sessions JOIN users ON users.id = sessions.user_id
@@ -130,7 +136,9 @@ pub async fn user_for_token(db: &Db, kind: TokenKind, token_hash: &str) -> Resul
 pub async fn revoke_token(db: &Db, kind: TokenKind, token_hash: &str) -> Result<(), DbError> {
     let sql = match kind {
         TokenKind::Session => "DELETE FROM sessions WHERE token_hash = $1",
-        TokenKind::Api => "UPDATE api_tokens SET revoked_at = $2 WHERE token_hash = $1 AND revoked_at IS NULL",
+        TokenKind::Api => {
+            "UPDATE api_tokens SET revoked_at = $2 WHERE token_hash = $1 AND revoked_at IS NULL"
+        }
     };
     on_pool!(db, pool => sqlx::query(sql).bind(token_hash).bind(now()).execute(pool).await.map(|r| r.rows_affected()))?;
     Ok(())

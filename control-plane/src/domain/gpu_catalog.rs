@@ -56,7 +56,10 @@ pub struct GpuCatalog {
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     #[error("cannot read GPU catalog {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("invalid GPU catalog {path}: {message}")]
     Invalid { path: String, message: String },
 }
@@ -73,27 +76,42 @@ impl GpuCatalog {
                     source,
                 })?,
             ),
-            None => ("configs/gpu-catalog.toml (built in)".to_owned(), BUILT_IN.to_owned()),
+            None => (
+                "configs/gpu-catalog.toml (built in)".to_owned(),
+                BUILT_IN.to_owned(),
+            ),
         };
-        let invalid = |message: String| CatalogError::Invalid { path: name.clone(), message };
+        let invalid = |message: String| CatalogError::Invalid {
+            path: name.clone(),
+            message,
+        };
         let catalog: GpuCatalog = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         if catalog.gpus.is_empty() {
             return Err(invalid("it lists no GPU".into()));
         }
         for gpu in &catalog.gpus {
             if !(gpu.spot_hourly >= 0.0 && gpu.ondemand_hourly >= 0.0 && gpu.memory_gb > 0.0) {
-                return Err(invalid(format!("{}: prices and memory must be positive", gpu.model)));
+                return Err(invalid(format!(
+                    "{}: prices and memory must be positive",
+                    gpu.model
+                )));
             }
         }
         Ok(catalog)
     }
 
     pub fn find(&self, model: &str) -> Option<&GpuOffer> {
-        self.gpus.iter().find(|gpu| gpu.model.eq_ignore_ascii_case(model))
+        self.gpus
+            .iter()
+            .find(|gpu| gpu.model.eq_ignore_ascii_case(model))
     }
 
     pub fn model_names(&self) -> String {
-        self.gpus.iter().map(|g| g.model.as_str()).collect::<Vec<_>>().join(", ")
+        self.gpus
+            .iter()
+            .map(|g| g.model.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 

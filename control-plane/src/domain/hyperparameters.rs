@@ -7,7 +7,13 @@ use crate::configuration::Limits;
 
 /// The projections LoRA can target in Llama-family models.
 pub const KNOWN_TARGET_MODULES: [&str; 7] = [
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
 ];
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,21 +63,41 @@ impl Hyperparameters {
                 ));
             }
         }
-        let get = |key: &str| overrides.get(key).or_else(|| preset.get(key)).filter(|v| !v.is_null());
-        let mut field = Field { errors: &mut errors };
+        let get = |key: &str| {
+            overrides
+                .get(key)
+                .or_else(|| preset.get(key))
+                .filter(|v| !v.is_null())
+        };
+        let mut field = Field {
+            errors: &mut errors,
+        };
 
         let rank = field.integer(get("rank"), "rank", 16, 1, i64::from(limits.max_rank));
         let lora_alpha = field.number(get("lora_alpha"), "lora_alpha", 2.0 * rank as f64, |x| {
-            (x > 0.0 && x <= 4096.0).then_some(()).ok_or("must be greater than 0 and at most 4096")
+            (x > 0.0 && x <= 4096.0)
+                .then_some(())
+                .ok_or("must be greater than 0 and at most 4096")
         });
         let lora_dropout = field.number(get("lora_dropout"), "lora_dropout", 0.05, |x| {
-            (0.0..1.0).contains(&x).then_some(()).ok_or("must be at least 0 and less than 1")
+            (0.0..1.0)
+                .contains(&x)
+                .then_some(())
+                .ok_or("must be at least 0 and less than 1")
         });
         let learning_rate = field.number(get("learning_rate"), "learning_rate", 2e-4, |x| {
-            (x > 0.0 && x <= 1.0).then_some(()).ok_or("must be greater than 0 and at most 1")
+            (x > 0.0 && x <= 1.0)
+                .then_some(())
+                .ok_or("must be greater than 0 and at most 1")
         });
         let epochs = field.integer(get("epochs"), "epochs", 3, 1, i64::from(limits.max_epochs));
-        let batch_size = field.integer(get("batch_size"), "batch_size", 2, 1, i64::from(limits.max_batch_size));
+        let batch_size = field.integer(
+            get("batch_size"),
+            "batch_size",
+            2,
+            1,
+            i64::from(limits.max_batch_size),
+        );
         let gradient_accumulation_steps = field.integer(
             get("gradient_accumulation_steps"),
             "gradient_accumulation_steps",
@@ -79,9 +105,18 @@ impl Hyperparameters {
             1,
             1024,
         );
-        let max_seq_len = field.integer(get("max_seq_len"), "max_seq_len", 2048, 16, i64::from(limits.max_seq_len));
+        let max_seq_len = field.integer(
+            get("max_seq_len"),
+            "max_seq_len",
+            2048,
+            16,
+            i64::from(limits.max_seq_len),
+        );
         let warmup_ratio = field.number(get("warmup_ratio"), "warmup_ratio", 0.03, |x| {
-            (0.0..=0.5).contains(&x).then_some(()).ok_or("must be between 0 and 0.5")
+            (0.0..=0.5)
+                .contains(&x)
+                .then_some(())
+                .ok_or("must be between 0 and 0.5")
         });
         let target_modules = field.target_modules(get("target_modules"));
         let seed = field.integer(get("seed"), "seed", 42, 0, i64::MAX);
@@ -124,16 +159,27 @@ struct Field<'a> {
 }
 
 impl Field<'_> {
-    fn integer(&mut self, value: Option<&Value>, name: &str, default: i64, min: i64, max: i64) -> i64 {
+    fn integer(
+        &mut self,
+        value: Option<&Value>,
+        name: &str,
+        default: i64,
+        min: i64,
+        max: i64,
+    ) -> i64 {
         let Some(value) = value else { return default };
         match value.as_i64() {
             Some(n) if (min..=max).contains(&n) => n,
             Some(_) => {
-                self.errors.push(FieldError::new(name, format!("must be between {min} and {max}")));
+                self.errors.push(FieldError::new(
+                    name,
+                    format!("must be between {min} and {max}"),
+                ));
                 default
             }
             None => {
-                self.errors.push(FieldError::new(name, "must be a whole number"));
+                self.errors
+                    .push(FieldError::new(name, "must be a whole number"));
                 default
             }
         }
@@ -166,7 +212,10 @@ impl Field<'_> {
         let all = || KNOWN_TARGET_MODULES.iter().map(|m| m.to_string()).collect();
         let Some(value) = value else { return all() };
         let Some(items) = value.as_array() else {
-            self.errors.push(FieldError::new("target_modules", "must be an array of module names"));
+            self.errors.push(FieldError::new(
+                "target_modules",
+                "must be an array of module names",
+            ));
             return all();
         };
         let mut modules: Vec<String> = Vec::new();
@@ -180,14 +229,20 @@ impl Field<'_> {
                 _ => {
                     self.errors.push(FieldError::new(
                         "target_modules",
-                        format!("unknown module {item}; known: {}", KNOWN_TARGET_MODULES.join(", ")),
+                        format!(
+                            "unknown module {item}; known: {}",
+                            KNOWN_TARGET_MODULES.join(", ")
+                        ),
                     ));
                     return all();
                 }
             }
         }
         if modules.is_empty() {
-            self.errors.push(FieldError::new("target_modules", "must name at least one module"));
+            self.errors.push(FieldError::new(
+                "target_modules",
+                "must name at least one module",
+            ));
             return all();
         }
         modules
@@ -206,9 +261,13 @@ mod tests {
     #[test]
     fn overrides_win_over_the_preset() {
         let preset = object(json!({"rank": 8, "learning_rate": 0.0001, "epochs": 2}));
-        let resolved = Hyperparameters::resolve(&preset, &object(json!({"rank": 32})), &Limits::default())
-            .expect("valid");
-        assert_eq!((resolved.rank, resolved.epochs, resolved.lora_alpha), (32, 2, 64.0));
+        let resolved =
+            Hyperparameters::resolve(&preset, &object(json!({"rank": 32})), &Limits::default())
+                .expect("valid");
+        assert_eq!(
+            (resolved.rank, resolved.epochs, resolved.lora_alpha),
+            (32, 2, 64.0)
+        );
         assert_eq!(resolved.target_modules.len(), 7);
     }
 
@@ -223,15 +282,28 @@ mod tests {
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(
             fields,
-            ["colour", "rank", "lora_dropout", "learning_rate", "epochs", "target_modules"]
+            [
+                "colour",
+                "rank",
+                "lora_dropout",
+                "learning_rate",
+                "epochs",
+                "target_modules"
+            ]
         );
     }
 
     #[test]
     fn limits_are_configurable() {
-        let limits = Limits { max_rank: 64, ..Limits::default() };
+        let limits = Limits {
+            max_rank: 64,
+            ..Limits::default()
+        };
         let errors = Hyperparameters::resolve(&Map::new(), &object(json!({"rank": 128})), &limits)
             .expect_err("over the limit");
-        assert_eq!(errors, vec![FieldError::new("rank", "must be between 1 and 64")]);
+        assert_eq!(
+            errors,
+            vec![FieldError::new("rank", "must be between 1 and 64")]
+        );
     }
 }

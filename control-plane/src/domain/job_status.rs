@@ -81,7 +81,10 @@ impl JobStatus {
     pub fn is_live(self) -> bool {
         matches!(
             self,
-            JobStatus::Queued | JobStatus::Provisioning | JobStatus::Training | JobStatus::Interrupted
+            JobStatus::Queued
+                | JobStatus::Provisioning
+                | JobStatus::Training
+                | JobStatus::Interrupted
         )
     }
 
@@ -120,13 +123,18 @@ mod tests {
     #[test]
     fn terminal_states_lead_nowhere() {
         for status in JobStatus::ALL {
-            assert_eq!(status.is_terminal(), matches!(status, JobStatus::Completed | JobStatus::Cancelled));
+            assert_eq!(
+                status.is_terminal(),
+                matches!(status, JobStatus::Completed | JobStatus::Cancelled)
+            );
         }
     }
 
     #[test]
     fn a_draft_cannot_be_started() {
-        let error = JobStatus::Draft.check(JobStatus::Queued).expect_err("illegal");
+        let error = JobStatus::Draft
+            .check(JobStatus::Queued)
+            .expect_err("illegal");
         assert_eq!(error.to_string(), "job is draft; it cannot become queued");
     }
 

@@ -33,7 +33,9 @@ impl FromStr for Role {
             "user" => Ok(Role::User),
             "operator" => Ok(Role::Operator),
             "admin" => Ok(Role::Admin),
-            other => Err(format!("unknown role {other:?}: expected user, operator or admin")),
+            other => Err(format!(
+                "unknown role {other:?}: expected user, operator or admin"
+            )),
         }
     }
 }
@@ -78,10 +80,16 @@ impl Password {
     pub fn parse(raw: String) -> Result<Password, String> {
         let length = raw.chars().count();
         if length < Self::MIN_LEN {
-            return Err(format!("password must be at least {} characters", Self::MIN_LEN));
+            return Err(format!(
+                "password must be at least {} characters",
+                Self::MIN_LEN
+            ));
         }
         if length > Self::MAX_LEN {
-            return Err(format!("password must be at most {} characters", Self::MAX_LEN));
+            return Err(format!(
+                "password must be at most {} characters",
+                Self::MAX_LEN
+            ));
         }
         Ok(Password(raw))
     }
@@ -103,8 +111,19 @@ mod tests {
 
     #[test]
     fn emails_are_normalised_and_checked() {
-        assert_eq!(Email::parse(" Ada@Example.COM ").map(|e| e.0), Ok("ada@example.com".into()));
-        for bad in ["", "ada", "@example.com", "ada@", "ada@example", "a b@example.com", "a@b@c.d"] {
+        assert_eq!(
+            Email::parse(" Ada@Example.COM ").map(|e| e.0),
+            Ok("ada@example.com".into())
+        );
+        for bad in [
+            "",
+            "ada",
+            "@example.com",
+            "ada@",
+            "ada@example",
+            "a b@example.com",
+            "a@b@c.d",
+        ] {
             assert!(Email::parse(bad).is_err(), "{bad:?} accepted");
         }
     }

@@ -46,7 +46,10 @@ async fn register(
 ) -> ApiResult<(StatusCode, Json<Registered>)> {
     let name = request.name.trim();
     if name.is_empty() || name.chars().count() > 200 {
-        return Err(ApiError::Validation(vec![FieldError::new("name", "must be 1 to 200 characters")]));
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "name",
+            "must be 1 to 200 characters",
+        )]));
     }
     if let Some((key, _)) = request.labels.iter().find(|(_, v)| !v.is_string()) {
         return Err(ApiError::Validation(vec![FieldError::new(
@@ -68,7 +71,13 @@ async fn register(
     .await?
     .ok_or(ApiError::Unauthorized)?;
     tracing::info!(agent_id = %agent.id, name = %agent.name, "agent enrolled");
-    Ok((StatusCode::CREATED, Json(Registered { agent_id: agent.id, agent_secret: secret })))
+    Ok((
+        StatusCode::CREATED,
+        Json(Registered {
+            agent_id: agent.id,
+            agent_secret: secret,
+        }),
+    ))
 }
 
 #[derive(Serialize)]
@@ -78,7 +87,11 @@ struct AgentList {
 
 async fn list(State(state): State<AppState>, user: CurrentUser) -> ApiResult<Json<AgentList>> {
     if !user.0.role().sees_everything() {
-        return Err(ApiError::Forbidden("the fleet is visible to operators and admins only".into()));
+        return Err(ApiError::Forbidden(
+            "the fleet is visible to operators and admins only".into(),
+        ));
     }
-    Ok(Json(AgentList { data: agents::list(&state.db).await? }))
+    Ok(Json(AgentList {
+        data: agents::list(&state.db).await?,
+    }))
 }

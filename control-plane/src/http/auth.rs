@@ -17,8 +17,8 @@ use super::error::{ApiError, ApiResult};
 use super::AppState;
 use crate::auth::{dummy_hash, hash_password, new_token, token_hash, verify_password};
 use crate::db::jobs::Viewer;
-use crate::db::users::{self, TokenKind, User};
 use crate::db::now;
+use crate::db::users::{self, TokenKind, User};
 use crate::domain::{Email, Password, Role};
 
 pub const SESSION_COOKIE: &str = "lora_session";
@@ -41,7 +41,10 @@ enum Credential {
 }
 
 fn credential(headers: &HeaderMap) -> Option<Credential> {
-    if let Some(value) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    if let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
         return value
             .strip_prefix("Bearer ")
             .map(|token| Credential::Bearer(token.trim().to_owned()));
@@ -63,7 +66,10 @@ fn session_cookie(headers: &HeaderMap) -> Option<String> {
 impl FromRequestParts<AppState> for CurrentUser {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let (kind, token) = match credential(&parts.headers).ok_or(ApiError::Unauthorized)? {
             Credential::Bearer(token) => (TokenKind::Api, token),
             Credential::Session(token) => (TokenKind::Session, token),
@@ -104,7 +110,10 @@ impl LoginLimiter {
         let mut wait = Duration::ZERO;
         for key in Self::keys(email, client) {
             if let Some(times) = failures.get_mut(&key) {
-                while times.front().is_some_and(|t| now.duration_since(*t) >= self.window) {
+                while times
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) >= self.window)
+                {
                     times.pop_front();
                 }
                 if times.len() >= self.max_failures {
@@ -165,12 +174,17 @@ async fn login(
     state
         .login_limiter
         .check(&email, client)
-        .map_err(|retry_after_seconds| ApiError::TooManyRequests { retry_after_seconds })?;
+        .map_err(|retry_after_seconds| ApiError::TooManyRequests {
+            retry_after_seconds,
+        })?;
     let user = match Email::parse(&email) {
         Ok(email) => users::find_by_email(&state.db, &email).await?,
         Err(_) => None,
     };
-    let stored_hash = user.as_ref().map_or(dummy_hash(), |u| u.password_hash.as_str()).to_owned();
+    let stored_hash = user
+        .as_ref()
+        .map_or(dummy_hash(), |u| u.password_hash.as_str())
+        .to_owned();
     let password = credentials.password;
     let verified = tokio::task::spawn_blocking(move || verify_password(&password, &stored_hash))
         .await
@@ -189,11 +203,24 @@ async fn issue_tokens(state: &AppState, user: User) -> ApiResult<Response> {
     let auth = &state.settings.auth;
     let api_token = new_token("lcp_");
     let expires_at = now() + ChronoDuration::hours(auth.api_token_ttl_hours);
-    users::store_token(&state.db, TokenKind::Api, user.id, &token_hash(&api_token), expires_at).await?;
+    users::store_token(
+        &state.db,
+        TokenKind::Api,
+        user.id,
+        &token_hash(&api_token),
+        expires_at,
+    )
+    .await?;
     let session = new_token("lcs_");
     let session_ttl = ChronoDuration::hours(auth.session_ttl_hours);
-    users::store_token(&state.db, TokenKind::Session, user.id, &token_hash(&session), now() + session_ttl)
-        .await?;
+    users::store_token(
+        &state.db,
+        TokenKind::Session,
+        user.id,
+        &token_hash(&session),
+        now() + session_ttl,
+    )
+    .await?;
     let cookie = format!(
         "{SESSION_COOKIE}={session}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{}",
         session_ttl.num_seconds(),
@@ -214,7 +241,9 @@ async fn issue_tokens(state: &AppState, user: User) -> ApiResult<Response> {
 
 async fn logout(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     match credential(&headers).ok_or(ApiError::Unauthorized)? {
-        Credential::Bearer(token) => users::revoke_token(&state.db, TokenKind::Api, &token_hash(&token)).await?,
+        Credential::Bearer(token) => {
+            users::revoke_token(&state.db, TokenKind::Api, &token_hash(&token)).await?
+        }
         Credential::Session(token) => {
             users::revoke_token(&state.db, TokenKind::Session, &token_hash(&token)).await?
         }
@@ -231,21 +260,39 @@ async fn logout(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<
     Ok(response)
 }
 
-async fn signup(State(state): State<AppState>, Json(credentials): Json<Credentials>) -> ApiResult<Response> {
+async fn signup(
+    State(state): State<AppState>,
+    Json(credentials): Json<Credentials>,
+) -> ApiResult<Response> {
     if !state.settings.allow_signup {
-        return Err(ApiError::Forbidden("signup is disabled; ask an administrator for an account".into()));
+        return Err(ApiError::Forbidden(
+            "signup is disabled; ask an administrator for an account".into(),
+        ));
     }
-    let user = create_account(&state.db, &credentials.email, credentials.password, Role::User).await?;
+    let user = create_account(
+        &state.db,
+        &credentials.email,
+        credentials.password,
+        Role::User,
+    )
+    .await?;
     let mut response = issue_tokens(&state, user).await?;
     *response.status_mut() = StatusCode::CREATED;
     Ok(response)
 }
 
 /// Creates an account, refusing an address already in use.
-pub async fn create_account(db: &crate::db::Db, email: &str, password: String, role: Role) -> ApiResult<User> {
+pub async fn create_account(
+    db: &crate::db::Db,
+    email: &str,
+    password: String,
+    role: Role,
+) -> ApiResult<User> {
     let mut errors = Vec::new();
-    let email = Email::parse(email).map_err(|m| errors.push(crate::domain::FieldError::new("email", m)));
-    let password = Password::parse(password).map_err(|m| errors.push(crate::domain::FieldError::new("password", m)));
+    let email =
+        Email::parse(email).map_err(|m| errors.push(crate::domain::FieldError::new("email", m)));
+    let password = Password::parse(password)
+        .map_err(|m| errors.push(crate::domain::FieldError::new("password", m)));
     let (Ok(email), Ok(password)) = (email, password) else {
         return Err(ApiError::Validation(errors));
     };

@@ -43,7 +43,11 @@ async fn list(
         super::one_of("status", status, &["active", "archived", "deleted"])?;
     }
     if let Some(status) = &params.enrichment_status {
-        super::one_of("enrichment_status", status, &["pending", "processing", "completed", "failed"])?;
+        super::one_of(
+            "enrichment_status",
+            status,
+            &["pending", "processing", "completed", "failed"],
+        )?;
     }
     let filter = FileFilter {
         status: params.status,
@@ -91,10 +95,17 @@ async fn conversations(
     owned_file(&state, &user, id).await?;
     let (limit, _) = super::page_bounds(params.limit.or(Some(5)), None, 5)?;
     let data = files::conversations(&state.db, id, params.quality_min, limit).await?;
-    Ok(Json(ConversationList { count: data.len(), data }))
+    Ok(Json(ConversationList {
+        count: data.len(),
+        data,
+    }))
 }
 
-async fn remove(State(state): State<AppState>, user: CurrentUser, Path(id): Path<Uuid>) -> ApiResult<StatusCode> {
+async fn remove(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<Uuid>,
+) -> ApiResult<StatusCode> {
     match files::soft_delete(&state.db, id, user.0.id).await? {
         Ok(true) => Ok(StatusCode::NO_CONTENT),
         Ok(false) => Err(ApiError::NotFound("training file")),
@@ -112,7 +123,8 @@ async fn upload(
     mut multipart: Multipart,
 ) -> ApiResult<(StatusCode, Json<TrainingFile>)> {
     let max = state.settings.limits.max_upload_bytes;
-    let too_large = || ApiError::PayloadTooLarge(format!("training files are limited to {max} bytes"));
+    let too_large =
+        || ApiError::PayloadTooLarge(format!("training files are limited to {max} bytes"));
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -177,7 +189,9 @@ async fn upload(
         return Err(error);
     }
     let Some(stored) = stored else {
-        return Err(ApiError::BadRequest("multipart field \"file\" is missing".into()));
+        return Err(ApiError::BadRequest(
+            "multipart field \"file\" is missing".into(),
+        ));
     };
     if stored.size == 0 {
         let _ = tokio::fs::remove_file(&path).await;

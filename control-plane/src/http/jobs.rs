@@ -43,7 +43,11 @@ pub struct JobView {
 async fn view(state: &AppState, job: Job) -> ApiResult<JobView> {
     let queue_position = jobs::queue_position(&state.db, &job).await?;
     let current_metrics = metrics::latest(&state.db, job.id).await?;
-    Ok(JobView { job, queue_position, current_metrics })
+    Ok(JobView {
+        job,
+        queue_position,
+        current_metrics,
+    })
 }
 
 /// A job the user may see and act on: their own, or any for operators and admins.
@@ -84,7 +88,10 @@ pub async fn create_draft(
         errors.push(FieldError::new("name", "must be 1 to 200 characters"));
     }
     let base_model = request.base_model.trim();
-    if base_model.is_empty() || base_model.len() > 500 || base_model.chars().any(char::is_whitespace) {
+    if base_model.is_empty()
+        || base_model.len() > 500
+        || base_model.chars().any(char::is_whitespace)
+    {
         errors.push(FieldError::new(
             "base_model",
             "must be a model directory or a hub id such as meta-llama/Llama-3.2-1B, without spaces",
@@ -112,7 +119,11 @@ pub async fn create_draft(
     }
     if !unmet.is_empty() {
         return Err(ApiError::Unprocessable {
-            message: format!("training file \"{}\" is not eligible for training: {}", file.name, unmet.join("; ")),
+            message: format!(
+                "training file \"{}\" is not eligible for training: {}",
+                file.name,
+                unmet.join("; ")
+            ),
             rules: unmet,
         });
     }
@@ -151,7 +162,12 @@ async fn configure(
     Ok(Json(view(&state, job).await?))
 }
 
-pub async fn configure_job(state: &AppState, user: &CurrentUser, job: Job, request: &ConfigureJob) -> ApiResult<Job> {
+pub async fn configure_job(
+    state: &AppState,
+    user: &CurrentUser,
+    job: Job,
+    request: &ConfigureJob,
+) -> ApiResult<Job> {
     job.status.check(JobStatus::Configured)?;
     let mut errors = Vec::new();
     let gpu_type = GpuType::parse(&request.gpu_type);
@@ -162,10 +178,16 @@ pub async fn configure_job(state: &AppState, user: &CurrentUser, job: Job, reque
     if gpu.is_none() {
         errors.push(FieldError::new(
             "gpu_model",
-            format!("unknown GPU model; available: {}", state.catalog.model_names()),
+            format!(
+                "unknown GPU model; available: {}",
+                state.catalog.model_names()
+            ),
         ));
     }
-    let preset_id = request.preset_id.or(job.preset_id).unwrap_or(presets::BALANCED_PRESET_ID);
+    let preset_id = request
+        .preset_id
+        .or(job.preset_id)
+        .unwrap_or(presets::BALANCED_PRESET_ID);
     let preset = presets::get_visible(&state.db, preset_id, job.user_id).await?;
     if preset.is_none() {
         errors.push(FieldError::new("preset_id", "no such preset"));
@@ -182,13 +204,17 @@ pub async fn configure_job(state: &AppState, user: &CurrentUser, job: Job, reque
                 .map(|e| FieldError::new(format!("hyperparameters.{}", e.field), e.message)),
         )
     });
-    let (Some(gpu_type), Some(gpu), Some(preset), Ok(hyperparameters)) = (gpu_type, gpu, preset, hyperparameters)
+    let (Some(gpu_type), Some(gpu), Some(preset), Ok(hyperparameters)) =
+        (gpu_type, gpu, preset, hyperparameters)
     else {
         return Err(ApiError::Validation(errors));
     };
     let completed = presets::completed_jobs_of(&state.db, job.user_id).await?;
     if let Some(rule) = super::presets::requirement_unmet(&preset, completed) {
-        return Err(ApiError::Unprocessable { message: rule.clone(), rules: vec![rule] });
+        return Err(ApiError::Unprocessable {
+            message: rule.clone(),
+            rules: vec![rule],
+        });
     }
     let file = files::get(&state.db, job.training_file_id)
         .await?
@@ -197,7 +223,12 @@ pub async fn configure_job(state: &AppState, user: &CurrentUser, job: Job, reque
     // Spec §7.1: preset estimates are for 200 conversations and scale linearly; we also scale
     // by epochs relative to the preset's, and price the hours with the catalog's GPU rate.
     let scale = file.conversation_count as f64 / 200.0;
-    let preset_epochs = preset.parameters.0.get("epochs").and_then(Value::as_f64).unwrap_or(1.0);
+    let preset_epochs = preset
+        .parameters
+        .0
+        .get("epochs")
+        .and_then(Value::as_f64)
+        .unwrap_or(1.0);
     let epoch_scale = f64::from(hyperparameters.epochs) / preset_epochs.max(1.0);
     let hours = |base: f64| base * scale * epoch_scale;
     let duration = (
@@ -212,7 +243,10 @@ pub async fn configure_job(state: &AppState, user: &CurrentUser, job: Job, reque
         hyperparameters: &hyperparameters,
         hourly_rate: rate,
         estimated_duration_hours: duration,
-        estimated_cost: (jobs::round_cents(duration.0 * rate), jobs::round_cents(duration.1 * rate)),
+        estimated_cost: (
+            jobs::round_cents(duration.0 * rate),
+            jobs::round_cents(duration.1 * rate),
+        ),
     };
     let event = Event::new(
         job.id,
@@ -227,17 +261,36 @@ pub async fn configure_job(state: &AppState, user: &CurrentUser, job: Job, reque
             configuration.estimated_cost.1
         ),
     )
-    .with_details(json!({"from": job.status, "to": "configured", "hyperparameters": hyperparameters}));
+    .with_details(
+        json!({"from": job.status, "to": "configured", "hyperparameters": hyperparameters}),
+    );
     apply(state, user, &job, Change::Configure(configuration), event).await
 }
 
 /// Writes a status change and tells live subscribers; a concurrent change answers 409.
-async fn apply(state: &AppState, user: &CurrentUser, job: &Job, change: Change<'_>, event: Event) -> ApiResult<Job> {
+async fn apply(
+    state: &AppState,
+    user: &CurrentUser,
+    job: &Job,
+    change: Change<'_>,
+    event: Event,
+) -> ApiResult<Job> {
     match jobs::change_status(&state.db, job.id, job.status, change, &event).await? {
         ChangeOutcome::Applied(updated) => {
             tracing::info!(job_id = %job.id, from = %job.status, to = %updated.status, "job status changed");
-            state.live.publish(JobUpdate::Status { job: Box::new(updated.clone()) }).await;
-            state.live.publish(JobUpdate::Event { user_id: user.0.id, event }).await;
+            state
+                .live
+                .publish(JobUpdate::Status {
+                    job: Box::new(updated.clone()),
+                })
+                .await;
+            state
+                .live
+                .publish(JobUpdate::Event {
+                    user_id: user.0.id,
+                    event,
+                })
+                .await;
             Ok(updated)
         }
         ChangeOutcome::Conflict(current) => Err(ApiError::Conflict(format!(
@@ -246,14 +299,27 @@ async fn apply(state: &AppState, user: &CurrentUser, job: &Job, change: Change<'
     }
 }
 
-async fn start(State(state): State<AppState>, user: CurrentUser, Path(id): Path<Uuid>) -> ApiResult<Json<JobView>> {
+async fn start(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<JobView>> {
     let job = visible_job(&state, &user, id).await?;
     job.status.check(JobStatus::Queued)?;
     let hours_ahead = jobs::queued_hours_ahead(&state.db).await?;
     let estimated_start_time = now() + Duration::seconds((hours_ahead * 3600.0) as i64);
     let event = Event::new(job.id, "status", "info", "Job queued for training")
         .with_details(json!({"from": job.status, "to": "queued"}));
-    let job = apply(&state, &user, &job, Change::Queue { estimated_start_time }, event).await?;
+    let job = apply(
+        &state,
+        &user,
+        &job,
+        Change::Queue {
+            estimated_start_time,
+        },
+        event,
+    )
+    .await?;
     Ok(Json(view(&state, job).await?))
 }
 
@@ -275,14 +341,29 @@ async fn cancel(
     let reason = match request.reason.trim() {
         "" => "no reason given",
         reason if reason.chars().count() > 1000 => {
-            return Err(ApiError::Validation(vec![FieldError::new("reason", "must be at most 1000 characters")]))
+            return Err(ApiError::Validation(vec![FieldError::new(
+                "reason",
+                "must be at most 1000 characters",
+            )]))
         }
         reason => reason,
     };
     let final_cost = jobs::accrued_cost(&job, now());
-    let event = Event::new(job.id, "status", "warning", format!("Job cancelled: {reason}"))
-        .with_details(json!({"from": job.status, "to": "cancelled", "final_cost": final_cost}));
-    let job = apply(&state, &user, &job, Change::Cancel { reason, final_cost }, event).await?;
+    let event = Event::new(
+        job.id,
+        "status",
+        "warning",
+        format!("Job cancelled: {reason}"),
+    )
+    .with_details(json!({"from": job.status, "to": "cancelled", "final_cost": final_cost}));
+    let job = apply(
+        &state,
+        &user,
+        &job,
+        Change::Cancel { reason, final_cost },
+        event,
+    )
+    .await?;
     Ok(Json(view(&state, job).await?))
 }
 
@@ -301,7 +382,10 @@ async fn list(
     let (limit, offset) = super::page_bounds(params.limit, params.offset, 50)?;
     let status = params
         .status
-        .map(|s| s.parse::<JobStatus>().map_err(|m| ApiError::Validation(vec![FieldError::new("status", m)])))
+        .map(|s| {
+            s.parse::<JobStatus>()
+                .map_err(|m| ApiError::Validation(vec![FieldError::new("status", m)]))
+        })
         .transpose()?;
     let (rows, total) = jobs::list(&state.db, user.viewer(), status, limit, offset).await?;
     let mut views = Vec::with_capacity(rows.len());
@@ -311,7 +395,11 @@ async fn list(
     Ok(Json(Page::new(views, total, limit, offset)))
 }
 
-async fn detail(State(state): State<AppState>, user: CurrentUser, Path(id): Path<Uuid>) -> ApiResult<Json<JobView>> {
+async fn detail(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<JobView>> {
     let job = visible_job(&state, &user, id).await?;
     Ok(Json(view(&state, job).await?))
 }
@@ -379,12 +467,32 @@ async fn event_log(
     visible_job(&state, &user, id).await?;
     let (limit, offset) = super::page_bounds(params.limit, params.offset, 100)?;
     if let Some(event_type) = &params.event_type {
-        super::one_of("event_type", event_type, &["status", "metrics", "warning", "error", "checkpoint", "info"])?;
+        super::one_of(
+            "event_type",
+            event_type,
+            &[
+                "status",
+                "metrics",
+                "warning",
+                "error",
+                "checkpoint",
+                "info",
+            ],
+        )?;
     }
     if let Some(severity) = &params.severity {
-        super::one_of("severity", severity, &["info", "warning", "error", "critical"])?;
+        super::one_of(
+            "severity",
+            severity,
+            &["info", "warning", "error", "critical"],
+        )?;
     }
-    let filter = EventFilter { event_type: params.event_type, severity: params.severity, limit, offset };
+    let filter = EventFilter {
+        event_type: params.event_type,
+        severity: params.severity,
+        limit,
+        offset,
+    };
     let (rows, total) = events::list(&state.db, id, &filter).await?;
     Ok(Json(Page::new(rows, total, limit, offset)))
 }

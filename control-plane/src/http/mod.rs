@@ -50,7 +50,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest("/api/v1", api)
         .merge(ops::router())
-        .layer(axum::middleware::from_fn_with_state(state.clone(), ops::track_requests))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            ops::track_requests,
+        ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }
@@ -86,7 +89,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                     message: format!("invalid request body: {}", e.body_text()),
                     rules: Vec::new(),
                 },
-                other => ApiError::BadRequest(format!("invalid request body: {}", other.body_text())),
+                other => {
+                    ApiError::BadRequest(format!("invalid request body: {}", other.body_text()))
+                }
             })
     }
 }
@@ -119,7 +124,10 @@ pub fn page_bounds(limit: Option<i64>, offset: Option<i64>, default: i64) -> Api
     let offset = offset.unwrap_or(0);
     let mut errors = Vec::new();
     if !(1..=MAX_PAGE_SIZE).contains(&limit) {
-        errors.push(FieldError::new("limit", format!("must be between 1 and {MAX_PAGE_SIZE}")));
+        errors.push(FieldError::new(
+            "limit",
+            format!("must be between 1 and {MAX_PAGE_SIZE}"),
+        ));
     }
     if offset < 0 {
         errors.push(FieldError::new("offset", "must not be negative"));

@@ -42,7 +42,11 @@ pub struct RequestMetrics {
     requests: Mutex<BTreeMap<(String, String, u16), (u64, f64)>>,
 }
 
-pub async fn track_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn track_requests(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -52,7 +56,11 @@ pub async fn track_requests(State(state): State<AppState>, request: Request, nex
     let started = Instant::now();
     let response = next.run(request).await;
     let seconds = started.elapsed().as_secs_f64();
-    let mut requests = state.metrics.requests.lock().unwrap_or_else(|e| e.into_inner());
+    let mut requests = state
+        .metrics
+        .requests
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let entry = requests
         .entry((method, route, response.status().as_u16()))
         .or_default();
@@ -64,7 +72,11 @@ pub async fn track_requests(State(state): State<AppState>, request: Request, nex
 async fn metrics(State(state): State<AppState>) -> Response {
     let mut out = String::new();
     {
-        let requests = state.metrics.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let requests = state
+            .metrics
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         out.push_str("# HELP http_requests_total HTTP requests answered.\n# TYPE http_requests_total counter\n");
         for ((method, route, status), (count, _)) in requests.iter() {
             let _ = writeln!(

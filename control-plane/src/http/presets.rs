@@ -38,7 +38,11 @@ async fn list(State(state): State<AppState>, user: CurrentUser) -> ApiResult<Jso
         .into_iter()
         .map(|preset| {
             let unmet = requirement_unmet(&preset, completed);
-            PresetView { available: unmet.is_none(), unmet_requirement: unmet, preset }
+            PresetView {
+                available: unmet.is_none(),
+                unmet_requirement: unmet,
+                preset,
+            }
         })
         .collect();
     Ok(Json(PresetList { data }))
@@ -78,16 +82,21 @@ async fn create(
     }
     let risk_level = request.risk_level.as_deref().unwrap_or("medium");
     if !["low", "medium", "high"].contains(&risk_level) {
-        errors.push(FieldError::new("risk_level", "must be one of low, medium, high"));
+        errors.push(FieldError::new(
+            "risk_level",
+            "must be one of low, medium, high",
+        ));
     }
-    let parameters = Hyperparameters::resolve(&Map::new(), &request.parameters, &state.settings.limits)
-        .map_err(|field_errors| {
-            errors.extend(
-                field_errors
-                    .into_iter()
-                    .map(|e| FieldError::new(format!("parameters.{}", e.field), e.message)),
-            )
-        });
+    let parameters =
+        Hyperparameters::resolve(&Map::new(), &request.parameters, &state.settings.limits).map_err(
+            |field_errors| {
+                errors.extend(
+                    field_errors
+                        .into_iter()
+                        .map(|e| FieldError::new(format!("parameters.{}", e.field), e.message)),
+                )
+            },
+        );
     let Ok(parameters) = parameters else {
         return Err(ApiError::Validation(errors));
     };
@@ -98,7 +107,8 @@ async fn create(
         Some(estimates) => estimates,
         None => balanced_estimates(&state).await?,
     };
-    let parameters = serde_json::to_value(&parameters).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let parameters =
+        serde_json::to_value(&parameters).map_err(|e| ApiError::Internal(e.to_string()))?;
     let preset = presets::create(
         &state.db,
         user.0.id,

@@ -46,9 +46,9 @@ async fn stream_job(
             Ok(update) if update.job_id() == id => Some(Ok(to_sse(&update))),
             Ok(_) => None,
             // The client fell behind: tell it to refetch rather than silently skip.
-            Err(BroadcastStreamRecvError::Lagged(missed)) => {
-                Some(Ok(SseEvent::default().event("resync").data(missed.to_string())))
-            }
+            Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Ok(SseEvent::default()
+                .event("resync")
+                .data(missed.to_string()))),
         }
     });
     let stream = stream::once(async move { Ok(snapshot) }).chain(live);

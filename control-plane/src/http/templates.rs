@@ -12,8 +12,8 @@ use super::auth::CurrentUser;
 use super::error::{ApiError, ApiResult};
 use super::jobs::{configure_job, create_draft, visible_job, ConfigureJob, CreateJob};
 use super::{ApiJson, ApiQuery, AppState};
-use crate::db::templates::{self, NewTemplate, Template};
 use crate::db::presets;
+use crate::db::templates::{self, NewTemplate, Template};
 use crate::domain::{FieldError, GpuType, Hyperparameters, JobStatus};
 
 pub fn router() -> Router<AppState> {
@@ -68,17 +68,25 @@ async fn create(
         if state.catalog.find(model).is_none() {
             errors.push(FieldError::new(
                 "gpu_model",
-                format!("unknown GPU model; available: {}", state.catalog.model_names()),
+                format!(
+                    "unknown GPU model; available: {}",
+                    state.catalog.model_names()
+                ),
             ));
         }
     }
     if let Some(preset_id) = request.preset_id {
-        if presets::get_visible(&state.db, preset_id, user.0.id).await?.is_none() {
+        if presets::get_visible(&state.db, preset_id, user.0.id)
+            .await?
+            .is_none()
+        {
             errors.push(FieldError::new("preset_id", "no such preset"));
         }
     }
     if let Some(hyperparameters) = &request.hyperparameters {
-        if let Err(field_errors) = Hyperparameters::resolve(&Map::new(), hyperparameters, &state.settings.limits) {
+        if let Err(field_errors) =
+            Hyperparameters::resolve(&Map::new(), hyperparameters, &state.settings.limits)
+        {
             errors.extend(
                 field_errors
                     .into_iter()
@@ -186,6 +194,10 @@ async fn use_template(
     templates::count_use(&state.db, template.id).await?;
     Ok((
         StatusCode::CREATED,
-        Json(UsedTemplate { job_id: job.id, job_name: job.name, status: job.status }),
+        Json(UsedTemplate {
+            job_id: job.id,
+            job_name: job.name,
+            status: job.status,
+        }),
     ))
 }

@@ -18,7 +18,8 @@ fn errors(records: &[Result<Record, String>]) -> Vec<&str> {
         .collect()
 }
 
-const GOOD: &str = r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"hello"}]}"#;
+const GOOD: &str =
+    r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"hello"}]}"#;
 
 #[test]
 fn jsonl_reads_conversations_and_metadata() {
@@ -34,7 +35,11 @@ fn jsonl_reads_conversations_and_metadata() {
     assert_eq!(second.conversation.training_pairs(), 2);
     let meta = &second.conversation.metadata;
     assert_eq!(meta.persona.as_deref(), Some("anxious"));
-    assert_eq!(meta.quality_score, Some(4.5), "mean of the per-dimension scores");
+    assert_eq!(
+        meta.quality_score,
+        Some(4.5),
+        "mean of the per-dimension scores"
+    );
     assert_eq!(meta.human_reviewed, Some(true));
 }
 
@@ -65,8 +70,16 @@ fn jsonl_names_each_bad_line() {
 
 #[test]
 fn binary_and_overlong_lines_are_record_errors() {
-    let text = format!("{GOOD}\n{{\"messages\": \"\u{0}\"}}\n{}\n{GOOD}\n", "x".repeat(300));
-    let (_, records) = read_with(&text, Limits { max_record_bytes: 200 });
+    let text = format!(
+        "{GOOD}\n{{\"messages\": \"\u{0}\"}}\n{}\n{GOOD}\n",
+        "x".repeat(300)
+    );
+    let (_, records) = read_with(
+        &text,
+        Limits {
+            max_record_bytes: 200,
+        },
+    );
     assert_eq!(
         errors(&records),
         vec![
@@ -83,16 +96,28 @@ fn invalid_utf8_is_reported_as_binary() {
     let mut bytes = GOOD.as_bytes().to_vec();
     bytes.extend_from_slice(b"\n{\"messages\": \"\xff\xfe\"}\n");
     let (_, records) = open(io::Cursor::new(bytes), Limits::default()).expect("opens");
-    let errors: Vec<String> = records.filter_map(|r| r.err()).map(|e| e.to_string()).collect();
-    assert_eq!(errors, vec!["line 2: binary data (not valid UTF-8 at byte 15)"]);
+    let errors: Vec<String> = records
+        .filter_map(|r| r.err())
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(
+        errors,
+        vec!["line 2: binary data (not valid UTF-8 at byte 15)"]
+    );
 }
 
 #[test]
 fn a_binary_file_is_refused_at_once() {
-    let error = open(io::Cursor::new(vec![0x89, b'P', b'N', b'G', 0, 0]), Limits::default())
-        .err()
-        .expect("refused");
-    assert_eq!(error.to_string(), "line 1: binary data (NUL bytes): expected a text dataset");
+    let error = open(
+        io::Cursor::new(vec![0x89, b'P', b'N', b'G', 0, 0]),
+        Limits::default(),
+    )
+    .err()
+    .expect("refused");
+    assert_eq!(
+        error.to_string(),
+        "line 1: binary data (NUL bytes): expected a text dataset"
+    );
 }
 
 #[test]
@@ -111,35 +136,55 @@ fn json_array_streams_elements_with_their_lines() {
             "line 7: expected a conversation object",
         ]
     );
-    let lines: Vec<u64> = records.iter().filter_map(|r| r.as_ref().ok()).map(|r| r.line).collect();
+    let lines: Vec<u64> = records
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .map(|r| r.line)
+        .collect();
     assert_eq!(lines, vec![2, 8]);
 }
 
 #[test]
 fn json_array_cut_short_is_reported() {
     let (_, records) = read(&format!("[{GOOD},\n{{\"messages\": ["));
-    assert_eq!(errors(&records), vec!["line 2: unexpected end of file inside this conversation"]);
+    assert_eq!(
+        errors(&records),
+        vec!["line 2: unexpected end of file inside this conversation"]
+    );
 }
 
 #[test]
 fn csv_with_optional_system_column() {
-    let text = "prompt,completion,system\n\"How are you?\",Fine,Be kind\nq2,\"multi\nline\",\nq3,,\n";
+    let text =
+        "prompt,completion,system\n\"How are you?\",Fine,Be kind\nq2,\"multi\nline\",\nq3,,\n";
     let (format, records) = read(text);
     assert_eq!(format, Format::Csv);
     let first = records[0].as_ref().expect("valid row");
     assert_eq!(first.line, 2);
     assert_eq!(first.conversation.messages[0].role, Role::System);
     let second = records[1].as_ref().expect("valid row");
-    assert_eq!(second.conversation.messages.len(), 2, "empty system column adds no message");
+    assert_eq!(
+        second.conversation.messages.len(),
+        2,
+        "empty system column adds no message"
+    );
     assert_eq!(errors(&records), vec!["line 5: empty completion"]);
 }
 
 #[test]
 fn unknown_layouts_are_refused_with_the_accepted_formats() {
-    let error = open(io::Cursor::new(b"just some text\n".to_vec()), Limits::default())
+    let error = open(
+        io::Cursor::new(b"just some text\n".to_vec()),
+        Limits::default(),
+    )
+    .err()
+    .expect("refused");
+    assert!(
+        error.to_string().starts_with("line 1: unrecognised format"),
+        "{error}"
+    );
+    let error = open(io::Cursor::new(b"  \n".to_vec()), Limits::default())
         .err()
         .expect("refused");
-    assert!(error.to_string().starts_with("line 1: unrecognised format"), "{error}");
-    let error = open(io::Cursor::new(b"  \n".to_vec()), Limits::default()).err().expect("refused");
     assert_eq!(error.to_string(), "line 1: the file is empty");
 }

@@ -1,0 +1,327 @@
+//! A real control plane on a real port, over a fresh SQLite file or a fresh PostgreSQL
+//! database, driven over HTTP.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use control_plane::configuration::Settings;
+use control_plane::db::Db;
+use control_plane::domain::Role;
+use control_plane::http::auth::create_account;
+use control_plane::startup::Application;
+use reqwest::multipart::{Form, Part};
+use reqwest::{Client, Response, StatusCode};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Generates one test per backend for each async fn taking a `Backend`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$name($crate::helpers::Backend::Sqlite).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$name($crate::helpers::Backend::Postgres).await
+                }
+            }
+        )*
+    };
+}
+
+/// A database of its own for one test; PostgreSQL ones are dropped afterwards.
+pub struct TestDatabase {
+    pub url: String,
+    pub data_dir: tempfile::TempDir,
+    postgres_name: Option<String>,
+}
+
+fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+impl TestDatabase {
+    pub async fn create(backend: Backend) -> TestDatabase {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        match backend {
+            Backend::Sqlite => TestDatabase {
+                url: format!(
+                    "sqlite://{}",
+                    data_dir.path().join("control-plane.db").display()
+                ),
+                data_dir,
+                postgres_name: None,
+            },
+            Backend::Postgres => {
+                let name = format!("cp_test_{}", Uuid::new_v4().simple());
+                let admin = sqlx::PgPool::connect(&admin_url())
+                    .await
+                    .expect("PostgreSQL reachable");
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&admin)
+                    .await
+                    .expect("create test database");
+                admin.close().await;
+                let base = admin_url();
+                let server = &base[..base.rfind('/').expect("database URL has a path")];
+                TestDatabase {
+                    url: format!("{server}/{name}"),
+                    data_dir,
+                    postgres_name: Some(name),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let Some(name) = self.postgres_name.take() else {
+            return;
+        };
+        // Drop runs inside the test's runtime: clean up from a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            runtime.block_on(async {
+                let admin = sqlx::PgPool::connect(&admin_url()).await.ok()?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&admin)
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+    }
+}
+
+pub struct TestApp {
+    pub address: String,
+    pub db: Db,
+    pub client: Client,
+    pub data_dir: PathBuf,
+}
+
+pub fn settings(database: &TestDatabase) -> Settings {
+    let mut settings = Settings::default();
+    settings.listen = "127.0.0.1:0".parse().expect("address");
+    settings.data_dir = database.data_dir.path().to_path_buf();
+    settings.database_url = Some(database.url.clone());
+    settings
+}
+
+impl TestApp {
+    pub async fn spawn(database: &TestDatabase) -> TestApp {
+        Self::spawn_with(settings(database)).await
+    }
+
+    pub async fn spawn_with(settings: Settings) -> TestApp {
+        let data_dir = settings.data_dir.clone();
+        let app = Application::build(settings)
+            .await
+            .expect("application starts");
+        let address = format!("http://{}", app.address());
+        let db = app.state().db.clone();
+        tokio::spawn(app.run_until(std::future::pending()));
+        TestApp {
+            address,
+            db,
+            client: Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
+            data_dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    /// Creates an account directly (as `control-plane create-user` does) and logs in.
+    pub async fn user(&self, email: &str, role: Role) -> User {
+        create_account(&self.db, email, "password-123".into(), role)
+            .await
+            .expect("account created");
+        let response = self
+            .client
+            .post(self.url("/api/v1/auth/login"))
+            .json(&json!({"email": email, "password": "password-123"}))
+            .send()
+            .await
+            .expect("login request");
+        assert_eq!(response.status(), StatusCode::OK, "login as {email}");
+        let body: Value = response.json().await.expect("login body");
+        User {
+            token: body["token"].as_str().expect("token").to_owned(),
+            id: body["user"]["id"]
+                .as_str()
+                .expect("user id")
+                .parse()
+                .expect("uuid"),
+        }
+    }
+
+    pub async fn get(&self, user: &User, path: &str) -> Response {
+        self.client
+            .get(self.url(path))
+            .bearer_auth(&user.token)
+            .send()
+            .await
+            .expect("GET")
+    }
+
+    pub async fn post(&self, user: &User, path: &str, body: Value) -> Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(&user.token)
+            .json(&body)
+            .send()
+            .await
+            .expect("POST")
+    }
+
+    pub async fn put(&self, user: &User, path: &str, body: Value) -> Response {
+        self.client
+            .put(self.url(path))
+            .bearer_auth(&user.token)
+            .json(&body)
+            .send()
+            .await
+            .expect("PUT")
+    }
+
+    pub async fn delete(&self, user: &User, path: &str) -> Response {
+        self.client
+            .delete(self.url(path))
+            .bearer_auth(&user.token)
+            .send()
+            .await
+            .expect("DELETE")
+    }
+
+    pub async fn upload(
+        &self,
+        user: &User,
+        name: &str,
+        file_name: &str,
+        content: Vec<u8>,
+    ) -> Response {
+        let form = Form::new()
+            .text("name", name.to_owned())
+            .text("description", "test data")
+            .part("file", Part::bytes(content).file_name(file_name.to_owned()));
+        self.client
+            .post(self.url("/api/v1/training-files"))
+            .bearer_auth(&user.token)
+            .multipart(form)
+            .send()
+            .await
+            .expect("upload")
+    }
+
+    /// Uploads and waits for enrichment to end; returns the file as the API shows it.
+    pub async fn upload_enriched(&self, user: &User, content: Vec<u8>) -> Value {
+        let response = self.upload(user, "dataset", "data.jsonl", content).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        let file: Value = response.json().await.expect("file");
+        assert_eq!(file["enrichment_status"], "pending");
+        self.wait_for_enrichment(user, file["id"].as_str().expect("id"))
+            .await
+    }
+
+    pub async fn wait_for_enrichment(&self, user: &User, id: &str) -> Value {
+        let path = format!("/api/v1/training-files/{id}");
+        poll(Duration::from_secs(30), || async {
+            let file: Value = self.get(user, &path).await.json().await.ok()?;
+            matches!(
+                file["enrichment_status"].as_str(),
+                Some("completed" | "failed")
+            )
+            .then_some(file)
+        })
+        .await
+        .expect("enrichment finished in time")
+    }
+
+    /// A file with enough conversations to be eligible, and a draft job on it.
+    pub async fn draft_job(&self, user: &User) -> (Value, Value) {
+        let file = self.upload_enriched(user, chat_jsonl(60)).await;
+        let response = self
+            .post(
+                user,
+                "/api/v1/jobs",
+                json!({"training_file_id": file["id"], "name": "first job", "base_model": "HuggingFaceTB/SmolLM2-135M"}),
+            )
+            .await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        (file, response.json().await.expect("job"))
+    }
+}
+
+pub struct User {
+    pub token: String,
+    pub id: Uuid,
+}
+
+/// Polls `check` until it yields a value or the deadline passes.
+pub async fn poll<T, F, Fut>(deadline: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(value) = check().await {
+            return Some(value);
+        }
+        if Instant::now() > end {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// `count` valid chat conversations with metadata, as JSONL.
+pub fn chat_jsonl(count: usize) -> Vec<u8> {
+    let personas = ["anxious", "curious", "frustrated"];
+    let mut out = String::new();
+    for i in 0..count {
+        let line = json!({
+            "messages": [
+                {"role": "system", "content": "You are a kind assistant."},
+                {"role": "user", "content": format!("Question number {i}?")},
+                {"role": "assistant", "content": format!("Answer number {i}.")},
+            ],
+            "metadata": {
+                "persona": personas[i % 3],
+                "emotional_arc": "calm",
+                "topic": if i % 2 == 0 { "money" } else { "work" },
+                "quality_scores": {"empathy": 4.0, "clarity": 5.0, "appropriateness": (3 + i % 3) as f64},
+                "human_reviewed": i % 4 == 0,
+            }
+        });
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    out.into_bytes()
+}
+
+pub async fn json_of(response: Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, body)
+}

@@ -1,0 +1,160 @@
+use control_plane::domain::Role;
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::{json_of, Backend, TestApp, TestDatabase};
+use crate::on_both_backends;
+
+on_both_backends!(another_users_resources_answer_404, operators_see_every_job);
+
+async fn another_users_resources_answer_404(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let ada = app.user("ada@example.com", Role::User).await;
+    let bob = app.user("bob@example.com", Role::User).await;
+    let (file, job) = app.draft_job(&ada).await;
+    let (file_id, job_id) = (
+        file["id"].as_str().expect("id"),
+        job["id"].as_str().expect("id"),
+    );
+    let template = app
+        .post(
+            &ada,
+            "/api/v1/templates",
+            json!({"name": "mine", "source_job_id": job_id}),
+        )
+        .await;
+    assert_eq!(template.status(), StatusCode::CREATED);
+    let template_id = template
+        .json::<serde_json::Value>()
+        .await
+        .expect("template")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let preset = app
+        .post(
+            &ada,
+            "/api/v1/presets",
+            json!({"name": "Ada's", "parameters": {"rank": 4}}),
+        )
+        .await
+        .json::<serde_json::Value>()
+        .await
+        .expect("preset");
+
+    let reads = [
+        format!("/api/v1/training-files/{file_id}"),
+        format!("/api/v1/training-files/{file_id}/conversations"),
+        format!("/api/v1/jobs/{job_id}"),
+        format!("/api/v1/jobs/{job_id}/metrics"),
+        format!("/api/v1/jobs/{job_id}/metrics/latest"),
+        format!("/api/v1/jobs/{job_id}/events"),
+        format!("/api/v1/jobs/{job_id}/stream"),
+    ];
+    for path in &reads {
+        let (status, body) = json_of(app.get(&bob, path).await).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "GET {path}");
+        assert!(
+            !body.to_string().contains(file_id) && !body.to_string().contains("first job"),
+            "{body}"
+        );
+    }
+    let configure = json!({"gpu_type": "spot", "gpu_model": "L4-24GB", "preset_id": preset["id"]});
+    assert_eq!(
+        app.put(&bob, &format!("/api/v1/jobs/{job_id}/configure"), configure)
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    for action in ["start", "cancel"] {
+        let status = app
+            .post(&bob, &format!("/api/v1/jobs/{job_id}/{action}"), json!({}))
+            .await
+            .status();
+        assert_eq!(status, StatusCode::NOT_FOUND, "{action}");
+    }
+    assert_eq!(
+        app.delete(&bob, &format!("/api/v1/training-files/{file_id}"))
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    let use_template = json!({"training_file_id": file_id, "name": "stolen"});
+    assert_eq!(
+        app.post(
+            &bob,
+            &format!("/api/v1/templates/{template_id}/use"),
+            use_template
+        )
+        .await
+        .status(),
+        StatusCode::NOT_FOUND
+    );
+    let (status, _) = json_of(
+        app.post(
+            &bob,
+            "/api/v1/jobs",
+            json!({"training_file_id": file_id, "name": "x", "base_model": "m"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "Bob cannot train on Ada's file"
+    );
+
+    for (path, key) in [
+        ("/api/v1/training-files", "count"),
+        ("/api/v1/jobs", "count"),
+    ] {
+        let (_, list) = json_of(app.get(&bob, path).await).await;
+        assert_eq!(list[key], 0, "{path}");
+    }
+    let (_, templates) = json_of(app.get(&bob, "/api/v1/templates").await).await;
+    assert_eq!(templates["data"].as_array().map(Vec::len), Some(0));
+    let (_, presets) = json_of(app.get(&bob, "/api/v1/presets").await).await;
+    assert_eq!(
+        presets["data"].as_array().map(Vec::len),
+        Some(3),
+        "only the system presets"
+    );
+
+    let (_, ada_job) = json_of(app.get(&ada, &format!("/api/v1/jobs/{job_id}")).await).await;
+    assert_eq!(ada_job["status"], "draft", "Bob's attempts changed nothing");
+}
+
+async fn operators_see_every_job(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let ada = app.user("ada@example.com", Role::User).await;
+    let operator = app.user("ops@example.com", Role::Operator).await;
+    let (file, job) = app.draft_job(&ada).await;
+    let (_, jobs) = json_of(app.get(&operator, "/api/v1/jobs").await).await;
+    assert_eq!(jobs["count"], 1);
+    let status = app
+        .get(
+            &operator,
+            &format!("/api/v1/jobs/{}", job["id"].as_str().expect("id")),
+        )
+        .await
+        .status();
+    assert_eq!(status, StatusCode::OK);
+    let status = app
+        .get(
+            &operator,
+            &format!(
+                "/api/v1/training-files/{}",
+                file["id"].as_str().expect("id")
+            ),
+        )
+        .await
+        .status();
+    assert_eq!(
+        status,
+        StatusCode::NOT_FOUND,
+        "datasets stay private to their owner"
+    );
+}

@@ -1,0 +1,374 @@
+use control_plane::db::metrics::{self, MetricPoint};
+use control_plane::domain::Role;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::helpers::{chat_jsonl, json_of, Backend, TestApp, TestDatabase};
+use crate::on_both_backends;
+
+on_both_backends!(
+    a_job_goes_from_draft_to_cancelled_with_an_event_per_step,
+    ineligible_files_are_refused_naming_the_rule,
+    hyperparameters_are_checked_field_by_field,
+    illegal_transitions_answer_409_naming_the_status,
+    queued_jobs_know_their_place,
+    metrics_are_read_back_sampled_and_latest,
+);
+
+async fn a_job_goes_from_draft_to_cancelled_with_an_event_per_step(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let user = app.user("ada@example.com", Role::User).await;
+    let (_, job) = app.draft_job(&user).await;
+    assert_eq!(job["status"], "draft");
+    let path = format!("/api/v1/jobs/{}", job["id"].as_str().expect("id"));
+
+    let presets: Value = app
+        .get(&user, "/api/v1/presets")
+        .await
+        .json()
+        .await
+        .expect("presets");
+    let names: Vec<&str> = presets["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(names, ["Conservative", "Balanced", "Aggressive"]);
+    let conservative = &presets["data"][0];
+    assert_eq!(conservative["parameters"]["rank"], 8);
+    assert_eq!(conservative["estimates"]["cost_spot_max"], 30.0);
+    assert_eq!(conservative["success_rate"], 98.0);
+    assert_eq!(conservative["risk_level"], "low");
+    assert_eq!(
+        presets["data"][2]["available"], false,
+        "Aggressive needs 3 completed jobs"
+    );
+
+    let (status, aggressive) = json_of(
+        app.put(&user, &format!("{path}/configure"), json!({"preset_id": presets["data"][2]["id"], "gpu_type": "spot", "gpu_model": "H100-80GB"}))
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        aggressive["error"]["message"],
+        "the Aggressive preset requires 3 completed training jobs; you have 0"
+    );
+
+    let (status, configured) = json_of(
+        app.put(
+            &user,
+            &format!("{path}/configure"),
+            json!({"preset_id": conservative["id"], "hyperparameters": {"epochs": 4}, "gpu_type": "spot", "gpu_model": "H100-80GB"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{configured}");
+    assert_eq!(configured["status"], "configured");
+    assert_eq!(configured["hyperparameters"]["rank"], 8);
+    assert_eq!(configured["hyperparameters"]["epochs"], 4);
+    assert_eq!(configured["total_epochs"], 4);
+    // 60 conversations = 0.3 of the 200-conversation reference, 4 epochs = 2x the preset's 2:
+    // 8-10 h x 0.3 x 2 = 4.8-6 h at the H100 spot rate of $2.50.
+    assert_eq!(configured["estimated_duration_hours_min"], 4.8);
+    assert_eq!(configured["estimated_cost_min"], 12.0);
+    assert_eq!(configured["estimated_cost_max"], 15.0);
+    assert_eq!(configured["hourly_rate"], 2.5);
+
+    let (status, queued) =
+        json_of(app.post(&user, &format!("{path}/start"), json!({})).await).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(queued["status"], "queued");
+    assert_eq!(queued["queue_position"], 1);
+    assert!(queued["estimated_start_time"].is_string());
+
+    let (status, cancelled) = json_of(
+        app.post(
+            &user,
+            &format!("{path}/cancel"),
+            json!({"reason": "wrong dataset"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(cancelled["status"], "cancelled");
+    assert_eq!(cancelled["cancelled_reason"], "wrong dataset");
+    assert_eq!(cancelled["final_cost"], 0.0);
+    assert!(cancelled["cancelled_at"].is_string());
+
+    let (_, events) = json_of(
+        app.get(&user, &format!("{path}/events?event_type=status"))
+            .await,
+    )
+    .await;
+    let transitions: Vec<&str> = events["data"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["details"]["to"].as_str())
+        .collect();
+    assert_eq!(transitions, ["draft", "configured", "queued", "cancelled"]);
+    let (_, warnings) = json_of(
+        app.get(&user, &format!("{path}/events?severity=warning"))
+            .await,
+    )
+    .await;
+    assert_eq!(warnings["count"], 1);
+    assert_eq!(
+        warnings["data"][0]["message"],
+        "Job cancelled: wrong dataset"
+    );
+
+    let (_, listed) = json_of(app.get(&user, "/api/v1/jobs?status=cancelled").await).await;
+    assert_eq!(listed["count"], 1);
+    let (_, none) = json_of(app.get(&user, "/api/v1/jobs?status=training").await).await;
+    assert_eq!(none["count"], 0);
+    let (status, _) = json_of(app.get(&user, "/api/v1/jobs?status=sleeping").await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+async fn ineligible_files_are_refused_naming_the_rule(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let user = app.user("ada@example.com", Role::User).await;
+    let small = app.upload_enriched(&user, chat_jsonl(10)).await;
+    let (status, error) = json_of(
+        app.post(
+            &user,
+            "/api/v1/jobs",
+            json!({"training_file_id": small["id"], "name": "tiny", "base_model": "m"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        error["error"]["rules"],
+        json!(["at least 50 conversations are required; the file has 10"])
+    );
+
+    let (status, error) = json_of(
+        app.post(
+            &user,
+            "/api/v1/jobs",
+            json!({"training_file_id": small["id"], "name": " ", "base_model": "a model"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(error["error"]["fields"][0]["field"], "name");
+    assert_eq!(error["error"]["fields"][1]["field"], "base_model");
+
+    let (status, error) = json_of(
+        app.post(&user, "/api/v1/jobs", json!({"name": "no file"}))
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("missing field"),
+        "{error}"
+    );
+}
+
+async fn hyperparameters_are_checked_field_by_field(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let user = app.user("ada@example.com", Role::User).await;
+    let (_, job) = app.draft_job(&user).await;
+    let path = format!("/api/v1/jobs/{}/configure", job["id"].as_str().expect("id"));
+    let (status, error) = json_of(
+        app.put(
+            &user,
+            &path,
+            json!({
+                "gpu_type": "cheap",
+                "gpu_model": "TPU",
+                "hyperparameters": {
+                    "rank": 1000, "lora_alpha": 0, "lora_dropout": 1, "learning_rate": -1, "epochs": 0,
+                    "batch_size": "two", "gradient_accumulation_steps": 0, "max_seq_len": 8,
+                    "warmup_ratio": 0.9, "target_modules": ["q_proj", "embed_tokens"], "seed": -5
+                }
+            }),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let fields: Vec<&str> = error["error"]["fields"]
+        .as_array()
+        .expect("fields")
+        .iter()
+        .filter_map(|f| f["field"].as_str())
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "gpu_type",
+            "gpu_model",
+            "hyperparameters.rank",
+            "hyperparameters.lora_alpha",
+            "hyperparameters.lora_dropout",
+            "hyperparameters.learning_rate",
+            "hyperparameters.epochs",
+            "hyperparameters.batch_size",
+            "hyperparameters.gradient_accumulation_steps",
+            "hyperparameters.max_seq_len",
+            "hyperparameters.warmup_ratio",
+            "hyperparameters.target_modules",
+            "hyperparameters.seed",
+        ]
+    );
+    assert_eq!(
+        error["error"]["fields"][2]["message"],
+        "must be between 1 and 256"
+    );
+    let (_, unchanged) = json_of(
+        app.get(
+            &user,
+            &format!("/api/v1/jobs/{}", job["id"].as_str().expect("id")),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        unchanged["status"], "draft",
+        "a refused configuration changes nothing"
+    );
+}
+
+async fn illegal_transitions_answer_409_naming_the_status(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let user = app.user("ada@example.com", Role::User).await;
+    let (_, job) = app.draft_job(&user).await;
+    let path = format!("/api/v1/jobs/{}", job["id"].as_str().expect("id"));
+
+    let (status, error) = json_of(app.post(&user, &format!("{path}/start"), json!({})).await).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(
+        error["error"]["message"],
+        "job is draft; it cannot become queued"
+    );
+    assert_eq!(error["error"]["current_status"], "draft");
+
+    app.post(&user, &format!("{path}/cancel"), json!({})).await;
+    for (action, body) in [("cancel", json!({})), ("start", json!({}))] {
+        let (status, error) =
+            json_of(app.post(&user, &format!("{path}/{action}"), body).await).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{action}");
+        assert_eq!(error["error"]["current_status"], "cancelled");
+    }
+    let (status, _) = json_of(
+        app.put(
+            &user,
+            &format!("{path}/configure"),
+            json!({"gpu_type": "spot", "gpu_model": "L4-24GB"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+}
+
+async fn queued_jobs_know_their_place(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let ada = app.user("ada@example.com", Role::User).await;
+    let bob = app.user("bob@example.com", Role::User).await;
+    let mut paths = Vec::new();
+    for user in [&ada, &bob, &ada] {
+        let (_, job) = app.draft_job(user).await;
+        let path = format!("/api/v1/jobs/{}", job["id"].as_str().expect("id"));
+        app.put(
+            user,
+            &format!("{path}/configure"),
+            json!({"gpu_type": "ondemand", "gpu_model": "L4-24GB"}),
+        )
+        .await;
+        let (status, queued) =
+            json_of(app.post(user, &format!("{path}/start"), json!({})).await).await;
+        assert_eq!(status, StatusCode::OK);
+        paths.push((path, queued));
+    }
+    let positions: Vec<i64> = paths
+        .iter()
+        .filter_map(|(_, q)| q["queue_position"].as_i64())
+        .collect();
+    assert_eq!(positions, [1, 2, 3]);
+    let start = |q: &Value| q["estimated_start_time"].as_str().map(str::to_owned);
+    assert!(
+        start(&paths[0].1) < start(&paths[2].1),
+        "later jobs wait behind earlier ones"
+    );
+
+    app.post(&ada, &format!("{}/cancel", paths[0].0), json!({}))
+        .await;
+    let (_, third) = json_of(app.get(&ada, &paths[2].0).await).await;
+    assert_eq!(third["queue_position"], 2);
+}
+
+async fn metrics_are_read_back_sampled_and_latest(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let user = app.user("ada@example.com", Role::User).await;
+    let (_, job) = app.draft_job(&user).await;
+    let id = job["id"].as_str().expect("id");
+    let path = format!("/api/v1/jobs/{id}");
+    assert_eq!(
+        app.get(&user, &format!("{path}/metrics/latest"))
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+
+    let job_id = id.parse().expect("uuid");
+    for step in 1..=25 {
+        let point = MetricPoint {
+            step,
+            epoch: Some(0),
+            training_loss: Some(3.0 - step as f64 * 0.1),
+            validation_loss: (step % 10 == 0).then_some(2.5),
+            learning_rate: Some(2e-4),
+            grad_norm: Some(1.0),
+            tokens_per_second: Some(1000.0),
+            gpu_utilization: Some(90),
+            memory_used_gb: Some(10.5),
+            recorded_at: control_plane::db::now(),
+        };
+        assert!(metrics::record(&app.db, job_id, None, &point)
+            .await
+            .expect("stored"));
+        assert!(
+            !metrics::record(&app.db, job_id, None, &point)
+                .await
+                .expect("stored"),
+            "a step is kept once"
+        );
+    }
+    let (_, sampled) = json_of(app.get(&user, &format!("{path}/metrics?interval=10")).await).await;
+    let steps: Vec<i64> = sampled["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|p| p["step"].as_i64())
+        .collect();
+    assert_eq!(steps, [10, 20, 25]);
+    let (_, limited) = json_of(app.get(&user, &format!("{path}/metrics?limit=5")).await).await;
+    assert_eq!(limited["data"].as_array().map(Vec::len), Some(5));
+    let (_, latest) = json_of(app.get(&user, &format!("{path}/metrics/latest")).await).await;
+    assert_eq!(latest["step"], 25);
+    assert_eq!(latest["gpu_utilization"], 90);
+    let (_, detail) = json_of(app.get(&user, &path).await).await;
+    assert_eq!(detail["current_metrics"]["step"], 25);
+    let (status, _) = json_of(app.get(&user, &format!("{path}/metrics?interval=0")).await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+}

@@ -1,0 +1,13 @@
+//! End-to-end tests of the control plane's API over real HTTP, on SQLite and PostgreSQL.
+
+mod agents;
+mod auth;
+mod cli;
+mod files;
+mod helpers;
+mod isolation;
+mod jobs;
+mod live;
+mod ops;
+mod schema;
+mod templates;
