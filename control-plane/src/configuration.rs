@@ -127,21 +127,21 @@ pub struct Overrides {
 }
 
 impl Settings {
-    pub fn load(overrides: &Overrides) -> Result<Settings, figment::Error> {
+    pub fn load(overrides: &Overrides) -> Result<Settings, Box<figment::Error>> {
         let mut figment = Figment::from(Serialized::defaults(Settings::default()));
         if let Some(path) = &overrides.config {
             if !path.exists() {
-                return Err(figment::Error::from(format!(
+                return Err(Box::new(figment::Error::from(format!(
                     "config file {} does not exist",
                     path.display()
-                )));
+                ))));
             }
             figment = figment.merge(Toml::file(path));
         }
         figment = figment
             .merge(Env::prefixed("CONTROL_PLANE_").split("__"))
             .merge(Env::raw().only(&["DATABASE_URL"]));
-        let mut settings: Settings = figment.extract()?;
+        let mut settings: Settings = figment.extract().map_err(Box::new)?;
         if let Some(dir) = &overrides.data_dir {
             settings.data_dir = dir.clone();
         }

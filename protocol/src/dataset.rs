@@ -138,6 +138,9 @@ impl Default for Limits {
     }
 }
 
+/// The records of a dataset, in file order.
+pub type Records = Box<dyn Iterator<Item = Result<Record, DatasetError>>>;
+
 /// Opens a dataset: detects its format from the first bytes and returns a record iterator.
 ///
 /// Fails only when the input cannot be a dataset at all (binary, empty, unknown layout);
@@ -145,13 +148,7 @@ impl Default for Limits {
 pub fn open<R: Read + 'static>(
     input: R,
     limits: Limits,
-) -> Result<
-    (
-        Format,
-        Box<dyn Iterator<Item = Result<Record, DatasetError>>>,
-    ),
-    DatasetError,
-> {
+) -> Result<(Format, Records), DatasetError> {
     let mut input = io::BufReader::with_capacity(64 * 1024, input);
     let head = input.fill_buf()?;
     let head = head

@@ -7,11 +7,13 @@ use uuid::Uuid;
 
 use super::{now, on_pool, Db, DbError};
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Agent {
     pub id: Uuid,
     pub name: String,
+    #[schema(value_type = Object)]
     pub labels: Json<serde_json::Value>,
+    #[schema(value_type = Vec<Object>)]
     pub gpus: Json<serde_json::Value>,
     #[serde(skip)]
     pub secret_hash: String,

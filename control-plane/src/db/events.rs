@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::{on_pool, Db, DbError};
 
-#[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Event {
     pub id: Uuid,
     pub job_id: Uuid,
@@ -16,6 +16,7 @@ pub struct Event {
     pub event_type: String,
     pub severity: String,
     pub message: String,
+    #[schema(value_type = Option<Object>)]
     pub details: Option<Json<serde_json::Value>>,
     pub source: Option<String>,
     #[serde(skip_serializing)]

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::{now, on_pool, Db, DbError};
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct TrainingFile {
     pub id: Uuid,
     pub user_id: Uuid,
@@ -23,8 +23,11 @@ pub struct TrainingFile {
     pub conversation_count: i64,
     pub training_pairs_count: i64,
     pub average_quality_score: Option<f64>,
+    #[schema(value_type = Object)]
     pub quality_scores: Json<serde_json::Value>,
+    #[schema(value_type = Object)]
     pub scaffolding_distribution: Json<serde_json::Value>,
+    #[schema(value_type = Object)]
     pub human_review: Json<serde_json::Value>,
     pub status: String,
     pub enrichment_status: String,
@@ -267,7 +270,7 @@ pub async fn fail_enrichment(
     Ok(())
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct StoredConversation {
     pub id: Uuid,
     pub training_file_id: Uuid,
@@ -277,7 +280,9 @@ pub struct StoredConversation {
     pub topic: Option<String>,
     pub quality_score: Option<f64>,
     pub human_reviewed: Option<bool>,
+    #[schema(value_type = Vec<Object>)]
     pub messages: Json<serde_json::Value>,
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<Json<serde_json::Value>>,
     pub created_at: DateTime<Utc>,
 }

@@ -11,7 +11,7 @@ use super::events::{insert_event, Event};
 use super::{on_pool, Db, DbError};
 use crate::domain::{GpuType, Hyperparameters, JobStatus};
 
-#[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Job {
     pub id: Uuid,
     pub user_id: Uuid,
@@ -22,6 +22,7 @@ pub struct Job {
     pub preset_id: Option<Uuid>,
     pub gpu_type: Option<String>,
     pub gpu_model: Option<String>,
+    #[schema(value_type = Option<Object>)]
     pub hyperparameters: Option<Json<serde_json::Value>>,
     #[sqlx(try_from = "String")]
     pub status: JobStatus,
@@ -214,7 +215,7 @@ impl Change<'_> {
 }
 
 pub enum ChangeOutcome {
-    Applied(Job),
+    Applied(Box<Job>),
     /// The job was no longer in the expected status; it is in this one.
     Conflict(JobStatus),
 }
@@ -279,7 +280,7 @@ pub async fn change_status(
             Some(job) => {
                 insert_event!(event).execute(&mut *tx).await?;
                 tx.commit().await?;
-                ChangeOutcome::Applied(job)
+                ChangeOutcome::Applied(Box::new(job))
             }
             None => {
                 let (status,): (String,) = sqlx::query_as("SELECT status FROM training_jobs WHERE id = $1")

@@ -6,7 +6,7 @@ use uuid::Uuid;
 
 use super::{on_pool, Db, DbError};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct MetricPoint {
     pub step: i64,
     pub epoch: Option<i64>,

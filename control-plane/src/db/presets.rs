@@ -7,19 +7,22 @@ use uuid::Uuid;
 
 use super::{now, on_pool, Db, DbError};
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Preset {
     pub id: Uuid,
     pub name: String,
     pub description: Option<String>,
     pub icon: Option<String>,
     pub is_system: bool,
+    #[schema(value_type = Object)]
     pub parameters: Json<serde_json::Map<String, serde_json::Value>>,
+    #[schema(value_type = Estimates)]
     pub estimates: Json<Estimates>,
     pub risk_level: String,
     pub success_rate: Option<f64>,
     pub completed_jobs: i64,
     pub requires_completed_jobs: i64,
+    #[schema(value_type = Vec<String>)]
     pub recommended_for: Json<Vec<String>>,
     pub created_by: Option<Uuid>,
     pub created_at: DateTime<Utc>,
@@ -27,7 +30,7 @@ pub struct Preset {
 }
 
 /// A preset's duration and cost ranges for a 200-conversation dataset (spec §7.1).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Estimates {
     pub duration_hours_min: f64,
     pub duration_hours_max: f64,

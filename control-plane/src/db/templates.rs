@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::{now, on_pool, Db, DbError};
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Template {
     pub id: Uuid,
     pub user_id: Uuid,
@@ -15,6 +15,7 @@ pub struct Template {
     pub description: Option<String>,
     pub icon: Option<String>,
     pub preset_id: Option<Uuid>,
+    #[schema(value_type = Option<Object>)]
     pub hyperparameters: Option<Json<serde_json::Value>>,
     pub gpu_type: Option<String>,
     pub gpu_model: Option<String>,

@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::{now, on_pool, Db, DbError};
 use crate::domain::{Email, Role};
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct User {
     pub id: Uuid,
     pub email: String,
@@ -19,8 +19,10 @@ pub struct User {
     pub display_name: Option<String>,
     pub avatar_url: Option<String>,
     #[sqlx(try_from = "String")]
+    #[schema(value_type = Role)]
     pub role: RoleColumn,
     pub organization_id: Option<Uuid>,
+    #[schema(value_type = Object)]
     pub preferences: Json<serde_json::Value>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,

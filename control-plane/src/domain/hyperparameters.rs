@@ -16,7 +16,7 @@ pub const KNOWN_TARGET_MODULES: [&str; 7] = [
     "down_proj",
 ];
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Hyperparameters {
     pub rank: u32,
     pub lora_alpha: f64,
@@ -31,7 +31,7 @@ pub struct Hyperparameters {
     pub seed: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     pub field: String,
     pub message: String,

@@ -3,43 +3,51 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::auth::CurrentUser;
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use super::{ApiJson, AppState};
 use crate::auth::{new_token, token_hash};
 use crate::db::agents::{self, Agent, NewAgent};
 use crate::domain::FieldError;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/agents", get(list))
-        .route("/agents/register", post(register))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(register))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Registration {
+    /// From `control-plane create-enrollment-token`.
     enrollment_token: String,
     name: String,
+    /// String values only, such as {"zone": "eu-west-1a"}.
     #[serde(default)]
+    #[schema(value_type = Object)]
     labels: serde_json::Map<String, Value>,
     #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
     gpus: Vec<Value>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Registered {
     agent_id: Uuid,
     /// Shown once: the agent authenticates every later call with it.
     agent_secret: String,
 }
 
+/// Enrolls an agent with an enrollment token; answers with its secret.
+#[utoipa::path(post, path = "/agents/register", tag = "agents", security(), request_body = Registration,
+    responses((status = 201, body = Registered), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn register(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<Registration>,
@@ -80,11 +88,13 @@ async fn register(
     ))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct AgentList {
     data: Vec<Agent>,
 }
 
+/// The fleet (operators and admins).
+#[utoipa::path(get, path = "/agents", tag = "agents", responses((status = 200, body = AgentList), (status = 403, body = ErrorBody)))]
 async fn list(State(state): State<AppState>, user: CurrentUser) -> ApiResult<Json<AgentList>> {
     if !user.0.role().sees_everything() {
         return Err(ApiError::Forbidden(

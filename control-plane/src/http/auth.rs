@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 use axum::extract::{ConnectInfo, FromRequestParts, State};
 use axum::http::{header, request::Parts, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use super::AppState;
 use crate::auth::{dummy_hash, hash_password, new_token, token_hash, verify_password};
 use crate::db::jobs::Viewer;
@@ -143,27 +144,31 @@ impl LoginLimiter {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct Credentials {
     email: String,
     password: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct LoginResponse {
+    /// Bearer token for `Authorization: Bearer …`.
     token: String,
     expires_at: DateTime<Utc>,
     user: User,
 }
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/auth/login", post(login))
-        .route("/auth/logout", post(logout))
-        .route("/auth/signup", post(signup))
-        .route("/auth/me", get(me))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(login))
+        .routes(routes!(logout))
+        .routes(routes!(signup))
+        .routes(routes!(me))
 }
 
+/// Exchanges email and password for a bearer token and a session cookie.
+#[utoipa::path(post, path = "/auth/login", tag = "auth", security(), request_body = Credentials,
+    responses((status = 200, body = LoginResponse), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
 async fn login(
     State(state): State<AppState>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
@@ -239,6 +244,8 @@ async fn issue_tokens(state: &AppState, user: User) -> ApiResult<Response> {
     Ok(response)
 }
 
+/// Revokes the token or session the request carries.
+#[utoipa::path(post, path = "/auth/logout", tag = "auth", responses((status = 204), (status = 401, body = ErrorBody)))]
 async fn logout(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
     match credential(&headers).ok_or(ApiError::Unauthorized)? {
         Credential::Bearer(token) => {
@@ -260,6 +267,9 @@ async fn logout(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<
     Ok(response)
 }
 
+/// Creates a user account, when the server allows signup.
+#[utoipa::path(post, path = "/auth/signup", tag = "auth", security(), request_body = Credentials,
+    responses((status = 201, body = LoginResponse), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn signup(
     State(state): State<AppState>,
     Json(credentials): Json<Credentials>,
@@ -305,6 +315,8 @@ pub async fn create_account(
         .ok_or_else(|| ApiError::Conflict(format!("an account for {email} already exists")))
 }
 
+/// The authenticated user.
+#[utoipa::path(get, path = "/auth/me", tag = "auth", responses((status = 200, body = User), (status = 401, body = ErrorBody)))]
 async fn me(CurrentUser(user): CurrentUser) -> Json<User> {
     Json(user)
 }

@@ -3,11 +3,33 @@
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
 
 use crate::db::DbError;
 use crate::domain::job_status::IllegalTransition;
-use crate::domain::FieldError;
+use crate::domain::{FieldError, JobStatus};
+
+/// The body of every error response.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, such as `validation_failed` or `illegal_transition`.
+    pub code: &'static str,
+    pub message: String,
+    /// One entry per invalid field (422).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fields: Option<Vec<FieldError>>,
+    /// The rules a request breaks, such as eligibility rules (422).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rules: Option<Vec<String>>,
+    /// The job's status when a state change is refused (409).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub current_status: Option<JobStatus>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -94,13 +116,26 @@ impl IntoResponse for ApiError {
         } else {
             self.to_string()
         };
-        let mut body = json!({"error": {"code": self.code(), "message": message}});
-        match &self {
-            ApiError::Validation(fields) => body["error"]["fields"] = json!(fields),
-            ApiError::Unprocessable { rules, .. } => body["error"]["rules"] = json!(rules),
-            ApiError::IllegalTransition(t) => body["error"]["current_status"] = json!(t.from),
-            _ => {}
-        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message,
+                fields: match &self {
+                    ApiError::Validation(fields) => Some(fields.clone()),
+                    _ => None,
+                },
+                rules: match &self {
+                    ApiError::Unprocessable { rules, .. } if !rules.is_empty() => {
+                        Some(rules.clone())
+                    }
+                    _ => None,
+                },
+                current_status: match &self {
+                    ApiError::IllegalTransition(transition) => Some(transition.from),
+                    _ => None,
+                },
+            },
+        };
         let mut response = (status, Json(body)).into_response();
         if let ApiError::TooManyRequests {
             retry_after_seconds,

@@ -2,37 +2,45 @@
 
 use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::auth::CurrentUser;
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use super::{ApiQuery, AppState, Page};
 use crate::db::files::{self, FileFilter, NewFile, StoredConversation, TrainingFile};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/training-files",
-            get(list).post(upload).layer(DefaultBodyLimit::disable()),
-        )
-        .route("/training-files/{id}", get(detail).delete(remove))
-        .route("/training-files/{id}/conversations", get(conversations))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, upload))
+        .routes(routes!(detail, remove))
+        .routes(routes!(conversations))
+        // Uploads enforce their own, configurable limit while streaming.
+        .layer(DefaultBodyLimit::disable())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListParams {
+    /// active, archived or deleted
     status: Option<String>,
+    /// pending, processing, completed or failed
     enrichment_status: Option<String>,
+    /// Case-insensitive substring of the name.
     search: Option<String>,
+    /// 1 to 500, default 50.
     limit: Option<i64>,
     offset: Option<i64>,
 }
 
+/// The caller's training files, newest first.
+#[utoipa::path(get, path = "/training-files", tag = "training-files", params(ListParams),
+    responses((status = 200, body = Page<TrainingFile>), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
     user: CurrentUser,
@@ -66,6 +74,9 @@ async fn owned_file(state: &AppState, user: &CurrentUser, id: Uuid) -> ApiResult
         .ok_or(ApiError::NotFound("training file"))
 }
 
+/// One training file with its enrichment results.
+#[utoipa::path(get, path = "/training-files/{id}", tag = "training-files", params(("id" = Uuid, Path)),
+    responses((status = 200, body = TrainingFile), (status = 404, body = ErrorBody)))]
 async fn detail(
     State(state): State<AppState>,
     user: CurrentUser,
@@ -74,18 +85,25 @@ async fn detail(
     Ok(Json(owned_file(&state, &user, id).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ConversationParams {
+    /// Default 5.
     limit: Option<i64>,
+    /// Only conversations scored at least this (0-10).
     quality_min: Option<f64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct ConversationList {
     data: Vec<StoredConversation>,
     count: usize,
 }
 
+/// Stored conversations for preview, best-scored first.
+#[utoipa::path(get, path = "/training-files/{id}/conversations", tag = "training-files",
+    params(("id" = Uuid, Path), ConversationParams),
+    responses((status = 200, body = ConversationList), (status = 404, body = ErrorBody)))]
 async fn conversations(
     State(state): State<AppState>,
     user: CurrentUser,
@@ -101,6 +119,9 @@ async fn conversations(
     }))
 }
 
+/// Soft-deletes a training file; refused while a live job uses it.
+#[utoipa::path(delete, path = "/training-files/{id}", tag = "training-files", params(("id" = Uuid, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn remove(
     State(state): State<AppState>,
     user: CurrentUser,
@@ -115,7 +136,23 @@ async fn remove(
     }
 }
 
+/// The multipart form of an upload.
+#[derive(ToSchema)]
+#[allow(dead_code)] // describes the request for the OpenAPI document only
+struct UploadForm {
+    /// Chat JSONL, a JSON array of conversations, or CSV prompt,completion[,system].
+    #[schema(value_type = String, format = Binary)]
+    file: Vec<u8>,
+    name: Option<String>,
+    description: Option<String>,
+}
+
+/// Uploads a training file; enrichment then runs in the background.
+///
 /// Streams the `file` part to disk, enforcing the size limit as bytes arrive.
+#[utoipa::path(post, path = "/training-files", tag = "training-files",
+    request_body(content = UploadForm, content_type = "multipart/form-data"),
+    responses((status = 201, body = TrainingFile), (status = 400, body = ErrorBody), (status = 413, body = ErrorBody)))]
 async fn upload(
     State(state): State<AppState>,
     user: CurrentUser,

@@ -3,15 +3,16 @@
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::Json;
 use chrono::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::auth::CurrentUser;
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use super::{ApiJson, ApiQuery, AppState, Page};
 use crate::db::events::{self, Event, EventFilter};
 use crate::db::jobs::{self, Change, ChangeOutcome, Configuration, Job, NewJob};
@@ -20,19 +21,19 @@ use crate::db::{files, now, presets};
 use crate::domain::{FieldError, GpuType, Hyperparameters, JobStatus};
 use crate::live::JobUpdate;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/jobs", get(list).post(create))
-        .route("/jobs/{id}", get(detail))
-        .route("/jobs/{id}/configure", put(configure))
-        .route("/jobs/{id}/start", post(start))
-        .route("/jobs/{id}/cancel", post(cancel))
-        .route("/jobs/{id}/metrics", get(metric_history))
-        .route("/jobs/{id}/metrics/latest", get(latest_metrics))
-        .route("/jobs/{id}/events", get(event_log))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(detail))
+        .routes(routes!(configure))
+        .routes(routes!(start))
+        .routes(routes!(cancel))
+        .routes(routes!(metric_history))
+        .routes(routes!(latest_metrics))
+        .routes(routes!(event_log))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct JobView {
     #[serde(flatten)]
     pub job: Job,
@@ -57,15 +58,19 @@ pub async fn visible_job(state: &AppState, user: &CurrentUser, id: Uuid) -> ApiR
         .ok_or(ApiError::NotFound("job"))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateJob {
     pub training_file_id: Uuid,
     pub name: String,
     pub description: Option<String>,
+    /// A model directory on the agents or a hub id such as meta-llama/Llama-3.2-1B.
     pub base_model: String,
 }
 
+/// Creates a draft job on an eligible training file (spec §7.1).
+#[utoipa::path(post, path = "/jobs", tag = "jobs", request_body = CreateJob,
+    responses((status = 201, body = JobView), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn create(
     State(state): State<AppState>,
     user: CurrentUser,
@@ -141,16 +146,24 @@ pub async fn create_draft(
     .await?)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigureJob {
+    /// Defaults to the job's preset, else Balanced.
     pub preset_id: Option<Uuid>,
+    /// Overrides of the preset's values, field by field.
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub hyperparameters: Map<String, Value>,
+    /// spot or ondemand
     pub gpu_type: String,
+    /// A model from the GPU catalog, such as H100-80GB.
     pub gpu_model: String,
 }
 
+/// Sets hyperparameters and GPU; answers with the cost estimate.
+#[utoipa::path(put, path = "/jobs/{id}/configure", tag = "jobs", params(("id" = Uuid, Path)), request_body = ConfigureJob,
+    responses((status = 200, body = JobView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn configure(
     State(state): State<AppState>,
     user: CurrentUser,
@@ -281,7 +294,7 @@ async fn apply(
             state
                 .live
                 .publish(JobUpdate::Status {
-                    job: Box::new(updated.clone()),
+                    job: updated.clone(),
                 })
                 .await;
             state
@@ -291,7 +304,7 @@ async fn apply(
                     event,
                 })
                 .await;
-            Ok(updated)
+            Ok(*updated)
         }
         ChangeOutcome::Conflict(current) => Err(ApiError::Conflict(format!(
             "job changed while this request ran; it is now {current}"
@@ -299,6 +312,9 @@ async fn apply(
     }
 }
 
+/// Queues a configured job for training.
+#[utoipa::path(post, path = "/jobs/{id}/start", tag = "jobs", params(("id" = Uuid, Path)),
+    responses((status = 200, body = JobView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn start(
     State(state): State<AppState>,
     user: CurrentUser,
@@ -323,13 +339,16 @@ async fn start(
     Ok(Json(view(&state, job).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CancelJob {
     #[serde(default)]
     reason: String,
 }
 
+/// Cancels a job that has not ended; records its final cost.
+#[utoipa::path(post, path = "/jobs/{id}/cancel", tag = "jobs", params(("id" = Uuid, Path)), request_body = CancelJob,
+    responses((status = 200, body = JobView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn cancel(
     State(state): State<AppState>,
     user: CurrentUser,
@@ -367,13 +386,18 @@ async fn cancel(
     Ok(Json(view(&state, job).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListParams {
+    /// A job status, such as queued or training.
     status: Option<String>,
     limit: Option<i64>,
     offset: Option<i64>,
 }
 
+/// The caller's jobs (every job for operators and admins), newest first.
+#[utoipa::path(get, path = "/jobs", tag = "jobs", params(ListParams),
+    responses((status = 200, body = Page<JobView>), (status = 422, body = ErrorBody)))]
 async fn list(
     State(state): State<AppState>,
     user: CurrentUser,
@@ -395,6 +419,9 @@ async fn list(
     Ok(Json(Page::new(views, total, limit, offset)))
 }
 
+/// One job with its queue position and latest metrics.
+#[utoipa::path(get, path = "/jobs/{id}", tag = "jobs", params(("id" = Uuid, Path)),
+    responses((status = 200, body = JobView), (status = 404, body = ErrorBody)))]
 async fn detail(
     State(state): State<AppState>,
     user: CurrentUser,
@@ -404,17 +431,23 @@ async fn detail(
     Ok(Json(view(&state, job).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct MetricParams {
+    /// Points to return, default 100.
     limit: Option<i64>,
+    /// Keep every n-th step (and the last), default 1.
     interval: Option<i64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct MetricList {
     data: Vec<MetricPoint>,
 }
 
+/// A job's per-step metrics, oldest first.
+#[utoipa::path(get, path = "/jobs/{id}/metrics", tag = "jobs", params(("id" = Uuid, Path), MetricParams),
+    responses((status = 200, body = MetricList), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn metric_history(
     State(state): State<AppState>,
     user: CurrentUser,
@@ -438,6 +471,9 @@ async fn metric_history(
     Ok(Json(MetricList { data }))
 }
 
+/// A job's latest metrics point.
+#[utoipa::path(get, path = "/jobs/{id}/metrics/latest", tag = "jobs", params(("id" = Uuid, Path)),
+    responses((status = 200, body = MetricPoint), (status = 404, body = ErrorBody)))]
 async fn latest_metrics(
     State(state): State<AppState>,
     user: CurrentUser,
@@ -450,14 +486,21 @@ async fn latest_metrics(
         .ok_or(ApiError::NotFound("metrics for this job"))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct EventParams {
+    /// status, metrics, warning, error, checkpoint or info
     event_type: Option<String>,
+    /// info, warning, error or critical
     severity: Option<String>,
+    /// 1 to 500, default 100.
     limit: Option<i64>,
     offset: Option<i64>,
 }
 
+/// A job's event log, oldest first.
+#[utoipa::path(get, path = "/jobs/{id}/events", tag = "jobs", params(("id" = Uuid, Path), EventParams),
+    responses((status = 200, body = Page<Event>), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn event_log(
     State(state): State<AppState>,
     user: CurrentUser,

@@ -5,9 +5,14 @@ use std::sync::Arc;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::Router;
+use axum::routing::get;
+use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::OpenApi as OpenApiDocument;
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::configuration::Settings;
 use crate::db::Db;
@@ -38,8 +43,40 @@ pub struct AppState {
     pub metrics: Arc<ops::RequestMetrics>,
 }
 
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "LoRA fine-tuning control plane",
+        description = "Users, training files, presets, jobs, metrics, events and live updates."
+    ),
+    modifiers(&SecuritySchemes),
+    security(("bearer" = []), ("session" = [])),
+    tags(
+        (name = "auth"), (name = "training-files"), (name = "presets"), (name = "jobs"),
+        (name = "templates"), (name = "agents"), (name = "operations"),
+    )
+)]
+struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut OpenApiDocument) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "session",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(auth::SESSION_COOKIE))),
+        );
+    }
+}
+
+/// The routes and the OpenAPI document describing them, built from the same handlers.
 pub fn router(state: AppState) -> Router {
-    let api = Router::new()
+    let api = OpenApiRouter::new()
         .merge(auth::router())
         .merge(files::router())
         .merge(presets::router())
@@ -47,9 +84,16 @@ pub fn router(state: AppState) -> Router {
         .merge(stream::router())
         .merge(templates::router())
         .merge(agents::router());
-    Router::new()
+    let (routes, document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", api)
         .merge(ops::router())
+        .split_for_parts();
+    let document = Arc::new(document);
+    routes
+        .route(
+            "/api/v1/openapi.json",
+            get(move || async move { Json(document.as_ref().clone()) }),
+        )
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             ops::track_requests,
@@ -97,7 +141,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
 }
 
 /// A page of a list, as spec §5.2 shapes it.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Page<T> {
     pub data: Vec<T>,
     /// Rows matching the filters, on every page.

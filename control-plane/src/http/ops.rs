@@ -9,19 +9,21 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde_json::json;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::AppState;
 use crate::db::on_pool;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(metrics))
 }
 
+/// 200 when the database answers, 503 when it does not.
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(), responses((status = 200, body = Object), (status = 503, body = Object)))]
 async fn healthz(State(state): State<AppState>) -> Response {
     match state.db.ping().await {
         Ok(()) => Json(json!({"status": "ok", "database": state.db.backend()})).into_response(),
@@ -36,10 +38,13 @@ async fn healthz(State(state): State<AppState>) -> Response {
     }
 }
 
+/// (method, route, status)
+type RouteKey = (String, String, u16);
+
 /// Request counts and total seconds per (method, route, status).
 #[derive(Default)]
 pub struct RequestMetrics {
-    requests: Mutex<BTreeMap<(String, String, u16), (u64, f64)>>,
+    requests: Mutex<BTreeMap<RouteKey, (u64, f64)>>,
 }
 
 pub async fn track_requests(
@@ -69,6 +74,8 @@ pub async fn track_requests(
     response
 }
 
+/// Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations", security(), responses((status = 200, content_type = "text/plain", body = String)))]
 async fn metrics(State(state): State<AppState>) -> Response {
     let mut out = String::new();
     {

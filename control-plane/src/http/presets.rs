@@ -2,22 +2,23 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::auth::CurrentUser;
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use super::{ApiJson, AppState};
 use crate::db::presets::{self, Estimates, NewPreset, Preset};
 use crate::domain::{FieldError, Hyperparameters};
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/presets", get(list).post(create))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list, create))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct PresetView {
     #[serde(flatten)]
     preset: Preset,
@@ -26,11 +27,13 @@ struct PresetView {
     unmet_requirement: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct PresetList {
     data: Vec<PresetView>,
 }
 
+/// System presets and the caller's own, with whether each is available to the caller.
+#[utoipa::path(get, path = "/presets", tag = "presets", responses((status = 200, body = PresetList), (status = 401, body = ErrorBody)))]
 async fn list(State(state): State<AppState>, user: CurrentUser) -> ApiResult<Json<PresetList>> {
     let completed = presets::completed_jobs_of(&state.db, user.0.id).await?;
     let data = presets::visible_to(&state.db, user.0.id)
@@ -57,19 +60,25 @@ pub fn requirement_unmet(preset: &Preset, completed_jobs: i64) -> Option<String>
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewPresetRequest {
     name: String,
     description: Option<String>,
     icon: Option<String>,
+    /// Hyperparameters, checked as a job's are.
+    #[schema(value_type = Object)]
     parameters: Map<String, Value>,
+    /// Defaults to the Balanced preset's.
     estimates: Option<Estimates>,
     risk_level: Option<String>,
     #[serde(default)]
     recommended_for: Vec<String>,
 }
 
+/// Creates a custom preset owned by the caller.
+#[utoipa::path(post, path = "/presets", tag = "presets", request_body = NewPresetRequest,
+    responses((status = 201, body = Preset), (status = 422, body = ErrorBody)))]
 async fn create(
     State(state): State<AppState>,
     user: CurrentUser,

@@ -5,21 +5,20 @@ use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::routing::get;
-use axum::Router;
 use futures::stream::{self, Stream, StreamExt};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::wrappers::BroadcastStream;
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::auth::CurrentUser;
-use super::error::ApiResult;
+use super::error::{ApiResult, ErrorBody};
 use super::jobs::visible_job;
 use super::AppState;
 use crate::live::JobUpdate;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/jobs/{id}/stream", get(stream_job))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(stream_job))
 }
 
 fn to_sse(update: &JobUpdate) -> SseEvent {
@@ -32,6 +31,10 @@ fn to_sse(update: &JobUpdate) -> SseEvent {
     SseEvent::default().event(update.name()).data(data)
 }
 
+/// Live updates of one job as server-sent events: `status` (the job), `metrics` (a
+/// point), `event` (a log entry), `resync` (the client fell behind: refetch).
+#[utoipa::path(get, path = "/jobs/{id}/stream", tag = "jobs", params(("id" = Uuid, Path)),
+    responses((status = 200, content_type = "text/event-stream", body = String), (status = 404, body = ErrorBody)))]
 async fn stream_job(
     State(state): State<AppState>,
     user: CurrentUser,

@@ -2,42 +2,48 @@
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::auth::CurrentUser;
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody};
 use super::jobs::{configure_job, create_draft, visible_job, ConfigureJob, CreateJob};
 use super::{ApiJson, ApiQuery, AppState};
 use crate::db::presets;
 use crate::db::templates::{self, NewTemplate, Template};
 use crate::domain::{FieldError, GpuType, Hyperparameters, JobStatus};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/templates", get(list).post(create))
-        .route("/templates/{id}/use", post(use_template))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(use_template))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewTemplateRequest {
     name: String,
     description: Option<String>,
     icon: Option<String>,
     preset_id: Option<Uuid>,
+    #[schema(value_type = Option<Object>)]
     hyperparameters: Option<Map<String, Value>>,
     gpu_type: Option<String>,
     gpu_model: Option<String>,
     base_model: Option<String>,
+    /// Copy what the request leaves out from this job.
     source_job_id: Option<Uuid>,
     #[serde(default)]
     is_public: bool,
 }
 
+/// Saves a job configuration as a template.
+#[utoipa::path(post, path = "/templates", tag = "templates", request_body = NewTemplateRequest,
+    responses((status = 201, body = Template), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn create(
     State(state): State<AppState>,
     user: CurrentUser,
@@ -118,17 +124,20 @@ async fn create(
     Ok((StatusCode::CREATED, Json(template)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListParams {
     is_public: Option<bool>,
     search: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct TemplateList {
     data: Vec<Template>,
 }
 
+/// The caller's templates and public ones.
+#[utoipa::path(get, path = "/templates", tag = "templates", params(ListParams), responses((status = 200, body = TemplateList)))]
 async fn list(
     State(state): State<AppState>,
     user: CurrentUser,
@@ -139,7 +148,7 @@ async fn list(
     Ok(Json(TemplateList { data }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct UseTemplate {
     training_file_id: Uuid,
@@ -147,7 +156,7 @@ struct UseTemplate {
     base_model: Option<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct UsedTemplate {
     job_id: Uuid,
     job_name: String,
@@ -156,6 +165,8 @@ struct UsedTemplate {
 
 /// Creates a job from a template. A template with a full configuration (GPU type and
 /// model) yields a `configured` job ready to start; otherwise a `draft`.
+#[utoipa::path(post, path = "/templates/{id}/use", tag = "templates", params(("id" = Uuid, Path)), request_body = UseTemplate,
+    responses((status = 201, body = UsedTemplate), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn use_template(
     State(state): State<AppState>,
     user: CurrentUser,

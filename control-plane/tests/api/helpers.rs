@@ -116,11 +116,12 @@ pub struct TestApp {
 }
 
 pub fn settings(database: &TestDatabase) -> Settings {
-    let mut settings = Settings::default();
-    settings.listen = "127.0.0.1:0".parse().expect("address");
-    settings.data_dir = database.data_dir.path().to_path_buf();
-    settings.database_url = Some(database.url.clone());
-    settings
+    Settings {
+        listen: "127.0.0.1:0".parse().expect("address"),
+        data_dir: database.data_dir.path().to_path_buf(),
+        database_url: Some(database.url.clone()),
+        ..Settings::default()
+    }
 }
 
 impl TestApp {

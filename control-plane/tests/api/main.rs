@@ -8,6 +8,7 @@ mod helpers;
 mod isolation;
 mod jobs;
 mod live;
+mod openapi;
 mod ops;
 mod schema;
 mod templates;
