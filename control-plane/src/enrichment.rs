@@ -14,6 +14,13 @@ use crate::db::Db;
 
 /// Conversations stored per INSERT.
 const BATCH: usize = 500;
+/// An enrichment that has not heartbeated for this long is taken as abandoned (its server
+/// died) and may be claimed again. Every batch heartbeats.
+const ABANDONED_AFTER: chrono::Duration = chrono::Duration::minutes(2);
+
+fn abandoned_before() -> chrono::DateTime<chrono::Utc> {
+    crate::db::now() - ABANDONED_AFTER
+}
 
 #[derive(Clone)]
 pub struct Enricher {
@@ -52,16 +59,16 @@ impl Enricher {
         });
     }
 
-    /// Picks up files left pending by a previous run of the server.
-    pub async fn resume_pending(&self) -> Result<(), crate::db::DbError> {
-        for id in files::pending_enrichment(&self.db).await? {
+    /// Picks up files left pending, or abandoned mid-enrichment, by a previous run.
+    pub async fn resume_backlog(&self) -> Result<(), crate::db::DbError> {
+        for id in files::enrichment_backlog(&self.db, abandoned_before()).await? {
             self.enqueue(id);
         }
         Ok(())
     }
 
     pub async fn run(&self, file_id: Uuid) -> Result<(), EnrichmentError> {
-        if !files::claim_for_enrichment(&self.db, file_id).await? {
+        if !files::claim_for_enrichment(&self.db, file_id, abandoned_before()).await? {
             return Ok(());
         }
         let Some(file) = files::get(&self.db, file_id).await? else {
@@ -103,6 +110,7 @@ impl Enricher {
                         batch.push(to_row(record));
                         if batch.len() == BATCH {
                             files::insert_conversations(&self.db, file_id, &batch).await?;
+                            files::enrichment_heartbeat(&self.db, file_id).await?;
                             batch.clear();
                         }
                     }

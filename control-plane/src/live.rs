@@ -12,7 +12,6 @@ use uuid::Uuid;
 
 use crate::db::events::Event;
 use crate::db::jobs::Job;
-use crate::db::metrics::MetricPoint;
 use crate::db::Db;
 
 const CHANNEL: &str = "lora_job_updates";
@@ -22,25 +21,14 @@ const MAX_NOTIFY_BYTES: usize = 7900;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum JobUpdate {
-    Status {
-        job: Box<Job>,
-    },
-    Metrics {
-        job_id: Uuid,
-        user_id: Uuid,
-        point: MetricPoint,
-    },
-    Event {
-        user_id: Uuid,
-        event: Event,
-    },
+    Status { job: Box<Job> },
+    Event { event: Event },
 }
 
 impl JobUpdate {
     pub fn job_id(&self) -> Uuid {
         match self {
             JobUpdate::Status { job } => job.id,
-            JobUpdate::Metrics { job_id, .. } => *job_id,
             JobUpdate::Event { event, .. } => event.job_id,
         }
     }
@@ -49,7 +37,6 @@ impl JobUpdate {
     pub fn name(&self) -> &'static str {
         match self {
             JobUpdate::Status { .. } => "status",
-            JobUpdate::Metrics { .. } => "metrics",
             JobUpdate::Event { .. } => "event",
         }
     }
@@ -62,7 +49,6 @@ impl JobUpdate {
                 event.details = None;
                 event.message.truncate(1000);
             }
-            JobUpdate::Metrics { .. } => {}
         }
         self
     }

@@ -75,7 +75,7 @@ impl Application {
             settings.limits.max_record_bytes,
             settings.limits.max_reported_errors,
         );
-        enricher.resume_pending().await?;
+        enricher.resume_backlog().await?;
         let listener =
             TcpListener::bind(settings.listen)
                 .await

@@ -186,21 +186,63 @@ pub async fn soft_delete(
     Ok(Ok(outcome))
 }
 
-/// Moves a pending file to `processing`; false if another worker got it first.
-pub async fn claim_for_enrichment(db: &Db, id: Uuid) -> Result<bool, DbError> {
-    let claimed = on_pool!(db, pool => sqlx::query(
-        "UPDATE training_files SET enrichment_status = 'processing' WHERE id = $1 AND enrichment_status = 'pending'",
-    )
-    .bind(id)
-    .execute(pool)
-    .await.map(|r| r.rows_affected()))?;
+/// Claims a file for enrichment: a pending one, or one whose enrichment stopped
+/// heartbeating before `stale_before` (its server died). False if someone else has it.
+/// Conversations a dead attempt left behind are removed.
+pub async fn claim_for_enrichment(
+    db: &Db,
+    id: Uuid,
+    stale_before: DateTime<Utc>,
+) -> Result<bool, DbError> {
+    let claimed = on_pool!(db, pool => {
+        let mut tx = pool.begin().await?;
+        let claimed = sqlx::query(
+            "UPDATE training_files SET enrichment_status = 'processing', updated_at = $3
+             WHERE id = $1 AND deleted_at IS NULL
+               AND (enrichment_status = 'pending' OR (enrichment_status = 'processing' AND updated_at < $2))",
+        )
+        .bind(id)
+        .bind(stale_before)
+        .bind(now())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if claimed == 1 {
+            sqlx::query("DELETE FROM conversations WHERE training_file_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        claimed
+    });
     Ok(claimed == 1)
 }
 
-pub async fn pending_enrichment(db: &Db) -> Result<Vec<Uuid>, DbError> {
-    let rows: Vec<(Uuid,)> = on_pool!(db, pool => sqlx::query_as(
-        "SELECT id FROM training_files WHERE enrichment_status = 'pending' AND deleted_at IS NULL ORDER BY created_at",
+/// Tells other replicas this file's enrichment is alive.
+pub async fn enrichment_heartbeat(db: &Db, id: Uuid) -> Result<(), DbError> {
+    on_pool!(db, pool => sqlx::query(
+        "UPDATE training_files SET updated_at = $2 WHERE id = $1 AND enrichment_status = 'processing'",
     )
+    .bind(id)
+    .bind(now())
+    .execute(pool)
+    .await.map(|r| r.rows_affected()))?;
+    Ok(())
+}
+
+/// Files waiting for enrichment, and those whose enrichment was abandoned.
+pub async fn enrichment_backlog(
+    db: &Db,
+    stale_before: DateTime<Utc>,
+) -> Result<Vec<Uuid>, DbError> {
+    let rows: Vec<(Uuid,)> = on_pool!(db, pool => sqlx::query_as(
+        "SELECT id FROM training_files
+         WHERE deleted_at IS NULL
+           AND (enrichment_status = 'pending' OR (enrichment_status = 'processing' AND updated_at < $1))
+         ORDER BY created_at",
+    )
+    .bind(stale_before)
     .fetch_all(pool)
     .await)?;
     Ok(rows.into_iter().map(|(id,)| id).collect())

@@ -221,6 +221,8 @@ pub enum ChangeOutcome {
 }
 
 /// Applies `change` to a job that is in `from`, and logs `event` in the same transaction.
+/// `updated_at` is set here as well as by the trigger: SQLite's RETURNING shows the row
+/// before AFTER triggers run.
 /// The state machine check is the caller's ([`JobStatus::check`]); this guards against a
 /// concurrent change between the caller's read and this write.
 pub async fn change_status(
@@ -236,7 +238,7 @@ pub async fn change_status(
         let mut tx = pool.begin().await?;
         let query = match &change {
             Change::Configure(c) => sqlx::query_as::<_, Job>(
-                "UPDATE training_jobs SET status = $3, preset_id = $4, gpu_type = $5, gpu_model = $6,
+                "UPDATE training_jobs SET status = $3, updated_at = $14, preset_id = $4, gpu_type = $5, gpu_model = $6,
                      hyperparameters = $7, total_epochs = $8, hourly_rate = $9,
                      estimated_duration_hours_min = $10, estimated_duration_hours_max = $11,
                      estimated_cost_min = $12, estimated_cost_max = $13
@@ -254,9 +256,10 @@ pub async fn change_status(
             .bind(c.estimated_duration_hours.0)
             .bind(c.estimated_duration_hours.1)
             .bind(c.estimated_cost.0)
-            .bind(c.estimated_cost.1),
+            .bind(c.estimated_cost.1)
+            .bind(at),
             Change::Queue { estimated_start_time } => sqlx::query_as::<_, Job>(
-                "UPDATE training_jobs SET status = $3, queued_at = $4, estimated_start_time = $5
+                "UPDATE training_jobs SET status = $3, updated_at = $4, queued_at = $4, estimated_start_time = $5
                  WHERE id = $1 AND status = $2 RETURNING *",
             )
             .bind(job_id)
@@ -265,7 +268,7 @@ pub async fn change_status(
             .bind(at)
             .bind(*estimated_start_time),
             Change::Cancel { reason, final_cost } => sqlx::query_as::<_, Job>(
-                "UPDATE training_jobs SET status = $3, cancelled_reason = $4, cancelled_at = $5,
+                "UPDATE training_jobs SET status = $3, updated_at = $5, cancelled_reason = $4, cancelled_at = $5,
                      completed_at = $5, final_cost = $6, current_cost = $6, estimated_start_time = NULL
                  WHERE id = $1 AND status = $2 RETURNING *",
             )

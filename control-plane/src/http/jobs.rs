@@ -171,16 +171,11 @@ async fn configure(
     ApiJson(request): ApiJson<ConfigureJob>,
 ) -> ApiResult<Json<JobView>> {
     let job = visible_job(&state, &user, id).await?;
-    let job = configure_job(&state, &user, job, &request).await?;
+    let job = configure_job(&state, job, &request).await?;
     Ok(Json(view(&state, job).await?))
 }
 
-pub async fn configure_job(
-    state: &AppState,
-    user: &CurrentUser,
-    job: Job,
-    request: &ConfigureJob,
-) -> ApiResult<Job> {
+pub async fn configure_job(state: &AppState, job: Job, request: &ConfigureJob) -> ApiResult<Job> {
     job.status.check(JobStatus::Configured)?;
     let mut errors = Vec::new();
     let gpu_type = GpuType::parse(&request.gpu_type);
@@ -277,17 +272,11 @@ pub async fn configure_job(
     .with_details(
         json!({"from": job.status, "to": "configured", "hyperparameters": hyperparameters}),
     );
-    apply(state, user, &job, Change::Configure(configuration), event).await
+    apply(state, &job, Change::Configure(configuration), event).await
 }
 
 /// Writes a status change and tells live subscribers; a concurrent change answers 409.
-async fn apply(
-    state: &AppState,
-    user: &CurrentUser,
-    job: &Job,
-    change: Change<'_>,
-    event: Event,
-) -> ApiResult<Job> {
+async fn apply(state: &AppState, job: &Job, change: Change<'_>, event: Event) -> ApiResult<Job> {
     match jobs::change_status(&state.db, job.id, job.status, change, &event).await? {
         ChangeOutcome::Applied(updated) => {
             tracing::info!(job_id = %job.id, from = %job.status, to = %updated.status, "job status changed");
@@ -297,13 +286,7 @@ async fn apply(
                     job: updated.clone(),
                 })
                 .await;
-            state
-                .live
-                .publish(JobUpdate::Event {
-                    user_id: user.0.id,
-                    event,
-                })
-                .await;
+            state.live.publish(JobUpdate::Event { event }).await;
             Ok(*updated)
         }
         ChangeOutcome::Conflict(current) => Err(ApiError::Conflict(format!(
@@ -328,7 +311,6 @@ async fn start(
         .with_details(json!({"from": job.status, "to": "queued"}));
     let job = apply(
         &state,
-        &user,
         &job,
         Change::Queue {
             estimated_start_time,
@@ -375,14 +357,7 @@ async fn cancel(
         format!("Job cancelled: {reason}"),
     )
     .with_details(json!({"from": job.status, "to": "cancelled", "final_cost": final_cost}));
-    let job = apply(
-        &state,
-        &user,
-        &job,
-        Change::Cancel { reason, final_cost },
-        event,
-    )
-    .await?;
+    let job = apply(&state, &job, Change::Cancel { reason, final_cost }, event).await?;
     Ok(Json(view(&state, job).await?))
 }
 

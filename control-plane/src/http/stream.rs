@@ -1,4 +1,4 @@
-//! `GET /api/v1/jobs/{id}/stream`: a job's status changes, metrics and events as SSE.
+//! `GET /api/v1/jobs/{id}/stream`: a job's status changes and events as SSE.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -24,15 +24,14 @@ pub fn router() -> OpenApiRouter<AppState> {
 fn to_sse(update: &JobUpdate) -> SseEvent {
     let data = match update {
         JobUpdate::Status { job } => serde_json::to_string(job),
-        JobUpdate::Metrics { point, .. } => serde_json::to_string(point),
         JobUpdate::Event { event, .. } => serde_json::to_string(event),
     }
     .unwrap_or_default();
     SseEvent::default().event(update.name()).data(data)
 }
 
-/// Live updates of one job as server-sent events: `status` (the job), `metrics` (a
-/// point), `event` (a log entry), `resync` (the client fell behind: refetch).
+/// Live updates of one job as server-sent events: `status` (the job), `event` (a log
+/// entry), `resync` (the client fell behind: refetch).
 #[utoipa::path(get, path = "/jobs/{id}/stream", tag = "jobs", params(("id" = Uuid, Path)),
     responses((status = 200, content_type = "text/event-stream", body = String), (status = 404, body = ErrorBody)))]
 async fn stream_job(

@@ -200,7 +200,7 @@ async fn use_template(
             gpu_type: gpu_type.clone(),
             gpu_model: gpu_model.clone(),
         };
-        job = configure_job(&state, &user, job, &configuration).await?;
+        job = configure_job(&state, job, &configuration).await?;
     }
     templates::count_use(&state.db, template.id).await?;
     Ok((

@@ -2,7 +2,10 @@ use control_plane::domain::Role;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{chat_jsonl, json_of, settings, Backend, TestApp, TestDatabase};
+use control_plane::db::Db;
+use uuid::Uuid;
+
+use crate::helpers::{chat_jsonl, json_of, poll, settings, Backend, TestApp, TestDatabase};
 use crate::on_both_backends;
 
 on_both_backends!(
@@ -11,6 +14,7 @@ on_both_backends!(
     bad_records_are_named_by_line,
     oversized_uploads_answer_413,
     deleting_a_file_is_soft_and_blocked_by_live_jobs,
+    an_abandoned_enrichment_is_taken_over_by_the_next_server,
 );
 
 async fn enrichment_computes_statistics(backend: Backend) {
@@ -275,5 +279,96 @@ async fn deleting_a_file_is_soft_and_blocked_by_live_jobs(backend: Backend) {
     assert_eq!(
         job["training_file_id"], file["id"],
         "the job still names its data"
+    );
+}
+
+/// Marks a file as being enriched by a server that last heartbeated `minutes_ago`.
+async fn fake_enrichment_in_progress(db: &Db, id: Uuid, minutes_ago: i64) {
+    let heartbeat = control_plane::db::now() - chrono::Duration::minutes(minutes_ago);
+    let update = "UPDATE training_files SET enrichment_status = 'processing', conversation_count = 0, updated_at = $2
+                  WHERE id = $1";
+    match db {
+        Db::Sqlite(pool) => {
+            sqlx::query(update)
+                .bind(id)
+                .bind(heartbeat)
+                .execute(pool)
+                .await
+                .expect("update");
+        }
+        Db::Postgres(pool) => {
+            // The updated_at trigger would stamp now(); step around it to fake an old heartbeat.
+            let mut tx = pool.begin().await.expect("tx");
+            sqlx::query("ALTER TABLE training_files DISABLE TRIGGER training_files_updated_at")
+                .execute(&mut *tx)
+                .await
+                .expect("disable trigger");
+            sqlx::query(update)
+                .bind(id)
+                .bind(heartbeat)
+                .execute(&mut *tx)
+                .await
+                .expect("update");
+            sqlx::query("ALTER TABLE training_files ENABLE TRIGGER training_files_updated_at")
+                .execute(&mut *tx)
+                .await
+                .expect("enable trigger");
+            tx.commit().await.expect("commit");
+        }
+    }
+}
+
+async fn stored_conversations(db: &Db, id: Uuid) -> i64 {
+    let sql = "SELECT COUNT(*) FROM conversations WHERE training_file_id = $1";
+    match db {
+        Db::Sqlite(pool) => sqlx::query_scalar(sql)
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .expect("count"),
+        Db::Postgres(pool) => sqlx::query_scalar(sql)
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .expect("count"),
+    }
+}
+
+async fn an_abandoned_enrichment_is_taken_over_by_the_next_server(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let first = TestApp::spawn(&database).await;
+    let user = first.user("ada@example.com", Role::User).await;
+    let abandoned = first.upload_enriched(&user, chat_jsonl(60)).await;
+    let busy = first.upload_enriched(&user, chat_jsonl(55)).await;
+    let abandoned_id: Uuid = abandoned["id"].as_str().expect("id").parse().expect("uuid");
+    let busy_id: Uuid = busy["id"].as_str().expect("id").parse().expect("uuid");
+    // One server died mid-enrichment ten minutes ago, leaving conversations behind;
+    // another is enriching right now.
+    fake_enrichment_in_progress(&first.db, abandoned_id, 10).await;
+    fake_enrichment_in_progress(&first.db, busy_id, 0).await;
+
+    let second = TestApp::spawn(&database).await;
+    let path = format!("/api/v1/training-files/{abandoned_id}");
+    let file = poll(std::time::Duration::from_secs(30), || async {
+        let file: Value = second.get(&user, &path).await.json().await.ok()?;
+        (file["enrichment_status"] == "completed").then_some(file)
+    })
+    .await
+    .expect("the abandoned file is enriched again");
+    assert_eq!(file["conversation_count"], 60);
+    assert_eq!(
+        stored_conversations(&second.db, abandoned_id).await,
+        60,
+        "leftovers are replaced, not doubled"
+    );
+    let (_, busy) = json_of(
+        second
+            .get(&user, &format!("/api/v1/training-files/{busy_id}"))
+            .await,
+    )
+    .await;
+    assert_eq!(
+        busy["enrichment_status"], "processing",
+        "a live enrichment elsewhere is left alone"
     );
 }

@@ -77,6 +77,11 @@ async fn a_job_goes_from_draft_to_cancelled_with_an_event_per_step(backend: Back
     assert_eq!(configured["estimated_cost_min"], 12.0);
     assert_eq!(configured["estimated_cost_max"], 15.0);
     assert_eq!(configured["hourly_rate"], 2.5);
+    let time = |job: &Value| {
+        chrono::DateTime::parse_from_rfc3339(job["updated_at"].as_str().expect("updated_at"))
+            .expect("time")
+    };
+    assert!(time(&configured) > time(&job), "updated_at is maintained");
 
     let (status, queued) =
         json_of(app.post(&user, &format!("{path}/start"), json!({})).await).await;
