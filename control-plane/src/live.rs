@@ -22,7 +22,7 @@ const MAX_NOTIFY_BYTES: usize = 7900;
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum JobUpdate {
     Status { job: Box<Job> },
-    Event { event: Event },
+    Event { event: Box<Event> },
 }
 
 impl JobUpdate {

@@ -286,7 +286,12 @@ async fn apply(state: &AppState, job: &Job, change: Change<'_>, event: Event) ->
                     job: updated.clone(),
                 })
                 .await;
-            state.live.publish(JobUpdate::Event { event }).await;
+            state
+                .live
+                .publish(JobUpdate::Event {
+                    event: Box::new(event),
+                })
+                .await;
             Ok(*updated)
         }
         ChangeOutcome::Conflict(current) => Err(ApiError::Conflict(format!(

@@ -2,7 +2,7 @@ use control_plane::domain::Role;
 use reqwest::{header, StatusCode};
 use serde_json::json;
 
-use crate::helpers::{json_of, settings, Backend, TestApp, TestDatabase};
+use crate::helpers::{field_names, json_of, settings, Backend, TestApp, TestDatabase};
 use crate::on_both_backends;
 
 on_both_backends!(
@@ -157,11 +157,6 @@ async fn signup_follows_config(backend: Backend) {
     )
     .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-    let fields: Vec<&str> = error["error"]["fields"]
-        .as_array()
-        .expect("fields")
-        .iter()
-        .filter_map(|f| f["field"].as_str())
-        .collect();
+    let fields = field_names(&error);
     assert_eq!(fields, ["email", "password"]);
 }

@@ -326,3 +326,11 @@ pub async fn json_of(response: Response) -> (StatusCode, Value) {
     let body = response.json().await.unwrap_or(Value::Null);
     (status, body)
 }
+
+/// The `field` of each entry in a 422 error's `fields`.
+pub fn field_names(error: &Value) -> Vec<&str> {
+    error["error"]["fields"]
+        .as_array()
+        .map(|fields| fields.iter().filter_map(|f| f["field"].as_str()).collect())
+        .unwrap_or_default()
+}

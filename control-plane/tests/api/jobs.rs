@@ -3,7 +3,7 @@ use control_plane::domain::Role;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::helpers::{chat_jsonl, json_of, Backend, TestApp, TestDatabase};
+use crate::helpers::{chat_jsonl, field_names, json_of, Backend, TestApp, TestDatabase};
 use crate::on_both_backends;
 
 on_both_backends!(
@@ -208,12 +208,7 @@ async fn hyperparameters_are_checked_field_by_field(backend: Backend) {
     )
     .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-    let fields: Vec<&str> = error["error"]["fields"]
-        .as_array()
-        .expect("fields")
-        .iter()
-        .filter_map(|f| f["field"].as_str())
-        .collect();
+    let fields = field_names(&error);
     assert_eq!(
         fields,
         [
