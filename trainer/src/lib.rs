@@ -1,0 +1,19 @@
+//! LoRA fine-tuning of Llama-family causal language models on candle.
+//!
+//! The model code is our own, built only from operations whose backward pass works
+//! (design notes: several fused candle ops drop gradients), and the frozen base weights
+//! enter the graph through [`frozen`] operations that give their input a gradient but
+//! compute and keep none for the weight.
+
+pub mod config;
+pub mod error;
+pub mod frozen;
+pub mod init;
+pub mod lora;
+pub mod model;
+pub mod rng;
+
+pub use config::{Architecture, ModelConfig};
+pub use error::TrainerError;
+pub use lora::LoraConfig;
+pub use model::Model;

@@ -1,0 +1,141 @@
+//! LoRA as PEFT defines it: `y = W x + (alpha / r) · B A dropout(x)`, A of shape (r, in)
+//! initialised uniform in ±1/sqrt(in) (PEFT's `kaiming_uniform_(a=sqrt(5))`), B of shape
+//! (out, r) initialised to zeros, scale `alpha / r` (`alpha / sqrt(r)` with rsLoRA).
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use crate::frozen;
+use crate::rng::Rng;
+
+/// The projections LoRA can target, as PEFT names them.
+pub const TARGET_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: Vec<String>,
+    pub use_rslora: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            rank: 8,
+            alpha: 16.0,
+            dropout: 0.05,
+            target_modules: TARGET_MODULES.iter().map(|m| m.to_string()).collect(),
+            use_rslora: false,
+        }
+    }
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+
+    pub fn targets(&self, module: &str) -> bool {
+        self.target_modules.iter().any(|m| m == module)
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.rank == 0 {
+            return Err("rank must be at least 1".into());
+        }
+        if self.alpha.is_nan() || self.alpha <= 0.0 {
+            return Err("lora_alpha must be positive".into());
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err("lora_dropout must be in [0, 1)".into());
+        }
+        if self.target_modules.is_empty() {
+            return Err("target_modules is empty".into());
+        }
+        if let Some(unknown) = self
+            .target_modules
+            .iter()
+            .find(|m| !TARGET_MODULES.contains(&m.as_str()))
+        {
+            return Err(format!(
+                "unknown target module {unknown:?}; known: {}",
+                TARGET_MODULES.join(", ")
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The trainable pair of one projection. Kept in f32 (or f64 for gradient checks) whatever
+/// the base model's dtype.
+pub struct LoraAdapter {
+    pub a: Var,
+    pub b: Var,
+    scale: f64,
+    dropout: f64,
+}
+
+impl LoraAdapter {
+    pub fn new(
+        in_features: usize,
+        out_features: usize,
+        config: &LoraConfig,
+        dtype: DType,
+        device: &Device,
+        rng: &mut Rng,
+    ) -> Result<LoraAdapter> {
+        let bound = 1.0 / (in_features as f64).sqrt();
+        let values: Vec<f64> = (0..config.rank * in_features)
+            .map(|_| rng.uniform(-bound, bound))
+            .collect();
+        let a = Tensor::from_vec(values, (config.rank, in_features), device)?.to_dtype(dtype)?;
+        let b = Tensor::zeros((out_features, config.rank), dtype, device)?;
+        Ok(LoraAdapter {
+            a: Var::from_tensor(&a)?,
+            b: Var::from_tensor(&b)?,
+            scale: config.scale(),
+            dropout: config.dropout,
+        })
+    }
+
+    /// The update `scale · B A dropout(x)`, in `x`'s dtype. `rng` draws the dropout mask;
+    /// `None` means evaluation (no dropout).
+    pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+        let input = x.to_dtype(self.a.dtype())?;
+        let input = match rng {
+            Some(rng) if self.dropout > 0.0 => {
+                let keep = 1.0 - self.dropout;
+                let mask: Vec<f32> = (0..input.elem_count())
+                    .map(|_| {
+                        if rng.next_f64() < keep {
+                            (1.0 / keep) as f32
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let mask = Tensor::from_vec(mask, input.shape(), input.device())?;
+                frozen::scale(&input, &mask)?
+            }
+            _ => input,
+        };
+        let update = input
+            .broadcast_matmul(&self.a.as_tensor().t()?)?
+            .broadcast_matmul(&self.b.as_tensor().t()?)?
+            .affine(self.scale, 0.0)?;
+        update.to_dtype(x.dtype())
+    }
+}

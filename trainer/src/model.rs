@@ -1,0 +1,559 @@
+//! Llama-family decoder (Llama 2/3, TinyLlama, SmolLM, Mistral, Qwen2) with LoRA adapters,
+//! in the candle-transformers style: weights named as in the checkpoint through
+//! `VarBuilder::pp`, `fn new(cfg, vb)`, `forward`.
+//!
+//! Every operation here has a working backward pass: RMSNorm, softmax and rotary
+//! embeddings are written out from differentiable primitives (candle's fused versions
+//! drop gradients), and frozen weights enter through [`crate::frozen`].
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_nn::VarBuilder;
+
+use crate::config::{ModelConfig, RopeScaling};
+use crate::frozen;
+use crate::lora::{LoraAdapter, LoraConfig};
+use crate::rng::Rng;
+
+/// Added to the attention scores of masked positions: far below any real score, yet finite
+/// so that no row of the softmax becomes NaN.
+const MASKED: f64 = -1e9;
+
+/// A frozen projection, with its LoRA adapter when the module is targeted.
+struct Projection {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    lora: Option<LoraAdapter>,
+}
+
+impl Projection {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        vb: &VarBuilder,
+        name: &str,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+        lora: &LoraConfig,
+        lora_dtype: DType,
+        rng: &mut Rng,
+    ) -> Result<Projection> {
+        let vb = vb.pp(name);
+        let weight = vb.get((out_features, in_features), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_features, "bias")?)
+        } else {
+            None
+        };
+        let lora = if lora.targets(name) {
+            Some(LoraAdapter::new(
+                in_features,
+                out_features,
+                lora,
+                lora_dtype,
+                weight.device(),
+                rng,
+            )?)
+        } else {
+            None
+        };
+        Ok(Projection { weight, bias, lora })
+    }
+
+    fn forward(&self, x: &Tensor, dropout: &mut Option<&mut Rng>) -> Result<Tensor> {
+        let mut y = frozen::linear(x, &self.weight)?;
+        if let Some(bias) = &self.bias {
+            y = frozen::shift(&y, bias)?;
+        }
+        if let Some(lora) = &self.lora {
+            y = (y + lora.forward(x, dropout.as_deref_mut())?)?;
+        }
+        Ok(y)
+    }
+}
+
+/// `x / sqrt(mean(x²) + eps) · weight`, normalised in f32 or wider.
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(vb: VarBuilder, size: usize, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: vb.get(size, "weight")?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let wide = if dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let x = x.to_dtype(wide)?;
+        let rms = x
+            .sqr()?
+            .mean_keepdim(D::Minus1)?
+            .affine(1.0, self.eps)?
+            .sqrt()?;
+        let normed = x.broadcast_div(&rms)?.to_dtype(dtype)?;
+        frozen::scale(&normed, &self.weight)
+    }
+}
+
+/// Rotary position embedding tables for positions `offset..offset + len`.
+struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    fn new(
+        config: &ModelConfig,
+        offset: usize,
+        len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Rotary> {
+        let dim = config.head_dim;
+        let mut inverse_frequencies: Vec<f64> = (0..dim / 2)
+            .map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / dim as f64))
+            .collect();
+        let mut position_scale = 1.0;
+        match config.rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => position_scale = 1.0 / factor,
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let low_wavelength = original_max_position_embeddings / low_freq_factor;
+                let high_wavelength = original_max_position_embeddings / high_freq_factor;
+                for frequency in &mut inverse_frequencies {
+                    let wavelength = 2.0 * std::f64::consts::PI / *frequency;
+                    if wavelength > low_wavelength {
+                        *frequency /= factor;
+                    } else if wavelength >= high_wavelength {
+                        let smooth = (original_max_position_embeddings / wavelength
+                            - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        *frequency = (1.0 - smooth) * *frequency / factor + smooth * *frequency;
+                    }
+                }
+            }
+        }
+        let mut cos = Vec::with_capacity(len * dim);
+        let mut sin = Vec::with_capacity(len * dim);
+        for position in offset..offset + len {
+            let position = position as f64 * position_scale;
+            // Each frequency appears twice, as in `torch.cat((freqs, freqs), dim=-1)`.
+            for _ in 0..2 {
+                for frequency in &inverse_frequencies {
+                    let angle = position * frequency;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        Ok(Rotary {
+            cos: Tensor::from_vec(cos, (len, dim), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (len, dim), device)?.to_dtype(dtype)?,
+        })
+    }
+
+    /// `x · cos + rotate_half(x) · sin` for `x` of shape (batch, heads, len, head_dim).
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let half = x.dim(D::Minus1)? / 2;
+        let first = x.narrow(D::Minus1, 0, half)?;
+        let second = x.narrow(D::Minus1, half, half)?;
+        let rotated = Tensor::cat(&[&second.neg()?, &first], D::Minus1)?;
+        frozen::scale(x, &self.cos)? + frozen::scale(&rotated, &self.sin)?
+    }
+}
+
+struct Attention {
+    q_proj: Projection,
+    k_proj: Projection,
+    v_proj: Projection,
+    o_proj: Projection,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(
+        config: &ModelConfig,
+        vb: VarBuilder,
+        lora: &LoraConfig,
+        lora_dtype: DType,
+        rng: &mut Rng,
+    ) -> Result<Attention> {
+        let (hidden, heads, kv_heads, head_dim) = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        );
+        let bias = config.qkv_bias;
+        Ok(Attention {
+            q_proj: Projection::new(
+                &vb,
+                "q_proj",
+                hidden,
+                heads * head_dim,
+                bias,
+                lora,
+                lora_dtype,
+                rng,
+            )?,
+            k_proj: Projection::new(
+                &vb,
+                "k_proj",
+                hidden,
+                kv_heads * head_dim,
+                bias,
+                lora,
+                lora_dtype,
+                rng,
+            )?,
+            v_proj: Projection::new(
+                &vb,
+                "v_proj",
+                hidden,
+                kv_heads * head_dim,
+                bias,
+                lora,
+                lora_dtype,
+                rng,
+            )?,
+            o_proj: Projection::new(
+                &vb,
+                "o_proj",
+                heads * head_dim,
+                hidden,
+                config.o_bias,
+                lora,
+                lora_dtype,
+                rng,
+            )?,
+            heads,
+            kv_heads,
+            head_dim,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        mask: &Tensor,
+        dropout: &mut Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let (batch, len, _) = x.dims3()?;
+        let split = |t: Tensor, heads: usize| -> Result<Tensor> {
+            t.reshape((batch, len, heads, self.head_dim))?
+                .transpose(1, 2)
+        };
+        let q = rotary.apply(&split(self.q_proj.forward(x, dropout)?, self.heads)?)?;
+        let k = rotary.apply(&split(self.k_proj.forward(x, dropout)?, self.kv_heads)?)?;
+        let v = split(self.v_proj.forward(x, dropout)?, self.kv_heads)?;
+        let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
+
+        let dtype = q.dtype();
+        let wide = if dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let scores = q
+            .contiguous()?
+            .matmul(&k.t()?.contiguous()?)?
+            .affine(1.0 / (self.head_dim as f64).sqrt(), 0.0)?
+            .to_dtype(wide)?;
+        let scores = frozen::shift(&scores, mask)?;
+        let probabilities = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
+        let out = probabilities.matmul(&v.contiguous()?)?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((batch, len, self.heads * self.head_dim))?;
+        self.o_proj.forward(&out, dropout)
+    }
+
+    /// Grouped-query attention: each key/value head serves `heads / kv_heads` query heads.
+    fn repeat_kv(&self, x: Tensor) -> Result<Tensor> {
+        let groups = self.heads / self.kv_heads;
+        if groups == 1 {
+            return Ok(x);
+        }
+        let (batch, kv_heads, len, dim) = x.dims4()?;
+        x.unsqueeze(2)?
+            .broadcast_as((batch, kv_heads, groups, len, dim))?
+            .reshape((batch, kv_heads * groups, len, dim))
+    }
+}
+
+struct Mlp {
+    gate_proj: Projection,
+    up_proj: Projection,
+    down_proj: Projection,
+}
+
+impl Mlp {
+    fn new(
+        config: &ModelConfig,
+        vb: VarBuilder,
+        lora: &LoraConfig,
+        lora_dtype: DType,
+        rng: &mut Rng,
+    ) -> Result<Mlp> {
+        let (hidden, inner, bias) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.mlp_bias,
+        );
+        Ok(Mlp {
+            gate_proj: Projection::new(
+                &vb,
+                "gate_proj",
+                hidden,
+                inner,
+                bias,
+                lora,
+                lora_dtype,
+                rng,
+            )?,
+            up_proj: Projection::new(&vb, "up_proj", hidden, inner, bias, lora, lora_dtype, rng)?,
+            down_proj: Projection::new(
+                &vb,
+                "down_proj",
+                inner,
+                hidden,
+                bias,
+                lora,
+                lora_dtype,
+                rng,
+            )?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, dropout: &mut Option<&mut Rng>) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, dropout)?.silu()?;
+        let up = self.up_proj.forward(x, dropout)?;
+        self.down_proj.forward(&(gate * up)?, dropout)
+    }
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn new(
+        config: &ModelConfig,
+        vb: VarBuilder,
+        lora: &LoraConfig,
+        lora_dtype: DType,
+        rng: &mut Rng,
+    ) -> Result<DecoderLayer> {
+        Ok(DecoderLayer {
+            input_layernorm: RmsNorm::new(
+                vb.pp("input_layernorm"),
+                config.hidden_size,
+                config.rms_norm_eps,
+            )?,
+            self_attn: Attention::new(config, vb.pp("self_attn"), lora, lora_dtype, rng)?,
+            post_attention_layernorm: RmsNorm::new(
+                vb.pp("post_attention_layernorm"),
+                config.hidden_size,
+                config.rms_norm_eps,
+            )?,
+            mlp: Mlp::new(config, vb.pp("mlp"), lora, lora_dtype, rng)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        mask: &Tensor,
+        dropout: &mut Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let attended =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(x)?, rotary, mask, dropout)?;
+        let x = (x + attended)?;
+        let transformed = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?, dropout)?;
+        x + transformed
+    }
+}
+
+pub struct Model {
+    config: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+}
+
+impl Model {
+    /// Builds the model from checkpoint weights in `vb` and adds fresh LoRA adapters
+    /// (drawn from `rng`) in `lora_dtype`.
+    pub fn new(
+        config: &ModelConfig,
+        vb: VarBuilder,
+        lora: &LoraConfig,
+        lora_dtype: DType,
+        rng: &mut Rng,
+    ) -> Result<Model> {
+        let model_vb = vb.pp("model");
+        let embed_tokens = model_vb
+            .pp("embed_tokens")
+            .get((config.vocab_size, config.hidden_size), "weight")?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::new(config, model_vb.pp("layers").pp(i), lora, lora_dtype, rng))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(model_vb.pp("norm"), config.hidden_size, config.rms_norm_eps)?;
+        let lm_head = if config.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            vb.pp("lm_head")
+                .get((config.vocab_size, config.hidden_size), "weight")?
+        };
+        Ok(Model {
+            config: config.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Logits of shape (batch, len, vocab) for `input_ids` (batch, len). `attention_mask`
+    /// (batch, len; 1 for real tokens, 0 for padding) hides padding keys. `dropout` is the
+    /// generator for LoRA dropout during training; `None` evaluates.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        mut dropout: Option<&mut Rng>,
+    ) -> Result<Tensor> {
+        let (batch, len) = input_ids.dims2()?;
+        let device = input_ids.device();
+        // Token embeddings of a frozen table: nothing upstream needs a gradient.
+        let mut x = self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .detach();
+        x = x.reshape((batch, len, self.config.hidden_size))?;
+        let wide = if x.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let rotary = Rotary::new(&self.config, 0, len, x.dtype(), device)?;
+        let mask = attention_bias(batch, len, attention_mask, wide, device)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &rotary, &mask, &mut dropout)?;
+        }
+        let x = self.norm.forward(&x)?;
+        frozen::linear(&x, &self.lm_head)
+    }
+
+    /// Mean cross-entropy of predicting `targets` (batch, len), counting only positions
+    /// where `loss_mask` (batch, len) is 1. Returns (loss, number of counted tokens).
+    pub fn loss(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        targets: &Tensor,
+        loss_mask: &Tensor,
+        dropout: Option<&mut Rng>,
+    ) -> Result<(Tensor, f64)> {
+        let logits = self.forward(input_ids, attention_mask, dropout)?;
+        token_loss(&logits, targets, loss_mask)
+    }
+
+    /// The LoRA parameters by PEFT name (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
+    pub fn lora_parameters(&self) -> BTreeMap<String, Var> {
+        let mut parameters = BTreeMap::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let projections = [
+                ("self_attn.q_proj", &layer.self_attn.q_proj),
+                ("self_attn.k_proj", &layer.self_attn.k_proj),
+                ("self_attn.v_proj", &layer.self_attn.v_proj),
+                ("self_attn.o_proj", &layer.self_attn.o_proj),
+                ("mlp.gate_proj", &layer.mlp.gate_proj),
+                ("mlp.up_proj", &layer.mlp.up_proj),
+                ("mlp.down_proj", &layer.mlp.down_proj),
+            ];
+            for (name, projection) in projections {
+                if let Some(lora) = &projection.lora {
+                    let prefix = format!("base_model.model.model.layers.{i}.{name}");
+                    parameters.insert(format!("{prefix}.lora_A.weight"), lora.a.clone());
+                    parameters.insert(format!("{prefix}.lora_B.weight"), lora.b.clone());
+                }
+            }
+        }
+        parameters
+    }
+}
+
+/// Additive attention bias (batch, 1, len, len): 0 where a query may attend a key (causal,
+/// and the key is not padding), [`MASKED`] elsewhere.
+fn attention_bias(
+    batch: usize,
+    len: usize,
+    attention_mask: Option<&Tensor>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let keep: Option<Vec<Vec<u32>>> = attention_mask
+        .map(|m| m.to_dtype(DType::U32)?.to_vec2())
+        .transpose()?;
+    let mut bias = Vec::with_capacity(batch * len * len);
+    for b in 0..batch {
+        for query in 0..len {
+            for key in 0..len {
+                let visible = key <= query && keep.as_ref().is_none_or(|k| k[b][key] != 0);
+                bias.push(if visible { 0.0 } else { MASKED });
+            }
+        }
+    }
+    Tensor::from_vec(bias, (batch, 1, len, len), device)?.to_dtype(dtype)
+}
+
+/// Token-weighted mean cross-entropy over the positions where `mask` is 1.
+pub fn token_loss(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<(Tensor, f64)> {
+    let (batch, len, vocab) = logits.dims3()?;
+    let wide = if logits.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let logits = logits.to_dtype(wide)?.reshape((batch * len, vocab))?;
+    let log_probabilities = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let targets = targets.to_dtype(DType::U32)?.reshape((batch * len, 1))?;
+    let picked = log_probabilities
+        .gather(&targets, 1)?
+        .reshape(batch * len)?;
+    let mask = mask.to_dtype(wide)?.reshape(batch * len)?;
+    let count = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let total = frozen::scale(&picked, &mask)?.sum_all()?;
+    Ok((total.affine(-1.0 / count.max(1.0), 0.0)?, count))
+}
