@@ -9,6 +9,9 @@ pub enum TrainerError {
         path: String,
         source: std::io::Error,
     },
+    /// A problem in the training data; `message` names the line.
+    #[error("{path}: {message}")]
+    Dataset { path: String, message: String },
     #[error("{0}")]
     Invalid(String),
 }

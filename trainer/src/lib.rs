@@ -5,7 +5,9 @@
 //! enter the graph through [`frozen`] operations that give their input a gradient but
 //! compute and keep none for the weight.
 
+pub mod chat;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod frozen;
 pub mod init;

@@ -1,0 +1,296 @@
+//! Training data: chat datasets read with the platform's one parser
+//! ([`protocol::dataset`]), rendered with the model's chat template, tokenized, and masked
+//! so that the loss counts assistant tokens only.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use protocol::dataset::{self, Conversation, DatasetError, Limits};
+use tokenizers::Tokenizer;
+
+use crate::chat::ChatTemplate;
+use crate::error::{Result, TrainerError};
+use crate::rng::Rng;
+
+/// The model's tokenizer and chat template: turns a conversation into token ids.
+pub struct TextEncoder {
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+}
+
+/// One conversation, ready for training: position t of `input_ids` predicts `targets[t]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub input_ids: Vec<u32>,
+    pub targets: Vec<u32>,
+    /// 1.0 where the target is an assistant token.
+    pub loss_mask: Vec<f32>,
+}
+
+impl Example {
+    pub fn loss_tokens(&self) -> usize {
+        self.loss_mask.iter().filter(|m| **m > 0.0).count()
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct PreparedData {
+    pub examples: Vec<Example>,
+    /// Conversations cut to `max_seq_len` tokens.
+    pub truncated: usize,
+    /// Conversations left with no assistant token to learn from after truncation.
+    pub dropped: usize,
+}
+
+impl TextEncoder {
+    pub fn from_model_dir(dir: &Path) -> Result<TextEncoder> {
+        let path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&path).map_err(|e| TrainerError::Config {
+            path: path.display().to_string(),
+            message: format!("cannot load the tokenizer: {e}"),
+        })?;
+        Ok(TextEncoder {
+            tokenizer,
+            template: ChatTemplate::from_model_dir(dir)?,
+        })
+    }
+
+    /// Token ids of `text` as the template wrote it: no special tokens are added beyond
+    /// those in the text (as `apply_chat_template` tokenizes).
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| TrainerError::Invalid(format!("tokenization failed: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The conversation's token ids and, for each, whether it lies in an assistant turn.
+    pub fn encode_conversation(
+        &self,
+        conversation: &Conversation,
+    ) -> Result<(Vec<u32>, Vec<bool>)> {
+        let (text, spans) = self
+            .template
+            .render_with_assistant_spans(&conversation.messages)?;
+        let encoding = self
+            .tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| TrainerError::Invalid(format!("tokenization failed: {e}")))?;
+        let assistant = encoding
+            .get_offsets()
+            .iter()
+            .map(|(start, end)| {
+                spans
+                    .iter()
+                    .any(|span| *start >= span.start && *start < span.end && end > start)
+            })
+            .collect();
+        Ok((encoding.get_ids().to_vec(), assistant))
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| TrainerError::Invalid(format!("decoding failed: {e}")))
+    }
+}
+
+/// Shifts a token sequence into an example, cut to `max_seq_len` tokens when given.
+/// Returns the example and whether it was cut.
+pub fn to_example(ids: &[u32], assistant: &[bool], max_seq_len: Option<usize>) -> (Example, bool) {
+    let length = max_seq_len.map_or(ids.len(), |max| ids.len().min(max));
+    let truncated = length < ids.len();
+    let (ids, assistant) = (&ids[..length], &assistant[..length]);
+    let example = Example {
+        input_ids: ids[..length.saturating_sub(1)].to_vec(),
+        targets: ids.get(1..).unwrap_or_default().to_vec(),
+        loss_mask: assistant
+            .iter()
+            .skip(1)
+            .map(|a| if *a { 1.0 } else { 0.0 })
+            .collect(),
+    };
+    (example, truncated)
+}
+
+/// Reads, renders and tokenizes a dataset file. A bad record fails the whole load with
+/// the parser's message naming its line.
+pub fn load_examples(
+    path: &Path,
+    encoder: &TextEncoder,
+    max_seq_len: Option<usize>,
+) -> Result<PreparedData> {
+    let file = std::fs::File::open(path).map_err(|source| TrainerError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let dataset_error = |error: DatasetError| TrainerError::Dataset {
+        path: path.display().to_string(),
+        message: error.to_string(),
+    };
+    let (_, records) = dataset::open(file, Limits::default()).map_err(dataset_error)?;
+    let mut prepared = PreparedData::default();
+    for record in records {
+        let record = record.map_err(dataset_error)?;
+        let (ids, assistant) = encoder
+            .encode_conversation(&record.conversation)
+            .map_err(|e| TrainerError::Dataset {
+                path: path.display().to_string(),
+                message: format!("line {}: {e}", record.line),
+            })?;
+        let (example, truncated) = to_example(&ids, &assistant, max_seq_len);
+        prepared.truncated += usize::from(truncated);
+        if example.loss_tokens() == 0 {
+            prepared.dropped += 1;
+            continue;
+        }
+        prepared.examples.push(example);
+    }
+    if prepared.examples.is_empty() {
+        return Err(TrainerError::Dataset {
+            path: path.display().to_string(),
+            message: "no conversation has an assistant token to train on".into(),
+        });
+    }
+    Ok(prepared)
+}
+
+/// Splits off a validation set: a seeded, shuffled `fraction` of the examples (at least
+/// one when there are two or more).
+pub fn split_validation(
+    examples: Vec<Example>,
+    fraction: f64,
+    seed: u64,
+) -> (Vec<Example>, Vec<Example>) {
+    if fraction <= 0.0 || examples.len() < 2 {
+        return (examples, Vec::new());
+    }
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    Rng::new(seed ^ 0x5EED_0F_5A11).shuffle(&mut order);
+    let validation_count =
+        ((examples.len() as f64 * fraction).round() as usize).clamp(1, examples.len() - 1);
+    let mut is_validation = vec![false; examples.len()];
+    for index in &order[..validation_count] {
+        is_validation[*index] = true;
+    }
+    let (validation, train): (Vec<_>, Vec<_>) = examples
+        .into_iter()
+        .zip(is_validation)
+        .partition(|(_, validation)| *validation);
+    (
+        train.into_iter().map(|(e, _)| e).collect(),
+        validation.into_iter().map(|(e, _)| e).collect(),
+    )
+}
+
+/// The order examples are visited in during `epoch`: a permutation fixed by the seed and
+/// the epoch, so a resumed run can rebuild it from (seed, epoch) alone.
+pub fn epoch_order(count: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..count).collect();
+    Rng::new(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ epoch as u64).shuffle(&mut order);
+    order
+}
+
+/// A padded batch on a device.
+pub struct Batch {
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+    pub targets: Tensor,
+    pub loss_mask: Tensor,
+    /// Real (unpadded) tokens in the batch.
+    pub tokens: usize,
+    /// Tokens the loss counts.
+    pub loss_tokens: usize,
+}
+
+/// Pads `examples` on the right to the longest one.
+pub fn make_batch(
+    examples: &[&Example],
+    pad_id: u32,
+    device: &Device,
+) -> candle_core::Result<Batch> {
+    let length = examples
+        .iter()
+        .map(|e| e.input_ids.len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let mut input_ids = Vec::with_capacity(examples.len() * length);
+    let mut attention_mask = Vec::with_capacity(examples.len() * length);
+    let mut targets = Vec::with_capacity(examples.len() * length);
+    let mut loss_mask = Vec::with_capacity(examples.len() * length);
+    for example in examples {
+        let padding = length - example.input_ids.len();
+        input_ids.extend(
+            example
+                .input_ids
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(pad_id, padding)),
+        );
+        attention_mask.extend(
+            std::iter::repeat_n(1u32, example.input_ids.len())
+                .chain(std::iter::repeat_n(0, padding)),
+        );
+        targets.extend(
+            example
+                .targets
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(pad_id, padding)),
+        );
+        loss_mask.extend(
+            example
+                .loss_mask
+                .iter()
+                .copied()
+                .chain(std::iter::repeat_n(0.0, padding)),
+        );
+    }
+    let shape = (examples.len(), length);
+    Ok(Batch {
+        input_ids: Tensor::from_vec(input_ids, shape, device)?,
+        attention_mask: Tensor::from_vec(attention_mask, shape, device)?,
+        targets: Tensor::from_vec(targets, shape, device)?,
+        loss_mask: Tensor::from_vec(loss_mask, shape, device)?,
+        tokens: examples.iter().map(|e| e.input_ids.len()).sum(),
+        loss_tokens: examples.iter().map(|e| e.loss_tokens()).sum(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn examples_shift_and_truncate() {
+        let (example, truncated) =
+            to_example(&[1, 2, 3, 4, 5], &[false, false, true, true, true], Some(4));
+        assert!(truncated);
+        assert_eq!(example.input_ids, [1, 2, 3]);
+        assert_eq!(example.targets, [2, 3, 4]);
+        assert_eq!(example.loss_mask, [0.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn validation_split_is_seeded_and_disjoint() {
+        let examples: Vec<Example> = (0..20)
+            .map(|i| Example {
+                input_ids: vec![i],
+                targets: vec![i],
+                loss_mask: vec![1.0],
+            })
+            .collect();
+        let (train, validation) = split_validation(examples.clone(), 0.1, 42);
+        assert_eq!((train.len(), validation.len()), (18, 2));
+        assert_eq!(
+            split_validation(examples, 0.1, 42).1,
+            validation,
+            "same seed, same split"
+        );
+        assert!(validation.iter().all(|v| !train.contains(v)));
+        assert_ne!(epoch_order(20, 42, 0), epoch_order(20, 42, 1));
+        assert_eq!(epoch_order(20, 42, 3), epoch_order(20, 42, 3));
+    }
+}
