@@ -167,7 +167,7 @@ pub fn split_validation(
         return (examples, Vec::new());
     }
     let mut order: Vec<usize> = (0..examples.len()).collect();
-    Rng::new(seed ^ 0x5EED_0F_5A11).shuffle(&mut order);
+    Rng::new(seed ^ 0x005E_ED0F_5A11).shuffle(&mut order);
     let validation_count =
         ((examples.len() as f64 * fraction).round() as usize).clamp(1, examples.len() - 1);
     let mut is_validation = vec![false; examples.len()];

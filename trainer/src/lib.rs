@@ -11,9 +11,13 @@ pub mod data;
 pub mod error;
 pub mod frozen;
 pub mod init;
+pub mod loader;
 pub mod lora;
 pub mod model;
+pub mod optim;
+pub mod peft;
 pub mod rng;
+pub mod train;
 
 pub use config::{Architecture, ModelConfig};
 pub use error::TrainerError;

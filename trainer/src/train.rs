@@ -1,0 +1,454 @@
+//! The training loop: data, model, AdamW with warmup and cosine decay, gradient
+//! accumulation, clipping, evaluation, metrics, and the PEFT adapter at the end.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{self, Example, TextEncoder};
+use crate::error::{Result, TrainerError};
+use crate::lora::LoraConfig;
+use crate::model::Model;
+use crate::optim::{self, AdamW};
+use crate::rng::Rng;
+use crate::{loader, peft};
+
+/// Everything a training run depends on. Also the schema of `--config recipe.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainOptions {
+    pub model: PathBuf,
+    pub data: PathBuf,
+    pub val_data: Option<PathBuf>,
+    pub out: PathBuf,
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: Vec<String>,
+    pub use_rslora: bool,
+    pub lr: f64,
+    pub epochs: usize,
+    pub max_steps: Option<usize>,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub max_seq_len: usize,
+    pub warmup_ratio: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    pub val_split: f64,
+    /// Evaluate on the validation set every N optimizer steps (and at the end).
+    pub eval_every: Option<usize>,
+    pub device: DeviceChoice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        let lora = LoraConfig::default();
+        TrainOptions {
+            model: PathBuf::new(),
+            data: PathBuf::new(),
+            val_data: None,
+            out: PathBuf::from("out"),
+            rank: lora.rank,
+            alpha: lora.alpha,
+            dropout: lora.dropout,
+            target_modules: lora.target_modules,
+            use_rslora: false,
+            lr: 2e-4,
+            epochs: 1,
+            max_steps: None,
+            batch_size: 2,
+            grad_accum: 1,
+            max_seq_len: 512,
+            warmup_ratio: 0.03,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            seed: 42,
+            val_split: 0.1,
+            eval_every: None,
+            device: DeviceChoice::Cpu,
+        }
+    }
+}
+
+impl TrainOptions {
+    pub fn lora(&self) -> LoraConfig {
+        LoraConfig {
+            rank: self.rank,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            target_modules: self.target_modules.clone(),
+            use_rslora: self.use_rslora,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let invalid = |m: String| Err(TrainerError::Invalid(m));
+        self.lora().validate().map_err(TrainerError::Invalid)?;
+        if self.lr.is_nan() || self.lr <= 0.0 {
+            return invalid(format!("lr must be positive, not {}", self.lr));
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 || self.epochs == 0 {
+            return invalid("batch_size, grad_accum and epochs must be at least 1".into());
+        }
+        if self.max_steps == Some(0) {
+            return invalid("max_steps must be at least 1".into());
+        }
+        if self.max_seq_len < 2 {
+            return invalid("max_seq_len must be at least 2".into());
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) || !(0.0..1.0).contains(&self.val_split) {
+            return invalid("warmup_ratio and val_split must be in [0, 1)".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Preprocessing,
+    ModelLoading,
+    Training,
+    Finalization,
+}
+
+/// One optimizer step, as written to `metrics.jsonl` and reported to observers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub total_steps: usize,
+    pub epoch: f64,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    pub tokens_per_second: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation_loss: Option<f64>,
+    pub elapsed_seconds: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub steps: usize,
+    pub train_loss: f64,
+    pub validation_loss: Option<f64>,
+    pub train_examples: usize,
+    pub validation_examples: usize,
+    pub truncated_examples: usize,
+    pub tokens: usize,
+    pub seconds: f64,
+    pub tokens_per_second: f64,
+    pub peak_memory_bytes: Option<u64>,
+    pub cancelled: bool,
+}
+
+/// Receives progress; every method has a default so callers implement what they need.
+pub trait Observer {
+    fn stage(&mut self, _stage: Stage) {}
+    fn step(&mut self, _metrics: &StepMetrics) {}
+    fn warning(&mut self, _message: &str) {}
+}
+
+/// No-op observer.
+impl Observer for () {}
+
+/// Requests from the caller, checked at every step boundary.
+#[derive(Debug, Default)]
+pub struct Control {
+    cancel: AtomicBool,
+}
+
+impl Control {
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+}
+
+fn device(choice: DeviceChoice) -> Result<Device> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda => Device::new_cuda(0).map_err(|e| {
+            TrainerError::Invalid(format!(
+                "no CUDA device (is the trainer built with --features cuda?): {e}"
+            ))
+        }),
+    }
+}
+
+/// Peak resident memory of this process (Linux), for the summary.
+fn peak_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kib| kib * 1024)
+}
+
+struct Output {
+    dir: PathBuf,
+    metrics: std::fs::File,
+}
+
+impl Output {
+    fn create(dir: &Path) -> Result<Output> {
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| TrainerError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let metrics_path = dir.join("metrics.jsonl");
+        let metrics = std::fs::File::create(&metrics_path).map_err(io(&metrics_path))?;
+        Ok(Output {
+            dir: dir.to_path_buf(),
+            metrics,
+        })
+    }
+
+    fn record(&mut self, metrics: &StepMetrics) -> Result<()> {
+        let line = serde_json::to_string(metrics).unwrap_or_default();
+        writeln!(self.metrics, "{line}").map_err(|source| TrainerError::Io {
+            path: self.dir.join("metrics.jsonl").display().to_string(),
+            source,
+        })
+    }
+}
+
+/// Mean loss over `examples` (assistant tokens), without dropout.
+pub fn evaluate(
+    model: &Model,
+    examples: &[Example],
+    batch_size: usize,
+    pad_id: u32,
+    device: &Device,
+) -> Result<f64> {
+    let (mut total, mut count) = (0.0, 0.0);
+    for chunk in examples.chunks(batch_size.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let batch = data::make_batch(&refs, pad_id, device)?;
+        let (loss, tokens) = model.loss(
+            &batch.input_ids,
+            Some(&batch.attention_mask),
+            &batch.targets,
+            &batch.loss_mask,
+            None,
+        )?;
+        total += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * tokens;
+        count += tokens;
+    }
+    Ok(if count > 0.0 { total / count } else { f64::NAN })
+}
+
+pub fn train(
+    options: &TrainOptions,
+    observer: &mut dyn Observer,
+    control: &Control,
+) -> Result<Summary> {
+    options.validate()?;
+    let started = Instant::now();
+    let device = device(options.device)?;
+    let (dtype, lora_dtype) = match options.device {
+        DeviceChoice::Cpu => (DType::F32, DType::F32),
+        DeviceChoice::Cuda => (DType::BF16, DType::F32),
+    };
+    let mut output = Output::create(&options.out)?;
+
+    observer.stage(Stage::Preprocessing);
+    let encoder = TextEncoder::from_model_dir(&options.model)?;
+    let max_seq_len = Some(options.max_seq_len);
+    let prepared = data::load_examples(&options.data, &encoder, max_seq_len)?;
+    let mut truncated = prepared.truncated;
+    let (train_examples, validation_examples) = match &options.val_data {
+        Some(path) => {
+            let validation = data::load_examples(path, &encoder, max_seq_len)?;
+            truncated += validation.truncated;
+            (prepared.examples, validation.examples)
+        }
+        None => data::split_validation(prepared.examples, options.val_split, options.seed),
+    };
+    if truncated > 0 {
+        observer.warning(&format!(
+            "{truncated} conversations were cut to max_seq_len = {} tokens",
+            options.max_seq_len
+        ));
+    }
+    if prepared.dropped > 0 {
+        observer.warning(&format!(
+            "{} conversations had no assistant token left after truncation and were skipped",
+            prepared.dropped
+        ));
+    }
+    if train_examples.is_empty() {
+        return Err(TrainerError::Invalid(
+            "no training examples left after the validation split".into(),
+        ));
+    }
+    let pad_id = encoder
+        .tokenizer
+        .token_to_id("<|endoftext|>")
+        .or_else(|| encoder.tokenizer.get_padding().map(|p| p.pad_id))
+        .unwrap_or(0);
+
+    observer.stage(Stage::ModelLoading);
+    let lora = options.lora();
+    let mut init_rng = Rng::new(options.seed);
+    let (_, model) = loader::load_model(
+        &options.model,
+        &lora,
+        dtype,
+        lora_dtype,
+        &device,
+        &mut init_rng,
+    )?;
+    let parameters: Vec<(String, Var)> = model.lora_parameters().into_iter().collect();
+    let mut optimizer = AdamW::new(
+        parameters.iter().map(|(_, v)| v.clone()).collect(),
+        options.weight_decay,
+    )?;
+
+    let window = options.batch_size * options.grad_accum;
+    let steps_per_epoch = train_examples.len().div_ceil(window);
+    let total_steps = options
+        .max_steps
+        .unwrap_or(options.epochs * steps_per_epoch);
+    let warmup_steps = (options.warmup_ratio * total_steps as f64).ceil() as usize;
+    let mut dropout_rng = Rng::new(options.seed ^ 0xD50F_0D0F);
+
+    observer.stage(Stage::Training);
+    let (mut tokens_seen, mut last_loss, mut last_validation) = (0usize, f64::NAN, None);
+    let mut order: (usize, Vec<usize>) = (usize::MAX, Vec::new());
+    let mut steps_done = 0;
+    for step in 0..total_steps {
+        if control.cancelled() {
+            break;
+        }
+        let step_started = Instant::now();
+        let epoch = step / steps_per_epoch;
+        if order.0 != epoch {
+            order = (
+                epoch,
+                data::epoch_order(train_examples.len(), options.seed, epoch),
+            );
+        }
+        let offset = (step % steps_per_epoch) * window;
+        let selected: Vec<&Example> = order.1[offset..(offset + window).min(train_examples.len())]
+            .iter()
+            .map(|i| &train_examples[*i])
+            .collect();
+        let window_loss_tokens: usize = selected.iter().map(|e| e.loss_tokens()).sum();
+
+        // Each micro-batch's loss is weighted by its share of the window's loss tokens, so
+        // the accumulated gradient is that of one batch of the whole window.
+        let mut gradients: Vec<Option<Tensor>> = vec![None; parameters.len()];
+        let mut window_loss = 0.0;
+        let mut window_tokens = 0;
+        for micro in selected.chunks(options.batch_size) {
+            let batch = data::make_batch(micro, pad_id, &device)?;
+            let (loss, count) = model.loss(
+                &batch.input_ids,
+                Some(&batch.attention_mask),
+                &batch.targets,
+                &batch.loss_mask,
+                Some(&mut dropout_rng),
+            )?;
+            let weighted = loss.affine(count / window_loss_tokens.max(1) as f64, 0.0)?;
+            window_loss += weighted.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            window_tokens += batch.tokens;
+            let grads = weighted.backward()?;
+            for (slot, (_, var)) in gradients.iter_mut().zip(&parameters) {
+                let gradient = grads.get(var).ok_or_else(|| {
+                    TrainerError::Invalid("a LoRA parameter got no gradient".into())
+                })?;
+                *slot = Some(match slot.take() {
+                    Some(sum) => (sum + gradient)?,
+                    None => gradient.clone(),
+                });
+            }
+        }
+        let mut gradients: Vec<Tensor> = gradients.into_iter().flatten().collect();
+        let grad_norm = optim::clip_global_norm(&mut gradients, options.max_grad_norm)?;
+        let learning_rate = optim::learning_rate(options.lr, step, warmup_steps, total_steps);
+        optimizer.step(&gradients, learning_rate)?;
+
+        steps_done = step + 1;
+        tokens_seen += window_tokens;
+        last_loss = window_loss;
+        let evaluate_now = !validation_examples.is_empty()
+            && (steps_done == total_steps
+                || options
+                    .eval_every
+                    .is_some_and(|n| n > 0 && steps_done % n == 0));
+        let validation_loss = if evaluate_now {
+            Some(evaluate(
+                &model,
+                &validation_examples,
+                options.batch_size,
+                pad_id,
+                &device,
+            )?)
+        } else {
+            None
+        };
+        last_validation = validation_loss.or(last_validation);
+        let metrics = StepMetrics {
+            step: steps_done,
+            total_steps,
+            epoch: epoch as f64 + (step % steps_per_epoch + 1) as f64 / steps_per_epoch as f64,
+            loss: window_loss,
+            learning_rate,
+            grad_norm,
+            tokens_per_second: window_tokens as f64
+                / step_started.elapsed().as_secs_f64().max(1e-9),
+            validation_loss,
+            elapsed_seconds: started.elapsed().as_secs_f64(),
+        };
+        output.record(&metrics)?;
+        observer.step(&metrics);
+    }
+
+    observer.stage(Stage::Finalization);
+    let base_model = options.model.display().to_string();
+    peft::save_adapter(&options.out.join("adapter"), &model, &lora, &base_model)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let summary = Summary {
+        steps: steps_done,
+        train_loss: last_loss,
+        validation_loss: last_validation,
+        train_examples: train_examples.len(),
+        validation_examples: validation_examples.len(),
+        truncated_examples: truncated,
+        tokens: tokens_seen,
+        seconds,
+        tokens_per_second: tokens_seen as f64 / seconds.max(1e-9),
+        peak_memory_bytes: peak_memory_bytes(),
+        cancelled: control.cancelled(),
+    };
+    let path = options.out.join("summary.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&summary).unwrap_or_default(),
+    )
+    .map_err(|source| TrainerError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(summary)
+}
