@@ -9,6 +9,7 @@ pub mod chat;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod evaluation;
 pub mod frozen;
 pub mod init;
 pub mod loader;

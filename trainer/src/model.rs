@@ -253,8 +253,9 @@ impl Attention {
         &self,
         x: &Tensor,
         rotary: &Rotary,
-        mask: &Tensor,
+        mask: Option<&Tensor>,
         dropout: &mut Option<&mut Rng>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let (batch, len, _) = x.dims3()?;
         let split = |t: Tensor, heads: usize| -> Result<Tensor> {
@@ -262,8 +263,15 @@ impl Attention {
                 .transpose(1, 2)
         };
         let q = rotary.apply(&split(self.q_proj.forward(x, dropout)?, self.heads)?)?;
-        let k = rotary.apply(&split(self.k_proj.forward(x, dropout)?, self.kv_heads)?)?;
-        let v = split(self.v_proj.forward(x, dropout)?, self.kv_heads)?;
+        let mut k = rotary.apply(&split(self.k_proj.forward(x, dropout)?, self.kv_heads)?)?;
+        let mut v = split(self.v_proj.forward(x, dropout)?, self.kv_heads)?;
+        if let Some(cache) = cache {
+            if let Some((past_k, past_v)) = cache.as_ref() {
+                k = Tensor::cat(&[past_k, &k], 2)?;
+                v = Tensor::cat(&[past_v, &v], 2)?;
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
         let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
 
         let dtype = q.dtype();
@@ -277,7 +285,10 @@ impl Attention {
             .matmul(&k.t()?.contiguous()?)?
             .affine(1.0 / (self.head_dim as f64).sqrt(), 0.0)?
             .to_dtype(wide)?;
-        let scores = frozen::shift(&scores, mask)?;
+        let scores = match mask {
+            Some(mask) => frozen::shift(&scores, mask)?,
+            None => scores,
+        };
         let probabilities = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
         let out = probabilities.matmul(&v.contiguous()?)?;
         let out = out
@@ -385,18 +396,27 @@ impl DecoderLayer {
         &self,
         x: &Tensor,
         rotary: &Rotary,
-        mask: &Tensor,
+        mask: Option<&Tensor>,
         dropout: &mut Option<&mut Rng>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
-        let attended =
-            self.self_attn
-                .forward(&self.input_layernorm.forward(x)?, rotary, mask, dropout)?;
+        let normed = self.input_layernorm.forward(x)?;
+        let attended = self
+            .self_attn
+            .forward(&normed, rotary, mask, dropout, cache)?;
         let x = (x + attended)?;
         let transformed = self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&x)?, dropout)?;
         x + transformed
     }
+}
+
+/// Keys and values of the positions seen so far, per layer.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    position: usize,
 }
 
 pub struct Model {
@@ -469,10 +489,48 @@ impl Model {
         let rotary = Rotary::new(&self.config, 0, len, x.dtype(), device)?;
         let mask = attention_bias(batch, len, attention_mask, wide, device)?;
         for layer in &self.layers {
-            x = layer.forward(&x, &rotary, &mask, &mut dropout)?;
+            x = layer.forward(&x, &rotary, Some(&mask), &mut dropout, None)?;
         }
         let x = self.norm.forward(&x)?;
         frozen::linear(&x, &self.lm_head)
+    }
+
+    /// Logits of the last position for `input_ids` (1, len) following what `cache` holds;
+    /// the new keys and values are appended to it. For generation.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (batch, len) = input_ids.dims2()?;
+        let device = input_ids.device();
+        let mut x = self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?;
+        x = x.reshape((batch, len, self.config.hidden_size))?;
+        let wide = if x.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let rotary = Rotary::new(&self.config, cache.position, len, x.dtype(), device)?;
+        // New queries see every cached key and, among themselves, the earlier ones.
+        let mask = if len > 1 {
+            let past = cache.position;
+            let bias: Vec<f64> = (0..len)
+                .flat_map(|q| {
+                    (0..past + len).map(move |k| if k <= past + q { 0.0 } else { MASKED })
+                })
+                .collect();
+            Some(Tensor::from_vec(bias, (1, 1, len, past + len), device)?.to_dtype(wide)?)
+        } else {
+            None
+        };
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(&x, &rotary, mask.as_ref(), &mut None, Some(layer_cache))?;
+        }
+        cache.position += len;
+        let last = self.norm.forward(&x.narrow(1, len - 1, 1)?)?;
+        frozen::linear(&last, &self.lm_head)?.squeeze(1)
     }
 
     /// Mean cross-entropy of predicting `targets` (batch, len), counting only positions

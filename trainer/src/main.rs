@@ -1,0 +1,310 @@
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use trainer::config::Architecture;
+use trainer::evaluation::{evaluate_file, generate, load_for_inference};
+use trainer::init::{write_tiny_model, TinyModel};
+use trainer::train::{train, Control, DeviceChoice, Observer, Stage, StepMetrics, TrainOptions};
+
+/// LoRA fine-tuning of Llama-family models on chat data.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a LoRA adapter; writes adapter/, metrics.jsonl and summary.json to --out.
+    Train(TrainArgs),
+    /// Score a model (and adapter) on a dataset; prints JSON.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        data: PathBuf,
+        /// Cut conversations to this many tokens (default: no truncation).
+        #[arg(long)]
+        max_seq_len: Option<usize>,
+        #[arg(long, default_value_t = 4)]
+        batch_size: usize,
+    },
+    /// Answer a prompt with the chat template and a KV cache.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// 0 is greedy.
+        #[arg(long, default_value_t = 0.7)]
+        temperature: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+    /// Write a tiny random model directory (config, weights, tokenizer, chat template).
+    InitModel {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "llama", value_parser = ["llama", "mistral", "qwen2"])]
+        architecture: String,
+        #[arg(long, default_value_t = 64)]
+        hidden_size: usize,
+        #[arg(long, default_value_t = 128)]
+        intermediate_size: usize,
+        #[arg(long, default_value_t = 2)]
+        layers: usize,
+        #[arg(long, default_value_t = 4)]
+        heads: usize,
+        #[arg(long, default_value_t = 2)]
+        kv_heads: usize,
+        #[arg(long)]
+        tie_word_embeddings: bool,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+/// Flags override `--config recipe.toml`, which overrides the defaults.
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// TOML recipe with the same keys as the flags (model, data, out, rank, lr, ...).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[arg(long)]
+    val_data: Option<PathBuf>,
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    rank: Option<usize>,
+    #[arg(long)]
+    alpha: Option<f64>,
+    #[arg(long)]
+    dropout: Option<f64>,
+    /// Comma-separated, e.g. q_proj,v_proj.
+    #[arg(long, value_delimiter = ',')]
+    target_modules: Option<Vec<String>>,
+    #[arg(long)]
+    use_rslora: bool,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    max_steps: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    max_seq_len: Option<usize>,
+    #[arg(long)]
+    warmup_ratio: Option<f64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    max_grad_norm: Option<f64>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    val_split: Option<f64>,
+    #[arg(long)]
+    eval_every: Option<usize>,
+    #[arg(long, value_parser = ["cpu", "cuda"])]
+    device: Option<String>,
+}
+
+impl TrainArgs {
+    fn options(self) -> anyhow::Result<TrainOptions> {
+        let mut options = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("{}", path.display()))?
+            }
+            None => TrainOptions::default(),
+        };
+        macro_rules! take {
+            ($($field:ident),*) => { $( if let Some(value) = self.$field { options.$field = value; } )* };
+        }
+        take!(
+            model,
+            data,
+            out,
+            rank,
+            alpha,
+            dropout,
+            target_modules,
+            lr,
+            epochs,
+            batch_size,
+            grad_accum,
+            max_seq_len,
+            warmup_ratio,
+            weight_decay,
+            max_grad_norm,
+            seed,
+            val_split
+        );
+        options.val_data = self.val_data.or(options.val_data);
+        options.max_steps = self.max_steps.or(options.max_steps);
+        options.eval_every = self.eval_every.or(options.eval_every);
+        options.use_rslora |= self.use_rslora;
+        if let Some(device) = self.device {
+            options.device = if device == "cuda" {
+                DeviceChoice::Cuda
+            } else {
+                DeviceChoice::Cpu
+            };
+        }
+        anyhow::ensure!(
+            !options.model.as_os_str().is_empty(),
+            "--model is required (or `model` in --config)"
+        );
+        anyhow::ensure!(
+            !options.data.as_os_str().is_empty(),
+            "--data is required (or `data` in --config)"
+        );
+        Ok(options)
+    }
+}
+
+/// A one-line progress bar on stderr: step, loss, tokens/s, ETA.
+struct ProgressBar {
+    started: Instant,
+}
+
+impl Observer for ProgressBar {
+    fn stage(&mut self, stage: Stage) {
+        eprintln!(
+            "{}",
+            match stage {
+                Stage::Preprocessing => "preprocessing data…",
+                Stage::ModelLoading => "loading the model…",
+                Stage::Training => "training…",
+                Stage::Finalization => "\nwriting the adapter…",
+            }
+        );
+    }
+
+    fn step(&mut self, m: &StepMetrics) {
+        let done = m.step as f64 / m.total_steps.max(1) as f64;
+        let width = 30;
+        let filled = (done * width as f64) as usize;
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let eta = elapsed / done.max(1e-9) - elapsed;
+        let validation = m
+            .validation_loss
+            .map(|v| format!(" val {v:.4}"))
+            .unwrap_or_default();
+        eprint!(
+            "\r[{}{}] {}/{} loss {:.4}{validation} lr {:.2e} {:.0} tok/s ETA {}:{:02}   ",
+            "#".repeat(filled),
+            ".".repeat(width - filled),
+            m.step,
+            m.total_steps,
+            m.loss,
+            m.learning_rate,
+            m.tokens_per_second,
+            (eta / 60.0) as u64,
+            (eta % 60.0) as u64
+        );
+        let _ = std::io::stderr().flush();
+    }
+
+    fn warning(&mut self, message: &str) {
+        eprintln!("warning: {message}");
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Train(args) => {
+            let options = args.options()?;
+            let summary = train(
+                &options,
+                &mut ProgressBar {
+                    started: Instant::now(),
+                },
+                &Control::default(),
+            )?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            eprintln!("adapter: {}", options.out.join("adapter").display());
+        }
+        Command::Eval {
+            model,
+            adapter,
+            data,
+            max_seq_len,
+            batch_size,
+        } => {
+            let report = evaluate_file(&model, adapter.as_deref(), &data, max_seq_len, batch_size)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::Generate {
+            model,
+            adapter,
+            prompt,
+            max_new_tokens,
+            temperature,
+            seed,
+        } => {
+            let encoder = trainer::data::TextEncoder::from_model_dir(&model)?;
+            let loaded = load_for_inference(&model, adapter.as_deref(), &candle_core::Device::Cpu)?;
+            println!(
+                "{}",
+                generate(
+                    &loaded,
+                    &encoder,
+                    &prompt,
+                    max_new_tokens,
+                    temperature,
+                    seed
+                )?
+            );
+        }
+        Command::InitModel {
+            out,
+            architecture,
+            hidden_size,
+            intermediate_size,
+            layers,
+            heads,
+            kv_heads,
+            tie_word_embeddings,
+            seed,
+        } => {
+            let architecture = match architecture.as_str() {
+                "mistral" => Architecture::Mistral,
+                "qwen2" => Architecture::Qwen2,
+                _ => Architecture::Llama,
+            };
+            let spec = TinyModel {
+                architecture,
+                hidden_size,
+                intermediate_size,
+                layers,
+                heads,
+                kv_heads,
+                tie_word_embeddings,
+                seed,
+            };
+            write_tiny_model(&out, &spec)?;
+            println!("{}", out.display());
+        }
+    }
+    Ok(())
+}
