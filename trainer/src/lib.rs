@@ -6,6 +6,7 @@
 //! compute and keep none for the weight.
 
 pub mod chat;
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;

@@ -17,6 +17,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the Train variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Train a LoRA adapter; writes adapter/, metrics.jsonl and summary.json to --out.
@@ -123,6 +125,12 @@ struct TrainArgs {
     val_split: Option<f64>,
     #[arg(long)]
     eval_every: Option<usize>,
+    /// Write a checkpoint every N optimizer steps (OUT/checkpoints/step-N).
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Continue from a checkpoint directory with the same settings and data.
+    #[arg(long)]
+    resume_from: Option<PathBuf>,
     #[arg(long, value_parser = ["cpu", "cuda"])]
     device: Option<String>,
 }
@@ -162,6 +170,8 @@ impl TrainArgs {
         options.val_data = self.val_data.or(options.val_data);
         options.max_steps = self.max_steps.or(options.max_steps);
         options.eval_every = self.eval_every.or(options.eval_every);
+        options.checkpoint_every = self.checkpoint_every.or(options.checkpoint_every);
+        options.resume_from = self.resume_from.or(options.resume_from);
         options.use_rslora |= self.use_rslora;
         if let Some(device) = self.device {
             options.device = if device == "cuda" {
@@ -227,6 +237,10 @@ impl Observer for ProgressBar {
 
     fn warning(&mut self, message: &str) {
         eprintln!("warning: {message}");
+    }
+
+    fn checkpoint(&mut self, step: usize, dir: &std::path::Path) {
+        eprintln!("\ncheckpoint at step {step}: {}", dir.display());
     }
 }
 

@@ -13,6 +13,11 @@ impl Rng {
         Rng { state: seed }
     }
 
+    /// Continues a generator from a saved [`Rng::state`].
+    pub fn from_state(state: u64) -> Rng {
+        Rng { state }
+    }
+
     pub fn state(&self) -> u64 {
         self.state
     }

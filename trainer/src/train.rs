@@ -15,7 +15,7 @@ use crate::lora::LoraConfig;
 use crate::model::Model;
 use crate::optim::{self, AdamW};
 use crate::rng::Rng;
-use crate::{loader, peft};
+use crate::{checkpoint, loader, peft};
 
 /// Everything a training run depends on. Also the schema of `--config recipe.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,6 +43,10 @@ pub struct TrainOptions {
     pub val_split: f64,
     /// Evaluate on the validation set every N optimizer steps (and at the end).
     pub eval_every: Option<usize>,
+    /// Write a checkpoint every N optimizer steps.
+    pub checkpoint_every: Option<usize>,
+    /// Continue from a checkpoint directory (`OUT/checkpoints/step-N`).
+    pub resume_from: Option<PathBuf>,
     pub device: DeviceChoice,
 }
 
@@ -78,6 +82,8 @@ impl Default for TrainOptions {
             seed: 42,
             val_split: 0.1,
             eval_every: None,
+            checkpoint_every: None,
+            resume_from: None,
             device: DeviceChoice::Cpu,
         }
     }
@@ -92,6 +98,41 @@ impl TrainOptions {
             target_modules: self.target_modules.clone(),
             use_rslora: self.use_rslora,
         }
+    }
+
+    /// SHA-256 over everything that changes the maths: these options (without where
+    /// output goes, how often to checkpoint or evaluate, and the device), the model's
+    /// `config.json` and `tokenizer.json`, and the chat template source.
+    fn config_hash(&self) -> Result<String> {
+        let mut maths = self.clone();
+        maths.out = PathBuf::new();
+        maths.resume_from = None;
+        maths.checkpoint_every = None;
+        maths.eval_every = None;
+        maths.device = DeviceChoice::Cpu;
+        maths.data = PathBuf::new();
+        maths.val_data = None;
+        let mut text = serde_json::to_string(&maths).unwrap_or_default();
+        for file in [
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "chat_template.jinja",
+        ] {
+            let path = self.model.join(file);
+            if path.exists() {
+                text.push_str(&checkpoint::sha256_file(&path)?);
+            }
+        }
+        Ok(checkpoint::sha256_bytes(text.as_bytes()))
+    }
+
+    fn data_hash(&self) -> Result<String> {
+        let mut text = checkpoint::sha256_file(&self.data)?;
+        if let Some(path) = &self.val_data {
+            text.push_str(&checkpoint::sha256_file(path)?);
+        }
+        Ok(checkpoint::sha256_bytes(text.as_bytes()))
     }
 
     fn validate(&self) -> Result<()> {
@@ -160,24 +201,37 @@ pub trait Observer {
     fn stage(&mut self, _stage: Stage) {}
     fn step(&mut self, _metrics: &StepMetrics) {}
     fn warning(&mut self, _message: &str) {}
+    fn checkpoint(&mut self, _step: usize, _dir: &Path) {}
 }
 
 /// No-op observer.
 impl Observer for () {}
 
-/// Requests from the caller, checked at every step boundary.
+/// Requests from the caller (another thread: the agent on a spot notice, a user's
+/// cancel), honoured at the next step boundary.
 #[derive(Debug, Default)]
 pub struct Control {
     cancel: AtomicBool,
+    checkpoint: AtomicBool,
 }
 
 impl Control {
+    /// Stop after the current step.
     pub fn cancel(&self) {
         self.cancel.store(true, Ordering::SeqCst);
     }
 
+    /// Write a checkpoint after the current step.
+    pub fn request_checkpoint(&self) {
+        self.checkpoint.store(true, Ordering::SeqCst);
+    }
+
     fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
+    }
+
+    fn take_checkpoint_request(&self) -> bool {
+        self.checkpoint.swap(false, Ordering::SeqCst)
     }
 }
 
@@ -209,14 +263,32 @@ struct Output {
 }
 
 impl Output {
-    fn create(dir: &Path) -> Result<Output> {
+    /// Opens `metrics.jsonl`, keeping the lines of steps up to `resumed_step` (those a
+    /// resumed run does not repeat) and dropping any written after that checkpoint.
+    fn create(dir: &Path, resumed_step: usize) -> Result<Output> {
         let io = |path: &Path| {
             let path = path.display().to_string();
             move |source| TrainerError::Io { path, source }
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let metrics_path = dir.join("metrics.jsonl");
-        let metrics = std::fs::File::create(&metrics_path).map_err(io(&metrics_path))?;
+        let kept: String = if resumed_step > 0 {
+            std::fs::read_to_string(&metrics_path)
+                .unwrap_or_default()
+                .lines()
+                .filter(|line| {
+                    serde_json::from_str::<StepMetrics>(line).is_ok_and(|m| m.step <= resumed_step)
+                })
+                .map(|line| format!("{line}\n"))
+                .collect()
+        } else {
+            String::new()
+        };
+        std::fs::write(&metrics_path, kept).map_err(io(&metrics_path))?;
+        let metrics = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&metrics_path)
+            .map_err(io(&metrics_path))?;
         Ok(Output {
             dir: dir.to_path_buf(),
             metrics,
@@ -269,7 +341,8 @@ pub fn train(
         DeviceChoice::Cpu => (DType::F32, DType::F32),
         DeviceChoice::Cuda => (DType::BF16, DType::F32),
     };
-    let mut output = Output::create(&options.out)?;
+    let config_hash = options.config_hash()?;
+    let data_hash = options.data_hash()?;
 
     observer.stage(Stage::Preprocessing);
     let encoder = TextEncoder::from_model_dir(&options.model)?;
@@ -331,12 +404,33 @@ pub fn train(
         .unwrap_or(options.epochs * steps_per_epoch);
     let warmup_steps = (options.warmup_ratio * total_steps as f64).ceil() as usize;
     let mut dropout_rng = Rng::new(options.seed ^ 0xD50F_0D0F);
+    let mut start_step = 0;
+    if let Some(dir) = &options.resume_from {
+        let names: Vec<String> = parameters.iter().map(|(name, _)| name.clone()).collect();
+        let restored = checkpoint::load(dir, &names, &config_hash, &data_hash, &device)?;
+        for (name, var) in &parameters {
+            var.set(&restored.lora[name].to_dtype(var.dtype())?)?;
+        }
+        optimizer.restore(
+            restored.first_moments,
+            restored.second_moments,
+            restored.state.optimizer_steps,
+        )?;
+        dropout_rng = Rng::from_state(restored.state.rng_state);
+        start_step = restored.state.step;
+        if start_step >= total_steps {
+            return Err(TrainerError::Invalid(format!(
+                "the checkpoint is at step {start_step}, and the run has {total_steps} steps: nothing is left to train"
+            )));
+        }
+    }
+    let mut output = Output::create(&options.out, start_step)?;
 
     observer.stage(Stage::Training);
     let (mut tokens_seen, mut last_loss, mut last_validation) = (0usize, f64::NAN, None);
     let mut order: (usize, Vec<usize>) = (usize::MAX, Vec::new());
-    let mut steps_done = 0;
-    for step in 0..total_steps {
+    let mut steps_done = start_step;
+    for step in start_step..total_steps {
         if control.cancelled() {
             break;
         }
@@ -422,6 +516,28 @@ pub fn train(
         };
         output.record(&metrics)?;
         observer.step(&metrics);
+
+        let scheduled = options
+            .checkpoint_every
+            .is_some_and(|n| n > 0 && steps_done % n == 0);
+        if control.take_checkpoint_request() || scheduled {
+            let state = checkpoint::CheckpointState {
+                step: steps_done,
+                epoch,
+                rng_state: dropout_rng.state(),
+                optimizer_steps: optimizer.steps(),
+                config_hash: config_hash.clone(),
+                data_hash: data_hash.clone(),
+            };
+            let (first, second, _) = optimizer.state();
+            let dir = checkpoint::save(
+                &options.out.join("checkpoints"),
+                &state,
+                &parameters,
+                (first, second),
+            )?;
+            observer.checkpoint(steps_done, &dir);
+        }
     }
 
     observer.stage(Stage::Finalization);
