@@ -16,9 +16,13 @@ use trainer::train::{train, Control, TrainOptions};
 use trainer::LoraConfig;
 
 fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let get = |i: usize, default: usize| args.get(i).copied().unwrap_or(default);
-    let (hidden, layers, seq_len, batch, steps) = (get(0, 256), get(1, 4), get(2, 256), get(3, 4), get(4, 10));
+    let (hidden, layers, seq_len, batch, steps) =
+        (get(0, 256), get(1, 4), get(2, 256), get(3, 4), get(4, 10));
 
     let dir = tempfile::tempdir().expect("temp dir");
     let spec = TinyModel {
@@ -70,7 +74,11 @@ fn main() {
     let mask = Tensor::ones((batch, seq_len), DType::F32, &Device::Cpu).expect("mask");
     let (loss, _) = model.loss(&ids, None, &ids, &mask, None).expect("loss");
     let grads = loss.backward().expect("backward");
-    let lora: HashSet<_> = model.lora_parameters().values().map(|v| v.as_tensor().id()).collect();
+    let lora: HashSet<_> = model
+        .lora_parameters()
+        .values()
+        .map(|v| v.as_tensor().id())
+        .collect();
     let (mut lora_bytes, mut other_bytes) = (0usize, 0usize);
     for id in grads.get_ids() {
         let bytes = grads.get_id(*id).map_or(0, |t| t.elem_count() * 4);

@@ -219,6 +219,20 @@ impl ModelConfig {
     }
 }
 
+impl ModelConfig {
+    /// Sequences longer than a sliding attention window would need windowed attention,
+    /// which this model code does not implement: refuse them rather than train wrongly.
+    pub fn check_sequence_length(&self, length: usize) -> std::result::Result<(), String> {
+        match self.sliding_window {
+            Some(window) if length > window => Err(format!(
+                "this model uses sliding-window attention over {window} tokens, which the trainer does not \
+                 implement; use sequences of at most {window} tokens (max_seq_len {length} is longer)"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// RoPE base and scaling from `rope_parameters` (transformers 5) or `rope_theta` and
 /// `rope_scaling` (classic).
 fn rope(raw: &RawConfig) -> std::result::Result<(f64, RopeScaling), String> {
@@ -304,6 +318,19 @@ mod tests {
             config.num_key_value_heads, 4,
             "defaults to the number of heads"
         );
+    }
+
+    #[test]
+    fn sequences_longer_than_a_sliding_window_are_refused() {
+        let text = SMOLLM
+            .replace("LlamaForCausalLM", "MistralForCausalLM")
+            .replace("\"rope_scaling\": null", "\"sliding_window\": 4096");
+        let config = ModelConfig::parse(&text).expect("valid");
+        assert!(config.check_sequence_length(4096).is_ok());
+        assert!(config
+            .check_sequence_length(4097)
+            .expect_err("refused")
+            .contains("sliding-window attention over 4096"));
     }
 
     #[test]

@@ -74,6 +74,16 @@ pub fn evaluate_file(
     let encoder = TextEncoder::from_model_dir(model_dir)?;
     let prepared = data::load_examples(data_path, &encoder, max_seq_len)?;
     let model = load_for_inference(model_dir, adapter_dir, &device)?;
+    let longest = prepared
+        .examples
+        .iter()
+        .map(|e| e.input_ids.len() + 1)
+        .max()
+        .unwrap_or(0);
+    model
+        .config()
+        .check_sequence_length(longest)
+        .map_err(TrainerError::Invalid)?;
     let pad_id = encoder.tokenizer.token_to_id("<|endoftext|>").unwrap_or(0);
 
     let (mut loss_sum, mut all_sum, mut correct) = (0.0, 0.0, 0.0);

@@ -383,7 +383,7 @@ pub fn train(
     observer.stage(Stage::ModelLoading);
     let lora = options.lora();
     let mut init_rng = Rng::new(options.seed);
-    let (_, model) = loader::load_model(
+    let (model_config, model) = loader::load_model(
         &options.model,
         &lora,
         dtype,
@@ -391,6 +391,9 @@ pub fn train(
         &device,
         &mut init_rng,
     )?;
+    model_config
+        .check_sequence_length(options.max_seq_len)
+        .map_err(TrainerError::Invalid)?;
     let parameters: Vec<(String, Var)> = model.lora_parameters().into_iter().collect();
     let mut optimizer = AdamW::new(
         parameters.iter().map(|(_, v)| v.clone()).collect(),
