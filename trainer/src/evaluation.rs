@@ -71,7 +71,7 @@ pub fn evaluate_file(
     batch_size: usize,
 ) -> Result<EvalReport> {
     let device = Device::Cpu;
-    let encoder = TextEncoder::from_model_dir(model_dir)?;
+    let encoder = TextEncoder::from_model_dir(&crate::hub::resolve_model(model_dir)?)?;
     let prepared = data::load_examples(data_path, &encoder, max_seq_len)?;
     let model = load_for_inference(model_dir, adapter_dir, &device)?;
     let longest = prepared

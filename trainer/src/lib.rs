@@ -12,6 +12,7 @@ pub mod data;
 pub mod error;
 pub mod evaluation;
 pub mod frozen;
+pub mod hub;
 pub mod init;
 pub mod loader;
 pub mod lora;

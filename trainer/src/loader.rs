@@ -58,8 +58,8 @@ pub fn load_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
     Ok(weights)
 }
 
-/// The model in `dir` with fresh LoRA adapters: base weights in `dtype`, adapters in
-/// `lora_dtype`.
+/// The model in `dir` (a directory or a hub id, see [`crate::hub`]) with fresh LoRA
+/// adapters: base weights in `dtype`, adapters in `lora_dtype`.
 pub fn load_model(
     dir: &Path,
     lora: &LoraConfig,
@@ -68,12 +68,8 @@ pub fn load_model(
     device: &Device,
     rng: &mut Rng,
 ) -> Result<(ModelConfig, Model)> {
-    if !dir.is_dir() {
-        return Err(TrainerError::Config {
-            path: dir.display().to_string(),
-            message: "model directory not found".into(),
-        });
-    }
+    let dir = crate::hub::resolve_model(dir)?;
+    let dir = dir.as_path();
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
     let weights = load_weights(dir, device)?;
     let vb = VarBuilder::from_tensors(weights, dtype, device);

@@ -276,7 +276,8 @@ fn main() -> anyhow::Result<()> {
             temperature,
             seed,
         } => {
-            let encoder = trainer::data::TextEncoder::from_model_dir(&model)?;
+            let encoder =
+                trainer::data::TextEncoder::from_model_dir(&trainer::hub::resolve_model(&model)?)?;
             let loaded = load_for_inference(&model, adapter.as_deref(), &candle_core::Device::Cpu)?;
             println!(
                 "{}",

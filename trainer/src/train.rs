@@ -103,7 +103,7 @@ impl TrainOptions {
     /// SHA-256 over everything that changes the maths: these options (without where
     /// output goes, how often to checkpoint or evaluate, and the device), the model's
     /// `config.json` and `tokenizer.json`, and the chat template source.
-    fn config_hash(&self) -> Result<String> {
+    fn config_hash(&self, model_dir: &Path) -> Result<String> {
         let mut maths = self.clone();
         maths.out = PathBuf::new();
         maths.resume_from = None;
@@ -119,7 +119,7 @@ impl TrainOptions {
             "tokenizer_config.json",
             "chat_template.jinja",
         ] {
-            let path = self.model.join(file);
+            let path = model_dir.join(file);
             if path.exists() {
                 text.push_str(&checkpoint::sha256_file(&path)?);
             }
@@ -341,11 +341,12 @@ pub fn train(
         DeviceChoice::Cpu => (DType::F32, DType::F32),
         DeviceChoice::Cuda => (DType::BF16, DType::F32),
     };
-    let config_hash = options.config_hash()?;
+    let model_dir = crate::hub::resolve_model(&options.model)?;
+    let config_hash = options.config_hash(&model_dir)?;
     let data_hash = options.data_hash()?;
 
     observer.stage(Stage::Preprocessing);
-    let encoder = TextEncoder::from_model_dir(&options.model)?;
+    let encoder = TextEncoder::from_model_dir(&model_dir)?;
     let max_seq_len = Some(options.max_seq_len);
     let prepared = data::load_examples(&options.data, &encoder, max_seq_len)?;
     let mut truncated = prepared.truncated;
@@ -383,14 +384,8 @@ pub fn train(
     observer.stage(Stage::ModelLoading);
     let lora = options.lora();
     let mut init_rng = Rng::new(options.seed);
-    let (model_config, model) = loader::load_model(
-        &options.model,
-        &lora,
-        dtype,
-        lora_dtype,
-        &device,
-        &mut init_rng,
-    )?;
+    let (model_config, model) =
+        loader::load_model(&model_dir, &lora, dtype, lora_dtype, &device, &mut init_rng)?;
     model_config
         .check_sequence_length(options.max_seq_len)
         .map_err(TrainerError::Invalid)?;
