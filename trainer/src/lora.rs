@@ -7,16 +7,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use crate::frozen;
 use crate::rng::Rng;
 
-/// The projections LoRA can target, as PEFT names them.
-pub const TARGET_MODULES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+use protocol::LORA_TARGET_MODULES;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LoraConfig {
@@ -33,7 +24,7 @@ impl Default for LoraConfig {
             rank: 8,
             alpha: 16.0,
             dropout: 0.05,
-            target_modules: TARGET_MODULES.iter().map(|m| m.to_string()).collect(),
+            target_modules: LORA_TARGET_MODULES.iter().map(|m| m.to_string()).collect(),
             use_rslora: false,
         }
     }
@@ -68,11 +59,11 @@ impl LoraConfig {
         if let Some(unknown) = self
             .target_modules
             .iter()
-            .find(|m| !TARGET_MODULES.contains(&m.as_str()))
+            .find(|m| !LORA_TARGET_MODULES.contains(&m.as_str()))
         {
             return Err(format!(
                 "unknown target module {unknown:?}; known: {}",
-                TARGET_MODULES.join(", ")
+                LORA_TARGET_MODULES.join(", ")
             ));
         }
         Ok(())

@@ -5,16 +5,7 @@ use serde_json::{Map, Value};
 
 use crate::configuration::Limits;
 
-/// The projections LoRA can target in Llama-family models.
-pub const KNOWN_TARGET_MODULES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+use protocol::LORA_TARGET_MODULES;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Hyperparameters {
@@ -209,7 +200,7 @@ impl Field<'_> {
     }
 
     fn target_modules(&mut self, value: Option<&Value>) -> Vec<String> {
-        let all = || KNOWN_TARGET_MODULES.iter().map(|m| m.to_string()).collect();
+        let all = || LORA_TARGET_MODULES.iter().map(|m| m.to_string()).collect();
         let Some(value) = value else { return all() };
         let Some(items) = value.as_array() else {
             self.errors.push(FieldError::new(
@@ -221,7 +212,7 @@ impl Field<'_> {
         let mut modules: Vec<String> = Vec::new();
         for item in items {
             match item.as_str() {
-                Some(name) if KNOWN_TARGET_MODULES.contains(&name) => {
+                Some(name) if LORA_TARGET_MODULES.contains(&name) => {
                     if !modules.iter().any(|m| m == name) {
                         modules.push(name.to_owned());
                     }
@@ -231,7 +222,7 @@ impl Field<'_> {
                         "target_modules",
                         format!(
                             "unknown module {item}; known: {}",
-                            KNOWN_TARGET_MODULES.join(", ")
+                            LORA_TARGET_MODULES.join(", ")
                         ),
                     ));
                     return all();
