@@ -161,19 +161,14 @@ pub async fn list(
     }))
 }
 
-/// 1-based place in the queue: jobs queued before this one, plus one.
-pub async fn queue_position(db: &Db, job: &Job) -> Result<Option<i64>, DbError> {
-    let (Some(queued_at), JobStatus::Queued) = (job.queued_at, job.status) else {
-        return Ok(None);
-    };
-    let (ahead,): (i64,) = on_pool!(db, pool => sqlx::query_as(
-        "SELECT COUNT(*) FROM training_jobs WHERE status = 'queued' AND (queued_at < $1 OR (queued_at = $1 AND id < $2))",
+/// Every queued job's id, in queue order (first = next to run).
+pub async fn queue_order(db: &Db) -> Result<Vec<Uuid>, DbError> {
+    let rows: Vec<(Uuid,)> = on_pool!(db, pool => sqlx::query_as(
+        "SELECT id FROM training_jobs WHERE status = 'queued' ORDER BY queued_at, id",
     )
-    .bind(queued_at)
-    .bind(job.id)
-    .fetch_one(pool)
+    .fetch_all(pool)
     .await)?;
-    Ok(Some(ahead + 1))
+    Ok(rows.into_iter().map(|(id,)| id).collect())
 }
 
 /// Estimated hours of queued work ahead of a job that would be queued now.

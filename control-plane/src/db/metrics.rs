@@ -1,7 +1,10 @@
 //! Per-step training metrics. One row per (job, step): a step reported twice is kept once.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use sqlx::QueryBuilder;
 use uuid::Uuid;
 
 use super::{on_pool, Db, DbError};
@@ -72,6 +75,33 @@ pub async fn history(
         .bind(limit)
         .fetch_all(pool)
         .await)?)
+}
+
+#[derive(sqlx::FromRow)]
+struct JobPoint {
+    job_id: Uuid,
+    #[sqlx(flatten)]
+    point: MetricPoint,
+}
+
+/// The latest point of each of `job_ids` that has one, in one query.
+pub async fn latest_for(db: &Db, job_ids: &[Uuid]) -> Result<HashMap<Uuid, MetricPoint>, DbError> {
+    if job_ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<JobPoint> = on_pool!(db, pool => {
+        let mut query = QueryBuilder::new(format!("SELECT job_id, {COLUMNS} FROM training_metrics m WHERE job_id IN ("));
+        let mut ids = query.separated(", ");
+        for id in job_ids {
+            ids.push_bind(*id);
+        }
+        query.push(") AND step = (SELECT MAX(step) FROM training_metrics WHERE job_id = m.job_id)");
+        query.build_query_as::<JobPoint>().fetch_all(pool).await?
+    });
+    Ok(rows
+        .into_iter()
+        .map(|row| (row.job_id, row.point))
+        .collect())
 }
 
 pub async fn latest(db: &Db, job_id: Uuid) -> Result<Option<MetricPoint>, DbError> {

@@ -41,14 +41,33 @@ pub struct JobView {
     pub current_metrics: Option<MetricPoint>,
 }
 
+/// Jobs with their queue positions and latest metrics, in two queries for the whole list.
+async fn views(state: &AppState, jobs: Vec<Job>) -> ApiResult<Vec<JobView>> {
+    let queue = if jobs.iter().any(|job| job.status == JobStatus::Queued) {
+        jobs::queue_order(&state.db).await?
+    } else {
+        Vec::new()
+    };
+    let ids: Vec<Uuid> = jobs.iter().map(|job| job.id).collect();
+    let mut latest = metrics::latest_for(&state.db, &ids).await?;
+    Ok(jobs
+        .into_iter()
+        .map(|job| JobView {
+            queue_position: queue
+                .iter()
+                .position(|id| *id == job.id)
+                .map(|i| i as i64 + 1),
+            current_metrics: latest.remove(&job.id),
+            job,
+        })
+        .collect())
+}
+
 async fn view(state: &AppState, job: Job) -> ApiResult<JobView> {
-    let queue_position = jobs::queue_position(&state.db, &job).await?;
-    let current_metrics = metrics::latest(&state.db, job.id).await?;
-    Ok(JobView {
-        job,
-        queue_position,
-        current_metrics,
-    })
+    let mut views = views(state, vec![job]).await?;
+    views
+        .pop()
+        .ok_or_else(|| ApiError::Internal("a job view went missing".into()))
 }
 
 /// A job the user may see and act on: their own, or any for operators and admins.
@@ -392,11 +411,12 @@ async fn list(
         })
         .transpose()?;
     let (rows, total) = jobs::list(&state.db, user.viewer(), status, limit, offset).await?;
-    let mut views = Vec::with_capacity(rows.len());
-    for job in rows {
-        views.push(view(&state, job).await?);
-    }
-    Ok(Json(Page::new(views, total, limit, offset)))
+    Ok(Json(Page::new(
+        views(&state, rows).await?,
+        total,
+        limit,
+        offset,
+    )))
 }
 
 /// One job with its queue position and latest metrics.

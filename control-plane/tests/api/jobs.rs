@@ -369,6 +369,11 @@ async fn metrics_are_read_back_sampled_and_latest(backend: Backend) {
     assert_eq!(latest["gpu_utilization"], 90);
     let (_, detail) = json_of(app.get(&user, &path).await).await;
     assert_eq!(detail["current_metrics"]["step"], 25);
+    let (_, listed) = json_of(app.get(&user, "/api/v1/jobs").await).await;
+    assert_eq!(
+        listed["data"][0]["current_metrics"]["step"], 25,
+        "lists carry the latest point too"
+    );
     let (status, _) = json_of(app.get(&user, &format!("{path}/metrics?interval=0")).await).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 }
