@@ -15,7 +15,7 @@ use crate::db::Db;
 /// Conversations stored per INSERT.
 const BATCH: usize = 500;
 /// An enrichment that has not heartbeated for this long is taken as abandoned (its server
-/// died) and may be claimed again. Every batch heartbeats.
+/// died) and may be claimed again. It heartbeats every `BATCH` records read.
 const ABANDONED_AFTER: chrono::Duration = chrono::Duration::minutes(2);
 
 fn abandoned_before() -> chrono::DateTime<chrono::Utc> {
@@ -101,7 +101,12 @@ impl Enricher {
         let mut stats = Statistics::default();
         let mut errors = ErrorReport::new(self.max_reported_errors);
         let mut batch = Vec::with_capacity(BATCH);
+        let mut seen: usize = 0;
         while let Some(record) = records_rx.recv().await {
+            seen += 1;
+            if seen % BATCH == 0 {
+                files::enrichment_heartbeat(&self.db, file_id).await?;
+            }
             match record {
                 Ok(record) => {
                     stats.add(&record.conversation);
@@ -110,7 +115,6 @@ impl Enricher {
                         batch.push(to_row(record));
                         if batch.len() == BATCH {
                             files::insert_conversations(&self.db, file_id, &batch).await?;
-                            files::enrichment_heartbeat(&self.db, file_id).await?;
                             batch.clear();
                         }
                     }
