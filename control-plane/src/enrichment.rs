@@ -104,7 +104,7 @@ impl Enricher {
         let mut seen: usize = 0;
         while let Some(record) = records_rx.recv().await {
             seen += 1;
-            if seen % BATCH == 0 {
+            if seen.is_multiple_of(BATCH) {
                 files::enrichment_heartbeat(&self.db, file_id).await?;
             }
             match record {
