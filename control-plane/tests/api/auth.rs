@@ -40,11 +40,14 @@ async fn login_gives_a_token_and_a_session_cookie(backend: Backend) {
         "{cookie}"
     );
     let session = cookie.split(';').next().expect("pair").to_owned();
-    let me = app
-        .client
-        .get(app.url("/api/v1/auth/me"))
-        .header(header::COOKIE, &session)
-        .send()
+    // A request authenticated by the session cookie alone, as the dashboard sends it.
+    let with_session = |method: reqwest::Method, path: &str| {
+        app.client
+            .request(method, app.url(path))
+            .header(header::COOKIE, &session)
+            .send()
+    };
+    let me = with_session(reqwest::Method::GET, "/api/v1/auth/me")
         .await
         .expect("me");
     assert_eq!(me.status(), StatusCode::OK);
@@ -55,19 +58,11 @@ async fn login_gives_a_token_and_a_session_cookie(backend: Backend) {
         app.get(&user, "/api/v1/auth/me").await.status(),
         StatusCode::UNAUTHORIZED
     );
-    let cookie_logout = app
-        .client
-        .post(app.url("/api/v1/auth/logout"))
-        .header(header::COOKIE, &session)
-        .send()
+    let cookie_logout = with_session(reqwest::Method::POST, "/api/v1/auth/logout")
         .await
         .expect("logout");
     assert_eq!(cookie_logout.status(), StatusCode::NO_CONTENT);
-    let me = app
-        .client
-        .get(app.url("/api/v1/auth/me"))
-        .header(header::COOKIE, &session)
-        .send()
+    let me = with_session(reqwest::Method::GET, "/api/v1/auth/me")
         .await
         .expect("me");
     assert_eq!(me.status(), StatusCode::UNAUTHORIZED);
