@@ -51,6 +51,24 @@ pub fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// HMAC-SHA256 of `message` under `key`, hex: the signature of a download link.
+pub fn sign(key: &str, message: &str) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<Sha256>::new_from_slice(key.as_bytes())
+        .expect("HMAC takes keys of any length");
+    mac.update(message.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Checks a signature in constant time.
+pub fn verify_signature(key: &str, message: &str, signature: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    sign(key, message)
+        .as_bytes()
+        .ct_eq(signature.as_bytes())
+        .into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,6 +80,18 @@ mod tests {
         assert!(hash.starts_with("$argon2id$"));
         assert!(verify_password("correct horse", &hash));
         assert!(!verify_password("wrong horse", &hash));
+    }
+
+    #[test]
+    fn signatures_verify_only_for_their_message_and_key() {
+        let signature = sign("key", "artifact:1700000000");
+        assert!(verify_signature("key", "artifact:1700000000", &signature));
+        assert!(!verify_signature("key", "artifact:1700000001", &signature));
+        assert!(!verify_signature(
+            "other",
+            "artifact:1700000000",
+            &signature
+        ));
     }
 
     #[test]

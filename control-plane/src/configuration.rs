@@ -26,6 +26,8 @@ pub struct Settings {
     pub limits: Limits,
     pub auth: AuthSettings,
     pub eligibility: Eligibility,
+    pub fleet: Fleet,
+    pub storage: Storage,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,6 +64,57 @@ pub struct Eligibility {
     pub min_conversations: i64,
 }
 
+/// Agents, scheduling and recovery.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Fleet {
+    /// How often agents are told to send a heartbeat.
+    pub heartbeat_interval_seconds: u64,
+    /// An agent silent this long is marked offline and its jobs go back to the queue.
+    pub offline_after_seconds: u64,
+    /// Heartbeat history kept per agent.
+    pub telemetry_retention_minutes: i64,
+    /// Longest a claim request is held open waiting for work.
+    pub max_claim_wait_seconds: u64,
+    /// Agents checkpoint every this many optimizer steps (0: only on a spot notice).
+    pub checkpoint_every_steps: u32,
+}
+
+/// Where artifacts (adapters, checkpoints, reports) are kept.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Storage {
+    /// `s3://bucket/prefix` (credentials and endpoint from the AWS_* environment, e.g.
+    /// AWS_ENDPOINT for MinIO); unset: `<data_dir>/artifacts`.
+    pub url: Option<String>,
+    /// Lifetime of the download links handed to users.
+    pub signed_url_ttl_seconds: i64,
+    /// Largest artifact an agent may upload, in bytes.
+    pub max_artifact_bytes: u64,
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Fleet {
+            heartbeat_interval_seconds: 5,
+            offline_after_seconds: 30,
+            telemetry_retention_minutes: 60,
+            max_claim_wait_seconds: 30,
+            checkpoint_every_steps: 50,
+        }
+    }
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            url: None,
+            signed_url_ttl_seconds: 900,
+            max_artifact_bytes: 64 << 30,
+        }
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {
@@ -74,6 +127,8 @@ impl Default for Settings {
             limits: Limits::default(),
             auth: AuthSettings::default(),
             eligibility: Eligibility::default(),
+            fleet: Fleet::default(),
+            storage: Storage::default(),
         }
     }
 }

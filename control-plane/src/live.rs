@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::db::events::Event;
 use crate::db::jobs::Job;
+use crate::db::metrics::MetricPoint;
 use crate::db::Db;
 
 const CHANNEL: &str = "lora_job_updates";
@@ -21,8 +22,16 @@ const MAX_NOTIFY_BYTES: usize = 7900;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum JobUpdate {
-    Status { job: Box<Job> },
-    Event { event: Box<Event> },
+    Status {
+        job: Box<Job>,
+    },
+    Event {
+        event: Box<Event>,
+    },
+    Metrics {
+        job_id: Uuid,
+        point: Box<MetricPoint>,
+    },
 }
 
 impl JobUpdate {
@@ -30,6 +39,7 @@ impl JobUpdate {
         match self {
             JobUpdate::Status { job } => job.id,
             JobUpdate::Event { event, .. } => event.job_id,
+            JobUpdate::Metrics { job_id, .. } => *job_id,
         }
     }
 
@@ -38,6 +48,7 @@ impl JobUpdate {
         match self {
             JobUpdate::Status { .. } => "status",
             JobUpdate::Event { .. } => "event",
+            JobUpdate::Metrics { .. } => "metrics",
         }
     }
 
@@ -49,6 +60,7 @@ impl JobUpdate {
                 event.details = None;
                 event.message.truncate(1000);
             }
+            JobUpdate::Metrics { .. } => {}
         }
         self
     }

@@ -12,6 +12,7 @@ use crate::domain::GpuCatalog;
 use crate::enrichment::Enricher;
 use crate::http::{self, auth::LoginLimiter, ops::RequestMetrics, AppState};
 use crate::live::LiveUpdates;
+use crate::storage::ArtifactStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -31,6 +32,8 @@ pub enum StartupError {
     },
     #[error("live updates: {0}")]
     Listener(#[from] sqlx::Error),
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
 }
 
 pub struct Application {
@@ -89,7 +92,14 @@ impl Application {
                 address: settings.listen,
                 source,
             })?;
+        let artifacts = ArtifactStore::open(&settings)?;
+        let signing_key =
+            crate::db::artifacts::server_key(&db, "download_signing", &crate::auth::new_token(""))
+                .await?;
         let state = AppState {
+            artifacts,
+            signing_key: Arc::from(signing_key),
+            work_available: Arc::new(tokio::sync::Notify::new()),
             login_limiter: Arc::new(LoginLimiter::new(
                 settings.auth.login_max_failures,
                 Duration::from_secs(settings.auth.login_window_seconds),
@@ -122,6 +132,7 @@ impl Application {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         tracing::info!(address = %self.address, database = self.state.db.backend(), "control plane listening");
+        crate::recovery::spawn_sweeper(self.state.clone());
         let app = http::router(self.state.clone());
         axum::serve(
             self.listener,

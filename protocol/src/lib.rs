@@ -1,3 +1,4 @@
+pub mod agent;
 pub mod dataset;
 
 /// The projections of a Llama-family decoder layer that LoRA can target, as PEFT names

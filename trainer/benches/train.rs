@@ -5,7 +5,7 @@
 //! Prints one row per run: parameters, tokens/s, peak RSS, and the bytes the gradient
 //! store holds after a backward pass next to the bytes of the frozen weights; frozen
 //! weights contribute none (LoRA gradients plus a few first-layer activations remain).
-//! `scripts/bench-train` runs the matrix.
+//! `scripts/bench-trainer` runs the matrix.
 
 use std::collections::HashSet;
 

@@ -16,6 +16,7 @@ pub mod hub;
 pub mod init;
 pub mod loader;
 pub mod lora;
+pub mod merge;
 pub mod model;
 pub mod optim;
 pub mod peft;

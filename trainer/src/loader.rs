@@ -14,7 +14,8 @@ use crate::lora::LoraConfig;
 use crate::model::Model;
 use crate::rng::Rng;
 
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+/// The safetensors files holding a model's weights.
+pub(crate) fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join("model.safetensors");
     if single.exists() {
         return Ok(vec![single]);

@@ -53,6 +53,15 @@ enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// Fold an adapter into its base model; writes a Hugging Face model directory.
+    Merge {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write a tiny random model directory (config, weights, tokenizer, chat template).
     InitModel {
         #[arg(long)]
@@ -290,6 +299,15 @@ fn main() -> anyhow::Result<()> {
                     seed
                 )?
             );
+        }
+        Command::Merge {
+            model,
+            adapter,
+            out,
+        } => {
+            let merged = trainer::merge::merge_adapter(&model, &adapter, &out)?;
+            eprintln!("{merged} weights updated");
+            println!("{}", out.display());
         }
         Command::InitModel {
             out,

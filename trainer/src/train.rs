@@ -112,6 +112,12 @@ impl TrainOptions {
         maths.device = DeviceChoice::Cpu;
         maths.data = PathBuf::new();
         maths.val_data = None;
+        // The model is identified by its files' hashes below, not where it lives, so a
+        // run resumes on another host; and only the window size changes the maths, so a
+        // run retried with half the micro-batch and twice the accumulation resumes too.
+        maths.model = PathBuf::new();
+        maths.batch_size *= maths.grad_accum;
+        maths.grad_accum = 1;
         let mut text = serde_json::to_string(&maths).unwrap_or_default();
         for file in [
             "config.json",

@@ -74,6 +74,34 @@ fn init_train_eval_generate() {
         .is_some_and(f64::is_finite));
     assert_eq!(base["tokens"], tuned["tokens"]);
 
+    // The merged model scores what base + adapter scores.
+    run(&[
+        "merge",
+        "--model",
+        &path("model"),
+        "--adapter",
+        &path("out/adapter"),
+        "--out",
+        &path("merged"),
+    ]);
+    let (merged, _) = run(&[
+        "eval",
+        "--model",
+        &path("merged"),
+        "--data",
+        &path("data.jsonl"),
+    ]);
+    let merged: serde_json::Value = serde_json::from_str(&merged).expect("eval JSON");
+    let (tuned_loss, merged_loss) = (
+        tuned["loss_all_tokens"].as_f64().unwrap_or(f64::NAN),
+        merged["loss_all_tokens"].as_f64().unwrap_or(f64::NAN),
+    );
+    assert!(
+        (tuned_loss - merged_loss).abs() <= 1e-5 * tuned_loss.abs(),
+        "merged {merged_loss} vs adapter {tuned_loss}"
+    );
+    assert!(std::path::Path::new(&path("merged/tokenizer.json")).exists());
+
     let (answer, _) = run(&[
         "generate",
         "--model",

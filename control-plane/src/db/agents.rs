@@ -21,6 +21,12 @@ pub struct Agent {
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// `spot` or `ondemand`.
+    pub capacity: String,
+    /// Host telemetry from the latest heartbeat.
+    #[schema(value_type = Object)]
+    pub host: Json<serde_json::Value>,
+    pub current_attempt_id: Option<Uuid>,
 }
 
 pub struct NewAgent<'a> {
@@ -54,7 +60,8 @@ pub async fn register(
             "INSERT INTO agents (id, name, labels, gpus, secret_hash, enrollment_token_id, status,
                                  last_heartbeat_at, created_at, updated_at)
              VALUES ($1, $2, $3, $4, $5, $6, 'online', $7, $7, $7)
-             RETURNING id, name, labels, gpus, secret_hash, status, last_heartbeat_at, created_at, updated_at",
+             RETURNING id, name, labels, gpus, secret_hash, status, last_heartbeat_at, created_at, updated_at,
+                       capacity, host, current_attempt_id",
         )
         .bind(Uuid::new_v4())
         .bind(agent.name)
@@ -72,10 +79,94 @@ pub async fn register(
 }
 
 pub async fn list(db: &Db) -> Result<Vec<Agent>, DbError> {
-    Ok(on_pool!(db, pool => sqlx::query_as::<_, Agent>(
-        "SELECT id, name, labels, gpus, secret_hash, status, last_heartbeat_at, created_at, updated_at
-         FROM agents ORDER BY name, created_at",
+    let sql = format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY name, created_at");
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, Agent>(&sql).fetch_all(pool).await)?)
+}
+
+const AGENT_COLUMNS: &str =
+    "id, name, labels, gpus, secret_hash, status, last_heartbeat_at, created_at, updated_at, capacity, host, current_attempt_id";
+
+/// The agent holding this secret.
+pub async fn authenticate(db: &Db, secret_hash: &str) -> Result<Option<Agent>, DbError> {
+    let sql = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE secret_hash = $1");
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, Agent>(&sql)
+        .bind(secret_hash)
+        .fetch_optional(pool)
+        .await)?)
+}
+
+/// Stores a heartbeat: the agent's latest state (back online unless draining) and one
+/// row of history; history older than `retain_since` is dropped.
+pub async fn heartbeat(
+    db: &Db,
+    agent_id: Uuid,
+    beat: &protocol::agent::Heartbeat,
+    retain_since: DateTime<Utc>,
+) -> Result<Agent, DbError> {
+    let now = now();
+    let gpus = serde_json::to_value(&beat.gpus).unwrap_or_default();
+    let host = serde_json::to_value(&beat.host).unwrap_or_default();
+    let labels = serde_json::to_value(&beat.labels).unwrap_or_default();
+    let capacity = match beat.capacity {
+        protocol::agent::Capacity::Spot => "spot",
+        protocol::agent::Capacity::Ondemand => "ondemand",
+    };
+    let sql = format!(
+        "UPDATE agents SET gpus = $2, host = $3, labels = $4, capacity = $5, last_heartbeat_at = $6, updated_at = $6,
+             status = CASE WHEN status = 'draining' THEN status ELSE 'online' END
+         WHERE id = $1 RETURNING {AGENT_COLUMNS}"
+    );
+    Ok(on_pool!(db, pool => {
+        let mut tx = pool.begin().await?;
+        let agent = sqlx::query_as::<_, Agent>(&sql)
+            .bind(agent_id)
+            .bind(Json(&gpus))
+            .bind(Json(&host))
+            .bind(Json(&labels))
+            .bind(capacity)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO agent_telemetry (id, agent_id, gpus, host, recorded_at) VALUES ($1, $2, $3, $4, $5)")
+            .bind(Uuid::new_v4())
+            .bind(agent_id)
+            .bind(Json(&gpus))
+            .bind(Json(&host))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM agent_telemetry WHERE agent_id = $1 AND recorded_at < $2")
+            .bind(agent_id)
+            .bind(retain_since)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        agent
+    }))
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct TelemetryPoint {
+    #[schema(value_type = Vec<Object>)]
+    pub gpus: Json<serde_json::Value>,
+    #[schema(value_type = Object)]
+    pub host: Json<serde_json::Value>,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// An agent's recent heartbeats, oldest first.
+pub async fn telemetry(
+    db: &Db,
+    agent_id: Uuid,
+    limit: i64,
+) -> Result<Vec<TelemetryPoint>, DbError> {
+    let mut points: Vec<TelemetryPoint> = on_pool!(db, pool => sqlx::query_as::<_, TelemetryPoint>(
+        "SELECT gpus, host, recorded_at FROM agent_telemetry WHERE agent_id = $1 ORDER BY recorded_at DESC LIMIT $2",
     )
+    .bind(agent_id)
+    .bind(limit)
     .fetch_all(pool)
-    .await)?)
+    .await)?;
+    points.reverse();
+    Ok(points)
 }

@@ -52,14 +52,16 @@ impl Event {
     }
 }
 
-/// An `INSERT` of `$event` ready to run on any executor of either backend.
+/// An `INSERT` of `$event` ready to run on any executor of either backend. An event
+/// whose idempotency key the job already has is skipped (zero rows affected).
 macro_rules! insert_event {
     ($event:expr) => {{
         let event: &$crate::db::events::Event = $event;
         sqlx::query(
             "INSERT INTO event_logs (id, job_id, attempt_id, event_type, severity, message, details, source,
                                      idempotency_key, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (job_id, idempotency_key) DO NOTHING",
         )
         .bind(event.id)
         .bind(event.job_id)

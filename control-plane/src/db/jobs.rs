@@ -59,6 +59,9 @@ pub struct Job {
     pub resume_from_checkpoint_id: Option<Uuid>,
     pub agent_id: Option<Uuid>,
     pub external_job_id: Option<String>,
+    /// Agent labels a host must carry to run this job, such as {"zone": "eu-west-1a"}.
+    #[schema(value_type = Object)]
+    pub required_labels: Json<serde_json::Value>,
 }
 
 pub struct NewJob<'a> {
@@ -121,6 +124,16 @@ pub async fn get(db: &Db, id: Uuid, viewer: Viewer) -> Result<Option<Job>, DbErr
     .bind(viewer.sees_everything)
     .fetch_optional(pool)
     .await)?)
+}
+
+/// A job regardless of owner, for the agent protocol and background work.
+pub async fn get_any(db: &Db, id: Uuid) -> Result<Option<Job>, DbError> {
+    Ok(
+        on_pool!(db, pool => sqlx::query_as::<_, Job>("SELECT * FROM training_jobs WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await)?,
+    )
 }
 
 pub async fn list(
@@ -195,8 +208,17 @@ pub struct Configuration<'a> {
 /// What a status change writes besides the status itself.
 pub enum Change<'a> {
     Configure(Configuration<'a>),
-    Queue { estimated_start_time: DateTime<Utc> },
-    Cancel { reason: &'a str, final_cost: f64 },
+    Queue {
+        estimated_start_time: DateTime<Utc>,
+    },
+    Cancel {
+        reason: &'a str,
+        final_cost: f64,
+    },
+    /// Back to the queue by hand, resuming from a checkpoint (or from the start).
+    Resume {
+        checkpoint_id: Option<Uuid>,
+    },
 }
 
 impl Change<'_> {
@@ -205,6 +227,7 @@ impl Change<'_> {
             Change::Configure(_) => JobStatus::Configured,
             Change::Queue { .. } => JobStatus::Queued,
             Change::Cancel { .. } => JobStatus::Cancelled,
+            Change::Resume { .. } => JobStatus::Queued,
         }
     }
 }
@@ -273,6 +296,18 @@ pub async fn change_status(
             .bind(*reason)
             .bind(at)
             .bind(*final_cost),
+            Change::Resume { checkpoint_id } => sqlx::query_as::<_, Job>(
+                "UPDATE training_jobs SET status = $3, updated_at = $4, queued_at = $4, agent_id = NULL,
+                     resume_from_checkpoint_id = $5, error_message = NULL, failed_stage = NULL,
+                     completed_at = NULL, final_cost = NULL, current_stage = 'queued',
+                     progress_percentage = CASE WHEN $5 IS NULL THEN 0 ELSE progress_percentage END
+                 WHERE id = $1 AND status = $2 RETURNING *",
+            )
+            .bind(job_id)
+            .bind(from.as_str())
+            .bind(to.as_str())
+            .bind(at)
+            .bind(*checkpoint_id),
         };
         match query.fetch_optional(&mut *tx).await? {
             Some(job) => {
@@ -289,15 +324,6 @@ pub async fn change_status(
             }
         }
     }))
-}
-
-/// Cost accrued so far: hours since the job started training at its hourly rate.
-pub fn accrued_cost(job: &Job, at: DateTime<Utc>) -> f64 {
-    let (Some(started), Some(rate)) = (job.started_at, job.hourly_rate) else {
-        return job.current_cost;
-    };
-    let hours = (at - started).num_milliseconds().max(0) as f64 / 3_600_000.0;
-    round_cents(job.current_cost.max(hours * rate))
 }
 
 pub fn round_cents(amount: f64) -> f64 {

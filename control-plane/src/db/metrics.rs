@@ -26,6 +26,34 @@ pub struct MetricPoint {
 const COLUMNS: &str = "step, epoch, training_loss, validation_loss, learning_rate, grad_norm, \
                        tokens_per_second, gpu_utilization, memory_used_gb, recorded_at";
 
+/// An `INSERT` of a job's metric point that keeps the first point of each step, ready to
+/// run on any executor of either backend.
+macro_rules! insert_metric {
+    ($job_id:expr, $attempt_id:expr, $point:expr) => {{
+        let point: &$crate::db::metrics::MetricPoint = $point;
+        sqlx::query(
+            "INSERT INTO training_metrics (id, job_id, attempt_id, step, epoch, training_loss, validation_loss,
+                 learning_rate, grad_norm, tokens_per_second, gpu_utilization, memory_used_gb, recorded_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+             ON CONFLICT (job_id, step) DO NOTHING",
+        )
+        .bind(uuid::Uuid::new_v4())
+        .bind($job_id)
+        .bind($attempt_id)
+        .bind(point.step)
+        .bind(point.epoch)
+        .bind(point.training_loss)
+        .bind(point.validation_loss)
+        .bind(point.learning_rate)
+        .bind(point.grad_norm)
+        .bind(point.tokens_per_second)
+        .bind(point.gpu_utilization)
+        .bind(point.memory_used_gb)
+        .bind(point.recorded_at)
+    }};
+}
+pub(crate) use insert_metric;
+
 /// Stores a point; returns false when that step was already recorded.
 pub async fn record(
     db: &Db,
@@ -33,27 +61,10 @@ pub async fn record(
     attempt_id: Option<Uuid>,
     point: &MetricPoint,
 ) -> Result<bool, DbError> {
-    let inserted = on_pool!(db, pool => sqlx::query(
-        "INSERT INTO training_metrics (id, job_id, attempt_id, step, epoch, training_loss, validation_loss,
-             learning_rate, grad_norm, tokens_per_second, gpu_utilization, memory_used_gb, recorded_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-         ON CONFLICT (job_id, step) DO NOTHING",
-    )
-    .bind(Uuid::new_v4())
-    .bind(job_id)
-    .bind(attempt_id)
-    .bind(point.step)
-    .bind(point.epoch)
-    .bind(point.training_loss)
-    .bind(point.validation_loss)
-    .bind(point.learning_rate)
-    .bind(point.grad_norm)
-    .bind(point.tokens_per_second)
-    .bind(point.gpu_utilization)
-    .bind(point.memory_used_gb)
-    .bind(point.recorded_at)
-    .execute(pool)
-    .await.map(|r| r.rows_affected()))?;
+    let inserted = on_pool!(db, pool => insert_metric!(job_id, attempt_id, point)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected()))?;
     Ok(inserted == 1)
 }
 

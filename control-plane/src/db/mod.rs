@@ -11,6 +11,8 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
 pub mod agents;
+pub mod artifacts;
+pub mod attempts;
 pub mod events;
 pub mod files;
 pub mod jobs;

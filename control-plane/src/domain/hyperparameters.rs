@@ -1,26 +1,14 @@
 //! Training hyperparameters: a preset's values, overridden field by field, then checked.
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::configuration::Limits;
 
 use protocol::LORA_TARGET_MODULES;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Hyperparameters {
-    pub rank: u32,
-    pub lora_alpha: f64,
-    pub lora_dropout: f64,
-    pub learning_rate: f64,
-    pub epochs: u32,
-    pub batch_size: u32,
-    pub gradient_accumulation_steps: u32,
-    pub max_seq_len: u32,
-    pub warmup_ratio: f64,
-    pub target_modules: Vec<String>,
-    pub seed: u64,
-}
+/// The one definition, shared with the agent, which hands it to the trainer.
+pub use protocol::agent::Hyperparameters;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct FieldError {
@@ -37,98 +25,96 @@ impl FieldError {
     }
 }
 
-impl Hyperparameters {
-    /// Builds hyperparameters from a preset's `parameters` with `overrides` applied on top.
-    /// Every problem is reported, each naming its field.
-    pub fn resolve(
-        preset: &Map<String, Value>,
-        overrides: &Map<String, Value>,
-        limits: &Limits,
-    ) -> Result<Hyperparameters, Vec<FieldError>> {
-        let mut errors = Vec::new();
-        for key in overrides.keys() {
-            if !FIELDS.contains(&key.as_str()) {
-                errors.push(FieldError::new(
-                    key.clone(),
-                    format!("unknown hyperparameter; known: {}", FIELDS.join(", ")),
-                ));
-            }
+/// Builds hyperparameters from a preset's `parameters` with `overrides` applied on top.
+/// Every problem is reported, each naming its field.
+pub fn resolve(
+    preset: &Map<String, Value>,
+    overrides: &Map<String, Value>,
+    limits: &Limits,
+) -> Result<Hyperparameters, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    for key in overrides.keys() {
+        if !FIELDS.contains(&key.as_str()) {
+            errors.push(FieldError::new(
+                key.clone(),
+                format!("unknown hyperparameter; known: {}", FIELDS.join(", ")),
+            ));
         }
-        let get = |key: &str| {
-            overrides
-                .get(key)
-                .or_else(|| preset.get(key))
-                .filter(|v| !v.is_null())
-        };
-        let mut field = Field {
-            errors: &mut errors,
-        };
-
-        let rank = field.integer(get("rank"), "rank", 16, 1, i64::from(limits.max_rank));
-        let lora_alpha = field.number(get("lora_alpha"), "lora_alpha", 2.0 * rank as f64, |x| {
-            (x > 0.0 && x <= 4096.0)
-                .then_some(())
-                .ok_or("must be greater than 0 and at most 4096")
-        });
-        let lora_dropout = field.number(get("lora_dropout"), "lora_dropout", 0.05, |x| {
-            (0.0..1.0)
-                .contains(&x)
-                .then_some(())
-                .ok_or("must be at least 0 and less than 1")
-        });
-        let learning_rate = field.number(get("learning_rate"), "learning_rate", 2e-4, |x| {
-            (x > 0.0 && x <= 1.0)
-                .then_some(())
-                .ok_or("must be greater than 0 and at most 1")
-        });
-        let epochs = field.integer(get("epochs"), "epochs", 3, 1, i64::from(limits.max_epochs));
-        let batch_size = field.integer(
-            get("batch_size"),
-            "batch_size",
-            2,
-            1,
-            i64::from(limits.max_batch_size),
-        );
-        let gradient_accumulation_steps = field.integer(
-            get("gradient_accumulation_steps"),
-            "gradient_accumulation_steps",
-            1,
-            1,
-            1024,
-        );
-        let max_seq_len = field.integer(
-            get("max_seq_len"),
-            "max_seq_len",
-            2048,
-            16,
-            i64::from(limits.max_seq_len),
-        );
-        let warmup_ratio = field.number(get("warmup_ratio"), "warmup_ratio", 0.03, |x| {
-            (0.0..=0.5)
-                .contains(&x)
-                .then_some(())
-                .ok_or("must be between 0 and 0.5")
-        });
-        let target_modules = field.target_modules(get("target_modules"));
-        let seed = field.integer(get("seed"), "seed", 42, 0, i64::MAX);
-
-        if !errors.is_empty() {
-            return Err(errors);
-        }
-        Ok(Hyperparameters {
-            rank: rank as u32,
-            lora_alpha,
-            lora_dropout,
-            learning_rate,
-            epochs: epochs as u32,
-            batch_size: batch_size as u32,
-            gradient_accumulation_steps: gradient_accumulation_steps as u32,
-            max_seq_len: max_seq_len as u32,
-            warmup_ratio,
-            target_modules,
-            seed: seed as u64,
-        })
     }
+    let get = |key: &str| {
+        overrides
+            .get(key)
+            .or_else(|| preset.get(key))
+            .filter(|v| !v.is_null())
+    };
+    let mut field = Field {
+        errors: &mut errors,
+    };
+
+    let rank = field.integer(get("rank"), "rank", 16, 1, i64::from(limits.max_rank));
+    let lora_alpha = field.number(get("lora_alpha"), "lora_alpha", 2.0 * rank as f64, |x| {
+        (x > 0.0 && x <= 4096.0)
+            .then_some(())
+            .ok_or("must be greater than 0 and at most 4096")
+    });
+    let lora_dropout = field.number(get("lora_dropout"), "lora_dropout", 0.05, |x| {
+        (0.0..1.0)
+            .contains(&x)
+            .then_some(())
+            .ok_or("must be at least 0 and less than 1")
+    });
+    let learning_rate = field.number(get("learning_rate"), "learning_rate", 2e-4, |x| {
+        (x > 0.0 && x <= 1.0)
+            .then_some(())
+            .ok_or("must be greater than 0 and at most 1")
+    });
+    let epochs = field.integer(get("epochs"), "epochs", 3, 1, i64::from(limits.max_epochs));
+    let batch_size = field.integer(
+        get("batch_size"),
+        "batch_size",
+        2,
+        1,
+        i64::from(limits.max_batch_size),
+    );
+    let gradient_accumulation_steps = field.integer(
+        get("gradient_accumulation_steps"),
+        "gradient_accumulation_steps",
+        1,
+        1,
+        1024,
+    );
+    let max_seq_len = field.integer(
+        get("max_seq_len"),
+        "max_seq_len",
+        2048,
+        16,
+        i64::from(limits.max_seq_len),
+    );
+    let warmup_ratio = field.number(get("warmup_ratio"), "warmup_ratio", 0.03, |x| {
+        (0.0..=0.5)
+            .contains(&x)
+            .then_some(())
+            .ok_or("must be between 0 and 0.5")
+    });
+    let target_modules = field.target_modules(get("target_modules"));
+    let seed = field.integer(get("seed"), "seed", 42, 0, i64::MAX);
+
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Hyperparameters {
+        rank: rank as u32,
+        lora_alpha,
+        lora_dropout,
+        learning_rate,
+        epochs: epochs as u32,
+        batch_size: batch_size as u32,
+        gradient_accumulation_steps: gradient_accumulation_steps as u32,
+        max_seq_len: max_seq_len as u32,
+        warmup_ratio,
+        target_modules,
+        seed: seed as u64,
+    })
 }
 
 const FIELDS: [&str; 11] = [
@@ -253,8 +239,7 @@ mod tests {
     fn overrides_win_over_the_preset() {
         let preset = object(json!({"rank": 8, "learning_rate": 0.0001, "epochs": 2}));
         let resolved =
-            Hyperparameters::resolve(&preset, &object(json!({"rank": 32})), &Limits::default())
-                .expect("valid");
+            resolve(&preset, &object(json!({"rank": 32})), &Limits::default()).expect("valid");
         assert_eq!(
             (resolved.rank, resolved.epochs, resolved.lora_alpha),
             (32, 2, 64.0)
@@ -268,8 +253,7 @@ mod tests {
             "rank": 0, "lora_dropout": 1.5, "learning_rate": "fast", "epochs": 2.5,
             "target_modules": ["q_proj", "lm_head"], "colour": "blue"
         }));
-        let errors = Hyperparameters::resolve(&Map::new(), &overrides, &Limits::default())
-            .expect_err("invalid");
+        let errors = resolve(&Map::new(), &overrides, &Limits::default()).expect_err("invalid");
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(
             fields,
@@ -290,7 +274,7 @@ mod tests {
             max_rank: 64,
             ..Limits::default()
         };
-        let errors = Hyperparameters::resolve(&Map::new(), &object(json!({"rank": 128})), &limits)
+        let errors = resolve(&Map::new(), &object(json!({"rank": 128})), &limits)
             .expect_err("over the limit");
         assert_eq!(
             errors,

@@ -3,6 +3,7 @@
 pub mod gpu_catalog;
 pub mod hyperparameters;
 pub mod job_status;
+pub mod placement;
 pub mod user;
 
 pub use gpu_catalog::{GpuCatalog, GpuType};

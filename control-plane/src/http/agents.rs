@@ -20,6 +20,7 @@ use crate::domain::FieldError;
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list))
+        .routes(routes!(telemetry))
         .routes(routes!(register))
 }
 
@@ -93,14 +94,39 @@ struct AgentList {
     data: Vec<Agent>,
 }
 
+fn operators_only(user: &CurrentUser) -> ApiResult<()> {
+    if user.0.role().sees_everything() {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(
+            "the fleet is visible to operators and admins only".into(),
+        ))
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+struct TelemetryHistory {
+    data: Vec<agents::TelemetryPoint>,
+}
+
+/// An agent's recent heartbeats, oldest first (operators and admins).
+#[utoipa::path(get, path = "/agents/{id}/telemetry", tag = "agents", params(("id" = Uuid, Path)),
+    responses((status = 200, body = TelemetryHistory), (status = 403, body = ErrorBody)))]
+async fn telemetry(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    axum::extract::Path(id): axum::extract::Path<Uuid>,
+) -> ApiResult<Json<TelemetryHistory>> {
+    operators_only(&user)?;
+    Ok(Json(TelemetryHistory {
+        data: agents::telemetry(&state.db, id, 720).await?,
+    }))
+}
+
 /// The fleet (operators and admins).
 #[utoipa::path(get, path = "/agents", tag = "agents", responses((status = 200, body = AgentList), (status = 403, body = ErrorBody)))]
 async fn list(State(state): State<AppState>, user: CurrentUser) -> ApiResult<Json<AgentList>> {
-    if !user.0.role().sees_everything() {
-        return Err(ApiError::Forbidden(
-            "the fleet is visible to operators and admins only".into(),
-        ));
-    }
+    operators_only(&user)?;
     Ok(Json(AgentList {
         data: agents::list(&state.db).await?,
     }))

@@ -17,8 +17,8 @@ use super::{ApiJson, ApiQuery, AppState, Page};
 use crate::db::events::{self, Event, EventFilter};
 use crate::db::jobs::{self, Change, ChangeOutcome, Configuration, Job, NewJob};
 use crate::db::metrics::{self, MetricPoint};
-use crate::db::{files, now, presets};
-use crate::domain::{FieldError, GpuType, Hyperparameters, JobStatus};
+use crate::db::{attempts, files, now, presets};
+use crate::domain::{hyperparameters, FieldError, GpuType, JobStatus};
 use crate::live::JobUpdate;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -219,7 +219,7 @@ pub async fn configure_job(state: &AppState, job: Job, request: &ConfigureJob) -
     if preset.is_none() {
         errors.push(FieldError::new("preset_id", "no such preset"));
     }
-    let hyperparameters = Hyperparameters::resolve(
+    let hyperparameters = hyperparameters::resolve(
         preset.as_ref().map_or(&Map::new(), |p| &p.parameters.0),
         &request.hyperparameters,
         &state.settings.limits,
@@ -295,6 +295,17 @@ pub async fn configure_job(state: &AppState, job: Job, request: &ConfigureJob) -
 }
 
 /// Writes a status change and tells live subscribers; a concurrent change answers 409.
+/// Applies a status change and answers with the job's view.
+pub async fn apply_change(
+    state: &AppState,
+    job: &Job,
+    change: Change<'_>,
+    event: Event,
+) -> ApiResult<JobView> {
+    let job = apply(state, job, change, event).await?;
+    view(state, job).await
+}
+
 async fn apply(state: &AppState, job: &Job, change: Change<'_>, event: Event) -> ApiResult<Job> {
     match jobs::change_status(&state.db, job.id, job.status, change, &event).await? {
         ChangeOutcome::Applied(updated) => {
@@ -342,6 +353,7 @@ async fn start(
         event,
     )
     .await?;
+    state.work_available.notify_waiters();
     Ok(Json(view(&state, job).await?))
 }
 
@@ -373,7 +385,7 @@ async fn cancel(
         }
         reason => reason,
     };
-    let final_cost = jobs::accrued_cost(&job, now());
+    let final_cost = jobs::round_cents(attempts::job_cost(&state.db, job.id, now()).await?);
     let event = Event::new(
         job.id,
         "status",
@@ -382,6 +394,7 @@ async fn cancel(
     )
     .with_details(json!({"from": job.status, "to": "cancelled", "final_cost": final_cost}));
     let job = apply(&state, &job, Change::Cancel { reason, final_cost }, event).await?;
+    crate::costs::record(&state, &job).await?;
     Ok(Json(view(&state, job).await?))
 }
 

@@ -19,8 +19,11 @@ use crate::db::Db;
 use crate::domain::{FieldError, GpuCatalog};
 use crate::enrichment::Enricher;
 use crate::live::LiveUpdates;
+use crate::storage::ArtifactStore;
 
+pub mod agent_api;
 pub mod agents;
+pub mod artifacts;
 pub mod auth;
 pub mod error;
 pub mod files;
@@ -41,6 +44,11 @@ pub struct AppState {
     pub enricher: Enricher,
     pub login_limiter: Arc<auth::LoginLimiter>,
     pub metrics: Arc<ops::RequestMetrics>,
+    pub artifacts: ArtifactStore,
+    /// Signs download links; shared by every replica through the database.
+    pub signing_key: Arc<str>,
+    /// Wakes claims waiting for work when a job is queued on this replica.
+    pub work_available: Arc<tokio::sync::Notify>,
 }
 
 #[derive(OpenApi)]
@@ -53,7 +61,8 @@ pub struct AppState {
     security(("bearer" = []), ("session" = [])),
     tags(
         (name = "auth"), (name = "training-files"), (name = "presets"), (name = "jobs"),
-        (name = "templates"), (name = "agents"), (name = "operations"),
+        (name = "templates"), (name = "artifacts"), (name = "agents"), (name = "agent protocol"),
+        (name = "operations"),
     )
 )]
 struct ApiDoc;
@@ -83,7 +92,9 @@ pub fn router(state: AppState) -> Router {
         .merge(jobs::router())
         .merge(stream::router())
         .merge(templates::router())
-        .merge(agents::router());
+        .merge(artifacts::router())
+        .merge(agents::router())
+        .merge(agent_api::router());
     let (routes, document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", api)
         .merge(ops::router())

@@ -12,7 +12,7 @@ use super::auth::CurrentUser;
 use super::error::{ApiError, ApiResult, ErrorBody};
 use super::{ApiJson, AppState};
 use crate::db::presets::{self, Estimates, NewPreset, Preset};
-use crate::domain::{FieldError, Hyperparameters};
+use crate::domain::{hyperparameters, FieldError};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(list, create))
@@ -97,7 +97,7 @@ async fn create(
         ));
     }
     let parameters =
-        Hyperparameters::resolve(&Map::new(), &request.parameters, &state.settings.limits).map_err(
+        hyperparameters::resolve(&Map::new(), &request.parameters, &state.settings.limits).map_err(
             |field_errors| {
                 errors.extend(
                     field_errors

@@ -25,13 +25,14 @@ fn to_sse(update: &JobUpdate) -> SseEvent {
     let data = match update {
         JobUpdate::Status { job } => serde_json::to_string(job),
         JobUpdate::Event { event, .. } => serde_json::to_string(event),
+        JobUpdate::Metrics { point, .. } => serde_json::to_string(point),
     }
     .unwrap_or_default();
     SseEvent::default().event(update.name()).data(data)
 }
 
 /// Live updates of one job as server-sent events: `status` (the job), `event` (a log
-/// entry), `resync` (the client fell behind: refetch).
+/// entry), `metrics` (a training step), `resync` (the client fell behind: refetch).
 #[utoipa::path(get, path = "/jobs/{id}/stream", tag = "jobs", params(("id" = Uuid, Path)),
     responses((status = 200, content_type = "text/event-stream", body = String), (status = 404, body = ErrorBody)))]
 async fn stream_job(

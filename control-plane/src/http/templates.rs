@@ -15,7 +15,7 @@ use super::jobs::{configure_job, create_draft, visible_job, ConfigureJob, Create
 use super::{ApiJson, ApiQuery, AppState};
 use crate::db::presets;
 use crate::db::templates::{self, NewTemplate, Template};
-use crate::domain::{FieldError, GpuType, Hyperparameters, JobStatus};
+use crate::domain::{hyperparameters, FieldError, GpuType, JobStatus};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -91,7 +91,7 @@ async fn create(
     }
     if let Some(hyperparameters) = &request.hyperparameters {
         if let Err(field_errors) =
-            Hyperparameters::resolve(&Map::new(), hyperparameters, &state.settings.limits)
+            hyperparameters::resolve(&Map::new(), hyperparameters, &state.settings.limits)
         {
             errors.extend(
                 field_errors

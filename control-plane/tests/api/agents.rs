@@ -63,3 +63,170 @@ async fn agents_enroll_with_a_live_token_and_operators_see_them(backend: Backend
     assert_eq!(fleet["data"][0]["labels"]["zone"], "eu-west-1a");
     assert!(fleet["data"][0].get("secret_hash").is_none());
 }
+
+on_both_backends!(
+    concurrent_claims_assign_each_job_exactly_once,
+    the_agent_protocol_needs_the_agent_secret
+);
+
+/// Enrolls an agent; returns its secret.
+async fn enroll(app: &TestApp, name: &str) -> String {
+    let token = new_token("lce_");
+    users::create_enrollment_token(&app.db, &token_hash(&token), now() + Duration::hours(1))
+        .await
+        .expect("token");
+    let response = app
+        .client
+        .post(app.url("/api/v1/agents/register"))
+        .json(&json!({"enrollment_token": token, "name": name}))
+        .send()
+        .await
+        .expect("register");
+    let (_, registered) = json_of(response).await;
+    registered["agent_secret"]
+        .as_str()
+        .expect("secret")
+        .to_owned()
+}
+
+fn heartbeat() -> serde_json::Value {
+    json!({"gpus": [], "host": {"cpu_percent": 1.0, "cpu_count": 2, "memory_used_mb": 1000,
+           "memory_total_mb": 64000, "disk_free_mb": 1000}, "capacity": "ondemand",
+           "attempt_id": null, "labels": {}})
+}
+
+/// Queues a configured job on the small model catalogue entry; returns its id.
+async fn queued_job(app: &TestApp, user: &crate::helpers::User) -> String {
+    let (_, job) = app.draft_job(user).await;
+    let id = job["id"].as_str().expect("id").to_owned();
+    let configure = app
+        .put(
+            user,
+            &format!("/api/v1/jobs/{id}/configure"),
+            json!({"gpu_type": "spot", "gpu_model": "H100-80GB"}),
+        )
+        .await;
+    assert_eq!(configure.status(), StatusCode::OK);
+    let start = app
+        .post(user, &format!("/api/v1/jobs/{id}/start"), json!({}))
+        .await;
+    assert_eq!(start.status(), StatusCode::OK);
+    id
+}
+
+async fn concurrent_claims_assign_each_job_exactly_once(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let user = app.user("ada@example.com", Role::User).await;
+    let mut jobs = Vec::new();
+    for _ in 0..3 {
+        jobs.push(queued_job(&app, &user).await);
+    }
+    let mut secrets = Vec::new();
+    for i in 0..8 {
+        secrets.push(enroll(&app, &format!("host-{i}")).await);
+    }
+    let claims = secrets.iter().map(|secret| {
+        app.client
+            .post(app.url("/api/v1/agent/claim"))
+            .bearer_auth(secret)
+            .json(&json!({"wait_seconds": 0, "heartbeat": heartbeat()}))
+            .send()
+    });
+    let mut assigned = Vec::new();
+    for response in futures::future::join_all(claims).await {
+        let response = response.expect("claim");
+        match response.status() {
+            StatusCode::OK => {
+                let assignment: serde_json::Value = response.json().await.expect("assignment");
+                assigned.push(assignment["job_id"].as_str().expect("job id").to_owned());
+            }
+            StatusCode::NO_CONTENT => {}
+            other => panic!("claim answered {other}"),
+        }
+    }
+    assigned.sort();
+    jobs.sort();
+    assert_eq!(assigned, jobs, "each queued job to exactly one agent");
+    for job in &jobs {
+        let (_, view) = json_of(app.get(&user, &format!("/api/v1/jobs/{job}")).await).await;
+        assert_eq!(view["status"], "provisioning");
+        let (_, attempts) = json_of(
+            app.get(&user, &format!("/api/v1/jobs/{job}/attempts"))
+                .await,
+        )
+        .await;
+        assert_eq!(attempts["data"].as_array().map(Vec::len), Some(1));
+    }
+}
+
+async fn the_agent_protocol_needs_the_agent_secret(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let user = app.user("ada@example.com", Role::User).await;
+    // A user's token is not an agent's secret.
+    let response = app
+        .client
+        .post(app.url("/api/v1/agent/heartbeat"))
+        .bearer_auth(&user.token)
+        .json(&heartbeat())
+        .send()
+        .await
+        .expect("heartbeat");
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let secret = enroll(&app, "host").await;
+    let response = app
+        .client
+        .post(app.url("/api/v1/agent/heartbeat"))
+        .bearer_auth(&secret)
+        .json(&heartbeat())
+        .send()
+        .await
+        .expect("heartbeat");
+    let (status, reply) = json_of(response).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(reply["stop_attempt"], false);
+    // Operators see the latest telemetry and its history.
+    let operator = app.user("ops@example.com", Role::Operator).await;
+    let (_, fleet) = json_of(app.get(&operator, "/api/v1/agents").await).await;
+    assert_eq!(fleet["data"][0]["host"]["memory_total_mb"], 64000);
+    let agent_id = fleet["data"][0]["id"]
+        .as_str()
+        .expect("agent id")
+        .to_owned();
+    let (status, history) = json_of(
+        app.get(&operator, &format!("/api/v1/agents/{agent_id}/telemetry"))
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(history["data"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        app.get(&user, &format!("/api/v1/agents/{agent_id}/telemetry"))
+            .await
+            .status(),
+        StatusCode::FORBIDDEN
+    );
+    // Nothing queued: the claim waits, then answers 204.
+    let response = app
+        .client
+        .post(app.url("/api/v1/agent/claim"))
+        .bearer_auth(&secret)
+        .json(&json!({"wait_seconds": 1, "heartbeat": heartbeat()}))
+        .send()
+        .await
+        .expect("claim");
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    // Another agent's attempt is not found.
+    let response = app
+        .client
+        .get(app.url(&format!(
+            "/api/v1/agent/attempts/{}/training-file",
+            uuid::Uuid::new_v4()
+        )))
+        .bearer_auth(&secret)
+        .send()
+        .await
+        .expect("file");
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+}

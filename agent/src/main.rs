@@ -1,0 +1,33 @@
+use clap::{Parser, Subcommand};
+
+/// LoRA fine-tuning agent for a GPU host.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enroll (first run), then claim and run jobs until stopped.
+    Run(agent::config::Flags),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,agent=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Run(flags) => {
+            let config = agent::config::AgentConfig::load(flags).map_err(anyhow::Error::msg)?;
+            agent::daemon::run(config).await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,458 @@
+//! Runs one assignment: fetch the data (and the checkpoint to resume from), train
+//! in-process on a blocking thread, stream progress through the outbox, upload
+//! checkpoints and the adapter, and end the attempt: succeeded, failed, cancelled, or
+//! interrupted by a spot notice after a checkpoint at the next step boundary.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use chrono::Utc;
+use protocol::agent::{
+    ArtifactKind, ArtifactUpload, Assignment, AttemptOutcome, FailureKind, GpuTelemetry,
+    Hyperparameters, MetricReport, Report, Severity, Stage,
+};
+use tokio::sync::mpsc;
+use trainer::train::{Control, DeviceChoice, Observer, StepMetrics, TrainOptions};
+use trainer::TrainerError;
+
+use crate::client::{sha256_file, ControlPlane};
+use crate::config::{AgentConfig, Device};
+use crate::error::{AgentError, Result};
+use crate::outbox::Outbox;
+use crate::spot::{self, Notice, Notices};
+use crate::telemetry::process_memory_gib;
+
+/// The latest GPU reading, shared with the heartbeat loop, for per-step metrics.
+pub type LatestGpu = Arc<Mutex<Option<GpuTelemetry>>>;
+
+/// How an attempt ended on this host.
+pub enum Ended {
+    Normally,
+    /// The host is going away: stop taking work.
+    Interrupted,
+}
+
+/// Forwards the trainer's progress into the outbox and checkpoints to the uploader.
+struct Reporter {
+    outbox: Outbox,
+    checkpoints: mpsc::UnboundedSender<(usize, PathBuf)>,
+    latest_gpu: LatestGpu,
+    warnings: usize,
+}
+
+impl Observer for Reporter {
+    fn stage(&mut self, stage: trainer::train::Stage) {
+        let stage = match stage {
+            trainer::train::Stage::Preprocessing => Stage::Preprocessing,
+            trainer::train::Stage::ModelLoading => Stage::ModelLoading,
+            trainer::train::Stage::Training => Stage::Training,
+            trainer::train::Stage::Finalization => Stage::Finalization,
+        };
+        self.outbox.push(Report::Stage {
+            key: format!("stage-{}", stage.as_str()),
+            stage,
+            at: Utc::now(),
+        });
+    }
+
+    fn step(&mut self, m: &StepMetrics) {
+        let gpu = self
+            .latest_gpu
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default();
+        self.outbox.push(Report::Metric {
+            key: format!("step-{}", m.step),
+            metric: MetricReport {
+                step: m.step as u64,
+                total_steps: m.total_steps as u64,
+                epoch: m.epoch,
+                training_loss: m.loss,
+                validation_loss: m.validation_loss,
+                learning_rate: m.learning_rate,
+                grad_norm: m.grad_norm,
+                tokens_per_second: m.tokens_per_second,
+                gpu_utilization: gpu.as_ref().and_then(|g| g.utilization_percent),
+                memory_used_gb: match &gpu {
+                    Some(g) => Some(g.memory_used_mb as f64 / 1024.0),
+                    None => process_memory_gib(),
+                },
+                elapsed_seconds: m.elapsed_seconds,
+                recorded_at: Utc::now(),
+            },
+        });
+    }
+
+    fn warning(&mut self, message: &str) {
+        self.warnings += 1;
+        self.outbox.push(Report::Event {
+            key: format!("warning-{}", self.warnings),
+            event_type: "warning".into(),
+            severity: Severity::Warning,
+            message: message.to_owned(),
+            details: None,
+            at: Utc::now(),
+        });
+    }
+
+    fn checkpoint(&mut self, step: usize, dir: &Path) {
+        let _ = self.checkpoints.send((step, dir.to_path_buf()));
+    }
+}
+
+fn device(config: &AgentConfig, has_gpu: bool) -> DeviceChoice {
+    match config.device {
+        Device::Cpu => DeviceChoice::Cpu,
+        Device::Cuda => DeviceChoice::Cuda,
+        Device::Auto if cfg!(feature = "cuda") && has_gpu => DeviceChoice::Cuda,
+        Device::Auto => DeviceChoice::Cpu,
+    }
+}
+
+fn classify(error: &TrainerError) -> FailureKind {
+    let text = error.to_string().to_ascii_lowercase();
+    if text.contains("out of memory") || text.contains("out_of_memory") {
+        FailureKind::OutOfMemory
+    } else if matches!(error, TrainerError::Dataset { .. })
+        || text.contains("no training examples")
+        || text.contains("no conversation")
+    {
+        FailureKind::Dataset
+    } else {
+        FailureKind::Other
+    }
+}
+
+/// Packs a checkpoint directory into `<dir>.tar`; returns the archive and its SHA-256.
+fn archive(dir: &Path) -> Result<(PathBuf, String)> {
+    let target = dir.with_extension("tar");
+    let file = std::fs::File::create(&target).map_err(|e| AgentError::io(&target, e))?;
+    let mut builder = tar::Builder::new(file);
+    let name = dir.file_name().map(PathBuf::from).unwrap_or_default();
+    builder
+        .append_dir_all(&name, dir)
+        .and_then(|_| builder.finish())
+        .map_err(|e| AgentError::io(dir, e))?;
+    let sha = sha256_file(&target)?;
+    Ok((target, sha))
+}
+
+fn unpack(archive: &Path, into: &Path) -> Result<PathBuf> {
+    let file = std::fs::File::open(archive).map_err(|e| AgentError::io(archive, e))?;
+    tar::Archive::new(file)
+        .unpack(into)
+        .map_err(|e| AgentError::io(archive, e))?;
+    let entry = std::fs::read_dir(into)
+        .map_err(|e| AgentError::io(into, e))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.is_dir())
+        .ok_or_else(|| AgentError::Config(format!("{} holds no checkpoint", archive.display())))?;
+    Ok(entry)
+}
+
+async fn upload_checkpoint(
+    client: &ControlPlane,
+    attempt: uuid::Uuid,
+    step: usize,
+    dir: PathBuf,
+) -> Result<()> {
+    let (tar, sha256) = tokio::task::spawn_blocking(move || archive(&dir))
+        .await
+        .map_err(|e| AgentError::Config(format!("archiving a checkpoint: {e}")))??;
+    client
+        .upload(
+            attempt,
+            &tar,
+            &ArtifactUpload {
+                kind: ArtifactKind::Checkpoint,
+                name: format!("checkpoint-step-{step}.tar"),
+                sha256,
+                step: Some(step as u64),
+                epoch: None,
+            },
+        )
+        .await?;
+    let _ = tokio::fs::remove_file(&tar).await;
+    Ok(())
+}
+
+async fn upload_outputs(client: &ControlPlane, attempt: uuid::Uuid, out: &Path) -> Result<()> {
+    let files = [
+        (
+            "adapter/adapter_model.safetensors",
+            ArtifactKind::AdapterWeights,
+        ),
+        ("adapter/adapter_config.json", ArtifactKind::AdapterWeights),
+        ("summary.json", ArtifactKind::TrainingReport),
+        ("metrics.jsonl", ArtifactKind::MetricsExport),
+    ];
+    for (relative, kind) in files {
+        let path = out.join(relative);
+        if !path.exists() {
+            continue;
+        }
+        let sha256 = sha256_file(&path)?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        client
+            .upload(
+                attempt,
+                &path,
+                &ArtifactUpload {
+                    kind,
+                    name,
+                    sha256,
+                    step: None,
+                    epoch: None,
+                },
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Runs `assignment` to its end and reports that end to the control plane.
+pub async fn run(
+    config: &AgentConfig,
+    client: &ControlPlane,
+    assignment: Assignment,
+    mut notices: Notices,
+    latest_gpu: LatestGpu,
+    stop: Arc<tokio::sync::Notify>,
+) -> Result<Ended> {
+    let attempt = assignment.attempt_id;
+    let dir = config.attempt_dir(attempt);
+    std::fs::create_dir_all(&dir).map_err(|e| AgentError::io(&dir, e))?;
+    let outbox = Outbox::open(&config.outbox_dir(), attempt)?;
+    let control = Arc::new(Control::default());
+    tracing::info!(job = %assignment.job_name, attempt = assignment.attempt_number, "attempt started");
+
+    // Delivery runs for the whole attempt; a stop from the control plane cancels training.
+    let delivery = {
+        let (outbox, client, control) = (outbox.clone(), client.clone(), control.clone());
+        tokio::spawn(async move {
+            outbox
+                .deliver(&client, |delivery| {
+                    if delivery.stop_attempt {
+                        control.cancel();
+                    }
+                })
+                .await
+        })
+    };
+    let stop_watch = {
+        let (control, stop) = (control.clone(), stop.clone());
+        tokio::spawn(async move {
+            stop.notified().await;
+            control.cancel();
+        })
+    };
+
+    let has_gpu = latest_gpu.lock().map(|g| g.is_some()).unwrap_or(false);
+    let prepared = prepare(config, client, &assignment, &dir, has_gpu).await;
+    let options = match prepared {
+        Ok(options) => options,
+        Err(error) => {
+            outbox.close();
+            let _ = delivery.await;
+            stop_watch.abort();
+            let kind = match &error {
+                AgentError::Trainer(e) => classify(e),
+                _ => FailureKind::Other,
+            };
+            client
+                .finish(
+                    attempt,
+                    &AttemptOutcome::Failed {
+                        kind,
+                        message: error.to_string(),
+                    },
+                )
+                .await?;
+            Outbox::remove(&config.outbox_dir(), attempt);
+            return Ok(Ended::Normally);
+        }
+    };
+
+    let (checkpoint_sender, mut checkpoint_receiver) = mpsc::unbounded_channel();
+    let training = {
+        let mut reporter = Reporter {
+            outbox: outbox.clone(),
+            checkpoints: checkpoint_sender,
+            latest_gpu,
+            warnings: 0,
+        };
+        let control = control.clone();
+        let options = options.clone();
+        tokio::task::spawn_blocking(move || {
+            trainer::train::train(&options, &mut reporter, &control)
+        })
+    };
+    tokio::pin!(training);
+
+    let mut notice: Option<Notice> = None;
+    let mut last_checkpoint: Option<usize> = None;
+    let result = loop {
+        tokio::select! {
+            result = &mut training => break result,
+            Some((step, path)) = checkpoint_receiver.recv() => {
+                upload_checkpoint(client, attempt, step, path).await?;
+                last_checkpoint = Some(step);
+            }
+            changed = notices.changed(), if notice.is_none() => {
+                if changed.is_err() { continue; }
+                if let Some(received) = notices.borrow().clone() {
+                    tracing::warn!(provider = received.provider, "notice received: checkpointing at the next step boundary");
+                    outbox.push(Report::Event {
+                        key: "spot-notice".into(),
+                        event_type: "warning".into(),
+                        severity: Severity::Warning,
+                        message: format!("Interruption notice from {}: checkpointing at the next step boundary", received.provider),
+                        details: Some(serde_json::json!({"provider": received.provider, "deadline": received.deadline})),
+                        at: Utc::now(),
+                    });
+                    // Checkpoint after the step in flight, then stop before the next.
+                    control.request_checkpoint();
+                    control.cancel();
+                    notice = Some(received);
+                }
+            }
+        }
+    };
+    // Checkpoints written in the last step are uploaded before anything is reported.
+    while let Ok((step, path)) = checkpoint_receiver.try_recv() {
+        upload_checkpoint(client, attempt, step, path).await?;
+        last_checkpoint = Some(step);
+    }
+    stop_watch.abort();
+    let result =
+        result.map_err(|e| AgentError::Config(format!("the trainer thread failed: {e}")))?;
+
+    let (outcome, ended) = match (result, &notice) {
+        (Ok(_), Some(notice)) => (
+            AttemptOutcome::Interrupted {
+                provider: notice.provider.to_owned(),
+                notice_deadline: notice.deadline,
+                seconds_used: notice.received_at.elapsed().as_secs_f64(),
+                checkpoint_step: last_checkpoint.map(|s| s as u64),
+            },
+            Ended::Interrupted,
+        ),
+        (Ok(summary), None) if summary.cancelled => (AttemptOutcome::Cancelled, Ended::Normally),
+        (Ok(summary), None) => {
+            upload_outputs(client, attempt, &options.out).await?;
+            (
+                AttemptOutcome::Succeeded {
+                    summary: serde_json::to_value(&summary)?,
+                },
+                Ended::Normally,
+            )
+        }
+        (Err(error), _) => {
+            tracing::error!(%error, "training failed");
+            (
+                AttemptOutcome::Failed {
+                    kind: classify(&error),
+                    message: error.to_string(),
+                },
+                Ended::Normally,
+            )
+        }
+    };
+    // Every report reaches the control plane before the attempt's end does.
+    outbox.close();
+    let _ = delivery.await;
+    let started = Instant::now();
+    client.finish(attempt, &outcome).await?;
+    if let Some(notice) = &notice {
+        spot::acknowledge(config, notice).await;
+    }
+    tracing::info!(
+        attempt = assignment.attempt_number,
+        ms = started.elapsed().as_millis() as u64,
+        "attempt reported"
+    );
+    Outbox::remove(&config.outbox_dir(), attempt);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(ended)
+}
+
+/// Downloads what the attempt needs and builds the trainer's options.
+async fn prepare(
+    config: &AgentConfig,
+    client: &ControlPlane,
+    assignment: &Assignment,
+    dir: &Path,
+    has_gpu: bool,
+) -> Result<TrainOptions> {
+    let data = dir.join("training-data");
+    client
+        .download(
+            &assignment.training_file_path,
+            &data,
+            &assignment.training_file_sha256,
+        )
+        .await?;
+    let resume_from = match &assignment.resume_from {
+        Some(point) => {
+            let archive = dir.join("resume.tar");
+            client
+                .download(&point.download_path, &archive, &point.sha256)
+                .await?;
+            let into = dir.join("resume");
+            let unpacked = tokio::task::spawn_blocking(move || unpack(&archive, &into))
+                .await
+                .map_err(|e| AgentError::Config(format!("unpacking a checkpoint: {e}")))??;
+            Some(unpacked)
+        }
+        None => None,
+    };
+    let checkpoint_every =
+        (assignment.checkpoint_every > 0).then_some(assignment.checkpoint_every as usize);
+    Ok(train_options(
+        &assignment.hyperparameters,
+        Path::new(&assignment.base_model),
+        &data,
+        &dir.join("out"),
+        checkpoint_every,
+        resume_from,
+        device(config, has_gpu),
+    ))
+}
+
+/// The trainer's options for a job's hyperparameters: what every agent runs for them.
+pub fn train_options(
+    recipe: &Hyperparameters,
+    model: &Path,
+    data: &Path,
+    out: &Path,
+    checkpoint_every: Option<usize>,
+    resume_from: Option<PathBuf>,
+    device: DeviceChoice,
+) -> TrainOptions {
+    TrainOptions {
+        model: model.to_path_buf(),
+        data: data.to_path_buf(),
+        out: out.to_path_buf(),
+        rank: recipe.rank as usize,
+        alpha: recipe.lora_alpha,
+        dropout: recipe.lora_dropout,
+        target_modules: recipe.target_modules.clone(),
+        lr: recipe.learning_rate,
+        epochs: recipe.epochs as usize,
+        batch_size: recipe.batch_size as usize,
+        grad_accum: recipe.gradient_accumulation_steps as usize,
+        max_seq_len: recipe.max_seq_len as usize,
+        warmup_ratio: recipe.warmup_ratio,
+        seed: recipe.seed,
+        eval_every: checkpoint_every,
+        checkpoint_every,
+        resume_from,
+        device,
+        ..TrainOptions::default()
+    }
+}

@@ -1,0 +1,87 @@
+//! What the host looks like right now: GPUs through NVML (none when there is no NVIDIA
+//! driver) and CPU, memory and work-dir disk through sysinfo.
+
+use std::path::{Path, PathBuf};
+
+use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
+use nvml_wrapper::Nvml;
+use protocol::agent::{GpuTelemetry, HostTelemetry};
+use sysinfo::{Disks, System};
+
+pub struct Probe {
+    nvml: Option<Nvml>,
+    system: System,
+    work_dir: PathBuf,
+}
+
+impl Probe {
+    pub fn new(work_dir: &Path) -> Probe {
+        let nvml = match Nvml::init() {
+            Ok(nvml) => Some(nvml),
+            Err(error) => {
+                tracing::info!(%error, "no NVIDIA driver: reporting no GPUs");
+                None
+            }
+        };
+        Probe {
+            nvml,
+            system: System::new(),
+            work_dir: work_dir.to_path_buf(),
+        }
+    }
+
+    pub fn gpus(&self) -> Vec<GpuTelemetry> {
+        let Some(nvml) = &self.nvml else {
+            return Vec::new();
+        };
+        let count = nvml.device_count().unwrap_or(0);
+        (0..count)
+            .filter_map(|index| {
+                let device = nvml.device_by_index(index).ok()?;
+                let memory = device.memory_info().ok()?;
+                Some(GpuTelemetry {
+                    index,
+                    name: device.name().unwrap_or_default(),
+                    uuid: device.uuid().unwrap_or_default(),
+                    utilization_percent: device.utilization_rates().ok().map(|u| u.gpu),
+                    memory_used_mb: memory.used / (1 << 20),
+                    memory_total_mb: memory.total / (1 << 20),
+                    temperature_c: device.temperature(TemperatureSensor::Gpu).ok(),
+                    power_w: device.power_usage().ok().map(|mw| f64::from(mw) / 1000.0),
+                    sm_clock_mhz: device.clock_info(Clock::SM).ok(),
+                    xid_errors: Vec::new(),
+                })
+            })
+            .collect()
+    }
+
+    pub fn host(&mut self) -> HostTelemetry {
+        self.system.refresh_cpu_usage();
+        self.system.refresh_memory();
+        let disks = Disks::new_with_refreshed_list();
+        let work_dir = std::fs::canonicalize(&self.work_dir).unwrap_or(self.work_dir.clone());
+        // The disk whose mount point is the longest prefix of the work dir holds it.
+        let disk_free = disks
+            .list()
+            .iter()
+            .filter(|d| work_dir.starts_with(d.mount_point()))
+            .max_by_key(|d| d.mount_point().as_os_str().len())
+            .map(|d| d.available_space())
+            .unwrap_or(0);
+        HostTelemetry {
+            cpu_percent: f64::from(self.system.global_cpu_usage()),
+            cpu_count: self.system.cpus().len(),
+            memory_used_mb: self.system.used_memory() / (1 << 20),
+            memory_total_mb: self.system.total_memory() / (1 << 20),
+            disk_free_mb: disk_free / (1 << 20),
+        }
+    }
+}
+
+/// Resident memory of this process in GiB (the trainer runs in-process), for CPU runs.
+pub fn process_memory_gib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / (1024.0 * 1024.0))
+}

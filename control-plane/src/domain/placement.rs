@@ -1,0 +1,113 @@
+//! Which queued job an agent may take: capacity (an on-demand job never lands on a
+//! spot host, which can be reclaimed), labels the job requires, and memory.
+
+use std::collections::BTreeMap;
+
+use protocol::agent::{Capacity, Heartbeat};
+
+use super::Hyperparameters;
+
+/// Parameters (in billions) read from a model name such as `Qwen2.5-0.5B-Instruct`,
+/// `SmolLM2-135M` or `Llama-3.1-8B`; `None` when the name does not say.
+pub fn parameters_billions(base_model: &str) -> Option<f64> {
+    let name = base_model.rsplit('/').next().unwrap_or(base_model);
+    name.split(['-', '_'])
+        .filter_map(|part| {
+            let lower = part.to_ascii_lowercase();
+            let (number, scale) = if let Some(n) = lower.strip_suffix('b') {
+                (n, 1.0)
+            } else if let Some(n) = lower.strip_suffix('m') {
+                (n, 1e-3)
+            } else {
+                return None;
+            };
+            number
+                .parse::<f64>()
+                .ok()
+                .filter(|n| *n > 0.0)
+                .map(|n| n * scale)
+        })
+        .next_back()
+}
+
+/// GPU memory a LoRA run needs, in GiB: bf16 base weights with 20% workspace, plus
+/// activations that grow with tokens per micro-batch and model width (roughly sqrt of
+/// size). A heuristic: an underestimate ends in an out-of-memory retry with half the
+/// micro-batch.
+pub fn estimated_memory_gib(base_model: &str, hyperparameters: &Hyperparameters) -> Option<f64> {
+    let billions = parameters_billions(base_model)?;
+    let weights = billions * 2.0 * 1.2;
+    let tokens = f64::from(hyperparameters.batch_size) * f64::from(hyperparameters.max_seq_len);
+    let activations = tokens * 0.25e-3 * billions.sqrt().max(0.3);
+    Some(weights + activations)
+}
+
+/// Why an agent cannot take a job, or `None` when it can.
+pub fn unfit_reason(
+    gpu_type: Option<&str>,
+    required_labels: &BTreeMap<String, String>,
+    memory_gib: Option<f64>,
+    agent: &Heartbeat,
+) -> Option<String> {
+    if gpu_type == Some("ondemand") && agent.capacity == Capacity::Spot {
+        return Some("an on-demand job does not run on a spot host".into());
+    }
+    for (key, value) in required_labels {
+        if agent.labels.get(key) != Some(value) {
+            return Some(format!("needs label {key}={value}"));
+        }
+    }
+    let needed = memory_gib?;
+    let free_gib = match agent.gpus.iter().map(|g| g.memory_free_mb()).max() {
+        Some(mb) => mb as f64 / 1024.0,
+        None => {
+            agent
+                .host
+                .memory_total_mb
+                .saturating_sub(agent.host.memory_used_mb) as f64
+                / 1024.0
+        }
+    };
+    (free_gib < needed)
+        .then(|| format!("needs ~{needed:.1} GiB, the agent has {free_gib:.1} GiB free"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::agent::GpuTelemetry;
+
+    #[test]
+    fn reads_sizes_from_model_names() {
+        assert_eq!(parameters_billions("Qwen/Qwen2.5-0.5B-Instruct"), Some(0.5));
+        assert_eq!(parameters_billions("meta-llama/Llama-3.1-8B"), Some(8.0));
+        assert_eq!(
+            parameters_billions("HuggingFaceTB/SmolLM2-135M-Instruct"),
+            Some(0.135)
+        );
+        assert_eq!(parameters_billions("/models/tiny"), None);
+    }
+
+    #[test]
+    fn on_demand_jobs_stay_off_spot_hosts_and_memory_must_fit() {
+        let mut agent = Heartbeat {
+            capacity: Capacity::Spot,
+            gpus: vec![GpuTelemetry {
+                memory_total_mb: 24 * 1024,
+                memory_used_mb: 0,
+                ..GpuTelemetry::default()
+            }],
+            ..Heartbeat::default()
+        };
+        let labels = BTreeMap::new();
+        assert!(unfit_reason(Some("ondemand"), &labels, None, &agent).is_some());
+        assert!(unfit_reason(Some("spot"), &labels, Some(20.0), &agent).is_none());
+        assert!(unfit_reason(Some("spot"), &labels, Some(30.0), &agent).is_some());
+        agent.capacity = Capacity::Ondemand;
+        assert!(unfit_reason(Some("ondemand"), &labels, None, &agent).is_none());
+        let needs_zone = BTreeMap::from([("zone".to_owned(), "a".to_owned())]);
+        assert!(unfit_reason(None, &needs_zone, None, &agent).is_some());
+        agent.labels.insert("zone".into(), "a".into());
+        assert!(unfit_reason(None, &needs_zone, None, &agent).is_none());
+    }
+}

@@ -1,0 +1,284 @@
+//! What the agent and the control plane say to each other under `/api/v1/agent/…`.
+//! Every call but enrollment carries `Authorization: Bearer <agent secret>`.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// One GPU as NVML reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct GpuTelemetry {
+    pub index: u32,
+    pub name: String,
+    pub uuid: String,
+    pub utilization_percent: Option<u32>,
+    pub memory_used_mb: u64,
+    pub memory_total_mb: u64,
+    pub temperature_c: Option<u32>,
+    pub power_w: Option<f64>,
+    pub sm_clock_mhz: Option<u32>,
+    /// XID error events seen since the previous heartbeat.
+    #[serde(default)]
+    pub xid_errors: Vec<u64>,
+}
+
+impl GpuTelemetry {
+    pub fn memory_free_mb(&self) -> u64 {
+        self.memory_total_mb.saturating_sub(self.memory_used_mb)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct HostTelemetry {
+    pub cpu_percent: f64,
+    pub cpu_count: usize,
+    pub memory_used_mb: u64,
+    pub memory_total_mb: u64,
+    /// Free space on the filesystem holding the agent's work dir.
+    pub disk_free_mb: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Capacity {
+    /// Can be taken away with a notice: on-demand jobs are never placed here.
+    Spot,
+    #[default]
+    Ondemand,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Heartbeat {
+    pub gpus: Vec<GpuTelemetry>,
+    pub host: HostTelemetry,
+    pub capacity: Capacity,
+    /// The attempt the agent is running, if any.
+    pub attempt_id: Option<Uuid>,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// Seconds until the control plane expects the next heartbeat.
+    pub interval_seconds: u64,
+    /// True when the agent's current attempt should stop (cancelled or reassigned).
+    pub stop_attempt: bool,
+}
+
+/// Asks for work; the control plane holds the request up to `wait_seconds`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClaimRequest {
+    pub wait_seconds: u64,
+    pub heartbeat: Heartbeat,
+}
+
+/// A job's training hyperparameters: resolved and checked by the control plane (preset
+/// plus overrides), carried to the agent, turned into the trainer's options there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hyperparameters {
+    pub rank: u32,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub learning_rate: f64,
+    pub epochs: u32,
+    /// Micro-batch size (halved on an out-of-memory retry).
+    pub batch_size: u32,
+    pub gradient_accumulation_steps: u32,
+    pub max_seq_len: u32,
+    pub warmup_ratio: f64,
+    pub target_modules: Vec<String>,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResumePoint {
+    pub checkpoint_id: Uuid,
+    pub step: u64,
+    /// Relative to the API root; download with the agent's secret.
+    pub download_path: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub attempt_id: Uuid,
+    pub attempt_number: u32,
+    pub job_id: Uuid,
+    pub job_name: String,
+    /// A local directory on the agent or a hub id.
+    pub base_model: String,
+    /// Relative to the API root; download with the agent's secret.
+    pub training_file_path: String,
+    pub training_file_sha256: String,
+    pub hyperparameters: Hyperparameters,
+    /// Checkpoint every this many optimizer steps (0: only when asked).
+    pub checkpoint_every: u32,
+    pub resume_from: Option<ResumePoint>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Preprocessing,
+    ModelLoading,
+    Training,
+    Finalization,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Preprocessing => "preprocessing",
+            Stage::ModelLoading => "model_loading",
+            Stage::Training => "training",
+            Stage::Finalization => "finalization",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricReport {
+    pub step: u64,
+    pub total_steps: u64,
+    pub epoch: f64,
+    pub training_loss: f64,
+    pub validation_loss: Option<f64>,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    pub tokens_per_second: f64,
+    pub gpu_utilization: Option<u32>,
+    pub memory_used_gb: Option<f64>,
+    pub elapsed_seconds: f64,
+    pub recorded_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Info,
+    Warning,
+    Error,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+/// One item of the agent's outbox. `key` is unique per job: an item delivered twice is
+/// stored once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Report {
+    Stage {
+        key: String,
+        stage: Stage,
+        at: DateTime<Utc>,
+    },
+    Metric {
+        key: String,
+        metric: MetricReport,
+    },
+    Event {
+        key: String,
+        /// `info`, `warning`, `error` or `checkpoint`.
+        event_type: String,
+        severity: Severity,
+        message: String,
+        details: Option<serde_json::Value>,
+        at: DateTime<Utc>,
+    },
+}
+
+impl Report {
+    pub fn key(&self) -> &str {
+        match self {
+            Report::Stage { key, .. } | Report::Metric { key, .. } | Report::Event { key, .. } => {
+                key
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportBatch {
+    pub reports: Vec<Report>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportReply {
+    /// How many of the batch were new (the rest had arrived before).
+    pub accepted: usize,
+    /// The attempt should stop at the next step boundary.
+    pub stop_attempt: bool,
+}
+
+/// Why a trainer run failed, as far as the agent can tell; decides the retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// Retried with half the micro-batch and twice the accumulation.
+    OutOfMemory,
+    /// Bad data: retrying will not help.
+    Dataset,
+    Other,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    Succeeded {
+        summary: serde_json::Value,
+    },
+    Failed {
+        kind: FailureKind,
+        message: String,
+    },
+    /// Stopped by a spot notice after checkpointing at `checkpoint_step`.
+    Interrupted {
+        provider: String,
+        notice_deadline: Option<DateTime<Utc>>,
+        seconds_used: f64,
+        checkpoint_step: Option<u64>,
+    },
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArtifactKind {
+    AdapterWeights,
+    Checkpoint,
+    TrainingReport,
+    MetricsExport,
+}
+
+impl ArtifactKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ArtifactKind::AdapterWeights => "adapter_weights",
+            ArtifactKind::Checkpoint => "checkpoint",
+            ArtifactKind::TrainingReport => "training_report",
+            ArtifactKind::MetricsExport => "metrics_export",
+        }
+    }
+}
+
+/// Query of `PUT /agent/attempts/{id}/artifacts`; the body is the file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactUpload {
+    pub kind: ArtifactKind,
+    pub name: String,
+    pub sha256: String,
+    pub step: Option<u64>,
+    pub epoch: Option<u64>,
+}

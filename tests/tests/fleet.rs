@@ -1,0 +1,313 @@
+//! Acceptance: jobs submitted to the control plane are trained by agents, exactly once;
+//! a spot notice hands a job to another agent, which resumes it from the checkpoint to
+//! the same adapter an uninterrupted run makes; a cancel stops training.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use end_to_end::{chat_jsonl, poll, tiny_model, Agent, Api, Cloud, ControlPlane, MetadataStandIn};
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const LONG: Duration = Duration::from_secs(240);
+
+fn hyperparameters(epochs: u32) -> Value {
+    json!({"rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.05, "learning_rate": 0.01, "epochs": epochs,
+           "batch_size": 2, "gradient_accumulation_steps": 1, "max_seq_len": 64, "warmup_ratio": 0.0, "seed": 7})
+}
+
+async fn metric_steps(api: &Api, job: &str) -> Vec<i64> {
+    let history = api
+        .get(&format!("/jobs/{job}/metrics?limit=10000&interval=1"))
+        .await;
+    history["data"]
+        .as_array()
+        .or_else(|| history.as_array())
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| p["step"].as_i64())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_train_five_jobs_exactly_once() {
+    let plane = ControlPlane::start(true).await;
+    let api = Api::login(&plane).await;
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let model = tiny_model(scratch.path());
+    let file = api.upload("codes", chat_jsonl(24)).await;
+    let mut jobs = Vec::new();
+    for i in 0..5 {
+        jobs.push(
+            api.start_job(&file, &format!("job {i}"), &model, hyperparameters(1))
+                .await,
+        );
+    }
+    let _first = Agent::start(&plane, "first", &["--spot-provider", "none"]);
+    let _second = Agent::start(&plane, "second", &["--spot-provider", "none"]);
+
+    let mut agents_used = BTreeSet::new();
+    for job in &jobs {
+        let view = api.wait_status(job, "completed", LONG).await;
+        assert_eq!(view["progress_percentage"], 100);
+        let attempts = api.get(&format!("/jobs/{job}/attempts")).await;
+        let attempts = attempts["data"].as_array().cloned().unwrap_or_default();
+        assert_eq!(attempts.len(), 1, "trained exactly once: {attempts:?}");
+        assert_eq!(attempts[0]["status"], "succeeded");
+        agents_used.insert(attempts[0]["agent_id"].to_string());
+        let steps = metric_steps(&api, job).await;
+        let total = view["total_steps"].as_i64().expect("total_steps");
+        assert_eq!(
+            steps,
+            (1..=total).collect::<Vec<_>>(),
+            "one metric per step"
+        );
+        let files = api.download_artifacts(job).await;
+        let names: BTreeSet<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+        for expected in [
+            "adapter_model.safetensors",
+            "adapter_config.json",
+            "summary.json",
+            "metrics.jsonl",
+        ] {
+            assert!(names.contains(expected), "{expected} in {names:?}");
+        }
+    }
+    assert_eq!(agents_used.len(), 2, "both agents took work");
+    let fleet = api.get("/agents").await;
+    assert_eq!(fleet["data"].as_array().map(Vec::len), Some(2));
+}
+
+/// Trains the job as one uninterrupted run with the trainer library, the way an agent
+/// would, and returns the adapter's tensors.
+fn reference_adapter(
+    model: &std::path::Path,
+    data: &[u8],
+    dir: &std::path::Path,
+) -> std::collections::HashMap<String, candle_core::Tensor> {
+    let data_path = dir.join("reference-data.jsonl");
+    std::fs::write(&data_path, data).expect("data");
+    let recipe: protocol::agent::Hyperparameters = serde_json::from_value(
+        json!({"target_modules": protocol::LORA_TARGET_MODULES, "rank": 4, "lora_alpha": 8.0,
+            "lora_dropout": 0.05, "learning_rate": 0.01, "epochs": 4, "batch_size": 2,
+            "gradient_accumulation_steps": 1, "max_seq_len": 64, "warmup_ratio": 0.0, "seed": 7}),
+    )
+    .expect("recipe");
+    let options = agent::runner::train_options(
+        &recipe,
+        model,
+        &data_path,
+        &dir.join("reference"),
+        None,
+        None,
+        trainer::train::DeviceChoice::Cpu,
+    );
+    trainer::train::train(&options, &mut (), &trainer::train::Control::default())
+        .expect("reference run");
+    candle_core::safetensors::load(
+        dir.join("reference/adapter/adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .expect("reference adapter")
+}
+
+async fn interruption_resumes_elsewhere(cloud: Cloud) {
+    let plane = ControlPlane::start(false).await;
+    let api = Api::login(&plane).await;
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let model = tiny_model(scratch.path());
+    let data = chat_jsonl(40);
+    let file = api.upload("codes", data.clone()).await;
+    let stand_in = MetadataStandIn::start(cloud).await;
+    let url_flag = format!("--{}-metadata-url", cloud.flag());
+    let mut spot = Agent::start(
+        &plane,
+        "spot",
+        &[
+            "--spot-provider",
+            cloud.flag(),
+            &url_flag,
+            &stand_in.url,
+            "--spot-poll-milliseconds",
+            "100",
+        ],
+    );
+    let job = api
+        .start_job(&file, "interrupted", &model, hyperparameters(4))
+        .await;
+    let view = api.wait_status(&job, "training", LONG).await;
+    let total = poll("a few training steps", LONG, || async {
+        let view = api.get(&format!("/jobs/{job}")).await;
+        (view["current_step"].as_i64() >= Some(3)).then(|| view["total_steps"].as_i64())
+    })
+    .await
+    .expect("total steps");
+    assert!(view["agent_id"].is_string());
+    let _other = Agent::start(&plane, "on-demand", &["--spot-provider", "none"]);
+    stand_in.raise();
+    assert!(
+        spot.wait_exit(LONG).await.success(),
+        "the spot agent hands back and exits"
+    );
+
+    let done = api.wait_status(&job, "completed", LONG).await;
+    let attempts = api.get(&format!("/jobs/{job}/attempts")).await;
+    let attempts = attempts["data"].as_array().cloned().unwrap_or_default();
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(attempts[0]["status"], "interrupted");
+    assert_eq!(attempts[0]["interruption_provider"], cloud.flag());
+    assert_eq!(attempts[1]["status"], "succeeded");
+    assert_ne!(attempts[0]["agent_id"], attempts[1]["agent_id"]);
+    let resumed_from = attempts[1]["resumed_from_step"]
+        .as_i64()
+        .expect("resumed from a checkpoint");
+    assert!(
+        resumed_from >= 3 && resumed_from < total,
+        "resumed from step {resumed_from} of {total}"
+    );
+    assert_eq!(done["interruption_count"], 1);
+    if cloud == Cloud::Azure {
+        assert!(
+            stand_in
+                .acknowledged
+                .load(std::sync::atomic::Ordering::SeqCst),
+            "Preempt event acknowledged"
+        );
+    }
+
+    // Metrics continue from the resumed step: every step once.
+    assert_eq!(
+        metric_steps(&api, &job).await,
+        (1..=total).collect::<Vec<_>>()
+    );
+    let events = api.get(&format!("/jobs/{job}/events?limit=500")).await;
+    let messages: Vec<String> = events["data"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| e["message"].as_str().map(str::to_owned))
+        .collect();
+    for expected in [
+        "Spot interruption",
+        "queued again after interruption",
+        "resuming from the checkpoint",
+        "Training completed",
+    ] {
+        assert!(
+            messages.iter().any(|m| m.contains(expected)),
+            "{expected:?} in {messages:#?}"
+        );
+    }
+    let checkpoints = api.get(&format!("/jobs/{job}/checkpoints")).await;
+    assert!(checkpoints["data"]
+        .as_array()
+        .is_some_and(|c| !c.is_empty()));
+
+    // The adapter equals an uninterrupted run's.
+    let files = api.download_artifacts(&job).await;
+    let (_, adapter) = files
+        .iter()
+        .find(|(name, _)| name == "adapter_model.safetensors")
+        .expect("adapter uploaded");
+    let resumed =
+        candle_core::safetensors::load_buffer(adapter, &candle_core::Device::Cpu).expect("adapter");
+    let reference = reference_adapter(&model, &data, scratch.path());
+    assert_eq!(resumed.len(), reference.len());
+    for (name, tensor) in &reference {
+        let other = &resumed[name];
+        let difference = (tensor - other)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("difference");
+        assert!(difference <= 1e-5, "{name} differs by {difference}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_notice_resumes_on_another_agent() {
+    interruption_resumes_elsewhere(Cloud::Aws).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gcp_notice_resumes_on_another_agent() {
+    interruption_resumes_elsewhere(Cloud::Gcp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azure_notice_resumes_on_another_agent() {
+    interruption_resumes_elsewhere(Cloud::Azure).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_the_agent() {
+    let plane = ControlPlane::start(false).await;
+    let api = Api::login(&plane).await;
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let model = tiny_model(scratch.path());
+    let file = api.upload("codes", chat_jsonl(40)).await;
+    let _agent = Agent::start(&plane, "worker", &["--spot-provider", "none"]);
+    let job = api
+        .start_job(&file, "to cancel", &model, hyperparameters(50))
+        .await;
+    poll("training steps", LONG, || async {
+        let view = api.get(&format!("/jobs/{job}")).await;
+        (view["current_step"].as_i64() >= Some(2)).then_some(())
+    })
+    .await;
+    let cancelled = api
+        .send(
+            Method::POST,
+            &format!("/jobs/{job}/cancel"),
+            json!({"reason": "enough"}),
+        )
+        .await;
+    assert_eq!(cancelled["status"], "cancelled");
+    let attempt = poll("the attempt to end", LONG, || async {
+        let attempts = api.get(&format!("/jobs/{job}/attempts")).await;
+        attempts["data"][0]
+            .get("ended_at")
+            .filter(|v| !v.is_null())
+            .map(|_| attempts["data"][0].clone())
+    })
+    .await;
+    assert_eq!(attempt["status"], "cancelled");
+    let total = cancelled["total_steps"].as_i64().expect("total steps");
+    let last = *metric_steps(&api, &job).await.last().expect("some steps");
+    assert!(last < total, "stopped at step {last} of {total}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_outage_loses_no_step() {
+    let mut plane = ControlPlane::start(false).await;
+    let api = Api::login(&plane).await;
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let model = tiny_model(scratch.path());
+    let file = api.upload("codes", chat_jsonl(40)).await;
+    let _agent = Agent::start(&plane, "worker", &["--spot-provider", "none"]);
+    let job = api
+        .start_job(&file, "through an outage", &model, hyperparameters(6))
+        .await;
+    poll("training steps", LONG, || async {
+        let view = api.get(&format!("/jobs/{job}")).await;
+        (view["current_step"].as_i64() >= Some(2)).then_some(())
+    })
+    .await;
+    // The agent keeps training and queues its reports on disk while the server is away.
+    plane.restart_after(Duration::from_secs(2)).await;
+    let done = api.wait_status(&job, "completed", LONG).await;
+    let total = done["total_steps"].as_i64().expect("total steps");
+    assert_eq!(
+        metric_steps(&api, &job).await,
+        (1..=total).collect::<Vec<_>>()
+    );
+    let attempts = api.get(&format!("/jobs/{job}/attempts")).await;
+    assert_eq!(
+        attempts["data"].as_array().map(Vec::len),
+        Some(1),
+        "one attempt, not a retry"
+    );
+}
