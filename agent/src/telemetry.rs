@@ -3,53 +3,79 @@
 
 use std::path::{Path, PathBuf};
 
+use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
-use nvml_wrapper::Nvml;
+use nvml_wrapper::enums::event::XidError;
+use nvml_wrapper::{EventSet, Nvml};
 use protocol::agent::{GpuTelemetry, HostTelemetry};
 use sysinfo::{Disks, System};
 
 pub struct Probe {
-    nvml: Option<Nvml>,
+    /// Lives as long as the agent: leaked so the XID event set can borrow it.
+    nvml: Option<&'static Nvml>,
+    xid_events: Option<EventSet<'static>>,
     system: System,
     work_dir: PathBuf,
 }
 
 impl Probe {
     pub fn new(work_dir: &Path) -> Probe {
-        let nvml = match Nvml::init() {
-            Ok(nvml) => Some(nvml),
+        let nvml: Option<&'static Nvml> = match Nvml::init() {
+            Ok(nvml) => Some(Box::leak(Box::new(nvml))),
             Err(error) => {
                 tracing::info!(%error, "no NVIDIA driver: reporting no GPUs");
                 None
             }
         };
         Probe {
+            xid_events: nvml.and_then(xid_event_set),
             nvml,
             system: System::new(),
             work_dir: work_dir.to_path_buf(),
         }
     }
 
-    pub fn gpus(&self) -> Vec<GpuTelemetry> {
-        let Some(nvml) = &self.nvml else {
+    /// XID errors raised since the last call, by GPU uuid.
+    fn drain_xid_errors(&self) -> Vec<(String, u64)> {
+        let Some(events) = &self.xid_events else {
             return Vec::new();
         };
+        let mut errors = Vec::new();
+        // A zero timeout returns at once: Timeout when nothing is pending.
+        while let Ok(event) = events.wait(0) {
+            if let Some(XidError::Value(xid)) = event.event_data {
+                errors.push((event.device.uuid().unwrap_or_default(), xid));
+            }
+        }
+        errors
+    }
+
+    pub fn gpus(&self) -> Vec<GpuTelemetry> {
+        let Some(nvml) = self.nvml else {
+            return Vec::new();
+        };
+        let xid_errors = self.drain_xid_errors();
         let count = nvml.device_count().unwrap_or(0);
         (0..count)
             .filter_map(|index| {
                 let device = nvml.device_by_index(index).ok()?;
                 let memory = device.memory_info().ok()?;
+                let uuid = device.uuid().unwrap_or_default();
                 Some(GpuTelemetry {
                     index,
                     name: device.name().unwrap_or_default(),
-                    uuid: device.uuid().unwrap_or_default(),
+                    xid_errors: xid_errors
+                        .iter()
+                        .filter(|(gpu, _)| *gpu == uuid)
+                        .map(|(_, xid)| *xid)
+                        .collect(),
+                    uuid,
                     utilization_percent: device.utilization_rates().ok().map(|u| u.gpu),
                     memory_used_mb: memory.used / (1 << 20),
                     memory_total_mb: memory.total / (1 << 20),
                     temperature_c: device.temperature(TemperatureSensor::Gpu).ok(),
                     power_w: device.power_usage().ok().map(|mw| f64::from(mw) / 1000.0),
                     sm_clock_mhz: device.clock_info(Clock::SM).ok(),
-                    xid_errors: Vec::new(),
                 })
             })
             .collect()
@@ -76,6 +102,23 @@ impl Probe {
             disk_free_mb: disk_free / (1 << 20),
         }
     }
+}
+
+/// An event set that collects critical XID errors of every GPU (where the driver
+/// supports it).
+fn xid_event_set(nvml: &'static Nvml) -> Option<EventSet<'static>> {
+    let mut set = nvml.create_event_set().ok()?;
+    for index in 0..nvml.device_count().unwrap_or(0) {
+        let device = nvml.device_by_index(index).ok()?;
+        set = match device.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
+            Ok(set) => set,
+            Err(error) => {
+                tracing::info!(error = %error.error, "XID events unavailable");
+                return None;
+            }
+        };
+    }
+    Some(set)
 }
 
 /// Resident memory of this process in GiB (the trainer runs in-process), for CPU runs.

@@ -243,6 +243,12 @@ impl Agent {
         }
     }
 
+    /// SIGKILL: the host vanishes without a word.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let child = &mut self.child;
         poll("the agent to exit", timeout, || {

@@ -311,3 +311,38 @@ async fn a_control_plane_outage_loses_no_step() {
         "one attempt, not a retry"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_agents_job_resumes_from_its_last_checkpoint() {
+    let plane = ControlPlane::start(false).await;
+    let api = Api::login(&plane).await;
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let model = tiny_model(scratch.path());
+    let file = api.upload("codes", chat_jsonl(40)).await;
+    let mut doomed = Agent::start(&plane, "doomed", &["--spot-provider", "none"]);
+    let job = api
+        .start_job(&file, "survivor", &model, hyperparameters(8))
+        .await;
+    // Checkpoints come every 20 steps; wait until one is stored, then pull the plug.
+    poll("a stored checkpoint", LONG, || async {
+        let checkpoints = api.get(&format!("/jobs/{job}/checkpoints")).await;
+        checkpoints["data"]
+            .as_array()
+            .filter(|c| !c.is_empty())
+            .map(|_| ())
+    })
+    .await;
+    doomed.kill();
+    let _rescuer = Agent::start(&plane, "rescuer", &["--spot-provider", "none"]);
+    let done = api.wait_status(&job, "completed", LONG).await;
+    let total = done["total_steps"].as_i64().expect("total steps");
+    let attempts = api.get(&format!("/jobs/{job}/attempts")).await;
+    assert_eq!(attempts["data"][0]["status"], "lost");
+    assert_eq!(attempts["data"][1]["status"], "succeeded");
+    assert!(attempts["data"][1]["resumed_from_step"].as_i64() >= Some(20));
+    // Steps the lost attempt ran past its checkpoint were replayed, and appear once.
+    assert_eq!(
+        metric_steps(&api, &job).await,
+        (1..=total).collect::<Vec<_>>()
+    );
+}

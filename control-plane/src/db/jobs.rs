@@ -200,6 +200,7 @@ pub struct Configuration<'a> {
     pub gpu_type: GpuType,
     pub gpu_model: &'a str,
     pub hyperparameters: &'a Hyperparameters,
+    pub required_labels: &'a serde_json::Map<String, serde_json::Value>,
     pub hourly_rate: f64,
     pub estimated_duration_hours: (f64, f64),
     pub estimated_cost: (f64, f64),
@@ -259,7 +260,7 @@ pub async fn change_status(
                 "UPDATE training_jobs SET status = $3, updated_at = $14, preset_id = $4, gpu_type = $5, gpu_model = $6,
                      hyperparameters = $7, total_epochs = $8, hourly_rate = $9,
                      estimated_duration_hours_min = $10, estimated_duration_hours_max = $11,
-                     estimated_cost_min = $12, estimated_cost_max = $13
+                     estimated_cost_min = $12, estimated_cost_max = $13, required_labels = $15
                  WHERE id = $1 AND status = $2 RETURNING *",
             )
             .bind(job_id)
@@ -275,7 +276,8 @@ pub async fn change_status(
             .bind(c.estimated_duration_hours.1)
             .bind(c.estimated_cost.0)
             .bind(c.estimated_cost.1)
-            .bind(at),
+            .bind(at)
+            .bind(Json(c.required_labels)),
             Change::Queue { estimated_start_time } => sqlx::query_as::<_, Job>(
                 "UPDATE training_jobs SET status = $3, updated_at = $4, queued_at = $4, estimated_start_time = $5
                  WHERE id = $1 AND status = $2 RETURNING *",

@@ -178,6 +178,10 @@ pub struct ConfigureJob {
     pub gpu_type: String,
     /// A model from the GPU catalog, such as H100-80GB.
     pub gpu_model: String,
+    /// Agent labels a host must carry to run the job, such as {"zone": "eu-west-1a"}.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub required_labels: Map<String, Value>,
 }
 
 /// Sets hyperparameters and GPU; answers with the cost estimate.
@@ -209,6 +213,12 @@ pub async fn configure_job(state: &AppState, job: Job, request: &ConfigureJob) -
                 "unknown GPU model; available: {}",
                 state.catalog.model_names()
             ),
+        ));
+    }
+    if let Some((key, _)) = request.required_labels.iter().find(|(_, v)| !v.is_string()) {
+        errors.push(FieldError::new(
+            format!("required_labels.{key}"),
+            "label values must be strings",
         ));
     }
     let preset_id = request
@@ -268,6 +278,7 @@ pub async fn configure_job(state: &AppState, job: Job, request: &ConfigureJob) -
         gpu_type,
         gpu_model: &gpu.model,
         hyperparameters: &hyperparameters,
+        required_labels: &request.required_labels,
         hourly_rate: rate,
         estimated_duration_hours: duration,
         estimated_cost: (

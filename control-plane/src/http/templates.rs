@@ -199,6 +199,7 @@ async fn use_template(
                 .unwrap_or_default(),
             gpu_type: gpu_type.clone(),
             gpu_model: gpu_model.clone(),
+            required_labels: Default::default(),
         };
         job = configure_job(&state, job, &configuration).await?;
     }

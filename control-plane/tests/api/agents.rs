@@ -5,7 +5,7 @@ use control_plane::domain::Role;
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::{json_of, Backend, TestApp, TestDatabase};
+use crate::helpers::{agent_heartbeat, json_of, Backend, TestApp, TestDatabase};
 use crate::on_both_backends;
 
 on_both_backends!(agents_enroll_with_a_live_token_and_operators_see_them);
@@ -65,54 +65,10 @@ async fn agents_enroll_with_a_live_token_and_operators_see_them(backend: Backend
 }
 
 on_both_backends!(
+    jobs_go_only_to_agents_with_their_labels,
     concurrent_claims_assign_each_job_exactly_once,
     the_agent_protocol_needs_the_agent_secret
 );
-
-/// Enrolls an agent; returns its secret.
-async fn enroll(app: &TestApp, name: &str) -> String {
-    let token = new_token("lce_");
-    users::create_enrollment_token(&app.db, &token_hash(&token), now() + Duration::hours(1))
-        .await
-        .expect("token");
-    let response = app
-        .client
-        .post(app.url("/api/v1/agents/register"))
-        .json(&json!({"enrollment_token": token, "name": name}))
-        .send()
-        .await
-        .expect("register");
-    let (_, registered) = json_of(response).await;
-    registered["agent_secret"]
-        .as_str()
-        .expect("secret")
-        .to_owned()
-}
-
-fn heartbeat() -> serde_json::Value {
-    json!({"gpus": [], "host": {"cpu_percent": 1.0, "cpu_count": 2, "memory_used_mb": 1000,
-           "memory_total_mb": 64000, "disk_free_mb": 1000}, "capacity": "ondemand",
-           "attempt_id": null, "labels": {}})
-}
-
-/// Queues a configured job on the small model catalogue entry; returns its id.
-async fn queued_job(app: &TestApp, user: &crate::helpers::User) -> String {
-    let (_, job) = app.draft_job(user).await;
-    let id = job["id"].as_str().expect("id").to_owned();
-    let configure = app
-        .put(
-            user,
-            &format!("/api/v1/jobs/{id}/configure"),
-            json!({"gpu_type": "spot", "gpu_model": "H100-80GB"}),
-        )
-        .await;
-    assert_eq!(configure.status(), StatusCode::OK);
-    let start = app
-        .post(user, &format!("/api/v1/jobs/{id}/start"), json!({}))
-        .await;
-    assert_eq!(start.status(), StatusCode::OK);
-    id
-}
 
 async fn concurrent_claims_assign_each_job_exactly_once(backend: Backend) {
     let database = TestDatabase::create(backend).await;
@@ -120,17 +76,17 @@ async fn concurrent_claims_assign_each_job_exactly_once(backend: Backend) {
     let user = app.user("ada@example.com", Role::User).await;
     let mut jobs = Vec::new();
     for _ in 0..3 {
-        jobs.push(queued_job(&app, &user).await);
+        jobs.push(app.queued_job(&user).await);
     }
     let mut secrets = Vec::new();
     for i in 0..8 {
-        secrets.push(enroll(&app, &format!("host-{i}")).await);
+        secrets.push(app.enroll_agent(&format!("host-{i}")).await);
     }
     let claims = secrets.iter().map(|secret| {
         app.client
             .post(app.url("/api/v1/agent/claim"))
             .bearer_auth(secret)
-            .json(&json!({"wait_seconds": 0, "heartbeat": heartbeat()}))
+            .json(&json!({"wait_seconds": 0, "heartbeat": agent_heartbeat()}))
             .send()
     });
     let mut assigned = Vec::new();
@@ -169,17 +125,17 @@ async fn the_agent_protocol_needs_the_agent_secret(backend: Backend) {
         .client
         .post(app.url("/api/v1/agent/heartbeat"))
         .bearer_auth(&user.token)
-        .json(&heartbeat())
+        .json(&agent_heartbeat())
         .send()
         .await
         .expect("heartbeat");
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-    let secret = enroll(&app, "host").await;
+    let secret = app.enroll_agent("host").await;
     let response = app
         .client
         .post(app.url("/api/v1/agent/heartbeat"))
         .bearer_auth(&secret)
-        .json(&heartbeat())
+        .json(&agent_heartbeat())
         .send()
         .await
         .expect("heartbeat");
@@ -212,7 +168,7 @@ async fn the_agent_protocol_needs_the_agent_secret(backend: Backend) {
         .client
         .post(app.url("/api/v1/agent/claim"))
         .bearer_auth(&secret)
-        .json(&json!({"wait_seconds": 1, "heartbeat": heartbeat()}))
+        .json(&json!({"wait_seconds": 1, "heartbeat": agent_heartbeat()}))
         .send()
         .await
         .expect("claim");
@@ -229,4 +185,48 @@ async fn the_agent_protocol_needs_the_agent_secret(backend: Backend) {
         .await
         .expect("file");
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
+}
+
+async fn jobs_go_only_to_agents_with_their_labels(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let user = app.user("ada@example.com", Role::User).await;
+    let (_, job) = app.draft_job(&user).await;
+    let id = job["id"].as_str().expect("id");
+    let configure = app
+        .put(
+            &user,
+            &format!("/api/v1/jobs/{id}/configure"),
+            json!({"gpu_type": "ondemand", "gpu_model": "H100-80GB", "required_labels": {"zone": "eu-1"}}),
+        )
+        .await;
+    let (status, view) = json_of(configure).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["required_labels"]["zone"], "eu-1");
+    app.post(&user, &format!("/api/v1/jobs/{id}/start"), json!({}))
+        .await;
+    let secret = app.enroll_agent("host").await;
+    let claim = |beat: serde_json::Value| {
+        app.agent_call(
+            &secret,
+            reqwest::Method::POST,
+            "/claim",
+            json!({"wait_seconds": 0, "heartbeat": beat}),
+        )
+    };
+    let (status, _) = claim(agent_heartbeat()).await;
+    assert_eq!(status, StatusCode::NO_CONTENT, "no label, no job");
+    let mut spot_in_zone = agent_heartbeat();
+    spot_in_zone["labels"] = json!({"zone": "eu-1"});
+    spot_in_zone["capacity"] = json!("spot");
+    let (status, _) = claim(spot_in_zone.clone()).await;
+    assert_eq!(
+        status,
+        StatusCode::NO_CONTENT,
+        "an on-demand job stays off spot hosts"
+    );
+    spot_in_zone["capacity"] = json!("ondemand");
+    let (status, assignment) = claim(spot_in_zone).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(assignment["job_id"], id);
 }

@@ -273,6 +273,77 @@ impl TestApp {
     }
 }
 
+impl TestApp {
+    /// Enrolls an agent; returns its secret.
+    pub async fn enroll_agent(&self, name: &str) -> String {
+        let token = control_plane::auth::new_token("lce_");
+        control_plane::db::users::create_enrollment_token(
+            &self.db,
+            &control_plane::auth::token_hash(&token),
+            control_plane::db::now() + chrono::Duration::hours(1),
+        )
+        .await
+        .expect("token");
+        let response = self
+            .client
+            .post(self.url("/api/v1/agents/register"))
+            .json(&json!({"enrollment_token": token, "name": name}))
+            .send()
+            .await
+            .expect("register");
+        let (_, registered) = json_of(response).await;
+        registered["agent_secret"]
+            .as_str()
+            .expect("secret")
+            .to_owned()
+    }
+
+    /// Configures (spot, H100) and starts a draft job on an eligible file; returns its id.
+    pub async fn queued_job(&self, user: &User) -> String {
+        let (_, job) = self.draft_job(user).await;
+        let id = job["id"].as_str().expect("id").to_owned();
+        let configure = self
+            .put(
+                user,
+                &format!("/api/v1/jobs/{id}/configure"),
+                json!({"gpu_type": "spot", "gpu_model": "H100-80GB"}),
+            )
+            .await;
+        assert_eq!(configure.status(), StatusCode::OK);
+        let start = self
+            .post(user, &format!("/api/v1/jobs/{id}/start"), json!({}))
+            .await;
+        assert_eq!(start.status(), StatusCode::OK);
+        id
+    }
+
+    /// A call of the agent protocol with an agent's secret.
+    pub async fn agent_call(
+        &self,
+        secret: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Value,
+    ) -> (StatusCode, Value) {
+        let response = self
+            .client
+            .request(method, self.url(&format!("/api/v1/agent{path}")))
+            .bearer_auth(secret)
+            .json(&body)
+            .send()
+            .await
+            .expect("agent call");
+        json_of(response).await
+    }
+}
+
+/// A heartbeat of an on-demand CPU host with 64 GB of RAM.
+pub fn agent_heartbeat() -> Value {
+    json!({"gpus": [], "host": {"cpu_percent": 1.0, "cpu_count": 2, "memory_used_mb": 1000,
+           "memory_total_mb": 64000, "disk_free_mb": 1000}, "capacity": "ondemand",
+           "attempt_id": null, "labels": {}})
+}
+
 pub struct User {
     pub token: String,
     pub id: Uuid,

@@ -10,5 +10,6 @@ mod jobs;
 mod live;
 mod openapi;
 mod ops;
+mod recovery;
 mod schema;
 mod templates;
