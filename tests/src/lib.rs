@@ -243,6 +243,15 @@ impl Agent {
         }
     }
 
+    /// SIGTERM, as a cloud sends before it reclaims the host.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        assert!(status.success());
+    }
+
     /// SIGKILL: the host vanishes without a word.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

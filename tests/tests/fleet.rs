@@ -112,27 +112,31 @@ fn reference_adapter(
     .expect("reference adapter")
 }
 
-async fn interruption_resumes_elsewhere(cloud: Cloud) {
+/// Where the notice comes from: a cloud's metadata endpoint, or SIGTERM (`None`).
+async fn interruption_resumes_elsewhere(cloud: Option<Cloud>) {
     let plane = ControlPlane::start(false).await;
     let api = Api::login(&plane).await;
     let scratch = tempfile::tempdir().expect("temp dir");
     let model = tiny_model(scratch.path());
     let data = chat_jsonl(40);
     let file = api.upload("codes", data.clone()).await;
-    let stand_in = MetadataStandIn::start(cloud).await;
-    let url_flag = format!("--{}-metadata-url", cloud.flag());
-    let mut spot = Agent::start(
-        &plane,
-        "spot",
-        &[
-            "--spot-provider",
-            cloud.flag(),
-            &url_flag,
-            &stand_in.url,
-            "--spot-poll-milliseconds",
-            "100",
-        ],
-    );
+    let stand_in = match cloud {
+        Some(cloud) => Some(MetadataStandIn::start(cloud).await),
+        None => None,
+    };
+    let provider = cloud.map_or("sigterm", Cloud::flag);
+    let mut flags = vec!["--spot-poll-milliseconds".to_owned(), "100".to_owned()];
+    match (cloud, &stand_in) {
+        (Some(cloud), Some(stand_in)) => flags.extend([
+            "--spot-provider".to_owned(),
+            cloud.flag().to_owned(),
+            format!("--{}-metadata-url", cloud.flag()),
+            stand_in.url.clone(),
+        ]),
+        _ => flags.extend(["--spot-provider".to_owned(), "none".to_owned()]),
+    }
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut spot = Agent::start(&plane, "spot", &flags);
     let job = api
         .start_job(&file, "interrupted", &model, hyperparameters(4))
         .await;
@@ -145,7 +149,10 @@ async fn interruption_resumes_elsewhere(cloud: Cloud) {
     .expect("total steps");
     assert!(view["agent_id"].is_string());
     let _other = Agent::start(&plane, "on-demand", &["--spot-provider", "none"]);
-    stand_in.raise();
+    match &stand_in {
+        Some(stand_in) => stand_in.raise(),
+        None => spot.terminate(),
+    }
     assert!(
         spot.wait_exit(LONG).await.success(),
         "the spot agent hands back and exits"
@@ -156,7 +163,7 @@ async fn interruption_resumes_elsewhere(cloud: Cloud) {
     let attempts = attempts["data"].as_array().cloned().unwrap_or_default();
     assert_eq!(attempts.len(), 2, "{attempts:?}");
     assert_eq!(attempts[0]["status"], "interrupted");
-    assert_eq!(attempts[0]["interruption_provider"], cloud.flag());
+    assert_eq!(attempts[0]["interruption_provider"], provider);
     assert_eq!(attempts[1]["status"], "succeeded");
     assert_ne!(attempts[0]["agent_id"], attempts[1]["agent_id"]);
     let resumed_from = attempts[1]["resumed_from_step"]
@@ -167,7 +174,7 @@ async fn interruption_resumes_elsewhere(cloud: Cloud) {
         "resumed from step {resumed_from} of {total}"
     );
     assert_eq!(done["interruption_count"], 1);
-    if cloud == Cloud::Azure {
+    if let (Some(Cloud::Azure), Some(stand_in)) = (cloud, &stand_in) {
         assert!(
             stand_in
                 .acknowledged
@@ -175,6 +182,13 @@ async fn interruption_resumes_elsewhere(cloud: Cloud) {
             "Preempt event acknowledged"
         );
     }
+    // Cost counts both attempts, at the spot rate, with what spot saved.
+    let cost = api.get(&format!("/jobs/{job}/cost")).await;
+    assert_eq!(cost["attempts"].as_array().map(Vec::len), Some(2));
+    assert!(cost["gpu_hours"].as_f64() > Some(0.0));
+    assert!(cost["spot_savings"].as_f64() >= Some(0.0));
+    assert_eq!(cost["attempts"][0]["gpu_type"], "spot");
+    assert!(cost["attempts"][0]["cost"].as_f64() > Some(0.0));
 
     // Metrics continue from the resumed step: every step once.
     assert_eq!(
@@ -229,17 +243,22 @@ async fn interruption_resumes_elsewhere(cloud: Cloud) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aws_notice_resumes_on_another_agent() {
-    interruption_resumes_elsewhere(Cloud::Aws).await;
+    interruption_resumes_elsewhere(Some(Cloud::Aws)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gcp_notice_resumes_on_another_agent() {
-    interruption_resumes_elsewhere(Cloud::Gcp).await;
+    interruption_resumes_elsewhere(Some(Cloud::Gcp)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn azure_notice_resumes_on_another_agent() {
-    interruption_resumes_elsewhere(Cloud::Azure).await;
+    interruption_resumes_elsewhere(Some(Cloud::Azure)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_resumes_on_another_agent() {
+    interruption_resumes_elsewhere(None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

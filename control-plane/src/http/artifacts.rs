@@ -30,6 +30,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(list_artifacts))
         .routes(routes!(list_checkpoints))
         .routes(routes!(list_attempts))
+        .routes(routes!(job_cost))
         .routes(routes!(download_link))
         .routes(routes!(content))
         .routes(routes!(resume))
@@ -90,6 +91,18 @@ async fn list_attempts(
     Ok(Json(AttemptList {
         data: attempts::for_job(&state.db, job.id).await?,
     }))
+}
+
+/// What a job has cost so far: every attempt, GPU hours, spot savings.
+#[utoipa::path(get, path = "/jobs/{id}/cost", tag = "jobs", params(("id" = Uuid, Path)),
+    responses((status = 200, body = crate::costs::JobCost), (status = 404, body = ErrorBody)))]
+async fn job_cost(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Json<crate::costs::JobCost>> {
+    let job = visible_job(&state, &user, id).await?;
+    Ok(Json(crate::costs::job_cost(&state, &job, now()).await?))
 }
 
 #[derive(Serialize, ToSchema)]

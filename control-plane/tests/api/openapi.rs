@@ -45,6 +45,7 @@ async fn the_openapi_document_matches_the_routes() {
             "GET /api/v1/jobs/{id}/artifacts",
             "GET /api/v1/jobs/{id}/attempts",
             "GET /api/v1/jobs/{id}/checkpoints",
+            "GET /api/v1/jobs/{id}/cost",
             "GET /api/v1/jobs/{id}/events",
             "GET /api/v1/jobs/{id}/metrics",
             "GET /api/v1/jobs/{id}/metrics/latest",
