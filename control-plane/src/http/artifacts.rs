@@ -106,9 +106,9 @@ async fn job_cost(
 }
 
 #[derive(Serialize, ToSchema)]
-struct DownloadLink {
-    download_url: String,
-    expires_at: DateTime<Utc>,
+pub struct DownloadLink {
+    pub download_url: String,
+    pub expires_at: DateTime<Utc>,
 }
 
 fn signed_message(id: Uuid, expires: i64) -> String {
@@ -137,11 +137,21 @@ async fn download_link(
     headers: HeaderMap,
     Path(id): Path<Uuid>,
 ) -> ApiResult<Json<DownloadLink>> {
+    Ok(Json(signed_download(&state, &user, &headers, id).await?))
+}
+
+/// A signed, expiring link to one of the user's artifacts; counts the download.
+pub async fn signed_download(
+    state: &AppState,
+    user: &CurrentUser,
+    headers: &HeaderMap,
+    id: Uuid,
+) -> ApiResult<DownloadLink> {
     let artifact = artifacts::get(&state.db, id)
         .await?
         .ok_or(ApiError::NotFound("artifact"))?;
     // Another user's artifact is as absent as a missing one.
-    visible_job(&state, &user, artifact.job_id)
+    visible_job(state, user, artifact.job_id)
         .await
         .map_err(|_| ApiError::NotFound("artifact"))?;
     let at = now();
@@ -149,13 +159,13 @@ async fn download_link(
     let expires = expires_at.timestamp();
     let signature = sign(&state.signing_key, &signed_message(id, expires));
     artifacts::count_download(&state.db, id, at).await?;
-    Ok(Json(DownloadLink {
+    Ok(DownloadLink {
         download_url: format!(
             "{}/api/v1/artifacts/{id}/content?expires={expires}&signature={signature}",
-            base_url(&state, &headers)
+            base_url(state, headers)
         ),
         expires_at,
-    }))
+    })
 }
 
 #[derive(Deserialize, IntoParams)]

@@ -174,8 +174,25 @@ async fn login(
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     Json(credentials): Json<Credentials>,
 ) -> ApiResult<Response> {
-    let client = Some(client.ip());
-    let email = credentials.email.trim().to_lowercase();
+    let user = verify_credentials(
+        &state,
+        client.ip(),
+        &credentials.email,
+        credentials.password,
+    )
+    .await?;
+    issue_tokens(&state, user).await
+}
+
+/// The user these credentials belong to, within the login rate limit.
+pub async fn verify_credentials(
+    state: &AppState,
+    client: IpAddr,
+    email: &str,
+    password: String,
+) -> ApiResult<User> {
+    let client = Some(client);
+    let email = email.trim().to_lowercase();
     state
         .login_limiter
         .check(&email, client)
@@ -190,7 +207,6 @@ async fn login(
         .as_ref()
         .map_or(dummy_hash(), |u| u.password_hash.as_str())
         .to_owned();
-    let password = credentials.password;
     let verified = tokio::task::spawn_blocking(move || verify_password(&password, &stored_hash))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -200,7 +216,7 @@ async fn login(
         return Err(ApiError::Unauthorized);
     };
     state.login_limiter.succeed(&email);
-    issue_tokens(&state, user).await
+    Ok(user)
 }
 
 /// Hands out a bearer token in the body and a session cookie for the dashboard.
@@ -216,6 +232,20 @@ async fn issue_tokens(state: &AppState, user: User) -> ApiResult<Response> {
         expires_at,
     )
     .await?;
+    let cookie = start_session(state, &user).await?;
+    let mut response = Json(LoginResponse {
+        token: api_token,
+        expires_at,
+        user,
+    })
+    .into_response();
+    response.headers_mut().insert(header::SET_COOKIE, cookie);
+    Ok(response)
+}
+
+/// Stores a new dashboard session for `user`; returns its `Set-Cookie` value.
+pub async fn start_session(state: &AppState, user: &User) -> ApiResult<HeaderValue> {
+    let auth = &state.settings.auth;
     let session = new_token("lcs_");
     let session_ttl = ChronoDuration::hours(auth.session_ttl_hours);
     users::store_token(
@@ -231,23 +261,22 @@ async fn issue_tokens(state: &AppState, user: User) -> ApiResult<Response> {
         session_ttl.num_seconds(),
         if auth.secure_cookies { "; Secure" } else { "" }
     );
-    let mut response = Json(LoginResponse {
-        token: api_token,
-        expires_at,
-        user,
-    })
-    .into_response();
-    response.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_str(&cookie).map_err(|e| ApiError::Internal(e.to_string()))?,
-    );
-    Ok(response)
+    HeaderValue::from_str(&cookie).map_err(|e| ApiError::Internal(e.to_string()))
 }
 
 /// Revokes the token or session the request carries.
 #[utoipa::path(post, path = "/auth/logout", tag = "auth", responses((status = 204), (status = 401, body = ErrorBody)))]
 async fn logout(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<Response> {
-    match credential(&headers).ok_or(ApiError::Unauthorized)? {
+    let clear = end_session(&state, &headers).await?;
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    response.headers_mut().insert(header::SET_COOKIE, clear);
+    Ok(response)
+}
+
+/// Revokes the request's credentials; returns the `Set-Cookie` value that clears the
+/// session cookie.
+pub async fn end_session(state: &AppState, headers: &HeaderMap) -> ApiResult<HeaderValue> {
+    match credential(headers).ok_or(ApiError::Unauthorized)? {
         Credential::Bearer(token) => {
             users::revoke_token(&state.db, TokenKind::Api, &token_hash(&token)).await?
         }
@@ -255,16 +284,13 @@ async fn logout(State(state): State<AppState>, headers: HeaderMap) -> ApiResult<
             users::revoke_token(&state.db, TokenKind::Session, &token_hash(&token)).await?
         }
     }
-    if let Some(session) = session_cookie(&headers) {
+    if let Some(session) = session_cookie(headers) {
         users::revoke_token(&state.db, TokenKind::Session, &token_hash(&session)).await?;
     }
-    let clear = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0");
-    let mut response = StatusCode::NO_CONTENT.into_response();
-    response.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_str(&clear).map_err(|e| ApiError::Internal(e.to_string()))?,
-    );
-    Ok(response)
+    HeaderValue::from_str(&format!(
+        "{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0"
+    ))
+    .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
 /// Creates a user account, when the server allows signup.

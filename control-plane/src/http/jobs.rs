@@ -70,6 +70,25 @@ async fn view(state: &AppState, job: Job) -> ApiResult<JobView> {
         .ok_or_else(|| ApiError::Internal("a job view went missing".into()))
 }
 
+/// The eligibility rules (spec §7.1) a training file does not meet yet.
+pub fn unmet_eligibility(state: &AppState, file: &crate::db::files::TrainingFile) -> Vec<String> {
+    let mut unmet = Vec::new();
+    if file.enrichment_status != "completed" {
+        unmet.push(format!(
+            "enrichment must be completed; it is {}",
+            file.enrichment_status
+        ));
+    }
+    let minimum = state.settings.eligibility.min_conversations;
+    if file.conversation_count < minimum {
+        unmet.push(format!(
+            "at least {minimum} conversations are required; the file has {}",
+            file.conversation_count
+        ));
+    }
+    unmet
+}
+
 /// A job the user may see and act on: their own, or any for operators and admins.
 pub async fn visible_job(state: &AppState, user: &CurrentUser, id: Uuid) -> ApiResult<Job> {
     jobs::get(&state.db, id, user.viewer())
@@ -127,20 +146,7 @@ pub async fn create_draft(
     let file = files::get_owned(&state.db, request.training_file_id, user.0.id)
         .await?
         .ok_or(ApiError::NotFound("training file"))?;
-    let mut unmet = Vec::new();
-    if file.enrichment_status != "completed" {
-        unmet.push(format!(
-            "enrichment must be completed; it is {}",
-            file.enrichment_status
-        ));
-    }
-    let minimum = state.settings.eligibility.min_conversations;
-    if file.conversation_count < minimum {
-        unmet.push(format!(
-            "at least {minimum} conversations are required; the file has {}",
-            file.conversation_count
-        ));
-    }
+    let unmet = unmet_eligibility(state, &file);
     if !unmet.is_empty() {
         return Err(ApiError::Unprocessable {
             message: format!(

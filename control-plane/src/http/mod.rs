@@ -99,6 +99,7 @@ pub fn router(state: AppState) -> Router {
         .nest("/api/v1", api)
         .merge(ops::router())
         .split_for_parts();
+    let routes = routes.merge(crate::web::router());
     let document = Arc::new(document);
     routes
         .route(

@@ -3,6 +3,7 @@
 mod agents;
 mod auth;
 mod cli;
+mod dashboard;
 mod files;
 mod helpers;
 mod isolation;

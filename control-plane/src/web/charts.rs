@@ -1,0 +1,195 @@
+//! Line charts as inline SVG, drawn on the server: axes with tick labels, a legend, and
+//! each point's value in a `<title>` the browser shows on hover. Long series are thinned
+//! to at most `MAX_POINTS` per line, always keeping the last point.
+
+use std::fmt::Write;
+
+const MAX_POINTS: usize = 400;
+const WIDTH: f64 = 640.0;
+const HEIGHT: f64 = 220.0;
+const LEFT: f64 = 56.0;
+const RIGHT: f64 = 12.0;
+const TOP: f64 = 12.0;
+const BOTTOM: f64 = 36.0;
+const COLORS: [&str; 4] = ["#2563eb", "#dc2626", "#059669", "#d97706"];
+
+pub struct Series<'a> {
+    pub name: &'a str,
+    /// (x, y) in data units; non-finite values are skipped.
+    pub points: Vec<(f64, f64)>,
+}
+
+fn thin(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let finite: Vec<(f64, f64)> = points
+        .iter()
+        .copied()
+        .filter(|(x, y)| x.is_finite() && y.is_finite())
+        .collect();
+    if finite.len() <= MAX_POINTS {
+        return finite;
+    }
+    let stride = finite.len().div_ceil(MAX_POINTS);
+    let mut kept: Vec<(f64, f64)> = finite.iter().copied().step_by(stride).collect();
+    if let (Some(last), Some(kept_last)) = (finite.last(), kept.last()) {
+        if kept_last != last {
+            kept.push(*last);
+        }
+    }
+    kept
+}
+
+/// A compact number for tick labels: 1.2e-4, 0.53, 12.5, 1,200.
+fn label(value: f64) -> String {
+    let magnitude = value.abs();
+    if magnitude != 0.0 && !(1e-2..1e5).contains(&magnitude) {
+        format!("{value:.1e}")
+    } else if magnitude >= 100.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.3}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_owned()
+    }
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// An SVG line chart of `series` against a shared x axis labelled `x_label`; an empty
+/// chart says so instead of drawing axes over nothing.
+pub fn line_chart(title: &str, x_label: &str, series: &[Series<'_>]) -> String {
+    let lines: Vec<(&str, Vec<(f64, f64)>)> = series
+        .iter()
+        .map(|s| (s.name, thin(&s.points)))
+        .filter(|(_, points)| !points.is_empty())
+        .collect();
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r#"<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{}">"#,
+        escape(title)
+    );
+    if lines.is_empty() {
+        let _ = write!(
+            svg,
+            r#"<text x="{}" y="{}" text-anchor="middle" class="empty">No data yet</text></svg>"#,
+            WIDTH / 2.0,
+            HEIGHT / 2.0
+        );
+        return svg;
+    }
+    let all = lines.iter().flat_map(|(_, p)| p.iter());
+    let (mut x_min, mut x_max, mut y_min, mut y_max) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for (x, y) in all {
+        x_min = x_min.min(*x);
+        x_max = x_max.max(*x);
+        y_min = y_min.min(*y);
+        y_max = y_max.max(*y);
+    }
+    if x_max <= x_min {
+        x_max = x_min + 1.0;
+    }
+    if y_max <= y_min {
+        let pad = y_min.abs().max(1.0) * 0.05;
+        y_min -= pad;
+        y_max += pad;
+    }
+    let plot_w = WIDTH - LEFT - RIGHT;
+    let plot_h = HEIGHT - TOP - BOTTOM;
+    let sx = |x: f64| LEFT + (x - x_min) / (x_max - x_min) * plot_w;
+    let sy = |y: f64| TOP + (1.0 - (y - y_min) / (y_max - y_min)) * plot_h;
+    for i in 0..=4 {
+        let fraction = f64::from(i) / 4.0;
+        let y_value = y_min + fraction * (y_max - y_min);
+        let y = sy(y_value);
+        let _ = write!(
+            svg,
+            r#"<line class="grid" x1="{LEFT}" x2="{}" y1="{y:.1}" y2="{y:.1}"/><text class="tick" x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
+            WIDTH - RIGHT,
+            LEFT - 6.0,
+            y + 4.0,
+            label(y_value)
+        );
+        let x_value = x_min + fraction * (x_max - x_min);
+        let _ = write!(
+            svg,
+            r#"<text class="tick" x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+            sx(x_value),
+            HEIGHT - BOTTOM + 16.0,
+            label(x_value)
+        );
+    }
+    let _ = write!(
+        svg,
+        r#"<text class="axis" x="{}" y="{}" text-anchor="middle">{}</text>"#,
+        LEFT + plot_w / 2.0,
+        HEIGHT - 4.0,
+        escape(x_label)
+    );
+    for (index, (name, points)) in lines.iter().enumerate() {
+        let color = COLORS[index % COLORS.len()];
+        let path: Vec<String> = points
+            .iter()
+            .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
+            .collect();
+        let _ = write!(
+            svg,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{}"/>"#,
+            path.join(" ")
+        );
+        for (x, y) in points {
+            let _ = write!(
+                svg,
+                r#"<circle class="dot" cx="{:.1}" cy="{:.1}" r="3" fill="{color}"><title>{} at {}: {}</title></circle>"#,
+                sx(*x),
+                sy(*y),
+                escape(name),
+                label(*x),
+                label(*y)
+            );
+        }
+        let legend_x = LEFT + 8.0 + index as f64 * 130.0;
+        let _ = write!(
+            svg,
+            r#"<rect x="{legend_x:.1}" y="{TOP}" width="10" height="10" fill="{color}"/><text class="legend" x="{:.1}" y="{}">{}</text>"#,
+            legend_x + 14.0,
+            TOP + 9.0,
+            escape(name)
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_series_are_thinned_keeping_the_last_point() {
+        let points: Vec<(f64, f64)> = (1..=10_000).map(|s| (s as f64, 1.0 / s as f64)).collect();
+        let kept = thin(&points);
+        assert!(kept.len() <= MAX_POINTS + 1);
+        assert_eq!(kept.last(), points.last());
+    }
+
+    #[test]
+    fn charts_have_legends_hover_values_and_escape_names() {
+        let svg = line_chart(
+            "Loss",
+            "step",
+            &[Series {
+                name: "train <loss>",
+                points: vec![(1.0, 2.5), (2.0, 1.25)],
+            }],
+        );
+        assert!(svg.contains("train &lt;loss&gt; at 2: 1.25"), "{svg}");
+        assert!(svg.contains(r#"aria-label="Loss""#));
+        assert!(line_chart("Loss", "step", &[]).contains("No data yet"));
+    }
+}

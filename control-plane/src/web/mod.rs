@@ -1,0 +1,123 @@
+//! The web dashboard: server-rendered pages (askama, one view struct per page), SVG
+//! charts drawn here, and a little JavaScript of our own for live updates over the
+//! job's SSE stream. Everything but live updates works without JavaScript.
+
+use askama::Template;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::get;
+use axum::Router;
+
+use crate::http::auth::CurrentUser;
+use crate::http::error::ApiError;
+use crate::http::AppState;
+
+pub mod charts;
+mod pages;
+
+pub fn router() -> Router<AppState> {
+    pages::router()
+        .route("/static/app.css", get(stylesheet))
+        .route("/static/app.js", get(script))
+}
+
+async fn stylesheet() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=300"),
+        ],
+        include_str!("../../static/app.css"),
+    )
+        .into_response()
+}
+
+async fn script() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=300"),
+        ],
+        include_str!("../../static/app.js"),
+    )
+        .into_response()
+}
+
+/// The signed-in user of a page; without a session the page redirects to `/login`.
+pub struct PageUser(pub CurrentUser);
+
+impl FromRequestParts<AppState> for PageUser {
+    type Rejection = PageError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        CurrentUser::from_request_parts(parts, state)
+            .await
+            .map(PageUser)
+            .map_err(PageError)
+    }
+}
+
+#[derive(Template)]
+#[template(path = "error.html")]
+struct ErrorPage {
+    status: u16,
+    title: String,
+    message: String,
+}
+
+/// An error shown as a page: 401 sends the browser to `/login`, the rest render the
+/// error page with the status that fits.
+pub struct PageError(pub ApiError);
+
+impl<E: Into<ApiError>> From<E> for PageError {
+    fn from(error: E) -> Self {
+        PageError(error.into())
+    }
+}
+
+impl IntoResponse for PageError {
+    fn into_response(self) -> Response {
+        let (status, title) = match &self.0 {
+            ApiError::Unauthorized => return Redirect::to("/login").into_response(),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "Not found"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "Not allowed"),
+            ApiError::Conflict(_) | ApiError::IllegalTransition(_) => {
+                (StatusCode::CONFLICT, "Not possible right now")
+            }
+            ApiError::Validation(_) | ApiError::Unprocessable { .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "Please check the form")
+            }
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "Bad request"),
+            ApiError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "Slow down"),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "Something went wrong"),
+        };
+        let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %self.0, "page failed");
+            "The server could not show this page; see its log.".to_owned()
+        } else {
+            self.0.to_string()
+        };
+        let page = ErrorPage {
+            status: status.as_u16(),
+            title: title.to_owned(),
+            message,
+        };
+        (status, render(&page)).into_response()
+    }
+}
+
+/// Renders a template to an HTML response.
+pub fn render(template: &impl Template) -> Response {
+    match template.render() {
+        Ok(html) => Html(html).into_response(),
+        Err(error) => {
+            tracing::error!(%error, "template failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "template error").into_response()
+        }
+    }
+}

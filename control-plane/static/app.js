@@ -1,0 +1,107 @@
+// The dashboard's own script: live job updates over the job's SSE stream, the event log
+// filter, upload progress and toasts. Pages work without it, except for live updates.
+"use strict";
+
+function toast(message) {
+  const box = document.getElementById("toasts");
+  if (!box) return;
+  const item = document.createElement("div");
+  item.className = "toast";
+  item.textContent = message;
+  box.appendChild(item);
+  setTimeout(() => item.remove(), 4000);
+}
+
+function watchJob(section) {
+  const id = section.dataset.job;
+  if (section.dataset.terminal === "true") return;
+  let pending = false;
+  let last = 0;
+  // Re-render the live region at most once a second, however fast steps arrive.
+  const refresh = () => {
+    if (pending) return;
+    pending = true;
+    const wait = Math.max(0, 1000 - (Date.now() - last));
+    setTimeout(async () => {
+      try {
+        const response = await fetch(`/training/job/${id}/live`, { credentials: "same-origin" });
+        if (response.ok) section.innerHTML = await response.text();
+      } finally {
+        last = Date.now();
+        pending = false;
+      }
+    }, wait);
+  };
+  const events = new EventSource(`/api/v1/jobs/${id}/stream`);
+  events.addEventListener("status", (e) => {
+    const job = JSON.parse(e.data);
+    const stage = job.current_stage || job.status;
+    document.querySelectorAll(".stages li").forEach((li) => {
+      li.classList.toggle("current", li.textContent.replace(/ /g, "_") === stage);
+    });
+    refresh();
+    if (["completed", "failed", "cancelled"].includes(job.status)) {
+      toast(`Job ${job.status}`);
+      events.close();
+    }
+  });
+  events.addEventListener("metrics", refresh);
+  events.addEventListener("resync", refresh);
+  events.addEventListener("event", (e) => {
+    const event = JSON.parse(e.data);
+    const list = document.getElementById("events");
+    if (!list) return;
+    const item = document.createElement("li");
+    item.dataset.type = event.event_type;
+    item.className = event.severity;
+    const time = document.createElement("time");
+    time.textContent = event.created_at.slice(11, 19);
+    item.append(time, " " + event.message);
+    list.prepend(item);
+    applyEventFilter();
+  });
+}
+
+function applyEventFilter() {
+  const select = document.getElementById("event-filter");
+  if (!select) return;
+  document.querySelectorAll("#events li").forEach((li) => {
+    li.hidden = select.value !== "" && li.dataset.type !== select.value;
+  });
+}
+
+function watchUpload(form) {
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    const bar = document.getElementById("upload-progress");
+    const request = new XMLHttpRequest();
+    request.open("POST", form.action);
+    request.upload.onprogress = (p) => {
+      if (p.lengthComputable) { bar.hidden = false; bar.value = (100 * p.loaded) / p.total; }
+    };
+    request.onload = () => {
+      if (request.status === 201) {
+        const file = JSON.parse(request.responseText);
+        window.location = `/training/files/${file.id}`;
+      } else {
+        let message = `Upload failed (${request.status})`;
+        try { message = JSON.parse(request.responseText).error.message; } catch (_) { /* keep the status */ }
+        toast(message);
+        bar.hidden = true;
+      }
+    };
+    request.onerror = () => toast("Upload failed: the server could not be reached");
+    request.send(new FormData(form));
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  const live = document.getElementById("live");
+  if (live) watchJob(live);
+  const filter = document.getElementById("event-filter");
+  if (filter) filter.addEventListener("change", applyEventFilter);
+  const upload = document.getElementById("upload");
+  if (upload) watchUpload(upload);
+  const notice = document.querySelector(".alert.ok[role=status]");
+  if (notice) toast(notice.textContent);
+});

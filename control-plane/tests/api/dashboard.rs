@@ -1,0 +1,180 @@
+//! The dashboard's pages over HTTP: sign-in by form, each page with its key content for
+//! its owner, 404 for another user's job, 403 for a user on the fleet page, and a redirect
+//! to /login without a session.
+
+use chrono::Utc;
+use control_plane::db::metrics::{self, MetricPoint};
+use control_plane::domain::Role;
+use reqwest::{header, redirect, Client, StatusCode};
+use uuid::Uuid;
+
+use crate::helpers::{Backend, TestApp, TestDatabase};
+use crate::on_both_backends;
+
+on_both_backends!(every_page_answers_its_owner_and_no_one_else);
+
+/// A browser-like client that keeps redirects visible.
+fn browser() -> Client {
+    Client::builder()
+        .redirect(redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+/// Signs in through the login form; returns the session cookie pair.
+async fn sign_in(app: &TestApp, email: &str) -> String {
+    let response = browser()
+        .post(app.url("/login"))
+        .form(&[("email", email), ("password", "password-123")])
+        .send()
+        .await
+        .expect("login form");
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(response.headers()[header::LOCATION], "/");
+    response.headers()[header::SET_COOKIE]
+        .to_str()
+        .expect("cookie")
+        .split(';')
+        .next()
+        .expect("pair")
+        .to_owned()
+}
+
+async fn page(app: &TestApp, cookie: &str, path: &str) -> (StatusCode, String) {
+    let response = browser()
+        .get(app.url(path))
+        .header(header::COOKIE, cookie)
+        .send()
+        .await
+        .expect("page");
+    let status = response.status();
+    (status, response.text().await.unwrap_or_default())
+}
+
+async fn every_page_answers_its_owner_and_no_one_else(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let owner = app.user("ada@example.com", Role::User).await;
+    let job = app.queued_job(&owner).await;
+    let job_id: Uuid = job.parse().expect("uuid");
+    // A long run: a thousand points still draw a bounded chart.
+    for step in 1..=1000 {
+        let point = MetricPoint {
+            step,
+            epoch: Some(0),
+            training_loss: Some(2.0 / step as f64),
+            validation_loss: (step % 100 == 0).then_some(2.5 / step as f64),
+            learning_rate: Some(2e-4),
+            grad_norm: Some(1.0),
+            tokens_per_second: Some(1000.0),
+            gpu_utilization: Some(90),
+            memory_used_gb: Some(20.0),
+            recorded_at: Utc::now(),
+        };
+        metrics::record(&app.db, job_id, None, &point)
+            .await
+            .expect("metric");
+    }
+
+    // No session: every page sends the browser to the login form.
+    let response = browser()
+        .get(app.url("/training/jobs"))
+        .send()
+        .await
+        .expect("page");
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    assert_eq!(response.headers()[header::LOCATION], "/login");
+    let response = browser().get(app.url("/login")).send().await.expect("page");
+    assert!(response.text().await.expect("html").contains("Sign in"));
+
+    // A wrong password stays on the form, saying why.
+    let response = browser()
+        .post(app.url("/login"))
+        .form(&[("email", "ada@example.com"), ("password", "wrong-password")])
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert!(response
+        .text()
+        .await
+        .expect("html")
+        .contains("do not match an account"));
+
+    let cookie = sign_in(&app, "ada@example.com").await;
+    let (_, files) = crate::helpers::json_of(app.get(&owner, "/api/v1/training-files").await).await;
+    let file = files["data"][0]["id"].as_str().expect("file id").to_owned();
+    for (path, expected) in [
+        ("/", "Active and queued jobs"),
+        ("/training/files", "Upload a chat dataset"),
+        (
+            &format!("/training/files/{file}") as &str,
+            "Eligible for training",
+        ),
+        ("/training/jobs", "first job"),
+        ("/training/jobs?status=queued", "first job"),
+        (&format!("/training/job/{job}"), "Event log"),
+        (&format!("/training/job/{job}/live"), "<svg"),
+    ] {
+        let (status, html) = page(&app, &cookie, path).await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert!(html.contains(expected), "{path} shows {expected:?}");
+    }
+    let (_, detail) = page(&app, &cookie, &format!("/training/job/{job}")).await;
+    assert!(
+        detail.contains("training loss at 1000: 2.0e-3"),
+        "the last point is charted"
+    );
+    assert!(
+        detail.matches("<circle").count() <= 5 * 401,
+        "thinned to a bounded size"
+    );
+    assert!(detail.contains("Job queued for training"), "the event log");
+    assert!(detail.contains("Cancel job"));
+    assert_eq!(
+        page(&app, &cookie, "/fleet").await.0,
+        StatusCode::FORBIDDEN,
+        "users do not see the fleet"
+    );
+
+    // Another user: the job page is not found, as in the API.
+    app.user("eve@example.com", Role::User).await;
+    let intruder = sign_in(&app, "eve@example.com").await;
+    let (status, _) = page(&app, &intruder, &format!("/training/job/{job}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = page(&app, &intruder, &format!("/training/files/{file}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Operators see the fleet.
+    app.user("ops@example.com", Role::Operator).await;
+    let operator = sign_in(&app, "ops@example.com").await;
+    app.enroll_agent("gpu-host-7").await;
+    let (status, html) = page(&app, &operator, "/fleet").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("gpu-host-7"));
+
+    // Cancel through the form: the job ends cancelled with the reason.
+    let response = browser()
+        .post(app.url(&format!("/training/job/{job}/cancel")))
+        .header(header::COOKIE, &cookie)
+        .form(&[("reason", "changed my mind")])
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let (_, view) =
+        crate::helpers::json_of(app.get(&owner, &format!("/api/v1/jobs/{job}")).await).await;
+    assert_eq!(view["status"], "cancelled");
+    assert_eq!(view["cancelled_reason"], "changed my mind");
+
+    // Sign out ends the session.
+    let response = browser()
+        .post(app.url("/logout"))
+        .header(header::COOKIE, &cookie)
+        .send()
+        .await
+        .expect("logout");
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let (status, _) = page(&app, &cookie, "/").await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+}
