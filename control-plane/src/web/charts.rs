@@ -53,6 +53,19 @@ fn label(value: f64) -> String {
     }
 }
 
+/// A tick label with enough digits to tell neighbouring ticks `spacing` apart.
+fn tick(value: f64, spacing: f64) -> String {
+    let magnitude = value.abs().max(spacing.abs());
+    if !spacing.is_finite() || spacing <= 0.0 {
+        return label(value);
+    }
+    if !(1e-3..1e5).contains(&magnitude) {
+        return format!("{value:.2e}");
+    }
+    let decimals = (-spacing.log10()).ceil().clamp(0.0, 8.0) as usize;
+    format!("{value:.decimals$}")
+}
+
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -113,7 +126,7 @@ pub fn line_chart(title: &str, x_label: &str, series: &[Series<'_>]) -> String {
             WIDTH - RIGHT,
             LEFT - 6.0,
             y + 4.0,
-            label(y_value)
+            tick(y_value, (y_max - y_min) / 4.0)
         );
         let x_value = x_min + fraction * (x_max - x_min);
         let _ = write!(
@@ -121,7 +134,7 @@ pub fn line_chart(title: &str, x_label: &str, series: &[Series<'_>]) -> String {
             r#"<text class="tick" x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
             sx(x_value),
             HEIGHT - BOTTOM + 16.0,
-            label(x_value)
+            tick(x_value, (x_max - x_min) / 4.0)
         );
     }
     let _ = write!(
@@ -176,6 +189,14 @@ mod tests {
         let kept = thin(&points);
         assert!(kept.len() <= MAX_POINTS + 1);
         assert_eq!(kept.last(), points.last());
+    }
+
+    #[test]
+    fn ticks_tell_close_values_apart() {
+        assert_eq!(tick(0.0312, 0.0005), "0.0312");
+        assert_eq!(tick(0.0317, 0.0005), "0.0317");
+        assert_eq!(tick(250.0, 50.0), "250");
+        assert_eq!(tick(8.9e-5, 2.2e-5), "8.90e-5");
     }
 
     #[test]

@@ -1,0 +1,114 @@
+//! The dashboard in headless Chromium: sign in, upload a file, watch a running job's page
+//! update live, cancel it; a screenshot of every page at desktop and phone width, and no
+//! console errors. Needs Chromium and chromedriver (scripts/browser-env; scripts/test
+//! installs them and runs this test).
+
+use std::time::Duration;
+
+use end_to_end::browser::Browser;
+use end_to_end::{chat_jsonl, poll, tiny_model, Agent, Api, ControlPlane, EMAIL, PASSWORD};
+use serde_json::json;
+
+const LONG: Duration = Duration::from_secs(240);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Chromium and chromedriver: scripts/browser-env (scripts/test runs it)"]
+async fn a_user_signs_in_uploads_watches_a_job_live_and_cancels_it() {
+    let plane = ControlPlane::start(false).await;
+    let api = Api::login(&plane).await;
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let model = tiny_model(scratch.path());
+    let dataset = scratch.path().join("support-chats.jsonl");
+    std::fs::write(&dataset, chat_jsonl(40)).expect("dataset");
+    let browser = Browser::start("dashboard").await;
+
+    // Sign in through the form.
+    browser.goto(&format!("{}/training/jobs", plane.url)).await;
+    browser.wait_for_text("h1", "LoRA platform", LONG).await;
+    browser.screenshot("login").await;
+    browser.type_into("#email", EMAIL).await;
+    browser.type_into("#password", PASSWORD).await;
+    browser.click("button[type=submit]").await;
+    browser.wait_for_text("h1", "Overview", LONG).await;
+    browser.screenshot("home").await;
+
+    // Upload a training file with the page's own form; its page shows the enrichment.
+    browser.goto(&format!("{}/training/files", plane.url)).await;
+    browser.wait_for_text("h1", "Training files", LONG).await;
+    browser
+        .type_into("#file", &dataset.display().to_string())
+        .await;
+    browser.type_into("#name", "support chats").await;
+    browser.click("#upload button[type=submit]").await;
+    browser.wait_for_text("h1", "support chats", LONG).await;
+    poll("enrichment to show on the file page", LONG, || async {
+        browser.eval("location.reload()").await;
+        let text = browser.text("main").await;
+        text.contains("Eligible for training").then_some(())
+    })
+    .await;
+    browser.screenshot("file").await;
+    let file_id = browser
+        .eval("return location.pathname.split('/').pop()")
+        .await
+        .as_str()
+        .expect("file id")
+        .to_owned();
+    browser.goto(&format!("{}/training/files", plane.url)).await;
+    browser.wait_for_text("main", "support chats", LONG).await;
+    browser.screenshot("files").await;
+
+    // A long job on that file; an agent runs it; the page updates without a reload.
+    let job = api
+        .start_job(
+            &file_id,
+            "watched live",
+            &model,
+            json!({"epochs": 100, "batch_size": 2, "max_seq_len": 64}),
+        )
+        .await;
+    browser
+        .goto(&format!("{}/training/job/{job}", plane.url))
+        .await;
+    browser.wait_for_text("h1", "watched live", LONG).await;
+    browser.eval("window.__samePage = true").await;
+    let _agent = Agent::start(&plane, "worker", &["--spot-provider", "none"]);
+    let first = browser.wait_for_text("#progress", "step", LONG).await;
+    poll("the step count to move live", LONG, || async {
+        let now = browser.text("#progress").await;
+        (now != first && !now.is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        browser.eval("return window.__samePage === true").await,
+        json!(true),
+        "updated in place, not by reloading"
+    );
+    browser
+        .wait_for_text("#events", "Training started", LONG)
+        .await;
+    browser.screenshot("job-training").await;
+    browser.resize(375, 812).await;
+    browser.screenshot("job-training-phone").await;
+    browser.resize(1440, 900).await;
+
+    // Cancel from the page.
+    browser.type_into("#reason", "seen enough").await;
+    browser.click("button.danger").await;
+    browser.wait_for_text(".badge", "cancelled", LONG).await;
+    browser.screenshot("job-cancelled").await;
+    let view = api.wait_status(&job, "cancelled", LONG).await;
+    assert_eq!(view["cancelled_reason"], "seen enough");
+
+    browser.goto(&format!("{}/training/jobs", plane.url)).await;
+    browser.wait_for_text("main", "watched live", LONG).await;
+    browser.screenshot("jobs").await;
+    browser.goto(&format!("{}/fleet", plane.url)).await;
+    browser.wait_for_text("main", "worker", LONG).await;
+    browser.screenshot("fleet").await;
+
+    browser.goto(&format!("{}/", plane.url)).await;
+    browser.wait_for_text("h1", "Overview", LONG).await;
+    let errors = browser.console_errors().await;
+    assert!(errors.is_empty(), "console errors: {errors:#?}");
+}
