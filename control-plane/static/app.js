@@ -95,7 +95,20 @@ function watchUpload(form) {
   });
 }
 
+// Narrows a long <select> to the options whose text contains what is typed.
+function watchFilter(input) {
+  const select = document.getElementById(input.dataset.filters);
+  if (!select) return;
+  input.addEventListener("input", () => {
+    const wanted = input.value.toLowerCase();
+    for (const option of select.options) {
+      option.hidden = !option.textContent.toLowerCase().includes(wanted);
+    }
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  document.querySelectorAll("input[data-filters]").forEach(watchFilter);
   const live = document.getElementById("live");
   if (live) watchJob(live);
   const filter = document.getElementById("event-filter");

@@ -127,6 +127,18 @@ impl Browser {
         .await;
     }
 
+    /// Types `text` after what the field holds; `replace` clears it first.
+    pub async fn replace(&self, css: &str, text: &str) {
+        let element = self.find(css).await;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{element}/clear"),
+            Some(json!({})),
+        )
+        .await;
+        self.type_into(css, text).await;
+    }
+
     pub async fn type_into(&self, css: &str, text: &str) {
         let element = self.find(css).await;
         self.call(

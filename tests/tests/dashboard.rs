@@ -58,18 +58,36 @@ async fn a_user_signs_in_uploads_watches_a_job_live_and_cancels_it() {
     browser.wait_for_text("main", "support chats", LONG).await;
     browser.screenshot("files").await;
 
-    // A long job on that file; an agent runs it; the page updates without a reload.
-    let job = api
-        .start_job(
-            &file_id,
-            "watched live",
-            &model,
-            json!({"epochs": 100, "batch_size": 2, "max_seq_len": 64}),
-        )
-        .await;
+    // Create, configure and start a long job in the browser; an agent runs it; its page
+    // updates without a reload.
     browser
-        .goto(&format!("{}/training/job/{job}", plane.url))
+        .goto(&format!("{}/training/create", plane.url))
         .await;
+    browser.wait_for_text("h1", "New training job", LONG).await;
+    browser.type_into("#file-search", "support").await;
+    browser.click(&format!("option[value='{file_id}']")).await;
+    browser.type_into("#name", "watched live").await;
+    browser
+        .replace("#base_model", &model.display().to_string())
+        .await;
+    browser.screenshot("create").await;
+    browser.click("form.stacked button[type=submit]").await;
+    browser.wait_for_text("h1", "Configure", LONG).await;
+    browser.type_into("input[name=epochs]", "100").await;
+    browser.type_into("input[name=batch_size]", "2").await;
+    browser.screenshot("configure").await;
+    browser.click("form.stacked button[type=submit]").await;
+    browser
+        .wait_for_text("#start", "Start training", LONG)
+        .await;
+    browser.click("#start").await;
+    browser.wait_for_text(".badge", "queued", LONG).await;
+    let job = browser
+        .eval("return location.pathname.split('/').pop()")
+        .await
+        .as_str()
+        .expect("job id")
+        .to_owned();
     browser.wait_for_text("h1", "watched live", LONG).await;
     browser.eval("window.__samePage = true").await;
     let _agent = Agent::start(&plane, "worker", &["--spot-provider", "none"]);

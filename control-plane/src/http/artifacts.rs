@@ -238,13 +238,26 @@ async fn resume(
     ApiJson(request): ApiJson<Resume>,
 ) -> ApiResult<Json<JobView>> {
     let job = visible_job(&state, &user, id).await?;
+    Ok(Json(
+        resume_job(&state, &user, &job, request.checkpoint_id).await?,
+    ))
+}
+
+/// Queues an interrupted or failed job again from `checkpoint_id` (default: its latest
+/// checkpoint; none: from the start), logging who did it.
+pub async fn resume_job(
+    state: &AppState,
+    user: &CurrentUser,
+    job: &crate::db::jobs::Job,
+    checkpoint_id: Option<Uuid>,
+) -> ApiResult<JobView> {
     if !matches!(job.status, JobStatus::Interrupted | JobStatus::Failed) {
         return Err(ApiError::Conflict(format!(
             "only an interrupted or failed job can be resumed; this one is {}",
             job.status
         )));
     }
-    let checkpoint = match request.checkpoint_id {
+    let checkpoint = match checkpoint_id {
         Some(checkpoint_id) => Some(
             attempts::checkpoint(&state.db, checkpoint_id)
                 .await?
@@ -267,9 +280,9 @@ async fn resume(
         format!("Resumed by {}{from}", user.0.email),
     )
     .with_details(json!({"from": job.status, "to": "queued", "checkpoint_id": checkpoint.as_ref().map(|c| c.id)}));
-    let job = apply_change(
-        &state,
-        &job,
+    let view = apply_change(
+        state,
+        job,
         Change::Resume {
             checkpoint_id: checkpoint.map(|c| c.id),
         },
@@ -277,5 +290,5 @@ async fn resume(
     )
     .await?;
     state.work_available.notify_waiters();
-    Ok(Json(job))
+    Ok(view)
 }

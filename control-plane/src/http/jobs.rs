@@ -356,14 +356,20 @@ async fn start(
     Path(id): Path<Uuid>,
 ) -> ApiResult<Json<JobView>> {
     let job = visible_job(&state, &user, id).await?;
+    let job = queue_job(&state, &job).await?;
+    Ok(Json(view(&state, job).await?))
+}
+
+/// Queues a configured job and wakes agents waiting for work.
+pub async fn queue_job(state: &AppState, job: &Job) -> ApiResult<Job> {
     job.status.check(JobStatus::Queued)?;
     let hours_ahead = jobs::queued_hours_ahead(&state.db).await?;
     let estimated_start_time = now() + Duration::seconds((hours_ahead * 3600.0) as i64);
     let event = Event::new(job.id, "status", "info", "Job queued for training")
         .with_details(json!({"from": job.status, "to": "queued"}));
     let job = apply(
-        &state,
-        &job,
+        state,
+        job,
         Change::Queue {
             estimated_start_time,
         },
@@ -371,7 +377,7 @@ async fn start(
     )
     .await?;
     state.work_available.notify_waiters();
-    Ok(Json(view(&state, job).await?))
+    Ok(job)
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -391,8 +397,15 @@ async fn cancel(
     ApiJson(request): ApiJson<CancelJob>,
 ) -> ApiResult<Json<JobView>> {
     let job = visible_job(&state, &user, id).await?;
+    let job = cancel_job(&state, &job, &request.reason).await?;
+    Ok(Json(view(&state, job).await?))
+}
+
+/// Cancels a job with a reason (at most 1000 characters), its final cost being what its
+/// attempts cost so far; the agent running it stops at its next step.
+pub async fn cancel_job(state: &AppState, job: &Job, reason: &str) -> ApiResult<Job> {
     job.status.check(JobStatus::Cancelled)?;
-    let reason = match request.reason.trim() {
+    let reason = match reason.trim() {
         "" => "no reason given",
         reason if reason.chars().count() > 1000 => {
             return Err(ApiError::Validation(vec![FieldError::new(
@@ -410,9 +423,9 @@ async fn cancel(
         format!("Job cancelled: {reason}"),
     )
     .with_details(json!({"from": job.status, "to": "cancelled", "final_cost": final_cost}));
-    let job = apply(&state, &job, Change::Cancel { reason, final_cost }, event).await?;
-    crate::costs::record(&state, &job).await?;
-    Ok(Json(view(&state, job).await?))
+    let job = apply(state, job, Change::Cancel { reason, final_cost }, event).await?;
+    crate::costs::record(state, &job).await?;
+    Ok(job)
 }
 
 #[derive(Deserialize, IntoParams)]

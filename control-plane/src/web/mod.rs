@@ -15,10 +15,12 @@ use crate::http::error::ApiError;
 use crate::http::AppState;
 
 pub mod charts;
+mod create;
 mod pages;
 
 pub fn router() -> Router<AppState> {
     pages::router()
+        .merge(create::router())
         .route("/static/app.css", get(stylesheet))
         .route("/static/app.js", get(script))
 }

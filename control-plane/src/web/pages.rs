@@ -17,13 +17,14 @@ use crate::db::artifacts::{self, Artifact};
 use crate::db::attempts::{self, Checkpoint};
 use crate::db::events::{self, Event, EventFilter};
 use crate::db::files::{self, FileFilter, StoredConversation, TrainingFile};
-use crate::db::jobs::{self, Change, Job, Viewer};
+use crate::db::jobs::{self, Job, Viewer};
 use crate::db::metrics::{self, MetricPoint};
 use crate::db::{agents, now};
 use crate::domain::JobStatus;
+use crate::http::artifacts::resume_job;
 use crate::http::auth::{end_session, start_session, verify_credentials};
 use crate::http::error::ApiError;
-use crate::http::jobs::{apply_change, unmet_eligibility, visible_job};
+use crate::http::jobs::{cancel_job, unmet_eligibility, visible_job};
 use crate::http::AppState;
 
 type PageResult = Result<Response, PageError>;
@@ -54,7 +55,7 @@ pub struct Frame {
 }
 
 impl Frame {
-    fn new(user: &PageUser, section: &'static str, breadcrumbs: &[(&str, &str)]) -> Frame {
+    pub fn new(user: &PageUser, section: &'static str, breadcrumbs: &[(&str, &str)]) -> Frame {
         Frame {
             email: user.0 .0.email.clone(),
             sees_fleet: user.0 .0.role().sees_everything(),
@@ -285,6 +286,8 @@ struct JobLive {
     latest: Option<MetricPoint>,
     can_cancel: bool,
     can_resume: bool,
+    can_configure: bool,
+    can_start: bool,
 }
 
 const STAGES: [&str; 5] = [
@@ -351,6 +354,8 @@ async fn job_live_view(state: &AppState, job: Job) -> Result<JobLive, PageError>
         latest: points.last().cloned(),
         can_cancel: job.status.check(JobStatus::Cancelled).is_ok(),
         can_resume: matches!(job.status, JobStatus::Interrupted | JobStatus::Failed),
+        can_configure: job.status.check(JobStatus::Configured).is_ok(),
+        can_start: job.status == JobStatus::Configured,
         job,
     })
 }
@@ -452,66 +457,13 @@ async fn cancel(
     Form(form): Form<CancelForm>,
 ) -> PageResult {
     let job = visible_job(&state, &user.0, id).await?;
-    job.status.check(JobStatus::Cancelled)?;
-    let reason = form.reason.trim().chars().take(1000).collect::<String>();
-    let reason = if reason.is_empty() {
-        "cancelled from the dashboard".to_owned()
-    } else {
-        reason
-    };
-    let final_cost = jobs::round_cents(attempts::job_cost(&state.db, job.id, now()).await?);
-    let event = Event::new(
-        job.id,
-        "status",
-        "warning",
-        format!("Job cancelled: {reason}"),
-    )
-    .with_details(
-        serde_json::json!({"from": job.status, "to": "cancelled", "final_cost": final_cost}),
-    );
-    let view = apply_change(
-        &state,
-        &job,
-        Change::Cancel {
-            reason: &reason,
-            final_cost,
-        },
-        event,
-    )
-    .await?;
-    crate::costs::record(&state, &view.job).await?;
+    cancel_job(&state, &job, &form.reason).await?;
     Ok(Redirect::to(&format!("/training/job/{id}?notice=Job+cancelled")).into_response())
 }
 
 async fn resume(State(state): State<AppState>, user: PageUser, Path(id): Path<Uuid>) -> PageResult {
     let job = visible_job(&state, &user.0, id).await?;
-    if !matches!(job.status, JobStatus::Interrupted | JobStatus::Failed) {
-        return Err(PageError(ApiError::Conflict(format!(
-            "only an interrupted or failed job can be resumed; this one is {}",
-            job.status
-        ))));
-    }
-    let checkpoint = attempts::latest_checkpoint(&state.db, job.id).await?;
-    let from = checkpoint
-        .as_ref()
-        .map(|c| format!(" from the checkpoint at step {}", c.step))
-        .unwrap_or_else(|| " from the start".into());
-    let event = Event::new(
-        job.id,
-        "status",
-        "info",
-        format!("Resumed by {}{from}", user.0 .0.email),
-    );
-    apply_change(
-        &state,
-        &job,
-        Change::Resume {
-            checkpoint_id: checkpoint.map(|c| c.id),
-        },
-        event,
-    )
-    .await?;
-    state.work_available.notify_waiters();
+    resume_job(&state, &user.0, &job, None).await?;
     Ok(Redirect::to(&format!("/training/job/{id}?notice=Job+queued+again")).into_response())
 }
 

@@ -112,6 +112,8 @@ async fn every_page_answers_its_owner_and_no_one_else(backend: Backend) {
             "Eligible for training",
         ),
         ("/training/jobs", "first job"),
+        ("/training/create", "New training job"),
+        (&format!("/training/{job}/configure"), "Balanced"),
         ("/training/jobs?status=queued", "first job"),
         (&format!("/training/job/{job}"), "Event log"),
         (&format!("/training/job/{job}/live"), "<svg"),
