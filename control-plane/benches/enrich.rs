@@ -11,11 +11,14 @@ use std::time::Instant;
 
 use control_plane::db::files::{self, NewFile};
 use control_plane::db::users;
-use control_plane::db::Db;
 use control_plane::domain::{Email, Role};
 use control_plane::enrichment::Enricher;
 use serde_json::json;
 use uuid::Uuid;
+
+#[path = "support/mod.rs"]
+mod support;
+use support::database;
 
 fn rss_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -55,35 +58,6 @@ fn write_dataset(path: &std::path::Path, conversations: usize) -> std::io::Resul
     }
     out.flush()?;
     Ok(std::fs::metadata(path)?.len())
-}
-
-async fn database(backend: &str, dir: &std::path::Path) -> (Db, Option<String>) {
-    match backend {
-        "sqlite" => {
-            let db = Db::connect(&format!("sqlite://{}", dir.join("bench.db").display()))
-                .await
-                .expect("sqlite");
-            (db, None)
-        }
-        "postgres" => {
-            let admin_url = std::env::var("TEST_DATABASE_URL")
-                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-            let name = format!("cp_bench_{}", Uuid::new_v4().simple());
-            let admin = sqlx::PgPool::connect(&admin_url)
-                .await
-                .expect("PostgreSQL reachable");
-            sqlx::query(&format!("CREATE DATABASE {name}"))
-                .execute(&admin)
-                .await
-                .expect("create database");
-            let server = &admin_url[..admin_url.rfind('/').expect("path")];
-            let db = Db::connect(&format!("{server}/{name}"))
-                .await
-                .expect("postgres");
-            (db, Some(name))
-        }
-        other => panic!("unknown backend {other}: use sqlite or postgres"),
-    }
 }
 
 #[tokio::main]
@@ -147,13 +121,5 @@ async fn main() {
         peak as f64 / 1024.0,
     );
     db.close().await;
-    if let Some(name) = postgres_name {
-        let admin_url = std::env::var("TEST_DATABASE_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-        if let Ok(admin) = sqlx::PgPool::connect(&admin_url).await {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .execute(&admin)
-                .await;
-        }
-    }
+    support::drop_database(postgres_name).await;
 }

@@ -16,6 +16,34 @@ fn hyperparameters(epochs: u32) -> Value {
            "batch_size": 2, "gradient_accumulation_steps": 1, "max_seq_len": 64, "warmup_ratio": 0.0, "seed": 7})
 }
 
+/// A control plane on SQLite, a signed-in API client, a tiny model and an enriched file
+/// holding `data`.
+async fn setup(
+    data: Vec<u8>,
+) -> (
+    ControlPlane,
+    Api,
+    tempfile::TempDir,
+    std::path::PathBuf,
+    String,
+) {
+    let plane = ControlPlane::start(false).await;
+    let api = Api::login(&plane).await;
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let model = tiny_model(scratch.path());
+    let file = api.upload("codes", data).await;
+    (plane, api, scratch, model, file)
+}
+
+/// Waits until the job has reported `step`; returns its view then.
+async fn wait_for_step(api: &Api, job: &str, step: i64) -> Value {
+    poll(&format!("step {step}"), LONG, || async {
+        let view = api.get(&format!("/jobs/{job}")).await;
+        (view["current_step"].as_i64() >= Some(step)).then_some(view)
+    })
+    .await
+}
+
 async fn metric_steps(api: &Api, job: &str) -> Vec<i64> {
     let history = api
         .get(&format!("/jobs/{job}/metrics?limit=10000&interval=1"))
@@ -114,12 +142,8 @@ fn reference_adapter(
 
 /// Where the notice comes from: a cloud's metadata endpoint, or SIGTERM (`None`).
 async fn interruption_resumes_elsewhere(cloud: Option<Cloud>) {
-    let plane = ControlPlane::start(false).await;
-    let api = Api::login(&plane).await;
-    let scratch = tempfile::tempdir().expect("temp dir");
-    let model = tiny_model(scratch.path());
     let data = chat_jsonl(40);
-    let file = api.upload("codes", data.clone()).await;
+    let (plane, api, scratch, model, file) = setup(data.clone()).await;
     let stand_in = match cloud {
         Some(cloud) => Some(MetadataStandIn::start(cloud).await),
         None => None,
@@ -141,12 +165,9 @@ async fn interruption_resumes_elsewhere(cloud: Option<Cloud>) {
         .start_job(&file, "interrupted", &model, hyperparameters(4))
         .await;
     let view = api.wait_status(&job, "training", LONG).await;
-    let total = poll("a few training steps", LONG, || async {
-        let view = api.get(&format!("/jobs/{job}")).await;
-        (view["current_step"].as_i64() >= Some(3)).then(|| view["total_steps"].as_i64())
-    })
-    .await
-    .expect("total steps");
+    let total = wait_for_step(&api, &job, 3).await["total_steps"]
+        .as_i64()
+        .expect("total steps");
     assert!(view["agent_id"].is_string());
     let _other = Agent::start(&plane, "on-demand", &["--spot-provider", "none"]);
     match &stand_in {
@@ -263,20 +284,12 @@ async fn sigterm_resumes_on_another_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_the_agent() {
-    let plane = ControlPlane::start(false).await;
-    let api = Api::login(&plane).await;
-    let scratch = tempfile::tempdir().expect("temp dir");
-    let model = tiny_model(scratch.path());
-    let file = api.upload("codes", chat_jsonl(40)).await;
+    let (plane, api, _scratch, model, file) = setup(chat_jsonl(40)).await;
     let _agent = Agent::start(&plane, "worker", &["--spot-provider", "none"]);
     let job = api
         .start_job(&file, "to cancel", &model, hyperparameters(50))
         .await;
-    poll("training steps", LONG, || async {
-        let view = api.get(&format!("/jobs/{job}")).await;
-        (view["current_step"].as_i64() >= Some(2)).then_some(())
-    })
-    .await;
+    wait_for_step(&api, &job, 2).await;
     let cancelled = api
         .send(
             Method::POST,
@@ -301,20 +314,12 @@ async fn cancel_stops_the_agent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_outage_loses_no_step() {
-    let mut plane = ControlPlane::start(false).await;
-    let api = Api::login(&plane).await;
-    let scratch = tempfile::tempdir().expect("temp dir");
-    let model = tiny_model(scratch.path());
-    let file = api.upload("codes", chat_jsonl(40)).await;
+    let (mut plane, api, _scratch, model, file) = setup(chat_jsonl(40)).await;
     let _agent = Agent::start(&plane, "worker", &["--spot-provider", "none"]);
     let job = api
         .start_job(&file, "through an outage", &model, hyperparameters(6))
         .await;
-    poll("training steps", LONG, || async {
-        let view = api.get(&format!("/jobs/{job}")).await;
-        (view["current_step"].as_i64() >= Some(2)).then_some(())
-    })
-    .await;
+    wait_for_step(&api, &job, 2).await;
     // The agent keeps training and queues its reports on disk while the server is away.
     plane.restart_after(Duration::from_secs(2)).await;
     let done = api.wait_status(&job, "completed", LONG).await;
@@ -333,11 +338,7 @@ async fn a_control_plane_outage_loses_no_step() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vanished_agents_job_resumes_from_its_last_checkpoint() {
-    let plane = ControlPlane::start(false).await;
-    let api = Api::login(&plane).await;
-    let scratch = tempfile::tempdir().expect("temp dir");
-    let model = tiny_model(scratch.path());
-    let file = api.upload("codes", chat_jsonl(40)).await;
+    let (plane, api, _scratch, model, file) = setup(chat_jsonl(40)).await;
     let mut doomed = Agent::start(&plane, "doomed", &["--spot-provider", "none"]);
     let job = api
         .start_job(&file, "survivor", &model, hyperparameters(8))

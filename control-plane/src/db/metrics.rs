@@ -68,6 +68,23 @@ pub async fn record(
     Ok(inserted == 1)
 }
 
+/// Stores many points of one job in one transaction (imports, benchmarks); returns how
+/// many were new.
+pub async fn record_all(db: &Db, job_id: Uuid, points: &[MetricPoint]) -> Result<u64, DbError> {
+    Ok(on_pool!(db, pool => {
+        let mut tx = pool.begin().await?;
+        let mut inserted = 0;
+        for point in points {
+            inserted += insert_metric!(job_id, None::<Uuid>, point)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        inserted
+    }))
+}
+
 /// Up to `limit` points, oldest first, keeping every `interval`-th step (and always the last).
 pub async fn history(
     db: &Db,

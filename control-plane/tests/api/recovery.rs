@@ -18,6 +18,14 @@ on_both_backends!(
     reports_and_uploads_are_idempotent_and_verified
 );
 
+/// A user with a queued job, and an enrolled agent's secret.
+async fn queued_job_and_agent(app: &TestApp) -> (crate::helpers::User, String, String) {
+    let user = app.user("ada@example.com", Role::User).await;
+    let job = app.queued_job(&user).await;
+    let secret = app.enroll_agent("host").await;
+    (user, job, secret)
+}
+
 /// Claims the next job as the agent holding `secret`; returns the assignment.
 async fn claim(app: &TestApp, secret: &str) -> Value {
     let (status, assignment) = app
@@ -49,9 +57,7 @@ async fn finish(app: &TestApp, secret: &str, attempt: &Value, outcome: Value) ->
 async fn out_of_memory_is_retried_with_half_the_micro_batch(backend: Backend) {
     let database = TestDatabase::create(backend).await;
     let app = TestApp::spawn(&database).await;
-    let user = app.user("ada@example.com", Role::User).await;
-    let job = app.queued_job(&user).await;
-    let secret = app.enroll_agent("host").await;
+    let (user, job, secret) = queued_job_and_agent(&app).await;
     let first = claim(&app, &secret).await;
     let batch = first["hyperparameters"]["batch_size"]
         .as_u64()
@@ -83,9 +89,7 @@ async fn out_of_memory_is_retried_with_half_the_micro_batch(backend: Backend) {
 async fn dataset_errors_fail_at_once_and_operators_resume(backend: Backend) {
     let database = TestDatabase::create(backend).await;
     let app = TestApp::spawn(&database).await;
-    let user = app.user("ada@example.com", Role::User).await;
-    let job = app.queued_job(&user).await;
-    let secret = app.enroll_agent("host").await;
+    let (user, job, secret) = queued_job_and_agent(&app).await;
     let assignment = claim(&app, &secret).await;
     let reply = finish(
         &app,
@@ -127,9 +131,7 @@ async fn a_silent_agents_job_goes_back_to_the_queue(backend: Backend) {
     config.fleet.heartbeat_interval_seconds = 1;
     config.fleet.offline_after_seconds = 1;
     let app = TestApp::spawn_with(config).await;
-    let user = app.user("ada@example.com", Role::User).await;
-    let job = app.queued_job(&user).await;
-    let secret = app.enroll_agent("host").await;
+    let (user, job, secret) = queued_job_and_agent(&app).await;
     claim(&app, &secret).await;
     // No more heartbeats: the sweeper ends the attempt as lost and requeues the job.
     let view = poll(std::time::Duration::from_secs(20), || async {
@@ -153,9 +155,7 @@ async fn a_silent_agents_job_goes_back_to_the_queue(backend: Backend) {
 async fn reports_and_uploads_are_idempotent_and_verified(backend: Backend) {
     let database = TestDatabase::create(backend).await;
     let app = TestApp::spawn(&database).await;
-    let user = app.user("ada@example.com", Role::User).await;
-    let job = app.queued_job(&user).await;
-    let secret = app.enroll_agent("host").await;
+    let (user, job, secret) = queued_job_and_agent(&app).await;
     let assignment = claim(&app, &secret).await;
     let attempt = assignment["attempt_id"].as_str().expect("attempt");
     let batch = json!({"reports": [
