@@ -299,8 +299,12 @@ const STAGES: [&str; 5] = [
 ];
 
 async fn job_live_view(state: &AppState, job: Job) -> Result<JobLive, PageError> {
-    // Charts keep about 400 points whatever the run's length.
-    let interval = (job.current_step / 400).max(1);
+    // Charts keep about 400 points whatever the run's length; the last stored step says
+    // how long it is (the job's own step may lag its metrics).
+    let last_step = metrics::latest(&state.db, job.id)
+        .await?
+        .map_or(job.current_step, |p| p.step);
+    let interval = (last_step / 400).max(1);
     let points = metrics::history(&state.db, job.id, interval, 100_000).await?;
     let series = |name: &'static str, value: fn(&MetricPoint) -> Option<f64>| Series {
         name,
