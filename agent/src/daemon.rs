@@ -117,6 +117,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         },
         labels: config.labels.clone(),
     });
+    finish_orphaned_attempts(&config, &client).await;
     let notices = spot::watch(&config);
     let stop = Arc::new(tokio::sync::Notify::new());
     tokio::spawn(heartbeats(client.clone(), shared.clone(), stop.clone()));
@@ -193,6 +194,40 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         if config.max_attempts > 0 && attempts >= config.max_attempts {
             tracing::info!(attempts, "max_attempts reached; exiting");
             return Ok(());
+        }
+    }
+}
+
+/// Attempts whose outbox is still on disk were cut short by a crash or a kill of this
+/// agent: deliver what they reported, then end them as failed so the control plane
+/// retries them (from their latest checkpoint) instead of waiting on them forever.
+async fn finish_orphaned_attempts(config: &AgentConfig, client: &ControlPlane) {
+    let Ok(entries) = std::fs::read_dir(config.outbox_dir()) else {
+        return;
+    };
+    let orphans: Vec<Uuid> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_suffix(".jsonl")?.parse().ok()
+        })
+        .collect();
+    for attempt in orphans {
+        tracing::warn!(%attempt, "an attempt was cut short by a restart of this agent; handing it back");
+        if let Ok(outbox) = crate::outbox::Outbox::open(&config.outbox_dir(), attempt) {
+            outbox.close();
+            outbox.deliver(client, |_| {}).await;
+        }
+        let outcome = protocol::agent::AttemptOutcome::Failed {
+            kind: protocol::agent::FailureKind::Other,
+            message: "the agent restarted during the attempt".into(),
+        };
+        match client.finish(attempt, &outcome).await {
+            Ok(()) | Err(AgentError::Rejected { .. }) => {
+                crate::outbox::Outbox::remove(&config.outbox_dir(), attempt);
+                let _ = std::fs::remove_dir_all(config.attempt_dir(attempt));
+            }
+            Err(error) => tracing::warn!(%error, "could not hand back an interrupted attempt"),
         }
     }
 }

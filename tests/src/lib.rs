@@ -226,23 +226,34 @@ impl Agent {
     /// stand-in's URL).
     pub fn start(plane: &ControlPlane, name: &str, extra: &[&str]) -> Agent {
         let work_dir = tempfile::tempdir().expect("temp dir");
-        let child = Command::new(binary("agent"))
-            .arg("run")
-            .args(["--control-plane", &plane.url])
-            .args(["--enrollment-token", &plane.enrollment_token()])
-            .args(["--name", name])
-            .args(["--work-dir", &work_dir.path().display().to_string()])
-            .args(["--device", "cpu"])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("agent run");
+        let child = Self::spawn(plane, name, work_dir.path(), extra);
         Agent {
             child,
             work_dir,
             name: name.to_owned(),
         }
+    }
+
+    /// Starts the agent again on the same work dir (so with the same identity), after
+    /// killing it if it still runs.
+    pub fn restart(&mut self, plane: &ControlPlane, extra: &[&str]) {
+        self.kill();
+        self.child = Self::spawn(plane, &self.name, self.work_dir.path(), extra);
+    }
+
+    fn spawn(plane: &ControlPlane, name: &str, work_dir: &Path, extra: &[&str]) -> Child {
+        Command::new(binary("agent"))
+            .arg("run")
+            .args(["--control-plane", &plane.url])
+            .args(["--enrollment-token", &plane.enrollment_token()])
+            .args(["--name", name])
+            .args(["--work-dir", &work_dir.display().to_string()])
+            .args(["--device", "cpu"])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("agent run")
     }
 
     /// SIGTERM, as a cloud sends before it reclaims the host.

@@ -366,3 +366,36 @@ async fn a_vanished_agents_job_resumes_from_its_last_checkpoint() {
         (1..=total).collect::<Vec<_>>()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_agent_hands_back_its_cut_short_attempt() {
+    let (plane, api, _scratch, model, file) = setup(chat_jsonl(40)).await;
+    let mut agent = Agent::start(&plane, "flaky", &["--spot-provider", "none"]);
+    let job = api
+        .start_job(&file, "cut short", &model, hyperparameters(8))
+        .await;
+    poll("a stored checkpoint", LONG, || async {
+        let checkpoints = api.get(&format!("/jobs/{job}/checkpoints")).await;
+        checkpoints["data"]
+            .as_array()
+            .filter(|c| !c.is_empty())
+            .map(|_| ())
+    })
+    .await;
+    // Killed and started again on the same host: it must not leave its job hanging.
+    agent.restart(&plane, &["--spot-provider", "none"]);
+    let done = api.wait_status(&job, "completed", LONG).await;
+    let total = done["total_steps"].as_i64().expect("total steps");
+    let attempts = api.get(&format!("/jobs/{job}/attempts")).await;
+    assert_eq!(attempts["data"][0]["status"], "failed");
+    assert_eq!(
+        attempts["data"][0]["error_message"],
+        "the agent restarted during the attempt"
+    );
+    assert!(attempts["data"][1]["resumed_from_step"].as_i64() >= Some(20));
+    assert_eq!(done["retry_count"], 1);
+    assert_eq!(
+        metric_steps(&api, &job).await,
+        (1..=total).collect::<Vec<_>>()
+    );
+}
