@@ -16,11 +16,13 @@ use crate::http::AppState;
 
 pub mod charts;
 mod create;
+mod history;
 mod pages;
 
 pub fn router() -> Router<AppState> {
     pages::router()
         .merge(create::router())
+        .merge(history::router())
         .route("/static/app.css", get(stylesheet))
         .route("/static/app.js", get(script))
 }

@@ -169,6 +169,29 @@ async fn every_page_answers_its_owner_and_no_one_else(backend: Backend) {
     assert_eq!(view["status"], "cancelled");
     assert_eq!(view["cancelled_reason"], "changed my mind");
 
+    // History lists the cancelled job; two jobs compare, one does not.
+    let (status, html) = page(&app, &cookie, "/training/history").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("first job") && html.contains("cancelled"));
+    let second = app.queued_job(&owner).await;
+    let (status, html) = page(
+        &app,
+        &cookie,
+        &format!("/training/compare?jobId={job}&jobId={second}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("Compare 2 jobs") && html.contains("learning rate"));
+    let (status, _) = page(&app, &cookie, &format!("/training/compare?jobId={job}")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let (status, _) = page(
+        &app,
+        &intruder,
+        &format!("/training/compare?jobId={job}&jobId={second}"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
     // Sign out ends the session.
     let response = browser()
         .post(app.url("/logout"))
