@@ -121,7 +121,9 @@ async fn a_user_signs_in_uploads_watches_a_job_live_and_cancels_it() {
     browser.goto(&format!("{}/training/jobs", plane.url)).await;
     browser.wait_for_text("main", "watched live", LONG).await;
     browser.screenshot("jobs").await;
-    browser.goto(&format!("{}/training/history", plane.url)).await;
+    browser
+        .goto(&format!("{}/training/history", plane.url))
+        .await;
     browser.wait_for_text("main", "watched live", LONG).await;
     browser.screenshot("history").await;
     browser.goto(&format!("{}/fleet", plane.url)).await;

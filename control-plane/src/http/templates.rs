@@ -150,10 +150,52 @@ async fn list(
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct UseTemplate {
-    training_file_id: Uuid,
-    name: String,
-    base_model: Option<String>,
+pub struct UseTemplate {
+    pub training_file_id: Uuid,
+    pub name: String,
+    pub base_model: Option<String>,
+}
+
+/// A draft job from a template on `request`'s file (configured too when the template
+/// names a GPU); counts the use.
+pub async fn job_from_template(
+    state: &AppState,
+    user: &CurrentUser,
+    id: Uuid,
+    request: UseTemplate,
+) -> ApiResult<crate::db::jobs::Job> {
+    let template = templates::get_visible(&state.db, id, user.0.id)
+        .await?
+        .ok_or(ApiError::NotFound("template"))?;
+    let Some(base_model) = request.base_model.or(template.base_model.clone()) else {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "base_model",
+            "the template names no base model; give one",
+        )]));
+    };
+    let draft = CreateJob {
+        training_file_id: request.training_file_id,
+        name: request.name,
+        description: template.description.clone(),
+        base_model,
+    };
+    let mut job = create_draft(state, user, &draft, template.preset_id).await?;
+    if let (Some(gpu_type), Some(gpu_model)) = (&template.gpu_type, &template.gpu_model) {
+        let configuration = ConfigureJob {
+            preset_id: template.preset_id,
+            hyperparameters: template
+                .hyperparameters
+                .as_ref()
+                .and_then(|h| h.0.as_object().cloned())
+                .unwrap_or_default(),
+            gpu_type: gpu_type.clone(),
+            gpu_model: gpu_model.clone(),
+            required_labels: Default::default(),
+        };
+        job = configure_job(state, job, &configuration).await?;
+    }
+    templates::count_use(&state.db, template.id).await?;
+    Ok(job)
 }
 
 #[derive(Serialize, ToSchema)]
@@ -173,37 +215,7 @@ async fn use_template(
     Path(id): Path<Uuid>,
     ApiJson(request): ApiJson<UseTemplate>,
 ) -> ApiResult<(StatusCode, Json<UsedTemplate>)> {
-    let template = templates::get_visible(&state.db, id, user.0.id)
-        .await?
-        .ok_or(ApiError::NotFound("template"))?;
-    let Some(base_model) = request.base_model.or(template.base_model.clone()) else {
-        return Err(ApiError::Validation(vec![FieldError::new(
-            "base_model",
-            "the template names no base model; give one",
-        )]));
-    };
-    let draft = CreateJob {
-        training_file_id: request.training_file_id,
-        name: request.name,
-        description: template.description.clone(),
-        base_model,
-    };
-    let mut job = create_draft(&state, &user, &draft, template.preset_id).await?;
-    if let (Some(gpu_type), Some(gpu_model)) = (&template.gpu_type, &template.gpu_model) {
-        let configuration = ConfigureJob {
-            preset_id: template.preset_id,
-            hyperparameters: template
-                .hyperparameters
-                .as_ref()
-                .and_then(|h| h.0.as_object().cloned())
-                .unwrap_or_default(),
-            gpu_type: gpu_type.clone(),
-            gpu_model: gpu_model.clone(),
-            required_labels: Default::default(),
-        };
-        job = configure_job(&state, job, &configuration).await?;
-    }
-    templates::count_use(&state.db, template.id).await?;
+    let job = job_from_template(&state, &user, id, request).await?;
     Ok((
         StatusCode::CREATED,
         Json(UsedTemplate {

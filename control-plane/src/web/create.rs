@@ -68,7 +68,11 @@ struct CreatePage {
     file_id: String,
 }
 
-async fn eligible_files(state: &AppState, user: &PageUser) -> Result<Vec<TrainingFile>, PageError> {
+/// The user's training files that a job can use.
+pub async fn eligible_files(
+    state: &AppState,
+    user: &PageUser,
+) -> Result<Vec<TrainingFile>, PageError> {
     let (list, _) = files::list(
         &state.db,
         user.0 .0.id,

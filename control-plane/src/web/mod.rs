@@ -18,11 +18,13 @@ pub mod charts;
 mod create;
 mod history;
 mod pages;
+mod templates_page;
 
 pub fn router() -> Router<AppState> {
     pages::router()
         .merge(create::router())
         .merge(history::router())
+        .merge(templates_page::router())
         .route("/static/app.css", get(stylesheet))
         .route("/static/app.js", get(script))
 }

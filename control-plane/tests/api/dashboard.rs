@@ -192,6 +192,38 @@ async fn every_page_answers_its_owner_and_no_one_else(backend: Backend) {
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
+    // A template made from the job starts a new, configured job from its page.
+    let made = app
+        .post(
+            &owner,
+            "/api/v1/templates",
+            serde_json::json!({"name": "my recipe", "source_job_id": job}),
+        )
+        .await;
+    let (status, template) = crate::helpers::json_of(made).await;
+    assert_eq!(status, StatusCode::CREATED, "{template}");
+    let (status, html) = page(&app, &cookie, "/training/templates").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("my recipe"));
+    let template_id = template["id"].as_str().expect("template id");
+    let response = browser()
+        .post(app.url(&format!("/training/templates/{template_id}/use")))
+        .header(header::COOKIE, &cookie)
+        .form(&[
+            ("training_file_id", file.as_str()),
+            ("name", "from the recipe"),
+        ])
+        .send()
+        .await
+        .expect("use template");
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let location = response.headers()[header::LOCATION]
+        .to_str()
+        .expect("location");
+    let (status, html) = page(&app, &cookie, location).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("from the recipe") && html.contains("Start training"));
+
     // Sign out ends the session.
     let response = browser()
         .post(app.url("/logout"))
