@@ -149,6 +149,20 @@ impl Browser {
         .await;
     }
 
+    /// Presses Tab, as a keyboard user moving to the next control.
+    pub async fn press_tab(&self) {
+        let tab = "\u{E004}";
+        self.call(
+            reqwest::Method::POST,
+            "/actions",
+            Some(
+                json!({"actions": [{"type": "key", "id": "keyboard", "actions": [
+                {"type": "keyDown", "value": tab}, {"type": "keyUp", "value": tab}]}]}),
+            ),
+        )
+        .await;
+    }
+
     /// Runs `script` in the page and returns its value.
     pub async fn eval(&self, script: &str) -> Value {
         self.call(

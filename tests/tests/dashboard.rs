@@ -130,8 +130,30 @@ async fn a_user_signs_in_uploads_watches_a_job_live_and_cancels_it() {
     browser.wait_for_text("main", "worker", LONG).await;
     browser.screenshot("fleet").await;
 
+    browser
+        .goto(&format!("{}/training/templates", plane.url))
+        .await;
+    browser.wait_for_text("h1", "Job templates", LONG).await;
+    browser.screenshot("templates").await;
+
+    // Keyboard: the first Tab lands on the skip link, the next ones on the navigation.
     browser.goto(&format!("{}/", plane.url)).await;
     browser.wait_for_text("h1", "Overview", LONG).await;
+    browser.press_tab().await;
+    assert_eq!(
+        browser
+            .eval("return document.activeElement.className")
+            .await,
+        json!("skip")
+    );
+    browser.press_tab().await;
+    browser.press_tab().await;
+    assert_eq!(
+        browser
+            .eval("return document.activeElement.getAttribute('href')")
+            .await,
+        json!("/")
+    );
     let errors = browser.console_errors().await;
     assert!(errors.is_empty(), "console errors: {errors:#?}");
 }
