@@ -107,7 +107,31 @@ function watchFilter(input) {
   });
 }
 
+// The configure form's cost estimate as it is filled in: the preset's hours for this
+// dataset, scaled by epochs against the preset's, at the chosen GPU's hourly rate (the
+// rule the server applies when it saves the configuration).
+function watchEstimate(form) {
+  const output = document.getElementById("estimate");
+  const update = () => {
+    const preset = form.querySelector("input[name=preset_id]:checked");
+    const gpu = form.querySelector("#gpu_model").selectedOptions[0];
+    const kind = form.querySelector("input[name=gpu_type]:checked");
+    if (!preset || !gpu || !kind) return;
+    const epochs = parseFloat(form.querySelector("input[name=epochs]").value);
+    const scale = epochs > 0 ? epochs / parseFloat(preset.dataset.epochs) : 1;
+    const rate = parseFloat(kind.value === "spot" ? gpu.dataset.spot : gpu.dataset.ondemand);
+    const low = parseFloat(preset.dataset.hoursMin) * scale * rate;
+    const high = parseFloat(preset.dataset.hoursMax) * scale * rate;
+    output.textContent = `$${low.toFixed(2)}–$${high.toFixed(2)} (${kind.value} at $${rate.toFixed(2)}/h)`;
+  };
+  form.addEventListener("input", update);
+  form.addEventListener("change", update);
+  update();
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  const configure = document.getElementById("configure");
+  if (configure) watchEstimate(configure);
   document.querySelectorAll("input[data-filters]").forEach(watchFilter);
   const live = document.getElementById("live");
   if (live) watchJob(live);

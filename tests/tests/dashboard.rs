@@ -75,6 +75,7 @@ async fn a_user_signs_in_uploads_watches_a_job_live_and_cancels_it() {
     browser.wait_for_text("h1", "Configure", LONG).await;
     browser.type_into("input[name=epochs]", "100").await;
     browser.type_into("input[name=batch_size]", "2").await;
+    browser.wait_for_text("#estimate", "(spot at $", LONG).await;
     browser.screenshot("configure").await;
     browser.click("form.stacked button[type=submit]").await;
     browser
@@ -121,11 +122,29 @@ async fn a_user_signs_in_uploads_watches_a_job_live_and_cancels_it() {
     browser.goto(&format!("{}/training/jobs", plane.url)).await;
     browser.wait_for_text("main", "watched live", LONG).await;
     browser.screenshot("jobs").await;
+    // A short second job, finished by the agent, to compare with the cancelled one.
+    let short = api
+        .start_job(
+            &file_id,
+            "short run",
+            &model,
+            json!({"epochs": 1, "batch_size": 4, "max_seq_len": 64}),
+        )
+        .await;
+    api.wait_status(&short, "completed", LONG).await;
     browser
         .goto(&format!("{}/training/history", plane.url))
         .await;
-    browser.wait_for_text("main", "watched live", LONG).await;
+    browser.wait_for_text("main", "short run", LONG).await;
     browser.screenshot("history").await;
+    browser
+        .goto(&format!(
+            "{}/training/compare?jobId={job}&jobId={short}",
+            plane.url
+        ))
+        .await;
+    browser.wait_for_text("main", "differs", LONG).await;
+    browser.screenshot("compare").await;
     browser.goto(&format!("{}/fleet", plane.url)).await;
     browser.wait_for_text("main", "worker", LONG).await;
     browser.screenshot("fleet").await;

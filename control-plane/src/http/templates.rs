@@ -23,22 +23,22 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(use_template))
 }
 
-#[derive(Deserialize, ToSchema)]
+#[derive(Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
-struct NewTemplateRequest {
-    name: String,
-    description: Option<String>,
-    icon: Option<String>,
-    preset_id: Option<Uuid>,
+pub struct NewTemplateRequest {
+    pub name: String,
+    pub description: Option<String>,
+    pub icon: Option<String>,
+    pub preset_id: Option<Uuid>,
     #[schema(value_type = Option<Object>)]
-    hyperparameters: Option<Map<String, Value>>,
-    gpu_type: Option<String>,
-    gpu_model: Option<String>,
-    base_model: Option<String>,
+    pub hyperparameters: Option<Map<String, Value>>,
+    pub gpu_type: Option<String>,
+    pub gpu_model: Option<String>,
+    pub base_model: Option<String>,
     /// Copy what the request leaves out from this job.
-    source_job_id: Option<Uuid>,
+    pub source_job_id: Option<Uuid>,
     #[serde(default)]
-    is_public: bool,
+    pub is_public: bool,
 }
 
 /// Saves a job configuration as a template.
@@ -47,11 +47,22 @@ struct NewTemplateRequest {
 async fn create(
     State(state): State<AppState>,
     user: CurrentUser,
-    ApiJson(mut request): ApiJson<NewTemplateRequest>,
+    ApiJson(request): ApiJson<NewTemplateRequest>,
 ) -> ApiResult<(StatusCode, Json<Template>)> {
+    let template = create_template(&state, &user, request).await?;
+    Ok((StatusCode::CREATED, Json(template)))
+}
+
+/// Checks and stores a template; one made from a job takes what the request leaves out
+/// from that job.
+pub async fn create_template(
+    state: &AppState,
+    user: &CurrentUser,
+    mut request: NewTemplateRequest,
+) -> ApiResult<Template> {
     // A template made from a job takes what the request leaves out from that job.
     if let Some(job_id) = request.source_job_id {
-        let job = visible_job(&state, &user, job_id).await?;
+        let job = visible_job(state, user, job_id).await?;
         request.preset_id = request.preset_id.or(job.preset_id);
         request.gpu_type = request.gpu_type.or(job.gpu_type);
         request.gpu_model = request.gpu_model.or(job.gpu_model);
@@ -121,7 +132,7 @@ async fn create(
         },
     )
     .await?;
-    Ok((StatusCode::CREATED, Json(template)))
+    Ok(template)
 }
 
 #[derive(Deserialize, IntoParams)]

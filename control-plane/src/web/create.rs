@@ -159,6 +159,9 @@ async fn create(
 pub struct PresetCard {
     pub preset: Preset,
     pub unmet: Option<String>,
+    /// Scaled hours (min, max) and the preset's epochs, for the page's live estimate.
+    pub hours: (f64, f64),
+    pub epochs: f64,
     pub duration: String,
     pub spot_cost: String,
     pub ondemand_cost: String,
@@ -200,6 +203,13 @@ async fn configure_page(
             let e = preset.estimates.0;
             PresetCard {
                 unmet: crate::http::presets::requirement_unmet(&preset, completed),
+                hours: (e.duration_hours_min * scale, e.duration_hours_max * scale),
+                epochs: preset
+                    .parameters
+                    .0
+                    .get("epochs")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(1.0),
                 duration: format!(
                     "{:.1}–{:.1} h",
                     e.duration_hours_min * scale,

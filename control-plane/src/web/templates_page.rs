@@ -16,7 +16,7 @@ use super::{render, PageError, PageUser};
 use crate::db::files::TrainingFile;
 use crate::db::templates::{self, Template as JobTemplate};
 use crate::http::error::ApiError;
-use crate::http::templates::{job_from_template, UseTemplate};
+use crate::http::templates::{create_template, job_from_template, NewTemplateRequest, UseTemplate};
 use crate::http::AppState;
 
 type PageResult = Result<Response, PageError>;
@@ -25,6 +25,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/training/templates", get(list))
         .route("/training/templates/{id}/use", post(use_template))
+        .route("/training/job/{id}/template", post(save_job_as_template))
 }
 
 #[derive(Template)]
@@ -82,4 +83,24 @@ async fn use_template(
         }
         Err(error) => Err(PageError(error)),
     }
+}
+
+#[derive(Deserialize)]
+struct SaveForm {
+    name: String,
+}
+
+async fn save_job_as_template(
+    State(state): State<AppState>,
+    user: PageUser,
+    Path(id): Path<Uuid>,
+    Form(form): Form<SaveForm>,
+) -> PageResult {
+    let request = NewTemplateRequest {
+        name: form.name,
+        source_job_id: Some(id),
+        ..NewTemplateRequest::default()
+    };
+    create_template(&state, &user.0, request).await?;
+    Ok(Redirect::to("/training/templates").into_response())
 }

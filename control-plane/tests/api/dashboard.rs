@@ -192,20 +192,23 @@ async fn every_page_answers_its_owner_and_no_one_else(backend: Backend) {
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
-    // A template made from the job starts a new, configured job from its page.
-    let made = app
-        .post(
-            &owner,
-            "/api/v1/templates",
-            serde_json::json!({"name": "my recipe", "source_job_id": job}),
-        )
-        .await;
-    let (status, template) = crate::helpers::json_of(made).await;
-    assert_eq!(status, StatusCode::CREATED, "{template}");
+    // Saved as a template from its page, the job's recipe starts a new, configured job.
+    let response = browser()
+        .post(app.url(&format!("/training/job/{job}/template")))
+        .header(header::COOKIE, &cookie)
+        .form(&[("name", "my recipe")])
+        .send()
+        .await
+        .expect("save as template");
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
     let (status, html) = page(&app, &cookie, "/training/templates").await;
     assert_eq!(status, StatusCode::OK);
     assert!(html.contains("my recipe"));
-    let template_id = template["id"].as_str().expect("template id");
+    let template_id = html
+        .split("/training/templates/")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("a use form");
     let response = browser()
         .post(app.url(&format!("/training/templates/{template_id}/use")))
         .header(header::COOKIE, &cookie)
