@@ -80,13 +80,13 @@ function watchUpload(form) {
       if (p.lengthComputable) { bar.hidden = false; bar.value = (100 * p.loaded) / p.total; }
     };
     request.onload = () => {
-      if (request.status === 201) {
-        const file = JSON.parse(request.responseText);
-        window.location = `/training/files/${file.id}`;
+      // The form answers with a redirect to the new file's page, which XHR follows.
+      if (request.status === 200 && request.responseURL.includes("/training/files/")) {
+        window.location = request.responseURL;
       } else {
-        let message = `Upload failed (${request.status})`;
-        try { message = JSON.parse(request.responseText).error.message; } catch (_) { /* keep the status */ }
-        toast(message);
+        const title = new DOMParser().parseFromString(request.responseText, "text/html")
+          .querySelector("main h1 + p");
+        toast(`Upload failed (${request.status})${title ? ": " + title.textContent : ""}`);
         bar.hidden = true;
       }
     };

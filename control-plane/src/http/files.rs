@@ -157,8 +157,20 @@ async fn upload(
     State(state): State<AppState>,
     user: CurrentUser,
     headers: HeaderMap,
-    mut multipart: Multipart,
+    multipart: Multipart,
 ) -> ApiResult<(StatusCode, Json<TrainingFile>)> {
+    let file = receive_upload(&state, &user, &headers, multipart).await?;
+    Ok((StatusCode::CREATED, Json(file)))
+}
+
+/// Streams a multipart upload (`file`, `name`, `description`) to disk within the upload
+/// limit, stores the file's row and queues its enrichment. Nothing is kept on failure.
+pub async fn receive_upload(
+    state: &AppState,
+    user: &CurrentUser,
+    headers: &HeaderMap,
+    mut multipart: Multipart,
+) -> ApiResult<TrainingFile> {
     let max = state.settings.limits.max_upload_bytes;
     let too_large =
         || ApiError::PayloadTooLarge(format!("training files are limited to {max} bytes"));
@@ -262,7 +274,7 @@ async fn upload(
     };
     tracing::info!(file_id = %id, size = stored.size, "training file uploaded");
     state.enricher.enqueue(id);
-    Ok((StatusCode::CREATED, Json(file)))
+    Ok(file)
 }
 
 struct Stored {

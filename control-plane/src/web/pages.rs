@@ -34,7 +34,13 @@ pub fn router() -> Router<AppState> {
         .route("/login", get(login_form).post(login))
         .route("/logout", post(logout))
         .route("/", get(home))
-        .route("/training/files", get(file_list))
+        .route(
+            "/training/files",
+            get(file_list)
+                .post(upload)
+                // Uploads enforce their own, configurable limit while streaming.
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/training/files/{id}", get(file_detail))
         .route("/training/jobs", get(job_list))
         .route("/training/job/{id}", get(job_detail))
@@ -521,6 +527,17 @@ async fn file_list(
         search,
     };
     Ok(render(&page))
+}
+
+/// The upload form without JavaScript: store the file, then show its page.
+async fn upload(
+    State(state): State<AppState>,
+    user: PageUser,
+    headers: HeaderMap,
+    multipart: axum::extract::Multipart,
+) -> PageResult {
+    let file = crate::http::files::receive_upload(&state, &user.0, &headers, multipart).await?;
+    Ok(Redirect::to(&format!("/training/files/{}", file.id)).into_response())
 }
 
 #[derive(Template)]

@@ -102,7 +102,34 @@ async fn every_page_answers_its_owner_and_no_one_else(backend: Backend) {
         .contains("do not match an account"));
 
     let cookie = sign_in(&app, "ada@example.com").await;
-    let (_, files) = crate::helpers::json_of(app.get(&owner, "/api/v1/training-files").await).await;
+    // The upload form works without JavaScript: the file's page follows.
+    let form = reqwest::multipart::Form::new()
+        .text("name", "form upload")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(crate::helpers::chat_jsonl(3)).file_name("chats.jsonl"),
+        );
+    let response = browser()
+        .post(app.url("/training/files"))
+        .header(header::COOKIE, &cookie)
+        .multipart(form)
+        .send()
+        .await
+        .expect("upload form");
+    assert_eq!(response.status(), StatusCode::SEE_OTHER);
+    let location = response.headers()[header::LOCATION]
+        .to_str()
+        .expect("location")
+        .to_owned();
+    assert!(location.starts_with("/training/files/"), "{location}");
+    let (status, html) = page(&app, &cookie, &location).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(html.contains("form upload"));
+    let (_, files) = crate::helpers::json_of(
+        app.get(&owner, "/api/v1/training-files?search=dataset")
+            .await,
+    )
+    .await;
     let file = files["data"][0]["id"].as_str().expect("file id").to_owned();
     for (path, expected) in [
         ("/", "Active and queued jobs"),
