@@ -155,10 +155,12 @@ pub fn line_chart(title: &str, x_label: &str, series: &[Series<'_>]) -> String {
             r#"<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{}"/>"#,
             path.join(" ")
         );
+        // A lone point has no line to show it: draw its dot visibly.
+        let dot = if points.len() == 1 { "dot solo" } else { "dot" };
         for (x, y) in points {
             let _ = write!(
                 svg,
-                r#"<circle class="dot" cx="{:.1}" cy="{:.1}" r="3" fill="{color}"><title>{} at {}: {}</title></circle>"#,
+                r#"<circle class="{dot}" cx="{:.1}" cy="{:.1}" r="3" fill="{color}"><title>{} at {}: {}</title></circle>"#,
                 sx(*x),
                 sy(*y),
                 escape(name),

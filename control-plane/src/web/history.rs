@@ -110,6 +110,7 @@ struct ComparePage {
     jobs: Vec<FinishedRow>,
     parameters: Vec<ParameterRow>,
     loss_chart: String,
+    cost_chart: String,
 }
 
 /// The `jobId` values of the query string, as the spec's route spells them.
@@ -181,6 +182,17 @@ async fn compare(
         });
     }
     let loss_chart = line_chart("Training loss", "step", &series);
+    let outcomes: Vec<Series<'_>> = chosen
+        .iter()
+        .filter_map(|job| {
+            let loss = latest.get(&job.id)?.training_loss?;
+            Some(Series {
+                name: &job.name,
+                points: vec![(job.final_cost.unwrap_or(job.current_cost), loss)],
+            })
+        })
+        .collect();
+    let cost_chart = line_chart("Cost against final loss", "cost ($)", &outcomes);
     let rows = chosen
         .iter()
         .map(|job| {
@@ -206,6 +218,7 @@ async fn compare(
         jobs: rows,
         parameters,
         loss_chart,
+        cost_chart,
     };
     Ok(render(&page))
 }

@@ -493,6 +493,7 @@ async fn download(
 #[derive(Deserialize)]
 struct FileSearch {
     search: Option<String>,
+    enrichment_status: Option<String>,
 }
 
 #[derive(Template)]
@@ -501,6 +502,8 @@ struct FilesPage {
     frame: Frame,
     files: Vec<TrainingFile>,
     search: String,
+    enrichment_status: String,
+    statuses: [&'static str; 4],
 }
 
 async fn file_list(
@@ -509,12 +512,17 @@ async fn file_list(
     Query(query): Query<FileSearch>,
 ) -> PageResult {
     let search = query.search.unwrap_or_default();
+    let statuses = ["pending", "processing", "completed", "failed"];
+    let enrichment_status = query
+        .enrichment_status
+        .filter(|s| statuses.contains(&s.as_str()))
+        .unwrap_or_default();
     let (list, _) = files::list(
         &state.db,
         user.0 .0.id,
         &FileFilter {
             status: None,
-            enrichment_status: None,
+            enrichment_status: Some(enrichment_status.clone()).filter(|s| !s.is_empty()),
             search: Some(search.clone()).filter(|s| !s.trim().is_empty()),
             limit: 200,
             offset: 0,
@@ -525,6 +533,8 @@ async fn file_list(
         frame: Frame::new(&user, "files", &[("Training files", "/training/files")]),
         files: list,
         search,
+        enrichment_status,
+        statuses,
     };
     Ok(render(&page))
 }
@@ -611,7 +621,8 @@ pub struct AgentRow {
     pub status: String,
     pub capacity: String,
     pub last_seen: String,
-    pub current_attempt: Option<Uuid>,
+    /// The job the agent is running, as (id, name).
+    pub current_job: Option<(Uuid, String)>,
     pub host: String,
     pub gpus: Vec<GpuRow>,
 }
@@ -636,6 +647,18 @@ async fn fleet(State(state): State<AppState>, user: PageUser) -> PageResult {
             "the fleet is visible to operators and admins only".into(),
         )));
     }
+    let mut running = std::collections::HashMap::new();
+    for attempt_id in agents::list(&state.db)
+        .await?
+        .iter()
+        .filter_map(|a| a.current_attempt_id)
+    {
+        if let Some(attempt) = attempts::get(&state.db, attempt_id).await? {
+            if let Some(job) = jobs::get_any(&state.db, attempt.job_id).await? {
+                running.insert(attempt_id, (job.id, job.name));
+            }
+        }
+    }
     let agents = agents::list(&state.db)
         .await?
         .into_iter()
@@ -653,7 +676,9 @@ async fn fleet(State(state): State<AppState>, user: PageUser) -> PageResult {
                     .as_ref()
                     .map(ago)
                     .unwrap_or_else(|| "never".into()),
-                current_attempt: agent.current_attempt_id,
+                current_job: agent
+                    .current_attempt_id
+                    .and_then(|a| running.get(&a).cloned()),
                 host: format!(
                     "{} CPUs at {:.0}%, {:.1} of {:.1} GB RAM, {:.0} GB free disk",
                     host.cpu_count,

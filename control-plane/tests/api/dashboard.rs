@@ -134,6 +134,11 @@ async fn every_page_answers_its_owner_and_no_one_else(backend: Backend) {
     for (path, expected) in [
         ("/", "Active and queued jobs"),
         ("/training/files", "Upload a chat dataset"),
+        ("/training/files?enrichment_status=completed", "dataset"),
+        (
+            "/training/files?enrichment_status=failed",
+            "No training files yet",
+        ),
         (
             &format!("/training/files/{file}") as &str,
             "Eligible for training",
@@ -209,6 +214,7 @@ async fn every_page_answers_its_owner_and_no_one_else(backend: Backend) {
     .await;
     assert_eq!(status, StatusCode::OK);
     assert!(html.contains("Compare 2 jobs") && html.contains("learning rate"));
+    assert!(html.contains("Cost against final loss"));
     let (status, _) = page(&app, &cookie, &format!("/training/compare?jobId={job}")).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let (status, _) = page(
