@@ -89,8 +89,9 @@ fn ago(at: &DateTime<Utc>) -> String {
     }
 }
 
+/// Dollars with cents; an empty sum (-0.0 in Rust) shows as $0.00.
 fn money(amount: f64) -> String {
-    format!("${amount:.2}")
+    format!("${:.2}", amount + 0.0)
 }
 
 fn duration(seconds: i64) -> String {
@@ -714,4 +715,16 @@ async fn fleet(State(state): State<AppState>, user: PageUser) -> PageResult {
         agents,
     };
     Ok(render(&page))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_sum_of_money_is_zero_not_negative() {
+        let nothing: f64 = std::iter::empty::<f64>().sum();
+        assert_eq!(money(nothing), "$0.00");
+        assert_eq!(money(12.345), "$12.35");
+    }
 }
