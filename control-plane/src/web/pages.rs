@@ -558,10 +558,45 @@ struct FilePage {
     file: TrainingFile,
     unmet: Vec<String>,
     errors: Vec<String>,
-    conversations: Vec<StoredConversation>,
+    conversations: Vec<(StoredConversation, Vec<PreviewMessage>)>,
     quality: Vec<(String, String)>,
     scaffolding: Vec<(String, String)>,
     review: Vec<(String, String)>,
+}
+
+/// A metadata value as a person reads it: numbers with two decimals unless whole, "—" for
+/// nothing, distributions as "name 12 (30%)" lists.
+fn shown(value: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match value {
+        Value::Null => "—".into(),
+        Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => i.to_string(),
+            (None, Some(f)) if f.fract() == 0.0 => format!("{f:.0}"),
+            (None, Some(f)) => format!("{f:.2}"),
+            _ => n.to_string(),
+        },
+        Value::String(s) => s.clone(),
+        Value::Array(items) if items.is_empty() => "none".into(),
+        Value::Array(items) => items
+            .iter()
+            .map(|item| match item.as_object() {
+                Some(entry) => {
+                    let name = entry
+                        .iter()
+                        .find(|(k, _)| !matches!(k.as_str(), "count" | "percentage"))
+                        .map(|(_, v)| shown(v))
+                        .unwrap_or_default();
+                    let count = entry.get("count").map(shown).unwrap_or_default();
+                    let share = entry.get("percentage").map(shown).unwrap_or_default();
+                    format!("{name} {count} ({share}%)")
+                }
+                None => shown(item),
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        other => other.to_string(),
+    }
 }
 
 fn pairs(value: &serde_json::Value) -> Vec<(String, String)> {
@@ -569,16 +604,29 @@ fn pairs(value: &serde_json::Value) -> Vec<(String, String)> {
         .as_object()
         .map(|map| {
             map.iter()
-                .map(|(k, v)| {
-                    let shown = match v {
-                        serde_json::Value::Number(n) => n
-                            .as_f64()
-                            .map(|f| format!("{f:.2}"))
-                            .unwrap_or_else(|| n.to_string()),
-                        serde_json::Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    };
-                    (k.replace('_', " "), shown)
+                .map(|(k, v)| (k.replace('_', " "), shown(v)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A stored conversation's messages as (role, content) for the preview.
+pub struct PreviewMessage {
+    pub role: String,
+    pub content: String,
+}
+
+fn preview(conversation: &StoredConversation) -> Vec<PreviewMessage> {
+    conversation
+        .messages
+        .0
+        .as_array()
+        .map(|messages| {
+            messages
+                .iter()
+                .map(|m| PreviewMessage {
+                    role: m["role"].as_str().unwrap_or("?").to_owned(),
+                    content: m["content"].as_str().unwrap_or_default().to_owned(),
                 })
                 .collect()
         })
@@ -593,7 +641,14 @@ async fn file_detail(
     let file = files::get_owned(&state.db, id, user.0 .0.id)
         .await?
         .ok_or(ApiError::NotFound("training file"))?;
-    let conversations = files::conversations(&state.db, file.id, None, 5).await?;
+    let conversations = files::conversations(&state.db, file.id, None, 5)
+        .await?
+        .into_iter()
+        .map(|c| {
+            let messages = preview(&c);
+            (c, messages)
+        })
+        .collect();
     let page = FilePage {
         frame: Frame::new(
             &user,
@@ -720,6 +775,19 @@ async fn fleet(State(state): State<AppState>, user: PageUser) -> PageResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metadata_reads_as_text() {
+        use serde_json::json;
+        assert_eq!(shown(&json!(null)), "—");
+        assert_eq!(shown(&json!(40.0)), "40");
+        assert_eq!(shown(&json!(4.256)), "4.26");
+        assert_eq!(shown(&json!([])), "none");
+        assert_eq!(
+            shown(&json!([{"type": "anxious", "count": 3, "percentage": 60.0}])),
+            "anxious 3 (60%)"
+        );
+    }
 
     #[test]
     fn an_empty_sum_of_money_is_zero_not_negative() {
