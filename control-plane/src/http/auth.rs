@@ -346,3 +346,44 @@ pub async fn create_account(
 async fn me(CurrentUser(user): CurrentUser) -> Json<User> {
     Json(user)
 }
+
+/// Refuses state-changing requests authenticated by the session cookie that come from
+/// another site (their `Origin`, or else `Referer`, names a different host), so a page
+/// elsewhere cannot post the dashboard's forms with the user's cookie. Bearer-token
+/// requests carry no ambient credential and pass.
+pub async fn same_origin_for_cookies(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let headers = request.headers();
+    let safe = matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
+    let uses_cookie =
+        !headers.contains_key(header::AUTHORIZATION) && session_cookie(headers).is_some();
+    if safe || !uses_cookie {
+        return next.run(request).await;
+    }
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+    let source = headers
+        .get(header::ORIGIN)
+        .or_else(|| headers.get(header::REFERER))
+        .and_then(|v| v.to_str().ok());
+    let source_host = source.map(|s| {
+        let rest = s.split_once("://").map_or(s, |(_, rest)| rest);
+        rest.split('/').next().unwrap_or(rest)
+    });
+    match (source_host, host) {
+        (Some(from), Some(host)) if from != host => {
+            tracing::warn!(
+                from,
+                host,
+                "cross-site request with a session cookie refused"
+            );
+            ApiError::Forbidden("cross-site requests cannot use the session cookie".into())
+                .into_response()
+        }
+        _ => next.run(request).await,
+    }
+}

@@ -187,10 +187,22 @@ async fn every_page_answers_its_owner_and_no_one_else(backend: Backend) {
     assert_eq!(status, StatusCode::OK);
     assert!(html.contains("gpu-host-7"));
 
+    // A form posted from another site with the user's cookie is refused.
+    let forged = browser()
+        .post(app.url(&format!("/training/job/{job}/cancel")))
+        .header(header::COOKIE, &cookie)
+        .header(header::ORIGIN, "https://evil.example")
+        .form(&[("reason", "forged")])
+        .send()
+        .await
+        .expect("forged cancel");
+    assert_eq!(forged.status(), StatusCode::FORBIDDEN);
+
     // Cancel through the form: the job ends cancelled with the reason.
     let response = browser()
         .post(app.url(&format!("/training/job/{job}/cancel")))
         .header(header::COOKIE, &cookie)
+        .header(header::ORIGIN, app.url(""))
         .form(&[("reason", "changed my mind")])
         .send()
         .await
