@@ -350,8 +350,10 @@ async fn me(CurrentUser(user): CurrentUser) -> Json<User> {
 /// Refuses state-changing requests authenticated by the session cookie that come from
 /// another site (their `Origin`, or else `Referer`, names a different host), so a page
 /// elsewhere cannot post the dashboard's forms with the user's cookie. Bearer-token
-/// requests carry no ambient credential and pass.
+/// requests carry no ambient credential and pass. Behind a proxy that rewrites `Host`,
+/// `public_url`'s host counts as this host too.
 pub async fn same_origin_for_cookies(
+    State(state): State<AppState>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
@@ -370,12 +372,13 @@ pub async fn same_origin_for_cookies(
         .get(header::ORIGIN)
         .or_else(|| headers.get(header::REFERER))
         .and_then(|v| v.to_str().ok());
-    let source_host = source.map(|s| {
-        let rest = s.split_once("://").map_or(s, |(_, rest)| rest);
-        rest.split('/').next().unwrap_or(rest)
-    });
-    match (source_host, host) {
-        (Some(from), Some(host)) if from != host => {
+    let host_of = |url: &str| -> String {
+        let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+        rest.split('/').next().unwrap_or(rest).to_owned()
+    };
+    let public = state.settings.public_url.as_deref().map(host_of);
+    match (source.map(host_of), host) {
+        (Some(from), Some(host)) if from != host && Some(&from) != public.as_ref() => {
             tracing::warn!(
                 from,
                 host,

@@ -106,7 +106,10 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/openapi.json",
             get(move || async move { Json(document.as_ref().clone()) }),
         )
-        .layer(axum::middleware::from_fn(auth::same_origin_for_cookies))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::same_origin_for_cookies,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             ops::track_requests,
