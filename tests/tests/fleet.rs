@@ -44,6 +44,18 @@ async fn wait_for_step(api: &Api, job: &str, step: i64) -> Value {
     .await
 }
 
+/// Waits until the job has a stored checkpoint (they come every 20 steps).
+async fn wait_for_checkpoint(api: &Api, job: &str) {
+    poll("a stored checkpoint", LONG, || async {
+        let checkpoints = api.get(&format!("/jobs/{job}/checkpoints")).await;
+        checkpoints["data"]
+            .as_array()
+            .filter(|c| !c.is_empty())
+            .map(|_| ())
+    })
+    .await;
+}
+
 async fn metric_steps(api: &Api, job: &str) -> Vec<i64> {
     let history = api
         .get(&format!("/jobs/{job}/metrics?limit=10000&interval=1"))
@@ -343,15 +355,8 @@ async fn a_vanished_agents_job_resumes_from_its_last_checkpoint() {
     let job = api
         .start_job(&file, "survivor", &model, hyperparameters(8))
         .await;
-    // Checkpoints come every 20 steps; wait until one is stored, then pull the plug.
-    poll("a stored checkpoint", LONG, || async {
-        let checkpoints = api.get(&format!("/jobs/{job}/checkpoints")).await;
-        checkpoints["data"]
-            .as_array()
-            .filter(|c| !c.is_empty())
-            .map(|_| ())
-    })
-    .await;
+    // Once a checkpoint is stored, pull the plug.
+    wait_for_checkpoint(&api, &job).await;
     doomed.kill();
     let _rescuer = Agent::start(&plane, "rescuer", &["--spot-provider", "none"]);
     let done = api.wait_status(&job, "completed", LONG).await;
@@ -374,14 +379,7 @@ async fn a_restarted_agent_hands_back_its_cut_short_attempt() {
     let job = api
         .start_job(&file, "cut short", &model, hyperparameters(8))
         .await;
-    poll("a stored checkpoint", LONG, || async {
-        let checkpoints = api.get(&format!("/jobs/{job}/checkpoints")).await;
-        checkpoints["data"]
-            .as_array()
-            .filter(|c| !c.is_empty())
-            .map(|_| ())
-    })
-    .await;
+    wait_for_checkpoint(&api, &job).await;
     // Killed and started again on the same host: it must not leave its job hanging.
     agent.restart(&plane, &["--spot-provider", "none"]);
     let done = api.wait_status(&job, "completed", LONG).await;

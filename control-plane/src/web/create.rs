@@ -38,7 +38,7 @@ pub fn router() -> Router<AppState> {
 }
 
 /// A problem with a submitted form, shown above it.
-fn problems(error: &ApiError) -> Vec<String> {
+pub(super) fn problems(error: &ApiError) -> Vec<String> {
     match error {
         ApiError::Validation(fields) => fields
             .iter()

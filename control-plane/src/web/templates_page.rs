@@ -10,7 +10,7 @@ use axum::{Form, Router};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::create::eligible_files;
+use super::create::{eligible_files, problems};
 use super::pages::Frame;
 use super::{render, PageError, PageUser};
 use crate::db::files::TrainingFile;
@@ -78,7 +78,7 @@ async fn use_template(
         ))
         .into_response()),
         Err(error @ (ApiError::Validation(_) | ApiError::Unprocessable { .. })) => {
-            let page = page(&state, &user, Some(error.to_string())).await?;
+            let page = page(&state, &user, Some(problems(&error).join("; "))).await?;
             Ok((StatusCode::UNPROCESSABLE_ENTITY, render(&page)).into_response())
         }
         Err(error) => Err(PageError(error)),
