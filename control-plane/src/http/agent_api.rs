@@ -104,6 +104,7 @@ async fn heartbeat(
     ApiJson(beat): ApiJson<Heartbeat>,
 ) -> ApiResult<Json<HeartbeatReply>> {
     store_heartbeat(&state, &agent, &beat).await?;
+    abandon_unnamed_attempt(&state, &agent, &beat).await?;
     let stop_attempt = match beat.attempt_id {
         Some(id) => should_stop(&state, &own_attempt(&state, &agent, id).await?).await?,
         None => false,
@@ -112,6 +113,31 @@ async fn heartbeat(
         interval_seconds: state.settings.fleet.heartbeat_interval_seconds,
         stop_attempt,
     }))
+}
+
+/// An attempt the control plane thinks the agent runs, but its heartbeats have not named
+/// for `fleet.offline_after_seconds` since it began, is one the agent lost (its state wiped,
+/// a bug): end it as lost so the job goes back to the queue instead of hanging.
+async fn abandon_unnamed_attempt(
+    state: &AppState,
+    agent: &Agent,
+    beat: &Heartbeat,
+) -> ApiResult<()> {
+    let Some(current) = agent
+        .current_attempt_id
+        .filter(|a| beat.attempt_id != Some(*a))
+    else {
+        return Ok(());
+    };
+    let Some(attempt) = attempts::get(&state.db, current).await? else {
+        return Ok(());
+    };
+    let grace = chrono::Duration::seconds(state.settings.fleet.offline_after_seconds as i64);
+    if attempt.ended_at.is_none() && now() - attempt.started_at > grace {
+        tracing::warn!(agent = %agent.name, attempt_id = %attempt.id, "agent no longer reports its attempt; ending it as lost");
+        end_attempt(state, &attempt, Ending::Lost).await?;
+    }
+    Ok(())
 }
 
 /// Long-poll for work: answers 200 with an assignment as soon as a fitting job is

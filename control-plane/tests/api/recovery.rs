@@ -12,6 +12,7 @@ use crate::on_both_backends;
 use control_plane::domain::Role;
 
 on_both_backends!(
+    an_attempt_the_agent_stops_naming_is_ended,
     out_of_memory_is_retried_with_half_the_micro_batch,
     dataset_errors_fail_at_once_and_operators_resume,
     a_silent_agents_job_goes_back_to_the_queue,
@@ -271,4 +272,29 @@ async fn reports_and_uploads_are_idempotent_and_verified(backend: Backend) {
     )
     .await;
     assert_eq!(listed["data"][0]["download_count"], 1);
+}
+
+async fn an_attempt_the_agent_stops_naming_is_ended(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let mut config = settings(&database);
+    config.fleet.offline_after_seconds = 1;
+    let app = TestApp::spawn_with(config).await;
+    let (user, job, secret) = queued_job_and_agent(&app).await;
+    claim(&app, &secret).await;
+    // The agent stays alive but its heartbeats name no attempt (it lost its state).
+    let view = poll(std::time::Duration::from_secs(20), || async {
+        app.agent_call(&secret, Method::POST, "/heartbeat", agent_heartbeat())
+            .await;
+        let (_, view) = json_of(app.get(&user, &format!("/api/v1/jobs/{job}")).await).await;
+        (view["status"] == "queued").then_some(view)
+    })
+    .await
+    .expect("requeued once the agent stopped naming its attempt");
+    assert_eq!(view["interruption_count"], 1);
+    let (_, attempts) = json_of(
+        app.get(&user, &format!("/api/v1/jobs/{job}/attempts"))
+            .await,
+    )
+    .await;
+    assert_eq!(attempts["data"][0]["status"], "lost");
 }
