@@ -27,6 +27,18 @@ async fn queued_job_and_agent(app: &TestApp) -> (crate::helpers::User, String, S
     (user, job, secret)
 }
 
+/// The job came back to the queue as an interruption: its first attempt was lost.
+async fn assert_first_attempt_lost(
+    app: &TestApp,
+    user: &crate::helpers::User,
+    job: &str,
+    view: &Value,
+) {
+    assert_eq!(view["interruption_count"], 1);
+    let (_, attempts) = json_of(app.get(user, &format!("/api/v1/jobs/{job}/attempts")).await).await;
+    assert_eq!(attempts["data"][0]["status"], "lost");
+}
+
 /// Claims the next job as the agent holding `secret`; returns the assignment.
 async fn claim(app: &TestApp, secret: &str) -> Value {
     let (status, assignment) = app
@@ -141,13 +153,7 @@ async fn a_silent_agents_job_goes_back_to_the_queue(backend: Backend) {
     })
     .await
     .expect("requeued after the agent went silent");
-    assert_eq!(view["interruption_count"], 1);
-    let (_, attempts) = json_of(
-        app.get(&user, &format!("/api/v1/jobs/{job}/attempts"))
-            .await,
-    )
-    .await;
-    assert_eq!(attempts["data"][0]["status"], "lost");
+    assert_first_attempt_lost(&app, &user, &job, &view).await;
     let operator = app.user("ops@example.com", Role::Operator).await;
     let (_, fleet) = json_of(app.get(&operator, "/api/v1/agents").await).await;
     assert_eq!(fleet["data"][0]["status"], "offline");
@@ -290,11 +296,5 @@ async fn an_attempt_the_agent_stops_naming_is_ended(backend: Backend) {
     })
     .await
     .expect("requeued once the agent stopped naming its attempt");
-    assert_eq!(view["interruption_count"], 1);
-    let (_, attempts) = json_of(
-        app.get(&user, &format!("/api/v1/jobs/{job}/attempts"))
-            .await,
-    )
-    .await;
-    assert_eq!(attempts["data"][0]["status"], "lost");
+    assert_first_attempt_lost(&app, &user, &job, &view).await;
 }
