@@ -40,9 +40,10 @@ function watchJob(section) {
       li.classList.toggle("current", li.textContent.replace(/ /g, "_") === stage);
     });
     refresh();
-    if (["completed", "failed", "cancelled"].includes(job.status)) {
-      toast(`Job ${job.status}`);
+    if (["completed", "failed", "cancelled", "interrupted"].includes(job.status)) {
+      // The job's actions and artifacts change with its end: show them.
       events.close();
+      setTimeout(() => window.location.reload(), 500);
     }
   });
   events.addEventListener("metrics", refresh);

@@ -291,10 +291,6 @@ struct JobLive {
     learning_rate_chart: String,
     gpu_chart: String,
     latest: Option<MetricPoint>,
-    can_cancel: bool,
-    can_resume: bool,
-    can_configure: bool,
-    can_start: bool,
 }
 
 const STAGES: [&str; 5] = [
@@ -363,10 +359,6 @@ async fn job_live_view(state: &AppState, job: Job) -> Result<JobLive, PageError>
         learning_rate_chart,
         gpu_chart,
         latest: points.last().cloned(),
-        can_cancel: job.status.check(JobStatus::Cancelled).is_ok(),
-        can_resume: matches!(job.status, JobStatus::Interrupted | JobStatus::Failed),
-        can_configure: job.status.check(JobStatus::Configured).is_ok(),
-        can_start: job.status == JobStatus::Configured,
         job,
     })
 }
@@ -375,6 +367,12 @@ async fn job_live_view(state: &AppState, job: Job) -> Result<JobLive, PageError>
 #[template(path = "job.html")]
 struct JobPage {
     frame: Frame,
+    // The actions sit outside the live region, so a refresh never wipes a half-typed
+    // reason; the page reloads when the job ends.
+    can_cancel: bool,
+    can_resume: bool,
+    can_configure: bool,
+    can_start: bool,
     job: Job,
     stage: String,
     /// The rendered live region ([`JobLive`]), also served alone for refreshes.
@@ -429,8 +427,13 @@ async fn job_detail(
         .filter(|a| a.artifact_type != "checkpoint")
         .collect();
     let live = job_live_view(&state, job).await?;
+    let status = live.job.status;
     let page = JobPage {
         frame,
+        can_cancel: status.check(JobStatus::Cancelled).is_ok(),
+        can_resume: matches!(status, JobStatus::Interrupted | JobStatus::Failed),
+        can_configure: status.check(JobStatus::Configured).is_ok(),
+        can_start: status == JobStatus::Configured,
         stages: STAGES.to_vec(),
         events: recent.into_iter().rev().collect(),
         checkpoints,
