@@ -10,6 +10,8 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 const LONG: Duration = Duration::from_secs(240);
+/// Long enough that a notice or a kill lands mid-training even on a fast machine.
+const LONG_RUN_EPOCHS: u32 = 12;
 
 fn hyperparameters(epochs: u32) -> Value {
     json!({"rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.05, "learning_rate": 0.01, "epochs": epochs,
@@ -130,7 +132,7 @@ fn reference_adapter(
     std::fs::write(&data_path, data).expect("data");
     let recipe: protocol::agent::Hyperparameters = serde_json::from_value(
         json!({"target_modules": protocol::LORA_TARGET_MODULES, "rank": 4, "lora_alpha": 8.0,
-            "lora_dropout": 0.05, "learning_rate": 0.01, "epochs": 4, "batch_size": 2,
+            "lora_dropout": 0.05, "learning_rate": 0.01, "epochs": LONG_RUN_EPOCHS, "batch_size": 2,
             "gradient_accumulation_steps": 1, "max_seq_len": 64, "warmup_ratio": 0.0, "seed": 7}),
     )
     .expect("recipe");
@@ -174,7 +176,12 @@ async fn interruption_resumes_elsewhere(cloud: Option<Cloud>) {
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let mut spot = Agent::start(&plane, "spot", &flags);
     let job = api
-        .start_job(&file, "interrupted", &model, hyperparameters(4))
+        .start_job(
+            &file,
+            "interrupted",
+            &model,
+            hyperparameters(LONG_RUN_EPOCHS),
+        )
         .await;
     let view = api.wait_status(&job, "training", LONG).await;
     let total = wait_for_step(&api, &job, 3).await["total_steps"]
@@ -353,7 +360,7 @@ async fn a_vanished_agents_job_resumes_from_its_last_checkpoint() {
     let (plane, api, _scratch, model, file) = setup(chat_jsonl(40)).await;
     let mut doomed = Agent::start(&plane, "doomed", &["--spot-provider", "none"]);
     let job = api
-        .start_job(&file, "survivor", &model, hyperparameters(8))
+        .start_job(&file, "survivor", &model, hyperparameters(LONG_RUN_EPOCHS))
         .await;
     // Once a checkpoint is stored, pull the plug.
     wait_for_checkpoint(&api, &job).await;
@@ -377,7 +384,7 @@ async fn a_restarted_agent_hands_back_its_cut_short_attempt() {
     let (plane, api, _scratch, model, file) = setup(chat_jsonl(40)).await;
     let mut agent = Agent::start(&plane, "flaky", &["--spot-provider", "none"]);
     let job = api
-        .start_job(&file, "cut short", &model, hyperparameters(8))
+        .start_job(&file, "cut short", &model, hyperparameters(LONG_RUN_EPOCHS))
         .await;
     wait_for_checkpoint(&api, &job).await;
     // Killed and started again on the same host: it must not leave its job hanging.
