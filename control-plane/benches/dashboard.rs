@@ -98,10 +98,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
+    let args = support::positional_args();
     let backend = args.first().map_or("sqlite", String::as_str).to_owned();
     let clients: usize = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(16);
     let seconds: u64 = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(5);

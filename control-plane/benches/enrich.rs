@@ -62,10 +62,7 @@ fn write_dataset(path: &std::path::Path, conversations: usize) -> std::io::Resul
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
+    let args = support::positional_args();
     let backend = args.first().map_or("sqlite", String::as_str).to_owned();
     let conversations: usize = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(100_000);
 

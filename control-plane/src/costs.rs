@@ -31,9 +31,15 @@ pub struct AttemptCost {
     pub cost: f64,
 }
 
+/// The on-demand hourly price of the job's GPU, what spot savings are measured against.
+fn ondemand_rate(state: &AppState, job: &Job) -> Option<f64> {
+    let offer = state.catalog.find(job.gpu_model.as_deref()?)?;
+    Some(offer.hourly(crate::domain::GpuType::Ondemand))
+}
+
 /// Sums a job's attempts at `at` (a running attempt counts up to then).
 pub async fn job_cost(state: &AppState, job: &Job, at: DateTime<Utc>) -> Result<JobCost, DbError> {
-    let ondemand = crate::recovery::ondemand_rate(state, job);
+    let ondemand = ondemand_rate(state, job);
     let mut total = JobCost {
         compute_cost: 0.0,
         gpu_hours: 0.0,

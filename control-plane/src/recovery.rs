@@ -13,7 +13,7 @@ use crate::db::attempts::{self, Attempt, AttemptEnd, JobAfter};
 use crate::db::events::Event;
 use crate::db::jobs::{self, Job};
 use crate::db::{now, DbError};
-use crate::domain::{GpuType, Hyperparameters, JobStatus};
+use crate::domain::{Hyperparameters, JobStatus};
 use crate::http::AppState;
 use crate::live::JobUpdate;
 
@@ -313,10 +313,4 @@ pub async fn sweep(state: &AppState, at: DateTime<Utc>) -> Result<(), DbError> {
         end_attempt(state, &attempt, Ending::Lost).await?;
     }
     Ok(())
-}
-
-/// The hourly rate of `gpu_type`'s on-demand twin, for spot savings.
-pub fn ondemand_rate(state: &AppState, job: &Job) -> Option<f64> {
-    let offer = state.catalog.find(job.gpu_model.as_deref()?)?;
-    Some(offer.hourly(GpuType::Ondemand))
 }

@@ -47,3 +47,11 @@ pub async fn drop_database(name: Option<String>) {
             .await;
     }
 }
+
+/// The benchmark's own arguments: cargo bench adds flags such as `--bench`.
+pub fn positional_args() -> Vec<String> {
+    std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect()
+}

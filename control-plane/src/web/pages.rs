@@ -396,25 +396,18 @@ async fn job_detail(
     Query(notice): Query<Notice>,
 ) -> PageResult {
     let job = visible_job(&state, &user.0, id).await?;
-    let (_, total) = events::list(
-        &state.db,
-        job.id,
-        &EventFilter {
-            limit: 1,
-            ..EventFilter::default()
-        },
-    )
-    .await?;
-    let (recent, _) = events::list(
-        &state.db,
-        job.id,
-        &EventFilter {
-            limit: 200,
-            offset: (total - 200).max(0),
-            ..EventFilter::default()
-        },
-    )
-    .await?;
+    // The last 200 events; a second read only when the log is longer than that.
+    let recent_events = |offset: i64| EventFilter {
+        limit: 200,
+        offset,
+        ..EventFilter::default()
+    };
+    let (mut recent, total) = events::list(&state.db, job.id, &recent_events(0)).await?;
+    if total > 200 {
+        recent = events::list(&state.db, job.id, &recent_events(total - 200))
+            .await?
+            .0;
+    }
     let frame = Frame::new(
         &user,
         "jobs",
@@ -706,20 +699,16 @@ async fn fleet(State(state): State<AppState>, user: PageUser) -> PageResult {
             "the fleet is visible to operators and admins only".into(),
         )));
     }
+    let fleet = agents::list(&state.db).await?;
     let mut running = std::collections::HashMap::new();
-    for attempt_id in agents::list(&state.db)
-        .await?
-        .iter()
-        .filter_map(|a| a.current_attempt_id)
-    {
+    for attempt_id in fleet.iter().filter_map(|a| a.current_attempt_id) {
         if let Some(attempt) = attempts::get(&state.db, attempt_id).await? {
             if let Some(job) = jobs::get_any(&state.db, attempt.job_id).await? {
                 running.insert(attempt_id, (job.id, job.name));
             }
         }
     }
-    let agents = agents::list(&state.db)
-        .await?
+    let agents = fleet
         .into_iter()
         .map(|agent| {
             let gpus: Vec<protocol::agent::GpuTelemetry> =
