@@ -13,8 +13,8 @@ use chrono::Utc;
 use control_plane::configuration::Settings;
 use control_plane::db::events::{self, Event};
 use control_plane::db::metrics::{self, MetricPoint};
-use control_plane::domain::Role;
-use control_plane::http::auth::create_account;
+use control_plane::domain::{EventType, Role, Severity};
+use control_plane::service::account::create_account;
 use control_plane::startup::Application;
 use reqwest::{header, redirect, Client};
 use serde_json::{json, Value};
@@ -178,7 +178,12 @@ async fn main() {
     for i in 0..500 {
         events::insert(
             &db,
-            &Event::new(job_id, "info", "info", format!("event {i}")),
+            &Event::new(
+                job_id,
+                EventType::Info,
+                Severity::Info,
+                format!("event {i}"),
+            ),
         )
         .await
         .expect("event");

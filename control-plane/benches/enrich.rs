@@ -104,7 +104,8 @@ async fn main() {
         .expect("read back")
         .expect("file");
     assert_eq!(
-        file.enrichment_status, "completed",
+        file.enrichment_status,
+        control_plane::domain::EnrichmentStatus::Completed,
         "{:?}",
         file.enrichment_error
     );

@@ -4,11 +4,9 @@ use std::net::SocketAddr;
 use anyhow::{bail, Context};
 use chrono::Duration;
 use clap::{Parser, Subcommand};
-use control_plane::auth::{new_token, token_hash};
 use control_plane::configuration::{Overrides, Settings};
-use control_plane::db::{now, users};
 use control_plane::domain::Role;
-use control_plane::http::auth::create_account;
+use control_plane::service::account::{create_account, create_enrollment_token};
 use control_plane::startup::{open_database, Application};
 
 /// LoRA fine-tuning control plane.
@@ -132,9 +130,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::CreateEnrollmentToken { expires_in } => {
             let db = open_database(&settings).await?;
-            let token = new_token("lce_");
-            let expires_at = now() + expires_in;
-            users::create_enrollment_token(&db, &token_hash(&token), expires_at).await?;
+            let (token, expires_at) = create_enrollment_token(&db, expires_in).await?;
             eprintln!("enrollment token (valid until {expires_at}); it is shown only once:");
             println!("{token}");
         }

@@ -10,9 +10,11 @@ use crate::configuration::Settings;
 use crate::db::Db;
 use crate::domain::GpuCatalog;
 use crate::enrichment::Enricher;
-use crate::http::{self, auth::LoginLimiter, ops::RequestMetrics, AppState};
 use crate::live::LiveUpdates;
+use crate::service::account::LoginLimiter;
+use crate::service::AppState;
 use crate::storage::ArtifactStore;
+use crate::telemetry::RequestMetrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -132,8 +134,8 @@ impl Application {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         tracing::info!(address = %self.address, database = self.state.db.backend(), "control plane listening");
-        crate::recovery::spawn_sweeper(self.state.clone());
-        let app = http::router(self.state.clone());
+        crate::service::recovery::spawn_sweeper(self.state.clone());
+        let app = router(self.state.clone());
         axum::serve(
             self.listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -143,4 +145,21 @@ impl Application {
         self.state.db.close().await;
         Ok(())
     }
+}
+
+/// The JSON API and the dashboard on one router, with the middleware every request
+/// passes: the same-origin rule for cookie writes, request metrics and tracing.
+pub fn router(state: AppState) -> axum::Router {
+    crate::http::router()
+        .merge(crate::web::router())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::request::same_origin_for_cookies,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::http::ops::track_requests,
+        ))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
 }

@@ -6,6 +6,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{now, on_pool, Db, DbError};
+use crate::domain::AgentStatus;
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Agent {
@@ -17,7 +18,7 @@ pub struct Agent {
     pub gpus: Json<serde_json::Value>,
     #[serde(skip)]
     pub secret_hash: String,
-    pub status: String,
+    pub status: AgentStatus,
     pub last_heartbeat_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -59,7 +60,7 @@ pub async fn register(
         let agent = sqlx::query_as::<_, Agent>(
             "INSERT INTO agents (id, name, labels, gpus, secret_hash, enrollment_token_id, status,
                                  last_heartbeat_at, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, 'online', $7, $7, $7)
+             VALUES ($1, $2, $3, $4, $5, $6, $8, $7, $7, $7)
              RETURNING id, name, labels, gpus, secret_hash, status, last_heartbeat_at, created_at, updated_at,
                        capacity, host, current_attempt_id",
         )
@@ -70,6 +71,7 @@ pub async fn register(
         .bind(agent.secret_hash)
         .bind(token_id)
         .bind(now)
+        .bind(AgentStatus::Online)
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -113,7 +115,7 @@ pub async fn heartbeat(
     };
     let sql = format!(
         "UPDATE agents SET gpus = $2, host = $3, labels = $4, capacity = $5, last_heartbeat_at = $6, updated_at = $6,
-             status = CASE WHEN status = 'draining' THEN status ELSE 'online' END
+             status = CASE WHEN status = $7 THEN status ELSE $8 END
          WHERE id = $1 RETURNING {AGENT_COLUMNS}"
     );
     Ok(on_pool!(db, pool => {
@@ -125,6 +127,8 @@ pub async fn heartbeat(
             .bind(Json(&labels))
             .bind(capacity)
             .bind(now)
+            .bind(AgentStatus::Draining)
+            .bind(AgentStatus::Online)
             .fetch_one(&mut *tx)
             .await?;
         sqlx::query("INSERT INTO agent_telemetry (id, agent_id, gpus, host, recorded_at) VALUES ($1, $2, $3, $4, $5)")

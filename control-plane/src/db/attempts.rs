@@ -1,6 +1,6 @@
-//! Attempts: one agent's run of a job. Assignment, reports and the end of an attempt each
-//! change the job in the same transaction as the attempt, compare-and-set on the job's
-//! status, so two agents (or two replicas) can never both own a job.
+//! Attempts: one agent's run of a job, its checkpoints and its reports. Starting and
+//! ending an attempt change the job's status, so they are written by
+//! `db::jobs::change_status`; this module reads attempts and stores what they report.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -11,7 +11,7 @@ use super::events::{insert_event, Event};
 use super::jobs::Job;
 use super::metrics::{insert_metric, MetricPoint};
 use super::{on_pool, Db, DbError};
-use crate::domain::JobStatus;
+use crate::domain::{AgentStatus, AttemptStatus, GpuType, JobStatus};
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Attempt {
@@ -19,10 +19,10 @@ pub struct Attempt {
     pub job_id: Uuid,
     pub agent_id: Option<Uuid>,
     pub attempt_number: i64,
-    pub status: String,
+    pub status: AttemptStatus,
     pub resumed_from_checkpoint_id: Option<Uuid>,
     pub resumed_from_step: Option<i64>,
-    pub gpu_type: Option<String>,
+    pub gpu_type: Option<GpuType>,
     pub hourly_rate: Option<f64>,
     pub cost: f64,
     pub error_message: Option<String>,
@@ -36,7 +36,7 @@ pub struct Attempt {
     pub last_step: i64,
 }
 
-const ATTEMPT_COLUMNS: &str = "id, job_id, agent_id, attempt_number, status, resumed_from_checkpoint_id, \
+pub(crate) const ATTEMPT_COLUMNS: &str = "id, job_id, agent_id, attempt_number, status, resumed_from_checkpoint_id, \
      resumed_from_step, gpu_type, hourly_rate, cost, error_message, notice_deadline, started_at, ended_at, \
      recipe, interruption_provider, notice_seconds_used, last_step";
 
@@ -71,7 +71,7 @@ pub struct Checkpoint {
     pub created_at: DateTime<Utc>,
 }
 
-const CHECKPOINT_COLUMNS: &str =
+pub(crate) const CHECKPOINT_COLUMNS: &str =
     "id, job_id, attempt_id, step, epoch, storage_path, size_bytes, sha256, artifact_id, created_at";
 
 pub async fn get(db: &Db, id: Uuid) -> Result<Option<Attempt>, DbError> {
@@ -136,116 +136,6 @@ pub async fn insert_checkpoint(db: &Db, checkpoint: &Checkpoint) -> Result<Check
         .await)?)
 }
 
-/// Queued jobs, oldest first: the scheduler's candidates.
-pub async fn queued(db: &Db, limit: i64) -> Result<Vec<Job>, DbError> {
-    Ok(on_pool!(db, pool => sqlx::query_as::<_, Job>(
-        "SELECT * FROM training_jobs WHERE status = 'queued' ORDER BY queued_at, id LIMIT $1",
-    )
-    .bind(limit)
-    .fetch_all(pool)
-    .await)?)
-}
-
-pub struct Assignment<'a> {
-    pub agent_id: Uuid,
-    pub agent_name: &'a str,
-    pub recipe: &'a serde_json::Value,
-    pub gpu_type: &'a str,
-    pub hourly_rate: f64,
-}
-
-/// Gives `job_id` to an agent if it is still queued: the job becomes `provisioning`, a
-/// new attempt starts (resuming from the job's `resume_from_checkpoint_id`), and metrics
-/// past the resumed step are dropped so the replayed steps replace them.
-/// `None` when another agent got it first.
-pub async fn assign(
-    db: &Db,
-    job_id: Uuid,
-    assignment: Assignment<'_>,
-) -> Result<Option<(Job, Attempt, Option<Checkpoint>)>, DbError> {
-    debug_assert!(JobStatus::Queued.check(JobStatus::Provisioning).is_ok());
-    let now = super::now();
-    let attempt_sql = format!(
-        "INSERT INTO job_attempts (id, job_id, agent_id, attempt_number, status, resumed_from_checkpoint_id,
-             resumed_from_step, gpu_type, hourly_rate, cost, started_at, created_at, updated_at, recipe, last_step)
-         VALUES ($1, $2, $3, $4, 'running', $5, $6, $7, $8, 0, $9, $9, $9, $10, $11)
-         RETURNING {ATTEMPT_COLUMNS}"
-    );
-    let checkpoint_sql = format!("SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE id = $1");
-    Ok(on_pool!(db, pool => {
-        let mut tx = pool.begin().await?;
-        let job = sqlx::query_as::<_, Job>(
-            "UPDATE training_jobs SET status = 'provisioning', agent_id = $2, updated_at = $3,
-                 started_at = COALESCE(started_at, $3), current_stage = 'provisioning',
-                 stage_substatus = NULL, estimated_start_time = NULL
-             WHERE id = $1 AND status = 'queued' RETURNING *",
-        )
-        .bind(job_id)
-        .bind(assignment.agent_id)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(job) = job else { return Ok(None) };
-        let checkpoint = match job.resume_from_checkpoint_id {
-            Some(id) => sqlx::query_as::<_, Checkpoint>(&checkpoint_sql)
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?,
-            None => None,
-        };
-        let resumed_step = checkpoint.as_ref().map_or(0, |c| c.step);
-        let (number,): (i64,) = sqlx::query_as(
-            "SELECT COALESCE(MAX(attempt_number), 0) + 1 FROM job_attempts WHERE job_id = $1",
-        )
-        .bind(job_id)
-        .fetch_one(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM training_metrics WHERE job_id = $1 AND step > $2")
-            .bind(job_id)
-            .bind(resumed_step)
-            .execute(&mut *tx)
-            .await?;
-        let attempt = sqlx::query_as::<_, Attempt>(&attempt_sql)
-            .bind(Uuid::new_v4())
-            .bind(job_id)
-            .bind(assignment.agent_id)
-            .bind(number)
-            .bind(checkpoint.as_ref().map(|c| c.id))
-            .bind(checkpoint.as_ref().map(|c| c.step))
-            .bind(assignment.gpu_type)
-            .bind(assignment.hourly_rate)
-            .bind(now)
-            .bind(Json(assignment.recipe))
-            .bind(resumed_step)
-            .fetch_one(&mut *tx)
-            .await?;
-        sqlx::query("UPDATE agents SET current_attempt_id = $2 WHERE id = $1")
-            .bind(assignment.agent_id)
-            .bind(attempt.id)
-            .execute(&mut *tx)
-            .await?;
-        let resumed = match &checkpoint {
-            Some(c) => format!(", resuming from the checkpoint at step {}", c.step),
-            None => String::new(),
-        };
-        let mut event = Event::new(
-            job_id,
-            "status",
-            "info",
-            format!("Attempt {number} assigned to agent {}{resumed}", assignment.agent_name),
-        )
-        .with_details(serde_json::json!({
-            "from": "queued", "to": "provisioning", "agent_id": assignment.agent_id,
-            "attempt_number": number, "resumed_from_step": checkpoint.as_ref().map(|c| c.step),
-        }));
-        event.attempt_id = Some(attempt.id);
-        event.created_at = now;
-        insert_event!(&event).execute(&mut *tx).await?;
-        tx.commit().await?;
-        Some((job, attempt, checkpoint))
-    }))
-}
-
 /// Progress carried by a report batch, applied to the job row.
 pub struct Progress<'a> {
     pub stage: Option<&'a str>,
@@ -268,9 +158,7 @@ pub struct ReportOutcome {
 }
 
 /// Stores a batch of an attempt's reports: metrics (one per step), events (one per
-/// idempotency key), and the job's progress. The first report moves the job from
-/// `provisioning` to `training`. Nothing changes unless the attempt is still the job's
-/// running attempt.
+/// idempotency key), and the job's progress while the attempt's agent still trains it.
 pub async fn record_reports(
     db: &Db,
     attempt: &Attempt,
@@ -282,22 +170,6 @@ pub async fn record_reports(
     Ok(on_pool!(db, pool => {
         let mut tx = pool.begin().await?;
         let mut outcome = ReportOutcome { accepted: 0, job: None, new_metrics: Vec::new(), new_events: Vec::new() };
-        let started = sqlx::query_as::<_, Job>(
-            "UPDATE training_jobs SET status = 'training', updated_at = $3
-             WHERE id = $1 AND status = 'provisioning' AND agent_id = $2 RETURNING *",
-        )
-        .bind(attempt.job_id)
-        .bind(attempt.agent_id)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if started.is_some() {
-            let mut event = Event::new(attempt.job_id, "status", "info", format!("Training started (attempt {})", attempt.attempt_number))
-                .with_details(serde_json::json!({"from": "provisioning", "to": "training"}));
-            event.attempt_id = Some(attempt.id);
-            insert_event!(&event).execute(&mut *tx).await?;
-            outcome.new_events.push(event);
-        }
         for point in metrics {
             let inserted = insert_metric!(attempt.job_id, Some(attempt.id), point)
                 .execute(&mut *tx)
@@ -337,7 +209,7 @@ pub async fn record_reports(
                  elapsed_seconds = COALESCE($10, elapsed_seconds),
                  estimated_remaining_seconds = COALESCE($11, estimated_remaining_seconds),
                  current_cost = $12
-             WHERE id = $1 AND agent_id = $2 AND status IN ('provisioning', 'training') RETURNING *",
+             WHERE id = $1 AND agent_id = $2 AND status IN ($13, $14) RETURNING *",
         )
         .bind(attempt.job_id)
         .bind(attempt.agent_id)
@@ -351,6 +223,8 @@ pub async fn record_reports(
         .bind(progress.elapsed_seconds)
         .bind(progress.remaining_seconds)
         .bind(progress.cost)
+        .bind(JobStatus::Provisioning)
+        .bind(JobStatus::Training)
         .fetch_optional(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -358,113 +232,35 @@ pub async fn record_reports(
     }))
 }
 
-/// How an attempt ended, as stored on the attempt row.
-pub struct AttemptEnd<'a> {
-    /// `succeeded`, `failed`, `interrupted`, `cancelled` or `lost`.
-    pub status: &'a str,
-    pub error_message: Option<&'a str>,
-    pub notice_deadline: Option<DateTime<Utc>>,
-    pub interruption_provider: Option<&'a str>,
-    pub notice_seconds_used: Option<f64>,
-}
-
-/// What becomes of the job when its attempt ends.
-pub enum JobAfter<'a> {
-    Complete,
-    Fail {
-        message: &'a str,
-        stage: Option<&'a str>,
-    },
-    /// Back to the queue; `interruption` counts against the interruption budget, else
-    /// against the retry budget.
-    Requeue {
-        resume_from: Option<Uuid>,
-        hyperparameters: Option<&'a serde_json::Value>,
-        interruption: bool,
-    },
-    /// The job already left the attempt (cancelled by its user): only the attempt ends.
-    Unchanged,
-}
-
-/// Ends a running attempt and moves its job, logging `events` with it. Returns the job
-/// when it changed, `None` when the attempt had already ended.
-pub async fn end_attempt(
+/// Ends an attempt whose job already left it (cancelled by its user, given elsewhere):
+/// only the attempt row changes. `false` when it had already ended.
+pub async fn end_detached(
     db: &Db,
     attempt: &Attempt,
-    end: AttemptEnd<'_>,
-    after: JobAfter<'_>,
-    events: &[Event],
-) -> Result<Option<Job>, DbError> {
-    let now = super::now();
-    let cost = attempt.cost_at(now);
+    status: AttemptStatus,
+) -> Result<bool, DbError> {
+    let at = super::now();
     Ok(on_pool!(db, pool => {
         let mut tx = pool.begin().await?;
         let ended = sqlx::query(
-            "UPDATE job_attempts SET status = $2, error_message = $3, notice_deadline = $4,
-                 interruption_provider = $5, notice_seconds_used = $6, cost = $7, ended_at = $8, updated_at = $8
-             WHERE id = $1 AND status = 'running'",
+            "UPDATE job_attempts SET status = $2, cost = $3, ended_at = $4, updated_at = $4
+             WHERE id = $1 AND status = $5",
         )
         .bind(attempt.id)
-        .bind(end.status)
-        .bind(end.error_message)
-        .bind(end.notice_deadline)
-        .bind(end.interruption_provider)
-        .bind(end.notice_seconds_used)
-        .bind(cost)
-        .bind(now)
+        .bind(status)
+        .bind(attempt.cost_at(at))
+        .bind(at)
+        .bind(AttemptStatus::Running)
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        if ended == 0 {
-            return Ok(None);
-        }
         sqlx::query("UPDATE agents SET current_attempt_id = NULL WHERE id = $1 AND current_attempt_id = $2")
             .bind(attempt.agent_id)
             .bind(attempt.id)
             .execute(&mut *tx)
             .await?;
-        let (total_cost,): (f64,) = sqlx::query_as("SELECT COALESCE(SUM(cost), 0.0) FROM job_attempts WHERE job_id = $1")
-            .bind(attempt.job_id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let total_cost = super::jobs::round_cents(total_cost);
-        let live = "WHERE id = $1 AND agent_id = $2 AND status IN ('provisioning', 'training') RETURNING *";
-        let job = match after {
-            JobAfter::Complete => sqlx::query_as::<_, Job>(&format!(
-                "UPDATE training_jobs SET status = 'completed', updated_at = $3, completed_at = $3,
-                     progress_percentage = 100, current_stage = 'completed', estimated_remaining_seconds = 0,
-                     current_cost = $4, final_cost = $4 {live}"))
-                .bind(attempt.job_id).bind(attempt.agent_id).bind(now).bind(total_cost)
-                .fetch_optional(&mut *tx).await?,
-            JobAfter::Fail { message, stage } => sqlx::query_as::<_, Job>(&format!(
-                "UPDATE training_jobs SET status = 'failed', updated_at = $3, completed_at = $3,
-                     error_message = $5, failed_stage = COALESCE($6, current_stage),
-                     current_cost = $4, final_cost = $4 {live}"))
-                .bind(attempt.job_id).bind(attempt.agent_id).bind(now).bind(total_cost)
-                .bind(message).bind(stage)
-                .fetch_optional(&mut *tx).await?,
-            JobAfter::Requeue { resume_from, hyperparameters, interruption, .. } => sqlx::query_as::<_, Job>(&format!(
-                "UPDATE training_jobs SET status = 'queued', updated_at = $3, queued_at = $3,
-                     current_cost = $4, agent_id = NULL, current_stage = 'queued',
-                     resume_from_checkpoint_id = $5,
-                     hyperparameters = COALESCE($6, hyperparameters),
-                     interruption_count = interruption_count + $7,
-                     retry_count = retry_count + $8,
-                     progress_percentage = CASE WHEN $5 IS NULL THEN 0 ELSE progress_percentage END
-                 WHERE id = $1 AND agent_id = $2 AND status IN ('provisioning', 'training') RETURNING *"))
-                .bind(attempt.job_id).bind(attempt.agent_id).bind(now).bind(total_cost)
-                .bind(resume_from).bind(hyperparameters.map(Json))
-                .bind(i64::from(interruption)).bind(i64::from(!interruption))
-                .fetch_optional(&mut *tx).await?,
-            JobAfter::Unchanged => None,
-        };
-        for event in events {
-            let mut event = event.clone();
-            event.attempt_id = Some(attempt.id);
-            insert_event!(&event).execute(&mut *tx).await?;
-        }
         tx.commit().await?;
-        job
+        ended == 1
     }))
 }
 
@@ -472,15 +268,20 @@ pub async fn end_attempt(
 /// those agents offline.
 pub async fn orphaned(db: &Db, cutoff: DateTime<Utc>) -> Result<Vec<Attempt>, DbError> {
     let sql = format!(
-        "SELECT {ATTEMPT_COLUMNS} FROM job_attempts WHERE status = 'running' AND agent_id IN
+        "SELECT {ATTEMPT_COLUMNS} FROM job_attempts WHERE status = $2 AND agent_id IN
              (SELECT id FROM agents WHERE last_heartbeat_at < $1)"
     );
     Ok(on_pool!(db, pool => {
-        sqlx::query("UPDATE agents SET status = 'offline' WHERE last_heartbeat_at < $1 AND status != 'offline'")
+        sqlx::query("UPDATE agents SET status = $2 WHERE last_heartbeat_at < $1 AND status != $2")
             .bind(cutoff)
+            .bind(AgentStatus::Offline)
             .execute(pool)
             .await?;
-        sqlx::query_as::<_, Attempt>(&sql).bind(cutoff).fetch_all(pool).await?
+        sqlx::query_as::<_, Attempt>(&sql)
+            .bind(cutoff)
+            .bind(AttemptStatus::Running)
+            .fetch_all(pool)
+            .await?
     }))
 }
 

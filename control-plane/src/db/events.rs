@@ -7,14 +7,15 @@ use sqlx::QueryBuilder;
 use uuid::Uuid;
 
 use super::{on_pool, Db, DbError};
+use crate::domain::{EventType, Severity};
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Event {
     pub id: Uuid,
     pub job_id: Uuid,
     pub attempt_id: Option<Uuid>,
-    pub event_type: String,
-    pub severity: String,
+    pub event_type: EventType,
+    pub severity: Severity,
     pub message: String,
     #[schema(value_type = Option<Object>)]
     pub details: Option<Json<serde_json::Value>>,
@@ -28,16 +29,16 @@ pub struct Event {
 impl Event {
     pub fn new(
         job_id: Uuid,
-        event_type: &str,
-        severity: &str,
+        event_type: EventType,
+        severity: Severity,
         message: impl Into<String>,
     ) -> Event {
         Event {
             id: Uuid::new_v4(),
             job_id,
             attempt_id: None,
-            event_type: event_type.to_owned(),
-            severity: severity.to_owned(),
+            event_type,
+            severity,
             message: message.into(),
             details: None,
             source: Some("control_plane".to_owned()),
@@ -66,8 +67,8 @@ macro_rules! insert_event {
         .bind(event.id)
         .bind(event.job_id)
         .bind(event.attempt_id)
-        .bind(&event.event_type)
-        .bind(&event.severity)
+        .bind(event.event_type)
+        .bind(event.severity)
         .bind(&event.message)
         .bind(&event.details)
         .bind(&event.source)
@@ -84,8 +85,8 @@ pub async fn insert(db: &Db, event: &Event) -> Result<(), DbError> {
 
 #[derive(Debug, Default)]
 pub struct EventFilter {
-    pub event_type: Option<String>,
-    pub severity: Option<String>,
+    pub event_type: Option<EventType>,
+    pub severity: Option<Severity>,
     pub limit: i64,
     pub offset: i64,
 }
@@ -102,18 +103,17 @@ pub async fn list(
         filter: &EventFilter,
     ) where
         Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-        String: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+        EventType: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+        Severity: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     {
         query
             .push(" FROM event_logs WHERE job_id = ")
             .push_bind(job_id);
-        if let Some(event_type) = &filter.event_type {
-            query
-                .push(" AND event_type = ")
-                .push_bind(event_type.clone());
+        if let Some(event_type) = filter.event_type {
+            query.push(" AND event_type = ").push_bind(event_type);
         }
-        if let Some(severity) = &filter.severity {
-            query.push(" AND severity = ").push_bind(severity.clone());
+        if let Some(severity) = filter.severity {
+            query.push(" AND severity = ").push_bind(severity);
         }
     }
     Ok(on_pool!(db, pool => {

@@ -7,6 +7,7 @@ use sqlx::QueryBuilder;
 use uuid::Uuid;
 
 use super::{now, on_pool, Db, DbError};
+use crate::domain::{EnrichmentStatus, JobStatus};
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct TrainingFile {
@@ -30,7 +31,7 @@ pub struct TrainingFile {
     #[schema(value_type = Object)]
     pub human_review: Json<serde_json::Value>,
     pub status: String,
-    pub enrichment_status: String,
+    pub enrichment_status: EnrichmentStatus,
     pub enrichment_error: Option<String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -150,22 +151,21 @@ pub async fn soft_delete(
     id: Uuid,
     user_id: Uuid,
 ) -> Result<Result<bool, String>, DbError> {
-    let live: Vec<&str> = crate::domain::JobStatus::ALL
-        .into_iter()
-        .filter(|s| s.is_live())
-        .map(|s| s.as_str())
-        .collect();
-    let live_list = live
-        .iter()
-        .map(|s| format!("'{s}'"))
+    let live: Vec<JobStatus> = JobStatus::ALL.into_iter().filter(|s| s.is_live()).collect();
+    let placeholders = (0..live.len())
+        .map(|i| format!("${}", i + 2))
         .collect::<Vec<_>>()
         .join(", ");
     let blocking_sql = format!(
-        "SELECT name FROM training_jobs WHERE training_file_id = $1 AND status IN ({live_list}) LIMIT 1"
+        "SELECT name FROM training_jobs WHERE training_file_id = $1 AND status IN ({placeholders}) LIMIT 1"
     );
     let outcome = on_pool!(db, pool => {
         let mut tx = pool.begin().await?;
-        let blocking: Option<(String,)> = sqlx::query_as(&blocking_sql).bind(id).fetch_optional(&mut *tx).await?;
+        let mut blocking = sqlx::query_as::<_, (String,)>(&blocking_sql).bind(id);
+        for status in &live {
+            blocking = blocking.bind(*status);
+        }
+        let blocking = blocking.fetch_optional(&mut *tx).await?;
         if let Some((job,)) = blocking {
             return Ok(Err(job));
         }
@@ -197,13 +197,15 @@ pub async fn claim_for_enrichment(
     let claimed = on_pool!(db, pool => {
         let mut tx = pool.begin().await?;
         let claimed = sqlx::query(
-            "UPDATE training_files SET enrichment_status = 'processing', updated_at = $3
+            "UPDATE training_files SET enrichment_status = $5, updated_at = $3
              WHERE id = $1 AND deleted_at IS NULL
-               AND (enrichment_status = 'pending' OR (enrichment_status = 'processing' AND updated_at < $2))",
+               AND (enrichment_status = $4 OR (enrichment_status = $5 AND updated_at < $2))",
         )
         .bind(id)
         .bind(stale_before)
         .bind(now())
+        .bind(EnrichmentStatus::Pending)
+        .bind(EnrichmentStatus::Processing)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -222,10 +224,11 @@ pub async fn claim_for_enrichment(
 /// Tells other replicas this file's enrichment is alive.
 pub async fn enrichment_heartbeat(db: &Db, id: Uuid) -> Result<(), DbError> {
     on_pool!(db, pool => sqlx::query(
-        "UPDATE training_files SET updated_at = $2 WHERE id = $1 AND enrichment_status = 'processing'",
+        "UPDATE training_files SET updated_at = $2 WHERE id = $1 AND enrichment_status = $3",
     )
     .bind(id)
     .bind(now())
+    .bind(EnrichmentStatus::Processing)
     .execute(pool)
     .await.map(|r| r.rows_affected()))?;
     Ok(())
@@ -239,10 +242,12 @@ pub async fn enrichment_backlog(
     let rows: Vec<(Uuid,)> = on_pool!(db, pool => sqlx::query_as(
         "SELECT id FROM training_files
          WHERE deleted_at IS NULL
-           AND (enrichment_status = 'pending' OR (enrichment_status = 'processing' AND updated_at < $1))
+           AND (enrichment_status = $2 OR (enrichment_status = $3 AND updated_at < $1))
          ORDER BY created_at",
     )
     .bind(stale_before)
+    .bind(EnrichmentStatus::Pending)
+    .bind(EnrichmentStatus::Processing)
     .fetch_all(pool)
     .await)?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
@@ -264,7 +269,7 @@ pub async fn finish_enrichment(
     result: &EnrichmentResult,
 ) -> Result<(), DbError> {
     on_pool!(db, pool => sqlx::query(
-        "UPDATE training_files SET enrichment_status = 'completed', enrichment_error = NULL, file_format = $2,
+        "UPDATE training_files SET enrichment_status = $10, enrichment_error = NULL, file_format = $2,
              conversation_count = $3, training_pairs_count = $4, average_quality_score = $5,
              quality_scores = $6, scaffolding_distribution = $7, human_review = $8, last_enriched_at = $9
          WHERE id = $1",
@@ -278,6 +283,7 @@ pub async fn finish_enrichment(
     .bind(Json(&result.scaffolding_distribution))
     .bind(Json(&result.human_review))
     .bind(now())
+    .bind(EnrichmentStatus::Completed)
     .execute(pool)
     .await.map(|r| r.rows_affected()))?;
     Ok(())
@@ -297,7 +303,7 @@ pub async fn fail_enrichment(
             .execute(&mut *tx)
             .await?;
         sqlx::query(
-            "UPDATE training_files SET enrichment_status = 'failed', enrichment_error = $2, file_format = $3,
+            "UPDATE training_files SET enrichment_status = $5, enrichment_error = $2, file_format = $3,
                  conversation_count = 0, training_pairs_count = 0, last_enriched_at = $4
              WHERE id = $1",
         )
@@ -305,6 +311,7 @@ pub async fn fail_enrichment(
         .bind(error)
         .bind(format)
         .bind(now())
+        .bind(EnrichmentStatus::Failed)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

@@ -1,5 +1,7 @@
-//! Training jobs. Status changes happen only through [`change_status`], which applies the
-//! change if the job is still in the status the caller saw, and logs the event with it.
+//! Training jobs. A status is written only by [`change_status`] (called only by
+//! `service::transition`): a compare-and-set on the status the caller saw, with what the
+//! change writes besides (an attempt started or ended, the agent's current attempt) and
+//! its events, in one transaction.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -7,9 +9,10 @@ use sqlx::types::Json;
 use sqlx::QueryBuilder;
 use uuid::Uuid;
 
+use super::attempts::{Attempt, Checkpoint, ATTEMPT_COLUMNS, CHECKPOINT_COLUMNS};
 use super::events::{insert_event, Event};
 use super::{on_pool, Db, DbError};
-use crate::domain::{GpuType, Hyperparameters, JobStatus};
+use crate::domain::{AttemptStatus, GpuType, Hyperparameters, JobStatus, RecoveryPolicy};
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Job {
@@ -20,11 +23,10 @@ pub struct Job {
     pub base_model: String,
     pub training_file_id: Uuid,
     pub preset_id: Option<Uuid>,
-    pub gpu_type: Option<String>,
+    pub gpu_type: Option<GpuType>,
     pub gpu_model: Option<String>,
     #[schema(value_type = Option<Object>)]
-    pub hyperparameters: Option<Json<serde_json::Value>>,
-    #[sqlx(try_from = "String")]
+    pub hyperparameters: Option<Json<Hyperparameters>>,
     pub status: JobStatus,
     pub progress_percentage: i64,
     pub current_step: i64,
@@ -56,12 +58,35 @@ pub struct Job {
     pub max_retries: i64,
     pub interruption_count: i64,
     pub max_interruptions: i64,
+    /// Off: interruptions wait in `interrupted` for someone to resume the job.
+    pub auto_resume: bool,
     pub resume_from_checkpoint_id: Option<Uuid>,
     pub agent_id: Option<Uuid>,
     pub external_job_id: Option<String>,
     /// Agent labels a host must carry to run this job, such as {"zone": "eu-west-1a"}.
     #[schema(value_type = Object)]
     pub required_labels: Json<serde_json::Value>,
+}
+
+impl Job {
+    pub fn recovery(&self) -> RecoveryPolicy {
+        RecoveryPolicy {
+            max_retries: self.max_retries.clamp(0, i64::from(u32::MAX)) as u32,
+            max_interruptions: self.max_interruptions.clamp(0, i64::from(u32::MAX)) as u32,
+            auto_resume: self.auto_resume,
+        }
+    }
+
+    /// The labels a host must carry, as configured (string values only).
+    pub fn required_labels(&self) -> std::collections::BTreeMap<String, String> {
+        self.required_labels
+            .0
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+            .collect()
+    }
 }
 
 pub struct NewJob<'a> {
@@ -74,22 +99,19 @@ pub struct NewJob<'a> {
     pub preset_id: Option<Uuid>,
 }
 
-/// Creates a draft and logs its creation.
-pub async fn insert_draft(db: &Db, job: NewJob<'_>) -> Result<Job, DbError> {
-    let id = Uuid::new_v4();
-    let event = Event::new(
-        id,
-        "status",
-        "info",
-        format!("Job \"{}\" created as a draft", job.name),
-    )
-    .with_details(serde_json::json!({"to": "draft"}));
+/// Creates job `id` as a draft and logs `event` (its creation) with it.
+pub async fn insert_draft(
+    db: &Db,
+    id: Uuid,
+    job: NewJob<'_>,
+    event: &Event,
+) -> Result<Job, DbError> {
     Ok(on_pool!(db, pool => {
         let mut tx = pool.begin().await?;
         let row = sqlx::query_as::<_, Job>(
             "INSERT INTO training_jobs (id, user_id, name, description, base_model, training_file_id, preset_id,
                                         status, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'draft', $8, $8)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $9, $8, $8)
              RETURNING *",
         )
         .bind(id)
@@ -100,9 +122,10 @@ pub async fn insert_draft(db: &Db, job: NewJob<'_>) -> Result<Job, DbError> {
         .bind(job.training_file_id)
         .bind(job.preset_id)
         .bind(event.created_at)
+        .bind(JobStatus::Draft)
         .fetch_one(&mut *tx)
         .await?;
-        insert_event!(&event).execute(&mut *tx).await?;
+        insert_event!(event).execute(&mut *tx).await?;
         tx.commit().await?;
         row
     }))
@@ -149,14 +172,14 @@ pub async fn list(
         status: Option<JobStatus>,
     ) where
         Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-        &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+        JobStatus: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     {
         query.push(" FROM training_jobs WHERE 1 = 1");
         if !viewer.sees_everything {
             query.push(" AND user_id = ").push_bind(viewer.user_id);
         }
         if let Some(status) = status {
-            query.push(" AND status = ").push_bind(status.as_str());
+            query.push(" AND status = ").push_bind(status);
         }
     }
     Ok(on_pool!(db, pool => {
@@ -177,8 +200,9 @@ pub async fn list(
 /// Every queued job's id, in queue order (first = next to run).
 pub async fn queue_order(db: &Db) -> Result<Vec<Uuid>, DbError> {
     let rows: Vec<(Uuid,)> = on_pool!(db, pool => sqlx::query_as(
-        "SELECT id FROM training_jobs WHERE status = 'queued' ORDER BY queued_at, id",
+        "SELECT id FROM training_jobs WHERE status = $1 ORDER BY queued_at, id",
     )
+    .bind(JobStatus::Queued)
     .fetch_all(pool)
     .await)?;
     Ok(rows.into_iter().map(|(id,)| id).collect())
@@ -188,11 +212,36 @@ pub async fn queue_order(db: &Db) -> Result<Vec<Uuid>, DbError> {
 pub async fn queued_hours_ahead(db: &Db) -> Result<f64, DbError> {
     let (hours,): (Option<f64>,) = on_pool!(db, pool => sqlx::query_as(
         "SELECT SUM((estimated_duration_hours_min + estimated_duration_hours_max) / 2) FROM training_jobs
-         WHERE status IN ('queued', 'provisioning', 'training')",
+         WHERE status IN ($1, $2, $3)",
     )
+    .bind(JobStatus::Queued)
+    .bind(JobStatus::Provisioning)
+    .bind(JobStatus::Training)
     .fetch_one(pool)
     .await)?;
     Ok(hours.unwrap_or(0.0))
+}
+
+/// Queued jobs, oldest first: the scheduler's candidates.
+pub async fn queued(db: &Db, limit: i64) -> Result<Vec<Job>, DbError> {
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, Job>(
+        "SELECT * FROM training_jobs WHERE status = $1 ORDER BY queued_at, id LIMIT $2",
+    )
+    .bind(JobStatus::Queued)
+    .bind(limit)
+    .fetch_all(pool)
+    .await)?)
+}
+
+/// Interrupted jobs whose policy resumes them on their own: normally requeued at once,
+/// listed here for the sweeper in case a replica stopped between the two changes.
+pub async fn awaiting_auto_resume(db: &Db) -> Result<Vec<Job>, DbError> {
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, Job>(
+        "SELECT * FROM training_jobs WHERE status = $1 AND auto_resume AND interruption_count <= max_interruptions",
+    )
+    .bind(JobStatus::Interrupted)
+    .fetch_all(pool)
+    .await)?)
 }
 
 pub struct Configuration<'a> {
@@ -201,9 +250,58 @@ pub struct Configuration<'a> {
     pub gpu_model: &'a str,
     pub hyperparameters: &'a Hyperparameters,
     pub required_labels: &'a serde_json::Map<String, serde_json::Value>,
+    pub recovery: RecoveryPolicy,
     pub hourly_rate: f64,
     pub estimated_duration_hours: (f64, f64),
     pub estimated_cost: (f64, f64),
+}
+
+/// A new attempt, started when a queued job is given to an agent.
+pub struct NewAttempt<'a> {
+    pub agent_id: Uuid,
+    pub recipe: &'a Hyperparameters,
+    pub gpu_type: GpuType,
+    pub hourly_rate: f64,
+}
+
+/// How an attempt ended, as stored on the attempt row.
+pub struct AttemptEnd<'a> {
+    pub status: AttemptStatus,
+    pub error_message: Option<&'a str>,
+    pub notice_deadline: Option<DateTime<Utc>>,
+    pub interruption_provider: Option<&'a str>,
+    pub notice_seconds_used: Option<f64>,
+}
+
+impl AttemptEnd<'_> {
+    pub fn new(status: AttemptStatus) -> AttemptEnd<'static> {
+        AttemptEnd {
+            status,
+            error_message: None,
+            notice_deadline: None,
+            interruption_provider: None,
+            notice_seconds_used: None,
+        }
+    }
+}
+
+/// What becomes of the job when its attempt ends.
+pub enum JobAfter<'a> {
+    Complete,
+    Fail {
+        message: &'a str,
+    },
+    /// Back to the queue, retrying after a failure within the retry budget.
+    Retry {
+        resume_from: Option<Uuid>,
+        /// Replaces the job's hyperparameters (an out-of-memory retry's smaller micro-batch).
+        hyperparameters: Option<&'a Hyperparameters>,
+    },
+    /// Interrupted (spot notice, lost or stopped agent): counts against the interruption
+    /// budget and keeps the checkpoint to resume from.
+    Interrupt {
+        resume_from: Option<Uuid>,
+    },
 }
 
 /// What a status change writes besides the status itself.
@@ -216,58 +314,145 @@ pub enum Change<'a> {
         reason: &'a str,
         final_cost: f64,
     },
-    /// Back to the queue by hand, resuming from a checkpoint (or from the start).
+    /// Back to the queue, resuming from a checkpoint (or from the start).
     Resume {
         checkpoint_id: Option<Uuid>,
+    },
+    /// A queued job given to an agent: a new attempt starts, resuming from the job's
+    /// `resume_from_checkpoint_id`; metrics past that step are dropped so the replayed
+    /// steps replace them.
+    Assign(NewAttempt<'a>),
+    /// The agent's first report: provisioning is over.
+    StartTraining {
+        agent_id: Uuid,
+    },
+    /// The job's running attempt ended.
+    EndAttempt {
+        attempt: &'a Attempt,
+        end: AttemptEnd<'a>,
+        after: JobAfter<'a>,
     },
 }
 
 impl Change<'_> {
-    fn target(&self) -> JobStatus {
+    pub fn target(&self) -> JobStatus {
         match self {
             Change::Configure(_) => JobStatus::Configured,
-            Change::Queue { .. } => JobStatus::Queued,
+            Change::Queue { .. } | Change::Resume { .. } => JobStatus::Queued,
             Change::Cancel { .. } => JobStatus::Cancelled,
-            Change::Resume { .. } => JobStatus::Queued,
+            Change::Assign(_) => JobStatus::Provisioning,
+            Change::StartTraining { .. } => JobStatus::Training,
+            Change::EndAttempt { after, .. } => match after {
+                JobAfter::Complete => JobStatus::Completed,
+                JobAfter::Fail { .. } => JobStatus::Failed,
+                JobAfter::Retry { .. } => JobStatus::Queued,
+                JobAfter::Interrupt { .. } => JobStatus::Interrupted,
+            },
+        }
+    }
+
+    /// The agent that must still hold the job for the change to apply.
+    fn holder(&self) -> Option<Uuid> {
+        match self {
+            Change::StartTraining { agent_id } => Some(*agent_id),
+            Change::EndAttempt { attempt, .. } => attempt.agent_id,
+            _ => None,
         }
     }
 }
 
 pub enum ChangeOutcome {
-    Applied(Box<Job>),
-    /// The job was no longer in the expected status; it is in this one.
+    Applied {
+        job: Box<Job>,
+        /// The attempt an assignment started, and the checkpoint it resumes from.
+        started: Option<(Attempt, Option<Checkpoint>)>,
+    },
+    /// The job was no longer in the expected status (or held by another agent); it is
+    /// in this one.
     Conflict(JobStatus),
+    /// The attempt had already ended (a repeated report): nothing changed.
+    AttemptAlreadyEnded,
 }
 
-/// Applies `change` to a job that is in `from`, and logs `event` in the same transaction.
+/// An `UPDATE training_jobs SET …` with the compare-and-set every status change shares:
+/// `$1` the job, `$2` the status it was read in, `$5` the agent that must still hold it
+/// (NULL when the change names none). `$3` is the new status, `$4` the time.
+macro_rules! guarded {
+    ($update:literal) => {
+        concat!(
+            $update,
+            " WHERE id = $1 AND status = $2 AND (agent_id = $5 OR $5 IS NULL) RETURNING *"
+        )
+    };
+}
+
+/// Applies `change` to a job that is in `from`, and logs `events` in the same transaction.
 /// `updated_at` is set here as well as by the trigger: SQLite's RETURNING shows the row
-/// before AFTER triggers run.
-/// The state machine check is the caller's ([`JobStatus::check`]); this guards against a
-/// concurrent change between the caller's read and this write.
+/// before AFTER triggers run. The state machine check is the caller's; this guards against
+/// a concurrent change between the caller's read and this write.
 pub async fn change_status(
     db: &Db,
     job_id: Uuid,
     from: JobStatus,
-    change: Change<'_>,
-    event: &Event,
+    change: &Change<'_>,
+    events: &[Event],
 ) -> Result<ChangeOutcome, DbError> {
     let to = change.target();
-    let at = event.created_at;
+    let at = events.first().map_or_else(super::now, |e| e.created_at);
+    let checkpoint_sql = format!("SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE id = $1");
+    let attempt_sql = format!(
+        "INSERT INTO job_attempts (id, job_id, agent_id, attempt_number, status, resumed_from_checkpoint_id,
+             resumed_from_step, gpu_type, hourly_rate, cost, started_at, created_at, updated_at, recipe, last_step)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $10, $10, $11, $12)
+         RETURNING {ATTEMPT_COLUMNS}"
+    );
     Ok(on_pool!(db, pool => {
         let mut tx = pool.begin().await?;
-        let query = match &change {
-            Change::Configure(c) => sqlx::query_as::<_, Job>(
-                "UPDATE training_jobs SET status = $3, updated_at = $14, preset_id = $4, gpu_type = $5, gpu_model = $6,
-                     hyperparameters = $7, total_epochs = $8, hourly_rate = $9,
-                     estimated_duration_hours_min = $10, estimated_duration_hours_max = $11,
-                     estimated_cost_min = $12, estimated_cost_max = $13, required_labels = $15
-                 WHERE id = $1 AND status = $2 RETURNING *",
+        // An attempt ends first: a repeated end finds it ended and changes nothing.
+        let mut total_cost = 0.0;
+        if let Change::EndAttempt { attempt, end, .. } = change {
+            let cost = attempt.cost_at(at);
+            let ended = sqlx::query(
+                "UPDATE job_attempts SET status = $2, error_message = $3, notice_deadline = $4,
+                     interruption_provider = $5, notice_seconds_used = $6, cost = $7, ended_at = $8, updated_at = $8
+                 WHERE id = $1 AND status = $9",
             )
-            .bind(job_id)
-            .bind(from.as_str())
-            .bind(to.as_str())
+            .bind(attempt.id)
+            .bind(end.status)
+            .bind(end.error_message)
+            .bind(end.notice_deadline)
+            .bind(end.interruption_provider)
+            .bind(end.notice_seconds_used)
+            .bind(cost)
+            .bind(at)
+            .bind(AttemptStatus::Running)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if ended == 0 {
+                return Ok(ChangeOutcome::AttemptAlreadyEnded);
+            }
+            sqlx::query("UPDATE agents SET current_attempt_id = NULL WHERE id = $1 AND current_attempt_id = $2")
+                .bind(attempt.agent_id)
+                .bind(attempt.id)
+                .execute(&mut *tx)
+                .await?;
+            let (sum,): (f64,) = sqlx::query_as("SELECT COALESCE(SUM(cost), 0.0) FROM job_attempts WHERE job_id = $1")
+                .bind(attempt.job_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            total_cost = round_cents(sum);
+        }
+        let query = match change {
+            Change::Configure(c) => sqlx::query_as::<_, Job>(guarded!(
+                "UPDATE training_jobs SET status = $3, updated_at = $4, preset_id = $6, gpu_type = $7, gpu_model = $8,
+                     hyperparameters = $9, total_epochs = $10, hourly_rate = $11,
+                     estimated_duration_hours_min = $12, estimated_duration_hours_max = $13,
+                     estimated_cost_min = $14, estimated_cost_max = $15, required_labels = $16,
+                     max_retries = $17, max_interruptions = $18, auto_resume = $19"))
+            .bind(job_id).bind(from).bind(to).bind(at).bind(change.holder())
             .bind(c.preset_id)
-            .bind(c.gpu_type.as_str())
+            .bind(c.gpu_type)
             .bind(c.gpu_model)
             .bind(Json(c.hyperparameters))
             .bind(i64::from(c.hyperparameters.epochs))
@@ -276,55 +461,137 @@ pub async fn change_status(
             .bind(c.estimated_duration_hours.1)
             .bind(c.estimated_cost.0)
             .bind(c.estimated_cost.1)
-            .bind(at)
-            .bind(Json(c.required_labels)),
-            Change::Queue { estimated_start_time } => sqlx::query_as::<_, Job>(
-                "UPDATE training_jobs SET status = $3, updated_at = $4, queued_at = $4, estimated_start_time = $5
-                 WHERE id = $1 AND status = $2 RETURNING *",
-            )
-            .bind(job_id)
-            .bind(from.as_str())
-            .bind(to.as_str())
-            .bind(at)
+            .bind(Json(c.required_labels))
+            .bind(i64::from(c.recovery.max_retries))
+            .bind(i64::from(c.recovery.max_interruptions))
+            .bind(c.recovery.auto_resume),
+            Change::Queue { estimated_start_time } => sqlx::query_as::<_, Job>(guarded!(
+                "UPDATE training_jobs SET status = $3, updated_at = $4, queued_at = $4, estimated_start_time = $6"))
+            .bind(job_id).bind(from).bind(to).bind(at).bind(change.holder())
             .bind(*estimated_start_time),
-            Change::Cancel { reason, final_cost } => sqlx::query_as::<_, Job>(
-                "UPDATE training_jobs SET status = $3, updated_at = $5, cancelled_reason = $4, cancelled_at = $5,
-                     completed_at = $5, final_cost = $6, current_cost = $6, estimated_start_time = NULL
-                 WHERE id = $1 AND status = $2 RETURNING *",
-            )
-            .bind(job_id)
-            .bind(from.as_str())
-            .bind(to.as_str())
+            Change::Cancel { reason, final_cost } => sqlx::query_as::<_, Job>(guarded!(
+                "UPDATE training_jobs SET status = $3, updated_at = $4, cancelled_reason = $6, cancelled_at = $4,
+                     completed_at = $4, final_cost = $7, current_cost = $7, estimated_start_time = NULL"))
+            .bind(job_id).bind(from).bind(to).bind(at).bind(change.holder())
             .bind(*reason)
-            .bind(at)
             .bind(*final_cost),
-            Change::Resume { checkpoint_id } => sqlx::query_as::<_, Job>(
+            Change::Resume { checkpoint_id } => sqlx::query_as::<_, Job>(guarded!(
                 "UPDATE training_jobs SET status = $3, updated_at = $4, queued_at = $4, agent_id = NULL,
-                     resume_from_checkpoint_id = $5, error_message = NULL, failed_stage = NULL,
-                     completed_at = NULL, final_cost = NULL, current_stage = 'queued',
-                     progress_percentage = CASE WHEN $5 IS NULL THEN 0 ELSE progress_percentage END
-                 WHERE id = $1 AND status = $2 RETURNING *",
+                     resume_from_checkpoint_id = $6, error_message = NULL, failed_stage = NULL,
+                     completed_at = NULL, final_cost = NULL, current_stage = $3,
+                     progress_percentage = CASE WHEN $6 IS NULL THEN 0 ELSE progress_percentage END"))
+            .bind(job_id).bind(from).bind(to).bind(at).bind(change.holder())
+            .bind(*checkpoint_id),
+            Change::Assign(a) => sqlx::query_as::<_, Job>(guarded!(
+                "UPDATE training_jobs SET status = $3, agent_id = $6, updated_at = $4,
+                     started_at = COALESCE(started_at, $4), current_stage = $3,
+                     stage_substatus = NULL, estimated_start_time = NULL"))
+            .bind(job_id).bind(from).bind(to).bind(at).bind(change.holder())
+            .bind(a.agent_id),
+            Change::StartTraining { .. } => sqlx::query_as::<_, Job>(guarded!(
+                "UPDATE training_jobs SET status = $3, updated_at = $4"))
+            .bind(job_id).bind(from).bind(to).bind(at).bind(change.holder()),
+            Change::EndAttempt { end, after, .. } => match after {
+                JobAfter::Complete => sqlx::query_as::<_, Job>(guarded!(
+                    "UPDATE training_jobs SET status = $3, updated_at = $4, completed_at = $4,
+                         progress_percentage = 100, current_stage = $3, estimated_remaining_seconds = 0,
+                         current_cost = $6, final_cost = $6"))
+                .bind(job_id).bind(from).bind(to).bind(at).bind(change.holder())
+                .bind(total_cost),
+                JobAfter::Fail { message } => sqlx::query_as::<_, Job>(guarded!(
+                    "UPDATE training_jobs SET status = $3, updated_at = $4, completed_at = $4,
+                         error_message = $7, failed_stage = current_stage,
+                         current_cost = $6, final_cost = $6"))
+                .bind(job_id).bind(from).bind(to).bind(at).bind(change.holder())
+                .bind(total_cost)
+                .bind(*message),
+                JobAfter::Retry { resume_from, hyperparameters } => sqlx::query_as::<_, Job>(guarded!(
+                    "UPDATE training_jobs SET status = $3, updated_at = $4, queued_at = $4,
+                         current_cost = $6, agent_id = NULL, current_stage = $3,
+                         resume_from_checkpoint_id = $7,
+                         hyperparameters = COALESCE($8, hyperparameters),
+                         retry_count = retry_count + 1,
+                         progress_percentage = CASE WHEN $7 IS NULL THEN 0 ELSE progress_percentage END"))
+                .bind(job_id).bind(from).bind(to).bind(at).bind(change.holder())
+                .bind(total_cost)
+                .bind(*resume_from)
+                .bind(hyperparameters.map(Json)),
+                JobAfter::Interrupt { resume_from } => sqlx::query_as::<_, Job>(guarded!(
+                    "UPDATE training_jobs SET status = $3, updated_at = $4,
+                         current_cost = $6, agent_id = NULL, current_stage = $3,
+                         resume_from_checkpoint_id = $7, estimated_remaining_seconds = NULL,
+                         error_message = $8, interruption_count = interruption_count + 1"))
+                .bind(job_id).bind(from).bind(to).bind(at).bind(change.holder())
+                .bind(total_cost)
+                .bind(*resume_from)
+                .bind(end.error_message),
+            },
+        };
+        let Some(job) = query.fetch_optional(&mut *tx).await? else {
+            let (status,): (JobStatus,) = sqlx::query_as("SELECT status FROM training_jobs WHERE id = $1")
+                .bind(job_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            // A job that moved on leaves its ended attempt ended: commit that part.
+            if matches!(change, Change::EndAttempt { .. }) {
+                tx.commit().await?;
+            }
+            return Ok(ChangeOutcome::Conflict(status));
+        };
+        let mut started = None;
+        if let Change::Assign(a) = change {
+            let checkpoint = match job.resume_from_checkpoint_id {
+                Some(id) => sqlx::query_as::<_, Checkpoint>(&checkpoint_sql)
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?,
+                None => None,
+            };
+            let resumed_step = checkpoint.as_ref().map_or(0, |c| c.step);
+            let (number,): (i64,) = sqlx::query_as(
+                "SELECT COALESCE(MAX(attempt_number), 0) + 1 FROM job_attempts WHERE job_id = $1",
             )
             .bind(job_id)
-            .bind(from.as_str())
-            .bind(to.as_str())
-            .bind(at)
-            .bind(*checkpoint_id),
-        };
-        match query.fetch_optional(&mut *tx).await? {
-            Some(job) => {
-                insert_event!(event).execute(&mut *tx).await?;
-                tx.commit().await?;
-                ChangeOutcome::Applied(Box::new(job))
-            }
-            None => {
-                let (status,): (String,) = sqlx::query_as("SELECT status FROM training_jobs WHERE id = $1")
-                    .bind(job_id)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                ChangeOutcome::Conflict(status.parse().unwrap_or(from))
-            }
+            .fetch_one(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM training_metrics WHERE job_id = $1 AND step > $2")
+                .bind(job_id)
+                .bind(resumed_step)
+                .execute(&mut *tx)
+                .await?;
+            let attempt = sqlx::query_as::<_, Attempt>(&attempt_sql)
+                .bind(Uuid::new_v4())
+                .bind(job_id)
+                .bind(a.agent_id)
+                .bind(number)
+                .bind(AttemptStatus::Running)
+                .bind(checkpoint.as_ref().map(|c| c.id))
+                .bind(checkpoint.as_ref().map(|c| c.step))
+                .bind(a.gpu_type)
+                .bind(a.hourly_rate)
+                .bind(at)
+                .bind(Json(a.recipe))
+                .bind(resumed_step)
+                .fetch_one(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE agents SET current_attempt_id = $2 WHERE id = $1")
+                .bind(a.agent_id)
+                .bind(attempt.id)
+                .execute(&mut *tx)
+                .await?;
+            started = Some((attempt, checkpoint));
         }
+        let attempt_id = started.as_ref().map(|(attempt, _)| attempt.id).or(match change {
+            Change::EndAttempt { attempt, .. } => Some(attempt.id),
+            _ => None,
+        });
+        for event in events {
+            let mut event = event.clone();
+            event.attempt_id = event.attempt_id.or(attempt_id);
+            insert_event!(&event).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        ChangeOutcome::Applied { job: Box::new(job), started }
     }))
 }
 

@@ -13,12 +13,14 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 pub mod agents;
 pub mod artifacts;
 pub mod attempts;
+pub mod cost_tracking;
 pub mod events;
 pub mod files;
+pub mod gauges;
+pub mod job_templates;
 pub mod jobs;
 pub mod metrics;
 pub mod presets;
-pub mod templates;
 pub mod users;
 
 #[derive(Debug, thiserror::Error)]

@@ -6,6 +6,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{now, on_pool, Db, DbError};
+use crate::domain::RecoveryPolicy;
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Preset {
@@ -24,6 +25,9 @@ pub struct Preset {
     pub requires_completed_jobs: i64,
     #[schema(value_type = Vec<String>)]
     pub recommended_for: Json<Vec<String>>,
+    /// The recovery policy jobs on this preset start with (none: the defaults).
+    #[schema(value_type = Option<RecoveryPolicy>)]
+    pub recovery: Option<Json<RecoveryPolicy>>,
     pub created_by: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -72,13 +76,14 @@ pub struct NewPreset<'a> {
     pub estimates: &'a Estimates,
     pub risk_level: &'a str,
     pub recommended_for: &'a [String],
+    pub recovery: Option<RecoveryPolicy>,
 }
 
 pub async fn create(db: &Db, user_id: Uuid, preset: NewPreset<'_>) -> Result<Preset, DbError> {
     Ok(on_pool!(db, pool => sqlx::query_as::<_, Preset>(
         "INSERT INTO hyperparameter_presets (id, name, description, icon, is_system, parameters, estimates,
-             risk_level, recommended_for, created_by, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, false, $5, $6, $7, $8, $9, $10, $10)
+             risk_level, recommended_for, created_by, created_at, updated_at, recovery)
+         VALUES ($1, $2, $3, $4, false, $5, $6, $7, $8, $9, $10, $10, $11)
          RETURNING *",
     )
     .bind(Uuid::new_v4())
@@ -91,6 +96,7 @@ pub async fn create(db: &Db, user_id: Uuid, preset: NewPreset<'_>) -> Result<Pre
     .bind(Json(preset.recommended_for))
     .bind(user_id)
     .bind(now())
+    .bind(preset.recovery.map(Json))
     .fetch_one(pool)
     .await)?)
 }
@@ -98,9 +104,10 @@ pub async fn create(db: &Db, user_id: Uuid, preset: NewPreset<'_>) -> Result<Pre
 /// Jobs the user has completed, for presets' `requires_completed_jobs` rule.
 pub async fn completed_jobs_of(db: &Db, user_id: Uuid) -> Result<i64, DbError> {
     let (count,): (i64,) = on_pool!(db, pool => sqlx::query_as(
-        "SELECT COUNT(*) FROM training_jobs WHERE user_id = $1 AND status = 'completed'",
+        "SELECT COUNT(*) FROM training_jobs WHERE user_id = $1 AND status = $2",
     )
     .bind(user_id)
+    .bind(crate::domain::JobStatus::Completed)
     .fetch_one(pool)
     .await)?;
     Ok(count)

@@ -20,13 +20,28 @@ impl GpuType {
     }
 
     pub fn parse(s: &str) -> Option<GpuType> {
+        s.parse().ok()
+    }
+}
+
+impl std::str::FromStr for GpuType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
-            "spot" => Some(GpuType::Spot),
-            "ondemand" => Some(GpuType::Ondemand),
-            _ => None,
+            "spot" => Ok(GpuType::Spot),
+            "ondemand" => Ok(GpuType::Ondemand),
+            _ => Err(format!("unknown GPU type {s:?}; expected spot or ondemand")),
         }
     }
 }
+
+impl std::fmt::Display for GpuType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+super::vocabulary::sql_text!(GpuType);
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

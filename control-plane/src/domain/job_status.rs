@@ -1,4 +1,5 @@
-//! The job state machine. Every status change in the system goes through [`JobStatus::check`].
+//! The job state machine. Every status change is checked against [`JobStatus::next`] by
+//! `service::transition::change_status`, the one function that writes a job's status.
 
 use std::fmt;
 use std::str::FromStr;
@@ -109,12 +110,7 @@ impl FromStr for JobStatus {
     }
 }
 
-impl TryFrom<String> for JobStatus {
-    type Error = String;
-    fn try_from(value: String) -> Result<Self, Self::Error> {
-        value.parse()
-    }
-}
+super::vocabulary::sql_text!(JobStatus);
 
 #[cfg(test)]
 mod tests {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use protocol::agent::{Capacity, Heartbeat};
 
-use super::Hyperparameters;
+use super::{GpuType, Hyperparameters};
 
 /// Parameters (in billions) read from a model name such as `Qwen2.5-0.5B-Instruct`,
 /// `SmolLM2-135M` or `Llama-3.1-8B`; `None` when the name does not say.
@@ -44,12 +44,12 @@ pub fn estimated_memory_gib(base_model: &str, hyperparameters: &Hyperparameters)
 
 /// Why an agent cannot take a job, or `None` when it can.
 pub fn unfit_reason(
-    gpu_type: Option<&str>,
+    gpu_type: Option<GpuType>,
     required_labels: &BTreeMap<String, String>,
     memory_gib: Option<f64>,
     agent: &Heartbeat,
 ) -> Option<String> {
-    if gpu_type == Some("ondemand") && agent.capacity == Capacity::Spot {
+    if gpu_type == Some(GpuType::Ondemand) && agent.capacity == Capacity::Spot {
         return Some("an on-demand job does not run on a spot host".into());
     }
     for (key, value) in required_labels {
@@ -100,11 +100,11 @@ mod tests {
             ..Heartbeat::default()
         };
         let labels = BTreeMap::new();
-        assert!(unfit_reason(Some("ondemand"), &labels, None, &agent).is_some());
-        assert!(unfit_reason(Some("spot"), &labels, Some(20.0), &agent).is_none());
-        assert!(unfit_reason(Some("spot"), &labels, Some(30.0), &agent).is_some());
+        assert!(unfit_reason(Some(GpuType::Ondemand), &labels, None, &agent).is_some());
+        assert!(unfit_reason(Some(GpuType::Spot), &labels, Some(20.0), &agent).is_none());
+        assert!(unfit_reason(Some(GpuType::Spot), &labels, Some(30.0), &agent).is_some());
         agent.capacity = Capacity::Ondemand;
-        assert!(unfit_reason(Some("ondemand"), &labels, None, &agent).is_none());
+        assert!(unfit_reason(Some(GpuType::Ondemand), &labels, None, &agent).is_none());
         let needs_zone = BTreeMap::from([("zone".to_owned(), "a".to_owned())]);
         assert!(unfit_reason(None, &needs_zone, None, &agent).is_some());
         agent.labels.insert("zone".into(), "a".into());

@@ -10,12 +10,10 @@ use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-use super::auth::CurrentUser;
-use super::error::{ApiError, ApiResult, ErrorBody};
-use super::{ApiJson, AppState};
-use crate::auth::{new_token, token_hash};
-use crate::db::agents::{self, Agent, NewAgent};
-use crate::domain::FieldError;
+use super::error::ErrorBody;
+use super::ApiJson;
+use crate::db::agents::{Agent, TelemetryPoint};
+use crate::service::{fleet, AppState, CurrentUser, ServiceResult};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -52,34 +50,15 @@ struct Registered {
 async fn register(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<Registration>,
-) -> ApiResult<(StatusCode, Json<Registered>)> {
-    let name = request.name.trim();
-    if name.is_empty() || name.chars().count() > 200 {
-        return Err(ApiError::Validation(vec![FieldError::new(
-            "name",
-            "must be 1 to 200 characters",
-        )]));
-    }
-    if let Some((key, _)) = request.labels.iter().find(|(_, v)| !v.is_string()) {
-        return Err(ApiError::Validation(vec![FieldError::new(
-            format!("labels.{key}"),
-            "label values must be strings",
-        )]));
-    }
-    let secret = new_token("lca_");
-    let agent = agents::register(
-        &state.db,
-        &token_hash(request.enrollment_token.trim()),
-        NewAgent {
-            name,
-            labels: &Value::Object(request.labels),
-            gpus: &Value::Array(request.gpus),
-            secret_hash: &token_hash(&secret),
-        },
+) -> ServiceResult<(StatusCode, Json<Registered>)> {
+    let (agent, secret) = fleet::enroll(
+        &state,
+        &request.enrollment_token,
+        &request.name,
+        request.labels,
+        request.gpus,
     )
-    .await?
-    .ok_or(ApiError::Unauthorized)?;
-    tracing::info!(agent_id = %agent.id, name = %agent.name, "agent enrolled");
+    .await?;
     Ok((
         StatusCode::CREATED,
         Json(Registered {
@@ -94,19 +73,9 @@ struct AgentList {
     data: Vec<Agent>,
 }
 
-fn operators_only(user: &CurrentUser) -> ApiResult<()> {
-    if user.0.role().sees_everything() {
-        Ok(())
-    } else {
-        Err(ApiError::Forbidden(
-            "the fleet is visible to operators and admins only".into(),
-        ))
-    }
-}
-
 #[derive(Serialize, ToSchema)]
 struct TelemetryHistory {
-    data: Vec<agents::TelemetryPoint>,
+    data: Vec<TelemetryPoint>,
 }
 
 /// An agent's recent heartbeats, oldest first (operators and admins).
@@ -116,18 +85,16 @@ async fn telemetry(
     State(state): State<AppState>,
     user: CurrentUser,
     axum::extract::Path(id): axum::extract::Path<Uuid>,
-) -> ApiResult<Json<TelemetryHistory>> {
-    operators_only(&user)?;
+) -> ServiceResult<Json<TelemetryHistory>> {
     Ok(Json(TelemetryHistory {
-        data: agents::telemetry(&state.db, id, 720).await?,
+        data: fleet::agent_telemetry(&state, &user, id).await?,
     }))
 }
 
 /// The fleet (operators and admins).
 #[utoipa::path(get, path = "/agents", tag = "agents", responses((status = 200, body = AgentList), (status = 403, body = ErrorBody)))]
-async fn list(State(state): State<AppState>, user: CurrentUser) -> ApiResult<Json<AgentList>> {
-    operators_only(&user)?;
+async fn list(State(state): State<AppState>, user: CurrentUser) -> ServiceResult<Json<AgentList>> {
     Ok(Json(AgentList {
-        data: agents::list(&state.db).await?,
+        data: fleet::list_agents(&state, &user).await?,
     }))
 }

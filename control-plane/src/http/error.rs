@@ -1,13 +1,12 @@
-//! The one error type of the HTTP layer and its mapping to status codes.
+//! The service error as an HTTP response: its status code and the JSON error body.
 
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
-use crate::db::DbError;
-use crate::domain::job_status::IllegalTransition;
 use crate::domain::{FieldError, JobStatus};
+use crate::service::ServiceError;
 
 /// The body of every error response.
 #[derive(Serialize, utoipa::ToSchema)]
@@ -31,85 +30,26 @@ pub struct ErrorDetail {
     pub current_status: Option<JobStatus>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    #[error("authentication required")]
-    Unauthorized,
-    #[error("{0}")]
-    Forbidden(String),
-    /// Also what another user's resource answers: its existence is not revealed.
-    #[error("{0} not found")]
-    NotFound(&'static str),
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    Conflict(String),
-    #[error(transparent)]
-    IllegalTransition(#[from] IllegalTransition),
-    #[error("invalid fields")]
-    Validation(Vec<FieldError>),
-    /// A rule the request breaks, such as a training file not eligible for training.
-    #[error("{message}")]
-    Unprocessable { message: String, rules: Vec<String> },
-    #[error("{0}")]
-    PayloadTooLarge(String),
-    #[error("too many failed attempts; try again in {retry_after_seconds} s")]
-    TooManyRequests { retry_after_seconds: u64 },
-    #[error(transparent)]
-    Database(#[from] DbError),
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl From<sqlx::Error> for ApiError {
-    fn from(error: sqlx::Error) -> Self {
-        ApiError::Database(error.into())
-    }
-}
-
-impl From<std::io::Error> for ApiError {
-    fn from(error: std::io::Error) -> Self {
-        ApiError::Internal(format!("I/O error: {error}"))
-    }
-}
-
-impl ApiError {
-    fn status(&self) -> StatusCode {
-        match self {
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Conflict(_) | ApiError::IllegalTransition(_) => StatusCode::CONFLICT,
-            ApiError::Validation(_) | ApiError::Unprocessable { .. } => {
-                StatusCode::UNPROCESSABLE_ENTITY
-            }
-            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Database(_) | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+/// The one mapping of service errors to HTTP status codes.
+pub fn status_of(error: &ServiceError) -> StatusCode {
+    match error {
+        ServiceError::Unauthorized => StatusCode::UNAUTHORIZED,
+        ServiceError::Forbidden(_) => StatusCode::FORBIDDEN,
+        ServiceError::NotFound(_) => StatusCode::NOT_FOUND,
+        ServiceError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        ServiceError::Conflict(_) | ServiceError::IllegalTransition(_) => StatusCode::CONFLICT,
+        ServiceError::Validation(_) | ServiceError::Unprocessable { .. } => {
+            StatusCode::UNPROCESSABLE_ENTITY
         }
-    }
-
-    fn code(&self) -> &'static str {
-        match self {
-            ApiError::Unauthorized => "unauthorized",
-            ApiError::Forbidden(_) => "forbidden",
-            ApiError::NotFound(_) => "not_found",
-            ApiError::BadRequest(_) => "bad_request",
-            ApiError::Conflict(_) => "conflict",
-            ApiError::IllegalTransition(_) => "illegal_transition",
-            ApiError::Validation(_) => "validation_failed",
-            ApiError::Unprocessable { .. } => "rule_violated",
-            ApiError::PayloadTooLarge(_) => "payload_too_large",
-            ApiError::TooManyRequests { .. } => "too_many_requests",
-            ApiError::Database(_) | ApiError::Internal(_) => "internal",
-        }
+        ServiceError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        ServiceError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+        ServiceError::Database(_) | ServiceError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
-impl IntoResponse for ApiError {
+impl IntoResponse for ServiceError {
     fn into_response(self) -> Response {
-        let status = self.status();
+        let status = status_of(&self);
         let message = if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %self, "request failed");
             "internal error; see the server log".to_owned()
@@ -121,23 +61,23 @@ impl IntoResponse for ApiError {
                 code: self.code(),
                 message,
                 fields: match &self {
-                    ApiError::Validation(fields) => Some(fields.clone()),
+                    ServiceError::Validation(fields) => Some(fields.clone()),
                     _ => None,
                 },
                 rules: match &self {
-                    ApiError::Unprocessable { rules, .. } if !rules.is_empty() => {
+                    ServiceError::Unprocessable { rules, .. } if !rules.is_empty() => {
                         Some(rules.clone())
                     }
                     _ => None,
                 },
                 current_status: match &self {
-                    ApiError::IllegalTransition(transition) => Some(transition.from),
+                    ServiceError::IllegalTransition(transition) => Some(transition.from),
                     _ => None,
                 },
             },
         };
         let mut response = (status, Json(body)).into_response();
-        if let ApiError::TooManyRequests {
+        if let ServiceError::TooManyRequests {
             retry_after_seconds,
         } = self
         {
@@ -161,5 +101,3 @@ impl IntoResponse for ApiError {
         response
     }
 }
-
-pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,19 +1,19 @@
 //! Training files: upload (streamed to disk), list, detail, conversation preview, delete.
 
 use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-use super::auth::CurrentUser;
-use super::error::{ApiError, ApiResult, ErrorBody};
-use super::{ApiQuery, AppState, Page};
-use crate::db::files::{self, FileFilter, NewFile, StoredConversation, TrainingFile};
+use super::error::ErrorBody;
+use super::{ApiQuery, Page};
+use crate::db::files::{StoredConversation, TrainingFile};
+use crate::request::upload::receive_upload;
+use crate::service::file::{self, FileQuery};
+use crate::service::{page_bounds, AppState, CurrentUser, ServiceResult};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -45,33 +45,17 @@ async fn list(
     State(state): State<AppState>,
     user: CurrentUser,
     ApiQuery(params): ApiQuery<ListParams>,
-) -> ApiResult<Json<Page<TrainingFile>>> {
-    let (limit, offset) = super::page_bounds(params.limit, params.offset, 50)?;
-    if let Some(status) = &params.status {
-        super::one_of("status", status, &["active", "archived", "deleted"])?;
-    }
-    if let Some(status) = &params.enrichment_status {
-        super::one_of(
-            "enrichment_status",
-            status,
-            &["pending", "processing", "completed", "failed"],
-        )?;
-    }
-    let filter = FileFilter {
+) -> ServiceResult<Json<Page<TrainingFile>>> {
+    let (limit, offset) = page_bounds(params.limit, params.offset, 50)?;
+    let query = FileQuery {
         status: params.status,
         enrichment_status: params.enrichment_status,
-        search: params.search.filter(|s| !s.trim().is_empty()),
+        search: params.search,
         limit,
         offset,
     };
-    let (rows, total) = files::list(&state.db, user.0.id, &filter).await?;
+    let (rows, total) = file::list_files(&state, &user, query).await?;
     Ok(Json(Page::new(rows, total, limit, offset)))
-}
-
-async fn owned_file(state: &AppState, user: &CurrentUser, id: Uuid) -> ApiResult<TrainingFile> {
-    files::get_owned(&state.db, id, user.0.id)
-        .await?
-        .ok_or(ApiError::NotFound("training file"))
 }
 
 /// One training file with its enrichment results.
@@ -81,8 +65,8 @@ async fn detail(
     State(state): State<AppState>,
     user: CurrentUser,
     Path(id): Path<Uuid>,
-) -> ApiResult<Json<TrainingFile>> {
-    Ok(Json(owned_file(&state, &user, id).await?))
+) -> ServiceResult<Json<TrainingFile>> {
+    Ok(Json(file::owned_file(&state, &user, id).await?))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -109,10 +93,9 @@ async fn conversations(
     user: CurrentUser,
     Path(id): Path<Uuid>,
     ApiQuery(params): ApiQuery<ConversationParams>,
-) -> ApiResult<Json<ConversationList>> {
-    owned_file(&state, &user, id).await?;
-    let (limit, _) = super::page_bounds(params.limit.or(Some(5)), None, 5)?;
-    let data = files::conversations(&state.db, id, params.quality_min, limit).await?;
+) -> ServiceResult<Json<ConversationList>> {
+    let (limit, _) = page_bounds(params.limit.or(Some(5)), None, 5)?;
+    let data = file::preview(&state, &user, id, params.quality_min, limit).await?;
     Ok(Json(ConversationList {
         count: data.len(),
         data,
@@ -126,14 +109,9 @@ async fn remove(
     State(state): State<AppState>,
     user: CurrentUser,
     Path(id): Path<Uuid>,
-) -> ApiResult<StatusCode> {
-    match files::soft_delete(&state.db, id, user.0.id).await? {
-        Ok(true) => Ok(StatusCode::NO_CONTENT),
-        Ok(false) => Err(ApiError::NotFound("training file")),
-        Err(job) => Err(ApiError::Conflict(format!(
-            "training file is in use by job \"{job}\"; cancel or finish it first"
-        ))),
-    }
+) -> ServiceResult<StatusCode> {
+    file::delete_file(&state, &user, id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// The multipart form of an upload.
@@ -158,142 +136,7 @@ async fn upload(
     user: CurrentUser,
     headers: HeaderMap,
     multipart: Multipart,
-) -> ApiResult<(StatusCode, Json<TrainingFile>)> {
+) -> ServiceResult<(StatusCode, Json<TrainingFile>)> {
     let file = receive_upload(&state, &user, &headers, multipart).await?;
     Ok((StatusCode::CREATED, Json(file)))
-}
-
-/// Streams a multipart upload (`file`, `name`, `description`) to disk within the upload
-/// limit, stores the file's row and queues its enrichment. Nothing is kept on failure.
-pub async fn receive_upload(
-    state: &AppState,
-    user: &CurrentUser,
-    headers: &HeaderMap,
-    mut multipart: Multipart,
-) -> ApiResult<TrainingFile> {
-    let max = state.settings.limits.max_upload_bytes;
-    let too_large =
-        || ApiError::PayloadTooLarge(format!("training files are limited to {max} bytes"));
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    // Multipart framing adds a little; anything much larger cannot fit.
-    if declared.is_some_and(|length| length > max.saturating_add(64 * 1024)) {
-        return Err(too_large());
-    }
-
-    let id = Uuid::new_v4();
-    let directory = state.settings.uploads_dir().join(user.0.id.to_string());
-    tokio::fs::create_dir_all(&directory).await?;
-    let path = directory.join(id.to_string());
-    let mut stored: Option<Stored> = None;
-    let mut name = None;
-    let mut description = None;
-
-    let result = async {
-        while let Some(mut field) = multipart
-            .next_field()
-            .await
-            .map_err(|e| ApiError::BadRequest(format!("malformed multipart body: {e}")))?
-        {
-            match field.name() {
-                Some("file") => {
-                    let original_name = field.file_name().map(str::to_owned);
-                    let mime_type = field.content_type().map(str::to_owned);
-                    let mut out = tokio::fs::File::create(&path).await?;
-                    let mut hasher = Sha256::new();
-                    let mut size: u64 = 0;
-                    while let Some(chunk) = field
-                        .chunk()
-                        .await
-                        .map_err(|e| ApiError::BadRequest(format!("upload interrupted: {e}")))?
-                    {
-                        size += chunk.len() as u64;
-                        if size > max {
-                            return Err(too_large());
-                        }
-                        hasher.update(&chunk);
-                        out.write_all(&chunk).await?;
-                    }
-                    out.flush().await?;
-                    out.sync_all().await?;
-                    stored = Some(Stored {
-                        original_name,
-                        mime_type,
-                        size,
-                        sha256: hex::encode(hasher.finalize()),
-                    });
-                }
-                Some("name") => name = Some(text_field(field, "name").await?),
-                Some("description") => description = Some(text_field(field, "description").await?),
-                _ => {}
-            }
-        }
-        Ok(())
-    }
-    .await;
-    if let Err(error) = result {
-        let _ = tokio::fs::remove_file(&path).await;
-        return Err(error);
-    }
-    let Some(stored) = stored else {
-        return Err(ApiError::BadRequest(
-            "multipart field \"file\" is missing".into(),
-        ));
-    };
-    if stored.size == 0 {
-        let _ = tokio::fs::remove_file(&path).await;
-        return Err(ApiError::BadRequest("the uploaded file is empty".into()));
-    }
-    let name = name
-        .filter(|n| !n.trim().is_empty())
-        .or(stored.original_name)
-        .unwrap_or_else(|| format!("training-file-{id}"));
-    let path_text = path.to_string_lossy().into_owned();
-    let file = files::insert(
-        &state.db,
-        NewFile {
-            id,
-            user_id: user.0.id,
-            name: name.trim(),
-            description: description.as_deref().filter(|d| !d.trim().is_empty()),
-            file_path: &path_text,
-            file_size: stored.size as i64,
-            mime_type: stored.mime_type.as_deref(),
-            sha256: &stored.sha256,
-        },
-    )
-    .await;
-    let file = match file {
-        Ok(file) => file,
-        Err(error) => {
-            let _ = tokio::fs::remove_file(&path).await;
-            return Err(error.into());
-        }
-    };
-    tracing::info!(file_id = %id, size = stored.size, "training file uploaded");
-    state.enricher.enqueue(id);
-    Ok(file)
-}
-
-struct Stored {
-    original_name: Option<String>,
-    mime_type: Option<String>,
-    size: u64,
-    sha256: String,
-}
-
-async fn text_field(field: axum::extract::multipart::Field<'_>, name: &str) -> ApiResult<String> {
-    let text = field
-        .text()
-        .await
-        .map_err(|e| ApiError::BadRequest(format!("multipart field \"{name}\": {e}")))?;
-    if text.len() > 10_000 {
-        return Err(ApiError::Validation(vec![crate::domain::FieldError::new(
-            name,
-            "must be at most 10000 bytes",
-        )]));
-    }
-    Ok(text)
 }

@@ -14,12 +14,8 @@ use utoipa::openapi::OpenApi as OpenApiDocument;
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 
-use crate::configuration::Settings;
-use crate::db::Db;
-use crate::domain::{FieldError, GpuCatalog};
-use crate::enrichment::Enricher;
-use crate::live::LiveUpdates;
-use crate::storage::ArtifactStore;
+use crate::request::SESSION_COOKIE;
+use crate::service::{AppState, ServiceError};
 
 pub mod agent_api;
 pub mod agents;
@@ -27,29 +23,11 @@ pub mod artifacts;
 pub mod auth;
 pub mod error;
 pub mod files;
+pub mod job_templates;
 pub mod jobs;
 pub mod ops;
 pub mod presets;
 pub mod stream;
-pub mod templates;
-
-use error::{ApiError, ApiResult};
-
-#[derive(Clone)]
-pub struct AppState {
-    pub db: Db,
-    pub settings: Arc<Settings>,
-    pub catalog: Arc<GpuCatalog>,
-    pub live: LiveUpdates,
-    pub enricher: Enricher,
-    pub login_limiter: Arc<auth::LoginLimiter>,
-    pub metrics: Arc<ops::RequestMetrics>,
-    pub artifacts: ArtifactStore,
-    /// Signs download links; shared by every replica through the database.
-    pub signing_key: Arc<str>,
-    /// Wakes claims waiting for work when a job is queued on this replica.
-    pub work_available: Arc<tokio::sync::Notify>,
-}
 
 #[derive(OpenApi)]
 #[openapi(
@@ -78,20 +56,21 @@ impl Modify for SecuritySchemes {
         );
         components.add_security_scheme(
             "session",
-            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(auth::SESSION_COOKIE))),
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(SESSION_COOKIE))),
         );
     }
 }
 
-/// The routes and the OpenAPI document describing them, built from the same handlers.
-pub fn router(state: AppState) -> Router {
+/// The API's routes and the OpenAPI document describing them, built from the same
+/// handlers. `startup` merges them with the dashboard's and adds the middleware.
+pub fn router() -> Router<AppState> {
     let api = OpenApiRouter::new()
         .merge(auth::router())
         .merge(files::router())
         .merge(presets::router())
         .merge(jobs::router())
         .merge(stream::router())
-        .merge(templates::router())
+        .merge(job_templates::router())
         .merge(artifacts::router())
         .merge(agents::router())
         .merge(agent_api::router());
@@ -99,37 +78,25 @@ pub fn router(state: AppState) -> Router {
         .nest("/api/v1", api)
         .merge(ops::router())
         .split_for_parts();
-    let routes = routes.merge(crate::web::router());
     let document = Arc::new(document);
-    routes
-        .route(
-            "/api/v1/openapi.json",
-            get(move || async move { Json(document.as_ref().clone()) }),
-        )
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::same_origin_for_cookies,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            ops::track_requests,
-        ))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
-        .with_state(state)
+    routes.route(
+        "/api/v1/openapi.json",
+        get(move || async move { Json(document.as_ref().clone()) }),
+    )
 }
 
 /// `Query` whose rejection is our JSON error.
 pub struct ApiQuery<T>(pub T);
 
 impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
-    type Rejection = ApiError;
+    type Rejection = ServiceError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|axum::extract::Query(value)| ApiQuery(value))
             .map_err(|rejection: QueryRejection| {
-                ApiError::BadRequest(format!("invalid query string: {}", rejection.body_text()))
+                ServiceError::BadRequest(format!("invalid query string: {}", rejection.body_text()))
             })
     }
 }
@@ -138,19 +105,19 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuer
 pub struct ApiJson<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
-    type Rejection = ApiError;
+    type Rejection = ServiceError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
         axum::Json::<T>::from_request(request, state)
             .await
             .map(|axum::Json(value)| ApiJson(value))
             .map_err(|rejection: JsonRejection| match rejection {
-                JsonRejection::JsonDataError(e) => ApiError::Unprocessable {
+                JsonRejection::JsonDataError(e) => ServiceError::Unprocessable {
                     message: format!("invalid request body: {}", e.body_text()),
                     rules: Vec::new(),
                 },
                 other => {
-                    ApiError::BadRequest(format!("invalid request body: {}", other.body_text()))
+                    ServiceError::BadRequest(format!("invalid request body: {}", other.body_text()))
                 }
             })
     }
@@ -174,38 +141,5 @@ impl<T> Page<T> {
             page: offset / limit + 1,
             total_pages: (count + limit - 1) / limit,
         }
-    }
-}
-
-pub const MAX_PAGE_SIZE: i64 = 500;
-
-pub fn page_bounds(limit: Option<i64>, offset: Option<i64>, default: i64) -> ApiResult<(i64, i64)> {
-    let limit = limit.unwrap_or(default);
-    let offset = offset.unwrap_or(0);
-    let mut errors = Vec::new();
-    if !(1..=MAX_PAGE_SIZE).contains(&limit) {
-        errors.push(FieldError::new(
-            "limit",
-            format!("must be between 1 and {MAX_PAGE_SIZE}"),
-        ));
-    }
-    if offset < 0 {
-        errors.push(FieldError::new("offset", "must not be negative"));
-    }
-    if errors.is_empty() {
-        Ok((limit, offset))
-    } else {
-        Err(ApiError::Validation(errors))
-    }
-}
-
-pub fn one_of(field: &str, value: &str, allowed: &[&str]) -> ApiResult<()> {
-    if allowed.contains(&value) {
-        Ok(())
-    } else {
-        Err(ApiError::Validation(vec![FieldError::new(
-            field,
-            format!("must be one of {}", allowed.join(", ")),
-        )]))
     }
 }

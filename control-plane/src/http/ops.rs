@@ -1,8 +1,6 @@
 //! Operations endpoints: `/healthz` and `/metrics` (Prometheus text format).
 
-use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::Mutex;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -13,8 +11,8 @@ use axum::Json;
 use serde_json::json;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::AppState;
-use crate::db::on_pool;
+use crate::db::gauges::{counts, Gauge};
+use crate::service::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -38,15 +36,6 @@ async fn healthz(State(state): State<AppState>) -> Response {
     }
 }
 
-/// (method, route, status)
-type RouteKey = (String, String, u16);
-
-/// Request counts and total seconds per (method, route, status).
-#[derive(Default)]
-pub struct RequestMetrics {
-    requests: Mutex<BTreeMap<RouteKey, (u64, f64)>>,
-}
-
 pub async fn track_requests(
     State(state): State<AppState>,
     request: Request,
@@ -61,16 +50,9 @@ pub async fn track_requests(
     let started = Instant::now();
     let response = next.run(request).await;
     let seconds = started.elapsed().as_secs_f64();
-    let mut requests = state
+    state
         .metrics
-        .requests
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    let entry = requests
-        .entry((method, route, response.status().as_u16()))
-        .or_default();
-    entry.0 += 1;
-    entry.1 += seconds;
+        .record(method, route, response.status().as_u16(), seconds);
     response
 }
 
@@ -79,11 +61,7 @@ pub async fn track_requests(
 async fn metrics(State(state): State<AppState>) -> Response {
     let mut out = String::new();
     {
-        let requests = state
-            .metrics
-            .requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let requests = state.metrics.snapshot();
         out.push_str("# HELP http_requests_total HTTP requests answered.\n# TYPE http_requests_total counter\n");
         for ((method, route, status), (count, _)) in requests.iter() {
             let _ = writeln!(
@@ -102,20 +80,32 @@ async fn metrics(State(state): State<AppState>) -> Response {
             );
         }
     }
-    let gauges: [(&str, &str, &str); 3] = [
-        ("lora_jobs", "Training jobs by status.", "SELECT status, COUNT(*) FROM training_jobs GROUP BY status"),
+    out.push_str(
+        "# HELP lora_refused_status_changes_total Job status changes the control plane attempted against the state machine.\n\
+         # TYPE lora_refused_status_changes_total counter\n",
+    );
+    for (origin, count) in state.metrics.refused_transitions() {
+        let _ = writeln!(
+            out,
+            "lora_refused_status_changes_total{{origin=\"{origin}\"}} {count}"
+        );
+    }
+    let gauges: [(&str, &str, Gauge); 3] = [
+        ("lora_jobs", "Training jobs by status.", Gauge::JobsByStatus),
         (
             "lora_training_files",
             "Training files by enrichment status.",
-            "SELECT enrichment_status, COUNT(*) FROM training_files WHERE deleted_at IS NULL GROUP BY enrichment_status",
+            Gauge::FilesByEnrichmentStatus,
         ),
-        ("lora_agents", "Enrolled agents by status.", "SELECT status, COUNT(*) FROM agents GROUP BY status"),
+        (
+            "lora_agents",
+            "Enrolled agents by status.",
+            Gauge::AgentsByStatus,
+        ),
     ];
-    for (name, help, sql) in gauges {
-        let rows: Result<Vec<(String, i64)>, sqlx::Error> =
-            on_pool!(&state.db, pool => sqlx::query_as(sql).fetch_all(pool).await);
+    for (name, help, gauge) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        match rows {
+        match counts(&state.db, gauge).await {
             Ok(rows) => {
                 for (status, count) in rows {
                     let _ = writeln!(out, "{name}{{status=\"{status}\"}} {count}");

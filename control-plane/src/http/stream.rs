@@ -11,11 +11,10 @@ use tokio_stream::wrappers::BroadcastStream;
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
-use super::auth::CurrentUser;
-use super::error::{ApiResult, ErrorBody};
-use super::jobs::visible_job;
-use super::AppState;
+use super::error::ErrorBody;
 use crate::live::JobUpdate;
+use crate::service::job::visible_job;
+use crate::service::{AppState, CurrentUser, ServiceResult};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(stream_job))
@@ -39,7 +38,7 @@ async fn stream_job(
     State(state): State<AppState>,
     user: CurrentUser,
     Path(id): Path<Uuid>,
-) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
+) -> ServiceResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     // Subscribe before reading the snapshot so nothing written in between is missed.
     let updates = BroadcastStream::new(state.live.subscribe());
     let job = visible_job(&state, &user, id).await?;

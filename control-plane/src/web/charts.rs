@@ -63,7 +63,32 @@ fn tick(value: f64, spacing: f64) -> String {
         return format!("{value:.2e}");
     }
     let decimals = (-spacing.log10()).ceil().clamp(0.0, 8.0) as usize;
-    format!("{value:.decimals$}")
+    let text = format!("{value:.decimals$}");
+    // The left margin holds about seven characters; longer labels would be clipped.
+    if text.len() > MAX_TICK_CHARS {
+        format!("{value:.1e}")
+    } else {
+        text
+    }
+}
+
+/// The longest tick label the left margin shows whole.
+const MAX_TICK_CHARS: usize = 7;
+
+/// The y range to draw: the data's, widened to at least 1% of its magnitude so a nearly
+/// flat series gets ticks a few digits can tell apart.
+fn y_range(min: f64, max: f64) -> (f64, f64) {
+    let magnitude = min.abs().max(max.abs());
+    let least = if magnitude == 0.0 {
+        1.0
+    } else {
+        magnitude * 0.01
+    };
+    if max - min >= least {
+        return (min, max);
+    }
+    let middle = (min + max) / 2.0;
+    (middle - least / 2.0, middle + least / 2.0)
 }
 
 fn escape(text: &str) -> String {
@@ -107,11 +132,7 @@ pub fn line_chart(title: &str, x_label: &str, series: &[Series<'_>]) -> String {
     if x_max <= x_min {
         x_max = x_min + 1.0;
     }
-    if y_max <= y_min {
-        let pad = y_min.abs().max(1.0) * 0.05;
-        y_min -= pad;
-        y_max += pad;
-    }
+    (y_min, y_max) = y_range(y_min, y_max);
     let plot_w = WIDTH - LEFT - RIGHT;
     let plot_h = HEIGHT - TOP - BOTTOM;
     let sx = |x: f64| LEFT + (x - x_min) / (x_max - x_min) * plot_w;
@@ -199,6 +220,21 @@ mod tests {
         assert_eq!(tick(0.0317, 0.0005), "0.0317");
         assert_eq!(tick(250.0, 50.0), "250");
         assert_eq!(tick(8.9e-5, 2.2e-5), "8.90e-5");
+    }
+
+    #[test]
+    fn ticks_fit_the_margin() {
+        // A nearly flat memory series once read "0777702" with its head clipped.
+        assert_eq!(tick(0.0777702, 2e-7), "7.8e-2");
+        let (low, high) = y_range(0.0777702, 0.0777710);
+        assert!(high - low >= 0.0777710 * 0.01 - 1e-12);
+        let spacing = (high - low) / 4.0;
+        assert!(
+            tick(low, spacing).len() <= MAX_TICK_CHARS,
+            "{}",
+            tick(low, spacing)
+        );
+        assert_eq!(y_range(0.0, 0.0), (-0.5, 0.5));
     }
 
     #[test]

@@ -18,12 +18,12 @@ use super::{render, PageError, PageUser};
 use crate::db::files::{self, FileFilter, TrainingFile};
 use crate::db::presets::{self, Preset};
 use crate::domain::gpu_catalog::GpuOffer;
-use crate::domain::FieldError;
-use crate::http::error::ApiError;
-use crate::http::jobs::{
+use crate::domain::{FieldError, RecoveryPolicy};
+use crate::service::job::{
     configure_job, create_draft, queue_job, unmet_eligibility, visible_job, ConfigureJob, CreateJob,
 };
-use crate::http::AppState;
+use crate::service::AppState;
+use crate::service::ServiceError;
 
 type PageResult = Result<Response, PageError>;
 
@@ -38,22 +38,24 @@ pub fn router() -> Router<AppState> {
 }
 
 /// A problem with a submitted form, shown above it.
-pub(super) fn problems(error: &ApiError) -> Vec<String> {
+pub(super) fn problems(error: &ServiceError) -> Vec<String> {
     match error {
-        ApiError::Validation(fields) => fields
+        ServiceError::Validation(fields) => fields
             .iter()
             .map(|FieldError { field, message }| format!("{field}: {message}"))
             .collect(),
-        ApiError::Unprocessable { rules, message } if rules.is_empty() => vec![message.clone()],
-        ApiError::Unprocessable { rules, .. } => rules.clone(),
+        ServiceError::Unprocessable { rules, message } if rules.is_empty() => vec![message.clone()],
+        ServiceError::Unprocessable { rules, .. } => rules.clone(),
         other => vec![other.to_string()],
     }
 }
 
-fn recoverable(error: &ApiError) -> bool {
+fn recoverable(error: &ServiceError) -> bool {
     matches!(
         error,
-        ApiError::Validation(_) | ApiError::Unprocessable { .. } | ApiError::NotFound(_)
+        ServiceError::Validation(_)
+            | ServiceError::Unprocessable { .. }
+            | ServiceError::NotFound(_)
     )
 }
 
@@ -130,7 +132,7 @@ async fn create(
         });
     let result = match &request {
         Ok(request) => create_draft(&state, &user.0, request, None).await,
-        Err(_) => Err(ApiError::Validation(vec![FieldError::new(
+        Err(_) => Err(ServiceError::Validation(vec![FieldError::new(
             "training_file_id",
             "choose a training file",
         )])),
@@ -179,6 +181,8 @@ struct ConfigurePage {
     chosen_preset: String,
     chosen_gpu: String,
     chosen_type: String,
+    /// The policy the form shows: as posted, else the job's.
+    recovery: RecoveryPolicy,
     problems: Vec<String>,
 }
 
@@ -190,9 +194,12 @@ async fn configure_page(
     problems: Vec<String>,
 ) -> Result<ConfigurePage, PageError> {
     let job = visible_job(state, &user.0, id).await?;
+    let recovery = form
+        .and_then(|f| RecoveryPolicy::resolve(job.recovery(), &f.recovery()).ok())
+        .unwrap_or_else(|| job.recovery());
     let file = files::get(&state.db, job.training_file_id)
         .await?
-        .ok_or(ApiError::NotFound("training file"))?;
+        .ok_or(ServiceError::NotFound("training file"))?;
     let completed = presets::completed_jobs_of(&state.db, job.user_id).await?;
     // Spec §7.1: estimates are for 200 conversations and scale with the dataset.
     let scale = file.conversation_count as f64 / 200.0;
@@ -202,7 +209,7 @@ async fn configure_page(
         .map(|preset| {
             let e = preset.estimates.0;
             PresetCard {
-                unmet: crate::http::presets::requirement_unmet(&preset, completed),
+                unmet: crate::service::preset::requirement_unmet(&preset, completed),
                 hours: (e.duration_hours_min * scale, e.duration_hours_max * scale),
                 epochs: preset
                     .parameters
@@ -254,8 +261,9 @@ async fn configure_page(
             .unwrap_or_default(),
         chosen_type: form
             .map(|f| f.gpu_type.clone())
-            .or(job.gpu_type)
+            .or(job.gpu_type.map(|t| t.as_str().to_owned()))
             .unwrap_or_else(|| "spot".into()),
+        recovery,
         problems,
     })
 }
@@ -283,6 +291,12 @@ struct ConfigureForm {
     rank: String,
     #[serde(default)]
     batch_size: String,
+    #[serde(default)]
+    max_retries: String,
+    #[serde(default)]
+    max_interruptions: String,
+    /// A checkbox: present when ticked.
+    auto_resume: Option<String>,
 }
 
 impl ConfigureForm {
@@ -309,6 +323,28 @@ impl ConfigureForm {
         }
         map
     }
+
+    /// The recovery policy as filled in; blank budgets keep their current values.
+    fn recovery(&self) -> Map<String, Value> {
+        let mut map = Map::new();
+        for (key, text) in [
+            ("max_retries", &self.max_retries),
+            ("max_interruptions", &self.max_interruptions),
+        ] {
+            let text = text.trim();
+            if !text.is_empty() {
+                let value = text
+                    .parse::<i64>()
+                    .map_or_else(|_| Value::from(text), Value::from);
+                map.insert(key.to_owned(), value);
+            }
+        }
+        map.insert(
+            "auto_resume".into(),
+            Value::Bool(self.auto_resume.is_some()),
+        );
+        map
+    }
 }
 
 async fn configure(
@@ -324,8 +360,9 @@ async fn configure(
         gpu_type: form.gpu_type.clone(),
         gpu_model: form.gpu_model.clone(),
         required_labels: Map::new(),
+        recovery: form.recovery(),
     };
-    match configure_job(&state, job, &request).await {
+    match configure_job(&state, job, &request, None).await {
         Ok(job) => Ok(
             Redirect::to(&format!("/training/job/{}?notice=Configured", job.id)).into_response(),
         ),

@@ -14,9 +14,9 @@ use super::{render, PageError, PageUser};
 use crate::db::jobs::{self, Job};
 use crate::db::metrics;
 use crate::domain::JobStatus;
-use crate::http::error::ApiError;
-use crate::http::jobs::visible_job;
-use crate::http::AppState;
+use crate::service::job::visible_job;
+use crate::service::AppState;
+use crate::service::ServiceError;
 
 type PageResult = Result<Response, PageError>;
 
@@ -114,16 +114,16 @@ struct ComparePage {
 }
 
 /// The `jobId` values of the query string, as the spec's route spells them.
-fn job_ids(query: Option<&str>) -> Result<Vec<Uuid>, ApiError> {
+fn job_ids(query: Option<&str>) -> Result<Vec<Uuid>, ServiceError> {
     let ids: Result<Vec<Uuid>, _> = query
         .unwrap_or_default()
         .split('&')
         .filter_map(|pair| pair.strip_prefix("jobId="))
         .map(str::parse)
         .collect();
-    let ids = ids.map_err(|_| ApiError::BadRequest("jobId must be a job id".into()))?;
+    let ids = ids.map_err(|_| ServiceError::BadRequest("jobId must be a job id".into()))?;
     if !(2..=4).contains(&ids.len()) {
-        return Err(ApiError::Unprocessable {
+        return Err(ServiceError::Unprocessable {
             message: format!("compare 2 to 4 jobs; {} given", ids.len()),
             rules: vec!["compare_two_to_four".into()],
         });
@@ -142,25 +142,25 @@ async fn compare(
     }
     let ids: Vec<Uuid> = chosen.iter().map(|j| j.id).collect();
     let mut latest = metrics::latest_for(&state.db, &ids).await?;
-    let mut names: Vec<String> = chosen
+    let settings: Vec<serde_json::Map<String, serde_json::Value>> = chosen
         .iter()
-        .filter_map(|j| j.hyperparameters.as_ref())
-        .filter_map(|h| h.0.as_object())
-        .flat_map(|o| o.keys().cloned())
+        .map(|j| {
+            j.hyperparameters
+                .as_ref()
+                .and_then(|h| serde_json::to_value(&h.0).ok())
+                .and_then(|v| v.as_object().cloned())
+                .unwrap_or_default()
+        })
         .collect();
+    let mut names: Vec<String> = settings.iter().flat_map(|o| o.keys().cloned()).collect();
     names.sort();
     names.dedup();
     let parameters = names
         .into_iter()
         .map(|name| {
-            let values: Vec<String> = chosen
+            let values: Vec<String> = settings
                 .iter()
-                .map(|j| {
-                    j.hyperparameters
-                        .as_ref()
-                        .and_then(|h| h.0.get(&name))
-                        .map_or_else(|| "—".into(), |v| v.to_string())
-                })
+                .map(|o| o.get(&name).map_or_else(|| "—".into(), |v| v.to_string()))
                 .collect();
             ParameterRow {
                 differs: values.iter().any(|v| *v != values[0]),

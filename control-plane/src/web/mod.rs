@@ -10,21 +10,21 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::Router;
 
-use crate::http::auth::CurrentUser;
-use crate::http::error::ApiError;
-use crate::http::AppState;
+use crate::service::AppState;
+use crate::service::CurrentUser;
+use crate::service::ServiceError;
 
 pub mod charts;
 mod create;
 mod history;
+mod job_templates;
 mod pages;
-mod templates_page;
 
 pub fn router() -> Router<AppState> {
     pages::router()
         .merge(create::router())
         .merge(history::router())
-        .merge(templates_page::router())
+        .merge(job_templates::router())
         .route("/static/app.css", get(stylesheet))
         .route("/static/app.js", get(script))
 }
@@ -78,9 +78,9 @@ struct ErrorPage {
 
 /// An error shown as a page: 401 sends the browser to `/login`, the rest render the
 /// error page with the status that fits.
-pub struct PageError(pub ApiError);
+pub struct PageError(pub ServiceError);
 
-impl<E: Into<ApiError>> From<E> for PageError {
+impl<E: Into<ServiceError>> From<E> for PageError {
     fn from(error: E) -> Self {
         PageError(error.into())
     }
@@ -89,17 +89,17 @@ impl<E: Into<ApiError>> From<E> for PageError {
 impl IntoResponse for PageError {
     fn into_response(self) -> Response {
         let (status, title) = match &self.0 {
-            ApiError::Unauthorized => return Redirect::to("/login").into_response(),
-            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "Not found"),
-            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "Not allowed"),
-            ApiError::Conflict(_) | ApiError::IllegalTransition(_) => {
+            ServiceError::Unauthorized => return Redirect::to("/login").into_response(),
+            ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, "Not found"),
+            ServiceError::Forbidden(_) => (StatusCode::FORBIDDEN, "Not allowed"),
+            ServiceError::Conflict(_) | ServiceError::IllegalTransition(_) => {
                 (StatusCode::CONFLICT, "Not possible right now")
             }
-            ApiError::Validation(_) | ApiError::Unprocessable { .. } => {
+            ServiceError::Validation(_) | ServiceError::Unprocessable { .. } => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "Please check the form")
             }
-            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "Bad request"),
-            ApiError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "Slow down"),
+            ServiceError::BadRequest(_) => (StatusCode::BAD_REQUEST, "Bad request"),
+            ServiceError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "Slow down"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "Something went wrong"),
         };
         let message = if status == StatusCode::INTERNAL_SERVER_ERROR {

@@ -21,11 +21,12 @@ use crate::db::jobs::{self, Job, Viewer};
 use crate::db::metrics::{self, MetricPoint};
 use crate::db::{agents, now};
 use crate::domain::JobStatus;
-use crate::http::artifacts::resume_job;
-use crate::http::auth::{end_session, start_session, verify_credentials};
-use crate::http::error::ApiError;
-use crate::http::jobs::{cancel_job, unmet_eligibility, visible_job};
-use crate::http::AppState;
+use crate::request::{end_session, session_cookie_for};
+use crate::service::account::verify_credentials;
+use crate::service::job::resume_job;
+use crate::service::job::{cancel_job, unmet_eligibility, visible_job};
+use crate::service::AppState;
+use crate::service::ServiceError;
 
 type PageResult = Result<Response, PageError>;
 
@@ -131,12 +132,12 @@ async fn login(
 ) -> PageResult {
     match verify_credentials(&state, client.ip(), &form.email, form.password).await {
         Ok(user) => {
-            let cookie = start_session(&state, &user).await?;
+            let cookie = session_cookie_for(&state, &user).await?;
             Ok(([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response())
         }
-        Err(error @ (ApiError::Unauthorized | ApiError::TooManyRequests { .. })) => {
+        Err(error @ (ServiceError::Unauthorized | ServiceError::TooManyRequests { .. })) => {
             let (status, message) = match error {
-                ApiError::Unauthorized => (
+                ServiceError::Unauthorized => (
                     StatusCode::UNAUTHORIZED,
                     "That email and password do not match an account.".to_owned(),
                 ),
@@ -230,7 +231,10 @@ async fn home(State(state): State<AppState>, user: PageUser) -> PageResult {
         queued,
         completed_today,
         spend_this_month: money(spend),
-        agents_online: fleet.iter().filter(|a| a.status == "online").count(),
+        agents_online: fleet
+            .iter()
+            .filter(|a| a.status == crate::domain::AgentStatus::Online)
+            .count(),
         agents_total: fleet.len(),
     };
     Ok(render(&page))
@@ -264,7 +268,7 @@ async fn job_list(
         .filter(|s| !s.is_empty())
         .map(str::parse::<JobStatus>)
         .transpose()
-        .map_err(ApiError::BadRequest)?;
+        .map_err(ServiceError::BadRequest)?;
     let (list, total) = jobs::list(&state.db, viewer(&user), status, 200, 0).await?;
     let queue = jobs::queue_order(&state.db).await?;
     let page = JobsPage {
@@ -290,6 +294,7 @@ struct JobLive {
     loss_chart: String,
     learning_rate_chart: String,
     gpu_chart: String,
+    memory_chart: String,
     latest: Option<MetricPoint>,
 }
 
@@ -300,6 +305,49 @@ const STAGES: [&str; 5] = [
     "training",
     "finalization",
 ];
+
+/// One stage of the stage indicator: `done`, `current`, `failed` or `pending`.
+pub struct StageChip {
+    pub name: &'static str,
+    pub state: &'static str,
+}
+
+/// Which stages a job has been through: all of them once it completed; up to the stage
+/// it stopped in when it failed or was interrupted.
+fn stage_chips(job: &Job) -> Vec<StageChip> {
+    let stage = job
+        .failed_stage
+        .as_deref()
+        .filter(|_| job.status == JobStatus::Failed)
+        .or(job.current_stage.as_deref())
+        .unwrap_or("queued");
+    let reached = match job.status {
+        JobStatus::Completed => Some(STAGES.len()),
+        JobStatus::Draft | JobStatus::Configured => None,
+        _ => STAGES
+            .iter()
+            .position(|s| *s == stage)
+            // Between the queue and the first report the agent is provisioning.
+            .or((stage == "provisioning").then_some(1)),
+    };
+    let stopped = matches!(
+        job.status,
+        JobStatus::Failed | JobStatus::Interrupted | JobStatus::Cancelled
+    );
+    STAGES
+        .iter()
+        .enumerate()
+        .map(|(index, name)| StageChip {
+            name,
+            state: match reached {
+                Some(at) if index < at => "done",
+                Some(at) if index == at && stopped => "failed",
+                Some(at) if index == at => "current",
+                _ => "pending",
+            },
+        })
+        .collect()
+}
 
 async fn job_live_view(state: &AppState, job: Job) -> Result<JobLive, PageError> {
     // Charts keep about 400 points whatever the run's length; the last stored step says
@@ -330,13 +378,32 @@ async fn job_live_view(state: &AppState, job: Job) -> Result<JobLive, PageError>
         &[series("learning rate", |p| p.learning_rate)],
     );
     let gpu_chart = line_chart(
-        "GPU",
+        "GPU utilization",
         "step",
-        &[
-            series("GPU utilization %", |p| p.gpu_utilization.map(|u| u as f64)),
-            series("memory GB", |p| p.memory_used_gb),
-        ],
+        &[series("GPU utilization %", |p| {
+            p.gpu_utilization.map(|u| u as f64)
+        })],
     );
+    // Memory in the unit that suits its size: MB below a gigabyte, else GB.
+    let peak_gb = points
+        .iter()
+        .filter_map(|p| p.memory_used_gb)
+        .fold(0.0, f64::max);
+    let memory_chart = if peak_gb < 1.0 {
+        line_chart(
+            "Memory",
+            "step",
+            &[series("memory MB", |p| {
+                p.memory_used_gb.map(|gb| gb * 1024.0)
+            })],
+        )
+    } else {
+        line_chart(
+            "Memory",
+            "step",
+            &[series("memory GB", |p| p.memory_used_gb)],
+        )
+    };
     let cost = attempts::job_cost(&state.db, job.id, now()).await?;
     let estimate = match (job.estimated_cost_min, job.estimated_cost_max) {
         (Some(low), Some(high)) => format!("{}–{}", money(low), money(high)),
@@ -358,6 +425,7 @@ async fn job_live_view(state: &AppState, job: Job) -> Result<JobLive, PageError>
         loss_chart,
         learning_rate_chart,
         gpu_chart,
+        memory_chart,
         latest: points.last().cloned(),
         job,
     })
@@ -374,10 +442,9 @@ struct JobPage {
     can_configure: bool,
     can_start: bool,
     job: Job,
-    stage: String,
     /// The rendered live region ([`JobLive`]), also served alone for refreshes.
     live_html: String,
-    stages: Vec<&'static str>,
+    stages: Vec<StageChip>,
     events: Vec<Event>,
     checkpoints: Vec<Checkpoint>,
     artifacts: Vec<Artifact>,
@@ -427,15 +494,14 @@ async fn job_detail(
         can_resume: matches!(status, JobStatus::Interrupted | JobStatus::Failed),
         can_configure: status.check(JobStatus::Configured).is_ok(),
         can_start: status == JobStatus::Configured,
-        stages: STAGES.to_vec(),
+        stages: stage_chips(&live.job),
         events: recent.into_iter().rev().collect(),
         checkpoints,
         artifacts,
         notice: notice.notice,
-        stage: live.stage.clone(),
         live_html: live
             .render()
-            .map_err(|e| ApiError::Internal(e.to_string()))?,
+            .map_err(|e| ServiceError::Internal(e.to_string()))?,
         job: live.job,
     };
     Ok(render(&page))
@@ -481,7 +547,13 @@ async fn download(
     headers: HeaderMap,
     Path(id): Path<Uuid>,
 ) -> PageResult {
-    let link = crate::http::artifacts::signed_download(&state, &user.0, &headers, id).await?;
+    let link = crate::service::artifact::signed_download(
+        &state,
+        &user.0,
+        &crate::request::base_url(&state, &headers),
+        id,
+    )
+    .await?;
     Ok(Redirect::to(&link.download_url).into_response())
 }
 
@@ -543,7 +615,7 @@ async fn upload(
     headers: HeaderMap,
     multipart: axum::extract::Multipart,
 ) -> PageResult {
-    let file = crate::http::files::receive_upload(&state, &user.0, &headers, multipart).await?;
+    let file = crate::request::upload::receive_upload(&state, &user.0, &headers, multipart).await?;
     Ok(Redirect::to(&format!("/training/files/{}", file.id)).into_response())
 }
 
@@ -636,7 +708,7 @@ async fn file_detail(
 ) -> PageResult {
     let file = files::get_owned(&state.db, id, user.0 .0.id)
         .await?
-        .ok_or(ApiError::NotFound("training file"))?;
+        .ok_or(ServiceError::NotFound("training file"))?;
     let conversations = files::conversations(&state.db, file.id, None, 5)
         .await?
         .into_iter()
@@ -695,7 +767,7 @@ struct FleetPage {
 
 async fn fleet(State(state): State<AppState>, user: PageUser) -> PageResult {
     if !user.0 .0.role().sees_everything() {
-        return Err(PageError(ApiError::Forbidden(
+        return Err(PageError(ServiceError::Forbidden(
             "the fleet is visible to operators and admins only".into(),
         )));
     }
@@ -717,7 +789,7 @@ async fn fleet(State(state): State<AppState>, user: PageUser) -> PageResult {
                 serde_json::from_value(agent.host.0.clone()).unwrap_or_default();
             AgentRow {
                 name: agent.name,
-                status: agent.status,
+                status: agent.status.to_string(),
                 capacity: agent.capacity,
                 last_seen: agent
                     .last_heartbeat_at

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use control_plane::configuration::Settings;
 use control_plane::db::Db;
 use control_plane::domain::Role;
-use control_plane::http::auth::create_account;
+use control_plane::service::account::create_account;
 use control_plane::startup::Application;
 use reqwest::multipart::{Form, Part};
 use reqwest::{Client, Response, StatusCode};

@@ -14,10 +14,12 @@ use super::create::{eligible_files, problems};
 use super::pages::Frame;
 use super::{render, PageError, PageUser};
 use crate::db::files::TrainingFile;
-use crate::db::templates::{self, Template as JobTemplate};
-use crate::http::error::ApiError;
-use crate::http::templates::{create_template, job_from_template, NewTemplateRequest, UseTemplate};
-use crate::http::AppState;
+use crate::db::job_templates::{self as templates, Template as JobTemplate};
+use crate::service::template::{
+    create_template, job_from_template, NewTemplateRequest, UseTemplate,
+};
+use crate::service::AppState;
+use crate::service::ServiceError;
 
 type PageResult = Result<Response, PageError>;
 
@@ -77,7 +79,7 @@ async fn use_template(
             job.id
         ))
         .into_response()),
-        Err(error @ (ApiError::Validation(_) | ApiError::Unprocessable { .. })) => {
+        Err(error @ (ServiceError::Validation(_) | ServiceError::Unprocessable { .. })) => {
             let page = page(&state, &user, Some(problems(&error).join("; "))).await?;
             Ok((StatusCode::UNPROCESSABLE_ENTITY, render(&page)).into_response())
         }

@@ -6,6 +6,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{now, on_pool, Db, DbError};
+use crate::domain::{GpuType, RecoveryPolicy};
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Template {
@@ -16,8 +17,8 @@ pub struct Template {
     pub icon: Option<String>,
     pub preset_id: Option<Uuid>,
     #[schema(value_type = Option<Object>)]
-    pub hyperparameters: Option<Json<serde_json::Value>>,
-    pub gpu_type: Option<String>,
+    pub hyperparameters: Option<Json<serde_json::Map<String, serde_json::Value>>>,
+    pub gpu_type: Option<GpuType>,
     pub gpu_model: Option<String>,
     pub base_model: Option<String>,
     pub source_job_id: Option<Uuid>,
@@ -26,6 +27,9 @@ pub struct Template {
     pub avg_cost: Option<f64>,
     pub avg_duration_hours: Option<f64>,
     pub is_public: bool,
+    /// The recovery policy jobs from this template get (none: the preset's or the defaults).
+    #[schema(value_type = Option<RecoveryPolicy>)]
+    pub recovery: Option<Json<RecoveryPolicy>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -35,12 +39,13 @@ pub struct NewTemplate<'a> {
     pub description: Option<&'a str>,
     pub icon: Option<&'a str>,
     pub preset_id: Option<Uuid>,
-    pub hyperparameters: Option<&'a serde_json::Value>,
-    pub gpu_type: Option<&'a str>,
+    pub hyperparameters: Option<&'a serde_json::Map<String, serde_json::Value>>,
+    pub gpu_type: Option<GpuType>,
     pub gpu_model: Option<&'a str>,
     pub base_model: Option<&'a str>,
     pub source_job_id: Option<Uuid>,
     pub is_public: bool,
+    pub recovery: Option<RecoveryPolicy>,
 }
 
 pub async fn create(
@@ -50,8 +55,8 @@ pub async fn create(
 ) -> Result<Template, DbError> {
     Ok(on_pool!(db, pool => sqlx::query_as::<_, Template>(
         "INSERT INTO job_templates (id, user_id, name, description, icon, preset_id, hyperparameters, gpu_type,
-             gpu_model, base_model, source_job_id, is_public, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13)
+             gpu_model, base_model, source_job_id, is_public, created_at, updated_at, recovery)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14)
          RETURNING *",
     )
     .bind(Uuid::new_v4())
@@ -67,6 +72,7 @@ pub async fn create(
     .bind(template.source_job_id)
     .bind(template.is_public)
     .bind(now())
+    .bind(template.recovery.map(Json))
     .fetch_one(pool)
     .await)?)
 }

@@ -2,78 +2,78 @@
 //! Assignment is a compare-and-set on the job's status, so under any number of
 //! concurrent claims (and replicas) a job goes to exactly one agent.
 
-use std::collections::BTreeMap;
-
 use protocol::agent::{Assignment, Heartbeat, ResumePoint};
+use serde_json::json;
 
+use super::transition::{change_status, Origin};
+use super::{AppState, ServiceError, ServiceResult};
 use crate::db::agents::Agent;
 use crate::db::attempts::{self, Checkpoint};
-use crate::db::jobs::Job;
-use crate::db::{files, DbError};
+use crate::db::events::Event;
+use crate::db::files;
+use crate::db::jobs::{self, Change, NewAttempt};
 use crate::domain::placement::{estimated_memory_gib, unfit_reason};
-use crate::domain::Hyperparameters;
-use crate::http::AppState;
-use crate::live::JobUpdate;
+use crate::domain::{EventType, GpuType, JobStatus, Severity};
 
 /// How many queued jobs one claim looks at.
 const CANDIDATES: i64 = 100;
-
-fn hyperparameters(job: &Job) -> Option<Hyperparameters> {
-    serde_json::from_value(job.hyperparameters.as_ref()?.0.clone()).ok()
-}
-
-fn required_labels(job: &Job) -> BTreeMap<String, String> {
-    serde_json::from_value(job.required_labels.0.clone()).unwrap_or_default()
-}
 
 /// Assigns the oldest queued job that fits `agent`, if any.
 pub async fn claim(
     state: &AppState,
     agent: &Agent,
     beat: &Heartbeat,
-) -> Result<Option<Assignment>, DbError> {
-    for job in attempts::queued(&state.db, CANDIDATES).await? {
-        let Some(hp) = hyperparameters(&job) else {
+) -> ServiceResult<Option<Assignment>> {
+    for job in jobs::queued(&state.db, CANDIDATES).await? {
+        let Some(hp) = job.hyperparameters.as_ref().map(|h| h.0.clone()) else {
             tracing::warn!(job_id = %job.id, "queued job without hyperparameters skipped");
             continue;
         };
         let memory = estimated_memory_gib(&job.base_model, &hp);
-        if let Some(reason) = unfit_reason(
-            job.gpu_type.as_deref(),
-            &required_labels(&job),
-            memory,
-            beat,
-        ) {
+        if let Some(reason) = unfit_reason(job.gpu_type, &job.required_labels(), memory, beat) {
             tracing::debug!(job_id = %job.id, agent = %agent.name, reason, "job does not fit");
             continue;
         }
-        let recipe = serde_json::to_value(&hp).unwrap_or_default();
-        let assigned = attempts::assign(
-            &state.db,
+        let checkpoint = match job.resume_from_checkpoint_id {
+            Some(id) => attempts::checkpoint(&state.db, id).await?,
+            None => None,
+        };
+        let number = attempts::for_job(&state.db, job.id).await?.len() + 1;
+        let resumed = match &checkpoint {
+            Some(c) => format!(", resuming from the checkpoint at step {}", c.step),
+            None => String::new(),
+        };
+        let event = Event::new(
             job.id,
-            attempts::Assignment {
-                agent_id: agent.id,
-                agent_name: &agent.name,
-                recipe: &recipe,
-                gpu_type: job.gpu_type.as_deref().unwrap_or("ondemand"),
-                hourly_rate: job.hourly_rate.unwrap_or(0.0),
-            },
+            EventType::Status,
+            Severity::Info,
+            format!("Attempt {number} assigned to agent {}{resumed}", agent.name),
         )
-        .await?;
-        // Another agent took it between the read and the write: try the next one.
-        let Some((job, attempt, checkpoint)) = assigned else {
+        .with_details(json!({
+            "from": job.status, "to": JobStatus::Provisioning, "agent_id": agent.id,
+            "attempt_number": number, "resumed_from_step": checkpoint.as_ref().map(|c| c.step),
+        }));
+        let change = Change::Assign(NewAttempt {
+            agent_id: agent.id,
+            recipe: &hp,
+            gpu_type: job.gpu_type.unwrap_or(GpuType::Ondemand),
+            hourly_rate: job.hourly_rate.unwrap_or(0.0),
+        });
+        let changed = match change_status(state, &job, change, vec![event], Origin::Scheduler).await
+        {
+            Ok(changed) => changed,
+            // Another agent took it between the read and the write: try the next one.
+            Err(ServiceError::Conflict(_)) => continue,
+            Err(error) => return Err(error),
+        };
+        let Some((attempt, checkpoint)) = changed.started else {
             continue;
         };
+        let job = changed.job;
         let Some(file) = files::get(&state.db, job.training_file_id).await? else {
             continue;
         };
         tracing::info!(job_id = %job.id, agent = %agent.name, attempt = attempt.attempt_number, "job assigned");
-        state
-            .live
-            .publish(JobUpdate::Status {
-                job: Box::new(job.clone()),
-            })
-            .await;
         return Ok(Some(Assignment {
             attempt_id: attempt.id,
             attempt_number: attempt.attempt_number as u32,

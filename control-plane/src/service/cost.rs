@@ -3,12 +3,12 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use uuid::Uuid;
 
+use super::AppState;
 use crate::db::attempts;
 use crate::db::jobs::{round_cents, Job};
-use crate::db::{now, on_pool, DbError};
-use crate::http::AppState;
+use crate::db::{cost_tracking, now, DbError};
+use crate::domain::{AttemptStatus, GpuType};
 
 /// What a job has cost so far, attempt by attempt.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -24,8 +24,8 @@ pub struct JobCost {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AttemptCost {
     pub attempt_number: i64,
-    pub status: String,
-    pub gpu_type: Option<String>,
+    pub status: AttemptStatus,
+    pub gpu_type: Option<GpuType>,
     pub hourly_rate: Option<f64>,
     pub hours: f64,
     pub cost: f64,
@@ -34,7 +34,7 @@ pub struct AttemptCost {
 /// The on-demand hourly price of the job's GPU, what spot savings are measured against.
 fn ondemand_rate(state: &AppState, job: &Job) -> Option<f64> {
     let offer = state.catalog.find(job.gpu_model.as_deref()?)?;
-    Some(offer.hourly(crate::domain::GpuType::Ondemand))
+    Some(offer.hourly(GpuType::Ondemand))
 }
 
 /// Sums a job's attempts at `at` (a running attempt counts up to then).
@@ -52,8 +52,8 @@ pub async fn job_cost(state: &AppState, job: &Job, at: DateTime<Utc>) -> Result<
         let cost = attempt.cost_at(at);
         total.compute_cost += cost;
         total.gpu_hours += hours;
-        if let (Some("spot"), Some(full), Some(paid)) =
-            (attempt.gpu_type.as_deref(), ondemand, attempt.hourly_rate)
+        if let (Some(GpuType::Spot), Some(full), Some(paid)) =
+            (attempt.gpu_type, ondemand, attempt.hourly_rate)
         {
             total.spot_savings += hours * (full - paid).max(0.0);
         }
@@ -80,26 +80,6 @@ pub async fn record(state: &AppState, job: &Job) -> Result<(), DbError> {
         spot_savings: savings,
         ..
     } = job_cost(state, job, at).await?;
-    on_pool!(&state.db, pool => {
-        let mut tx = pool.begin().await?;
-        sqlx::query("DELETE FROM cost_tracking WHERE job_id = $1")
-            .bind(job.id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO cost_tracking (id, job_id, compute_cost, storage_cost, network_cost, total_cost, gpu_hours,
-                                        spot_savings, created_at, updated_at)
-             VALUES ($1, $2, $3, 0, 0, $3, $4, $5, $6, $6)",
-        )
-        .bind(Uuid::new_v4())
-        .bind(job.id)
-        .bind(compute)
-        .bind(hours)
-        .bind(savings)
-        .bind(at)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-    });
+    cost_tracking::replace(&state.db, job.id, compute, hours, savings, at).await?;
     Ok(())
 }

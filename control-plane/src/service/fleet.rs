@@ -1,0 +1,543 @@
+//! The agent protocol's operations (wire types in `protocol::agent`): heartbeats, claims
+//! (long-poll), the files an attempt needs, report batches from the agent's outbox,
+//! artifact uploads and the end of an attempt. The agent is authenticated by its secret.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::Stream;
+use protocol::agent::{
+    ArtifactKind, ArtifactUpload, AttemptOutcome, ClaimRequest, Heartbeat, HeartbeatReply, Report,
+    ReportBatch, ReportReply,
+};
+use uuid::Uuid;
+
+use super::recovery::{end_attempt, Ending};
+use super::transition::{change_status, Origin};
+use super::{AppState, ServiceError, ServiceResult};
+use crate::auth::token_hash;
+use crate::db::agents::{self, Agent};
+use crate::db::artifacts::{self, Artifact, Stored};
+use crate::db::attempts::{self, Attempt, Checkpoint, Progress};
+use crate::db::events::Event;
+use crate::db::files::TrainingFile;
+use crate::db::jobs::{self, Change};
+use crate::db::metrics::MetricPoint;
+use crate::db::{files, now};
+use crate::domain::{AgentStatus, EventType, FieldError, JobStatus, Severity};
+use crate::live::JobUpdate;
+use crate::storage::{Download, StorageError};
+
+/// The agent a secret belongs to.
+pub async fn authenticate(state: &AppState, secret: &str) -> ServiceResult<Agent> {
+    agents::authenticate(&state.db, &token_hash(secret.trim()))
+        .await?
+        .ok_or(ServiceError::Unauthorized)
+}
+
+async fn store_heartbeat(
+    state: &AppState,
+    agent: &Agent,
+    beat: &Heartbeat,
+) -> ServiceResult<Agent> {
+    let retain = chrono::Duration::minutes(state.settings.fleet.telemetry_retention_minutes);
+    Ok(agents::heartbeat(&state.db, agent.id, beat, now() - retain).await?)
+}
+
+/// The attempt `id` if it belongs to the asking agent.
+async fn own_attempt(state: &AppState, agent: &Agent, id: Uuid) -> ServiceResult<Attempt> {
+    attempts::get(&state.db, id)
+        .await?
+        .filter(|attempt| attempt.agent_id == Some(agent.id))
+        .ok_or(ServiceError::NotFound("attempt"))
+}
+
+/// Whether the agent should stop the attempt: it ended, or its job was cancelled or given
+/// to another agent.
+async fn should_stop(state: &AppState, attempt: &Attempt) -> ServiceResult<bool> {
+    if attempt.ended_at.is_some() {
+        return Ok(true);
+    }
+    let job = jobs::get_any(&state.db, attempt.job_id).await?;
+    Ok(!job.is_some_and(|job| {
+        job.agent_id == attempt.agent_id
+            && matches!(job.status, JobStatus::Provisioning | JobStatus::Training)
+    }))
+}
+
+/// Records the agent's telemetry; tells it whether to stop its current attempt.
+pub async fn heartbeat(
+    state: &AppState,
+    agent: &Agent,
+    beat: &Heartbeat,
+) -> ServiceResult<HeartbeatReply> {
+    store_heartbeat(state, agent, beat).await?;
+    abandon_unnamed_attempt(state, agent, beat).await?;
+    let stop_attempt = match beat.attempt_id {
+        Some(id) => should_stop(state, &own_attempt(state, agent, id).await?).await?,
+        None => false,
+    };
+    Ok(HeartbeatReply {
+        interval_seconds: state.settings.fleet.heartbeat_interval_seconds,
+        stop_attempt,
+    })
+}
+
+/// An attempt the control plane thinks the agent runs, but its heartbeats have not named
+/// for `fleet.offline_after_seconds` since it began, is one the agent lost (its state wiped,
+/// a bug): end it as lost so the job goes back to the queue instead of hanging.
+async fn abandon_unnamed_attempt(
+    state: &AppState,
+    agent: &Agent,
+    beat: &Heartbeat,
+) -> ServiceResult<()> {
+    let Some(current) = agent
+        .current_attempt_id
+        .filter(|a| beat.attempt_id != Some(*a))
+    else {
+        return Ok(());
+    };
+    let Some(attempt) = attempts::get(&state.db, current).await? else {
+        return Ok(());
+    };
+    let grace = chrono::Duration::seconds(state.settings.fleet.offline_after_seconds as i64);
+    if attempt.ended_at.is_none() && now() - attempt.started_at > grace {
+        tracing::warn!(agent = %agent.name, attempt_id = %attempt.id, "agent no longer reports its attempt; ending it as lost");
+        end_attempt(state, &attempt, Ending::Lost, Origin::AgentReport).await?;
+    }
+    Ok(())
+}
+
+/// Waits for work: an assignment as soon as a fitting job is queued, or `None` after
+/// `wait_seconds` (capped by `fleet.max_claim_wait_seconds`). A draining agent gets none.
+pub async fn claim(
+    state: &AppState,
+    agent: &Agent,
+    request: &ClaimRequest,
+) -> ServiceResult<Option<protocol::agent::Assignment>> {
+    let agent = store_heartbeat(state, agent, &request.heartbeat).await?;
+    if agent.status == AgentStatus::Draining {
+        return Ok(None);
+    }
+    let wait = request
+        .wait_seconds
+        .min(state.settings.fleet.max_claim_wait_seconds);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    loop {
+        // Register interest before looking, so a job queued in between wakes us.
+        let notified = state.work_available.notified();
+        if let Some(assignment) = super::scheduler::claim(state, &agent, &request.heartbeat).await?
+        {
+            return Ok(Some(assignment));
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(None);
+        }
+        // Jobs queued through another replica raise no local signal: look again each second.
+        let _ = tokio::time::timeout((deadline - now).min(Duration::from_secs(1)), notified).await;
+    }
+}
+
+/// The training file of an attempt the agent runs.
+pub async fn attempt_training_file(
+    state: &AppState,
+    agent: &Agent,
+    attempt_id: Uuid,
+) -> ServiceResult<TrainingFile> {
+    let attempt = own_attempt(state, agent, attempt_id).await?;
+    let job = jobs::get_any(&state.db, attempt.job_id)
+        .await?
+        .ok_or(ServiceError::NotFound("job"))?;
+    files::get(&state.db, job.training_file_id)
+        .await?
+        .ok_or(ServiceError::NotFound("training file"))
+}
+
+/// A checkpoint archive (tar) of a job the agent runs an attempt of.
+pub async fn checkpoint_archive(
+    state: &AppState,
+    agent: &Agent,
+    checkpoint_id: Uuid,
+) -> ServiceResult<Download> {
+    let checkpoint = attempts::checkpoint(&state.db, checkpoint_id)
+        .await?
+        .ok_or(ServiceError::NotFound("checkpoint"))?;
+    let runs_job = jobs::get_any(&state.db, checkpoint.job_id)
+        .await?
+        .is_some_and(|job| job.agent_id == Some(agent.id));
+    if !runs_job {
+        return Err(ServiceError::NotFound("checkpoint"));
+    }
+    state
+        .artifacts
+        .get(&checkpoint.storage_path)
+        .await
+        .map_err(storage_error)
+}
+
+fn metric_point(metric: &protocol::agent::MetricReport) -> MetricPoint {
+    MetricPoint {
+        step: metric.step as i64,
+        epoch: Some(metric.epoch.floor() as i64),
+        training_loss: Some(metric.training_loss).filter(|v| v.is_finite()),
+        validation_loss: metric.validation_loss.filter(|v| v.is_finite()),
+        learning_rate: Some(metric.learning_rate),
+        grad_norm: Some(metric.grad_norm).filter(|v| v.is_finite()),
+        tokens_per_second: Some(metric.tokens_per_second),
+        gpu_utilization: metric.gpu_utilization.map(i64::from),
+        memory_used_gb: metric.memory_used_gb,
+        recorded_at: metric.recorded_at,
+    }
+}
+
+/// Stores a batch from the agent's outbox: stages, per-step metrics and events, each once
+/// however often it arrives. The first report moves the job from provisioning to
+/// training. The reply says whether to stop.
+pub async fn reports(
+    state: &AppState,
+    agent: &Agent,
+    attempt_id: Uuid,
+    batch: &ReportBatch,
+) -> ServiceResult<ReportReply> {
+    let attempt = own_attempt(state, agent, attempt_id).await?;
+    if should_stop(state, &attempt).await? {
+        return Ok(ReportReply {
+            accepted: 0,
+            stop_attempt: true,
+        });
+    }
+    if let Some(job) = jobs::get_any(&state.db, attempt.job_id).await? {
+        if job.status == JobStatus::Provisioning && !batch.reports.is_empty() {
+            start_training(state, &job, &attempt).await?;
+        }
+    }
+    let mut metrics = Vec::new();
+    let mut events = Vec::new();
+    let mut stage = None;
+    let mut latest = None;
+    for report in &batch.reports {
+        match report {
+            Report::Stage { key, stage: s, at } => {
+                stage = Some(s.as_str());
+                let mut event = Event::new(
+                    attempt.job_id,
+                    EventType::Info,
+                    Severity::Info,
+                    format!("Stage: {}", s.as_str().replace('_', " ")),
+                )
+                .with_details(serde_json::json!({"stage": s.as_str()}));
+                event.created_at = *at;
+                events.push(agent_event(event, &attempt, key));
+            }
+            Report::Metric { metric, .. } => {
+                stage = Some("training");
+                metrics.push(metric_point(metric));
+                latest = Some(metric);
+            }
+            Report::Event {
+                key,
+                event_type,
+                severity,
+                message,
+                details,
+                at,
+            } => {
+                // Agents report warnings, errors, checkpoints and metrics; the rest is info.
+                let event_type = match event_type.parse::<EventType>() {
+                    Ok(EventType::Status) | Err(_) => EventType::Info,
+                    Ok(known) => known,
+                };
+                let severity = severity
+                    .as_str()
+                    .parse::<Severity>()
+                    .unwrap_or(Severity::Info);
+                let mut event = Event::new(attempt.job_id, event_type, severity, message.clone());
+                event.details = details.clone().map(sqlx::types::Json);
+                event.created_at = *at;
+                events.push(agent_event(event, &attempt, key));
+            }
+        }
+    }
+    let at = now();
+    let cost = attempts::job_cost(&state.db, attempt.job_id, at).await?;
+    let remaining = latest.map(|m| {
+        let done = m
+            .step
+            .saturating_sub(attempt.resumed_from_step.unwrap_or(0) as u64)
+            .max(1);
+        let left = m.total_steps.saturating_sub(m.step);
+        let per_step = m.elapsed_seconds / done as f64;
+        (per_step * left as f64) as i64
+    });
+    let progress = Progress {
+        stage,
+        step: latest.map(|m| m.step as i64),
+        total_steps: latest.map(|m| m.total_steps as i64),
+        epoch: latest.map(|m| m.epoch.floor() as i64),
+        total_epochs: None,
+        elapsed_seconds: Some((at - attempt.started_at).num_seconds()),
+        remaining_seconds: remaining,
+        cost: jobs::round_cents(cost),
+    };
+    let outcome =
+        attempts::record_reports(&state.db, &attempt, &metrics, &events, &progress).await?;
+    if let Some(job) = outcome.job {
+        state
+            .live
+            .publish(JobUpdate::Status { job: Box::new(job) })
+            .await;
+    }
+    for point in outcome.new_metrics {
+        state
+            .live
+            .publish(JobUpdate::Metrics {
+                job_id: attempt.job_id,
+                point: Box::new(point),
+            })
+            .await;
+    }
+    for event in outcome.new_events {
+        state
+            .live
+            .publish(JobUpdate::Event {
+                event: Box::new(event),
+            })
+            .await;
+    }
+    Ok(ReportReply {
+        accepted: outcome.accepted,
+        stop_attempt: false,
+    })
+}
+
+/// The attempt's first report: provisioning is over, training has begun.
+async fn start_training(state: &AppState, job: &jobs::Job, attempt: &Attempt) -> ServiceResult<()> {
+    let Some(agent_id) = attempt.agent_id else {
+        return Ok(());
+    };
+    let mut event = Event::new(
+        job.id,
+        EventType::Status,
+        Severity::Info,
+        format!("Training started (attempt {})", attempt.attempt_number),
+    )
+    .with_details(serde_json::json!({"from": job.status, "to": JobStatus::Training}));
+    event.attempt_id = Some(attempt.id);
+    let change = Change::StartTraining { agent_id };
+    match change_status(state, job, change, vec![event], Origin::AgentReport).await {
+        // Two batches raced to start it, or it was cancelled meanwhile: the reports still count.
+        Ok(_) | Err(ServiceError::Conflict(_)) => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
+fn agent_event(mut event: Event, attempt: &Attempt, key: &str) -> Event {
+    event.attempt_id = Some(attempt.id);
+    event.source = Some("agent".into());
+    event.idempotency_key = Some(format!("attempt-{}:{key}", attempt.attempt_number));
+    event
+}
+
+fn storage_error(error: StorageError) -> ServiceError {
+    match error {
+        StorageError::TooLarge(_) => ServiceError::PayloadTooLarge(error.to_string()),
+        StorageError::ChecksumMismatch { .. } => ServiceError::Unprocessable {
+            message: error.to_string(),
+            rules: vec!["checksum".into()],
+        },
+        StorageError::Body(_) => ServiceError::BadRequest(error.to_string()),
+        StorageError::Store(object_store::Error::NotFound { .. }) => {
+            ServiceError::NotFound("artifact content")
+        }
+        other => ServiceError::Internal(other.to_string()),
+    }
+}
+
+/// Streams an attempt's artifact to the artifact store, checked against `sha256` (422
+/// when it differs; nothing is kept). A repeated upload of the same bytes answers with
+/// the stored artifact. A checkpoint is recorded as one the job can resume from.
+pub async fn upload_artifact(
+    state: &AppState,
+    agent: &Agent,
+    attempt_id: Uuid,
+    upload: &ArtifactUpload,
+    body: impl Stream<Item = Result<Bytes, String>> + Send + Unpin,
+) -> ServiceResult<(Artifact, Option<Checkpoint>)> {
+    let attempt = own_attempt(state, agent, attempt_id).await?;
+    let name = upload.name.trim();
+    if name.is_empty() || name.len() > 200 || name.contains(['/', '\\']) || name.starts_with('.') {
+        return Err(ServiceError::Validation(vec![FieldError::new(
+            "name",
+            "must be a plain file name of 1 to 200 characters",
+        )]));
+    }
+    if upload.sha256.len() != 64 || !upload.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(ServiceError::Validation(vec![FieldError::new(
+            "sha256",
+            "must be 64 hex digits",
+        )]));
+    }
+    let artifact_id = Uuid::new_v4();
+    let key = format!(
+        "jobs/{}/{}/{artifact_id}-{name}",
+        attempt.job_id,
+        upload.kind.as_str()
+    );
+    let size = state
+        .artifacts
+        .put_verified(
+            &key,
+            body,
+            state.settings.storage.max_artifact_bytes,
+            &upload.sha256,
+        )
+        .await
+        .map_err(storage_error)?;
+    let artifact = Artifact {
+        id: artifact_id,
+        job_id: attempt.job_id,
+        attempt_id: Some(attempt.id),
+        artifact_type: upload.kind.as_str().to_owned(),
+        name: name.to_owned(),
+        file_path: key.clone(),
+        file_size: size as i64,
+        mime_type: Some(mime_type(name).to_owned()),
+        checksum: Some(upload.sha256.to_ascii_lowercase()),
+        epoch: upload.epoch.map(|e| e as i64),
+        step: upload.step.map(|s| s as i64),
+        download_count: 0,
+        last_downloaded_at: None,
+        created_at: now(),
+    };
+    let artifact = match artifacts::upsert(&state.db, &artifact).await? {
+        Stored::New(artifact) => artifact,
+        Stored::Existing(artifact) => {
+            state.artifacts.delete(&key).await;
+            artifact
+        }
+        Stored::Replaced { artifact, old_path } => {
+            state.artifacts.delete(&old_path).await;
+            artifact
+        }
+    };
+    let checkpoint = match (upload.kind, upload.step) {
+        (ArtifactKind::Checkpoint, Some(step)) => Some(
+            attempts::insert_checkpoint(
+                &state.db,
+                &Checkpoint {
+                    id: Uuid::new_v4(),
+                    job_id: attempt.job_id,
+                    attempt_id: Some(attempt.id),
+                    step: step as i64,
+                    epoch: upload.epoch.map(|e| e as i64),
+                    storage_path: artifact.file_path.clone(),
+                    size_bytes: artifact.file_size,
+                    sha256: artifact.checksum.clone().unwrap_or_default(),
+                    artifact_id: Some(artifact.id),
+                    created_at: now(),
+                },
+            )
+            .await?,
+        ),
+        _ => None,
+    };
+    tracing::info!(job_id = %attempt.job_id, kind = upload.kind.as_str(), name, size, "artifact stored");
+    Ok((artifact, checkpoint))
+}
+
+fn mime_type(name: &str) -> &'static str {
+    match name.rsplit('.').next() {
+        Some("json") => "application/json",
+        Some("jsonl") => "application/x-ndjson",
+        Some("tar") => "application/x-tar",
+        _ => "application/octet-stream",
+    }
+}
+
+/// Ends an attempt as its agent reports; the job's status afterwards. Repeating it
+/// changes nothing.
+pub async fn finish(
+    state: &AppState,
+    agent: &Agent,
+    attempt_id: Uuid,
+    outcome: AttemptOutcome,
+) -> ServiceResult<Option<JobStatus>> {
+    let attempt = own_attempt(state, agent, attempt_id).await?;
+    end_attempt(
+        state,
+        &attempt,
+        Ending::Reported(outcome),
+        Origin::AgentReport,
+    )
+    .await?;
+    let job = jobs::get_any(&state.db, attempt.job_id).await?;
+    Ok(job.map(|j| j.status))
+}
+
+/// Enrolls an agent with an enrollment token; returns it with its secret (shown once).
+pub async fn enroll(
+    state: &AppState,
+    enrollment_token: &str,
+    name: &str,
+    labels: serde_json::Map<String, serde_json::Value>,
+    gpus: Vec<serde_json::Value>,
+) -> ServiceResult<(Agent, String)> {
+    let name = name.trim();
+    let mut errors = Vec::new();
+    if name.is_empty() || name.chars().count() > 200 {
+        errors.push(FieldError::new("name", "must be 1 to 200 characters"));
+    }
+    for (key, value) in &labels {
+        if !value.is_string() {
+            errors.push(FieldError::new(
+                format!("labels.{key}"),
+                "label values must be strings",
+            ));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ServiceError::Validation(errors));
+    }
+    let secret = crate::auth::new_token("lca_");
+    let agent = agents::register(
+        &state.db,
+        &token_hash(enrollment_token.trim()),
+        agents::NewAgent {
+            name,
+            labels: &serde_json::Value::Object(labels),
+            gpus: &serde_json::Value::Array(gpus),
+            secret_hash: &token_hash(&secret),
+        },
+    )
+    .await?
+    .ok_or(ServiceError::Unauthorized)?;
+    tracing::info!(agent_id = %agent.id, name = %agent.name, "agent enrolled");
+    Ok((agent, secret))
+}
+
+fn operators_only(user: &super::CurrentUser) -> ServiceResult<()> {
+    if user.is_operator() {
+        Ok(())
+    } else {
+        Err(ServiceError::Forbidden(
+            "the fleet is visible to operators and admins only".into(),
+        ))
+    }
+}
+
+/// Every enrolled agent (operators and admins).
+pub async fn list_agents(state: &AppState, user: &super::CurrentUser) -> ServiceResult<Vec<Agent>> {
+    operators_only(user)?;
+    Ok(agents::list(&state.db).await?)
+}
+
+/// An agent's recent heartbeats, oldest first (operators and admins).
+pub async fn agent_telemetry(
+    state: &AppState,
+    user: &super::CurrentUser,
+    id: Uuid,
+) -> ServiceResult<Vec<agents::TelemetryPoint>> {
+    operators_only(user)?;
+    Ok(agents::telemetry(&state.db, id, 720).await?)
+}

@@ -1,0 +1,514 @@
+//! Job operations: create a draft on an eligible file (spec §7.1), configure it
+//! (hyperparameters, GPU, recovery policy, cost estimate), queue, cancel and resume it,
+//! and read jobs, their metrics and events, for the user acting.
+
+use chrono::Duration;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::transition::{change_status, Origin};
+use super::{preset, AppState, CurrentUser, ServiceError, ServiceResult};
+use crate::db::events::{self, Event, EventFilter};
+use crate::db::files::TrainingFile;
+use crate::db::jobs::{self, Change, Configuration, Job, NewJob};
+use crate::db::metrics::{self, MetricPoint};
+use crate::db::{attempts, files, now, presets};
+use crate::domain::{
+    hyperparameters, EnrichmentStatus, EventType, FieldError, GpuType, JobStatus, RecoveryPolicy,
+    Severity,
+};
+
+#[derive(Serialize, ToSchema)]
+pub struct JobView {
+    #[serde(flatten)]
+    pub job: Job,
+    pub queue_position: Option<i64>,
+    pub current_metrics: Option<MetricPoint>,
+}
+
+/// Jobs with their queue positions and latest metrics, in two queries for the whole list.
+pub async fn views(state: &AppState, jobs: Vec<Job>) -> ServiceResult<Vec<JobView>> {
+    let queue = if jobs.iter().any(|job| job.status == JobStatus::Queued) {
+        jobs::queue_order(&state.db).await?
+    } else {
+        Vec::new()
+    };
+    let ids: Vec<Uuid> = jobs.iter().map(|job| job.id).collect();
+    let mut latest = metrics::latest_for(&state.db, &ids).await?;
+    Ok(jobs
+        .into_iter()
+        .map(|job| JobView {
+            queue_position: queue
+                .iter()
+                .position(|id| *id == job.id)
+                .map(|i| i as i64 + 1),
+            current_metrics: latest.remove(&job.id),
+            job,
+        })
+        .collect())
+}
+
+pub async fn view(state: &AppState, job: Job) -> ServiceResult<JobView> {
+    let mut views = views(state, vec![job]).await?;
+    views
+        .pop()
+        .ok_or_else(|| ServiceError::Internal("a job view went missing".into()))
+}
+
+/// The eligibility rules (spec §7.1) a training file does not meet yet.
+pub fn unmet_eligibility(state: &AppState, file: &TrainingFile) -> Vec<String> {
+    let mut unmet = Vec::new();
+    if file.enrichment_status != EnrichmentStatus::Completed {
+        unmet.push(format!(
+            "enrichment must be completed; it is {}",
+            file.enrichment_status
+        ));
+    }
+    let minimum = state.settings.eligibility.min_conversations;
+    if file.conversation_count < minimum {
+        unmet.push(format!(
+            "at least {minimum} conversations are required; the file has {}",
+            file.conversation_count
+        ));
+    }
+    unmet
+}
+
+/// A job the user may see and act on: their own, or any for operators and admins.
+pub async fn visible_job(state: &AppState, user: &CurrentUser, id: Uuid) -> ServiceResult<Job> {
+    jobs::get(&state.db, id, user.viewer())
+        .await?
+        .ok_or(ServiceError::NotFound("job"))
+}
+
+/// The caller's jobs (every job for operators and admins), newest first, and how many.
+pub async fn list_jobs(
+    state: &AppState,
+    user: &CurrentUser,
+    status: Option<&str>,
+    limit: i64,
+    offset: i64,
+) -> ServiceResult<(Vec<JobView>, i64)> {
+    let status = status
+        .map(|s| {
+            s.parse::<JobStatus>()
+                .map_err(|m| ServiceError::Validation(vec![FieldError::new("status", m)]))
+        })
+        .transpose()?;
+    let (rows, total) = jobs::list(&state.db, user.viewer(), status, limit, offset).await?;
+    Ok((views(state, rows).await?, total))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateJob {
+    pub training_file_id: Uuid,
+    pub name: String,
+    pub description: Option<String>,
+    /// A model directory on the agents or a hub id such as meta-llama/Llama-3.2-1B.
+    pub base_model: String,
+}
+
+/// Creates a draft after checking the fields and the training file's eligibility (§7.1).
+pub async fn create_draft(
+    state: &AppState,
+    user: &CurrentUser,
+    request: &CreateJob,
+    preset_id: Option<Uuid>,
+) -> ServiceResult<Job> {
+    let mut errors = Vec::new();
+    let name = request.name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        errors.push(FieldError::new("name", "must be 1 to 200 characters"));
+    }
+    let base_model = request.base_model.trim();
+    if base_model.is_empty()
+        || base_model.len() > 500
+        || base_model.chars().any(char::is_whitespace)
+    {
+        errors.push(FieldError::new(
+            "base_model",
+            "must be a model directory or a hub id such as meta-llama/Llama-3.2-1B, without spaces",
+        ));
+    }
+    if !errors.is_empty() {
+        return Err(ServiceError::Validation(errors));
+    }
+    let file = files::get_owned(&state.db, request.training_file_id, user.0.id)
+        .await?
+        .ok_or(ServiceError::NotFound("training file"))?;
+    let unmet = unmet_eligibility(state, &file);
+    if !unmet.is_empty() {
+        return Err(ServiceError::Unprocessable {
+            message: format!(
+                "training file \"{}\" is not eligible for training: {}",
+                file.name,
+                unmet.join("; ")
+            ),
+            rules: unmet,
+        });
+    }
+    let id = Uuid::new_v4();
+    let event = Event::new(
+        id,
+        EventType::Status,
+        Severity::Info,
+        format!("Job \"{name}\" created as a draft"),
+    )
+    .with_details(json!({"to": JobStatus::Draft}));
+    let job = NewJob {
+        user_id: user.0.id,
+        name,
+        description: request.description.as_deref(),
+        base_model,
+        training_file_id: file.id,
+        preset_id,
+    };
+    Ok(jobs::insert_draft(&state.db, id, job, &event).await?)
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigureJob {
+    /// Defaults to the job's preset, else Balanced.
+    pub preset_id: Option<Uuid>,
+    /// Overrides of the preset's values, field by field.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub hyperparameters: Map<String, Value>,
+    /// spot or ondemand
+    pub gpu_type: String,
+    /// A model from the GPU catalog, such as H100-80GB.
+    pub gpu_model: String,
+    /// Agent labels a host must carry to run the job, such as {"zone": "eu-west-1a"}.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub required_labels: Map<String, Value>,
+    /// Overrides of the recovery policy (`max_retries`, `max_interruptions`, 0 to 20 each,
+    /// and `auto_resume`), on top of the template's or preset's policy, else 3, 5, true.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub recovery: Map<String, Value>,
+}
+
+/// Sets hyperparameters, GPU and recovery policy, with the cost estimate. Every invalid
+/// field is reported, each named.
+pub async fn configure_job(
+    state: &AppState,
+    job: Job,
+    request: &ConfigureJob,
+    base_recovery: Option<RecoveryPolicy>,
+) -> ServiceResult<Job> {
+    job.status.check(JobStatus::Configured)?;
+    let mut errors = Vec::new();
+    let gpu_type = GpuType::parse(&request.gpu_type);
+    if gpu_type.is_none() {
+        errors.push(FieldError::new("gpu_type", "must be spot or ondemand"));
+    }
+    let gpu = state.catalog.find(&request.gpu_model);
+    if gpu.is_none() {
+        errors.push(FieldError::new(
+            "gpu_model",
+            format!(
+                "unknown GPU model; available: {}",
+                state.catalog.model_names()
+            ),
+        ));
+    }
+    for (key, value) in &request.required_labels {
+        if !value.is_string() {
+            errors.push(FieldError::new(
+                format!("required_labels.{key}"),
+                "label values must be strings",
+            ));
+        }
+    }
+    let preset_id = request
+        .preset_id
+        .or(job.preset_id)
+        .unwrap_or(presets::BALANCED_PRESET_ID);
+    let preset = presets::get_visible(&state.db, preset_id, job.user_id).await?;
+    if preset.is_none() {
+        errors.push(FieldError::new("preset_id", "no such preset"));
+    }
+    let hyperparameters = hyperparameters::resolve(
+        preset.as_ref().map_or(&Map::new(), |p| &p.parameters.0),
+        &request.hyperparameters,
+        &state.settings.limits,
+    )
+    .map_err(|field_errors| {
+        errors.extend(
+            field_errors
+                .into_iter()
+                .map(|e| FieldError::new(format!("hyperparameters.{}", e.field), e.message)),
+        )
+    });
+    // A reconfigured job keeps its policy where the request is silent.
+    let base_recovery = base_recovery
+        .or_else(|| (job.status == JobStatus::Configured).then(|| job.recovery()))
+        .or_else(|| {
+            preset
+                .as_ref()
+                .and_then(|p| p.recovery.as_ref().map(|r| r.0))
+        })
+        .unwrap_or_default();
+    let recovery = RecoveryPolicy::resolve(base_recovery, &request.recovery)
+        .map_err(|field_errors| errors.extend(field_errors));
+    let (Some(gpu_type), Some(gpu), Some(preset), Ok(hyperparameters), Ok(recovery), true) = (
+        gpu_type,
+        gpu,
+        preset,
+        hyperparameters,
+        recovery,
+        errors.is_empty(),
+    ) else {
+        return Err(ServiceError::Validation(errors));
+    };
+    let completed = presets::completed_jobs_of(&state.db, job.user_id).await?;
+    if let Some(rule) = preset::requirement_unmet(&preset, completed) {
+        return Err(ServiceError::Unprocessable {
+            message: rule.clone(),
+            rules: vec![rule],
+        });
+    }
+    let file = files::get(&state.db, job.training_file_id)
+        .await?
+        .ok_or(ServiceError::NotFound("training file"))?;
+
+    // Spec §7.1: preset estimates are for 200 conversations and scale linearly; we also scale
+    // by epochs relative to the preset's, and price the hours with the catalog's GPU rate.
+    let scale = file.conversation_count as f64 / 200.0;
+    let preset_epochs = preset
+        .parameters
+        .0
+        .get("epochs")
+        .and_then(Value::as_f64)
+        .unwrap_or(1.0);
+    let epoch_scale = f64::from(hyperparameters.epochs) / preset_epochs.max(1.0);
+    let hours = |base: f64| base * scale * epoch_scale;
+    let duration = (
+        hours(preset.estimates.0.duration_hours_min),
+        hours(preset.estimates.0.duration_hours_max),
+    );
+    let rate = gpu.hourly(gpu_type);
+    let configuration = Configuration {
+        preset_id: Some(preset.id),
+        gpu_type,
+        gpu_model: &gpu.model,
+        hyperparameters: &hyperparameters,
+        required_labels: &request.required_labels,
+        recovery,
+        hourly_rate: rate,
+        estimated_duration_hours: duration,
+        estimated_cost: (
+            jobs::round_cents(duration.0 * rate),
+            jobs::round_cents(duration.1 * rate),
+        ),
+    };
+    let resume = if recovery.auto_resume {
+        format!(
+            "up to {} interruptions resume on their own",
+            recovery.max_interruptions
+        )
+    } else {
+        "interruptions wait for a manual resume".to_owned()
+    };
+    let event = Event::new(
+        job.id,
+        EventType::Status,
+        Severity::Info,
+        format!(
+            "Configured with the {} preset on {} {} (estimated ${:.2}–${:.2}); {} retries, {resume}",
+            preset.name,
+            gpu_type.as_str(),
+            gpu.model,
+            configuration.estimated_cost.0,
+            configuration.estimated_cost.1,
+            recovery.max_retries,
+        ),
+    )
+    .with_details(json!({
+        "from": job.status, "to": JobStatus::Configured,
+        "hyperparameters": hyperparameters, "recovery": recovery,
+    }));
+    let changed = change_status(
+        state,
+        &job,
+        Change::Configure(configuration),
+        vec![event],
+        Origin::User,
+    )
+    .await?;
+    Ok(changed.job)
+}
+
+/// Queues a configured job; agents waiting for work are woken.
+pub async fn queue_job(state: &AppState, job: &Job) -> ServiceResult<Job> {
+    job.status.check(JobStatus::Queued)?;
+    let hours_ahead = jobs::queued_hours_ahead(&state.db).await?;
+    let estimated_start_time = now() + Duration::seconds((hours_ahead * 3600.0) as i64);
+    let event = Event::new(
+        job.id,
+        EventType::Status,
+        Severity::Info,
+        "Job queued for training",
+    )
+    .with_details(json!({"from": job.status, "to": JobStatus::Queued}));
+    let change = Change::Queue {
+        estimated_start_time,
+    };
+    Ok(change_status(state, job, change, vec![event], Origin::User)
+        .await?
+        .job)
+}
+
+/// Cancels a job with a reason (at most 1000 characters), its final cost being what its
+/// attempts cost so far; the agent running it stops at its next step.
+pub async fn cancel_job(state: &AppState, job: &Job, reason: &str) -> ServiceResult<Job> {
+    job.status.check(JobStatus::Cancelled)?;
+    let reason = match reason.trim() {
+        "" => "no reason given",
+        reason if reason.chars().count() > 1000 => {
+            return Err(ServiceError::Validation(vec![FieldError::new(
+                "reason",
+                "must be at most 1000 characters",
+            )]))
+        }
+        reason => reason,
+    };
+    let final_cost = jobs::round_cents(attempts::job_cost(&state.db, job.id, now()).await?);
+    let event = Event::new(
+        job.id,
+        EventType::Status,
+        Severity::Warning,
+        format!("Job cancelled: {reason}"),
+    )
+    .with_details(
+        json!({"from": job.status, "to": JobStatus::Cancelled, "final_cost": final_cost}),
+    );
+    let change = Change::Cancel { reason, final_cost };
+    Ok(change_status(state, job, change, vec![event], Origin::User)
+        .await?
+        .job)
+}
+
+/// Queues an interrupted or failed job again from `checkpoint_id` (default: its latest
+/// checkpoint; none: from the start), logging who did it.
+pub async fn resume_job(
+    state: &AppState,
+    user: &CurrentUser,
+    job: &Job,
+    checkpoint_id: Option<Uuid>,
+) -> ServiceResult<Job> {
+    if !matches!(job.status, JobStatus::Interrupted | JobStatus::Failed) {
+        return Err(ServiceError::Conflict(format!(
+            "only an interrupted or failed job can be resumed; this one is {}",
+            job.status
+        )));
+    }
+    let checkpoint = match checkpoint_id {
+        Some(checkpoint_id) => Some(
+            attempts::checkpoint(&state.db, checkpoint_id)
+                .await?
+                .filter(|c| c.job_id == job.id)
+                .ok_or_else(|| ServiceError::Unprocessable {
+                    message: "checkpoint_id is not a checkpoint of this job".into(),
+                    rules: vec!["checkpoint_of_job".into()],
+                })?,
+        ),
+        None => attempts::latest_checkpoint(&state.db, job.id).await?,
+    };
+    let from = checkpoint
+        .as_ref()
+        .map(|c| format!(" from the checkpoint at step {}", c.step))
+        .unwrap_or_else(|| " from the start".into());
+    let event = Event::new(
+        job.id,
+        EventType::Status,
+        Severity::Info,
+        format!("Resumed by {}{from}", user.0.email),
+    )
+    .with_details(json!({"from": job.status, "to": JobStatus::Queued,
+                         "checkpoint_id": checkpoint.as_ref().map(|c| c.id)}));
+    let change = Change::Resume {
+        checkpoint_id: checkpoint.map(|c| c.id),
+    };
+    Ok(change_status(state, job, change, vec![event], Origin::User)
+        .await?
+        .job)
+}
+
+/// A job's per-step metrics, oldest first: every `interval`-th step (and the last), at
+/// most `limit` points.
+pub async fn metric_history(
+    state: &AppState,
+    user: &CurrentUser,
+    id: Uuid,
+    limit: Option<i64>,
+    interval: Option<i64>,
+) -> ServiceResult<Vec<MetricPoint>> {
+    visible_job(state, user, id).await?;
+    let limit = limit.unwrap_or(100);
+    let interval = interval.unwrap_or(1);
+    let mut errors = Vec::new();
+    if !(1..=100_000).contains(&limit) {
+        errors.push(FieldError::new("limit", "must be between 1 and 100000"));
+    }
+    if interval < 1 {
+        errors.push(FieldError::new("interval", "must be at least 1"));
+    }
+    if !errors.is_empty() {
+        return Err(ServiceError::Validation(errors));
+    }
+    Ok(metrics::history(&state.db, id, interval, limit).await?)
+}
+
+/// A job's latest metrics point.
+pub async fn latest_metrics(
+    state: &AppState,
+    user: &CurrentUser,
+    id: Uuid,
+) -> ServiceResult<MetricPoint> {
+    visible_job(state, user, id).await?;
+    metrics::latest(&state.db, id)
+        .await?
+        .ok_or(ServiceError::NotFound("metrics for this job"))
+}
+
+/// A job's events, oldest first, filtered by type and severity, and how many match.
+pub async fn event_log(
+    state: &AppState,
+    user: &CurrentUser,
+    id: Uuid,
+    event_type: Option<&str>,
+    severity: Option<&str>,
+    limit: i64,
+    offset: i64,
+) -> ServiceResult<(Vec<Event>, i64)> {
+    visible_job(state, user, id).await?;
+    let mut errors = Vec::new();
+    let event_type = event_type
+        .map(|t| t.parse::<EventType>())
+        .transpose()
+        .map_err(|m| errors.push(FieldError::new("event_type", m)))
+        .ok()
+        .flatten();
+    let severity = severity
+        .map(|s| s.parse::<Severity>())
+        .transpose()
+        .map_err(|m| errors.push(FieldError::new("severity", m)))
+        .ok()
+        .flatten();
+    if !errors.is_empty() {
+        return Err(ServiceError::Validation(errors));
+    }
+    let filter = EventFilter {
+        event_type,
+        severity,
+        limit,
+        offset,
+    };
+    Ok(events::list(&state.db, id, &filter).await?)
+}

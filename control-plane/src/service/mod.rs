@@ -1,0 +1,87 @@
+//! The operations of the control plane, called alike by the JSON API (`http/`), the
+//! dashboard (`web/`), the agent protocol and the CLI. They take the acting user and
+//! domain values, enforce every rule, and return domain values or a [`ServiceError`].
+//!
+//! A job's status changes in one place: [`transition::change_status`].
+
+use std::sync::Arc;
+
+use crate::configuration::Settings;
+use crate::db::Db;
+use crate::domain::GpuCatalog;
+use crate::enrichment::Enricher;
+use crate::live::LiveUpdates;
+use crate::storage::ArtifactStore;
+use crate::telemetry::RequestMetrics;
+
+pub mod account;
+pub mod artifact;
+pub mod cost;
+mod error;
+pub mod file;
+pub mod fleet;
+pub mod job;
+pub mod preset;
+pub mod recovery;
+pub mod scheduler;
+pub mod template;
+pub mod transition;
+
+pub use account::CurrentUser;
+pub use error::{ServiceError, ServiceResult};
+
+use crate::domain::FieldError;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub settings: Arc<Settings>,
+    pub catalog: Arc<GpuCatalog>,
+    pub live: LiveUpdates,
+    pub enricher: Enricher,
+    pub login_limiter: Arc<account::LoginLimiter>,
+    pub metrics: Arc<RequestMetrics>,
+    pub artifacts: ArtifactStore,
+    /// Signs download links; shared by every replica through the database.
+    pub signing_key: Arc<str>,
+    /// Wakes claims waiting for work when a job is queued on this replica.
+    pub work_available: Arc<tokio::sync::Notify>,
+}
+
+pub const MAX_PAGE_SIZE: i64 = 500;
+
+/// `(limit, offset)` of a page, `limit` defaulting to `default`; field errors otherwise.
+pub fn page_bounds(
+    limit: Option<i64>,
+    offset: Option<i64>,
+    default: i64,
+) -> ServiceResult<(i64, i64)> {
+    let limit = limit.unwrap_or(default);
+    let offset = offset.unwrap_or(0);
+    let mut errors = Vec::new();
+    if !(1..=MAX_PAGE_SIZE).contains(&limit) {
+        errors.push(FieldError::new(
+            "limit",
+            format!("must be between 1 and {MAX_PAGE_SIZE}"),
+        ));
+    }
+    if offset < 0 {
+        errors.push(FieldError::new("offset", "must not be negative"));
+    }
+    if errors.is_empty() {
+        Ok((limit, offset))
+    } else {
+        Err(ServiceError::Validation(errors))
+    }
+}
+
+pub fn one_of(field: &str, value: &str, allowed: &[&str]) -> ServiceResult<()> {
+    if allowed.contains(&value) {
+        Ok(())
+    } else {
+        Err(ServiceError::Validation(vec![FieldError::new(
+            field,
+            format!("must be one of {}", allowed.join(", ")),
+        )]))
+    }
+}
