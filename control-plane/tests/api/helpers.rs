@@ -8,6 +8,7 @@ use control_plane::configuration::Settings;
 use control_plane::db::Db;
 use control_plane::domain::Role;
 use control_plane::service::account::create_account;
+use control_plane::service::AppState;
 use control_plane::startup::Application;
 use reqwest::multipart::{Form, Part};
 use reqwest::{Client, Response, StatusCode};
@@ -111,6 +112,8 @@ impl Drop for TestDatabase {
 pub struct TestApp {
     pub address: String,
     pub db: Db,
+    /// The running server's state, for calling its operations directly.
+    pub state: AppState,
     pub client: Client,
     pub data_dir: PathBuf,
 }
@@ -136,10 +139,12 @@ impl TestApp {
             .expect("application starts");
         let address = format!("http://{}", app.address());
         let db = app.state().db.clone();
+        let state = app.state().clone();
         tokio::spawn(app.run_until(std::future::pending()));
         TestApp {
             address,
             db,
+            state,
             client: Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()
@@ -300,14 +305,16 @@ impl TestApp {
 
     /// Configures (spot, H100) and starts a draft job on an eligible file; returns its id.
     pub async fn queued_job(&self, user: &User) -> String {
+        self.queued_job_with(user, json!({"gpu_type": "spot", "gpu_model": "H100-80GB"}))
+            .await
+    }
+
+    /// Configures a draft job with `configuration` and starts it; returns its id.
+    pub async fn queued_job_with(&self, user: &User, configuration: Value) -> String {
         let (_, job) = self.draft_job(user).await;
         let id = job["id"].as_str().expect("id").to_owned();
         let configure = self
-            .put(
-                user,
-                &format!("/api/v1/jobs/{id}/configure"),
-                json!({"gpu_type": "spot", "gpu_model": "H100-80GB"}),
-            )
+            .put(user, &format!("/api/v1/jobs/{id}/configure"), configuration)
             .await;
         assert_eq!(configure.status(), StatusCode::OK);
         let start = self

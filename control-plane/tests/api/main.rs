@@ -12,5 +12,6 @@ mod live;
 mod openapi;
 mod ops;
 mod recovery;
+mod recovery_policy;
 mod schema;
 mod templates;
