@@ -42,13 +42,7 @@ struct Reporter {
 }
 
 impl Observer for Reporter {
-    fn stage(&mut self, stage: trainer::train::Stage) {
-        let stage = match stage {
-            trainer::train::Stage::Preprocessing => Stage::Preprocessing,
-            trainer::train::Stage::ModelLoading => Stage::ModelLoading,
-            trainer::train::Stage::Training => Stage::Training,
-            trainer::train::Stage::Finalization => Stage::Finalization,
-        };
+    fn stage(&mut self, stage: Stage) {
         self.outbox.push(Report::Stage {
             key: format!("stage-{}", stage.as_str()),
             stage,

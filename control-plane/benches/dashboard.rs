@@ -103,8 +103,8 @@ async fn main() {
     let clients: usize = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(16);
     let seconds: u64 = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(5);
 
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (db, postgres_name) = support::database(&backend, dir.path()).await;
+    let (db, database) = support::database(&backend).await;
+    let dir = &database.data_dir;
     db.migrate().await.expect("migrations");
     let settings = Settings {
         listen: "127.0.0.1:0".parse().expect("address"),
@@ -239,5 +239,4 @@ async fn main() {
         );
     }
     db.close().await;
-    support::drop_database(postgres_name).await;
 }

@@ -69,7 +69,7 @@ async fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("bench.jsonl");
     let bytes = write_dataset(&path, conversations).expect("dataset written");
-    let (db, postgres_name) = database(&backend, dir.path()).await;
+    let (db, _database) = database(&backend).await;
     db.migrate().await.expect("migrations");
     let email = Email::parse("bench@example.com").expect("email");
     let user = users::create_user(&db, &email, "not-a-hash", Role::User)
@@ -119,5 +119,4 @@ async fn main() {
         peak as f64 / 1024.0,
     );
     db.close().await;
-    support::drop_database(postgres_name).await;
 }

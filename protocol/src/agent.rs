@@ -260,16 +260,40 @@ pub enum ArtifactKind {
     Checkpoint,
     TrainingReport,
     MetricsExport,
+    /// A base model with the adapter merged in.
+    FinalModel,
+    ValidationReport,
 }
 
 impl ArtifactKind {
+    pub const ALL: [ArtifactKind; 6] = [
+        ArtifactKind::AdapterWeights,
+        ArtifactKind::Checkpoint,
+        ArtifactKind::TrainingReport,
+        ArtifactKind::MetricsExport,
+        ArtifactKind::FinalModel,
+        ArtifactKind::ValidationReport,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ArtifactKind::AdapterWeights => "adapter_weights",
             ArtifactKind::Checkpoint => "checkpoint",
             ArtifactKind::TrainingReport => "training_report",
             ArtifactKind::MetricsExport => "metrics_export",
+            ArtifactKind::FinalModel => "final_model",
+            ArtifactKind::ValidationReport => "validation_report",
         }
+    }
+}
+
+impl TryFrom<String> for ArtifactKind {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        ArtifactKind::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == value)
+            .ok_or_else(|| format!("unknown artifact kind {value:?}"))
     }
 }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::Client;
 use serde_json::{json, Value};
@@ -39,21 +39,7 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// Polls `check` until it yields a value or `timeout` passes.
-pub async fn poll<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+pub use testkit::poll;
 
 pub const EMAIL: &str = "owner@example.com";
 pub const PASSWORD: &str = "a-long-password";
@@ -63,12 +49,8 @@ pub struct ControlPlane {
     pub url: String,
     data_dir: tempfile::TempDir,
     database_url: String,
-    postgres_database: Option<String>,
-}
-
-fn postgres_admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    /// Dropped with the control plane.
+    _database: testkit::TestDatabase,
 }
 
 impl ControlPlane {
@@ -76,28 +58,13 @@ impl ControlPlane {
     /// PostgreSQL database when `postgres` is set, with a user account ready.
     pub async fn start(postgres: bool) -> ControlPlane {
         let data_dir = tempfile::tempdir().expect("temp dir");
-        let (database_url, postgres_database) = if postgres {
-            let name = format!("e2e_{}", uuid::Uuid::new_v4().simple());
-            let admin = sqlx::PgPool::connect(&postgres_admin_url())
-                .await
-                .expect("PostgreSQL reachable");
-            sqlx::query(&format!("CREATE DATABASE {name}"))
-                .execute(&admin)
-                .await
-                .expect("create database");
-            admin.close().await;
-            let base = postgres_admin_url();
-            let server = &base[..base.rfind('/').expect("URL with a database")];
-            (format!("{server}/{name}"), Some(name))
+        let backend = if postgres {
+            testkit::Backend::Postgres
         } else {
-            (
-                format!(
-                    "sqlite://{}",
-                    data_dir.path().join("control-plane.db").display()
-                ),
-                None,
-            )
+            testkit::Backend::Sqlite
         };
+        let database = testkit::TestDatabase::create(backend).await;
+        let database_url = database.url.clone();
         let port = free_port();
         let mut create = Command::new(binary("control-plane"))
             .args([
@@ -125,7 +92,7 @@ impl ControlPlane {
             url: format!("http://127.0.0.1:{port}"),
             data_dir,
             database_url,
-            postgres_database,
+            _database: database,
         };
         plane.wait_until_up().await;
         plane
@@ -176,26 +143,7 @@ impl Drop for ControlPlane {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if let Some(name) = self.postgres_database.take() {
-            // Best effort: a runtime of our own, as Drop may run outside one.
-            let _ = std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build();
-                if let Ok(runtime) = runtime {
-                    runtime.block_on(async move {
-                        if let Ok(admin) = sqlx::PgPool::connect(&postgres_admin_url()).await {
-                            let _ = sqlx::query(&format!(
-                                "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                            ))
-                            .execute(&admin)
-                            .await;
-                        }
-                    });
-                }
-            })
-            .join();
-        }
+        // The database drops after this, with the field.
     }
 }
 

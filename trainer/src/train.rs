@@ -163,14 +163,8 @@ impl TrainOptions {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Stage {
-    Preprocessing,
-    ModelLoading,
-    Training,
-    Finalization,
-}
+/// The stages a run goes through: one vocabulary with the agent protocol's.
+pub use protocol::agent::Stage;
 
 /// One optimizer step, as written to `metrics.jsonl` and reported to observers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -5,6 +5,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
+use protocol::agent::ArtifactKind;
+
 use super::{on_pool, Db, DbError};
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -12,7 +14,9 @@ pub struct Artifact {
     pub id: Uuid,
     pub job_id: Uuid,
     pub attempt_id: Option<Uuid>,
-    pub artifact_type: String,
+    #[sqlx(try_from = "String")]
+    #[schema(value_type = String)]
+    pub artifact_type: ArtifactKind,
     pub name: String,
     #[serde(skip)]
     pub file_path: String,
@@ -63,7 +67,7 @@ pub async fn upsert(db: &Db, artifact: &Artifact) -> Result<Stored, DbError> {
             .bind(artifact.id)
             .bind(artifact.job_id)
             .bind(artifact.attempt_id)
-            .bind(&artifact.artifact_type)
+            .bind(artifact.artifact_type.as_str())
             .bind(&artifact.name)
             .bind(&artifact.file_path)
             .bind(artifact.file_size)
@@ -79,7 +83,7 @@ pub async fn upsert(db: &Db, artifact: &Artifact) -> Result<Stored, DbError> {
             None => {
                 let old = sqlx::query_as::<_, Artifact>(&select)
                     .bind(artifact.job_id)
-                    .bind(&artifact.artifact_type)
+                    .bind(artifact.artifact_type.as_str())
                     .bind(&artifact.name)
                     .fetch_one(&mut *tx)
                     .await?;

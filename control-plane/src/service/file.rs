@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use super::{one_of, AppState, CurrentUser, ServiceError, ServiceResult};
 use crate::db::files::{self, FileFilter, NewFile, StoredConversation, TrainingFile};
+use crate::domain::{EnrichmentStatus, FieldError};
 
 /// An upload already streamed to disk at `path`.
 pub struct ReceivedFile {
@@ -87,11 +88,9 @@ pub async fn list_files(
         one_of("status", status, &["active", "archived", "deleted"])?;
     }
     if let Some(status) = &query.enrichment_status {
-        one_of(
-            "enrichment_status",
-            status,
-            &["pending", "processing", "completed", "failed"],
-        )?;
+        status.parse::<EnrichmentStatus>().map_err(|message| {
+            ServiceError::Validation(vec![FieldError::new("enrichment_status", message)])
+        })?;
     }
     let filter = FileFilter {
         status: query.status,

@@ -398,7 +398,7 @@ pub async fn upload_artifact(
         id: artifact_id,
         job_id: attempt.job_id,
         attempt_id: Some(attempt.id),
-        artifact_type: upload.kind.as_str().to_owned(),
+        artifact_type: upload.kind,
         name: name.to_owned(),
         file_path: key.clone(),
         file_size: size as i64,

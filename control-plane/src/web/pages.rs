@@ -484,7 +484,7 @@ async fn job_detail(
     let artifacts = artifacts::for_job(&state.db, job.id)
         .await?
         .into_iter()
-        .filter(|a| a.artifact_type != "checkpoint")
+        .filter(|a| a.artifact_type != protocol::agent::ArtifactKind::Checkpoint)
         .collect();
     let live = job_live_view(&state, job).await?;
     let status = live.job.status;

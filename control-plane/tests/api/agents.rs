@@ -6,7 +6,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::helpers::{agent_heartbeat, json_of, Backend, TestApp, TestDatabase};
-use crate::on_both_backends;
+use testkit::on_both_backends;
 
 on_both_backends!(agents_enroll_with_a_live_token_and_operators_see_them);
 

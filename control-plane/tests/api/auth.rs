@@ -3,7 +3,7 @@ use reqwest::{header, StatusCode};
 use serde_json::json;
 
 use crate::helpers::{field_names, json_of, settings, Backend, TestApp, TestDatabase};
-use crate::on_both_backends;
+use testkit::on_both_backends;
 
 on_both_backends!(
     login_gives_a_token_and_a_session_cookie,

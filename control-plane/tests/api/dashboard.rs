@@ -9,7 +9,7 @@ use reqwest::{header, redirect, Client, StatusCode};
 use uuid::Uuid;
 
 use crate::helpers::{Backend, TestApp, TestDatabase};
-use crate::on_both_backends;
+use testkit::on_both_backends;
 
 on_both_backends!(every_page_answers_its_owner_and_no_one_else);
 

@@ -6,7 +6,7 @@ use control_plane::db::Db;
 use uuid::Uuid;
 
 use crate::helpers::{chat_jsonl, json_of, poll, settings, Backend, TestApp, TestDatabase};
-use crate::on_both_backends;
+use testkit::on_both_backends;
 
 on_both_backends!(
     enrichment_computes_statistics,
@@ -349,12 +349,15 @@ async fn an_abandoned_enrichment_is_taken_over_by_the_next_server(backend: Backe
 
     let second = TestApp::spawn(&database).await;
     let path = format!("/api/v1/training-files/{abandoned_id}");
-    let file = poll(std::time::Duration::from_secs(30), || async {
-        let file: Value = second.get(&user, &path).await.json().await.ok()?;
-        (file["enrichment_status"] == "completed").then_some(file)
-    })
-    .await
-    .expect("the abandoned file is enriched again");
+    let file = poll(
+        "the abandoned file is enriched again",
+        std::time::Duration::from_secs(30),
+        || async {
+            let file: Value = second.get(&user, &path).await.json().await.ok()?;
+            (file["enrichment_status"] == "completed").then_some(file)
+        },
+    )
+    .await;
     assert_eq!(file["conversation_count"], 60);
     assert_eq!(
         stored_conversations(&second.db, abandoned_id).await,

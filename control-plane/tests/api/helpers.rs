@@ -2,7 +2,7 @@
 //! database, driven over HTTP.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use control_plane::configuration::Settings;
 use control_plane::db::Db;
@@ -15,99 +15,7 @@ use reqwest::{Client, Response, StatusCode};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-/// Generates one test per backend for each async fn taking a `Backend`.
-#[macro_export]
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn sqlite() {
-                    super::$name($crate::helpers::Backend::Sqlite).await
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn postgres() {
-                    super::$name($crate::helpers::Backend::Postgres).await
-                }
-            }
-        )*
-    };
-}
-
-/// A database of its own for one test; PostgreSQL ones are dropped afterwards.
-pub struct TestDatabase {
-    pub url: String,
-    pub data_dir: tempfile::TempDir,
-    postgres_name: Option<String>,
-}
-
-fn admin_url() -> String {
-    std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-impl TestDatabase {
-    pub async fn create(backend: Backend) -> TestDatabase {
-        let data_dir = tempfile::tempdir().expect("temp dir");
-        match backend {
-            Backend::Sqlite => TestDatabase {
-                url: format!(
-                    "sqlite://{}",
-                    data_dir.path().join("control-plane.db").display()
-                ),
-                data_dir,
-                postgres_name: None,
-            },
-            Backend::Postgres => {
-                let name = format!("cp_test_{}", Uuid::new_v4().simple());
-                let admin = sqlx::PgPool::connect(&admin_url())
-                    .await
-                    .expect("PostgreSQL reachable");
-                sqlx::query(&format!("CREATE DATABASE {name}"))
-                    .execute(&admin)
-                    .await
-                    .expect("create test database");
-                admin.close().await;
-                let base = admin_url();
-                let server = &base[..base.rfind('/').expect("database URL has a path")];
-                TestDatabase {
-                    url: format!("{server}/{name}"),
-                    data_dir,
-                    postgres_name: Some(name),
-                }
-            }
-        }
-    }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        let Some(name) = self.postgres_name.take() else {
-            return;
-        };
-        // Drop runs inside the test's runtime: clean up from a thread with its own.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            runtime.block_on(async {
-                let admin = sqlx::PgPool::connect(&admin_url()).await.ok()?;
-                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .execute(&admin)
-                    .await
-                    .ok()
-            })
-        })
-        .join();
-    }
-}
+pub use testkit::{poll, Backend, TestDatabase};
 
 pub struct TestApp {
     pub address: String,
@@ -251,7 +159,7 @@ impl TestApp {
 
     pub async fn wait_for_enrichment(&self, user: &User, id: &str) -> Value {
         let path = format!("/api/v1/training-files/{id}");
-        poll(Duration::from_secs(30), || async {
+        poll("enrichment to finish", Duration::from_secs(30), || async {
             let file: Value = self.get(user, &path).await.json().await.ok()?;
             matches!(
                 file["enrichment_status"].as_str(),
@@ -260,7 +168,6 @@ impl TestApp {
             .then_some(file)
         })
         .await
-        .expect("enrichment finished in time")
     }
 
     /// A file with enough conversations to be eligible, and a draft job on it.
@@ -354,24 +261,6 @@ pub fn agent_heartbeat() -> Value {
 pub struct User {
     pub token: String,
     pub id: Uuid,
-}
-
-/// Polls `check` until it yields a value or the deadline passes.
-pub async fn poll<T, F, Fut>(deadline: Duration, mut check: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let end = Instant::now() + deadline;
-    loop {
-        if let Some(value) = check().await {
-            return Some(value);
-        }
-        if Instant::now() > end {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 /// `count` valid chat conversations with metadata, as JSONL.

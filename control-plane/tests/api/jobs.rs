@@ -4,7 +4,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::helpers::{chat_jsonl, field_names, json_of, Backend, TestApp, TestDatabase};
-use crate::on_both_backends;
+use testkit::on_both_backends;
 
 on_both_backends!(
     a_job_goes_from_draft_to_cancelled_with_an_event_per_step,

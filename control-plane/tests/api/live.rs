@@ -5,7 +5,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::helpers::{Backend, TestApp, TestDatabase, User};
-use crate::on_both_backends;
+use testkit::on_both_backends;
 
 /// Reads server-sent events from a response body.
 struct SseReader {

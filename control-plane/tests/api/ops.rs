@@ -3,7 +3,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 
 use crate::helpers::{Backend, TestApp, TestDatabase};
-use crate::on_both_backends;
+use testkit::on_both_backends;
 
 on_both_backends!(health_and_prometheus_metrics);
 

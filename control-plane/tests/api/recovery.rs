@@ -8,8 +8,8 @@ use serde_json::{json, Value};
 use sha2::Digest;
 
 use crate::helpers::{agent_heartbeat, json_of, poll, settings, Backend, TestApp, TestDatabase};
-use crate::on_both_backends;
 use control_plane::domain::Role;
+use testkit::on_both_backends;
 
 on_both_backends!(
     an_attempt_the_agent_stops_naming_is_ended,
@@ -147,12 +147,15 @@ async fn a_silent_agents_job_goes_back_to_the_queue(backend: Backend) {
     let (user, job, secret) = queued_job_and_agent(&app).await;
     claim(&app, &secret).await;
     // No more heartbeats: the sweeper ends the attempt as lost and requeues the job.
-    let view = poll(std::time::Duration::from_secs(20), || async {
-        let (_, view) = json_of(app.get(&user, &format!("/api/v1/jobs/{job}")).await).await;
-        (view["status"] == "queued").then_some(view)
-    })
-    .await
-    .expect("requeued after the agent went silent");
+    let view = poll(
+        "requeued after the agent went silent",
+        std::time::Duration::from_secs(20),
+        || async {
+            let (_, view) = json_of(app.get(&user, &format!("/api/v1/jobs/{job}")).await).await;
+            (view["status"] == "queued").then_some(view)
+        },
+    )
+    .await;
     assert_first_attempt_lost(&app, &user, &job, &view).await;
     let operator = app.user("ops@example.com", Role::Operator).await;
     let (_, fleet) = json_of(app.get(&operator, "/api/v1/agents").await).await;
@@ -288,13 +291,16 @@ async fn an_attempt_the_agent_stops_naming_is_ended(backend: Backend) {
     let (user, job, secret) = queued_job_and_agent(&app).await;
     claim(&app, &secret).await;
     // The agent stays alive but its heartbeats name no attempt (it lost its state).
-    let view = poll(std::time::Duration::from_secs(20), || async {
-        app.agent_call(&secret, Method::POST, "/heartbeat", agent_heartbeat())
-            .await;
-        let (_, view) = json_of(app.get(&user, &format!("/api/v1/jobs/{job}")).await).await;
-        (view["status"] == "queued").then_some(view)
-    })
-    .await
-    .expect("requeued once the agent stopped naming its attempt");
+    let view = poll(
+        "requeued once the agent stopped naming its attempt",
+        std::time::Duration::from_secs(20),
+        || async {
+            app.agent_call(&secret, Method::POST, "/heartbeat", agent_heartbeat())
+                .await;
+            let (_, view) = json_of(app.get(&user, &format!("/api/v1/jobs/{job}")).await).await;
+            (view["status"] == "queued").then_some(view)
+        },
+    )
+    .await;
     assert_first_attempt_lost(&app, &user, &job, &view).await;
 }

@@ -7,11 +7,11 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::helpers::{agent_heartbeat, field_names, json_of, Backend, TestApp, TestDatabase, User};
-use crate::on_both_backends;
 use control_plane::db::jobs::{self, Change, NewAttempt};
 use control_plane::domain::{GpuType, JobStatus, Role};
 use control_plane::service::transition::{change_status, Origin};
 use control_plane::service::ServiceError;
+use testkit::on_both_backends;
 
 on_both_backends!(
     a_bad_policy_names_every_field_and_changes_nothing,
