@@ -327,6 +327,20 @@ impl Api {
         model: &Path,
         hyperparameters: Value,
     ) -> String {
+        self.start_job_with(file_id, name, model, hyperparameters, json!({}))
+            .await
+    }
+
+    /// Creates, configures (spot, with `recovery` as its recovery policy) and starts a
+    /// job; returns its id.
+    pub async fn start_job_with(
+        &self,
+        file_id: &str,
+        name: &str,
+        model: &Path,
+        hyperparameters: Value,
+        recovery: Value,
+    ) -> String {
         let job = self
             .send(
                 reqwest::Method::POST,
@@ -335,13 +349,15 @@ impl Api {
             )
             .await;
         let id = job["id"].as_str().expect("job id").to_owned();
-        self.send(
-            reqwest::Method::PUT,
-            &format!("/jobs/{id}/configure"),
-            json!({"preset_id": "00000000-0000-4000-8000-000000000002", "hyperparameters": hyperparameters,
-                   "gpu_type": "spot", "gpu_model": "H100-80GB"}),
-        )
-        .await;
+        let configured = self
+            .send(
+                reqwest::Method::PUT,
+                &format!("/jobs/{id}/configure"),
+                json!({"preset_id": "00000000-0000-4000-8000-000000000002", "hyperparameters": hyperparameters,
+                       "gpu_type": "spot", "gpu_model": "H100-80GB", "recovery": recovery}),
+            )
+            .await;
+        assert_eq!(configured["status"], "configured", "{configured}");
         self.send(
             reqwest::Method::POST,
             &format!("/jobs/{id}/start"),

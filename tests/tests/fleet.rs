@@ -404,3 +404,106 @@ async fn a_restarted_agent_hands_back_its_cut_short_attempt() {
         (1..=total).collect::<Vec<_>>()
     );
 }
+
+/// With a policy that does not resume on its own, a spot notice leaves the job
+/// `interrupted` while an idle agent keeps asking for work and gets none; a person's
+/// resume then completes it on that agent from the notice's checkpoint, every step once.
+async fn an_interrupted_job_waits_for_a_resume(recovery: Value, why: &str) {
+    let (plane, api, scratch, model, file) = setup(chat_jsonl(40)).await;
+    let stand_in = MetadataStandIn::start(Cloud::Aws).await;
+    let flags = [
+        "--spot-poll-milliseconds",
+        "100",
+        "--spot-provider",
+        "aws",
+        "--aws-metadata-url",
+        &stand_in.url,
+    ];
+    let mut spot = Agent::start(&plane, "spot", &flags);
+    let job = api
+        .start_job_with(
+            &file,
+            "waits",
+            &model,
+            hyperparameters(LONG_RUN_EPOCHS),
+            recovery,
+        )
+        .await;
+    api.wait_status(&job, "training", LONG).await;
+    let total = wait_for_step(&api, &job, 3).await["total_steps"]
+        .as_i64()
+        .expect("total steps");
+    // The idle agent asks for work every second.
+    let config = scratch.path().join("idle-agent.toml");
+    std::fs::write(&config, "claim_wait_seconds = 1\n").expect("agent config");
+    let config = config.display().to_string();
+    let _idle = Agent::start(
+        &plane,
+        "idle",
+        &["--spot-provider", "none", "--config", &config],
+    );
+    stand_in.raise();
+    assert!(spot.wait_exit(LONG).await.success(), "the spot agent exits");
+
+    let interrupted = api.wait_status(&job, "interrupted", LONG).await;
+    let interrupted_at: chrono::DateTime<chrono::Utc> = interrupted["updated_at"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .expect("updated_at");
+    poll("the idle agent to ask for work again", LONG, || async {
+        let fleet = api.get("/agents").await;
+        fleet["data"]
+            .as_array()?
+            .iter()
+            .find(|a| a["name"] == "idle")?["last_heartbeat_at"]
+            .as_str()?
+            .parse::<chrono::DateTime<chrono::Utc>>()
+            .ok()
+            .filter(|at| *at > interrupted_at + chrono::Duration::seconds(2))
+    })
+    .await;
+    let waiting = api.get(&format!("/jobs/{job}")).await;
+    assert_eq!(waiting["status"], "interrupted", "nothing resumed it");
+    let attempts = api.get(&format!("/jobs/{job}/attempts")).await;
+    assert_eq!(attempts["data"].as_array().map(Vec::len), Some(1));
+    let events = api.get(&format!("/jobs/{job}/events?limit=500")).await;
+    assert!(
+        events["data"].as_array().is_some_and(|e| e
+            .iter()
+            .any(|e| e["message"].as_str().is_some_and(|m| m.contains(why)))),
+        "{why:?} in {events}"
+    );
+
+    let resumed = api
+        .send(Method::POST, &format!("/jobs/{job}/resume"), json!({}))
+        .await;
+    assert_eq!(resumed["status"], "queued");
+    let done = api.wait_status(&job, "completed", LONG).await;
+    assert_eq!(done["interruption_count"], 1);
+    let attempts = api.get(&format!("/jobs/{job}/attempts")).await;
+    let attempts = attempts["data"].as_array().cloned().unwrap_or_default();
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(attempts[0]["status"], "interrupted");
+    assert_eq!(attempts[1]["status"], "succeeded");
+    assert_ne!(attempts[0]["agent_id"], attempts[1]["agent_id"]);
+    assert!(attempts[1]["resumed_from_step"].as_i64() >= Some(3));
+    assert_eq!(
+        metric_steps(&api, &job).await,
+        (1..=total).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auto_resume_off_an_interruption_waits_for_a_resume() {
+    an_interrupted_job_waits_for_a_resume(json!({"auto_resume": false}), "automatic resume is off")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_interruptions_allowed_an_interruption_waits_for_a_resume() {
+    an_interrupted_job_waits_for_a_resume(
+        json!({"max_interruptions": 0}),
+        "automatic resumes are spent",
+    )
+    .await;
+}
