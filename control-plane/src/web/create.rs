@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use super::pages::Frame;
+use super::frame::Frame;
 use super::{render, PageError, PageUser};
 use crate::db::files::{self, FileFilter, TrainingFile};
 use crate::db::presets::{self, Preset};

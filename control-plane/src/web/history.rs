@@ -9,7 +9,7 @@ use axum::Router;
 use uuid::Uuid;
 
 use super::charts::{line_chart, Series};
-use super::pages::Frame;
+use super::frame::Frame;
 use super::{render, PageError, PageUser};
 use crate::db::jobs::{self, Job};
 use crate::db::metrics;

@@ -11,10 +11,10 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::create::{eligible_files, problems};
-use super::pages::Frame;
+use super::frame::Frame;
 use super::{render, PageError, PageUser};
 use crate::db::files::TrainingFile;
-use crate::db::job_templates::{self as templates, Template as JobTemplate};
+use crate::db::job_templates::Template as JobTemplate;
 use crate::service::template::{
     create_template, job_from_template, NewTemplateRequest, UseTemplate,
 };
@@ -46,7 +46,7 @@ async fn page(
 ) -> Result<TemplatesPage, PageError> {
     Ok(TemplatesPage {
         frame: Frame::new(user, "templates", &[("Templates", "/training/templates")]),
-        templates: templates::visible_to(&state.db, user.0 .0.id, None, None).await?,
+        templates: crate::service::template::list_templates(&state, &user.0, None, None).await?,
         files: eligible_files(state, user).await?,
         problem,
     })

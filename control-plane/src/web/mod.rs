@@ -16,12 +16,21 @@ use crate::service::ServiceError;
 
 pub mod charts;
 mod create;
+mod files;
+mod fleet;
+mod frame;
 mod history;
+mod home;
 mod job_templates;
-mod pages;
+mod jobs;
+mod login;
 
 pub fn router() -> Router<AppState> {
-    pages::router()
+    login::router()
+        .merge(home::router())
+        .merge(jobs::router())
+        .merge(files::router())
+        .merge(fleet::router())
         .merge(create::router())
         .merge(history::router())
         .merge(job_templates::router())

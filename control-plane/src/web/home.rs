@@ -1,0 +1,71 @@
+//! Home: active and queued jobs (interrupted ones with a Resume action), completed
+//! today, spend this month, agents online.
+use askama::Template;
+use axum::extract::State;
+use axum::routing::get;
+use axum::Router;
+use chrono::Datelike;
+
+use super::frame::{money, viewer, Frame, PageResult};
+use super::jobs::{job_rows, JobRow};
+use super::{render, PageUser};
+use crate::db::jobs::{self, Job};
+use crate::db::{agents, now};
+use crate::domain::JobStatus;
+use crate::service::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/", get(home))
+}
+
+#[derive(Template)]
+#[template(path = "home.html")]
+struct HomePage {
+    frame: Frame,
+    /// Active and queued jobs.
+    rows: Vec<JobRow>,
+    queued: usize,
+    completed_today: usize,
+    spend_this_month: String,
+    agents_online: usize,
+    agents_total: usize,
+}
+
+async fn home(State(state): State<AppState>, user: PageUser) -> PageResult {
+    let (list, _) = jobs::list(&state.db, viewer(&user), None, 500, 0).await?;
+    let today = now().date_naive();
+    let month = (today.year(), today.month());
+    let completed_today = list
+        .iter()
+        .filter(|j| j.status == JobStatus::Completed)
+        .filter(|j| j.completed_at.is_some_and(|t| t.date_naive() == today))
+        .count();
+    let spend: f64 = list
+        .iter()
+        .filter(|j| {
+            let started = j.started_at.unwrap_or(j.created_at).date_naive();
+            (started.year(), started.month()) == month
+        })
+        .map(|j| j.final_cost.unwrap_or(j.current_cost))
+        .sum();
+    let queued = list
+        .iter()
+        .filter(|j| j.status == JobStatus::Queued)
+        .count();
+    let queue = jobs::queue_order(&state.db).await?;
+    let active: Vec<Job> = list.into_iter().filter(|j| j.status.is_live()).collect();
+    let fleet = agents::list(&state.db).await?;
+    let page = HomePage {
+        frame: Frame::new(&user, "home", &[]),
+        rows: job_rows(active, &queue),
+        queued,
+        completed_today,
+        spend_this_month: money(spend),
+        agents_online: fleet
+            .iter()
+            .filter(|a| a.status == crate::domain::AgentStatus::Online)
+            .count(),
+        agents_total: fleet.len(),
+    };
+    Ok(render(&page))
+}

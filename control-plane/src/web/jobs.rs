@@ -1,0 +1,380 @@
+//! The jobs list and a job's page: live header, stage indicator, charts, events,
+//! checkpoints, artifacts, and the cancel and resume actions.
+use askama::Template;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Redirect};
+use axum::routing::{get, post};
+use axum::{Form, Router};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::charts::{line_chart, Series};
+use super::frame::{ago, duration, money, viewer, Frame, PageResult};
+use super::{render, PageError, PageUser};
+use crate::db::artifacts::Artifact;
+use crate::db::attempts::{self, Checkpoint};
+use crate::db::events::{self, Event, EventFilter};
+use crate::db::jobs::{self, Job};
+use crate::db::metrics::{self, MetricPoint};
+use crate::db::now;
+use crate::domain::JobStatus;
+use crate::service::job::resume_job;
+use crate::service::job::{cancel_job, visible_job};
+use crate::service::AppState;
+use crate::service::ServiceError;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/training/jobs", get(job_list))
+        .route("/training/job/{id}", get(job_detail))
+        .route("/training/job/{id}/live", get(job_live))
+        .route("/training/job/{id}/cancel", post(cancel))
+        .route("/training/job/{id}/resume", post(resume))
+        .route("/training/artifact/{id}", get(download))
+}
+
+/// A job as the jobs tables show it.
+pub struct JobRow {
+    pub id: Uuid,
+    pub name: String,
+    pub status: String,
+    pub progress: i64,
+    pub step: i64,
+    pub total_steps: Option<i64>,
+    pub queue_position: Option<usize>,
+    pub created: String,
+    pub cost: String,
+}
+
+/// Table rows for jobs, with queue positions from `queue` (the queue's order).
+pub fn job_rows(list: Vec<Job>, queue: &[Uuid]) -> Vec<JobRow> {
+    list.into_iter()
+        .map(|job| JobRow {
+            queue_position: queue.iter().position(|id| *id == job.id).map(|i| i + 1),
+            id: job.id,
+            status: job.status.to_string(),
+            progress: job.progress_percentage,
+            step: job.current_step,
+            total_steps: job.total_steps,
+            created: ago(&job.created_at),
+            cost: money(job.final_cost.unwrap_or(job.current_cost)),
+            name: job.name,
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+struct JobFilter {
+    status: Option<String>,
+}
+
+#[derive(Template)]
+#[template(path = "jobs.html")]
+struct JobsPage {
+    frame: Frame,
+    rows: Vec<JobRow>,
+    total: i64,
+    status: String,
+    statuses: Vec<&'static str>,
+}
+
+async fn job_list(
+    State(state): State<AppState>,
+    user: PageUser,
+    Query(filter): Query<JobFilter>,
+) -> PageResult {
+    let status = filter
+        .status
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .map(str::parse::<JobStatus>)
+        .transpose()
+        .map_err(ServiceError::BadRequest)?;
+    let (list, total) = jobs::list(&state.db, viewer(&user), status, 200, 0).await?;
+    let queue = jobs::queue_order(&state.db).await?;
+    let page = JobsPage {
+        frame: Frame::new(&user, "jobs", &[("Jobs", "/training/jobs")]),
+        rows: job_rows(list, &queue),
+        total,
+        status: status.map(|s| s.to_string()).unwrap_or_default(),
+        statuses: JobStatus::ALL.iter().map(|s| s.as_str()).collect(),
+    };
+    Ok(render(&page))
+}
+
+/// The parts of the job page that change while it trains.
+#[derive(Template)]
+#[template(path = "job_live.html")]
+struct JobLive {
+    job: Job,
+    stage: String,
+    elapsed: String,
+    remaining: String,
+    cost_so_far: String,
+    estimate: String,
+    loss_chart: String,
+    learning_rate_chart: String,
+    gpu_chart: String,
+    memory_chart: String,
+    latest: Option<MetricPoint>,
+}
+
+const STAGES: [&str; 5] = [
+    "queued",
+    "preprocessing",
+    "model_loading",
+    "training",
+    "finalization",
+];
+
+/// One stage of the stage indicator: `done`, `current`, `failed` or `pending`.
+pub struct StageChip {
+    pub name: &'static str,
+    pub state: &'static str,
+}
+
+/// Which stages a job has been through: all of them once it completed; up to the stage
+/// it stopped in when it failed or was interrupted.
+fn stage_chips(job: &Job) -> Vec<StageChip> {
+    let stage = job
+        .failed_stage
+        .as_deref()
+        .filter(|_| job.status == JobStatus::Failed)
+        .or(job.current_stage.as_deref())
+        .unwrap_or("queued");
+    let reached = match job.status {
+        JobStatus::Completed => Some(STAGES.len()),
+        JobStatus::Draft | JobStatus::Configured => None,
+        _ => STAGES
+            .iter()
+            .position(|s| *s == stage)
+            // Between the queue and the first report the agent is provisioning.
+            .or((stage == "provisioning").then_some(1)),
+    };
+    let stopped = matches!(
+        job.status,
+        JobStatus::Failed | JobStatus::Interrupted | JobStatus::Cancelled
+    );
+    STAGES
+        .iter()
+        .enumerate()
+        .map(|(index, name)| StageChip {
+            name,
+            state: match reached {
+                Some(at) if index < at => "done",
+                Some(at) if index == at && stopped => "failed",
+                Some(at) if index == at => "current",
+                _ => "pending",
+            },
+        })
+        .collect()
+}
+
+async fn job_live_view(state: &AppState, job: Job) -> Result<JobLive, PageError> {
+    // Charts keep about 400 points whatever the run's length; the last stored step says
+    // how long it is (the job's own step may lag its metrics).
+    let last_step = metrics::latest(&state.db, job.id)
+        .await?
+        .map_or(job.current_step, |p| p.step);
+    let interval = (last_step / 400).max(1);
+    let points = metrics::history(&state.db, job.id, interval, 100_000).await?;
+    let series = |name: &'static str, value: fn(&MetricPoint) -> Option<f64>| Series {
+        name,
+        points: points
+            .iter()
+            .filter_map(|p| value(p).map(|v| (p.step as f64, v)))
+            .collect(),
+    };
+    let loss_chart = line_chart(
+        "Loss",
+        "step",
+        &[
+            series("training loss", |p| p.training_loss),
+            series("validation loss", |p| p.validation_loss),
+        ],
+    );
+    let learning_rate_chart = line_chart(
+        "Learning rate",
+        "step",
+        &[series("learning rate", |p| p.learning_rate)],
+    );
+    let gpu_chart = line_chart(
+        "GPU utilization",
+        "step",
+        &[series("GPU utilization %", |p| {
+            p.gpu_utilization.map(|u| u as f64)
+        })],
+    );
+    // Memory in the unit that suits its size: MB below a gigabyte, else GB.
+    let peak_gb = points
+        .iter()
+        .filter_map(|p| p.memory_used_gb)
+        .fold(0.0, f64::max);
+    let memory_chart = if peak_gb < 1.0 {
+        line_chart(
+            "Memory",
+            "step",
+            &[series("memory MB", |p| {
+                p.memory_used_gb.map(|gb| gb * 1024.0)
+            })],
+        )
+    } else {
+        line_chart(
+            "Memory",
+            "step",
+            &[series("memory GB", |p| p.memory_used_gb)],
+        )
+    };
+    let cost = attempts::job_cost(&state.db, job.id, now()).await?;
+    let estimate = match (job.estimated_cost_min, job.estimated_cost_max) {
+        (Some(low), Some(high)) => format!("{}–{}", money(low), money(high)),
+        _ => "not configured".into(),
+    };
+    Ok(JobLive {
+        stage: job
+            .current_stage
+            .clone()
+            .unwrap_or_else(|| job.status.to_string()),
+        elapsed: duration(job.elapsed_seconds),
+        remaining: job
+            .estimated_remaining_seconds
+            .filter(|_| !job.status.is_terminal())
+            .map(duration)
+            .unwrap_or_else(|| "—".into()),
+        cost_so_far: money(job.final_cost.unwrap_or(cost)),
+        estimate,
+        loss_chart,
+        learning_rate_chart,
+        gpu_chart,
+        memory_chart,
+        latest: points.last().cloned(),
+        job,
+    })
+}
+
+#[derive(Template)]
+#[template(path = "job.html")]
+struct JobPage {
+    frame: Frame,
+    // The actions sit outside the live region, so a refresh never wipes a half-typed
+    // reason; the page reloads when the job ends.
+    can_cancel: bool,
+    can_resume: bool,
+    can_configure: bool,
+    can_start: bool,
+    job: Job,
+    /// The rendered live region ([`JobLive`]), also served alone for refreshes.
+    live_html: String,
+    stages: Vec<StageChip>,
+    events: Vec<Event>,
+    checkpoints: Vec<Checkpoint>,
+    artifacts: Vec<Artifact>,
+    notice: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Notice {
+    notice: Option<String>,
+}
+
+async fn job_detail(
+    State(state): State<AppState>,
+    user: PageUser,
+    Path(id): Path<Uuid>,
+    Query(notice): Query<Notice>,
+) -> PageResult {
+    let job = visible_job(&state, &user.0, id).await?;
+    // The last 200 events; a second read only when the log is longer than that.
+    let recent_events = |offset: i64| EventFilter {
+        limit: 200,
+        offset,
+        ..EventFilter::default()
+    };
+    let (mut recent, total) = events::list(&state.db, job.id, &recent_events(0)).await?;
+    if total > 200 {
+        recent = events::list(&state.db, job.id, &recent_events(total - 200))
+            .await?
+            .0;
+    }
+    let frame = Frame::new(
+        &user,
+        "jobs",
+        &[("Jobs", "/training/jobs"), (&job.name, "")],
+    );
+    let checkpoints = crate::service::artifact::job_checkpoints(&state, &user.0, job.id).await?;
+    let artifacts = crate::service::artifact::job_artifacts(&state, &user.0, job.id)
+        .await?
+        .into_iter()
+        .filter(|a| a.artifact_type != protocol::agent::ArtifactKind::Checkpoint)
+        .collect();
+    let live = job_live_view(&state, job).await?;
+    let status = live.job.status;
+    let page = JobPage {
+        frame,
+        can_cancel: status.check(JobStatus::Cancelled).is_ok(),
+        can_resume: matches!(status, JobStatus::Interrupted | JobStatus::Failed),
+        can_configure: status.check(JobStatus::Configured).is_ok(),
+        can_start: status == JobStatus::Configured,
+        stages: stage_chips(&live.job),
+        events: recent.into_iter().rev().collect(),
+        checkpoints,
+        artifacts,
+        notice: notice.notice,
+        live_html: live
+            .render()
+            .map_err(|e| ServiceError::Internal(e.to_string()))?,
+        job: live.job,
+    };
+    Ok(render(&page))
+}
+
+/// The live region alone, fetched by the page's script when the stream says it changed.
+async fn job_live(
+    State(state): State<AppState>,
+    user: PageUser,
+    Path(id): Path<Uuid>,
+) -> PageResult {
+    let job = visible_job(&state, &user.0, id).await?;
+    Ok(render(&job_live_view(&state, job).await?))
+}
+
+#[derive(Deserialize)]
+struct CancelForm {
+    #[serde(default)]
+    reason: String,
+}
+
+async fn cancel(
+    State(state): State<AppState>,
+    user: PageUser,
+    Path(id): Path<Uuid>,
+    Form(form): Form<CancelForm>,
+) -> PageResult {
+    let job = visible_job(&state, &user.0, id).await?;
+    cancel_job(&state, &job, &form.reason).await?;
+    Ok(Redirect::to(&format!("/training/job/{id}?notice=Job+cancelled")).into_response())
+}
+
+async fn resume(State(state): State<AppState>, user: PageUser, Path(id): Path<Uuid>) -> PageResult {
+    let job = visible_job(&state, &user.0, id).await?;
+    resume_job(&state, &user.0, &job, None).await?;
+    Ok(Redirect::to(&format!("/training/job/{id}?notice=Job+queued+again")).into_response())
+}
+
+/// Sends the browser to a fresh signed link of the artifact.
+async fn download(
+    State(state): State<AppState>,
+    user: PageUser,
+    headers: HeaderMap,
+    Path(id): Path<Uuid>,
+) -> PageResult {
+    let link = crate::service::artifact::signed_download(
+        &state,
+        &user.0,
+        &crate::request::base_url(&state, &headers),
+        id,
+    )
+    .await?;
+    Ok(Redirect::to(&link.download_url).into_response())
+}
