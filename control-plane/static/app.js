@@ -35,10 +35,7 @@ function watchJob(section) {
   const events = new EventSource(`/api/v1/jobs/${id}/stream`);
   events.addEventListener("status", (e) => {
     const job = JSON.parse(e.data);
-    const stage = job.current_stage || job.status;
-    document.querySelectorAll(".stages li").forEach((li) => {
-      li.classList.toggle("current", li.textContent.replace(/ /g, "_") === stage);
-    });
+    // The stage chips are part of the live region the refresh redraws.
     refresh();
     if (["completed", "failed", "cancelled", "interrupted"].includes(job.status)) {
       // The job's actions and artifacts change with its end: show them.

@@ -117,6 +117,7 @@ struct JobLive {
     learning_rate_chart: String,
     gpu_chart: String,
     memory_chart: String,
+    stages: Vec<StageChip>,
     latest: Option<MetricPoint>,
 }
 
@@ -248,6 +249,7 @@ async fn job_live_view(state: &AppState, job: Job) -> Result<JobLive, PageError>
         learning_rate_chart,
         gpu_chart,
         memory_chart,
+        stages: stage_chips(&job),
         latest: points.last().cloned(),
         job,
     })
@@ -266,7 +268,6 @@ struct JobPage {
     job: Job,
     /// The rendered live region ([`JobLive`]), also served alone for refreshes.
     live_html: String,
-    stages: Vec<StageChip>,
     events: Vec<Event>,
     checkpoints: Vec<Checkpoint>,
     artifacts: Vec<Artifact>,
@@ -316,7 +317,6 @@ async fn job_detail(
         can_resume: matches!(status, JobStatus::Interrupted | JobStatus::Failed),
         can_configure: status.check(JobStatus::Configured).is_ok(),
         can_start: status == JobStatus::Configured,
-        stages: stage_chips(&live.job),
         events: recent.into_iter().rev().collect(),
         checkpoints,
         artifacts,
