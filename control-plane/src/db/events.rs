@@ -15,6 +15,8 @@ pub struct Event {
     pub job_id: Uuid,
     pub attempt_id: Option<Uuid>,
     pub event_type: EventType,
+    #[sqlx(try_from = "String")]
+    #[schema(value_type = String)]
     pub severity: Severity,
     pub message: String,
     #[schema(value_type = Option<Object>)]
@@ -68,7 +70,7 @@ macro_rules! insert_event {
         .bind(event.job_id)
         .bind(event.attempt_id)
         .bind(event.event_type)
-        .bind(event.severity)
+        .bind(event.severity.as_str())
         .bind(&event.message)
         .bind(&event.details)
         .bind(&event.source)
@@ -104,7 +106,7 @@ pub async fn list(
     ) where
         Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
         EventType: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-        Severity: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+        &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     {
         query
             .push(" FROM event_logs WHERE job_id = ")
@@ -113,7 +115,7 @@ pub async fn list(
             query.push(" AND event_type = ").push_bind(event_type);
         }
         if let Some(severity) = filter.severity {
-            query.push(" AND severity = ").push_bind(severity);
+            query.push(" AND severity = ").push_bind(severity.as_str());
         }
     }
     Ok(on_pool!(db, pool => {

@@ -77,14 +77,18 @@ impl Job {
         }
     }
 
-    /// The labels a host must carry, as configured (string values only).
-    pub fn required_labels(&self) -> std::collections::BTreeMap<String, String> {
-        self.required_labels
-            .0
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+    /// The labels a host must carry. A stored requirement that does not parse (not an
+    /// object of strings) is an error, never "no requirement".
+    pub fn required_labels(&self) -> Result<std::collections::BTreeMap<String, String>, String> {
+        let Some(labels) = self.required_labels.0.as_object() else {
+            return Err("required_labels is not an object".into());
+        };
+        labels
+            .iter()
+            .map(|(key, value)| match value.as_str() {
+                Some(text) => Ok((key.clone(), text.to_owned())),
+                None => Err(format!("required label {key} is not a string")),
+            })
             .collect()
     }
 }

@@ -134,15 +134,8 @@ vocabulary!(
     }
 );
 
-vocabulary!(
-    /// How much a job event matters.
-    Severity, "severity" {
-        Info = "info",
-        Warning = "warning",
-        Error = "error",
-        Critical = "critical",
-    }
-);
+/// How much a job event matters: one vocabulary with the agent protocol's.
+pub use protocol::agent::Severity;
 
 #[cfg(test)]
 mod tests {

@@ -248,11 +248,7 @@ pub async fn reports(
                     Ok(EventType::Status) | Err(_) => EventType::Info,
                     Ok(known) => known,
                 };
-                let severity = severity
-                    .as_str()
-                    .parse::<Severity>()
-                    .unwrap_or(Severity::Info);
-                let mut event = Event::new(attempt.job_id, event_type, severity, message.clone());
+                let mut event = Event::new(attempt.job_id, event_type, *severity, message.clone());
                 event.details = details.clone().map(sqlx::types::Json);
                 event.created_at = *at;
                 events.push(agent_event(event, &attempt, key));

@@ -29,8 +29,16 @@ pub async fn claim(
             tracing::warn!(job_id = %job.id, "queued job without hyperparameters skipped");
             continue;
         };
+        let labels = match job.required_labels() {
+            Ok(labels) => labels,
+            // Fail closed: a requirement that cannot be read fits no host.
+            Err(problem) => {
+                tracing::warn!(job_id = %job.id, problem, "queued job with unreadable label requirements skipped");
+                continue;
+            }
+        };
         let memory = estimated_memory_gib(&job.base_model, &hp);
-        if let Some(reason) = unfit_reason(job.gpu_type, &job.required_labels(), memory, beat) {
+        if let Some(reason) = unfit_reason(job.gpu_type, &labels, memory, beat) {
             tracing::debug!(job_id = %job.id, agent = %agent.name, reason, "job does not fit");
             continue;
         }

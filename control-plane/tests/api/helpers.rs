@@ -251,6 +251,19 @@ impl TestApp {
     }
 }
 
+impl TestApp {
+    /// Asks for work, without waiting, as the agent holding `secret`.
+    pub async fn claim_now(&self, secret: &str) -> (StatusCode, Value) {
+        self.agent_call(
+            secret,
+            reqwest::Method::POST,
+            "/claim",
+            json!({"wait_seconds": 0, "heartbeat": agent_heartbeat()}),
+        )
+        .await
+    }
+}
+
 /// A heartbeat of an on-demand CPU host with 64 GB of RAM.
 pub fn agent_heartbeat() -> Value {
     json!({"gpus": [], "host": {"cpu_percent": 1.0, "cpu_count": 2, "memory_used_mb": 1000,

@@ -41,14 +41,7 @@ async fn assert_first_attempt_lost(
 
 /// Claims the next job as the agent holding `secret`; returns the assignment.
 async fn claim(app: &TestApp, secret: &str) -> Value {
-    let (status, assignment) = app
-        .agent_call(
-            secret,
-            Method::POST,
-            "/claim",
-            json!({"wait_seconds": 0, "heartbeat": agent_heartbeat()}),
-        )
-        .await;
+    let (status, assignment) = app.claim_now(secret).await;
     assert_eq!(status, StatusCode::OK, "{assignment}");
     assignment
 }

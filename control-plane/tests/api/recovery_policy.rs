@@ -6,7 +6,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::helpers::{agent_heartbeat, field_names, json_of, Backend, TestApp, TestDatabase, User};
+use crate::helpers::{field_names, json_of, Backend, TestApp, TestDatabase, User};
 use control_plane::db::jobs::{self, Change, NewAttempt};
 use control_plane::domain::{GpuType, JobStatus, Role};
 use control_plane::service::transition::{change_status, Origin};
@@ -180,14 +180,7 @@ async fn the_policy_is_stored_shown_and_carried_by_templates(backend: Backend) {
 /// Claims the job, reports a step, then reports a spot interruption; returns the job's
 /// status after it.
 async fn interrupt(app: &TestApp, secret: &str) -> (Value, Value) {
-    let (status, assignment) = app
-        .agent_call(
-            secret,
-            Method::POST,
-            "/claim",
-            json!({"wait_seconds": 0, "heartbeat": agent_heartbeat()}),
-        )
-        .await;
+    let (status, assignment) = app.claim_now(secret).await;
     assert_eq!(status, StatusCode::OK, "{assignment}");
     let attempt = assignment["attempt_id"].as_str().expect("attempt");
     let (status, _) = app
@@ -224,14 +217,7 @@ async fn waits_for_a_person(backend: Backend, recovery: Value, why: &str) {
     let (_, reply) = interrupt(&app, &secret).await;
     assert_eq!(reply["job_status"], "interrupted");
 
-    let (status, _) = app
-        .agent_call(
-            &secret,
-            Method::POST,
-            "/claim",
-            json!({"wait_seconds": 0, "heartbeat": agent_heartbeat()}),
-        )
-        .await;
+    let (status, _) = app.claim_now(&secret).await;
     assert_eq!(status, StatusCode::NO_CONTENT, "nothing is scheduled");
     let waiting = view(&app, &user, &job).await;
     assert_eq!(waiting["status"], "interrupted");
@@ -253,14 +239,7 @@ async fn waits_for_a_person(backend: Backend, recovery: Value, why: &str) {
     .await;
     assert_eq!(status, StatusCode::OK, "{resumed}");
     assert_eq!(resumed["status"], "queued");
-    let (status, second) = app
-        .agent_call(
-            &secret,
-            Method::POST,
-            "/claim",
-            json!({"wait_seconds": 0, "heartbeat": agent_heartbeat()}),
-        )
-        .await;
+    let (status, second) = app.claim_now(&secret).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(second["job_id"], job.as_str());
     assert_eq!(second["attempt_number"], 2);
