@@ -2,6 +2,7 @@
 //! changes refused by the state machine.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::sync::Mutex;
 
 use tracing_subscriber::EnvFilter;
@@ -13,6 +14,8 @@ pub fn init() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never in log files or collectors.
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 

@@ -124,8 +124,10 @@ pub async fn list(
                 .push_bind(status.clone());
         }
         if let Some(search) = &filter.search {
-            let pattern = format!("%{}%", search.to_lowercase().replace(['%', '_'], ""));
-            query.push(" AND LOWER(name) LIKE ").push_bind(pattern);
+            query
+                .push(" AND LOWER(name) LIKE ")
+                .push_bind(super::contains_pattern(search))
+                .push(" ESCAPE '\\'");
         }
     }
     let (rows, total) = on_pool!(db, pool => {

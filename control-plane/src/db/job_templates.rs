@@ -84,10 +84,10 @@ pub async fn visible_to(
     is_public: Option<bool>,
     search: Option<&str>,
 ) -> Result<Vec<Template>, DbError> {
-    let pattern = search.map(|s| format!("%{}%", s.to_lowercase().replace(['%', '_'], "")));
+    let pattern = search.map(super::contains_pattern);
     Ok(on_pool!(db, pool => sqlx::query_as::<_, Template>(
         "SELECT * FROM job_templates
-         WHERE (user_id = $1 OR is_public) AND ($2 IS NULL OR is_public = $2) AND ($3 IS NULL OR LOWER(name) LIKE $3)
+         WHERE (user_id = $1 OR is_public) AND ($2 IS NULL OR is_public = $2) AND ($3 IS NULL OR LOWER(name) LIKE $3 ESCAPE '\\')
          ORDER BY use_count DESC, created_at DESC",
     )
     .bind(user_id)

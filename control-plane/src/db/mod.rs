@@ -50,6 +50,20 @@ macro_rules! on_pool {
 }
 pub(crate) use on_pool;
 
+/// A case-insensitive `LIKE … ESCAPE '\'` pattern matching names that contain `search`
+/// literally: its `%`, `_` and `\` match themselves, not anything.
+pub fn contains_pattern(search: &str) -> String {
+    let mut pattern = String::from("%");
+    for c in search.to_lowercase().chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
 /// Timestamps are kept to the microsecond, the precision PostgreSQL stores, so a value
 /// reads back equal on both backends.
 pub fn now() -> DateTime<Utc> {

@@ -9,6 +9,9 @@ use super::{one_of, AppState, CurrentUser, ServiceError, ServiceResult};
 use crate::db::files::{self, FileFilter, NewFile, StoredConversation, TrainingFile};
 use crate::domain::{EnrichmentStatus, FieldError};
 
+/// The longest name a training file may have.
+pub const MAX_NAME_CHARS: usize = 200;
+
 /// An upload already streamed to disk at `path`.
 pub struct ReceivedFile {
     pub id: Uuid,
@@ -34,10 +37,25 @@ pub async fn register_upload(
         ));
     }
     let id = received.id;
-    let name = received
-        .name
-        .filter(|n| !n.trim().is_empty())
-        .or(received.original_name)
+    let given = received.name.filter(|n| !n.trim().is_empty());
+    if given
+        .as_ref()
+        .is_some_and(|n| n.trim().chars().count() > MAX_NAME_CHARS)
+    {
+        let _ = tokio::fs::remove_file(&received.path).await;
+        return Err(ServiceError::Validation(vec![FieldError::new(
+            "name",
+            format!("must be at most {MAX_NAME_CHARS} characters"),
+        )]));
+    }
+    // The file's own name stands in for a missing one, cut to the same length.
+    let name = given
+        .or_else(|| {
+            received
+                .original_name
+                .map(|n| n.trim().chars().take(MAX_NAME_CHARS).collect())
+        })
+        .filter(|n: &String| !n.trim().is_empty())
         .unwrap_or_else(|| format!("training-file-{id}"));
     let path_text = received.path.to_string_lossy().into_owned();
     let file = files::insert(

@@ -5,7 +5,9 @@ use serde_json::{json, Value};
 use control_plane::db::Db;
 use uuid::Uuid;
 
-use crate::helpers::{chat_jsonl, json_of, poll, settings, Backend, TestApp, TestDatabase};
+use crate::helpers::{
+    chat_jsonl, field_names, json_of, poll, settings, Backend, TestApp, TestDatabase,
+};
 use testkit::on_both_backends;
 
 on_both_backends!(
@@ -15,6 +17,8 @@ on_both_backends!(
     oversized_uploads_answer_413,
     deleting_a_file_is_soft_and_blocked_by_live_jobs,
     an_abandoned_enrichment_is_taken_over_by_the_next_server,
+    search_matches_wildcards_literally,
+    names_are_capped,
 );
 
 async fn enrichment_computes_statistics(backend: Backend) {
@@ -374,4 +378,48 @@ async fn an_abandoned_enrichment_is_taken_over_by_the_next_server(backend: Backe
         busy["enrichment_status"], "processing",
         "a live enrichment elsewhere is left alone"
     );
+}
+
+async fn search_matches_wildcards_literally(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let user = app.user("ada@example.com", Role::User).await;
+    for name in ["50% off", "plain", "snake_case"] {
+        let response = app.upload(&user, name, "data.jsonl", chat_jsonl(2)).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    for (search, expected) in [
+        ("%", vec!["50% off"]),
+        ("_", vec!["snake_case"]),
+        ("\\", vec![]),
+        ("PLAIN", vec!["plain"]),
+    ] {
+        let path = format!(
+            "/api/v1/training-files?search={}",
+            url::form_urlencoded::byte_serialize(search.as_bytes()).collect::<String>()
+        );
+        let (status, page) = json_of(app.get(&user, &path).await).await;
+        assert_eq!(status, StatusCode::OK);
+        let names: Vec<&str> = page["data"]
+            .as_array()
+            .map(|files| files.iter().filter_map(|f| f["name"].as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(names, expected, "search {search:?}");
+    }
+}
+
+async fn names_are_capped(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let user = app.user("ada@example.com", Role::User).await;
+    let long = "n".repeat(201);
+    let (status, error) =
+        json_of(app.upload(&user, &long, "data.jsonl", chat_jsonl(2)).await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{error}");
+    assert_eq!(field_names(&error), ["name"]);
+    // Without a name, the file's own name stands in, cut to the same length.
+    let file_name = format!("{}.jsonl", "f".repeat(100_000));
+    let (status, file) = json_of(app.upload(&user, "", &file_name, chat_jsonl(2)).await).await;
+    assert_eq!(status, StatusCode::CREATED, "{file}");
+    assert_eq!(file["name"].as_str().map(|n| n.chars().count()), Some(200));
 }
