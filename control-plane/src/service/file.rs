@@ -145,6 +145,8 @@ pub async fn preview(
 
 /// Soft-deletes one of the caller's files; refused while a live job uses it.
 pub async fn delete_file(state: &AppState, user: &CurrentUser, id: Uuid) -> ServiceResult<()> {
+    // Ownership before any other rule: another user's file is absent, in use or not.
+    owned_file(state, user, id).await?;
     match files::soft_delete(&state.db, id, user.0.id).await? {
         Ok(true) => Ok(()),
         Ok(false) => Err(ServiceError::NotFound("training file")),

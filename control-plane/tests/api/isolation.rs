@@ -3,9 +3,14 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::helpers::{json_of, Backend, TestApp, TestDatabase};
+use sha2::Digest;
 use testkit::on_both_backends;
 
-on_both_backends!(another_users_resources_answer_404, operators_see_every_job);
+on_both_backends!(
+    another_users_resources_answer_404,
+    operators_see_every_job,
+    every_id_route_hides_another_users_resources_whatever_their_state
+);
 
 async fn another_users_resources_answer_404(backend: Backend) {
     let database = TestDatabase::create(backend).await;
@@ -157,4 +162,113 @@ async fn operators_see_every_job(backend: Backend) {
         StatusCode::NOT_FOUND,
         "datasets stay private to their owner"
     );
+}
+
+/// Sweeps every `{id}` route of the OpenAPI document that a user may call with another
+/// user's ids, and a well-formed body: each answers 404, before any rule that would
+/// refuse the owner (a file a live job uses, a job that cannot be configured now).
+async fn every_id_route_hides_another_users_resources_whatever_their_state(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let ada = app.user("ada@example.com", Role::User).await;
+    let bob = app.user("bob@example.com", Role::User).await;
+    // Ada's job is running on an agent and has an artifact; her file is in use.
+    let job = app.queued_job(&ada).await;
+    let (_, view) = json_of(app.get(&ada, &format!("/api/v1/jobs/{job}")).await).await;
+    let file = view["training_file_id"]
+        .as_str()
+        .expect("file id")
+        .to_owned();
+    let secret = app.enroll_agent("host").await;
+    let (_, assignment) = app.claim_now(&secret).await;
+    let attempt = assignment["attempt_id"].as_str().expect("attempt");
+    let bytes = b"adapter".to_vec();
+    let sha = hex::encode(sha2::Sha256::digest(&bytes));
+    let uploaded: serde_json::Value = app
+        .client
+        .put(app.url(&format!(
+            "/api/v1/agent/attempts/{attempt}/artifacts?kind=adapter_weights&name=a.safetensors&sha256={sha}"
+        )))
+        .bearer_auth(&secret)
+        .body(bytes)
+        .send()
+        .await
+        .expect("upload")
+        .json()
+        .await
+        .expect("artifact");
+    let artifact = uploaded["artifact"]["id"]
+        .as_str()
+        .expect("artifact id")
+        .to_owned();
+    let (_, template) = json_of(
+        app.post(
+            &ada,
+            "/api/v1/templates",
+            json!({"name": "private", "source_job_id": job}),
+        )
+        .await,
+    )
+    .await;
+    let template = template["id"].as_str().expect("template id").to_owned();
+    // The owner is refused by a rule on some of these routes: others must not learn that.
+    assert_eq!(
+        app.delete(&ada, &format!("/api/v1/training-files/{file}"))
+            .await
+            .status(),
+        StatusCode::CONFLICT
+    );
+
+    let document: serde_json::Value = app
+        .client
+        .get(app.url("/api/v1/openapi.json"))
+        .send()
+        .await
+        .expect("openapi")
+        .json()
+        .await
+        .expect("json");
+    let mut swept = 0;
+    for (path, item) in document["paths"].as_object().expect("paths") {
+        // Agent routes take an agent's secret; the fleet is operators'; content links are signed.
+        let for_users = path.contains("{id}")
+            && !path.starts_with("/api/v1/agent")
+            && !path.ends_with("/content");
+        if !for_users {
+            continue;
+        }
+        let id = if path.starts_with("/api/v1/jobs/") {
+            &job
+        } else if path.starts_with("/api/v1/training-files/") {
+            &file
+        } else if path.starts_with("/api/v1/templates/") {
+            &template
+        } else if path.starts_with("/api/v1/artifacts/") {
+            &artifact
+        } else {
+            panic!("{path}: which resource does its id name?")
+        };
+        let url = app.url(&path.replace("{id}", id));
+        for method in item.as_object().expect("operations").keys() {
+            let body = if path.ends_with("/configure") {
+                json!({"gpu_type": "spot", "gpu_model": "H100-80GB"})
+            } else if path.ends_with("/use") {
+                json!({"training_file_id": file, "name": "stolen"})
+            } else {
+                json!({})
+            };
+            let method: reqwest::Method = method.to_uppercase().parse().expect("method");
+            let response = app
+                .client
+                .request(method.clone(), &url)
+                .bearer_auth(&bob.token)
+                .json(&body)
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(response.status(), StatusCode::NOT_FOUND, "{method} {path}");
+            swept += 1;
+        }
+    }
+    assert!(swept >= 18, "swept {swept} operations");
 }
