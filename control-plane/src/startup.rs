@@ -152,6 +152,8 @@ impl Application {
 pub fn router(state: AppState) -> axum::Router {
     crate::http::router()
         .merge(crate::web::router())
+        .fallback(not_found)
+        .method_not_allowed_fallback(crate::http::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::request::same_origin_for_cookies,
@@ -162,4 +164,14 @@ pub fn router(state: AppState) -> axum::Router {
         ))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Unknown addresses: the API's JSON error under `/api/`, the dashboard's page elsewhere.
+async fn not_found(request: axum::extract::Request) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if request.uri().path().starts_with("/api/") {
+        crate::http::no_such_route().await.into_response()
+    } else {
+        crate::web::no_such_page().await.into_response()
+    }
 }

@@ -4,7 +4,7 @@
 //! route authenticates the agent by its secret.
 
 use axum::body::Body;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::{header, request::Parts, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -19,7 +19,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::error::ErrorBody;
-use super::{ApiJson, ApiQuery};
+use super::{ApiJson, ApiPath, ApiQuery};
 use crate::db::agents::Agent;
 use crate::db::artifacts::Artifact;
 use crate::db::attempts::Checkpoint;
@@ -102,7 +102,7 @@ fn streamed(size: u64, content_type: &str, bytes: Body) -> Response {
 async fn training_file(
     State(state): State<AppState>,
     CurrentAgent(agent): CurrentAgent,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ServiceResult<Response> {
     let file = fleet::attempt_training_file(&state, &agent, id).await?;
     let handle = tokio::fs::File::open(&file.file_path).await?;
@@ -117,7 +117,7 @@ async fn training_file(
 async fn checkpoint_archive(
     State(state): State<AppState>,
     CurrentAgent(agent): CurrentAgent,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ServiceResult<Response> {
     let download = fleet::checkpoint_archive(&state, &agent, id).await?;
     Ok(streamed(
@@ -135,7 +135,7 @@ async fn checkpoint_archive(
 async fn reports(
     State(state): State<AppState>,
     CurrentAgent(agent): CurrentAgent,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     ApiJson(batch): ApiJson<ReportBatch>,
 ) -> ServiceResult<Json<ReportReply>> {
     Ok(Json(fleet::reports(&state, &agent, id, &batch).await?))
@@ -159,7 +159,7 @@ struct UploadedArtifact {
 async fn upload_artifact(
     State(state): State<AppState>,
     CurrentAgent(agent): CurrentAgent,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     ApiQuery(upload): ApiQuery<ArtifactUpload>,
     body: Body,
 ) -> ServiceResult<(StatusCode, Json<UploadedArtifact>)> {
@@ -189,7 +189,7 @@ struct Finished {
 async fn finish(
     State(state): State<AppState>,
     CurrentAgent(agent): CurrentAgent,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     ApiJson(outcome): ApiJson<AttemptOutcome>,
 ) -> ServiceResult<Json<Finished>> {
     Ok(Json(Finished {

@@ -11,7 +11,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::error::ErrorBody;
-use super::ApiJson;
+use super::{ApiJson, ApiPath};
 use crate::db::agents::{Agent, TelemetryPoint};
 use crate::service::{fleet, AppState, CurrentUser, ServiceResult};
 
@@ -84,7 +84,7 @@ struct TelemetryHistory {
 async fn telemetry(
     State(state): State<AppState>,
     user: CurrentUser,
-    axum::extract::Path(id): axum::extract::Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ServiceResult<Json<TelemetryHistory>> {
     Ok(Json(TelemetryHistory {
         data: fleet::agent_telemetry(&state, &user, id).await?,

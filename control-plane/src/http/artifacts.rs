@@ -2,7 +2,7 @@
 //! download links (spec §5.6); resuming an interrupted or failed job.
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -12,7 +12,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::error::ErrorBody;
-use super::{ApiJson, ApiQuery};
+use super::{ApiJson, ApiPath, ApiQuery};
 use crate::db::artifacts::Artifact;
 use crate::db::attempts::{Attempt, Checkpoint};
 use crate::db::now;
@@ -44,7 +44,7 @@ struct ArtifactList {
 async fn list_artifacts(
     State(state): State<AppState>,
     user: CurrentUser,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ServiceResult<Json<ArtifactList>> {
     Ok(Json(ArtifactList {
         data: artifact::job_artifacts(&state, &user, id).await?,
@@ -62,7 +62,7 @@ struct CheckpointList {
 async fn list_checkpoints(
     State(state): State<AppState>,
     user: CurrentUser,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ServiceResult<Json<CheckpointList>> {
     Ok(Json(CheckpointList {
         data: artifact::job_checkpoints(&state, &user, id).await?,
@@ -80,7 +80,7 @@ struct AttemptList {
 async fn list_attempts(
     State(state): State<AppState>,
     user: CurrentUser,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ServiceResult<Json<AttemptList>> {
     Ok(Json(AttemptList {
         data: artifact::job_attempts(&state, &user, id).await?,
@@ -93,7 +93,7 @@ async fn list_attempts(
 async fn job_cost(
     State(state): State<AppState>,
     user: CurrentUser,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ServiceResult<Json<JobCost>> {
     let found = job::visible_job(&state, &user, id).await?;
     Ok(Json(cost::job_cost(&state, &found, now()).await?))
@@ -107,7 +107,7 @@ async fn download_link(
     State(state): State<AppState>,
     user: CurrentUser,
     headers: HeaderMap,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ServiceResult<Json<DownloadLink>> {
     let base = base_url(&state, &headers);
     Ok(Json(
@@ -127,7 +127,7 @@ struct Signed {
     responses((status = 200, content_type = "application/octet-stream", body = String), (status = 403, body = ErrorBody)))]
 async fn content(
     State(state): State<AppState>,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     ApiQuery(signed): ApiQuery<Signed>,
 ) -> ServiceResult<Response> {
     let (artifact, download) =
@@ -166,7 +166,7 @@ struct Resume {
 async fn resume(
     State(state): State<AppState>,
     user: CurrentUser,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     ApiJson(request): ApiJson<Resume>,
 ) -> ServiceResult<Json<JobView>> {
     let found = job::visible_job(&state, &user, id).await?;

@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::error::ErrorBody;
+use super::ApiJson;
 use crate::db::users::User;
 use crate::request::{end_session, session_cookie_for};
 use crate::service::account::{self, issue_api_token};
@@ -46,7 +47,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 async fn login(
     State(state): State<AppState>,
     ConnectInfo(client): ConnectInfo<SocketAddr>,
-    Json(credentials): Json<Credentials>,
+    ApiJson(credentials): ApiJson<Credentials>,
 ) -> ServiceResult<Response> {
     let user = account::verify_credentials(
         &state,
@@ -86,7 +87,7 @@ async fn logout(State(state): State<AppState>, headers: HeaderMap) -> ServiceRes
     responses((status = 201, body = LoginResponse), (status = 403, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn signup(
     State(state): State<AppState>,
-    Json(credentials): Json<Credentials>,
+    ApiJson(credentials): ApiJson<Credentials>,
 ) -> ServiceResult<Response> {
     let user = account::sign_up(&state, &credentials.email, credentials.password).await?;
     let mut response = issue_tokens(&state, user).await?;

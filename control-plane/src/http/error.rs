@@ -36,6 +36,7 @@ pub fn status_of(error: &ServiceError) -> StatusCode {
         ServiceError::Unauthorized => StatusCode::UNAUTHORIZED,
         ServiceError::Forbidden(_) => StatusCode::FORBIDDEN,
         ServiceError::NotFound(_) => StatusCode::NOT_FOUND,
+        ServiceError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         ServiceError::BadRequest(_) => StatusCode::BAD_REQUEST,
         ServiceError::Conflict(_) | ServiceError::IllegalTransition(_) => StatusCode::CONFLICT,
         ServiceError::Validation(_) | ServiceError::Unprocessable { .. } => {

@@ -1,6 +1,6 @@
 //! Training files: upload (streamed to disk), list, detail, conversation preview, delete.
 
-use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
+use axum::extract::{DefaultBodyLimit, Multipart, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -9,11 +9,12 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::error::ErrorBody;
-use super::{ApiQuery, Page};
+use super::{ApiPath, ApiQuery, Page};
 use crate::db::files::{StoredConversation, TrainingFile};
 use crate::request::upload::receive_upload;
 use crate::service::file::{self, FileQuery};
-use crate::service::{page_bounds, AppState, CurrentUser, ServiceResult};
+use crate::service::{page_bounds, AppState, CurrentUser, ServiceError, ServiceResult};
+use axum::extract::multipart::MultipartRejection;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -64,7 +65,7 @@ async fn list(
 async fn detail(
     State(state): State<AppState>,
     user: CurrentUser,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ServiceResult<Json<TrainingFile>> {
     Ok(Json(file::owned_file(&state, &user, id).await?))
 }
@@ -91,7 +92,7 @@ struct ConversationList {
 async fn conversations(
     State(state): State<AppState>,
     user: CurrentUser,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     ApiQuery(params): ApiQuery<ConversationParams>,
 ) -> ServiceResult<Json<ConversationList>> {
     let (limit, _) = page_bounds(params.limit.or(Some(5)), None, 5)?;
@@ -108,7 +109,7 @@ async fn conversations(
 async fn remove(
     State(state): State<AppState>,
     user: CurrentUser,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ServiceResult<StatusCode> {
     file::delete_file(&state, &user, id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -135,8 +136,14 @@ async fn upload(
     State(state): State<AppState>,
     user: CurrentUser,
     headers: HeaderMap,
-    multipart: Multipart,
+    multipart: Result<Multipart, MultipartRejection>,
 ) -> ServiceResult<(StatusCode, Json<TrainingFile>)> {
+    let multipart = multipart.map_err(|rejection| {
+        ServiceError::BadRequest(format!(
+            "an upload is a multipart/form-data body with a \"file\" part: {}",
+            rejection.body_text()
+        ))
+    })?;
     let file = receive_upload(&state, &user, &headers, multipart).await?;
     Ok((StatusCode::CREATED, Json(file)))
 }

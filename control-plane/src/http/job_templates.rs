@@ -1,6 +1,6 @@
 //! Job templates (spec §5.9): save a configuration, start new jobs from it.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -9,7 +9,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::error::ErrorBody;
-use super::{ApiJson, ApiQuery};
+use super::{ApiJson, ApiPath, ApiQuery};
 use crate::db::job_templates::Template;
 use crate::domain::JobStatus;
 use crate::service::template::{self, NewTemplateRequest, UseTemplate};
@@ -71,7 +71,7 @@ struct UsedTemplate {
 async fn use_template(
     State(state): State<AppState>,
     user: CurrentUser,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     ApiJson(request): ApiJson<UseTemplate>,
 ) -> ServiceResult<(StatusCode, Json<UsedTemplate>)> {
     let job = template::job_from_template(&state, &user, id, request).await?;

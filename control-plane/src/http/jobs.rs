@@ -1,6 +1,6 @@
 //! Training jobs: create, configure, start, cancel, and read their metrics and events.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -9,7 +9,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::error::ErrorBody;
-use super::{ApiJson, ApiQuery, Page};
+use super::{ApiJson, ApiPath, ApiQuery, Page};
 use crate::db::events::Event;
 use crate::db::metrics::MetricPoint;
 use crate::service::job::{self, ConfigureJob, CreateJob, JobView};
@@ -45,7 +45,7 @@ async fn create(
 async fn configure(
     State(state): State<AppState>,
     user: CurrentUser,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     ApiJson(request): ApiJson<ConfigureJob>,
 ) -> ServiceResult<Json<JobView>> {
     let found = job::visible_job(&state, &user, id).await?;
@@ -59,7 +59,7 @@ async fn configure(
 async fn start(
     State(state): State<AppState>,
     user: CurrentUser,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ServiceResult<Json<JobView>> {
     let found = job::visible_job(&state, &user, id).await?;
     let queued = job::queue_job(&state, &found).await?;
@@ -79,7 +79,7 @@ struct CancelJob {
 async fn cancel(
     State(state): State<AppState>,
     user: CurrentUser,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     ApiJson(request): ApiJson<CancelJob>,
 ) -> ServiceResult<Json<JobView>> {
     let found = job::visible_job(&state, &user, id).await?;
@@ -116,7 +116,7 @@ async fn list(
 async fn detail(
     State(state): State<AppState>,
     user: CurrentUser,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ServiceResult<Json<JobView>> {
     let found = job::visible_job(&state, &user, id).await?;
     Ok(Json(job::view(&state, found).await?))
@@ -142,7 +142,7 @@ struct MetricList {
 async fn metric_history(
     State(state): State<AppState>,
     user: CurrentUser,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     ApiQuery(params): ApiQuery<MetricParams>,
 ) -> ServiceResult<Json<MetricList>> {
     let data = job::metric_history(&state, &user, id, params.limit, params.interval).await?;
@@ -155,7 +155,7 @@ async fn metric_history(
 async fn latest_metrics(
     State(state): State<AppState>,
     user: CurrentUser,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ServiceResult<Json<MetricPoint>> {
     Ok(Json(job::latest_metrics(&state, &user, id).await?))
 }
@@ -178,7 +178,7 @@ struct EventParams {
 async fn event_log(
     State(state): State<AppState>,
     user: CurrentUser,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
     ApiQuery(params): ApiQuery<EventParams>,
 ) -> ServiceResult<Json<Page<Event>>> {
     let (limit, offset) = page_bounds(params.limit, params.offset, 100)?;

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::routing::get;
@@ -85,6 +85,20 @@ pub fn router() -> Router<AppState> {
     )
 }
 
+/// An API address nothing answers: our JSON 404.
+pub async fn no_such_route() -> ServiceError {
+    ServiceError::NotFound("route")
+}
+
+/// A route asked with a method it does not answer: our JSON 405.
+pub async fn method_not_allowed(request: Request) -> ServiceError {
+    ServiceError::MethodNotAllowed(format!(
+        "{} is not allowed on {}",
+        request.method(),
+        request.uri().path()
+    ))
+}
+
 /// `Query` whose rejection is our JSON error.
 pub struct ApiQuery<T>(pub T);
 
@@ -97,6 +111,22 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiQuer
             .map(|axum::extract::Query(value)| ApiQuery(value))
             .map_err(|rejection: QueryRejection| {
                 ServiceError::BadRequest(format!("invalid query string: {}", rejection.body_text()))
+            })
+    }
+}
+
+/// `Path` whose rejection (an id that is not a UUID, say) is our JSON error.
+pub struct ApiPath<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ServiceError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(value)| ApiPath(value))
+            .map_err(|rejection: PathRejection| {
+                ServiceError::BadRequest(format!("invalid path: {}", rejection.body_text()))
             })
     }
 }

@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures::stream::{self, Stream, StreamExt};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
@@ -12,6 +12,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::error::ErrorBody;
+use super::ApiPath;
 use crate::live::JobUpdate;
 use crate::service::job::visible_job;
 use crate::service::{AppState, CurrentUser, ServiceResult};
@@ -37,7 +38,7 @@ fn to_sse(update: &JobUpdate) -> SseEvent {
 async fn stream_job(
     State(state): State<AppState>,
     user: CurrentUser,
-    Path(id): Path<Uuid>,
+    ApiPath(id): ApiPath<Uuid>,
 ) -> ServiceResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
     // Subscribe before reading the snapshot so nothing written in between is missed.
     let updates = BroadcastStream::new(state.live.subscribe());

@@ -14,6 +14,9 @@ pub enum ServiceError {
     /// Also what another user's resource answers: its existence is not revealed.
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// The resource exists but does not answer this method.
+    #[error("{0}")]
+    MethodNotAllowed(String),
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
@@ -53,6 +56,7 @@ impl ServiceError {
             ServiceError::Unauthorized => "unauthorized",
             ServiceError::Forbidden(_) => "forbidden",
             ServiceError::NotFound(_) => "not_found",
+            ServiceError::MethodNotAllowed(_) => "method_not_allowed",
             ServiceError::BadRequest(_) => "bad_request",
             ServiceError::Conflict(_) => "conflict",
             ServiceError::IllegalTransition(_) => "illegal_transition",

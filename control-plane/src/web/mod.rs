@@ -100,6 +100,7 @@ impl IntoResponse for PageError {
         let (status, title) = match &self.0 {
             ServiceError::Unauthorized => return Redirect::to("/login").into_response(),
             ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, "Not found"),
+            ServiceError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "Not allowed"),
             ServiceError::Forbidden(_) => (StatusCode::FORBIDDEN, "Not allowed"),
             ServiceError::Conflict(_) | ServiceError::IllegalTransition(_) => {
                 (StatusCode::CONFLICT, "Not possible right now")
@@ -124,6 +125,11 @@ impl IntoResponse for PageError {
         };
         (status, render(&page)).into_response()
     }
+}
+
+/// A page for an address nothing answers: the dashboard's not-found page.
+pub async fn no_such_page() -> PageError {
+    PageError(ServiceError::NotFound("page"))
 }
 
 /// Renders a template to an HTML response.

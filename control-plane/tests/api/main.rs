@@ -4,6 +4,7 @@ mod agents;
 mod auth;
 mod cli;
 mod dashboard;
+mod error_shape;
 mod files;
 mod helpers;
 mod isolation;
