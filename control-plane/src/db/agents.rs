@@ -5,7 +5,7 @@ use serde::Serialize;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::{now, on_pool, Db, DbError};
+use super::{now, on_pool, BeginWrite, Db, DbError};
 use crate::domain::AgentStatus;
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -46,7 +46,7 @@ pub async fn register(
 ) -> Result<Option<Agent>, DbError> {
     let now = now();
     let registered = on_pool!(db, pool => {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         let token: Option<(Uuid,)> = sqlx::query_as(
             "UPDATE enrollment_tokens SET use_count = use_count + 1
              WHERE token_hash = $1 AND expires_at > $2 AND revoked_at IS NULL
@@ -119,7 +119,7 @@ pub async fn heartbeat(
          WHERE id = $1 RETURNING {AGENT_COLUMNS}"
     );
     Ok(on_pool!(db, pool => {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         let agent = sqlx::query_as::<_, Agent>(&sql)
             .bind(agent_id)
             .bind(Json(&gpus))

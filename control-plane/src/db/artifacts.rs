@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use protocol::agent::ArtifactKind;
 
-use super::{on_pool, Db, DbError};
+use super::{on_pool, BeginWrite, Db, DbError};
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Artifact {
@@ -62,7 +62,7 @@ pub async fn upsert(db: &Db, artifact: &Artifact) -> Result<Stored, DbError> {
              step = $7, created_at = $8 WHERE id = $1 RETURNING {COLUMNS}"
     );
     Ok(on_pool!(db, pool => {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         let inserted = sqlx::query_as::<_, Artifact>(&insert)
             .bind(artifact.id)
             .bind(artifact.job_id)

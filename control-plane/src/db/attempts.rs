@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::events::{insert_event, Event};
 use super::jobs::Job;
 use super::metrics::{insert_metric, MetricPoint};
-use super::{on_pool, Db, DbError};
+use super::{on_pool, BeginWrite, Db, DbError};
 use crate::domain::{AgentStatus, AttemptStatus, GpuType, JobStatus};
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -168,7 +168,7 @@ pub async fn record_reports(
 ) -> Result<ReportOutcome, DbError> {
     let now = super::now();
     Ok(on_pool!(db, pool => {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         let mut outcome = ReportOutcome { accepted: 0, job: None, new_metrics: Vec::new(), new_events: Vec::new() };
         for point in metrics {
             let inserted = insert_metric!(attempt.job_id, Some(attempt.id), point)
@@ -241,7 +241,7 @@ pub async fn end_detached(
 ) -> Result<bool, DbError> {
     let at = super::now();
     Ok(on_pool!(db, pool => {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         let ended = sqlx::query(
             "UPDATE job_attempts SET status = $2, cost = $3, ended_at = $4, updated_at = $4
              WHERE id = $1 AND status = $5",

@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::{on_pool, Db, DbError};
+use super::{on_pool, BeginWrite, Db, DbError};
 
 /// Replaces the job's `cost_tracking` row.
 pub async fn replace(
@@ -15,7 +15,7 @@ pub async fn replace(
     at: DateTime<Utc>,
 ) -> Result<(), DbError> {
     on_pool!(db, pool => {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         sqlx::query("DELETE FROM cost_tracking WHERE job_id = $1")
             .bind(job_id)
             .execute(&mut *tx)

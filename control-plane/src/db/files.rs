@@ -6,7 +6,7 @@ use sqlx::types::Json;
 use sqlx::QueryBuilder;
 use uuid::Uuid;
 
-use super::{now, on_pool, Db, DbError};
+use super::{now, on_pool, BeginWrite, Db, DbError};
 use crate::domain::{EnrichmentStatus, JobStatus};
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -162,7 +162,7 @@ pub async fn soft_delete(
         "SELECT name FROM training_jobs WHERE training_file_id = $1 AND status IN ({placeholders}) LIMIT 1"
     );
     let outcome = on_pool!(db, pool => {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         let mut blocking = sqlx::query_as::<_, (String,)>(&blocking_sql).bind(id);
         for status in &live {
             blocking = blocking.bind(*status);
@@ -197,7 +197,7 @@ pub async fn claim_for_enrichment(
     stale_before: DateTime<Utc>,
 ) -> Result<bool, DbError> {
     let claimed = on_pool!(db, pool => {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         let claimed = sqlx::query(
             "UPDATE training_files SET enrichment_status = $5, updated_at = $3
              WHERE id = $1 AND deleted_at IS NULL
@@ -299,7 +299,7 @@ pub async fn fail_enrichment(
     error: &str,
 ) -> Result<(), DbError> {
     on_pool!(db, pool => {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         sqlx::query("DELETE FROM conversations WHERE training_file_id = $1")
             .bind(id)
             .execute(&mut *tx)

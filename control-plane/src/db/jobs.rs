@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::attempts::{Attempt, Checkpoint, ATTEMPT_COLUMNS, CHECKPOINT_COLUMNS};
 use super::events::{insert_event, Event};
-use super::{on_pool, Db, DbError};
+use super::{on_pool, BeginWrite, Db, DbError};
 use crate::domain::{AttemptStatus, GpuType, Hyperparameters, JobStatus, RecoveryPolicy};
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -111,7 +111,7 @@ pub async fn insert_draft(
     event: &Event,
 ) -> Result<Job, DbError> {
     Ok(on_pool!(db, pool => {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         let row = sqlx::query_as::<_, Job>(
             "INSERT INTO training_jobs (id, user_id, name, description, base_model, training_file_id, preset_id,
                                         status, created_at, updated_at)
@@ -411,7 +411,7 @@ pub async fn change_status(
          RETURNING {ATTEMPT_COLUMNS}"
     );
     Ok(on_pool!(db, pool => {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         // An attempt ends first: a repeated end finds it ended and changes nothing.
         let mut total_cost = 0.0;
         if let Change::EndAttempt { attempt, end, .. } = change {

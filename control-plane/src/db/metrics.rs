@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::QueryBuilder;
 use uuid::Uuid;
 
-use super::{on_pool, Db, DbError};
+use super::{on_pool, BeginWrite, Db, DbError};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct MetricPoint {
@@ -72,7 +72,7 @@ pub async fn record(
 /// many were new.
 pub async fn record_all(db: &Db, job_id: Uuid, points: &[MetricPoint]) -> Result<u64, DbError> {
     Ok(on_pool!(db, pool => {
-        let mut tx = pool.begin().await?;
+        let mut tx = pool.begin_write().await?;
         let mut inserted = 0;
         for point in points {
             inserted += insert_metric!(job_id, None::<Uuid>, point)

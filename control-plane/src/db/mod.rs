@@ -50,6 +50,36 @@ macro_rules! on_pool {
 }
 pub(crate) use on_pool;
 
+/// Begins a transaction that writes. On SQLite it takes the write lock at its start
+/// (`BEGIN IMMEDIATE`): a deferred transaction that reads and then writes cannot wait for
+/// another writer (SQLite answers "database is locked" at once, `busy_timeout` or not),
+/// while an immediate one waits up to `busy_timeout`. PostgreSQL needs no such hint.
+pub(crate) trait BeginWrite {
+    type Database: sqlx::Database;
+
+    fn begin_write(
+        &self,
+    ) -> impl std::future::Future<
+        Output = Result<sqlx::Transaction<'static, Self::Database>, sqlx::Error>,
+    > + Send;
+}
+
+impl BeginWrite for SqlitePool {
+    type Database = sqlx::Sqlite;
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        self.begin_with("BEGIN IMMEDIATE").await
+    }
+}
+
+impl BeginWrite for PgPool {
+    type Database = sqlx::Postgres;
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+        self.begin().await
+    }
+}
+
 /// A case-insensitive `LIKE … ESCAPE '\'` pattern matching names that contain `search`
 /// literally: its `%`, `_` and `\` match themselves, not anything.
 pub fn contains_pattern(search: &str) -> String {

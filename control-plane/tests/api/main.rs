@@ -3,6 +3,7 @@
 mod agents;
 mod auth;
 mod cli;
+mod concurrency;
 mod dashboard;
 mod error_shape;
 mod files;
