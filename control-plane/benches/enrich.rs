@@ -95,7 +95,12 @@ async fn main() {
     .expect("file row");
 
     let rss_before = rss_kib("VmRSS:");
-    let enricher = Enricher::new(db.clone(), protocol::dataset::DEFAULT_MAX_RECORD_BYTES, 20);
+    let enricher = Enricher::new(
+        db.clone(),
+        protocol::dataset::DEFAULT_MAX_RECORD_BYTES,
+        20,
+        std::time::Duration::from_secs(120),
+    );
     let started = Instant::now();
     enricher.run(file_id).await.expect("enrichment runs");
     let seconds = started.elapsed().as_secs_f64();

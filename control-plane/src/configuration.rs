@@ -26,6 +26,7 @@ pub struct Settings {
     pub limits: Limits,
     pub auth: AuthSettings,
     pub eligibility: Eligibility,
+    pub enrichment: Enrichment,
     pub fleet: Fleet,
     pub storage: Storage,
 }
@@ -127,6 +128,7 @@ impl Default for Settings {
             limits: Limits::default(),
             auth: AuthSettings::default(),
             eligibility: Eligibility::default(),
+            enrichment: Enrichment::default(),
             fleet: Fleet::default(),
             storage: Storage::default(),
         }
@@ -163,6 +165,26 @@ impl Default for Eligibility {
     fn default() -> Self {
         Eligibility {
             min_conversations: 50,
+        }
+    }
+}
+
+/// Background enrichment of uploads, on every replica.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Enrichment {
+    /// An enrichment that has not heartbeated for this long is taken as abandoned (its
+    /// server died) and started over by the next sweep of any replica.
+    pub abandoned_after_seconds: u64,
+    /// How often each replica looks for pending and abandoned files.
+    pub sweep_every_seconds: u64,
+}
+
+impl Default for Enrichment {
+    fn default() -> Self {
+        Enrichment {
+            abandoned_after_seconds: 120,
+            sweep_every_seconds: 30,
         }
     }
 }

@@ -14,27 +14,30 @@ use crate::db::Db;
 
 /// Conversations stored per INSERT.
 const BATCH: usize = 500;
-/// An enrichment that has not heartbeated for this long is taken as abandoned (its server
-/// died) and may be claimed again. It heartbeats every `BATCH` records read.
-const ABANDONED_AFTER: chrono::Duration = chrono::Duration::minutes(2);
-
-fn abandoned_before() -> chrono::DateTime<chrono::Utc> {
-    crate::db::now() - ABANDONED_AFTER
-}
 
 #[derive(Clone)]
 pub struct Enricher {
     db: Db,
     limits: Limits,
+    /// An enrichment that has not heartbeated (every `BATCH` records) for this long is
+    /// taken as abandoned and may be claimed again.
+    abandoned_after: chrono::Duration,
     max_reported_errors: usize,
     permits: Arc<Semaphore>,
 }
 
 impl Enricher {
-    pub fn new(db: Db, max_record_bytes: usize, max_reported_errors: usize) -> Enricher {
+    pub fn new(
+        db: Db,
+        max_record_bytes: usize,
+        max_reported_errors: usize,
+        abandoned_after: std::time::Duration,
+    ) -> Enricher {
         Enricher {
             db,
             limits: Limits { max_record_bytes },
+            abandoned_after: chrono::Duration::from_std(abandoned_after)
+                .unwrap_or(chrono::Duration::minutes(2)),
             max_reported_errors,
             permits: Arc::new(Semaphore::new(2)),
         }
@@ -59,16 +62,35 @@ impl Enricher {
         });
     }
 
-    /// Picks up files left pending, or abandoned mid-enrichment, by a previous run.
+    fn abandoned_before(&self) -> chrono::DateTime<chrono::Utc> {
+        crate::db::now() - self.abandoned_after
+    }
+
+    /// Picks up files left pending, or abandoned mid-enrichment by a server that died.
     pub async fn resume_backlog(&self) -> Result<(), crate::db::DbError> {
-        for id in files::enrichment_backlog(&self.db, abandoned_before()).await? {
+        for id in files::enrichment_backlog(&self.db, self.abandoned_before()).await? {
             self.enqueue(id);
         }
         Ok(())
     }
 
+    /// Every `period`, resumes the backlog: a file a crashed replica left `processing` is
+    /// started over within `abandoned_after` + `period`, by one replica only (claiming is
+    /// a compare-and-set on its heartbeat).
+    pub fn spawn_sweeper(&self, period: std::time::Duration) {
+        let enricher = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                if let Err(error) = enricher.resume_backlog().await {
+                    tracing::warn!(%error, "enrichment sweep failed");
+                }
+            }
+        });
+    }
+
     pub async fn run(&self, file_id: Uuid) -> Result<(), EnrichmentError> {
-        if !files::claim_for_enrichment(&self.db, file_id, abandoned_before()).await? {
+        if !files::claim_for_enrichment(&self.db, file_id, self.abandoned_before()).await? {
             return Ok(());
         }
         let Some(file) = files::get(&self.db, file_id).await? else {

@@ -79,6 +79,7 @@ impl Application {
             db.clone(),
             settings.limits.max_record_bytes,
             settings.limits.max_reported_errors,
+            Duration::from_secs(settings.enrichment.abandoned_after_seconds),
         );
         enricher.resume_backlog().await?;
         let listener =
@@ -135,6 +136,9 @@ impl Application {
     ) -> std::io::Result<()> {
         tracing::info!(address = %self.address, database = self.state.db.backend(), "control plane listening");
         crate::service::recovery::spawn_sweeper(self.state.clone());
+        self.state.enricher.spawn_sweeper(Duration::from_secs(
+            self.state.settings.enrichment.sweep_every_seconds.max(1),
+        ));
         let app = router(self.state.clone());
         axum::serve(
             self.listener,

@@ -19,6 +19,7 @@ on_both_backends!(
     an_abandoned_enrichment_is_taken_over_by_the_next_server,
     search_matches_wildcards_literally,
     names_are_capped,
+    a_running_server_takes_over_an_abandoned_enrichment,
 );
 
 async fn enrichment_computes_statistics(backend: Backend) {
@@ -422,4 +423,30 @@ async fn names_are_capped(backend: Backend) {
     let (status, file) = json_of(app.upload(&user, "", &file_name, chat_jsonl(2)).await).await;
     assert_eq!(status, StatusCode::CREATED, "{file}");
     assert_eq!(file["name"].as_str().map(|n| n.chars().count()), Some(200));
+}
+
+/// A replica that died mid-enrichment leaves its file `processing`; the sweep of a server
+/// that keeps running (no restart) starts it over, replacing the partial rows.
+async fn a_running_server_takes_over_an_abandoned_enrichment(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let mut config = settings(&database);
+    config.enrichment.sweep_every_seconds = 1;
+    config.enrichment.abandoned_after_seconds = 60;
+    let app = TestApp::spawn_with(config).await;
+    let user = app.user("ada@example.com", Role::User).await;
+    let file = app.upload_enriched(&user, chat_jsonl(60)).await;
+    let id: Uuid = file["id"].as_str().expect("id").parse().expect("uuid");
+    fake_enrichment_in_progress(&app.db, id, 10).await;
+    let path = format!("/api/v1/training-files/{id}");
+    let file = poll(
+        "the sweep to finish the abandoned file",
+        std::time::Duration::from_secs(30),
+        || async {
+            let file: Value = app.get(&user, &path).await.json().await.ok()?;
+            (file["enrichment_status"] == "completed").then_some(file)
+        },
+    )
+    .await;
+    assert_eq!(file["conversation_count"], 60);
+    assert_eq!(stored_conversations(&app.db, id).await, 60, "not doubled");
 }
