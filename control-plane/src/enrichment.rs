@@ -52,12 +52,6 @@ impl Enricher {
             };
             if let Err(error) = enricher.run(file_id).await {
                 tracing::error!(%file_id, %error, "enrichment failed");
-                let message = format!("enrichment could not finish: {error}");
-                if let Err(error) =
-                    files::fail_enrichment(&enricher.db, file_id, None, &message).await
-                {
-                    tracing::error!(%file_id, %error, "could not record the enrichment failure");
-                }
             }
         });
     }
@@ -89,10 +83,23 @@ impl Enricher {
         });
     }
 
+    /// Claims the file and enriches it; a run that cannot finish (an I/O error, say) marks
+    /// the file failed with the reason, while it still holds the claim.
     pub async fn run(&self, file_id: Uuid) -> Result<(), EnrichmentError> {
-        if !files::claim_for_enrichment(&self.db, file_id, self.abandoned_before()).await? {
+        let Some(claim) =
+            files::claim_for_enrichment(&self.db, file_id, self.abandoned_before()).await?
+        else {
             return Ok(());
+        };
+        let outcome = self.enrich(file_id, claim).await;
+        if let Err(error) = &outcome {
+            let message = format!("enrichment could not finish: {error}");
+            files::fail_enrichment(&self.db, file_id, claim, None, &message).await?;
         }
+        outcome
+    }
+
+    async fn enrich(&self, file_id: Uuid, claim: Uuid) -> Result<(), EnrichmentError> {
         let Some(file) = files::get(&self.db, file_id).await? else {
             return Ok(());
         };
@@ -126,8 +133,11 @@ impl Enricher {
         let mut seen: usize = 0;
         while let Some(record) = records_rx.recv().await {
             seen += 1;
-            if seen.is_multiple_of(BATCH) {
-                files::enrichment_heartbeat(&self.db, file_id).await?;
+            if seen.is_multiple_of(BATCH)
+                && !files::enrichment_heartbeat(&self.db, file_id, claim).await?
+            {
+                tracing::warn!(%file_id, "another server took this enrichment over; stopping");
+                return Ok(());
             }
             match record {
                 Ok(record) => {
@@ -136,7 +146,7 @@ impl Enricher {
                     if errors.is_empty() {
                         batch.push(to_row(record));
                         if batch.len() == BATCH {
-                            files::insert_conversations(&self.db, file_id, &batch).await?;
+                            files::insert_conversations(&self.db, file_id, claim, &batch).await?;
                             batch.clear();
                         }
                     }
@@ -148,13 +158,16 @@ impl Enricher {
         let format = reader.await??;
         let format_name = format.map(|f| f.as_str());
         if let Some(message) = errors.summary() {
-            files::fail_enrichment(&self.db, file_id, format_name, &message).await?;
+            files::fail_enrichment(&self.db, file_id, claim, format_name, &message).await?;
             tracing::info!(%file_id, bad_records = errors.total, "training file failed enrichment");
             return Ok(());
         }
-        files::insert_conversations(&self.db, file_id, &batch).await?;
+        files::insert_conversations(&self.db, file_id, claim, &batch).await?;
         let result = stats.finish(format_name.unwrap_or("unknown"));
-        files::finish_enrichment(&self.db, file_id, &result).await?;
+        if !files::finish_enrichment(&self.db, file_id, claim, &result).await? {
+            tracing::warn!(%file_id, "another server took this enrichment over; its result stands");
+            return Ok(());
+        }
         tracing::info!(
             %file_id,
             conversations = result.conversation_count,

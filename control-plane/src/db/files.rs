@@ -189,17 +189,18 @@ pub async fn soft_delete(
 }
 
 /// Claims a file for enrichment: a pending one, or one whose enrichment stopped
-/// heartbeating before `stale_before` (its server died). False if someone else has it.
-/// Conversations a dead attempt left behind are removed.
+/// heartbeating before `stale_before` (its server died). Returns the claim's token, `None`
+/// if someone else has it. Conversations an earlier run left behind are removed.
 pub async fn claim_for_enrichment(
     db: &Db,
     id: Uuid,
     stale_before: DateTime<Utc>,
-) -> Result<bool, DbError> {
+) -> Result<Option<Uuid>, DbError> {
+    let token = Uuid::new_v4();
     let claimed = on_pool!(db, pool => {
         let mut tx = pool.begin_write().await?;
         let claimed = sqlx::query(
-            "UPDATE training_files SET enrichment_status = $5, updated_at = $3
+            "UPDATE training_files SET enrichment_status = $5, updated_at = $3, enrichment_claim = $6
              WHERE id = $1 AND deleted_at IS NULL
                AND (enrichment_status = $4 OR (enrichment_status = $5 AND updated_at < $2))",
         )
@@ -208,6 +209,7 @@ pub async fn claim_for_enrichment(
         .bind(now())
         .bind(EnrichmentStatus::Pending)
         .bind(EnrichmentStatus::Processing)
+        .bind(token)
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -220,20 +222,22 @@ pub async fn claim_for_enrichment(
         tx.commit().await?;
         claimed
     });
-    Ok(claimed == 1)
+    Ok((claimed == 1).then_some(token))
 }
 
-/// Tells other replicas this file's enrichment is alive.
-pub async fn enrichment_heartbeat(db: &Db, id: Uuid) -> Result<(), DbError> {
-    on_pool!(db, pool => sqlx::query(
-        "UPDATE training_files SET updated_at = $2 WHERE id = $1 AND enrichment_status = $3",
+/// Tells other replicas this run's enrichment is alive; `false` once another run took
+/// the file over (this one then stops).
+pub async fn enrichment_heartbeat(db: &Db, id: Uuid, claim: Uuid) -> Result<bool, DbError> {
+    let touched = on_pool!(db, pool => sqlx::query(
+        "UPDATE training_files SET updated_at = $2 WHERE id = $1 AND enrichment_status = $3 AND enrichment_claim = $4",
     )
     .bind(id)
     .bind(now())
     .bind(EnrichmentStatus::Processing)
+    .bind(claim)
     .execute(pool)
     .await.map(|r| r.rows_affected()))?;
-    Ok(())
+    Ok(touched == 1)
 }
 
 /// Files waiting for enrichment, and those whose enrichment was abandoned.
@@ -265,58 +269,85 @@ pub struct EnrichmentResult {
     pub human_review: serde_json::Value,
 }
 
+/// Completes the file for the run holding `claim`: rows other runs stored are removed and
+/// the count written is the rows this run stored, in one transaction. `false` (nothing
+/// written) when another run holds the file now.
 pub async fn finish_enrichment(
     db: &Db,
     id: Uuid,
+    claim: Uuid,
     result: &EnrichmentResult,
-) -> Result<(), DbError> {
-    on_pool!(db, pool => sqlx::query(
-        "UPDATE training_files SET enrichment_status = $10, enrichment_error = NULL, file_format = $2,
-             conversation_count = $3, training_pairs_count = $4, average_quality_score = $5,
-             quality_scores = $6, scaffolding_distribution = $7, human_review = $8, last_enriched_at = $9
-         WHERE id = $1",
-    )
-    .bind(id)
-    .bind(&result.file_format)
-    .bind(result.conversation_count)
-    .bind(result.training_pairs_count)
-    .bind(result.average_quality_score)
-    .bind(Json(&result.quality_scores))
-    .bind(Json(&result.scaffolding_distribution))
-    .bind(Json(&result.human_review))
-    .bind(now())
-    .bind(EnrichmentStatus::Completed)
-    .execute(pool)
-    .await.map(|r| r.rows_affected()))?;
-    Ok(())
+) -> Result<bool, DbError> {
+    Ok(on_pool!(db, pool => {
+        let mut tx = pool.begin_write().await?;
+        sqlx::query(
+            "DELETE FROM conversations WHERE training_file_id = $1
+               AND (enrichment_claim IS NULL OR enrichment_claim != $2)",
+        )
+        .bind(id)
+        .bind(claim)
+        .execute(&mut *tx)
+        .await?;
+        let finished = sqlx::query(
+            "UPDATE training_files SET enrichment_status = $10, enrichment_error = NULL, file_format = $2,
+                 conversation_count = (SELECT COUNT(*) FROM conversations WHERE training_file_id = $1),
+                 training_pairs_count = $4, average_quality_score = $5,
+                 quality_scores = $6, scaffolding_distribution = $7, human_review = $8, last_enriched_at = $9
+             WHERE id = $1 AND enrichment_status = $11 AND enrichment_claim = $3",
+        )
+        .bind(id)
+        .bind(&result.file_format)
+        .bind(claim)
+        .bind(result.training_pairs_count)
+        .bind(result.average_quality_score)
+        .bind(Json(&result.quality_scores))
+        .bind(Json(&result.scaffolding_distribution))
+        .bind(Json(&result.human_review))
+        .bind(now())
+        .bind(EnrichmentStatus::Completed)
+        .bind(EnrichmentStatus::Processing)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if finished == 1 {
+            tx.commit().await?;
+        }
+        finished == 1
+    }))
 }
 
-/// Marks enrichment failed and drops any conversations stored before the failure was known.
+/// Marks enrichment failed for the run holding `claim` and drops any conversations stored
+/// before the failure was known. Nothing changes once another run holds the file.
 pub async fn fail_enrichment(
     db: &Db,
     id: Uuid,
+    claim: Uuid,
     format: Option<&str>,
     error: &str,
 ) -> Result<(), DbError> {
     on_pool!(db, pool => {
         let mut tx = pool.begin_write().await?;
-        sqlx::query("DELETE FROM conversations WHERE training_file_id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
+        let failed = sqlx::query(
             "UPDATE training_files SET enrichment_status = $5, enrichment_error = $2, file_format = $3,
                  conversation_count = 0, training_pairs_count = 0, last_enriched_at = $4
-             WHERE id = $1",
+             WHERE id = $1 AND enrichment_claim = $6",
         )
         .bind(id)
         .bind(error)
         .bind(format)
         .bind(now())
         .bind(EnrichmentStatus::Failed)
+        .bind(claim)
         .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        .await?
+        .rows_affected();
+        if failed == 1 {
+            sqlx::query("DELETE FROM conversations WHERE training_file_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        }
     });
     Ok(())
 }
@@ -349,10 +380,12 @@ pub struct NewConversation {
     pub metadata: Option<serde_json::Value>,
 }
 
-/// Inserts a batch of conversations in one statement.
+/// Stores a batch of conversations for the enrichment run holding `claim`, in one
+/// statement.
 pub async fn insert_conversations(
     db: &Db,
     file_id: Uuid,
+    claim: Uuid,
     batch: &[NewConversation],
 ) -> Result<(), DbError> {
     if batch.is_empty() {
@@ -362,7 +395,8 @@ pub async fn insert_conversations(
     on_pool!(db, pool => {
         let mut query = QueryBuilder::new(
             "INSERT INTO conversations (id, training_file_id, line_number, persona, emotional_arc, topic,
-                                        quality_score, human_reviewed, messages, metadata, created_at) ",
+                                        quality_score, human_reviewed, messages, metadata, created_at,
+                                        enrichment_claim) ",
         );
         query.push_values(batch, |mut row, c| {
             row.push_bind(Uuid::new_v4())
@@ -375,7 +409,8 @@ pub async fn insert_conversations(
                 .push_bind(c.human_reviewed)
                 .push_bind(Json(c.messages.clone()))
                 .push_bind(c.metadata.clone().map(Json))
-                .push_bind(now);
+                .push_bind(now)
+                .push_bind(claim);
         });
         query.build().execute(pool).await?;
     });

@@ -20,6 +20,7 @@ on_both_backends!(
     search_matches_wildcards_literally,
     names_are_capped,
     a_running_server_takes_over_an_abandoned_enrichment,
+    a_run_that_lost_its_claim_neither_finishes_nor_counts,
 );
 
 async fn enrichment_computes_statistics(backend: Backend) {
@@ -449,4 +450,75 @@ async fn a_running_server_takes_over_an_abandoned_enrichment(backend: Backend) {
     .await;
     assert_eq!(file["conversation_count"], 60);
     assert_eq!(stored_conversations(&app.db, id).await, 60, "not doubled");
+}
+
+/// Two runs of one file, the first slow rather than dead: once the second claimed it, the
+/// first can neither heartbeat nor finish, and rows it still wrote do not count.
+async fn a_run_that_lost_its_claim_neither_finishes_nor_counts(backend: Backend) {
+    use control_plane::db::files::{self, EnrichmentResult, NewConversation};
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let user = app.user("ada@example.com", Role::User).await;
+    let file = app.upload_enriched(&user, chat_jsonl(60)).await;
+    let id: Uuid = file["id"].as_str().expect("id").parse().expect("uuid");
+    fake_enrichment_in_progress(&app.db, id, 10).await;
+    let rows = |count: i64| -> Vec<NewConversation> {
+        (1..=count)
+            .map(|line| NewConversation {
+                line_number: line,
+                persona: None,
+                emotional_arc: None,
+                topic: None,
+                quality_score: None,
+                human_reviewed: None,
+                messages: json!([{"role": "user", "content": "hi"}]),
+                metadata: None,
+            })
+            .collect()
+    };
+    let later = control_plane::db::now() + chrono::Duration::minutes(1);
+    let slow = files::claim_for_enrichment(&app.db, id, later)
+        .await
+        .expect("claim")
+        .expect("first claim");
+    files::insert_conversations(&app.db, id, slow, &rows(2))
+        .await
+        .expect("rows");
+    // The first run looks dead to a second server, which takes the file over.
+    let fresh = files::claim_for_enrichment(&app.db, id, later + chrono::Duration::minutes(1))
+        .await
+        .expect("claim")
+        .expect("second claim");
+    files::insert_conversations(&app.db, id, fresh, &rows(3))
+        .await
+        .expect("rows");
+    files::insert_conversations(&app.db, id, slow, &rows(4))
+        .await
+        .expect("stray rows");
+    assert!(!files::enrichment_heartbeat(&app.db, id, slow)
+        .await
+        .expect("heartbeat"));
+    let result = EnrichmentResult {
+        file_format: "jsonl".into(),
+        conversation_count: 6,
+        training_pairs_count: 6,
+        average_quality_score: None,
+        quality_scores: json!({}),
+        scaffolding_distribution: json!({}),
+        human_review: json!({}),
+    };
+    assert!(!files::finish_enrichment(&app.db, id, slow, &result)
+        .await
+        .expect("finish"));
+    files::fail_enrichment(&app.db, id, slow, None, "too late")
+        .await
+        .expect("fail");
+    assert!(files::finish_enrichment(&app.db, id, fresh, &result)
+        .await
+        .expect("finish"));
+    let path = format!("/api/v1/training-files/{id}");
+    let (_, file) = json_of(app.get(&user, &path).await).await;
+    assert_eq!(file["enrichment_status"], "completed");
+    assert_eq!(file["conversation_count"], 3, "the count is the rows kept");
+    assert_eq!(stored_conversations(&app.db, id).await, 3);
 }
