@@ -230,10 +230,31 @@ fn message_from_value(number: usize, value: Value) -> Result<Message, String> {
     if content.trim().is_empty() {
         return Err(format!("message {number} has empty content"));
     }
+    if content.contains('\0') {
+        return Err(format!(
+            "message {number} contains U+0000 (NUL), which training data cannot hold"
+        ));
+    }
     Ok(Message { role, content })
 }
 
+/// Whether any string (or key) inside `value` holds U+0000, which PostgreSQL's text and
+/// JSON types refuse: such a record is refused alike on every backend.
+fn holds_nul(value: &Value) -> bool {
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(holds_nul),
+        Value::Object(object) => object
+            .iter()
+            .any(|(key, item)| key.contains('\0') || holds_nul(item)),
+        _ => false,
+    }
+}
+
 fn metadata_from_value(raw: Value) -> Result<ConversationMetadata, String> {
+    if holds_nul(&raw) {
+        return Err("metadata contains U+0000 (NUL), which training data cannot hold".into());
+    }
     let text = |key: &str| -> Result<Option<String>, String> {
         match raw.get(key) {
             None | Some(Value::Null) => Ok(None),

@@ -21,6 +21,7 @@ on_both_backends!(
     names_are_capped,
     a_running_server_takes_over_an_abandoned_enrichment,
     a_run_that_lost_its_claim_neither_finishes_nor_counts,
+    nul_characters_fail_a_file_alike_on_both_backends,
 );
 
 async fn enrichment_computes_statistics(backend: Backend) {
@@ -521,4 +522,26 @@ async fn a_run_that_lost_its_claim_neither_finishes_nor_counts(backend: Backend)
     assert_eq!(file["enrichment_status"], "completed");
     assert_eq!(file["conversation_count"], 3, "the count is the rows kept");
     assert_eq!(stored_conversations(&app.db, id).await, 3);
+}
+
+/// PostgreSQL cannot store U+0000 and SQLite can: the parser refuses such a record, so a
+/// file ends the same on both, naming the line.
+async fn nul_characters_fail_a_file_alike_on_both_backends(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let user = app.user("ada@example.com", Role::User).await;
+    let mut data = chat_jsonl(3);
+    data.extend_from_slice(
+        br#"{"messages":[{"role":"user","content":"a\u0000b"},{"role":"assistant","content":"ok"}]}"#,
+    );
+    data.push(b'\n');
+    let file = app.upload_enriched(&user, data).await;
+    assert_eq!(file["enrichment_status"], "failed", "{file}");
+    assert_eq!(
+        file["enrichment_error"]
+            .as_str()
+            .map(|e| e.contains("line 4: message 1 contains U+0000")),
+        Some(true),
+        "{file}"
+    );
 }

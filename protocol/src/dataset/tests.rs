@@ -188,3 +188,20 @@ fn unknown_layouts_are_refused_with_the_accepted_formats() {
         .expect("refused");
     assert_eq!(error.to_string(), "line 1: the file is empty");
 }
+
+#[test]
+fn escaped_nul_characters_are_refused_with_their_line() {
+    let text = format!(
+        "{GOOD}\n{}\n{}\n",
+        r#"{"messages":[{"role":"user","content":"a\u0000b"},{"role":"assistant","content":"ok"}]}"#,
+        r#"{"messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"ok"}],"metadata":{"topic":"x\u0000"}}"#
+    );
+    let (_, records) = read(&text);
+    assert_eq!(
+        errors(&records),
+        [
+            "line 2: message 1 contains U+0000 (NUL), which training data cannot hold",
+            "line 3: metadata contains U+0000 (NUL), which training data cannot hold"
+        ]
+    );
+}
