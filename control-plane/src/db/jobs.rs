@@ -369,7 +369,7 @@ pub enum ChangeOutcome {
     Applied {
         job: Box<Job>,
         /// The attempt an assignment started, and the checkpoint it resumes from.
-        started: Option<(Attempt, Option<Checkpoint>)>,
+        started: Option<Box<(Attempt, Option<Checkpoint>)>>,
     },
     /// The job was no longer in the expected status (or held by another agent); it is
     /// in this one.
@@ -583,9 +583,9 @@ pub async fn change_status(
                 .bind(attempt.id)
                 .execute(&mut *tx)
                 .await?;
-            started = Some((attempt, checkpoint));
+            started = Some(Box::new((attempt, checkpoint)));
         }
-        let attempt_id = started.as_ref().map(|(attempt, _)| attempt.id).or(match change {
+        let attempt_id = started.as_ref().map(|started| started.0.id).or(match change {
             Change::EndAttempt { attempt, .. } => Some(attempt.id),
             _ => None,
         });

@@ -66,7 +66,7 @@ pub async fn change_status(
     }
     let (updated, started) =
         match jobs::change_status(&state.db, job.id, job.status, &change, &events).await? {
-            ChangeOutcome::Applied { job, started } => (*job, started),
+            ChangeOutcome::Applied { job, started } => (*job, started.map(|s| *s)),
             ChangeOutcome::Conflict(current) => {
                 return Err(ServiceError::Conflict(format!(
                     "job changed while this request ran; it is now {current}"

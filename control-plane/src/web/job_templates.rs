@@ -46,7 +46,7 @@ async fn page(
 ) -> Result<TemplatesPage, PageError> {
     Ok(TemplatesPage {
         frame: Frame::new(user, "templates", &[("Templates", "/training/templates")]),
-        templates: crate::service::template::list_templates(&state, &user.0, None, None).await?,
+        templates: crate::service::template::list_templates(state, &user.0, None, None).await?,
         files: eligible_files(state, user).await?,
         problem,
     })

@@ -90,7 +90,7 @@ async fn concurrent_writes_never_answer_a_server_error(backend: Backend) {
         "server errors: {errors:?} of {statuses:?}"
     );
     assert!(
-        statuses.iter().any(|s| *s == StatusCode::NO_CONTENT),
+        statuses.contains(&StatusCode::NO_CONTENT),
         "the busy file was deleted: {statuses:?}"
     );
 }

@@ -7,19 +7,22 @@ use serde_json::json;
 
 use crate::helpers::{Backend, TestApp, TestDatabase};
 
+/// (method, path, body, content type, status, error code)
+type Case = (
+    Method,
+    &'static str,
+    Option<reqwest::Body>,
+    Option<&'static str>,
+    StatusCode,
+    &'static str,
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_error_is_the_json_error() {
     let database = TestDatabase::create(Backend::Sqlite).await;
     let app = TestApp::spawn(&database).await;
     let user = app.user("ada@example.com", Role::User).await;
-    let cases: Vec<(
-        Method,
-        &str,
-        Option<reqwest::Body>,
-        Option<&str>,
-        StatusCode,
-        &str,
-    )> = vec![
+    let cases: Vec<Case> = vec![
         (
             Method::GET,
             "/api/v1/no-such-thing",
