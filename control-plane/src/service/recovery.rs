@@ -180,6 +180,11 @@ pub async fn end_attempt(
         ),
     };
     let interrupted = matches!(after, JobAfter::Interrupt { .. });
+    let mut events = events;
+    if interrupted {
+        // Whether the job will wait is known now: say so with the interruption itself.
+        events.extend(waiting_event(&job, job.interruption_count + 1));
+    }
     let change = Change::EndAttempt {
         attempt,
         end,
@@ -200,8 +205,36 @@ pub async fn end_attempt(
     Ok(Some(ended))
 }
 
-/// An interrupted job goes back to the queue while its policy allows; otherwise it waits,
-/// with an event saying why.
+/// The event saying the job will wait in `interrupted` for a person after interruption
+/// number `interruptions`, and why; `None` when its policy resumes it.
+fn waiting_event(job: &Job, interruptions: i64) -> Option<Event> {
+    let policy = job.recovery();
+    if policy.resumes_interruption(interruptions) {
+        return None;
+    }
+    let why = if policy.auto_resume {
+        format!(
+            "its {} automatic resumes are spent",
+            policy.max_interruptions
+        )
+    } else {
+        "automatic resume is off".to_owned()
+    };
+    Some(
+        Event::new(
+            job.id,
+            EventType::Status,
+            Severity::Warning,
+            format!(
+                "Waiting in interrupted after interruption {interruptions}: {why}; resume it from the latest checkpoint or another"
+            ),
+        )
+        .with_details(json!({"interruptions": interruptions, "recovery": policy})),
+    )
+}
+
+/// An interrupted job goes back to the queue while its policy allows; otherwise it waits
+/// (the interruption's events said why).
 async fn after_interruption(
     state: &AppState,
     job: Job,
@@ -210,31 +243,6 @@ async fn after_interruption(
 ) -> ServiceResult<Job> {
     let policy = job.recovery();
     if !policy.resumes_interruption(job.interruption_count) {
-        let why = if policy.auto_resume {
-            format!(
-                "its {} automatic resumes are spent",
-                policy.max_interruptions
-            )
-        } else {
-            "automatic resume is off".to_owned()
-        };
-        let event = Event::new(
-            job.id,
-            EventType::Status,
-            Severity::Warning,
-            format!(
-                "Waiting in interrupted after interruption {}: {why}; resume it from the latest checkpoint or another",
-                job.interruption_count
-            ),
-        )
-        .with_details(json!({"interruptions": job.interruption_count, "recovery": policy}));
-        crate::db::events::insert(&state.db, &event).await?;
-        state
-            .live
-            .publish(crate::live::JobUpdate::Event {
-                event: Box::new(event),
-            })
-            .await;
         return Ok(job);
     }
     let event = Event::new(
