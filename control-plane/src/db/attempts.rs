@@ -88,6 +88,17 @@ pub async fn for_job(db: &Db, job_id: Uuid) -> Result<Vec<Attempt>, DbError> {
     Ok(on_pool!(db, pool => sqlx::query_as::<_, Attempt>(&sql).bind(job_id).fetch_all(pool).await)?)
 }
 
+/// The number the job's next attempt takes.
+pub async fn next_number(db: &Db, job_id: Uuid) -> Result<i64, DbError> {
+    let (number,): (i64,) = on_pool!(db, pool => sqlx::query_as(
+        "SELECT COALESCE(MAX(attempt_number), 0) + 1 FROM job_attempts WHERE job_id = $1",
+    )
+    .bind(job_id)
+    .fetch_one(pool)
+    .await)?;
+    Ok(number)
+}
+
 /// Cost of every attempt of a job by `at`.
 pub async fn job_cost(db: &Db, job_id: Uuid, at: DateTime<Utc>) -> Result<f64, DbError> {
     Ok(for_job(db, job_id)

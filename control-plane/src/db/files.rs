@@ -261,6 +261,7 @@ pub async fn enrichment_backlog(
 
 pub struct EnrichmentResult {
     pub file_format: String,
+    /// What the run read, for its log; the count stored is the rows the run kept.
     pub conversation_count: i64,
     pub training_pairs_count: i64,
     pub average_quality_score: Option<f64>,

@@ -262,6 +262,9 @@ pub struct Configuration<'a> {
 
 /// A new attempt, started when a queued job is given to an agent.
 pub struct NewAttempt<'a> {
+    /// From [`super::attempts::next_number`]; the compare-and-set on `queued` means no
+    /// other attempt of the job starts in between.
+    pub number: i64,
     pub agent_id: Uuid,
     pub recipe: &'a Hyperparameters,
     pub gpu_type: GpuType,
@@ -552,12 +555,6 @@ pub async fn change_status(
                 None => None,
             };
             let resumed_step = checkpoint.as_ref().map_or(0, |c| c.step);
-            let (number,): (i64,) = sqlx::query_as(
-                "SELECT COALESCE(MAX(attempt_number), 0) + 1 FROM job_attempts WHERE job_id = $1",
-            )
-            .bind(job_id)
-            .fetch_one(&mut *tx)
-            .await?;
             sqlx::query("DELETE FROM training_metrics WHERE job_id = $1 AND step > $2")
                 .bind(job_id)
                 .bind(resumed_step)
@@ -567,7 +564,7 @@ pub async fn change_status(
                 .bind(Uuid::new_v4())
                 .bind(job_id)
                 .bind(a.agent_id)
-                .bind(number)
+                .bind(a.number)
                 .bind(AttemptStatus::Running)
                 .bind(checkpoint.as_ref().map(|c| c.id))
                 .bind(checkpoint.as_ref().map(|c| c.step))

@@ -76,9 +76,10 @@ pub async fn session_cookie_for(
 pub async fn end_session(state: &AppState, headers: &HeaderMap) -> ServiceResult<HeaderValue> {
     let credential = credential(headers).ok_or(ServiceError::Unauthorized)?;
     account::end_session(state, &credential, session_cookie(headers).as_deref()).await?;
-    Ok(HeaderValue::from_static(
-        "lora_session=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0",
+    HeaderValue::from_str(&format!(
+        "{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0"
     ))
+    .map_err(|e| ServiceError::Internal(e.to_string()))
 }
 
 /// The base URL links are built on: `public_url`, else the request's Host.

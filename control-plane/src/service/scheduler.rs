@@ -46,7 +46,7 @@ pub async fn claim(
             Some(id) => attempts::checkpoint(&state.db, id).await?,
             None => None,
         };
-        let number = attempts::for_job(&state.db, job.id).await?.len() + 1;
+        let number = attempts::next_number(&state.db, job.id).await?;
         let resumed = match &checkpoint {
             Some(c) => format!(", resuming from the checkpoint at step {}", c.step),
             None => String::new(),
@@ -62,6 +62,7 @@ pub async fn claim(
             "attempt_number": number, "resumed_from_step": checkpoint.as_ref().map(|c| c.step),
         }));
         let change = Change::Assign(NewAttempt {
+            number,
             agent_id: agent.id,
             recipe: &hp,
             gpu_type: job.gpu_type.unwrap_or(GpuType::Ondemand),

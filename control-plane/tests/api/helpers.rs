@@ -252,6 +252,18 @@ impl TestApp {
 }
 
 impl TestApp {
+    /// The OpenAPI document the server serves.
+    pub async fn openapi_document(&self) -> Value {
+        self.client
+            .get(self.url("/api/v1/openapi.json"))
+            .send()
+            .await
+            .expect("openapi")
+            .json()
+            .await
+            .expect("json")
+    }
+
     /// Asks for work, without waiting, as the agent holding `secret`.
     pub async fn claim_now(&self, secret: &str) -> (StatusCode, Value) {
         self.agent_call(

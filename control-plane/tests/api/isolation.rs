@@ -219,15 +219,7 @@ async fn every_id_route_hides_another_users_resources_whatever_their_state(backe
         StatusCode::CONFLICT
     );
 
-    let document: serde_json::Value = app
-        .client
-        .get(app.url("/api/v1/openapi.json"))
-        .send()
-        .await
-        .expect("openapi")
-        .json()
-        .await
-        .expect("json");
+    let document = app.openapi_document().await;
     let mut swept = 0;
     for (path, item) in document["paths"].as_object().expect("paths") {
         // Agent routes take an agent's secret; the fleet is operators'; content links are signed.

@@ -1,5 +1,4 @@
 use reqwest::{Method, StatusCode};
-use serde_json::Value;
 
 use crate::helpers::{Backend, TestApp, TestDatabase};
 
@@ -8,15 +7,7 @@ use crate::helpers::{Backend, TestApp, TestDatabase};
 async fn the_openapi_document_matches_the_routes() {
     let database = TestDatabase::create(Backend::Sqlite).await;
     let app = TestApp::spawn(&database).await;
-    let document: Value = app
-        .client
-        .get(app.url("/api/v1/openapi.json"))
-        .send()
-        .await
-        .expect("openapi")
-        .json()
-        .await
-        .expect("json");
+    let document = app.openapi_document().await;
     assert!(document["openapi"]
         .as_str()
         .expect("version")

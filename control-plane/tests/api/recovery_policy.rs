@@ -313,6 +313,7 @@ async fn illegal_changes_by_the_control_plane_are_refused_and_logged(backend: Ba
         ),
         (
             Change::Assign(NewAttempt {
+                number: 1,
                 agent_id,
                 recipe: &recipe,
                 gpu_type: GpuType::Spot,
