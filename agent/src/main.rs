@@ -22,6 +22,8 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,agent=info".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never in log files or collectors.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
         Command::Run(flags) => {
