@@ -14,7 +14,7 @@ use crate::live::LiveUpdates;
 use crate::service::account::LoginLimiter;
 use crate::service::AppState;
 use crate::storage::ArtifactStore;
-use crate::telemetry::RequestMetrics;
+use crate::telemetry::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -107,12 +107,12 @@ impl Application {
                 settings.auth.login_max_failures,
                 Duration::from_secs(settings.auth.login_window_seconds),
             )),
+            metrics: Arc::new(Metrics::new(db.backend())),
             db,
             settings: Arc::new(settings),
             catalog: Arc::new(catalog),
             live,
             enricher,
-            metrics: Arc::new(RequestMetrics::default()),
         };
         Ok(Application {
             listener,
@@ -136,6 +136,14 @@ impl Application {
     ) -> std::io::Result<()> {
         tracing::info!(address = %self.address, database = self.state.db.backend(), "control plane listening");
         crate::service::recovery::spawn_sweeper(self.state.clone());
+        let metrics = self.state.metrics.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                metrics.run_upkeep();
+            }
+        });
         self.state.enricher.spawn_sweeper(Duration::from_secs(
             self.state.settings.enrichment.sweep_every_seconds.max(1),
         ));

@@ -1,10 +1,15 @@
-//! Logging setup and the counters `/metrics` reports: requests per route, and status
-//! changes refused by the state machine.
+//! Logging setup and what `/metrics` reports.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeSet, HashMap};
 use std::io::IsTerminal;
 use std::sync::Mutex;
 
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 use tracing_subscriber::EnvFilter;
 
 /// Logs to stderr; `RUST_LOG` overrides the default level (info).
@@ -19,45 +24,115 @@ pub fn init() {
         .try_init();
 }
 
-/// (method, route, status)
-type RouteKey = (String, String, u16);
+/// Request latency buckets, in seconds: from a cached read to a slow upload.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
 
-/// Request counts and total seconds per (method, route, status).
-#[derive(Default)]
-pub struct RequestMetrics {
-    requests: Mutex<BTreeMap<RouteKey, (u64, f64)>>,
-    /// Status changes the control plane attempted against the state machine, by origin.
-    refused_transitions: Mutex<BTreeMap<String, u64>>,
+/// What `/metrics` reports, in Prometheus' text format: requests by route and status (a
+/// counter and a latency histogram), status changes the state machine refused, gauges the
+/// caller sets when scraped, and the process' CPU, memory, threads and file descriptors.
+/// Each control plane has its own recorder, so two in one process (tests) stay apart.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    process: metrics_process::Collector,
+    /// The label values each gauge has been set for, so one that vanished reads 0.
+    gauge_labels: Mutex<HashMap<&'static str, BTreeSet<String>>>,
 }
 
-impl RequestMetrics {
-    pub fn record(&self, method: String, route: String, status: u16, seconds: f64) {
-        let mut requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = requests.entry((method, route, status)).or_default();
-        entry.0 += 1;
-        entry.1 += seconds;
+impl Metrics {
+    /// `database` names the backend in `lora_build_info`.
+    pub fn new(database: &'static str) -> Metrics {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full("http_request_duration_seconds".into()),
+                &LATENCY_BUCKETS,
+            )
+            .expect("the latency buckets are not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        let process = metrics_process::Collector::default();
+        let metrics = Metrics {
+            recorder,
+            handle,
+            process,
+            gauge_labels: Mutex::default(),
+        };
+        metrics.with_recorder(|| {
+            metrics.process.describe();
+            describe_counter!("http_requests_total", "HTTP requests answered.");
+            describe_histogram!(
+                "http_request_duration_seconds",
+                Unit::Seconds,
+                "Time spent answering HTTP requests."
+            );
+            describe_counter!(
+                "lora_refused_status_changes_total",
+                "Job status changes the control plane attempted against the state machine."
+            );
+            describe_gauge!("lora_build_info", "Version and database backend.");
+            gauge!("lora_build_info", "version" => env!("CARGO_PKG_VERSION"), "database" => database)
+                .set(1.0);
+        });
+        metrics
+    }
+
+    fn with_recorder<T>(&self, f: impl FnOnce() -> T) -> T {
+        metrics::with_local_recorder(&self.recorder, f)
+    }
+
+    pub fn record_request(&self, method: String, route: String, status: u16, seconds: f64) {
+        self.with_recorder(|| {
+            let labels = [
+                ("method", method),
+                ("route", route),
+                ("status", status.to_string()),
+            ];
+            counter!("http_requests_total", &labels).increment(1);
+            histogram!("http_request_duration_seconds", &labels).record(seconds);
+        });
     }
 
     pub fn count_refused_transition(&self, origin: &str) {
-        let mut refused = self
-            .refused_transitions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        *refused.entry(origin.to_owned()).or_default() += 1;
+        self.with_recorder(|| {
+            counter!("lora_refused_status_changes_total", "origin" => origin.to_owned())
+                .increment(1);
+        });
     }
 
-    pub fn refused_transitions(&self) -> BTreeMap<String, u64> {
-        self.refused_transitions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    /// Sets gauge `name` for each `(label value, count)`, the label named `label`; label
+    /// values set before and missing now read 0.
+    pub fn set_gauges(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        label: &'static str,
+        counts: &[(String, i64)],
+    ) {
+        let mut known = self.gauge_labels.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = known.entry(name).or_default();
+        self.with_recorder(|| {
+            describe_gauge!(name, help);
+            for stale in seen.iter().filter(|v| !counts.iter().any(|(c, _)| c == *v)) {
+                gauge!(name, label => stale.clone()).set(0.0);
+            }
+            for (value, count) in counts {
+                gauge!(name, label => value.clone()).set(*count as f64);
+            }
+        });
+        seen.extend(counts.iter().map(|(value, _)| value.clone()));
     }
 
-    /// Every (method, route, status) with its count and total seconds.
-    pub fn snapshot(&self) -> BTreeMap<RouteKey, (u64, f64)> {
-        self.requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+    /// The exposition, with the process' figures read now.
+    pub fn render(&self) -> String {
+        self.with_recorder(|| self.process.collect());
+        self.handle.render()
+    }
+
+    /// Folds recorded histogram samples into their buckets; run it every few seconds so
+    /// memory stays flat between scrapes.
+    pub fn run_upkeep(&self) {
+        self.handle.run_upkeep();
     }
 }

@@ -44,7 +44,8 @@ function watchJob(section) {
     }
   });
   events.addEventListener("metrics", refresh);
-  events.addEventListener("resync", refresh);
+  // The job is settled: the server closes the stream, and the browser must not reopen it.
+  events.addEventListener("end", () => events.close());
   events.addEventListener("event", (e) => {
     const event = JSON.parse(e.data);
     const list = document.getElementById("events");

@@ -1,7 +1,13 @@
 //! The chat dataset formats every part of the platform accepts, read as a stream.
 //!
 //! Accepted inputs, detected from the content:
-//! - chat JSONL: one `{"messages": [{"role", "content"}...], "metadata": {...}}` per line;
+//! - JSONL, one record per line, each of:
+//!   - chat: `{"messages": [{"role", "content", "name"?, "weight"?, "tool_calls"?,
+//!     "tool_call_id"?}...], "tools"?: [...], "metadata"?: {...}}` (OpenAI's fine-tuning
+//!     format; roles `system`, `developer` (read as `system`), `user`, `assistant`, `tool`);
+//!   - prompt/completion: `{"prompt": "...", "completion": "..."}`, read as a user and an
+//!     assistant turn;
+//!   - text: `{"text": "..."}` (Together's format), trained on every token;
 //! - a JSON array of such objects (streamed element by element, never loaded whole);
 //! - CSV with a header naming `prompt`, `completion` and optionally `system`.
 //!
@@ -23,12 +29,57 @@ pub enum Role {
     System,
     User,
     Assistant,
+    /// A tool's answer to an assistant's tool call.
+    Tool,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
     pub role: Role,
+    /// Empty for an assistant turn that only calls tools.
     pub content: String,
+    /// The speaker's name, for templates that render it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// OpenAI's per-turn weight on assistant messages: 0 keeps the turn out of the loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u8>,
+    /// An assistant's tool calls as the data gives them (OpenAI's shape:
+    /// `{"id", "type": "function", "function": {"name", "arguments"}}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<Value>>,
+    /// The call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Message {
+        Message {
+            role,
+            content: content.into(),
+            name: None,
+            weight: None,
+            tool_calls: None,
+            tool_call_id: None,
+        }
+    }
+
+    /// An assistant turn the loss counts: not weighted 0.
+    pub fn is_trained(&self) -> bool {
+        self.role == Role::Assistant && self.weight != Some(0)
+    }
 }
 
 /// Per-dimension quality scores a data pipeline may attach to a conversation.
@@ -62,19 +113,32 @@ pub struct ConversationMetadata {
     pub raw: Option<Value>,
 }
 
+/// One training record: a chat (`messages`, with the `tools` it may call), or plain
+/// `text`, whose every token is trained on (then `messages` is empty).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Conversation {
     pub messages: Vec<Message>,
+    pub tools: Option<Vec<Value>>,
+    pub text: Option<String>,
     pub metadata: ConversationMetadata,
 }
 
 impl Conversation {
-    /// Assistant turns: each is one training target.
+    pub fn chat(messages: Vec<Message>) -> Conversation {
+        Conversation {
+            messages,
+            tools: None,
+            text: None,
+            metadata: ConversationMetadata::default(),
+        }
+    }
+
+    /// Training targets: the assistant turns the loss counts, or 1 for a text record.
     pub fn training_pairs(&self) -> usize {
-        self.messages
-            .iter()
-            .filter(|m| m.role == Role::Assistant)
-            .count()
+        if self.text.is_some() {
+            return 1;
+        }
+        self.messages.iter().filter(|m| m.is_trained()).count()
     }
 }
 
@@ -184,8 +248,53 @@ pub fn conversation_from_value(value: Value) -> Result<Conversation, String> {
     let Value::Object(mut object) = value else {
         return Err("expected a JSON object with \"messages\"".into());
     };
+    let metadata = match object.remove("metadata") {
+        None | Some(Value::Null) => ConversationMetadata::default(),
+        Some(raw @ Value::Object(_)) => metadata_from_value(raw)?,
+        Some(_) => return Err("\"metadata\" must be an object".into()),
+    };
+    let layouts = ["messages", "text", "prompt"].map(|key| object.contains_key(key));
+    if layouts.iter().filter(|present| **present).count() > 1 {
+        return Err(
+            "a record holds one of \"messages\", \"prompt\"/\"completion\" or \"text\", not several"
+                .into(),
+        );
+    }
+    if let Some(text) = object.remove("text") {
+        let Value::String(text) = text else {
+            return Err("\"text\" must be a string".into());
+        };
+        return Ok(Conversation {
+            text: Some(checked_text(text, "\"text\"")?),
+            messages: Vec::new(),
+            tools: None,
+            metadata,
+        });
+    }
+    if let Some(prompt) = object.remove("prompt") {
+        let field = |value: Option<Value>, name: &str| match value {
+            Some(Value::String(text)) => checked_text(text, &format!("\"{name}\"")),
+            Some(_) => Err(format!("\"{name}\" must be a string")),
+            None => Err(format!("\"prompt\" needs a \"{name}\"")),
+        };
+        let messages = vec![
+            Message::new(Role::User, field(Some(prompt), "prompt")?),
+            Message::new(
+                Role::Assistant,
+                field(object.remove("completion"), "completion")?,
+            ),
+        ];
+        return Ok(Conversation {
+            metadata,
+            ..Conversation::chat(messages)
+        });
+    }
     let messages = match object.remove("messages") {
-        None => return Err("missing \"messages\"".into()),
+        None => {
+            return Err(
+                "missing \"messages\" (or \"prompt\" and \"completion\", or \"text\")".into(),
+            )
+        }
         Some(Value::Array(messages)) => messages,
         Some(_) => return Err("\"messages\" must be an array".into()),
     };
@@ -200,12 +309,37 @@ pub fn conversation_from_value(value: Value) -> Result<Conversation, String> {
     if !messages.iter().any(|m| m.role == Role::Assistant) {
         return Err("no assistant message".into());
     }
-    let metadata = match object.remove("metadata") {
-        None | Some(Value::Null) => ConversationMetadata::default(),
-        Some(raw @ Value::Object(_)) => metadata_from_value(raw)?,
-        Some(_) => return Err("\"metadata\" must be an object".into()),
+    let tools = match object.remove("tools") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(tools)) if tools.iter().all(Value::is_object) => {
+            if tools.iter().any(holds_nul) {
+                return Err(
+                    "\"tools\" contains U+0000 (NUL), which training data cannot hold".into(),
+                );
+            }
+            Some(tools)
+        }
+        Some(_) => return Err("\"tools\" must be an array of tool definitions (objects)".into()),
     };
-    Ok(Conversation { messages, metadata })
+    Ok(Conversation {
+        messages,
+        tools,
+        text: None,
+        metadata,
+    })
+}
+
+/// `text` if it is not blank and holds no U+0000.
+fn checked_text(text: String, what: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        return Err(format!("{what} is empty"));
+    }
+    if text.contains('\0') {
+        return Err(format!(
+            "{what} contains U+0000 (NUL), which training data cannot hold"
+        ));
+    }
+    Ok(text)
 }
 
 fn message_from_value(number: usize, value: Value) -> Result<Message, String> {
@@ -214,20 +348,86 @@ fn message_from_value(number: usize, value: Value) -> Result<Message, String> {
     };
     let role = match object.remove("role") {
         Some(Value::String(role)) => match role.as_str() {
-            "system" => Role::System,
+            // OpenAI's newer name for the system turn.
+            "system" | "developer" => Role::System,
             "user" => Role::User,
             "assistant" => Role::Assistant,
+            "tool" => Role::Tool,
             _ => return Err(format!("message {number} has unknown role {role:?}")),
         },
         Some(_) => return Err(format!("message {number} has a non-string \"role\"")),
         None => return Err(format!("message {number} has no \"role\"")),
     };
+    let optional_text =
+        |object: &mut serde_json::Map<String, Value>, key: &str| match object.remove(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(text)) => {
+                checked_text(text, &format!("message {number}'s \"{key}\"")).map(Some)
+            }
+            Some(_) => Err(format!("message {number} has a non-string \"{key}\"")),
+        };
+    let name = optional_text(&mut object, "name")?;
+    let tool_call_id = optional_text(&mut object, "tool_call_id")?;
+    let tool_calls = match object.remove("tool_calls") {
+        None | Some(Value::Null) => None,
+        Some(_) if role != Role::Assistant => {
+            return Err(format!(
+                "message {number}: only assistant messages have \"tool_calls\""
+            ))
+        }
+        Some(Value::Array(calls)) if !calls.is_empty() => {
+            for (index, call) in calls.iter().enumerate() {
+                let named = call
+                    .get("function")
+                    .and_then(|f| f.get("name"))
+                    .is_some_and(Value::is_string);
+                if !named {
+                    return Err(format!(
+                        "message {number}: tool call {} has no \"function\": {{\"name\", \"arguments\"}}",
+                        index + 1
+                    ));
+                }
+                if holds_nul(call) {
+                    return Err(format!(
+                        "message {number}: tool call {} contains U+0000 (NUL), which training data cannot hold",
+                        index + 1
+                    ));
+                }
+            }
+            Some(calls)
+        }
+        Some(_) => {
+            return Err(format!(
+                "message {number}: \"tool_calls\" must be a non-empty array"
+            ))
+        }
+    };
+    let weight = match object.remove("weight") {
+        None | Some(Value::Null) => None,
+        Some(_) if role != Role::Assistant => {
+            return Err(format!(
+                "message {number}: only assistant messages have a \"weight\""
+            ))
+        }
+        Some(value) => match value.as_f64() {
+            Some(0.0) => Some(0),
+            Some(1.0) => Some(1),
+            _ => return Err(format!("message {number}: \"weight\" must be 0 or 1")),
+        },
+    };
     let content = match object.remove("content") {
         Some(Value::String(content)) => content,
+        None | Some(Value::Null) if tool_calls.is_some() => String::new(),
+        Some(Value::Array(_)) => {
+            return Err(format!(
+                "message {number} has content parts (an array); only string content is supported"
+            ))
+        }
+        None | Some(Value::Null) => return Err(format!("message {number} has no \"content\"")),
         Some(_) => return Err(format!("message {number} has a non-string \"content\"")),
-        None => return Err(format!("message {number} has no \"content\"")),
     };
-    if content.trim().is_empty() {
+    // A turn that only calls tools may say nothing.
+    if content.trim().is_empty() && tool_calls.is_none() {
         return Err(format!("message {number} has empty content"));
     }
     if content.contains('\0') {
@@ -235,7 +435,14 @@ fn message_from_value(number: usize, value: Value) -> Result<Message, String> {
             "message {number} contains U+0000 (NUL), which training data cannot hold"
         ));
     }
-    Ok(Message { role, content })
+    Ok(Message {
+        role,
+        content,
+        name,
+        weight,
+        tool_calls,
+        tool_call_id,
+    })
 }
 
 /// Whether any string (or key) inside `value` holds U+0000, which PostgreSQL's text and
@@ -675,24 +882,15 @@ impl<R: Read> CsvReader<R> {
         if let Some(index) = self.system {
             let text = self.record.get(index).unwrap_or_default();
             if !text.trim_ascii().is_empty() {
-                messages.push(Message {
-                    role: Role::System,
-                    content: field(index, "system")?,
-                });
+                messages.push(Message::new(Role::System, field(index, "system")?));
             }
         }
-        messages.push(Message {
-            role: Role::User,
-            content: field(self.prompt, "prompt")?,
-        });
-        messages.push(Message {
-            role: Role::Assistant,
-            content: field(self.completion, "completion")?,
-        });
-        Ok(Conversation {
-            messages,
-            metadata: ConversationMetadata::default(),
-        })
+        messages.push(Message::new(Role::User, field(self.prompt, "prompt")?));
+        messages.push(Message::new(
+            Role::Assistant,
+            field(self.completion, "completion")?,
+        ));
+        Ok(Conversation::chat(messages))
     }
 }
 

@@ -84,13 +84,13 @@ pub fn save(
         .iter()
         .map(|(name, var)| Ok((name.clone(), var.as_tensor().to_dtype(DType::F32)?)))
         .collect::<candle_core::Result<_>>()?;
-    candle_core::safetensors::save(&weights, temporary.join(FILES[0]))?;
+    crate::tensor_file::save(&weights, &temporary.join(FILES[0]))?;
     let mut optimizer = HashMap::new();
     for (i, (name, _)) in lora.iter().enumerate() {
         optimizer.insert(format!("exp_avg.{name}"), moments.0[i].clone());
         optimizer.insert(format!("exp_avg_sq.{name}"), moments.1[i].clone());
     }
-    candle_core::safetensors::save(&optimizer, temporary.join(FILES[1]))?;
+    crate::tensor_file::save(&optimizer, &temporary.join(FILES[1]))?;
     let state_path = temporary.join(FILES[2]);
     std::fs::write(
         &state_path,

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use protocol::dataset::{self, Conversation, DatasetError, Limits};
 use tokenizers::Tokenizer;
 
-use crate::chat::ChatTemplate;
+use crate::chat::{ChatTemplate, DataField};
 use crate::error::{Result, TrainerError};
 use crate::rng::Rng;
 
@@ -40,6 +40,9 @@ pub struct PreparedData {
     pub truncated: usize,
     /// Conversations left with no assistant token to learn from after truncation.
     pub dropped: usize,
+    /// Fields of the data the chat template does not render, with how many conversations
+    /// use each.
+    pub ignored: std::collections::BTreeMap<DataField, usize>,
 }
 
 impl TextEncoder {
@@ -65,14 +68,20 @@ impl TextEncoder {
         Ok(encoding.get_ids().to_vec())
     }
 
-    /// The conversation's token ids and, for each, whether it lies in an assistant turn.
+    /// The conversation's token ids and, for each, whether the loss counts it: the trained
+    /// assistant turns of a chat, every token of a text record.
     pub fn encode_conversation(
         &self,
         conversation: &Conversation,
     ) -> Result<(Vec<u32>, Vec<bool>)> {
+        if let Some(text) = &conversation.text {
+            let ids = self.encode_text(&self.template.wrap_text(text))?;
+            let trained = vec![true; ids.len()];
+            return Ok((ids, trained));
+        }
         let (text, spans) = self
             .template
-            .render_with_assistant_spans(&conversation.messages)?;
+            .render_with_assistant_spans(&conversation.messages, conversation.tools.as_deref())?;
         let encoding = self
             .tokenizer
             .encode(text.as_str(), false)
@@ -87,6 +96,23 @@ impl TextEncoder {
             })
             .collect();
         Ok((encoding.get_ids().to_vec(), assistant))
+    }
+
+    /// The fields of a chat the model's template leaves out of its text.
+    pub fn ignored_fields(&self, conversation: &Conversation) -> Result<Vec<DataField>> {
+        let uses_extras = conversation.tools.is_some()
+            || conversation.messages.iter().any(|m| {
+                m.name.is_some()
+                    || m.tool_calls.is_some()
+                    || m.role == protocol::dataset::Role::Tool
+            });
+        if conversation.text.is_some() || !uses_extras {
+            return Ok(Vec::new());
+        }
+        let tools = conversation.tools.as_deref();
+        let rendered = self.template.render(&conversation.messages, tools, false)?;
+        self.template
+            .ignored_fields(&conversation.messages, tools, &rendered)
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -133,12 +159,26 @@ pub fn load_examples(
     let mut prepared = PreparedData::default();
     for record in records {
         let record = record.map_err(dataset_error)?;
+        let at_line = |message: String| TrainerError::Dataset {
+            path: path.display().to_string(),
+            message: format!("line {}: {message}", record.line),
+        };
+        let ignored = encoder
+            .ignored_fields(&record.conversation)
+            .map_err(|e| at_line(e.to_string()))?;
+        for field in ignored {
+            if field.is_essential() {
+                return Err(at_line(format!(
+                    "the model's chat template does not render {}, so they cannot be trained \
+                     on; use a model whose template supports tools",
+                    field.as_str()
+                )));
+            }
+            *prepared.ignored.entry(field).or_default() += 1;
+        }
         let (ids, assistant) = encoder
             .encode_conversation(&record.conversation)
-            .map_err(|e| TrainerError::Dataset {
-                path: path.display().to_string(),
-                message: format!("line {}: {e}", record.line),
-            })?;
+            .map_err(|e| at_line(e.to_string()))?;
         let (example, truncated) = to_example(&ids, &assistant, max_seq_len);
         prepared.truncated += usize::from(truncated);
         if example.loss_tokens() == 0 {

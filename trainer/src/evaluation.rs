@@ -133,11 +133,11 @@ pub fn generate(
     seed: u64,
 ) -> Result<String> {
     let device = Device::Cpu;
-    let messages = [protocol::dataset::Message {
-        role: protocol::dataset::Role::User,
-        content: prompt.to_owned(),
-    }];
-    let text = encoder.template.render(&messages, true)?;
+    let messages = [protocol::dataset::Message::new(
+        protocol::dataset::Role::User,
+        prompt,
+    )];
+    let text = encoder.template.render(&messages, None, true)?;
     let prompt_ids = encoder.encode_text(&text)?;
     if prompt_ids.is_empty() {
         return Err(TrainerError::Invalid(

@@ -43,6 +43,35 @@ fn is_repo_id(spec: &str) -> bool {
     matches!((parts.next(), parts.next(), parts.next()), (Some(org), Some(name), None) if valid(org) && valid(name))
 }
 
+/// How an adapter names its base model, as PEFT and llama.cpp's converter read it: a local
+/// directory as an absolute path (a relative one would resolve against the reader's working
+/// directory, or send it to the hub), a hub id as `org/name` with its revision apart.
+pub struct BaseModelReference {
+    pub name_or_path: String,
+    pub revision: Option<String>,
+}
+
+pub fn base_model_reference(spec: &Path) -> BaseModelReference {
+    if spec.is_dir() {
+        let path = std::fs::canonicalize(spec).unwrap_or_else(|_| spec.to_path_buf());
+        return BaseModelReference {
+            name_or_path: path.display().to_string(),
+            revision: None,
+        };
+    }
+    let text = spec.to_string_lossy();
+    match text.split_once('@') {
+        Some((repo_id, revision)) => BaseModelReference {
+            name_or_path: repo_id.to_owned(),
+            revision: Some(revision.to_owned()),
+        },
+        None => BaseModelReference {
+            name_or_path: text.into_owned(),
+            revision: None,
+        },
+    }
+}
+
 /// The local directory holding the model named by `spec`: the directory itself, or the
 /// hub cache's snapshot of `org/name` (optionally `org/name@revision`).
 pub fn resolve_model(spec: &Path) -> Result<PathBuf> {
@@ -141,5 +170,34 @@ fn hub_error(repo_id: &str, file: &str, error: impl std::fmt::Display) -> Traine
     TrainerError::Config {
         path: format!("{repo_id}/{file}"),
         message: format!("hub download failed: {error}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_local_base_model_is_named_by_its_absolute_path_and_a_hub_id_as_typed() {
+        // Unit tests run in the crate's directory, which holds `src/`.
+        let local = base_model_reference(Path::new("src"));
+        assert!(Path::new(&local.name_or_path).is_absolute());
+        assert!(
+            local.name_or_path.ends_with("/src"),
+            "{}",
+            local.name_or_path
+        );
+        assert_eq!(local.revision, None);
+
+        let pinned = base_model_reference(Path::new("meta-llama/Llama-3.2-1B@abc123"));
+        assert_eq!(
+            (pinned.name_or_path.as_str(), pinned.revision.as_deref()),
+            ("meta-llama/Llama-3.2-1B", Some("abc123"))
+        );
+        let latest = base_model_reference(Path::new("meta-llama/Llama-3.2-1B"));
+        assert_eq!(
+            (latest.name_or_path.as_str(), latest.revision),
+            ("meta-llama/Llama-3.2-1B", None)
+        );
     }
 }

@@ -222,6 +222,6 @@ pub fn write_tiny_model(
     )?;
     let weights = random_weights(&config, spec.seed, DType::F32, &Device::Cpu)?;
     let path = dir.join("model.safetensors");
-    candle_core::safetensors::save(&weights, &path)?;
+    crate::tensor_file::save(&weights, &path)?;
     Ok(config)
 }

@@ -21,6 +21,7 @@ pub mod model;
 pub mod optim;
 pub mod peft;
 pub mod rng;
+pub mod tensor_file;
 pub mod train;
 
 pub use config::{Architecture, ModelConfig};

@@ -127,7 +127,7 @@ fn write_merged(
             merged += 1;
         }
         let target = staging.join(shard.file_name().unwrap_or_default());
-        candle_core::safetensors::save(&tensors, &target)?;
+        crate::tensor_file::save(&tensors, &target)?;
     }
     if let Some(name) = updates.keys().next() {
         return Err(TrainerError::Config {

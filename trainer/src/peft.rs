@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 use crate::error::{Result, TrainerError};
+use crate::hub::BaseModelReference;
 use crate::lora::LoraConfig;
 use crate::model::Model;
 
@@ -19,13 +20,18 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainerError + '_ {
     }
 }
 
-pub fn save_adapter(dir: &Path, model: &Model, lora: &LoraConfig, base_model: &str) -> Result<()> {
+pub fn save_adapter(
+    dir: &Path,
+    model: &Model,
+    lora: &LoraConfig,
+    base_model: &BaseModelReference,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let config = json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "revision": null,
+        "base_model_name_or_path": base_model.name_or_path,
+        "revision": base_model.revision,
         "r": lora.rank,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
@@ -49,7 +55,7 @@ pub fn save_adapter(dir: &Path, model: &Model, lora: &LoraConfig, base_model: &s
         .into_iter()
         .map(|(name, var)| Ok((name, var.as_tensor().to_dtype(DType::F32)?)))
         .collect::<candle_core::Result<_>>()?;
-    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors"))?;
+    crate::tensor_file::save(&tensors, &dir.join("adapter_model.safetensors"))?;
     Ok(())
 }
 

@@ -364,6 +364,12 @@ pub fn train(
             options.max_seq_len
         ));
     }
+    for (field, conversations) in &prepared.ignored {
+        observer.warning(&format!(
+            "the model's chat template does not render {}: left out of {conversations} conversations",
+            field.as_str()
+        ));
+    }
     if prepared.dropped > 0 {
         observer.warning(&format!(
             "{} conversations had no assistant token left after truncation and were skipped",
@@ -539,7 +545,7 @@ pub fn train(
     }
 
     observer.stage(Stage::Finalization);
-    let base_model = options.model.display().to_string();
+    let base_model = crate::hub::base_model_reference(&options.model);
     peft::save_adapter(&options.out.join("adapter"), &model, &lora, &base_model)?;
     let seconds = started.elapsed().as_secs_f64();
     let summary = Summary {

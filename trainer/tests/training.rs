@@ -94,6 +94,12 @@ fn a_tiny_model_learns_and_writes_a_peft_adapter() {
         (config["peft_type"].as_str(), config["r"].as_u64()),
         (Some("LORA"), Some(4))
     );
+    let model_dir = std::fs::canonicalize(dir.path().join("model")).expect("model dir");
+    assert_eq!(
+        config["base_model_name_or_path"].as_str(),
+        Some(model_dir.to_str().expect("utf-8 path")),
+        "the base model is named by its absolute path"
+    );
     let tensors = candle_core::safetensors::load(
         out.join("adapter/adapter_model.safetensors"),
         &candle_core::Device::Cpu,
@@ -129,5 +135,66 @@ fn a_bad_record_fails_at_once_naming_its_line() {
             .to_string()
             .ends_with("data.jsonl: line 1: no assistant message"),
         "{error}"
+    );
+}
+
+#[test]
+fn ecosystem_chat_fields_shape_the_loss_mask() {
+    use trainer::chat::DataField;
+    use trainer::data::{load_examples, TextEncoder};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let model_dir = dir.path().join("model");
+    write_tiny_model(&model_dir, &TinyModel::default()).expect("tiny model");
+    let encoder = TextEncoder::from_model_dir(&model_dir).expect("encoder");
+    let chat = |weight: u8| {
+        serde_json::json!({"messages": [
+            {"role": "user", "content": "Hi", "name": "ada"},
+            {"role": "assistant", "content": "Hello there", "weight": weight},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "B"},
+        ]})
+        .to_string()
+    };
+    let lines = [
+        chat(0),
+        chat(1),
+        r#"{"text":"plain words"}"#.to_owned(),
+        r#"{"prompt":"Q","completion":"A"}"#.to_owned(),
+    ];
+    let data = dir.path().join("data.jsonl");
+    std::fs::write(&data, lines.join("\n")).expect("data");
+    let prepared = load_examples(&data, &encoder, None).expect("loads");
+    let loss_tokens: Vec<usize> = prepared.examples.iter().map(|e| e.loss_tokens()).collect();
+    let turn = |text: &str| encoder.encode_text(text).expect("encodes").len();
+    assert_eq!(
+        loss_tokens[0],
+        turn("B<|im_end|>"),
+        "weight 0 keeps the first answer out of the loss; the span ends at <|im_end|>"
+    );
+    assert_eq!(
+        loss_tokens[1],
+        turn("Hello there<|im_end|>") + turn("B<|im_end|>")
+    );
+    let text = &prepared.examples[2];
+    assert_eq!(
+        text.loss_tokens(),
+        text.targets.len(),
+        "a text record trains on every token"
+    );
+    assert_eq!(loss_tokens[3], turn("A<|im_end|>"));
+    assert_eq!(
+        prepared.ignored.get(&DataField::Name),
+        Some(&2),
+        "ChatML leaves names out, and that is counted"
+    );
+
+    let tool_call = r#"{"messages":[{"role":"user","content":"Weather?"},{"role":"assistant","tool_calls":[{"id":"c","type":"function","function":{"name":"weather","arguments":"{}"}}]},{"role":"tool","tool_call_id":"c","content":"sunny"},{"role":"assistant","content":"Sunny."}]}"#;
+    std::fs::write(&data, format!("{}\n{tool_call}\n", lines[1])).expect("data");
+    let error = load_examples(&data, &encoder, None).expect_err("ChatML cannot render tool calls");
+    let message = error.to_string();
+    assert!(
+        message.contains("line 2") && message.contains("tool_calls"),
+        "{message}"
     );
 }

@@ -26,6 +26,10 @@ pub struct Event {
     #[serde(default)]
     pub idempotency_key: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// The order it was stored in (`None` until stored).
+    #[serde(skip)]
+    #[sqlx(default)]
+    pub seq: Option<i64>,
 }
 
 impl Event {
@@ -46,6 +50,7 @@ impl Event {
             source: Some("control_plane".to_owned()),
             idempotency_key: None,
             created_at: super::now(),
+            seq: None,
         }
     }
 
@@ -131,4 +136,37 @@ pub async fn list(
             .push_bind(filter.offset);
         (select.build_query_as::<Event>().fetch_all(pool).await?, total)
     }))
+}
+
+/// Up to `limit` of a job's events stored after sequence number `after` (from the start
+/// when `None`), in the order they were stored.
+pub async fn stored_after(
+    db: &Db,
+    job_id: Uuid,
+    after: Option<i64>,
+    limit: i64,
+) -> Result<Vec<Event>, DbError> {
+    let sql = "SELECT * FROM event_logs WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, Event>(sql)
+        .bind(job_id)
+        .bind(after.unwrap_or(i64::MIN))
+        .bind(limit)
+        .fetch_all(pool)
+        .await)?)
+}
+
+/// The sequence number of the job's latest stored event.
+pub async fn last_seq(db: &Db, job_id: Uuid) -> Result<Option<i64>, DbError> {
+    let sql = "SELECT MAX(seq) FROM event_logs WHERE job_id = $1";
+    let (seq,): (Option<i64>,) =
+        on_pool!(db, pool => sqlx::query_as(sql).bind(job_id).fetch_one(pool).await)?;
+    Ok(seq)
+}
+
+/// The sequence number an event was stored with.
+pub async fn seq_of(db: &Db, id: Uuid) -> Result<Option<i64>, DbError> {
+    let sql = "SELECT seq FROM event_logs WHERE id = $1";
+    let row: Option<(Option<i64>,)> =
+        on_pool!(db, pool => sqlx::query_as(sql).bind(id).fetch_optional(pool).await)?;
+    Ok(row.and_then(|(seq,)| seq))
 }

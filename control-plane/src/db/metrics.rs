@@ -141,3 +141,29 @@ pub async fn latest(db: &Db, job_id: Uuid) -> Result<Option<MetricPoint>, DbErro
         .fetch_optional(pool)
         .await)?)
 }
+
+/// Up to `limit` points after `after_step` (all of them when `None`), oldest first.
+pub async fn after(
+    db: &Db,
+    job_id: Uuid,
+    after_step: Option<i64>,
+    limit: i64,
+) -> Result<Vec<MetricPoint>, DbError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM training_metrics WHERE job_id = $1 AND step > $2 ORDER BY step LIMIT $3"
+    );
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, MetricPoint>(&sql)
+        .bind(job_id)
+        .bind(after_step.unwrap_or(i64::MIN))
+        .bind(limit)
+        .fetch_all(pool)
+        .await)?)
+}
+
+/// The job's highest step so far.
+pub async fn last_step(db: &Db, job_id: Uuid) -> Result<Option<i64>, DbError> {
+    let sql = "SELECT MAX(step) FROM training_metrics WHERE job_id = $1";
+    let (step,): (Option<i64>,) =
+        on_pool!(db, pool => sqlx::query_as(sql).bind(job_id).fetch_one(pool).await)?;
+    Ok(step)
+}

@@ -92,6 +92,12 @@ impl JobStatus {
     pub fn is_terminal(self) -> bool {
         self.next().is_empty()
     }
+
+    /// Nothing will change this job on its own any more: it is terminal, or failed (only a
+    /// person's resume moves it on).
+    pub fn is_settled(self) -> bool {
+        self.is_terminal() || self == JobStatus::Failed
+    }
 }
 
 impl fmt::Display for JobStatus {

@@ -17,7 +17,7 @@ use crate::service::{fleet, AppState, CurrentUser, ServiceResult};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(list))
+        .routes(routes!(list_agents))
         .routes(routes!(telemetry))
         .routes(routes!(register))
 }
@@ -93,7 +93,10 @@ async fn telemetry(
 
 /// The fleet (operators and admins).
 #[utoipa::path(get, path = "/agents", tag = "agents", responses((status = 200, body = AgentList), (status = 403, body = ErrorBody)))]
-async fn list(State(state): State<AppState>, user: CurrentUser) -> ServiceResult<Json<AgentList>> {
+async fn list_agents(
+    State(state): State<AppState>,
+    user: CurrentUser,
+) -> ServiceResult<Json<AgentList>> {
     Ok(Json(AgentList {
         data: fleet::list_agents(&state, &user).await?,
     }))

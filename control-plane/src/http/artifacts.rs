@@ -116,6 +116,7 @@ async fn download_link(
 }
 
 #[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct Signed {
     expires: i64,
     signature: String,

@@ -18,8 +18,8 @@ use axum::extract::multipart::MultipartRejection;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(list, upload))
-        .routes(routes!(detail, remove))
+        .routes(routes!(list_training_files, upload))
+        .routes(routes!(get_training_file, remove))
         .routes(routes!(conversations))
         // Uploads enforce their own, configurable limit while streaming.
         .layer(DefaultBodyLimit::disable())
@@ -42,7 +42,7 @@ struct ListParams {
 /// The caller's training files, newest first.
 #[utoipa::path(get, path = "/training-files", tag = "training-files", params(ListParams),
     responses((status = 200, body = Page<TrainingFile>), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
-async fn list(
+async fn list_training_files(
     State(state): State<AppState>,
     user: CurrentUser,
     ApiQuery(params): ApiQuery<ListParams>,
@@ -62,7 +62,7 @@ async fn list(
 /// One training file with its enrichment results.
 #[utoipa::path(get, path = "/training-files/{id}", tag = "training-files", params(("id" = Uuid, Path)),
     responses((status = 200, body = TrainingFile), (status = 404, body = ErrorBody)))]
-async fn detail(
+async fn get_training_file(
     State(state): State<AppState>,
     user: CurrentUser,
     ApiPath(id): ApiPath<Uuid>,

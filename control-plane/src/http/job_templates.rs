@@ -17,14 +17,14 @@ use crate::service::{AppState, CurrentUser, ServiceResult};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(list, create))
+        .routes(routes!(list_templates, create_template))
         .routes(routes!(use_template))
 }
 
 /// Saves a job configuration as a template.
 #[utoipa::path(post, path = "/templates", tag = "templates", request_body = NewTemplateRequest,
     responses((status = 201, body = Template), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
-async fn create(
+async fn create_template(
     State(state): State<AppState>,
     user: CurrentUser,
     ApiJson(request): ApiJson<NewTemplateRequest>,
@@ -47,7 +47,7 @@ struct TemplateList {
 
 /// The caller's templates and public ones.
 #[utoipa::path(get, path = "/templates", tag = "templates", params(ListParams), responses((status = 200, body = TemplateList)))]
-async fn list(
+async fn list_templates(
     State(state): State<AppState>,
     user: CurrentUser,
     ApiQuery(params): ApiQuery<ListParams>,

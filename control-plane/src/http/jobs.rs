@@ -17,8 +17,8 @@ use crate::service::{page_bounds, AppState, CurrentUser, ServiceResult};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(list, create))
-        .routes(routes!(detail))
+        .routes(routes!(list_jobs, create_job))
+        .routes(routes!(get_job))
         .routes(routes!(configure))
         .routes(routes!(start))
         .routes(routes!(cancel))
@@ -30,7 +30,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// Creates a draft job on an eligible training file (spec §7.1).
 #[utoipa::path(post, path = "/jobs", tag = "jobs", request_body = CreateJob,
     responses((status = 201, body = JobView), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
-async fn create(
+async fn create_job(
     State(state): State<AppState>,
     user: CurrentUser,
     ApiJson(request): ApiJson<CreateJob>,
@@ -99,7 +99,7 @@ struct ListParams {
 /// The caller's jobs (every job for operators and admins), newest first.
 #[utoipa::path(get, path = "/jobs", tag = "jobs", params(ListParams),
     responses((status = 200, body = Page<JobView>), (status = 422, body = ErrorBody)))]
-async fn list(
+async fn list_jobs(
     State(state): State<AppState>,
     user: CurrentUser,
     ApiQuery(params): ApiQuery<ListParams>,
@@ -113,7 +113,7 @@ async fn list(
 /// One job with its queue position and latest metrics.
 #[utoipa::path(get, path = "/jobs/{id}", tag = "jobs", params(("id" = Uuid, Path)),
     responses((status = 200, body = JobView), (status = 404, body = ErrorBody)))]
-async fn detail(
+async fn get_job(
     State(state): State<AppState>,
     user: CurrentUser,
     ApiPath(id): ApiPath<Uuid>,

@@ -5,12 +5,13 @@ use std::sync::Arc;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
+use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::OpenApi as OpenApiDocument;
+use utoipa::openapi::{OpenApi as OpenApiDocument, RefOr};
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 
@@ -35,6 +36,7 @@ pub mod stream;
         title = "LoRA fine-tuning control plane",
         description = "Users, training files, presets, jobs, metrics, events and live updates."
     ),
+    servers((url = "/", description = "this control plane")),
     modifiers(&SecuritySchemes),
     security(("bearer" = []), ("session" = [])),
     tags(
@@ -61,6 +63,44 @@ impl Modify for SecuritySchemes {
     }
 }
 
+/// OpenAPI requires a description on every response; where a handler gives none, the
+/// status' reason phrase ("Not Found") is used, so the document stays valid whatever
+/// handlers are added.
+struct DescribedResponses;
+
+impl Modify for DescribedResponses {
+    fn modify(&self, openapi: &mut OpenApiDocument) {
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.options,
+                &mut item.head,
+                &mut item.patch,
+                &mut item.trace,
+            ];
+            for operation in operations.into_iter().flatten() {
+                for (status, response) in operation.responses.responses.iter_mut() {
+                    let RefOr::T(response) = response else {
+                        continue;
+                    };
+                    if response.description.is_empty() {
+                        response.description = status
+                            .parse::<u16>()
+                            .ok()
+                            .and_then(|code| StatusCode::from_u16(code).ok())
+                            .and_then(|code| code.canonical_reason())
+                            .unwrap_or("Response")
+                            .to_owned();
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The API's routes and the OpenAPI document describing them, built from the same
 /// handlers. `startup` merges them with the dashboard's and adds the middleware.
 pub fn router() -> Router<AppState> {
@@ -74,10 +114,12 @@ pub fn router() -> Router<AppState> {
         .merge(artifacts::router())
         .merge(agents::router())
         .merge(agent_api::router());
-    let (routes, document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (routes, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", api)
         .merge(ops::router())
         .split_for_parts();
+    // After the routes' operations are in: `ApiDoc`'s own modifiers run before.
+    DescribedResponses.modify(&mut document);
     let document = Arc::new(document);
     routes.route(
         "/api/v1/openapi.json",

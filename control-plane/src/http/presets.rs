@@ -14,7 +14,7 @@ use crate::service::preset::{self, NewPresetRequest, PresetView};
 use crate::service::{AppState, CurrentUser, ServiceResult};
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(list, create))
+    OpenApiRouter::new().routes(routes!(list_presets, create_preset))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -24,7 +24,10 @@ struct PresetList {
 
 /// System presets and the caller's own, with whether each is available to the caller.
 #[utoipa::path(get, path = "/presets", tag = "presets", responses((status = 200, body = PresetList), (status = 401, body = ErrorBody)))]
-async fn list(State(state): State<AppState>, user: CurrentUser) -> ServiceResult<Json<PresetList>> {
+async fn list_presets(
+    State(state): State<AppState>,
+    user: CurrentUser,
+) -> ServiceResult<Json<PresetList>> {
     Ok(Json(PresetList {
         data: preset::list_presets(&state, &user).await?,
     }))
@@ -33,7 +36,7 @@ async fn list(State(state): State<AppState>, user: CurrentUser) -> ServiceResult
 /// Creates a custom preset owned by the caller.
 #[utoipa::path(post, path = "/presets", tag = "presets", request_body = NewPresetRequest,
     responses((status = 201, body = Preset), (status = 422, body = ErrorBody)))]
-async fn create(
+async fn create_preset(
     State(state): State<AppState>,
     user: CurrentUser,
     ApiJson(request): ApiJson<NewPresetRequest>,

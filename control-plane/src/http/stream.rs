@@ -4,56 +4,69 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use futures::stream::{self, Stream, StreamExt};
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tokio_stream::wrappers::BroadcastStream;
+use futures::stream::{Stream, StreamExt};
 use utoipa_axum::{router::OpenApiRouter, routes};
 use uuid::Uuid;
 
 use super::error::ErrorBody;
 use super::ApiPath;
 use crate::live::JobUpdate;
-use crate::service::job::visible_job;
-use crate::service::{AppState, CurrentUser, ServiceResult};
+use crate::service::feed::{self, FeedItem, FeedMessage, Position};
+use crate::service::{AppState, CurrentUser, ServiceError, ServiceResult};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(stream_job))
 }
 
-fn to_sse(update: &JobUpdate) -> SseEvent {
-    let data = match update {
-        JobUpdate::Status { job } => serde_json::to_string(job),
-        JobUpdate::Event { event, .. } => serde_json::to_string(event),
-        JobUpdate::Metrics { point, .. } => serde_json::to_string(point),
-    }
-    .unwrap_or_default();
-    SseEvent::default().event(update.name()).data(data)
+fn to_sse(message: FeedMessage) -> SseEvent {
+    let (name, data) = match &message.item {
+        FeedItem::Update(update) => (
+            update.name(),
+            match update {
+                JobUpdate::Status { job } => serde_json::to_string(job),
+                JobUpdate::Event { event, .. } => serde_json::to_string(event),
+                JobUpdate::Metrics { point, .. } => serde_json::to_string(point),
+            },
+        ),
+        FeedItem::End { status } => (
+            "end",
+            serde_json::to_string(&serde_json::json!({"status": status})),
+        ),
+    };
+    SseEvent::default()
+        .id(message.position.to_string())
+        .event(name)
+        .data(data.unwrap_or_default())
 }
 
-/// Live updates of one job as server-sent events: `status` (the job), `event` (a log
-/// entry), `metrics` (a training step), `resync` (the client fell behind: refetch).
-#[utoipa::path(get, path = "/jobs/{id}/stream", tag = "jobs", params(("id" = Uuid, Path)),
-    responses((status = 200, content_type = "text/event-stream", body = String), (status = 404, body = ErrorBody)))]
+/// Live updates of one job as server-sent events: `status` (the job; first, then on every
+/// change), `event` (a log entry), `metrics` (a training step) and, once the job is
+/// completed, failed or cancelled, `end` (`{"status"}`), after which the stream closes.
+/// Every event has an `id`; a client reconnecting with it as `Last-Event-ID` (browsers do
+/// so by themselves) is sent the events and steps it missed, none twice.
+#[utoipa::path(get, path = "/jobs/{id}/stream", tag = "jobs",
+    params(("id" = Uuid, Path), ("Last-Event-ID" = Option<String>, Header, description = "the id of the last event received, to resume after it")),
+    responses((status = 200, description = "the job's live updates", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Last-Event-ID is not a position this stream sent", body = ErrorBody),
+        (status = 404, description = "no such job, or another user's", body = ErrorBody)))]
 async fn stream_job(
     State(state): State<AppState>,
     user: CurrentUser,
     ApiPath(id): ApiPath<Uuid>,
+    headers: HeaderMap,
 ) -> ServiceResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
-    // Subscribe before reading the snapshot so nothing written in between is missed.
-    let updates = BroadcastStream::new(state.live.subscribe());
-    let job = visible_job(&state, &user, id).await?;
-    let snapshot = to_sse(&JobUpdate::Status { job: Box::new(job) });
-    let live = updates.filter_map(move |update| async move {
-        match update {
-            Ok(update) if update.job_id() == id => Some(Ok(to_sse(&update))),
-            Ok(_) => None,
-            // The client fell behind: tell it to refetch rather than silently skip.
-            Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Ok(SseEvent::default()
-                .event("resync")
-                .data(missed.to_string()))),
-        }
-    });
-    let stream = stream::once(async move { Ok(snapshot) }).chain(live);
+    let resume_from = match headers.get("last-event-id") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| ServiceError::BadRequest("Last-Event-ID is not text".into()))?
+                .parse::<Position>()?,
+        ),
+    };
+    let messages = feed::follow(&state, &user, id, resume_from).await?;
+    let stream = messages.map(|message| Ok(to_sse(message)));
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }

@@ -12,12 +12,13 @@ use crate::domain::GpuCatalog;
 use crate::enrichment::Enricher;
 use crate::live::LiveUpdates;
 use crate::storage::ArtifactStore;
-use crate::telemetry::RequestMetrics;
+use crate::telemetry::Metrics;
 
 pub mod account;
 pub mod artifact;
 pub mod cost;
 mod error;
+pub mod feed;
 pub mod file;
 pub mod fleet;
 pub mod job;
@@ -40,7 +41,7 @@ pub struct AppState {
     pub live: LiveUpdates,
     pub enricher: Enricher,
     pub login_limiter: Arc<account::LoginLimiter>,
-    pub metrics: Arc<RequestMetrics>,
+    pub metrics: Arc<Metrics>,
     pub artifacts: ArtifactStore,
     /// Signs download links; shared by every replica through the database.
     pub signing_key: Arc<str>,

@@ -150,21 +150,46 @@ pub struct PreviewMessage {
     pub content: String,
 }
 
+/// The stored body is the chat's messages, `{"messages", "tools"}` for a chat with tools,
+/// or `{"text"}` for a text record.
 fn preview(conversation: &StoredConversation) -> Vec<PreviewMessage> {
-    conversation
-        .messages
-        .0
-        .as_array()
-        .map(|messages| {
-            messages
-                .iter()
-                .map(|m| PreviewMessage {
-                    role: m["role"].as_str().unwrap_or("?").to_owned(),
-                    content: m["content"].as_str().unwrap_or_default().to_owned(),
-                })
-                .collect()
+    let body = &conversation.messages.0;
+    if let Some(text) = body["text"].as_str() {
+        return vec![PreviewMessage {
+            role: "text".into(),
+            content: text.to_owned(),
+        }];
+    }
+    let messages = body.as_array().or_else(|| body["messages"].as_array());
+    messages
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            let mut content = m["content"].as_str().unwrap_or_default().to_owned();
+            for call in m["tool_calls"].as_array().into_iter().flatten() {
+                let function = &call["function"];
+                let arguments = match &function["arguments"] {
+                    serde_json::Value::String(text) => text.clone(),
+                    other => other.to_string(),
+                };
+                content.push_str(&format!(
+                    "\n→ {}({arguments})",
+                    function["name"].as_str().unwrap_or("?")
+                ));
+            }
+            let mut role = m["role"].as_str().unwrap_or("?").to_owned();
+            if let Some(name) = m["name"].as_str() {
+                role = format!("{role} ({name})");
+            }
+            if m["weight"] == 0 {
+                role.push_str(", not trained");
+            }
+            PreviewMessage {
+                role,
+                content: content.trim().to_owned(),
+            }
         })
-        .unwrap_or_default()
+        .collect()
 }
 
 async fn file_detail(

@@ -159,7 +159,7 @@ async fn bad_records_are_named_by_line(backend: Backend) {
     assert_eq!(
         error.lines().collect::<Vec<_>>(),
         vec![
-            "line 6: missing \"messages\"",
+            "line 6: missing \"messages\" (or \"prompt\" and \"completion\", or \"text\")",
             "line 7: message 1 has empty content",
             "line 8: line is 2043 bytes, over the limit of 1000 bytes",
             "line 17: invalid JSON at column 82: EOF while parsing a list",

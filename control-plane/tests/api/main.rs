@@ -4,6 +4,7 @@ mod agents;
 mod auth;
 mod cli;
 mod concurrency;
+mod conformance;
 mod dashboard;
 mod error_shape;
 mod files;

@@ -61,7 +61,7 @@ fn jsonl_names_each_bad_line() {
             "line 2: invalid JSON at column 46: expected value",
             "line 3: message 2 has unknown role \"bot\"",
             "line 4: no assistant message",
-            "line 5: missing \"messages\"",
+            "line 5: missing \"messages\" (or \"prompt\" and \"completion\", or \"text\")",
             "line 6: message 1 has empty content",
             "line 7: metadata.quality_score must be between 0 and 10",
         ]
@@ -202,6 +202,115 @@ fn escaped_nul_characters_are_refused_with_their_line() {
         [
             "line 2: message 1 contains U+0000 (NUL), which training data cannot hold",
             "line 3: metadata contains U+0000 (NUL), which training data cannot hold"
+        ]
+    );
+}
+
+#[test]
+fn openai_chat_fields_are_read() {
+    let line = r#"{"tools":[{"type":"function","function":{"name":"weather","parameters":{"type":"object"}}}],
+        "messages":[{"role":"developer","content":"Be brief."},
+        {"role":"user","name":"ada","content":"Weather in Oslo?"},
+        {"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"weather","arguments":"{\"city\":\"Oslo\"}"}}]},
+        {"role":"tool","tool_call_id":"c1","content":"-3 C"},
+        {"role":"assistant","content":"Cold: -3 C.","weight":1},
+        {"role":"user","content":"Thanks"},
+        {"role":"assistant","content":"You're welcome.","weight":0}]}"#
+        .replace('\n', "");
+    let (_, records) = read(&line);
+    let conversation = &records[0].as_ref().expect("valid").conversation;
+    let roles: Vec<Role> = conversation.messages.iter().map(|m| m.role).collect();
+    assert_eq!(
+        roles,
+        [
+            Role::System,
+            Role::User,
+            Role::Assistant,
+            Role::Tool,
+            Role::Assistant,
+            Role::User,
+            Role::Assistant
+        ],
+        "developer is read as system"
+    );
+    let m = &conversation.messages;
+    assert_eq!(m[1].name.as_deref(), Some("ada"));
+    assert_eq!(
+        (
+            m[2].content.as_str(),
+            m[2].tool_calls.as_ref().map(Vec::len)
+        ),
+        ("", Some(1))
+    );
+    assert_eq!(m[3].tool_call_id.as_deref(), Some("c1"));
+    assert_eq!(conversation.tools.as_ref().map(Vec::len), Some(1));
+    assert!(!m[6].is_trained(), "weight 0 keeps a turn out of the loss");
+    assert_eq!(
+        conversation.training_pairs(),
+        2,
+        "the tool call and the weighted answer"
+    );
+}
+
+#[test]
+fn prompt_completion_and_text_records_are_read() {
+    let text = [
+        r#"{"prompt":"Capital of France?","completion":"Paris."}"#,
+        r#"{"text":"Once upon a time."}"#,
+        r#"{"prompt":"No answer"}"#,
+        r#"{"text":"x","messages":[]}"#,
+        r#"{"text":""}"#,
+    ]
+    .join("\n");
+    let (_, records) = read(&text);
+    let pair = &records[0].as_ref().expect("valid").conversation;
+    assert_eq!(
+        pair.messages,
+        [
+            Message::new(Role::User, "Capital of France?"),
+            Message::new(Role::Assistant, "Paris.")
+        ]
+    );
+    let story = &records[1].as_ref().expect("valid").conversation;
+    assert_eq!(
+        (
+            story.text.as_deref(),
+            story.messages.len(),
+            story.training_pairs()
+        ),
+        (Some("Once upon a time."), 0, 1)
+    );
+    assert_eq!(
+        errors(&records),
+        [
+            r#"line 3: "prompt" needs a "completion""#,
+            r#"line 4: a record holds one of "messages", "prompt"/"completion" or "text", not several"#,
+            r#"line 5: "text" is empty"#,
+        ]
+    );
+}
+
+#[test]
+fn misplaced_chat_fields_are_named() {
+    let user = r#"{"role":"user","content":"q"}"#;
+    let lines = [
+        format!(r#"{{"messages":[{user},{{"role":"assistant","content":"a","weight":0.5}}]}}"#),
+        r#"{"messages":[{"role":"user","content":"q","weight":0},{"role":"assistant","content":"a"}]}"#.to_owned(),
+        format!(r#"{{"messages":[{user},{{"role":"assistant","content":null}}]}}"#),
+        format!(r#"{{"messages":[{user},{{"role":"assistant","tool_calls":[{{"id":"c"}}]}}]}}"#),
+        format!(r#"{{"messages":[{user},{{"role":"assistant","content":"a"}}],"tools":{{}}}}"#),
+        format!(r#"{{"messages":[{user},{{"role":"assistant","content":[{{"type":"text","text":"a"}}]}}]}}"#),
+    ];
+    let (_, records) = read(&lines.join("\n"));
+    assert_eq!(
+        errors(&records),
+        [
+            r#"line 1: message 2: "weight" must be 0 or 1"#,
+            r#"line 2: message 1: only assistant messages have a "weight""#,
+            r#"line 3: message 2 has no "content""#,
+            r#"line 4: message 2: tool call 1 has no "function": {"name", "arguments"}"#,
+            r#"line 5: "tools" must be an array of tool definitions (objects)"#,
+            r#"line 6: message 2 has content parts (an array); only string content is supported"#,
         ]
     );
 }
