@@ -15,6 +15,8 @@ use testkit::on_both_backends;
 
 on_both_backends!(
     a_bad_policy_names_every_field_and_changes_nothing,
+    every_bad_configure_field_is_named_whatever_else_is_valid,
+    an_unreadable_label_requirement_fits_no_host,
     the_policy_is_stored_shown_and_carried_by_templates,
     auto_resume_off_leaves_the_job_interrupted,
     a_spent_interruption_budget_leaves_the_job_interrupted,
@@ -47,6 +49,72 @@ async fn messages(app: &TestApp, user: &User, job: &str) -> Vec<String> {
         .iter()
         .filter_map(|e| e["message"].as_str().map(str::to_owned))
         .collect()
+}
+
+async fn every_bad_configure_field_is_named_whatever_else_is_valid(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let user = app.user("ada@example.com", Role::User).await;
+    let (_, job) = app.draft_job(&user).await;
+    let id = job["id"].as_str().expect("id");
+    let path = format!("/api/v1/jobs/{id}/configure");
+    let configure = |body: Value| app.put(&user, &path, body);
+
+    let (status, error) = json_of(
+        configure(json!({"gpu_type": "cheap", "gpu_model": "TPU-1",
+            "required_labels": {"zone": 5, "rack": "r1", "tier": null},
+            "hyperparameters": {"rank": 0}, "recovery": {"max_retries": 99}}))
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{error}");
+    let mut fields = field_names(&error);
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        [
+            "gpu_model",
+            "gpu_type",
+            "hyperparameters.rank",
+            "recovery.max_retries",
+            "required_labels.tier",
+            "required_labels.zone"
+        ]
+    );
+    // One bad label among valid fields: still refused, and nothing of it is kept.
+    let (status, error) = json_of(
+        configure(json!({"gpu_type": H100_SPOT.0, "gpu_model": H100_SPOT.1,
+            "required_labels": {"zone": 5, "rack": "r1"}}))
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{error}");
+    assert_eq!(field_names(&error), ["required_labels.zone"]);
+    let unchanged = view(&app, &user, id).await;
+    assert_eq!(unchanged["status"], "draft");
+    assert_eq!(unchanged["required_labels"], json!({}));
+}
+
+async fn an_unreadable_label_requirement_fits_no_host(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let user = app.user("ada@example.com", Role::User).await;
+    let job = app.queued_job(&user).await;
+    // A requirement stored before validation was strict (or written by hand).
+    let sql = "UPDATE training_jobs SET required_labels = '{\"zone\": 5}'";
+    match &app.db {
+        control_plane::db::Db::Sqlite(pool) => sqlx::query(sql).execute(pool).await.map(drop),
+        control_plane::db::Db::Postgres(pool) => sqlx::query(sql).execute(pool).await.map(drop),
+    }
+    .expect("requirement written");
+    let secret = app.enroll_agent("unlabelled").await;
+    let (status, reply) = app.claim_now(&secret).await;
+    assert_eq!(
+        status,
+        StatusCode::NO_CONTENT,
+        "an unreadable requirement is no requirement met: {reply}"
+    );
+    assert_eq!(view(&app, &user, &job).await["status"], "queued");
 }
 
 async fn a_bad_policy_names_every_field_and_changes_nothing(backend: Backend) {
