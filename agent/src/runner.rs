@@ -106,7 +106,7 @@ fn device(config: &AgentConfig, has_gpu: bool) -> DeviceChoice {
 
 fn classify(error: &TrainerError) -> FailureKind {
     let text = error.to_string().to_ascii_lowercase();
-    if text.contains("out of memory") || text.contains("out_of_memory") {
+    if matches!(error, TrainerError::OutOfMemory(_)) {
         FailureKind::OutOfMemory
     } else if matches!(error, TrainerError::Dataset { .. })
         || text.contains("no training examples")

@@ -5,6 +5,7 @@
 //! enter the graph through [`frozen`] operations that give their input a gradient but
 //! compute and keep none for the weight.
 
+pub mod bench;
 pub mod chat;
 pub mod checkpoint;
 pub mod config;

@@ -53,6 +53,42 @@ enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// Training throughput at a model's shape with random weights and tokens; prints one
+    /// JSON line (tokens_per_second, forward_ms, backward_ms, optimizer_ms,
+    /// peak_memory_bytes, mfu).
+    Bench {
+        /// tiny, llama-3.2-1b or qwen2.5-0.5b; the flags below override its sizes.
+        #[arg(long, default_value = "tiny")]
+        shape: String,
+        #[arg(long)]
+        hidden_size: Option<usize>,
+        #[arg(long)]
+        layers: Option<usize>,
+        #[arg(long)]
+        heads: Option<usize>,
+        #[arg(long)]
+        kv_heads: Option<usize>,
+        #[arg(long)]
+        intermediate_size: Option<usize>,
+        #[arg(long)]
+        vocab_size: Option<usize>,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, value_parser = ["cpu", "cuda"], default_value = "cpu")]
+        device: String,
+        /// Base weights and activations (default: bf16 on CUDA, f32 on CPU).
+        #[arg(long, value_parser = ["bf16", "f32"])]
+        dtype: Option<String>,
+        /// The device's dense peak TFLOPS at that dtype, for MFU (H100/H200 bf16: 989).
+        #[arg(long)]
+        peak_tflops: Option<f64>,
+    },
     /// Fold an adapter into its base model; writes a Hugging Face model directory.
     Merge {
         #[arg(long)]
@@ -299,6 +335,51 @@ fn main() -> anyhow::Result<()> {
                     seed
                 )?
             );
+        }
+        Command::Bench {
+            shape,
+            hidden_size,
+            layers,
+            heads,
+            kv_heads,
+            intermediate_size,
+            vocab_size,
+            seq,
+            batch,
+            rank,
+            steps,
+            device,
+            dtype,
+            peak_tflops,
+        } => {
+            let mut spec = trainer::bench::shape(&shape)?;
+            macro_rules! set {
+                ($($field:ident => $value:expr),*) => { $( if let Some(v) = $value { spec.$field = v; } )* };
+            }
+            set!(hidden_size => hidden_size, layers => layers, heads => heads,
+                 kv_heads => kv_heads, intermediate_size => intermediate_size,
+                 vocab_size => vocab_size);
+            let report = trainer::bench::run(&trainer::bench::BenchOptions {
+                shape: spec,
+                seq,
+                batch,
+                rank,
+                steps,
+                device: if device == "cuda" {
+                    DeviceChoice::Cuda
+                } else {
+                    DeviceChoice::Cpu
+                },
+                dtype: dtype.map(|d| {
+                    if d == "bf16" {
+                        candle_core::DType::BF16
+                    } else {
+                        candle_core::DType::F32
+                    }
+                }),
+                peak_tflops,
+            })?;
+            println!("{}", serde_json::to_string(&report)?);
         }
         Command::Merge {
             model,

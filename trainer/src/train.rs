@@ -235,19 +235,24 @@ impl Control {
     }
 }
 
-fn device(choice: DeviceChoice) -> Result<Device> {
+pub(crate) fn device(choice: DeviceChoice) -> Result<Device> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda if !cfg!(feature = "cuda") => Err(TrainerError::Invalid(
+            "--device cuda: this build has no CUDA support (build with --features cuda, as \
+             scripts/build-cuda does)"
+                .into(),
+        )),
         DeviceChoice::Cuda => Device::new_cuda(0).map_err(|e| {
             TrainerError::Invalid(format!(
-                "no CUDA device (is the trainer built with --features cuda?): {e}"
+                "--device cuda: this build has CUDA support, but no CUDA GPU is usable here: {e}"
             ))
         }),
     }
 }
 
 /// Peak resident memory of this process (Linux), for the summary.
-fn peak_memory_bytes() -> Option<u64> {
+pub(crate) fn peak_memory_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace()

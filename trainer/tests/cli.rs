@@ -117,3 +117,84 @@ fn init_train_eval_generate() {
     ]);
     assert!(!answer.trim().is_empty());
 }
+
+#[test]
+fn bench_prints_one_json_line_of_figures() {
+    let (stdout, _) = run(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--shape",
+        "tiny",
+        "--steps",
+        "2",
+        "--seq",
+        "32",
+        "--batch",
+        "2",
+        "--rank",
+        "4",
+        "--peak-tflops",
+        "1",
+    ]);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(lines[0]).expect("JSON");
+    for field in [
+        "tokens_per_second",
+        "forward_ms",
+        "backward_ms",
+        "optimizer_ms",
+        "mfu",
+    ] {
+        assert!(
+            report[field].as_f64().is_some_and(|v| v > 0.0),
+            "{field}: {report}"
+        );
+    }
+    assert!(report["peak_memory_bytes"].as_u64().is_some_and(|v| v > 0));
+    // 4·N + 6·N_lora + 6·layers·seq·q_dim for the tiny shape (hidden 64, 2 layers, 4 heads
+    // of 16, 2 KV heads, intermediate 128, vocab 512, rank 4 on all 7 projections).
+    let frozen = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128) + 64 * 512;
+    let lora = 2 * 4 * ((64 + 64) * 2 + (64 + 32) * 2 + (64 + 128) * 3);
+    let attention = 6 * 2 * 32 * 64;
+    assert_eq!(report["frozen_parameters"], frozen);
+    assert_eq!(report["lora_parameters"], lora);
+    assert_eq!(
+        report["flops_per_token"].as_f64(),
+        Some((4 * frozen + 6 * lora + attention) as f64)
+    );
+    let error = std::process::Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["bench", "--shape", "gpt-5"])
+        .output()
+        .expect("runs");
+    assert!(!error.status.success());
+    assert!(String::from_utf8_lossy(&error.stderr).contains("unknown shape \"gpt-5\""));
+}
+
+/// The GPU host's one script, rehearsed on CPU with this build: parity CPU against CPU and
+/// the tiny bench, its table written.
+#[test]
+fn the_gpu_check_rehearses_on_cpu() {
+    let out = tempfile::tempdir().expect("temp dir");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gpu-check");
+    let output = Command::new("bash")
+        .arg(script)
+        .arg("--dry-run")
+        .env("TRAINER", env!("CARGO_BIN_EXE_trainer"))
+        .env("OUT", out.path())
+        .output()
+        .expect("gpu-check runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let parity: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("parity.json")).expect("parity.json"),
+    )
+    .expect("parity JSON");
+    assert_eq!(parity["passed"], true, "{parity}");
+    let table = std::fs::read_to_string(out.path().join("table.md")).expect("table.md");
+    assert!(
+        table.lines().any(|l| l.starts_with("| tiny | 64 × 2 |")),
+        "{table}"
+    );
+}

@@ -198,3 +198,25 @@ fn ecosystem_chat_fields_shape_the_loss_mask() {
         "{message}"
     );
 }
+
+#[test]
+#[cfg(not(feature = "cuda"))]
+fn asking_a_cpu_build_for_cuda_says_so() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let model_dir = dir.path().join("model");
+    write_tiny_model(&model_dir, &TinyModel::default()).expect("tiny model");
+    let data = dir.path().join("data.jsonl");
+    write_dataset(&data, 4);
+    let options = TrainOptions {
+        model: model_dir,
+        data,
+        out: dir.path().join("out"),
+        device: trainer::train::DeviceChoice::Cuda,
+        ..TrainOptions::default()
+    };
+    let error = train(&options, &mut (), &Control::default()).expect_err("no CUDA here");
+    assert!(
+        error.to_string().contains("this build has no CUDA support"),
+        "{error}"
+    );
+}

@@ -1,0 +1,286 @@
+//! `trainer bench`: LoRA training throughput at a model's shape, without its weights.
+//! Base weights are random, drawn on the device in the run's dtype (a billion f32 weights
+//! are never made on the host); tokens are random. The steps are the training loop's own
+//! (forward with loss, backward, clipping and AdamW), each phase timed after the device has
+//! finished it.
+//!
+//! FLOPs per token, for MFU: `4·N + 6·N_lora + 6·layers·seq·q_dim`, where `N` is the number
+//! of frozen linear weights (every projection and the LM head; embeddings are lookups):
+//! 2·N forward and 2·N for the input gradients of the backward, no weight gradients;
+//! LoRA's weights get all three matmuls (6 per weight); causal attention does `QKᵀ` and `AV`
+//! over half the sequence on average (2·seq·q_dim forward per layer, three times that with
+//! the backward).
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use serde::Serialize;
+
+use crate::config::ModelConfig;
+use crate::error::{Result, TrainerError};
+use crate::lora::LoraConfig;
+use crate::model::Model;
+use crate::optim;
+use crate::rng::Rng;
+use crate::train::DeviceChoice;
+use protocol::LORA_TARGET_MODULES;
+
+/// A model shape by name: a tiny one for tests, and two real ones of the benchmarks.
+pub fn shape(name: &str) -> Result<ShapeSpec> {
+    let spec = match name {
+        "tiny" => ShapeSpec {
+            architecture: "llama",
+            hidden_size: 64,
+            intermediate_size: 128,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            vocab_size: 512,
+        },
+        "llama-3.2-1b" => ShapeSpec {
+            architecture: "llama",
+            hidden_size: 2048,
+            intermediate_size: 8192,
+            layers: 16,
+            heads: 32,
+            kv_heads: 8,
+            vocab_size: 128_256,
+        },
+        "qwen2.5-0.5b" => ShapeSpec {
+            architecture: "qwen2",
+            hidden_size: 896,
+            intermediate_size: 4864,
+            layers: 24,
+            heads: 14,
+            kv_heads: 2,
+            vocab_size: 151_936,
+        },
+        other => {
+            return Err(TrainerError::Invalid(format!(
+                "unknown shape {other:?}; expected tiny, llama-3.2-1b or qwen2.5-0.5b"
+            )))
+        }
+    };
+    Ok(spec)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ShapeSpec {
+    pub architecture: &'static str,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub vocab_size: usize,
+}
+
+impl ShapeSpec {
+    fn config(&self) -> Result<ModelConfig> {
+        let (class, model_type) = match self.architecture {
+            "qwen2" => ("Qwen2ForCausalLM", "qwen2"),
+            _ => ("LlamaForCausalLM", "llama"),
+        };
+        let json = serde_json::json!({
+            "architectures": [class], "model_type": model_type,
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads, "vocab_size": self.vocab_size,
+            "rms_norm_eps": 1e-6, "max_position_embeddings": 131_072, "rope_theta": 500_000.0,
+            "tie_word_embeddings": true,
+        });
+        ModelConfig::parse(&json.to_string()).map_err(TrainerError::Invalid)
+    }
+}
+
+pub struct BenchOptions {
+    pub shape: ShapeSpec,
+    pub seq: usize,
+    pub batch: usize,
+    pub rank: usize,
+    pub steps: usize,
+    pub device: DeviceChoice,
+    /// Base weights and activations; `None`: bf16 on CUDA, f32 on CPU.
+    pub dtype: Option<DType>,
+    /// The device's dense peak in TFLOPS at `dtype`, for MFU.
+    pub peak_tflops: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub shape: ShapeSpec,
+    pub seq: usize,
+    pub batch: usize,
+    pub rank: usize,
+    pub steps: usize,
+    pub device: &'static str,
+    pub dtype: String,
+    pub tokens_per_second: f64,
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub optimizer_ms: f64,
+    /// Device memory in use at its highest (total less free, sampled after each phase;
+    /// the CUDA context included) on CUDA; the process' peak resident set on CPU.
+    pub peak_memory_bytes: Option<u64>,
+    pub flops_per_token: f64,
+    pub mfu: Option<f64>,
+    pub frozen_parameters: usize,
+    pub lora_parameters: usize,
+}
+
+/// Random base weights made on the device: N(0, 0.02²), norms at 1.
+struct RandomWeights;
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if name.ends_with("norm.weight") {
+            return Tensor::ones(shape, dtype, device);
+        }
+        Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        Err(candle_core::Error::Msg(format!(
+            "{name}: random weights need a shape"
+        )))
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+fn frozen_linear_parameters(config: &ModelConfig) -> usize {
+    let (h, i) = (config.hidden_size, config.intermediate_size);
+    let q = config.num_attention_heads * config.head_dim;
+    let kv = config.num_key_value_heads * config.head_dim;
+    let per_layer = h * q + 2 * h * kv + q * h + 3 * h * i;
+    config.num_hidden_layers * per_layer + h * config.vocab_size
+}
+
+fn synchronize(device: &Device) -> Result<()> {
+    Ok(device.synchronize()?)
+}
+
+/// Device memory in use now: total less free on CUDA, the process' peak on CPU.
+fn memory_in_use(device: &Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+            .ok()
+            .map(|(free, total)| (total - free) as u64),
+        _ => crate::train::peak_memory_bytes(),
+    }
+}
+
+pub fn run(options: &BenchOptions) -> Result<BenchReport> {
+    if options.steps == 0 || options.seq < 2 || options.batch == 0 || options.rank == 0 {
+        return Err(TrainerError::Invalid(
+            "--steps, --batch and --rank must be at least 1, --seq at least 2".into(),
+        ));
+    }
+    let device = crate::train::device(options.device)?;
+    let dtype = options.dtype.unwrap_or(match options.device {
+        DeviceChoice::Cpu => DType::F32,
+        DeviceChoice::Cuda => DType::BF16,
+    });
+    let config = options.shape.config()?;
+    let lora = LoraConfig {
+        rank: options.rank,
+        alpha: 2.0 * options.rank as f64,
+        dropout: 0.0,
+        target_modules: LORA_TARGET_MODULES.iter().map(|m| m.to_string()).collect(),
+        use_rslora: false,
+    };
+    let mut rng = Rng::new(0);
+    let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
+    let model = Model::new(&config, vb, &lora, DType::F32, &mut rng)?;
+    let parameters: Vec<_> = model.lora_parameters().into_values().collect();
+    let lora_parameters: usize = parameters.iter().map(|v| v.elem_count()).sum();
+    let mut optimizer = optim::AdamW::new(parameters.clone(), 0.0)?;
+
+    let (batch, seq) = (options.batch, options.seq);
+    let ids: Vec<u32> = (0..batch * (seq + 1))
+        .map(|_| (rng.next_u64() % config.vocab_size as u64) as u32)
+        .collect();
+    let tokens = Tensor::from_vec(ids, (batch, seq + 1), &device)?;
+    let input_ids = tokens.narrow(1, 0, seq)?.contiguous()?;
+    let targets = tokens.narrow(1, 1, seq)?.contiguous()?;
+    let mask = Tensor::ones((batch, seq), DType::F32, &device)?;
+
+    let mut peak = memory_in_use(&device);
+    let mut sample = |device: &Device| {
+        peak = peak.max(memory_in_use(device));
+    };
+    let (mut forward, mut backward, mut update) = (0.0, 0.0, 0.0);
+    // The first step warms up (allocations, kernel loading) and is not timed.
+    for step in 0..=options.steps {
+        let started = Instant::now();
+        let (loss, _) = model.loss(&input_ids, None, &targets, &mask, None)?;
+        synchronize(&device)?;
+        sample(&device);
+        let forward_done = Instant::now();
+        let gradients = loss.backward()?;
+        synchronize(&device)?;
+        sample(&device);
+        let backward_done = Instant::now();
+        let mut gradients: Vec<Tensor> = parameters
+            .iter()
+            .map(|var| {
+                gradients
+                    .get(var)
+                    .cloned()
+                    .ok_or_else(|| TrainerError::Invalid("a LoRA parameter got no gradient".into()))
+            })
+            .collect::<Result<_>>()?;
+        optim::clip_global_norm(&mut gradients, 1.0)?;
+        optimizer.step(&gradients, 1e-4)?;
+        synchronize(&device)?;
+        sample(&device);
+        if step > 0 {
+            forward += (forward_done - started).as_secs_f64();
+            backward += (backward_done - forward_done).as_secs_f64();
+            update += backward_done.elapsed().as_secs_f64();
+        }
+    }
+    let steps = options.steps as f64;
+    let step_seconds = (forward + backward + update) / steps;
+    let tokens_per_second = (batch * seq) as f64 / step_seconds.max(1e-12);
+    let frozen_parameters = frozen_linear_parameters(&config);
+    let q_dim = config.num_attention_heads * config.head_dim;
+    let flops_per_token = 4.0 * frozen_parameters as f64
+        + 6.0 * lora_parameters as f64
+        + 6.0 * (config.num_hidden_layers * seq * q_dim) as f64;
+    Ok(BenchReport {
+        shape: options.shape.clone(),
+        seq,
+        batch,
+        rank: options.rank,
+        steps: options.steps,
+        device: match options.device {
+            DeviceChoice::Cpu => "cpu",
+            DeviceChoice::Cuda => "cuda",
+        },
+        dtype: format!("{dtype:?}").to_lowercase(),
+        tokens_per_second,
+        forward_ms: forward / steps * 1e3,
+        backward_ms: backward / steps * 1e3,
+        optimizer_ms: update / steps * 1e3,
+        peak_memory_bytes: peak,
+        flops_per_token,
+        mfu: options
+            .peak_tflops
+            .map(|peak| flops_per_token * tokens_per_second / (peak * 1e12)),
+        frozen_parameters,
+        lora_parameters,
+    })
+}
