@@ -72,7 +72,7 @@ fn main() {
     .expect("model");
     let ids = Tensor::zeros((batch, seq_len), DType::U32, &Device::Cpu).expect("ids");
     let mask = Tensor::ones((batch, seq_len), DType::F32, &Device::Cpu).expect("mask");
-    let (loss, _) = model.loss(&ids, None, &ids, &mask, None).expect("loss");
+    let loss = model.loss(&ids, None, &ids, &mask, None).expect("loss");
     let grads = loss.backward().expect("backward");
     let lora: HashSet<_> = model
         .lora_parameters()

@@ -225,7 +225,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
     // The first step warms up (allocations, kernel loading) and is not timed.
     for step in 0..=options.steps {
         let started = Instant::now();
-        let (loss, _) = model.loss(&input_ids, None, &targets, &mask, None)?;
+        let loss = model.loss(&input_ids, None, &targets, &mask, None)?;
         synchronize(&device)?;
         sample(&device);
         let forward_done = Instant::now();

@@ -95,8 +95,9 @@ pub fn evaluate_file(
             .forward(&batch.input_ids, Some(&batch.attention_mask), None)?
             .detach();
         let all_mask = batch.attention_mask.to_dtype(DType::F32)?;
-        let (loss, count) = token_loss(&logits, &batch.targets, &batch.loss_mask)?;
-        let (loss_all, count_all) = token_loss(&logits, &batch.targets, &all_mask)?;
+        let (count, count_all) = (batch.loss_tokens as f64, batch.tokens as f64);
+        let loss = token_loss(&logits, &batch.targets, &batch.loss_mask)?;
+        let loss_all = token_loss(&logits, &batch.targets, &all_mask)?;
         loss_sum += loss.to_scalar::<f32>()? as f64 * count;
         all_sum += loss_all.to_scalar::<f32>()? as f64 * count_all;
         tokens += count;

@@ -534,7 +534,7 @@ impl Model {
     }
 
     /// Mean cross-entropy of predicting `targets` (batch, len), counting only positions
-    /// where `loss_mask` (batch, len) is 1. Returns (loss, number of counted tokens).
+    /// where `loss_mask` (batch, len) is 1; computed on the device, nothing read back.
     pub fn loss(
         &self,
         input_ids: &Tensor,
@@ -542,7 +542,7 @@ impl Model {
         targets: &Tensor,
         loss_mask: &Tensor,
         dropout: Option<&mut Rng>,
-    ) -> Result<(Tensor, f64)> {
+    ) -> Result<Tensor> {
         let logits = self.forward(input_ids, attention_mask, dropout)?;
         token_loss(&logits, targets, loss_mask)
     }
@@ -597,7 +597,7 @@ fn attention_bias(
 }
 
 /// Token-weighted mean cross-entropy over the positions where `mask` is 1.
-pub fn token_loss(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<(Tensor, f64)> {
+pub fn token_loss(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (batch, len, vocab) = logits.dims3()?;
     let wide = if logits.dtype() == DType::F64 {
         DType::F64
@@ -611,7 +611,9 @@ pub fn token_loss(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<(T
         .gather(&targets, 1)?
         .reshape(batch * len)?;
     let mask = mask.to_dtype(wide)?.reshape(batch * len)?;
-    let count = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    // The count stays on the device: reading it back would stall a GPU every micro-batch.
+    // The count is a constant of the graph: `frozen::scale` gives it no gradient.
+    let inverse_count = mask.sum_all()?.maximum(1.0)?.recip()?.neg()?;
     let total = frozen::scale(&picked, &mask)?.sum_all()?;
-    Ok((total.affine(-1.0 / count.max(1.0), 0.0)?, count))
+    frozen::scale(&total, &inverse_count)
 }

@@ -88,21 +88,27 @@ pub fn learning_rate(base: f64, step: usize, warmup_steps: usize, total_steps: u
 }
 
 /// Scales `gradients` so their global L2 norm is at most `max_norm` (as
-/// `torch.nn.utils.clip_grad_norm_`); returns the norm before clipping.
-pub fn clip_global_norm(gradients: &mut [Tensor], max_norm: f64) -> Result<f64> {
-    let mut squared = 0.0;
+/// `torch.nn.utils.clip_grad_norm_`: by `min(1, max_norm / (norm + 1e-6))`; `max_norm` 0
+/// does not clip) and returns the norm before clipping, as a scalar tensor: all of it
+/// happens on the gradients' device, with nothing read back.
+pub fn clip_global_norm(gradients: &mut [Tensor], max_norm: f64) -> Result<Tensor> {
+    let mut squared: Option<Tensor> = None;
     for gradient in gradients.iter() {
-        squared += gradient
-            .to_dtype(DType::F64)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f64>()?;
+        let sum = gradient.to_dtype(DType::F32)?.sqr()?.sum_all()?;
+        squared = Some(match squared.take() {
+            Some(total) => (total + sum)?,
+            None => sum,
+        });
     }
-    let norm = squared.sqrt();
-    if max_norm > 0.0 && norm > max_norm {
-        let factor = max_norm / (norm + 1e-6);
+    let Some(squared) = squared else {
+        candle_core::bail!("no gradient to clip");
+    };
+    let norm = squared.sqrt()?;
+    if max_norm > 0.0 {
+        let factor = ((&norm + 1e-6)?.recip()? * max_norm)?.minimum(1.0)?;
         for gradient in gradients.iter_mut() {
-            *gradient = (&*gradient * factor)?;
+            let factor = factor.to_dtype(gradient.dtype())?;
+            *gradient = gradient.broadcast_mul(&factor)?;
         }
     }
     Ok(norm)
@@ -149,10 +155,14 @@ mod tests {
             Tensor::new(&[3.0f32], &device)?,
             Tensor::new(&[4.0f32], &device)?,
         ];
-        let norm = clip_global_norm(&mut gradients, 1.0)?;
-        assert!((norm - 5.0).abs() < 1e-9);
-        let clipped = clip_global_norm(&mut gradients, 0.0)?;
+        let norm = clip_global_norm(&mut gradients, 1.0)?.to_scalar::<f32>()?;
+        assert!((norm - 5.0).abs() < 1e-6);
+        let clipped = clip_global_norm(&mut gradients, 0.0)?.to_scalar::<f32>()?;
         assert!((clipped - 1.0).abs() < 1e-5);
+        // Under the limit, nothing changes.
+        let before = gradients[0].to_vec1::<f32>()?;
+        clip_global_norm(&mut gradients, 10.0)?;
+        assert_eq!(gradients[0].to_vec1::<f32>()?, before);
         Ok(())
     }
 }

@@ -321,7 +321,8 @@ pub fn evaluate(
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = data::make_batch(&refs, pad_id, device)?;
-        let (loss, tokens) = model.loss(
+        let tokens = batch.loss_tokens as f64;
+        let loss = model.loss(
             &batch.input_ids,
             Some(&batch.attention_mask),
             &batch.targets,
@@ -460,20 +461,27 @@ pub fn train(
 
         // Each micro-batch's loss is weighted by its share of the window's loss tokens, so
         // the accumulated gradient is that of one batch of the whole window.
+        // Nothing is read back from the device until the step's one read of its loss and
+        // gradient norm; token counts come from the host-side batches.
         let mut gradients: Vec<Option<Tensor>> = vec![None; parameters.len()];
-        let mut window_loss = 0.0;
+        let mut window_loss: Option<Tensor> = None;
         let mut window_tokens = 0;
         for micro in selected.chunks(options.batch_size) {
             let batch = data::make_batch(micro, pad_id, &device)?;
-            let (loss, count) = model.loss(
+            let loss = model.loss(
                 &batch.input_ids,
                 Some(&batch.attention_mask),
                 &batch.targets,
                 &batch.loss_mask,
                 Some(&mut dropout_rng),
             )?;
-            let weighted = loss.affine(count / window_loss_tokens.max(1) as f64, 0.0)?;
-            window_loss += weighted.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let share = batch.loss_tokens as f64 / window_loss_tokens.max(1) as f64;
+            let weighted = loss.affine(share, 0.0)?;
+            let detached = weighted.detach().to_dtype(DType::F32)?;
+            window_loss = Some(match window_loss.take() {
+                Some(sum) => (sum + detached)?,
+                None => detached,
+            });
             window_tokens += batch.tokens;
             let grads = weighted.backward()?;
             for (slot, (_, var)) in gradients.iter_mut().zip(&parameters) {
@@ -490,6 +498,13 @@ pub fn train(
         let grad_norm = optim::clip_global_norm(&mut gradients, options.max_grad_norm)?;
         let learning_rate = optim::learning_rate(options.lr, step, warmup_steps, total_steps);
         optimizer.step(&gradients, learning_rate)?;
+        let window_loss = window_loss.ok_or_else(|| {
+            TrainerError::Invalid("an optimizer step without a micro-batch".into())
+        })?;
+        let read = Tensor::stack(&[window_loss, grad_norm.to_dtype(DType::F32)?], 0)?
+            .to_dtype(DType::F64)?
+            .to_vec1::<f64>()?;
+        let (window_loss, grad_norm) = (read[0], read[1]);
 
         steps_done = step + 1;
         tokens_seen += window_tokens;

@@ -67,15 +67,13 @@ fn fixture(architecture: &str, tie: bool) -> Result<Fixture> {
 
 impl Fixture {
     fn loss(&self) -> Result<Tensor> {
-        let (loss, count) = self.model.loss(
+        self.model.loss(
             &self.input_ids,
             Some(&self.attention_mask),
             &self.targets,
             &self.loss_mask,
             None,
-        )?;
-        assert_eq!(count, 6.0);
-        Ok(loss)
+        )
     }
 }
 
