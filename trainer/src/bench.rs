@@ -24,7 +24,7 @@ use crate::lora::LoraConfig;
 use crate::model::Model;
 use crate::optim;
 use crate::rng::Rng;
-use crate::train::DeviceChoice;
+use crate::train::{DeviceChoice, Precision};
 use protocol::LORA_TARGET_MODULES;
 
 /// A model shape by name: a tiny one for tests, and two real ones of the benchmarks.
@@ -103,7 +103,7 @@ pub struct BenchOptions {
     pub steps: usize,
     pub device: DeviceChoice,
     /// Base weights and activations; `None`: bf16 on CUDA, f32 on CPU.
-    pub dtype: Option<DType>,
+    pub dtype: Option<Precision>,
     /// The device's dense peak in TFLOPS at `dtype`, for MFU.
     pub peak_tflops: Option<f64>,
 }
@@ -189,10 +189,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
         ));
     }
     let device = crate::train::device(options.device)?;
-    let dtype = options.dtype.unwrap_or(match options.device {
-        DeviceChoice::Cpu => DType::F32,
-        DeviceChoice::Cuda => DType::BF16,
-    });
+    let dtype = Precision::dtype(options.dtype, options.device);
     let config = options.shape.config()?;
     let lora = LoraConfig {
         rank: options.rank,

@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand};
 use trainer::config::Architecture;
 use trainer::evaluation::{evaluate_file, generate, load_for_inference};
 use trainer::init::{write_tiny_model, TinyModel};
-use trainer::train::{train, Control, DeviceChoice, Observer, Stage, StepMetrics, TrainOptions};
+use trainer::train::{
+    train, Control, DeviceChoice, Observer, Precision, Stage, StepMetrics, TrainOptions,
+};
 
 /// LoRA fine-tuning of Llama-family models on chat data.
 #[derive(Parser)]
@@ -178,6 +180,17 @@ struct TrainArgs {
     resume_from: Option<PathBuf>,
     #[arg(long, value_parser = ["cpu", "cuda"])]
     device: Option<String>,
+    /// Base weights and activations (default: bf16 on CUDA, f32 on CPU).
+    #[arg(long, value_parser = ["bf16", "f32"])]
+    dtype: Option<String>,
+}
+
+fn precision(name: &str) -> Precision {
+    if name == "bf16" {
+        Precision::Bf16
+    } else {
+        Precision::F32
+    }
 }
 
 impl TrainArgs {
@@ -224,6 +237,9 @@ impl TrainArgs {
             } else {
                 DeviceChoice::Cpu
             };
+        }
+        if let Some(dtype) = self.dtype {
+            options.dtype = Some(precision(&dtype));
         }
         anyhow::ensure!(
             !options.model.as_os_str().is_empty(),
@@ -370,13 +386,7 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     DeviceChoice::Cpu
                 },
-                dtype: dtype.map(|d| {
-                    if d == "bf16" {
-                        candle_core::DType::BF16
-                    } else {
-                        candle_core::DType::F32
-                    }
-                }),
+                dtype: dtype.map(|d| precision(&d)),
                 peak_tflops,
             })?;
             println!("{}", serde_json::to_string(&report)?);

@@ -48,6 +48,9 @@ pub struct TrainOptions {
     /// Continue from a checkpoint directory (`OUT/checkpoints/step-N`).
     pub resume_from: Option<PathBuf>,
     pub device: DeviceChoice,
+    /// Base weights and activations; `None`: bf16 on CUDA, f32 on CPU. LoRA weights and
+    /// the optimizer stay f32.
+    pub dtype: Option<Precision>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +58,23 @@ pub struct TrainOptions {
 pub enum DeviceChoice {
     Cpu,
     Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Bf16,
+    F32,
+}
+
+impl Precision {
+    /// The dtype of base weights and activations on `device` when `precision` is unset.
+    pub fn dtype(precision: Option<Precision>, device: DeviceChoice) -> DType {
+        match (precision, device) {
+            (Some(Precision::Bf16), _) | (None, DeviceChoice::Cuda) => DType::BF16,
+            (Some(Precision::F32), _) | (None, DeviceChoice::Cpu) => DType::F32,
+        }
+    }
 }
 
 impl Default for TrainOptions {
@@ -85,6 +105,7 @@ impl Default for TrainOptions {
             checkpoint_every: None,
             resume_from: None,
             device: DeviceChoice::Cpu,
+            dtype: None,
         }
     }
 }
@@ -343,10 +364,7 @@ pub fn train(
     options.validate()?;
     let started = Instant::now();
     let device = device(options.device)?;
-    let (dtype, lora_dtype) = match options.device {
-        DeviceChoice::Cpu => (DType::F32, DType::F32),
-        DeviceChoice::Cuda => (DType::BF16, DType::F32),
-    };
+    let (dtype, lora_dtype) = (Precision::dtype(options.dtype, options.device), DType::F32);
     let model_dir = crate::hub::resolve_model(&options.model)?;
     let config_hash = options.config_hash(&model_dir)?;
     let data_hash = options.data_hash()?;

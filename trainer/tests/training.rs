@@ -220,3 +220,41 @@ fn asking_a_cpu_build_for_cuda_says_so() {
         "{error}"
     );
 }
+
+#[test]
+fn bf16_base_weights_train_with_f32_adapters() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let model_dir = dir.path().join("model");
+    write_tiny_model(&model_dir, &TinyModel::default()).expect("tiny model");
+    let data = dir.path().join("data.jsonl");
+    write_dataset(&data, 16);
+    let options = TrainOptions {
+        model: model_dir,
+        data,
+        out: dir.path().join("out"),
+        lr: 1e-2,
+        max_steps: Some(12),
+        batch_size: 4,
+        val_split: 0.0,
+        dtype: Some(trainer::train::Precision::Bf16),
+        ..TrainOptions::default()
+    };
+    let mut recorder = Recorder::default();
+    train(&options, &mut recorder, &Control::default()).expect("trains in bf16");
+    let (first, last) = (recorder.steps[0].loss, recorder.steps[11].loss);
+    assert!(
+        last.is_finite() && last < first,
+        "loss falls in bf16: {first} -> {last}"
+    );
+    let tensors = candle_core::safetensors::load(
+        dir.path().join("out/adapter/adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .expect("adapter");
+    assert!(
+        tensors
+            .values()
+            .all(|t| t.dtype() == candle_core::DType::F32),
+        "adapters stay f32"
+    );
+}
