@@ -253,7 +253,7 @@ impl Attention {
         &self,
         x: &Tensor,
         rotary: &Rotary,
-        mask: Option<&Tensor>,
+        visibility: &Visibility,
         dropout: &mut Option<&mut Rng>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
@@ -272,6 +272,17 @@ impl Attention {
             }
             *cache = Some((k.clone(), v.clone()));
         }
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mask = match visibility {
+            Visibility::Lengths(lengths) => {
+                let out = trainer_kernels::causal_attention(&q, &k, &v, lengths, scale)?
+                    .transpose(1, 2)?
+                    .reshape((batch, len, self.heads * self.head_dim))?;
+                return self.o_proj.forward(&out, dropout);
+            }
+            Visibility::Bias(bias) => Some(*bias),
+            Visibility::All => None,
+        };
         let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
 
         let dtype = q.dtype();
@@ -283,7 +294,7 @@ impl Attention {
         let scores = q
             .contiguous()?
             .matmul(&k.t()?.contiguous()?)?
-            .affine(1.0 / (self.head_dim as f64).sqrt(), 0.0)?
+            .affine(scale, 0.0)?
             .to_dtype(wide)?;
         let scores = match mask {
             Some(mask) => frozen::shift(&scores, mask)?,
@@ -396,14 +407,14 @@ impl DecoderLayer {
         &self,
         x: &Tensor,
         rotary: &Rotary,
-        mask: Option<&Tensor>,
+        visibility: &Visibility,
         dropout: &mut Option<&mut Rng>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let normed = self.input_layernorm.forward(x)?;
         let attended = self
             .self_attn
-            .forward(&normed, rotary, mask, dropout, cache)?;
+            .forward(&normed, rotary, visibility, dropout, cache)?;
         let x = (x + attended)?;
         let transformed = self
             .mlp
@@ -487,9 +498,18 @@ impl Model {
             DType::F32
         };
         let rotary = Rotary::new(&self.config, 0, len, x.dtype(), device)?;
-        let mask = attention_bias(batch, len, attention_mask, wide, device)?;
+        // On the CPU, attention is one op that needs no L² mask; elsewhere it is composed
+        // from matmuls and a softmax over a causal and padding bias.
+        let (bias, lengths);
+        let visibility = if device.is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+            lengths = row_lengths(batch, len, attention_mask)?;
+            Visibility::Lengths(&lengths)
+        } else {
+            bias = attention_bias(batch, len, attention_mask, wide, device)?;
+            Visibility::Bias(&bias)
+        };
         for layer in &self.layers {
-            x = layer.forward(&x, &rotary, Some(&mask), &mut dropout, None)?;
+            x = layer.forward(&x, &rotary, &visibility, &mut dropout, None)?;
         }
         let x = self.norm.forward(&x)?;
         frozen::linear(&x, &self.lm_head)
@@ -511,7 +531,7 @@ impl Model {
         };
         let rotary = Rotary::new(&self.config, cache.position, len, x.dtype(), device)?;
         // New queries see every cached key and, among themselves, the earlier ones.
-        let mask = if len > 1 {
+        let bias = if len > 1 {
             let past = cache.position;
             let bias: Vec<f64> = (0..len)
                 .flat_map(|q| {
@@ -522,11 +542,15 @@ impl Model {
         } else {
             None
         };
+        let visibility = match &bias {
+            Some(bias) => Visibility::Bias(bias),
+            None => Visibility::All,
+        };
         if cache.layers.len() != self.layers.len() {
             cache.layers = vec![None; self.layers.len()];
         }
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, &rotary, mask.as_ref(), &mut None, Some(layer_cache))?;
+            x = layer.forward(&x, &rotary, &visibility, &mut None, Some(layer_cache))?;
         }
         cache.position += len;
         let last = self.norm.forward(&x.narrow(1, len - 1, 1)?)?;
@@ -574,6 +598,29 @@ impl Model {
 
 /// Additive attention bias (batch, 1, len, len): 0 where a query may attend a key (causal,
 /// and the key is not padding), [`MASKED`] elsewhere.
+/// Which keys each query may see.
+enum Visibility<'a> {
+    /// Causal, within each row's real length (right padding): the attention op.
+    Lengths(&'a [usize]),
+    /// An additive bias (B or 1, 1, queries, keys) of 0 or `MASKED`.
+    Bias(&'a Tensor),
+    /// Every key (one new token after a cache).
+    All,
+}
+
+/// The real length of each row: its attention mask's ones (right padding), else `len`.
+fn row_lengths(batch: usize, len: usize, attention_mask: Option<&Tensor>) -> Result<Vec<usize>> {
+    match attention_mask {
+        None => Ok(vec![len; batch]),
+        Some(mask) => Ok(mask
+            .to_dtype(DType::U32)?
+            .to_vec2::<u32>()?
+            .iter()
+            .map(|row| row.iter().filter(|keep| **keep != 0).count())
+            .collect()),
+    }
+}
+
 fn attention_bias(
     batch: usize,
     len: usize,
@@ -611,8 +658,8 @@ pub fn token_loss(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Te
         .gather(&targets, 1)?
         .reshape(batch * len)?;
     let mask = mask.to_dtype(wide)?.reshape(batch * len)?;
-    // The count stays on the device: reading it back would stall a GPU every micro-batch.
-    // The count is a constant of the graph: `frozen::scale` gives it no gradient.
+    // The count stays on the device (reading it back would stall a GPU every micro-batch),
+    // a constant of the graph: `frozen::scale` gives it no gradient.
     let inverse_count = mask.sum_all()?.maximum(1.0)?.recip()?.neg()?;
     let total = frozen::scale(&picked, &mask)?.sum_all()?;
     frozen::scale(&total, &inverse_count)

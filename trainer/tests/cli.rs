@@ -198,3 +198,32 @@ fn the_gpu_check_rehearses_on_cpu() {
         "{table}"
     );
 }
+
+/// Attention keeps no L² tensor: from seq 512 to 2048 (4×) the memory a tiny-width
+/// model's step needs grows about 4×, where scores and probabilities kept for the
+/// backward would make it 16×.
+#[test]
+fn peak_memory_grows_linearly_with_the_sequence() {
+    let peak = |seq: usize| -> f64 {
+        let (stdout, _) = run(&[
+            "bench",
+            "--shape",
+            "tiny",
+            "--seq",
+            &seq.to_string(),
+            "--batch",
+            "1",
+            "--steps",
+            "1",
+            "--rank",
+            "4",
+        ]);
+        let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON");
+        report["peak_memory_bytes"].as_f64().expect("peak memory")
+    };
+    let baseline = peak(64);
+    let (short, long) = (peak(512) - baseline, peak(2048) - baseline);
+    assert!(short > 0.0, "seq 512 needs memory beyond the baseline");
+    let growth = long / short;
+    assert!(growth < 8.0, "4× the sequence took {growth:.1}× the memory");
+}

@@ -1,0 +1,409 @@
+//! Causal self-attention as one op whose memory is O(B·H·L·D), not O(B·H·L²): each query
+//! row runs an online softmax over the keys it may see, and the backward recomputes the
+//! probabilities instead of keeping them. Causality and padding come from positions and
+//! each row's length (right padding), so no L² bias tensor is built; grouped-query heads
+//! read their shared key/value head directly, so K and V are never repeated.
+//!
+//! This is the CPU implementation (f32 and f64); the CUDA path keeps the composed
+//! attention until a kernel for this op exists.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+/// `softmax(q·kᵀ·scale + causal and padding mask)·v` for q (B, H, L, D) and k, v
+/// (B, KV, L, D), H a multiple of KV; `lengths[b]` keys of row b are real.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lengths: &[usize],
+    scale: f64,
+) -> Result<Tensor> {
+    let op = CausalAttention {
+        lengths: lengths.to_vec(),
+        scale,
+    };
+    q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+struct CausalAttention {
+    lengths: Vec<usize>,
+    scale: f64,
+}
+
+/// The float arithmetic the op needs, for f32 and f64.
+trait Real:
+    Copy
+    + Default
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::AddAssign
+{
+    fn of(x: f64) -> Self;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+}
+
+impl Real for f32 {
+    fn of(x: f64) -> f32 {
+        x as f32
+    }
+    fn exp(self) -> f32 {
+        f32::exp(self)
+    }
+    fn ln(self) -> f32 {
+        f32::ln(self)
+    }
+}
+
+impl Real for f64 {
+    fn of(x: f64) -> f64 {
+        x
+    }
+    fn exp(self) -> f64 {
+        f64::exp(self)
+    }
+    fn ln(self) -> f64 {
+        f64::ln(self)
+    }
+}
+
+fn dot<T: Real>(a: &[T], b: &[T]) -> T {
+    a.iter()
+        .zip(b)
+        .fold(T::default(), |sum, (x, y)| sum + *x * *y)
+}
+
+/// The sizes of one call: batch, query heads, key/value heads, length, head dim.
+#[derive(Clone, Copy)]
+struct Dims {
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    len: usize,
+    dim: usize,
+}
+
+impl Dims {
+    fn of(q: &[usize], k: &[usize]) -> Result<Dims> {
+        let (&[batch, heads, len, dim], &[kb, kv_heads, kl, kd]) = (q, k) else {
+            candle_core::bail!("causal attention takes (B, H, L, D) tensors");
+        };
+        if (kb, kl, kd) != (batch, len, dim) || kv_heads == 0 || heads % kv_heads != 0 {
+            candle_core::bail!("causal attention: q {q:?} and k/v {k:?} do not fit");
+        }
+        Ok(Dims {
+            batch,
+            heads,
+            kv_heads,
+            len,
+            dim,
+        })
+    }
+
+    fn row(&self, tensor_heads: usize, b: usize, h: usize, i: usize) -> std::ops::Range<usize> {
+        let start = ((b * tensor_heads + h) * self.len + i) * self.dim;
+        start..start + self.dim
+    }
+}
+
+impl CausalAttention {
+    /// The keys query `i` of row `b` sees: those at or before it, and real.
+    fn visible(&self, b: usize, i: usize) -> usize {
+        (i + 1).min(self.lengths.get(b).copied().unwrap_or(0))
+    }
+
+    /// Running max and normaliser of query row `q_row`'s scores (its logsumexp is
+    /// `max + ln(sum)`), and with `v` given, its output.
+    fn softmax_row<T: Real>(
+        &self,
+        dims: Dims,
+        (q, k, v): (&[T], &[T], &[T]),
+        (b, h, i): (usize, usize, usize),
+        mut out: Option<&mut [T]>,
+    ) -> (T, T) {
+        let kvh = h / (dims.heads / dims.kv_heads);
+        let scale = T::of(self.scale);
+        let q_row = &q[dims.row(dims.heads, b, h, i)];
+        let (mut max, mut sum) = (T::default(), T::default());
+        for j in 0..self.visible(b, i) {
+            let score = dot(q_row, &k[dims.row(dims.kv_heads, b, kvh, j)]) * scale;
+            let p = if j == 0 || score > max {
+                let correction = if j == 0 {
+                    T::of(0.0)
+                } else {
+                    (max - score).exp()
+                };
+                sum = sum * correction;
+                if let Some(out) = out.as_deref_mut() {
+                    out.iter_mut().for_each(|o| *o = *o * correction);
+                }
+                max = score;
+                T::of(1.0)
+            } else {
+                (score - max).exp()
+            };
+            sum += p;
+            if let Some(out) = out.as_deref_mut() {
+                let v_row = &v[dims.row(dims.kv_heads, b, kvh, j)];
+                out.iter_mut().zip(v_row).for_each(|(o, x)| *o += p * *x);
+            }
+        }
+        if let Some(out) = out {
+            if sum > T::default() {
+                out.iter_mut().for_each(|o| *o = *o / sum);
+            }
+        }
+        (max, sum)
+    }
+
+    fn forward<T: Real>(&self, dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+        let mut out = vec![T::default(); q.len()];
+        for b in 0..dims.batch {
+            for h in 0..dims.heads {
+                for i in 0..dims.len {
+                    let row = dims.row(dims.heads, b, h, i);
+                    self.softmax_row(dims, (q, k, v), (b, h, i), Some(&mut out[row]));
+                }
+            }
+        }
+        out
+    }
+
+    /// Gradients of q, k and v, recomputing each probability from the row's logsumexp.
+    fn backward<T: Real>(&self, dims: Dims, saved: Saved<'_, T>) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let Saved { q, k, v, out, grad } = saved;
+        let (mut dq, mut dk, mut dv) = (
+            vec![T::default(); q.len()],
+            vec![T::default(); k.len()],
+            vec![T::default(); v.len()],
+        );
+        let scale = T::of(self.scale);
+        for b in 0..dims.batch {
+            for h in 0..dims.heads {
+                let kvh = h / (dims.heads / dims.kv_heads);
+                for i in 0..dims.len {
+                    let (max, sum) = self.softmax_row(dims, (q, k, v), (b, h, i), None);
+                    if sum <= T::default() {
+                        continue;
+                    }
+                    let logsumexp = max + sum.ln();
+                    let row = dims.row(dims.heads, b, h, i);
+                    let (q_row, g_row) = (&q[row.clone()], &grad[row.clone()]);
+                    let delta = dot(g_row, &out[row.clone()]);
+                    for j in 0..self.visible(b, i) {
+                        let kv_row = dims.row(dims.kv_heads, b, kvh, j);
+                        let (k_row, v_row) = (&k[kv_row.clone()], &v[kv_row.clone()]);
+                        let p = (dot(q_row, k_row) * scale - logsumexp).exp();
+                        let ds = p * (dot(g_row, v_row) - delta) * scale;
+                        for d in 0..dims.dim {
+                            dv[kv_row.start + d] += p * g_row[d];
+                            dq[row.start + d] += ds * k_row[d];
+                            dk[kv_row.start + d] += ds * q_row[d];
+                        }
+                    }
+                }
+            }
+        }
+        (dq, dk, dv)
+    }
+}
+
+/// What the backward reads: the inputs, the output and its gradient, flattened.
+struct Saved<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    out: &'a [T],
+    grad: &'a [T],
+}
+
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("causal attention needs contiguous inputs"),
+    }
+}
+
+impl CustomOp3 for CausalAttention {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_layout: &Layout,
+        k: &CpuStorage,
+        k_layout: &Layout,
+        v: &CpuStorage,
+        v_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = Dims::of(q_layout.dims(), k_layout.dims())?;
+        let shape = q_layout.shape().clone();
+        let out = match (q, k, v) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                CpuStorage::F32(self.forward(
+                    dims,
+                    contiguous(q, q_layout)?,
+                    contiguous(k, k_layout)?,
+                    contiguous(v, v_layout)?,
+                ))
+            }
+            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
+                CpuStorage::F64(self.forward(
+                    dims,
+                    contiguous(q, q_layout)?,
+                    contiguous(k, k_layout)?,
+                    contiguous(v, v_layout)?,
+                ))
+            }
+            _ => candle_core::bail!("causal attention on the CPU takes f32 or f64"),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dims = Dims::of(q.dims(), k.dims())?;
+        let flat = |t: &Tensor| t.contiguous()?.flatten_all();
+        let build = |data: Vec<f64>, like: &Tensor| {
+            Tensor::from_vec(data, like.shape(), like.device())?.to_dtype(like.dtype())
+        };
+        let (dq, dk, dv) = match q.dtype() {
+            DType::F32 => {
+                let read = |t: &Tensor| flat(t)?.to_vec1::<f32>();
+                let (q, k, v, out) = (read(q)?, read(k)?, read(v)?, read(out)?);
+                let grad = read(&grad.to_dtype(DType::F32)?)?;
+                let saved = Saved {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    out: &out,
+                    grad: &grad,
+                };
+                let (dq, dk, dv) = self.backward(dims, saved);
+                let widen = |x: Vec<f32>| x.into_iter().map(f64::from).collect::<Vec<_>>();
+                (widen(dq), widen(dk), widen(dv))
+            }
+            DType::F64 => {
+                let read = |t: &Tensor| flat(t)?.to_vec1::<f64>();
+                let (q, k, v, out, grad) = (read(q)?, read(k)?, read(v)?, read(out)?, read(grad)?);
+                self.backward(
+                    dims,
+                    Saved {
+                        q: &q,
+                        k: &k,
+                        v: &v,
+                        out: &out,
+                        grad: &grad,
+                    },
+                )
+            }
+            other => {
+                candle_core::bail!("causal attention on the CPU takes f32 or f64, not {other:?}")
+            }
+        };
+        Ok((
+            Some(build(dq, q)?),
+            Some(build(dk, k)?),
+            Some(build(dv, v)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    /// The composed attention the op replaces: repeated K/V, an L² bias, softmax, matmul.
+    fn composed(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        lengths: &[usize],
+        scale: f64,
+    ) -> Result<Tensor> {
+        let (batch, heads, len, _) = q.dims4()?;
+        let groups = heads / k.dim(1)?;
+        let repeat = |t: &Tensor| -> Result<Tensor> {
+            let (b, kv, l, d) = t.dims4()?;
+            t.unsqueeze(2)?
+                .broadcast_as((b, kv, groups, l, d))?
+                .reshape((b, kv * groups, l, d))
+        };
+        let bias: Vec<f64> = (0..batch)
+            .flat_map(|b| {
+                (0..len).flat_map(move |i| {
+                    (0..len).map(move |j| if j <= i && j < lengths[b] { 0.0 } else { -1e30 })
+                })
+            })
+            .collect();
+        let bias = Tensor::from_vec(bias, (batch, 1, len, len), q.device())?;
+        let scores = (q.matmul(&repeat(k)?.t()?)? * scale)?.broadcast_add(&bias)?;
+        let max = scores.max_keepdim(D::Minus1)?;
+        let e = scores.broadcast_sub(&max)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+            .matmul(&repeat(v)?)
+    }
+
+    fn random(shape: (usize, usize, usize, usize), seed: u64) -> Result<Var> {
+        let count = shape.0 * shape.1 * shape.2 * shape.3;
+        let mut state = seed;
+        let values: Vec<f64> = (0..count)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect();
+        Var::from_tensor(&Tensor::from_vec(values, shape, &Device::Cpu)?)
+    }
+
+    #[test]
+    fn equals_composed_attention_and_its_gradients_in_f64() -> Result<()> {
+        // Two rows (one padded), four query heads sharing two key/value heads.
+        let (batch, heads, kv_heads, len, dim) = (2, 4, 2, 5, 3);
+        let lengths = [5, 3];
+        let scale = 1.0 / (dim as f64).sqrt();
+        let q = random((batch, heads, len, dim), 1)?;
+        let k = random((batch, kv_heads, len, dim), 2)?;
+        let v = random((batch, kv_heads, len, dim), 3)?;
+        let weights = random((batch, heads, len, dim), 4)?;
+
+        let ours = causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &lengths, scale)?;
+        let theirs = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), &lengths, scale)?;
+        let difference = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(difference < 1e-12, "outputs differ by {difference}");
+
+        let ours_grads = (ours * weights.as_tensor())?.sum_all()?.backward()?;
+        let theirs_grads = (theirs * weights.as_tensor())?.sum_all()?.backward()?;
+        for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+            let a = ours_grads.get(var).expect("our gradient");
+            let b = theirs_grads.get(var).expect("composed gradient");
+            let difference = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(difference < 1e-12, "d{name} differs by {difference}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn refuses_shapes_that_do_not_fit() -> Result<()> {
+        let q = Tensor::zeros((1, 3, 4, 2), DType::F32, &Device::Cpu)?;
+        let k = Tensor::zeros((1, 2, 4, 2), DType::F32, &Device::Cpu)?;
+        let error = causal_attention(&q, &k, &k, &[4], 1.0).expect_err("3 heads over 2");
+        assert!(error.to_string().contains("do not fit"), "{error}");
+        Ok(())
+    }
+}
