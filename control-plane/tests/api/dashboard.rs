@@ -11,7 +11,10 @@ use uuid::Uuid;
 use crate::helpers::{Backend, TestApp, TestDatabase};
 use testkit::on_both_backends;
 
-on_both_backends!(every_page_answers_its_owner_and_no_one_else);
+on_both_backends!(
+    every_page_answers_its_owner_and_no_one_else,
+    the_file_page_previews_tool_calls_names_weights_and_text
+);
 
 /// A browser-like client that keeps redirects visible.
 fn browser() -> Client {
@@ -282,4 +285,32 @@ async fn every_page_answers_its_owner_and_no_one_else(backend: Backend) {
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
     let (status, _) = page(&app, &cookie, "/").await;
     assert_eq!(status, StatusCode::SEE_OTHER);
+}
+
+/// The conversation preview shows what the ecosystem's formats hold: a speaker's name, a
+/// tool call with its arguments, a turn left out of the loss, and a plain text record.
+async fn the_file_page_previews_tool_calls_names_weights_and_text(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let user = app.user("ada@example.com", Role::User).await;
+    let lines = [
+        r#"{"tools":[{"type":"function","function":{"name":"weather"}}],"messages":[{"role":"user","name":"ada","content":"Weather in Oslo?"},{"role":"assistant","tool_calls":[{"id":"c1","type":"function","function":{"name":"weather","arguments":"{\"city\":\"Oslo\"}"}}]},{"role":"tool","tool_call_id":"c1","content":"-3 C"},{"role":"assistant","content":"Cold.","weight":0}]}"#,
+        r#"{"text":"Once upon a time there was a model."}"#,
+    ];
+    let file = app
+        .upload_enriched(&user, lines.join("\n").into_bytes())
+        .await;
+    assert_eq!(file["conversation_count"], 2, "{file}");
+    let cookie = sign_in(&app, "ada@example.com").await;
+    let id = file["id"].as_str().expect("id");
+    let (status, html) = page(&app, &cookie, &format!("/training/files/{id}")).await;
+    assert_eq!(status, StatusCode::OK);
+    for expected in [
+        "user (ada)",
+        "→ weather({&#34;city&#34;:&#34;Oslo&#34;})",
+        "assistant, not trained",
+        "Once upon a time there was a model.",
+    ] {
+        assert!(html.contains(expected), "{expected:?} in the page:\n{html}");
+    }
 }
