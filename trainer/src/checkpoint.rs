@@ -26,8 +26,6 @@ pub struct CheckpointState {
     /// Optimizer steps completed.
     pub step: usize,
     pub epoch: usize,
-    /// The dropout generator's state after `step`.
-    pub rng_state: u64,
     pub optimizer_steps: usize,
     /// SHA-256 of everything in the run's configuration that changes the maths.
     pub config_hash: String,

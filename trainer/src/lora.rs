@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 use crate::frozen;
-use crate::rng::Rng;
+use crate::rng::{module_id, DropoutKey, Rng};
 
 use protocol::LORA_TARGET_MODULES;
 
@@ -77,12 +77,15 @@ pub struct LoraAdapter {
     pub b: Var,
     scale: f64,
     dropout: f64,
+    /// Its part of every dropout mask's key.
+    module: u64,
 }
 
 impl LoraAdapter {
+    /// An adapter for the module named `name` (its weights' prefix).
     pub fn new(
-        in_features: usize,
-        out_features: usize,
+        name: &str,
+        (in_features, out_features): (usize, usize),
         config: &LoraConfig,
         dtype: DType,
         device: &Device,
@@ -99,26 +102,19 @@ impl LoraAdapter {
             b: Var::from_tensor(&b)?,
             scale: config.scale(),
             dropout: config.dropout,
+            module: module_id(name),
         })
     }
 
-    /// The update `scale · B A dropout(x)`, in `x`'s dtype. `rng` draws the dropout mask;
+    /// The update `scale · B A dropout(x)`, in `x`'s dtype. `dropout` keys the masks;
     /// `None` means evaluation (no dropout).
-    pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, dropout: Option<DropoutKey>) -> Result<Tensor> {
         let input = x.to_dtype(self.a.dtype())?;
-        let input = match rng {
-            Some(rng) if self.dropout > 0.0 => {
-                let keep = 1.0 - self.dropout;
-                let mask: Vec<f32> = (0..input.elem_count())
-                    .map(|_| {
-                        if rng.next_f64() < keep {
-                            (1.0 / keep) as f32
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                let mask = Tensor::from_vec(mask, input.shape(), input.device())?;
+        let input = match dropout {
+            Some(key) if self.dropout > 0.0 => {
+                let mask = key.mask(self.module, input.elem_count(), 1.0 - self.dropout);
+                let mask = Tensor::from_vec(mask, input.shape(), input.device())?
+                    .to_dtype(input.dtype())?;
                 frozen::scale(&input, &mask)?
             }
             _ => input,

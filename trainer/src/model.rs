@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 use crate::config::{ModelConfig, RopeScaling};
 use crate::frozen;
 use crate::lora::{LoraAdapter, LoraConfig};
-use crate::rng::Rng;
+use crate::rng::{DropoutKey, Rng};
 
 /// Added to the attention scores of masked positions: far below any real score, yet finite
 /// so that no row of the softmax becomes NaN.
@@ -48,8 +48,8 @@ impl Projection {
         };
         let lora = if lora.targets(name) {
             Some(LoraAdapter::new(
-                in_features,
-                out_features,
+                &vb.prefix(),
+                (in_features, out_features),
                 lora,
                 lora_dtype,
                 weight.device(),
@@ -61,13 +61,13 @@ impl Projection {
         Ok(Projection { weight, bias, lora })
     }
 
-    fn forward(&self, x: &Tensor, dropout: &mut Option<&mut Rng>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, dropout: Option<DropoutKey>) -> Result<Tensor> {
         let mut y = frozen::linear(x, &self.weight)?;
         if let Some(bias) = &self.bias {
             y = frozen::shift(&y, bias)?;
         }
         if let Some(lora) = &self.lora {
-            y = (y + lora.forward(x, dropout.as_deref_mut())?)?;
+            y = (y + lora.forward(x, dropout)?)?;
         }
         Ok(y)
     }
@@ -254,7 +254,7 @@ impl Attention {
         x: &Tensor,
         rotary: &Rotary,
         visibility: &Visibility,
-        dropout: &mut Option<&mut Rng>,
+        dropout: Option<DropoutKey>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let (batch, len, _) = x.dims3()?;
@@ -365,7 +365,7 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor, dropout: &mut Option<&mut Rng>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, dropout: Option<DropoutKey>) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x, dropout)?.silu()?;
         let up = self.up_proj.forward(x, dropout)?;
         self.down_proj.forward(&(gate * up)?, dropout)
@@ -408,7 +408,7 @@ impl DecoderLayer {
         x: &Tensor,
         rotary: &Rotary,
         visibility: &Visibility,
-        dropout: &mut Option<&mut Rng>,
+        dropout: Option<DropoutKey>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
         let normed = self.input_layernorm.forward(x)?;
@@ -476,13 +476,13 @@ impl Model {
     }
 
     /// Logits of shape (batch, len, vocab) for `input_ids` (batch, len). `attention_mask`
-    /// (batch, len; 1 for real tokens, 0 for padding) hides padding keys. `dropout` is the
-    /// generator for LoRA dropout during training; `None` evaluates.
+    /// (batch, len; 1 for real tokens, 0 for padding) hides padding keys. `dropout` keys the
+    /// LoRA dropout masks during training; `None` evaluates.
     pub fn forward(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
-        mut dropout: Option<&mut Rng>,
+        dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
         let (batch, len) = input_ids.dims2()?;
         let device = input_ids.device();
@@ -509,7 +509,7 @@ impl Model {
             Visibility::Bias(&bias)
         };
         for layer in &self.layers {
-            x = layer.forward(&x, &rotary, &visibility, &mut dropout, None)?;
+            x = layer.forward(&x, &rotary, &visibility, dropout, None)?;
         }
         let x = self.norm.forward(&x)?;
         frozen::linear(&x, &self.lm_head)
@@ -550,7 +550,7 @@ impl Model {
             cache.layers = vec![None; self.layers.len()];
         }
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, &rotary, &visibility, &mut None, Some(layer_cache))?;
+            x = layer.forward(&x, &rotary, &visibility, None, Some(layer_cache))?;
         }
         cache.position += len;
         let last = self.norm.forward(&x.narrow(1, len - 1, 1)?)?;
@@ -565,7 +565,7 @@ impl Model {
         attention_mask: Option<&Tensor>,
         targets: &Tensor,
         loss_mask: &Tensor,
-        dropout: Option<&mut Rng>,
+        dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
         let logits = self.forward(input_ids, attention_mask, dropout)?;
         token_loss(&logits, targets, loss_mask)

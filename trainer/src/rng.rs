@@ -1,8 +1,9 @@
-//! A small seeded generator whose whole state is one `u64`, so a checkpoint can save it
-//! and a resumed run draws exactly the numbers the uninterrupted run would have.
+//! Seeded randomness: a small generator for initialisation and shuffling, and
+//! counter-based dropout masks keyed by (seed, step, micro-batch, module), which need no
+//! state at all, so a resumed run draws exactly the masks the uninterrupted run would have.
 
-/// SplitMix64 (Steele, Lea, Flood 2014): fast, and good enough for initialisation,
-/// dropout masks and shuffling.
+/// SplitMix64 (Steele, Lea, Flood 2014): fast, and good enough for initialisation and
+/// shuffling.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rng {
     state: u64,
@@ -13,21 +14,9 @@ impl Rng {
         Rng { state: seed }
     }
 
-    /// Continues a generator from a saved [`Rng::state`].
-    pub fn from_state(state: u64) -> Rng {
-        Rng { state }
-    }
-
-    pub fn state(&self) -> u64 {
-        self.state
-    }
-
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        mix(self.state)
     }
 
     /// Uniform in [0, 1).
@@ -56,20 +45,101 @@ impl Rng {
     }
 }
 
+/// SplitMix64's output function: a bijective mix of 64 bits.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Which dropout masks a forward pass draws: those of (seed, optimizer step, micro-batch).
+/// Masks are counter-based, a pure function of this key, the module and the element's
+/// index, so they need no generator state: a resumed run, or another device computing the
+/// same formula, draws the same masks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DropoutKey {
+    pub seed: u64,
+    pub step: u64,
+    pub micro_batch: u64,
+}
+
+impl DropoutKey {
+    /// `count` multipliers for the module named by `module` (see [`module_id`]): 0 with
+    /// probability `1 - keep`, else `1 / keep`.
+    pub fn mask(&self, module: u64, count: usize, keep: f64) -> Vec<f32> {
+        let base = mix(mix(mix(self.seed ^ 0xD50F_0D0F) ^ self.step) ^ self.micro_batch) ^ module;
+        let scale = (1.0 / keep) as f32;
+        (0..count as u64)
+            .map(|index| {
+                let draw = mix(base.wrapping_add(index.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+                let uniform = (draw >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+                if uniform < keep {
+                    scale
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    }
+}
+
+/// A module's part of its dropout key: FNV-1a of its name (`model.layers.3.mlp.up_proj`).
+pub fn module_id(name: &str) -> u64 {
+    name.bytes().fold(0xCBF2_9CE4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01B3)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn the_same_seed_gives_the_same_numbers_and_state_resumes() {
+    fn the_same_seed_gives_the_same_numbers() {
         let mut a = Rng::new(42);
         let mut b = Rng::new(42);
         let first: Vec<u64> = (0..5).map(|_| a.next_u64()).collect();
         assert_eq!(first, (0..5).map(|_| b.next_u64()).collect::<Vec<_>>());
-        let mut resumed = Rng::new(0);
-        resumed.state = a.state();
-        assert_eq!(resumed.next_u64(), a.next_u64());
         let x = Rng::new(7).uniform(-0.5, 0.5);
         assert!((-0.5..0.5).contains(&x));
+    }
+
+    #[test]
+    fn dropout_masks_are_a_function_of_their_key() {
+        let key = DropoutKey {
+            seed: 42,
+            step: 3,
+            micro_batch: 1,
+        };
+        let module = module_id("base_model.model.model.layers.0.self_attn.q_proj");
+        let mask = key.mask(module, 10_000, 0.9);
+        assert_eq!(
+            mask,
+            key.mask(module, 10_000, 0.9),
+            "the same key, the same mask"
+        );
+        let kept = mask.iter().filter(|m| **m > 0.0).count();
+        assert!((8_800..9_200).contains(&kept), "about 90% kept: {kept}");
+        assert!(mask
+            .iter()
+            .all(|m| *m == 0.0 || (*m - 1.0 / 0.9).abs() < 1e-6));
+        for other in [
+            DropoutKey { step: 4, ..key }.mask(module, 10_000, 0.9),
+            DropoutKey {
+                micro_batch: 2,
+                ..key
+            }
+            .mask(module, 10_000, 0.9),
+            DropoutKey { seed: 43, ..key }.mask(module, 10_000, 0.9),
+            key.mask(
+                module_id("base_model.model.model.layers.1.self_attn.q_proj"),
+                10_000,
+                0.9,
+            ),
+        ] {
+            assert_ne!(other, mask, "another key, another mask");
+        }
+        // A longer mask starts with the shorter one: the element's index is the counter.
+        assert_eq!(key.mask(module, 20_000, 0.9)[..10_000], mask[..]);
     }
 }

@@ -14,7 +14,7 @@ use crate::error::{Result, TrainerError};
 use crate::lora::LoraConfig;
 use crate::model::Model;
 use crate::optim::{self, AdamW};
-use crate::rng::Rng;
+use crate::rng::{DropoutKey, Rng};
 use crate::{checkpoint, loader, peft};
 
 /// Everything a training run depends on. Also the schema of `--config recipe.toml`.
@@ -431,7 +431,6 @@ pub fn train(
         .max_steps
         .unwrap_or(options.epochs * steps_per_epoch);
     let warmup_steps = (options.warmup_ratio * total_steps as f64).ceil() as usize;
-    let mut dropout_rng = Rng::new(options.seed ^ 0xD50F_0D0F);
     let mut start_step = 0;
     if let Some(dir) = &options.resume_from {
         let names: Vec<String> = parameters.iter().map(|(name, _)| name.clone()).collect();
@@ -444,7 +443,6 @@ pub fn train(
             restored.second_moments,
             restored.state.optimizer_steps,
         )?;
-        dropout_rng = Rng::from_state(restored.state.rng_state);
         start_step = restored.state.step;
         if start_step >= total_steps {
             return Err(TrainerError::Invalid(format!(
@@ -484,14 +482,19 @@ pub fn train(
         let mut gradients: Vec<Option<Tensor>> = vec![None; parameters.len()];
         let mut window_loss: Option<Tensor> = None;
         let mut window_tokens = 0;
-        for micro in selected.chunks(options.batch_size) {
+        for (index, micro) in selected.chunks(options.batch_size).enumerate() {
             let batch = data::make_batch(micro, pad_id, &device)?;
+            let dropout = DropoutKey {
+                seed: options.seed,
+                step: step as u64,
+                micro_batch: index as u64,
+            };
             let loss = model.loss(
                 &batch.input_ids,
                 Some(&batch.attention_mask),
                 &batch.targets,
                 &batch.loss_mask,
-                Some(&mut dropout_rng),
+                Some(dropout),
             )?;
             let share = batch.loss_tokens as f64 / window_loss_tokens.max(1) as f64;
             let weighted = loss.affine(share, 0.0)?;
@@ -566,7 +569,6 @@ pub fn train(
             let state = checkpoint::CheckpointState {
                 step: steps_done,
                 epoch,
-                rng_state: dropout_rng.state(),
                 optimizer_steps: optimizer.steps(),
                 config_hash: config_hash.clone(),
                 data_hash: data_hash.clone(),

@@ -62,7 +62,7 @@ fn resuming_reproduces_the_uninterrupted_run() {
         data,
         rank: 4,
         alpha: 8.0,
-        dropout: 0.1, // the resumed run must continue the dropout stream exactly
+        dropout: 0.1, // the resumed run must draw the same dropout masks
         lr: 5e-3,
         max_steps: Some(10),
         batch_size: 4,
