@@ -8,6 +8,7 @@
 //! attention until a kernel for this op exists.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 /// `softmax(q·kᵀ·scale + causal and padding mask)·v` for q (B, H, L, D) and k, v
 /// (B, KV, L, D), H a multiple of KV; `lengths[b]` keys of row b are real.
@@ -34,6 +35,8 @@ struct CausalAttention {
 /// The float arithmetic the op needs, for f32 and f64.
 trait Real:
     Copy
+    + Send
+    + Sync
     + Default
     + PartialOrd
     + std::ops::Add<Output = Self>
@@ -160,20 +163,23 @@ impl CausalAttention {
         (max, sum)
     }
 
+    /// One task per (row, head): their outputs are disjoint.
     fn forward<T: Real>(&self, dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
         let mut out = vec![T::default(); q.len()];
-        for b in 0..dims.batch {
-            for h in 0..dims.heads {
-                for i in 0..dims.len {
-                    let row = dims.row(dims.heads, b, h, i);
-                    self.softmax_row(dims, (q, k, v), (b, h, i), Some(&mut out[row]));
+        out.par_chunks_mut(dims.len * dims.dim)
+            .enumerate()
+            .for_each(|(row_head, chunk)| {
+                let (b, h) = (row_head / dims.heads, row_head % dims.heads);
+                for (i, out_row) in chunk.chunks_mut(dims.dim).enumerate() {
+                    self.softmax_row(dims, (q, k, v), (b, h, i), Some(out_row));
                 }
-            }
-        }
+            });
         out
     }
 
     /// Gradients of q, k and v, recomputing each probability from the row's logsumexp.
+    /// One task per (row, key/value head): it owns that head's dK and dV and the dQ of the
+    /// query heads sharing it.
     fn backward<T: Real>(&self, dims: Dims, saved: Saved<'_, T>) -> (Vec<T>, Vec<T>, Vec<T>) {
         let Saved { q, k, v, out, grad } = saved;
         let (mut dq, mut dk, mut dv) = (
@@ -182,32 +188,39 @@ impl CausalAttention {
             vec![T::default(); v.len()],
         );
         let scale = T::of(self.scale);
-        for b in 0..dims.batch {
-            for h in 0..dims.heads {
-                let kvh = h / (dims.heads / dims.kv_heads);
-                for i in 0..dims.len {
-                    let (max, sum) = self.softmax_row(dims, (q, k, v), (b, h, i), None);
-                    if sum <= T::default() {
-                        continue;
-                    }
-                    let logsumexp = max + sum.ln();
-                    let row = dims.row(dims.heads, b, h, i);
-                    let (q_row, g_row) = (&q[row.clone()], &grad[row.clone()]);
-                    let delta = dot(g_row, &out[row.clone()]);
-                    for j in 0..self.visible(b, i) {
-                        let kv_row = dims.row(dims.kv_heads, b, kvh, j);
-                        let (k_row, v_row) = (&k[kv_row.clone()], &v[kv_row.clone()]);
-                        let p = (dot(q_row, k_row) * scale - logsumexp).exp();
-                        let ds = p * (dot(g_row, v_row) - delta) * scale;
-                        for d in 0..dims.dim {
-                            dv[kv_row.start + d] += p * g_row[d];
-                            dq[row.start + d] += ds * k_row[d];
-                            dk[kv_row.start + d] += ds * q_row[d];
+        let (group, block) = (dims.heads / dims.kv_heads, dims.len * dims.dim);
+        dq.par_chunks_mut(group * block)
+            .zip(dk.par_chunks_mut(block))
+            .zip(dv.par_chunks_mut(block))
+            .enumerate()
+            .for_each(|(row_head, ((dq, dk), dv))| {
+                let (b, kvh) = (row_head / dims.kv_heads, row_head % dims.kv_heads);
+                for member in 0..group {
+                    let h = kvh * group + member;
+                    for i in 0..dims.len {
+                        let (max, sum) = self.softmax_row(dims, (q, k, v), (b, h, i), None);
+                        if sum <= T::default() {
+                            continue;
+                        }
+                        let logsumexp = max + sum.ln();
+                        let row = dims.row(dims.heads, b, h, i);
+                        let (q_row, g_row) = (&q[row.clone()], &grad[row.clone()]);
+                        let delta = dot(g_row, &out[row]);
+                        let dq_row = (member * dims.len + i) * dims.dim;
+                        for j in 0..self.visible(b, i) {
+                            let kv_row = dims.row(dims.kv_heads, b, kvh, j);
+                            let (k_row, v_row) = (&k[kv_row.clone()], &v[kv_row]);
+                            let p = (dot(q_row, k_row) * scale - logsumexp).exp();
+                            let ds = p * (dot(g_row, v_row) - delta) * scale;
+                            for d in 0..dims.dim {
+                                dv[j * dims.dim + d] += p * g_row[d];
+                                dq[dq_row + d] += ds * k_row[d];
+                                dk[j * dims.dim + d] += ds * q_row[d];
+                            }
                         }
                     }
                 }
-            }
-        }
+            });
         (dq, dk, dv)
     }
 }
