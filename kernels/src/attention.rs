@@ -80,10 +80,10 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
         .fold(T::default(), |sum, (x, y)| sum + *x * *y)
 }
 
-/// The sizes of one call: batch, query heads, key/value heads, length, head dim.
+/// The sizes of one call: query heads, key/value heads, length, head dim (the batch is
+/// what the tensors' lengths imply).
 #[derive(Clone, Copy)]
 struct Dims {
-    batch: usize,
     heads: usize,
     kv_heads: usize,
     len: usize,
@@ -99,7 +99,6 @@ impl Dims {
             candle_core::bail!("causal attention: q {q:?} and k/v {k:?} do not fit");
         }
         Ok(Dims {
-            batch,
             heads,
             kv_heads,
             len,
