@@ -175,7 +175,10 @@ fn synchronize(device: &Device) -> Result<()> {
 fn memory_in_use(device: &Device) -> Option<u64> {
     match device {
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+        Device::Cuda(cuda) => cuda
+            .cuda_stream()
+            .context()
+            .mem_get_info()
             .ok()
             .map(|(free, total)| (total - free) as u64),
         _ => crate::train::peak_memory_bytes(),
