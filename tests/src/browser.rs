@@ -190,6 +190,15 @@ impl Browser {
     }
 }
 
+impl Browser {
+    /// Ends the session, so chromedriver closes Chromium before it is stopped itself.
+    pub async fn close(mut self) {
+        let _ = self.client.clone().close().await;
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
 impl Drop for Browser {
     fn drop(&mut self) {
         let _ = self.driver.kill();

@@ -174,5 +174,6 @@ async fn a_user_signs_in_uploads_watches_a_job_live_and_cancels_it() {
         json!("/")
     );
     let errors = browser.console_errors().await;
+    browser.close().await;
     assert!(errors.is_empty(), "console errors: {errors:#?}");
 }
