@@ -198,12 +198,6 @@ fn to_row(record: Record) -> NewConversation {
         text,
         metadata,
     } = record.conversation;
-    // The stored body: the chat's messages (with the tools they may call), or the text.
-    let body = match (text, tools) {
-        (Some(text), _) => serde_json::json!({ "text": text }),
-        (None, Some(tools)) => serde_json::json!({ "messages": messages, "tools": tools }),
-        (None, None) => serde_json::to_value(messages).unwrap_or(Value::Null),
-    };
     NewConversation {
         line_number: record.line as i64,
         persona: metadata.persona,
@@ -211,7 +205,9 @@ fn to_row(record: Record) -> NewConversation {
         topic: metadata.topic,
         quality_score: metadata.quality_score,
         human_reviewed: metadata.human_reviewed,
-        messages: body,
+        messages: serde_json::to_value(messages).unwrap_or(Value::Null),
+        tools: tools.map(Value::Array),
+        text,
         metadata: metadata.raw,
     }
 }

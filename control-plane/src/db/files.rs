@@ -363,8 +363,14 @@ pub struct StoredConversation {
     pub topic: Option<String>,
     pub quality_score: Option<f64>,
     pub human_reviewed: Option<bool>,
+    /// The chat's messages; empty for a text record.
     #[schema(value_type = Vec<Object>)]
     pub messages: Json<serde_json::Value>,
+    /// The tool definitions the chat may call.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub tools: Option<Json<serde_json::Value>>,
+    /// A text record's text, trained on every token.
+    pub text: Option<String>,
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Json<serde_json::Value>>,
     pub created_at: DateTime<Utc>,
@@ -378,6 +384,8 @@ pub struct NewConversation {
     pub quality_score: Option<f64>,
     pub human_reviewed: Option<bool>,
     pub messages: serde_json::Value,
+    pub tools: Option<serde_json::Value>,
+    pub text: Option<String>,
     pub metadata: Option<serde_json::Value>,
 }
 
@@ -396,8 +404,8 @@ pub async fn insert_conversations(
     on_pool!(db, pool => {
         let mut query = QueryBuilder::new(
             "INSERT INTO conversations (id, training_file_id, line_number, persona, emotional_arc, topic,
-                                        quality_score, human_reviewed, messages, metadata, created_at,
-                                        enrichment_claim) ",
+                                        quality_score, human_reviewed, messages, tools, text, metadata,
+                                        created_at, enrichment_claim) ",
         );
         query.push_values(batch, |mut row, c| {
             row.push_bind(Uuid::new_v4())
@@ -409,6 +417,8 @@ pub async fn insert_conversations(
                 .push_bind(c.quality_score)
                 .push_bind(c.human_reviewed)
                 .push_bind(Json(c.messages.clone()))
+                .push_bind(c.tools.clone().map(Json))
+                .push_bind(c.text.clone())
                 .push_bind(c.metadata.clone().map(Json))
                 .push_bind(now)
                 .push_bind(claim);

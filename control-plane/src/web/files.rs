@@ -150,17 +150,14 @@ pub struct PreviewMessage {
     pub content: String,
 }
 
-/// The stored body is the chat's messages, `{"messages", "tools"}` for a chat with tools,
-/// or `{"text"}` for a text record.
 fn preview(conversation: &StoredConversation) -> Vec<PreviewMessage> {
-    let body = &conversation.messages.0;
-    if let Some(text) = body["text"].as_str() {
+    if let Some(text) = &conversation.text {
         return vec![PreviewMessage {
             role: "text".into(),
-            content: text.to_owned(),
+            content: text.clone(),
         }];
     }
-    let messages = body.as_array().or_else(|| body["messages"].as_array());
+    let messages = conversation.messages.0.as_array();
     messages
         .into_iter()
         .flatten()

@@ -301,8 +301,28 @@ async fn the_file_page_previews_tool_calls_names_weights_and_text(backend: Backe
         .upload_enriched(&user, lines.join("\n").into_bytes())
         .await;
     assert_eq!(file["conversation_count"], 2, "{file}");
-    let cookie = sign_in(&app, "ada@example.com").await;
+    // The API keeps one shape: messages are an array, tools and text beside them.
     let id = file["id"].as_str().expect("id");
+    let listed: serde_json::Value = app
+        .get(&user, &format!("/api/v1/training-files/{id}/conversations"))
+        .await
+        .json()
+        .await
+        .expect("conversations");
+    let conversations = listed["data"].as_array().expect("data");
+    let chat = conversations
+        .iter()
+        .find(|c| c["text"].is_null())
+        .expect("the chat");
+    let story = conversations
+        .iter()
+        .find(|c| !c["text"].is_null())
+        .expect("the text");
+    assert_eq!(chat["messages"].as_array().map(Vec::len), Some(4));
+    assert_eq!(chat["tools"][0]["function"]["name"], "weather");
+    assert_eq!(story["messages"], serde_json::json!([]));
+    assert_eq!(story["text"], "Once upon a time there was a model.");
+    let cookie = sign_in(&app, "ada@example.com").await;
     let (status, html) = page(&app, &cookie, &format!("/training/files/{id}")).await;
     assert_eq!(status, StatusCode::OK);
     for expected in [

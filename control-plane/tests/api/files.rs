@@ -473,6 +473,8 @@ async fn a_run_that_lost_its_claim_neither_finishes_nor_counts(backend: Backend)
                 quality_score: None,
                 human_reviewed: None,
                 messages: json!([{"role": "user", "content": "hi"}]),
+                tools: None,
+                text: None,
                 metadata: None,
             })
             .collect()
