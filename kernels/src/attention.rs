@@ -224,6 +224,36 @@ impl CausalAttention {
     }
 }
 
+impl CausalAttention {
+    /// The backward on tensors of element type `T`: q, k, v, the output and its gradient
+    /// read flat, the gradients of q, k and v built in the same shapes.
+    fn gradients<T: Real + candle_core::WithDType>(
+        &self,
+        dims: Dims,
+        [q, k, v, out, grad]: [&Tensor; 5],
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let read = |t: &Tensor| {
+            t.contiguous()?
+                .flatten_all()?
+                .to_dtype(T::DTYPE)?
+                .to_vec1::<T>()
+        };
+        let (q_data, k_data, v_data) = (read(q)?, read(k)?, read(v)?);
+        let (out, grad) = (read(out)?, read(grad)?);
+        let saved = Saved {
+            q: &q_data,
+            k: &k_data,
+            v: &v_data,
+            out: &out,
+            grad: &grad,
+        };
+        let (dq, dk, dv) = self.backward(dims, saved);
+        let build =
+            |data: Vec<T>, like: &Tensor| Tensor::from_vec(data, like.shape(), like.device());
+        Ok((build(dq, q)?, build(dk, k)?, build(dv, v)?))
+    }
+}
+
 /// What the backward reads: the inputs, the output and its gradient, flattened.
 struct Saved<'a, T> {
     q: &'a [T],
@@ -287,49 +317,14 @@ impl CustomOp3 for CausalAttention {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dims = Dims::of(q.dims(), k.dims())?;
-        let flat = |t: &Tensor| t.contiguous()?.flatten_all();
-        let build = |data: Vec<f64>, like: &Tensor| {
-            Tensor::from_vec(data, like.shape(), like.device())?.to_dtype(like.dtype())
-        };
         let (dq, dk, dv) = match q.dtype() {
-            DType::F32 => {
-                let read = |t: &Tensor| flat(t)?.to_vec1::<f32>();
-                let (q, k, v, out) = (read(q)?, read(k)?, read(v)?, read(out)?);
-                let grad = read(&grad.to_dtype(DType::F32)?)?;
-                let saved = Saved {
-                    q: &q,
-                    k: &k,
-                    v: &v,
-                    out: &out,
-                    grad: &grad,
-                };
-                let (dq, dk, dv) = self.backward(dims, saved);
-                let widen = |x: Vec<f32>| x.into_iter().map(f64::from).collect::<Vec<_>>();
-                (widen(dq), widen(dk), widen(dv))
-            }
-            DType::F64 => {
-                let read = |t: &Tensor| flat(t)?.to_vec1::<f64>();
-                let (q, k, v, out, grad) = (read(q)?, read(k)?, read(v)?, read(out)?, read(grad)?);
-                self.backward(
-                    dims,
-                    Saved {
-                        q: &q,
-                        k: &k,
-                        v: &v,
-                        out: &out,
-                        grad: &grad,
-                    },
-                )
-            }
+            DType::F32 => self.gradients::<f32>(dims, [q, k, v, out, grad])?,
+            DType::F64 => self.gradients::<f64>(dims, [q, k, v, out, grad])?,
             other => {
                 candle_core::bail!("causal attention on the CPU takes f32 or f64, not {other:?}")
             }
         };
-        Ok((
-            Some(build(dq, q)?),
-            Some(build(dk, k)?),
-            Some(build(dv, v)?),
-        ))
+        Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
 

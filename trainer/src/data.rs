@@ -33,6 +33,15 @@ impl Example {
     }
 }
 
+/// A conversation as the model reads it.
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    /// Whether the loss counts each token.
+    pub trained: Vec<bool>,
+    /// Fields of the data the chat template does not render.
+    pub ignored: Vec<DataField>,
+}
+
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct PreparedData {
     pub examples: Vec<Example>,
@@ -68,25 +77,37 @@ impl TextEncoder {
         Ok(encoding.get_ids().to_vec())
     }
 
-    /// The conversation's token ids and, for each, whether the loss counts it: the trained
-    /// assistant turns of a chat, every token of a text record.
-    pub fn encode_conversation(
-        &self,
-        conversation: &Conversation,
-    ) -> Result<(Vec<u32>, Vec<bool>)> {
+    /// The conversation's token ids, for each whether the loss counts it (the trained
+    /// assistant turns of a chat, every token of a text record), and the fields of the
+    /// data the model's template leaves out of its text.
+    pub fn encode_conversation(&self, conversation: &Conversation) -> Result<Encoded> {
         if let Some(text) = &conversation.text {
             let ids = self.encode_text(&self.template.wrap_text(text))?;
             let trained = vec![true; ids.len()];
-            return Ok((ids, trained));
+            return Ok(Encoded {
+                ids,
+                trained,
+                ignored: Vec::new(),
+            });
         }
-        let (text, spans) = self
-            .template
-            .render_with_assistant_spans(&conversation.messages, conversation.tools.as_deref())?;
+        let (messages, tools) = (&conversation.messages, conversation.tools.as_deref());
+        let (text, spans) = self.template.render_with_assistant_spans(messages, tools)?;
+        let uses_extras = tools.is_some()
+            || messages.iter().any(|m| {
+                m.name.is_some()
+                    || m.tool_calls.is_some()
+                    || m.role == protocol::dataset::Role::Tool
+            });
+        let ignored = if uses_extras {
+            self.template.ignored_fields(messages, tools, &text)?
+        } else {
+            Vec::new()
+        };
         let encoding = self
             .tokenizer
             .encode(text.as_str(), false)
             .map_err(|e| TrainerError::Invalid(format!("tokenization failed: {e}")))?;
-        let assistant = encoding
+        let trained = encoding
             .get_offsets()
             .iter()
             .map(|(start, end)| {
@@ -95,24 +116,11 @@ impl TextEncoder {
                     .any(|span| *start >= span.start && *start < span.end && end > start)
             })
             .collect();
-        Ok((encoding.get_ids().to_vec(), assistant))
-    }
-
-    /// The fields of a chat the model's template leaves out of its text.
-    pub fn ignored_fields(&self, conversation: &Conversation) -> Result<Vec<DataField>> {
-        let uses_extras = conversation.tools.is_some()
-            || conversation.messages.iter().any(|m| {
-                m.name.is_some()
-                    || m.tool_calls.is_some()
-                    || m.role == protocol::dataset::Role::Tool
-            });
-        if conversation.text.is_some() || !uses_extras {
-            return Ok(Vec::new());
-        }
-        let tools = conversation.tools.as_deref();
-        let rendered = self.template.render(&conversation.messages, tools, false)?;
-        self.template
-            .ignored_fields(&conversation.messages, tools, &rendered)
+        Ok(Encoded {
+            ids: encoding.get_ids().to_vec(),
+            trained,
+            ignored,
+        })
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -163,10 +171,10 @@ pub fn load_examples(
             path: path.display().to_string(),
             message: format!("line {}: {message}", record.line),
         };
-        let ignored = encoder
-            .ignored_fields(&record.conversation)
+        let encoded = encoder
+            .encode_conversation(&record.conversation)
             .map_err(|e| at_line(e.to_string()))?;
-        for field in ignored {
+        for field in encoded.ignored {
             if field.is_essential() {
                 return Err(at_line(format!(
                     "the model's chat template does not render {}, so they cannot be trained \
@@ -176,10 +184,7 @@ pub fn load_examples(
             }
             *prepared.ignored.entry(field).or_default() += 1;
         }
-        let (ids, assistant) = encoder
-            .encode_conversation(&record.conversation)
-            .map_err(|e| at_line(e.to_string()))?;
-        let (example, truncated) = to_example(&ids, &assistant, max_seq_len);
+        let (example, truncated) = to_example(&encoded.ids, &encoded.trained, max_seq_len);
         prepared.truncated += usize::from(truncated);
         if example.loss_tokens() == 0 {
             prepared.dropped += 1;
