@@ -90,6 +90,9 @@ enum Command {
         /// The device's dense peak TFLOPS at that dtype, for MFU (H100/H200 bf16: 989).
         #[arg(long)]
         peak_tflops: Option<f64>,
+        /// Print the shape's sizes as JSON and stop (for peers benched at the same shape).
+        #[arg(long)]
+        describe: bool,
     },
     /// Fold an adapter into its base model; writes a Hugging Face model directory.
     Merge {
@@ -367,6 +370,7 @@ fn main() -> anyhow::Result<()> {
             device,
             dtype,
             peak_tflops,
+            describe,
         } => {
             let mut spec = trainer::bench::shape(&shape)?;
             macro_rules! set {
@@ -375,6 +379,10 @@ fn main() -> anyhow::Result<()> {
             set!(hidden_size => hidden_size, layers => layers, heads => heads,
                  kv_heads => kv_heads, intermediate_size => intermediate_size,
                  vocab_size => vocab_size);
+            if describe {
+                println!("{}", serde_json::to_string(&spec)?);
+                return Ok(());
+            }
             let report = trainer::bench::run(&trainer::bench::BenchOptions {
                 shape: spec,
                 seq,
