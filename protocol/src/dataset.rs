@@ -253,7 +253,11 @@ pub fn conversation_from_value(value: Value) -> Result<Conversation, String> {
         Some(raw @ Value::Object(_)) => metadata_from_value(raw)?,
         Some(_) => return Err("\"metadata\" must be an object".into()),
     };
-    let layouts = ["messages", "text", "prompt"].map(|key| object.contains_key(key));
+    let layouts = [
+        object.contains_key("messages"),
+        object.contains_key("text"),
+        object.contains_key("prompt") || object.contains_key("completion"),
+    ];
     if layouts.iter().filter(|present| **present).count() > 1 {
         return Err(
             "a record holds one of \"messages\", \"prompt\"/\"completion\" or \"text\", not several"
@@ -271,18 +275,15 @@ pub fn conversation_from_value(value: Value) -> Result<Conversation, String> {
             metadata,
         });
     }
-    if let Some(prompt) = object.remove("prompt") {
-        let field = |value: Option<Value>, name: &str| match value {
-            Some(Value::String(text)) => checked_text(text, &format!("\"{name}\"")),
+    if layouts[2] {
+        let field = |name: &str, other: &str| match object.get(name) {
+            Some(Value::String(text)) => checked_text(text.clone(), &format!("\"{name}\"")),
             Some(_) => Err(format!("\"{name}\" must be a string")),
-            None => Err(format!("\"prompt\" needs a \"{name}\"")),
+            None => Err(format!("\"{other}\" needs a \"{name}\"")),
         };
         let messages = vec![
-            Message::new(Role::User, field(Some(prompt), "prompt")?),
-            Message::new(
-                Role::Assistant,
-                field(object.remove("completion"), "completion")?,
-            ),
+            Message::new(Role::User, field("prompt", "completion")?),
+            Message::new(Role::Assistant, field("completion", "prompt")?),
         ];
         return Ok(Conversation {
             metadata,

@@ -260,6 +260,8 @@ fn prompt_completion_and_text_records_are_read() {
         r#"{"prompt":"No answer"}"#,
         r#"{"text":"x","messages":[]}"#,
         r#"{"text":""}"#,
+        r#"{"completion":"No question"}"#,
+        r#"{"completion":"x","messages":[]}"#,
     ]
     .join("\n");
     let (_, records) = read(&text);
@@ -286,6 +288,8 @@ fn prompt_completion_and_text_records_are_read() {
             r#"line 3: "prompt" needs a "completion""#,
             r#"line 4: a record holds one of "messages", "prompt"/"completion" or "text", not several"#,
             r#"line 5: "text" is empty"#,
+            r#"line 6: "completion" needs a "prompt""#,
+            r#"line 7: a record holds one of "messages", "prompt"/"completion" or "text", not several"#,
         ]
     );
 }
