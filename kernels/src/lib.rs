@@ -1,7 +1,13 @@
 //! The trainer's fused ops, each one candle custom op with its own backward, kept apart
-//! from the trainer so that code which is fast rather than obvious (and, with CUDA
-//! kernels, `unsafe`) lives in one small place, compiled optimised even in debug builds.
+//! from the trainer so that code which is fast rather than obvious (and the CUDA kernels,
+//! `unsafe` to launch) lives in one small place, compiled optimised even in debug builds.
 
+pub mod adamw;
 pub mod attention;
+#[cfg(feature = "cuda")]
+mod cuda;
+pub mod dropout;
 
+pub use adamw::{adamw_step, AdamWStep};
 pub use attention::causal_attention;
+pub use dropout::dropout;

@@ -233,17 +233,9 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
         synchronize(&device)?;
         sample(&device);
         let backward_done = Instant::now();
-        let mut gradients: Vec<Tensor> = parameters
-            .iter()
-            .map(|var| {
-                gradients
-                    .get(var)
-                    .cloned()
-                    .ok_or_else(|| TrainerError::Invalid("a LoRA parameter got no gradient".into()))
-            })
-            .collect::<Result<_>>()?;
-        optim::clip_global_norm(&mut gradients, 1.0)?;
-        optimizer.step(&gradients, 1e-4)?;
+        let gradient = optimizer.flat_gradient(&gradients)?;
+        drop(gradients);
+        optimizer.step(&gradient, 1.0, 1e-4)?;
         synchronize(&device)?;
         sample(&device);
         if step > 0 {

@@ -1,8 +1,8 @@
 //! Exact, resumable checkpoints.
 //!
 //! `checkpoints/step-N/` holds the LoRA weights (`adapter_model.safetensors`), the AdamW
-//! moments (`optimizer.safetensors`), `state.json` (step, epoch, the dropout generator's
-//! state, the optimizer's step count, and hashes of the run's configuration and data) and
+//! moments (`optimizer.safetensors`), `state.json` (step, epoch, the optimizer's step
+//! count, and hashes of the run's configuration and data) and
 //! `manifest.json` (SHA-256 of each file). It is written into a temporary directory and
 //! renamed into place, so a crash never leaves a half-written checkpoint under its name.
 

@@ -15,6 +15,7 @@ pub mod evaluation;
 pub mod frozen;
 pub mod hub;
 pub mod init;
+pub mod kernel_check;
 pub mod loader;
 pub mod lora;
 pub mod merge;

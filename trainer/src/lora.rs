@@ -4,7 +4,6 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
-use crate::frozen;
 use crate::rng::{module_id, DropoutKey, Rng};
 
 use protocol::LORA_TARGET_MODULES;
@@ -106,23 +105,24 @@ impl LoraAdapter {
         })
     }
 
-    /// The update `scale · B A dropout(x)`, in `x`'s dtype. `dropout` keys the masks;
-    /// `None` means evaluation (no dropout).
+    /// The update `scale · B A dropout(x)`, in `x`'s dtype: the matmuls run in the
+    /// activations' dtype (bf16 on CUDA) against the f32 master weights, whose gradients
+    /// come back through the casts in f32. `dropout` keys the masks; `None` means
+    /// evaluation (no dropout).
     pub fn forward(&self, x: &Tensor, dropout: Option<DropoutKey>) -> Result<Tensor> {
-        let input = x.to_dtype(self.a.dtype())?;
         let input = match dropout {
             Some(key) if self.dropout > 0.0 => {
-                let mask = key.mask(self.module, input.elem_count(), 1.0 - self.dropout);
-                let mask = Tensor::from_vec(mask, input.shape(), input.device())?
-                    .to_dtype(input.dtype())?;
-                frozen::scale(&input, &mask)?
+                trainer_kernels::dropout(x, key.stream(self.module), 1.0 - self.dropout)?
             }
-            _ => input,
+            _ => x.clone(),
         };
-        let update = input
-            .broadcast_matmul(&self.a.as_tensor().t()?)?
-            .broadcast_matmul(&self.b.as_tensor().t()?)?
-            .affine(self.scale, 0.0)?;
-        update.to_dtype(x.dtype())
+        let (a, b) = (
+            self.a.as_tensor().to_dtype(x.dtype())?,
+            self.b.as_tensor().to_dtype(x.dtype())?,
+        );
+        input
+            .broadcast_matmul(&a.t()?)?
+            .broadcast_matmul(&b.t()?)?
+            .affine(self.scale, 0.0)
     }
 }

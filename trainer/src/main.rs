@@ -94,6 +94,13 @@ enum Command {
         #[arg(long)]
         describe: bool,
     },
+    /// Run each fused op (dropout, AdamW, chunked cross-entropy) on the device and on the
+    /// CPU with the same inputs; prints one JSON line per op and fails if any differs by
+    /// more than its tolerance.
+    KernelCheck {
+        #[arg(long, value_parser = ["cpu", "cuda"], default_value = "cpu")]
+        device: String,
+    },
     /// Fold an adapter into its base model; writes a Hugging Face model directory.
     Merge {
         #[arg(long)]
@@ -398,6 +405,26 @@ fn main() -> anyhow::Result<()> {
                 peak_tflops,
             })?;
             println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::KernelCheck { device } => {
+            let choice = if device == "cuda" {
+                DeviceChoice::Cuda
+            } else {
+                DeviceChoice::Cpu
+            };
+            let checks = trainer::kernel_check::run(choice)?;
+            for check in &checks {
+                println!("{}", serde_json::to_string(check)?);
+            }
+            if let Some(failed) = checks.iter().find(|c| !c.passed) {
+                anyhow::bail!(
+                    "{} on {} differs from the CPU by {:e} (tolerance {:e})",
+                    failed.kernel,
+                    failed.device,
+                    failed.max_abs_difference,
+                    failed.tolerance
+                );
+            }
         }
         Command::Merge {
             model,

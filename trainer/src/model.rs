@@ -484,6 +484,18 @@ impl Model {
         attention_mask: Option<&Tensor>,
         dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, attention_mask, dropout)?;
+        frozen::linear(&hidden, &self.lm_head)
+    }
+
+    /// The final hidden states (batch, len, hidden), after the last norm: what the language
+    /// model head turns into logits.
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        dropout: Option<DropoutKey>,
+    ) -> Result<Tensor> {
         let (batch, len) = input_ids.dims2()?;
         let device = input_ids.device();
         // Token embeddings of a frozen table: nothing upstream needs a gradient.
@@ -511,8 +523,12 @@ impl Model {
         for layer in &self.layers {
             x = layer.forward(&x, &rotary, &visibility, dropout, None)?;
         }
-        let x = self.norm.forward(&x)?;
-        frozen::linear(&x, &self.lm_head)
+        self.norm.forward(&x)
+    }
+
+    /// The language model head (vocab, hidden): frozen, and the embedding table when tied.
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
     }
 
     /// Logits of the last position for `input_ids` (1, len) following what `cache` holds;
@@ -558,7 +574,8 @@ impl Model {
     }
 
     /// Mean cross-entropy of predicting `targets` (batch, len), counting only positions
-    /// where `loss_mask` (batch, len) is 1; computed on the device, nothing read back.
+    /// where `loss_mask` (batch, len) is 1; computed on the device, nothing read back, and a
+    /// chunk of tokens at a time (see [`chunked_token_loss`]).
     pub fn loss(
         &self,
         input_ids: &Tensor,
@@ -567,8 +584,9 @@ impl Model {
         loss_mask: &Tensor,
         dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
-        let logits = self.forward(input_ids, attention_mask, dropout)?;
-        token_loss(&logits, targets, loss_mask)
+        let hidden = self.hidden_states(input_ids, attention_mask, dropout)?;
+        let chunk_tokens = (LOSS_CHUNK_LOGITS / self.config.vocab_size.max(1)).max(1);
+        chunked_token_loss(&hidden, &self.lm_head, targets, loss_mask, chunk_tokens)
     }
 
     /// The LoRA parameters by PEFT name (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
@@ -663,4 +681,74 @@ pub fn token_loss(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Te
     let inverse_count = mask.sum_all()?.maximum(1.0)?.recip()?.neg()?;
     let total = frozen::scale(&picked, &mask)?.sum_all()?;
     frozen::scale(&total, &inverse_count)
+}
+
+/// How many logits the training loss holds at once: its chunks have this many ÷ the
+/// vocabulary tokens (128 at a 128k vocabulary: 64 MiB of f32 logits per chunk).
+const LOSS_CHUNK_LOGITS: usize = 1 << 24;
+
+/// [`token_loss`] of the logits `hidden · lm_headᵀ`, computed `chunk_tokens` tokens at a
+/// time, so at most a chunk's logits exist at once: peak memory O(chunk · vocab), not
+/// O(batch · len · vocab). The logsumexp is taken in f32 (f64 for f64 inputs).
+///
+/// The head is frozen, so the loss's only gradient is the one for `hidden`. Each chunk's
+/// part, `(softmax − onehot(target)) · lm_head` for the counted positions, is computed
+/// while the chunk's logits are at hand, and the returned loss carries the whole gradient
+/// through a term of value exactly zero, `s − detach(s)` with `s = Σ hidden ⊙ gradient`:
+/// the backward pass costs one element-wise product and keeps no logits.
+pub fn chunked_token_loss(
+    hidden: &Tensor,
+    lm_head: &Tensor,
+    targets: &Tensor,
+    mask: &Tensor,
+    chunk_tokens: usize,
+) -> Result<Tensor> {
+    let (batch, len, width) = hidden.dims3()?;
+    let count = batch * len;
+    let wide = if hidden.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let flat = hidden.reshape((count, width))?;
+    let constant = flat.detach();
+    let head = lm_head.to_dtype(hidden.dtype())?;
+    let targets = targets.to_dtype(DType::U32)?.reshape((count, 1))?;
+    let mask = mask.to_dtype(wide)?.reshape((count, 1))?;
+    let inverse_count = mask.sum_all()?.maximum(1.0)?.recip()?;
+    let mut total: Option<Tensor> = None;
+    let mut gradients = Vec::with_capacity(count.div_ceil(chunk_tokens.max(1)));
+    for start in (0..count).step_by(chunk_tokens.max(1)) {
+        let size = chunk_tokens.min(count - start);
+        let logits = frozen::linear(&constant.narrow(0, start, size)?, &head)?.to_dtype(wide)?;
+        let (targets, mask) = (
+            targets.narrow(0, start, size)?,
+            mask.narrow(0, start, size)?,
+        );
+        let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?)?;
+        let exp = shifted.exp()?;
+        let sum = exp.sum_keepdim(1)?;
+        let negative_log_likelihood = (sum.log()? - shifted.gather(&targets, 1)?)?;
+        let chunk_total = (negative_log_likelihood * &mask)?.sum_all()?;
+        total = Some(match total.take() {
+            Some(total) => (total + chunk_total)?,
+            None => chunk_total,
+        });
+        let gradient_of_logits = exp.broadcast_div(&sum)?.broadcast_mul(&mask)?.scatter_add(
+            &targets,
+            &mask.neg()?,
+            1,
+        )?;
+        gradients.push(gradient_of_logits.to_dtype(hidden.dtype())?.matmul(&head)?);
+    }
+    let Some(total) = total else {
+        candle_core::bail!("a loss over no tokens");
+    };
+    let loss = (total * &inverse_count)?;
+    let gradient = Tensor::cat(&gradients, 0)?
+        .broadcast_mul(&inverse_count.to_dtype(hidden.dtype())?)?
+        .detach();
+    let carrier = frozen::scale(&flat, &gradient)?.sum_all()?.to_dtype(wide)?;
+    let zero = (&carrier - carrier.detach())?;
+    loss.detach() + zero
 }

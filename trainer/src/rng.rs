@@ -2,6 +2,8 @@
 //! counter-based dropout masks keyed by (seed, step, micro-batch, module), which need no
 //! state at all, so a resumed run draws exactly the masks the uninterrupted run would have.
 
+use trainer_kernels::dropout::{splitmix64 as mix, GOLDEN};
+
 /// SplitMix64 (Steele, Lea, Flood 2014): fast, and good enough for initialisation and
 /// shuffling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,7 +17,7 @@ impl Rng {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.state = self.state.wrapping_add(GOLDEN);
         mix(self.state)
     }
 
@@ -45,13 +47,6 @@ impl Rng {
     }
 }
 
-/// SplitMix64's output function: a bijective mix of 64 bits.
-fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// Which dropout masks a forward pass draws: those of (seed, optimizer step, micro-batch).
 /// Masks are counter-based, a pure function of this key, the module and the element's
 /// index, so they need no generator state: a resumed run, or another device computing the
@@ -64,22 +59,10 @@ pub struct DropoutKey {
 }
 
 impl DropoutKey {
-    /// `count` multipliers for the module named by `module` (see [`module_id`]): 0 with
-    /// probability `1 - keep`, else `1 / keep`.
-    pub fn mask(&self, module: u64, count: usize, keep: f64) -> Vec<f32> {
-        let base = mix(mix(mix(self.seed ^ 0xD50F_0D0F) ^ self.step) ^ self.micro_batch) ^ module;
-        let scale = (1.0 / keep) as f32;
-        (0..count as u64)
-            .map(|index| {
-                let draw = mix(base.wrapping_add(index.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-                let uniform = (draw >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
-                if uniform < keep {
-                    scale
-                } else {
-                    0.0
-                }
-            })
-            .collect()
+    /// The mask stream of the module named by `module` (see [`module_id`]): the masks'
+    /// entries are `trainer_kernels::dropout::mask(stream, …)`, drawn where the tensor is.
+    pub fn stream(&self, module: u64) -> u64 {
+        mix(mix(mix(self.seed ^ 0xD50F_0D0F) ^ self.step) ^ self.micro_batch) ^ module
     }
 }
 
@@ -93,6 +76,12 @@ pub fn module_id(name: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl DropoutKey {
+        fn mask(&self, module: u64, count: usize, keep: f64) -> Vec<f32> {
+            trainer_kernels::dropout::mask(self.stream(module), count, keep)
+        }
+    }
 
     #[test]
     fn the_same_seed_gives_the_same_numbers() {

@@ -479,7 +479,7 @@ pub fn train(
         // the accumulated gradient is that of one batch of the whole window.
         // Nothing is read back from the device until the step's one read of its loss and
         // gradient norm; token counts come from the host-side batches.
-        let mut gradients: Vec<Option<Tensor>> = vec![None; parameters.len()];
+        let mut gradient: Option<Tensor> = None;
         let mut window_loss: Option<Tensor> = None;
         let mut window_tokens = 0;
         for (index, micro) in selected.chunks(options.batch_size).enumerate() {
@@ -504,24 +504,19 @@ pub fn train(
                 None => detached,
             });
             window_tokens += batch.tokens;
-            let grads = weighted.backward()?;
-            for (slot, (_, var)) in gradients.iter_mut().zip(&parameters) {
-                let gradient = grads.get(var).ok_or_else(|| {
-                    TrainerError::Invalid("a LoRA parameter got no gradient".into())
-                })?;
-                *slot = Some(match slot.take() {
-                    Some(sum) => (sum + gradient)?,
-                    None => gradient.clone(),
-                });
-            }
+            let micro_gradient = optimizer.flat_gradient(&weighted.backward()?)?;
+            gradient = Some(match gradient.take() {
+                Some(sum) => (sum + micro_gradient)?,
+                None => micro_gradient,
+            });
         }
-        let mut gradients: Vec<Tensor> = gradients.into_iter().flatten().collect();
-        let grad_norm = optim::clip_global_norm(&mut gradients, options.max_grad_norm)?;
+        let (Some(window_loss), Some(gradient)) = (window_loss, gradient) else {
+            return Err(TrainerError::Invalid(
+                "an optimizer step without a micro-batch".into(),
+            ));
+        };
         let learning_rate = optim::learning_rate(options.lr, step, warmup_steps, total_steps);
-        optimizer.step(&gradients, learning_rate)?;
-        let window_loss = window_loss.ok_or_else(|| {
-            TrainerError::Invalid("an optimizer step without a micro-batch".into())
-        })?;
+        let grad_norm = optimizer.step(&gradient, options.max_grad_norm, learning_rate)?;
         let read = Tensor::stack(&[window_loss, grad_norm.to_dtype(DType::F32)?], 0)?
             .to_dtype(DType::F64)?
             .to_vec1::<f64>()?;
@@ -573,12 +568,12 @@ pub fn train(
                 config_hash: config_hash.clone(),
                 data_hash: data_hash.clone(),
             };
-            let (first, second, _) = optimizer.state();
+            let (first, second) = optimizer.moments()?;
             let dir = checkpoint::save(
                 &options.out.join("checkpoints"),
                 &state,
                 &parameters,
-                (first, second),
+                (&first, &second),
             )?;
             observer.checkpoint(steps_done, &dir);
         }

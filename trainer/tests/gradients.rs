@@ -1,11 +1,13 @@
-//! The model's backward pass, checked against finite differences on a tiny f64 model,
-//! and the promise that frozen weights get no gradient at all.
+//! The model's backward pass, checked against finite differences on a tiny f64 model; the
+//! chunked loss, against the loss over the whole logits; and the promise that frozen
+//! weights get no gradient at all.
 
 use std::collections::HashSet;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 use trainer::init::random_weights;
+use trainer::model::{chunked_token_loss, token_loss};
 use trainer::rng::Rng;
 use trainer::{LoraConfig, Model, ModelConfig};
 
@@ -135,10 +137,59 @@ fn qwen2_gradients_match_finite_differences_with_biases_and_tied_embeddings() ->
     check_gradients("Qwen2ForCausalLM", true)
 }
 
+/// The chunked loss gives the loss and the LoRA gradients of `token_loss` over the whole
+/// logits, whatever the chunk size: one token, a chunk that does not divide the batch's
+/// 12 tokens, exactly all of them, more than all of them.
+#[test]
+fn the_chunked_loss_equals_the_loss_over_all_logits() -> Result<()> {
+    let fixture = fixture("Qwen2ForCausalLM", true)?;
+    let model = &fixture.model;
+    let logits = model.forward(&fixture.input_ids, Some(&fixture.attention_mask), None)?;
+    let reference = token_loss(&logits, &fixture.targets, &fixture.loss_mask)?;
+    let reference_grads = reference.backward()?;
+    let reference = reference.to_scalar::<f64>()?;
+    for chunk_tokens in [1, 5, 12, 100] {
+        let hidden =
+            model.hidden_states(&fixture.input_ids, Some(&fixture.attention_mask), None)?;
+        let loss = chunked_token_loss(
+            &hidden,
+            model.lm_head(),
+            &fixture.targets,
+            &fixture.loss_mask,
+            chunk_tokens,
+        )?;
+        let grads = loss.backward()?;
+        let loss = loss.to_scalar::<f64>()?;
+        assert!(
+            (loss - reference).abs() < 1e-12,
+            "chunks of {chunk_tokens}: loss {loss} vs {reference}"
+        );
+        for (name, parameter) in model.lora_parameters() {
+            let expected: Vec<f64> = reference_grads
+                .get(&parameter)
+                .expect("reference gradient")
+                .flatten_all()?
+                .to_vec1()?;
+            let actual: Vec<f64> = grads
+                .get(&parameter)
+                .expect("chunked gradient")
+                .flatten_all()?
+                .to_vec1()?;
+            for (a, e) in actual.iter().zip(&expected) {
+                assert!(
+                    (a - e).abs() <= 1e-12 * e.abs().max(1.0),
+                    "chunks of {chunk_tokens}: {name}: {a} vs {e}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// After backward, the gradient store holds the LoRA parameters' gradients and, besides
 /// them, only activation-shaped leftovers from the first layer (where the input is the
-/// constant embedding output, candle's `add` still hands the constant side a gradient).
-/// No frozen weight has a gradient computed or kept.
+/// constant embedding output, candle's `add` still hands the constant side a gradient)
+/// and the loss's own scalars. No frozen weight has a gradient computed or kept.
 #[test]
 fn frozen_weights_get_no_gradient() -> Result<()> {
     let fixture = fixture("LlamaForCausalLM", false)?;
@@ -154,7 +205,9 @@ fn frozen_weights_get_no_gradient() -> Result<()> {
     let (batch, len) = fixture.input_ids.dims2()?;
     for id in kept.difference(&lora) {
         let dims = grads.get_id(*id).expect("kept").dims().to_vec();
-        let activation = dims.starts_with(&[batch, len]) || dims.first() == Some(&(batch * len));
+        let activation = dims.starts_with(&[batch, len])
+            || dims.first() == Some(&(batch * len))
+            || dims.is_empty();
         assert!(
             activation,
             "a gradient of shape {dims:?} is kept: a frozen weight's?"

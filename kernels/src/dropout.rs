@@ -1,0 +1,288 @@
+//! Dropout with counter-based masks: entry `i` of a stream is kept when a SplitMix64 hash
+//! of `stream + i·φ` falls below `keep`, a pure function of (stream, index). The mask is
+//! drawn where the tensor lives (the same bits on the CPU and in the CUDA kernel), is
+//! never stored, and the backward pass draws it again.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// The 64-bit golden ratio, SplitMix64's increment.
+pub const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's output function (Steele, Lea, Flood 2014): a bijective mix of 64 bits.
+pub fn splitmix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// `x ⊙ mask` with the mask of `stream` (see [`mask`]): each entry is kept, scaled by
+/// `1 / keep`, with probability `keep`, else zeroed. f32, f64 and bf16 (computed in
+/// f32 and rounded to nearest even, on either device).
+pub fn dropout(x: &Tensor, stream: u64, keep: f64) -> Result<Tensor> {
+    if !(keep > 0.0 && keep <= 1.0) {
+        candle_core::bail!("dropout: keep probability {keep} is not in (0, 1]");
+    }
+    x.contiguous()?.apply_op1(Dropout { stream, keep })
+}
+
+/// The first `count` multipliers of `stream`: `1 / keep` or 0. What [`dropout`] applies.
+pub fn mask(stream: u64, count: usize, keep: f64) -> Vec<f32> {
+    let rule = Rule::new(stream, keep);
+    (0..count as u64)
+        .map(|index| {
+            if rule.keeps(index) {
+                rule.scale as f32
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Dropout {
+    stream: u64,
+    keep: f64,
+}
+
+/// Which entries survive, in integers: a draw's top 53 bits `u` give the uniform
+/// `u / 2⁵³`, which is below `keep` exactly when `u < ⌈keep · 2⁵³⌉`.
+#[derive(Debug, Clone, Copy)]
+struct Rule {
+    stream: u64,
+    threshold: u64,
+    scale: f64,
+}
+
+impl Rule {
+    fn new(stream: u64, keep: f64) -> Rule {
+        Rule {
+            stream,
+            threshold: (keep * (1u64 << 53) as f64).ceil() as u64,
+            scale: 1.0 / keep,
+        }
+    }
+
+    fn keeps(&self, index: u64) -> bool {
+        splitmix64(self.stream.wrapping_add(index.wrapping_mul(GOLDEN))) >> 11 < self.threshold
+    }
+}
+
+fn apply<T, U>(input: &[T], rule: Rule, multiply: U) -> Vec<T>
+where
+    T: Copy + Send + Sync,
+    U: Fn(T, bool) -> T + Send + Sync,
+{
+    input
+        .par_iter()
+        .enumerate()
+        .with_min_len(1 << 14)
+        .map(|(index, x)| multiply(*x, rule.keeps(index as u64)))
+        .collect()
+}
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "counter-dropout"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("dropout: input is not contiguous".into()))?;
+        let rule = Rule::new(self.stream, self.keep);
+        let (scale, wide) = (rule.scale as f32, rule.scale);
+        let output = match storage {
+            CpuStorage::F32(data) => CpuStorage::F32(apply(&data[start..end], rule, |x, kept| {
+                x * if kept { scale } else { 0.0 }
+            })),
+            CpuStorage::F64(data) => CpuStorage::F64(apply(&data[start..end], rule, |x, kept| {
+                x * if kept { wide } else { 0.0 }
+            })),
+            CpuStorage::BF16(data) => {
+                CpuStorage::BF16(apply(&data[start..end], rule, |x, kept| {
+                    half::bf16::from_f32(x.to_f32() * if kept { scale } else { 0.0 })
+                }))
+            }
+            other => candle_core::bail!("dropout: {:?} is not supported", other.dtype()),
+        };
+        Ok((output, layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    #[allow(unsafe_code)]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+
+        use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
+        use candle_core::cuda_backend::CudaDType;
+        use candle_core::DType;
+
+        /// Launches `name` over the `T` entries `start..end` of `storage`.
+        fn launch<T: CudaDType + DeviceRepr>(
+            name: &str,
+            storage: &candle_core::CudaStorage,
+            (start, end): (usize, usize),
+            rule: Rule,
+        ) -> Result<candle_core::CudaStorage> {
+            let device = storage.device.clone();
+            let function =
+                device.get_or_load_custom_func(name, "trainer_kernels_dropout", &ptx()?)?;
+            let input = storage.as_cuda_slice::<T>()?.slice(start..end);
+            let count = (end - start) as u64;
+            // SAFETY: every entry is written by the kernel before it is read.
+            let output = unsafe { device.alloc::<T>(end - start)? };
+            let scale = rule.scale as f32;
+            let mut builder = function.builder();
+            builder.arg(&count);
+            builder.arg(&rule.stream);
+            builder.arg(&rule.threshold);
+            builder.arg(&scale);
+            builder.arg(&input);
+            builder.arg(&output);
+            // SAFETY: the kernel reads and writes `count` entries of `T`'s size.
+            unsafe { builder.launch(LaunchConfig::for_num_elems(count as u32)) }.w()?;
+            Ok(candle_core::CudaStorage::wrap_cuda_slice(output, device))
+        }
+
+        let range = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("dropout: input is not contiguous".into()))?;
+        let rule = Rule::new(self.stream, self.keep);
+        let output = match storage.dtype() {
+            DType::F32 => launch::<f32>("dropout_f32", storage, range, rule)?,
+            DType::BF16 => launch::<half::bf16>("dropout_bf16", storage, range, rule)?,
+            other => candle_core::bail!("dropout: {other:?} is not supported on CUDA"),
+        };
+        Ok((output, layout.shape().clone()))
+    }
+
+    /// The mask is its own derivative: the gradient is dropped out by the same stream.
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.contiguous()?.apply_op1(*self)?))
+    }
+}
+
+/// The CUDA kernel: the same hash and threshold as [`Rule::keeps`].
+#[cfg(feature = "cuda")]
+const SOURCE: &str = r#"
+__device__ unsigned long long splitmix64(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+__device__ float multiplier(unsigned long long stream, unsigned long long threshold,
+                            float scale, unsigned long long i) {
+    const unsigned long long draw = splitmix64(stream + i * 0x9E3779B97F4A7C15ULL);
+    return (draw >> 11) < threshold ? scale : 0.0f;
+}
+
+extern "C" __global__ void dropout_f32(
+    const unsigned long long n, const unsigned long long stream,
+    const unsigned long long threshold, const float scale, const float *x, float *y) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+         i < n; i += (unsigned long long)blockDim.x * gridDim.x) {
+        y[i] = x[i] * multiplier(stream, threshold, scale, i);
+    }
+}
+
+/* bf16 as its bits: widened to f32 exactly, and rounded back to nearest even (as the
+   `half` crate does on the CPU), so no header is needed. */
+extern "C" __global__ void dropout_bf16(
+    const unsigned long long n, const unsigned long long stream,
+    const unsigned long long threshold, const float scale, const unsigned short *x,
+    unsigned short *y) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+         i < n; i += (unsigned long long)blockDim.x * gridDim.x) {
+        const float value = __uint_as_float(((unsigned int)x[i]) << 16)
+            * multiplier(stream, threshold, scale, i);
+        const unsigned int bits = __float_as_uint(value);
+        y[i] = value != value
+            ? (unsigned short)((bits >> 16) | 0x40)
+            : (unsigned short)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+    }
+}
+"#;
+
+#[cfg(feature = "cuda")]
+fn ptx() -> Result<String> {
+    static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
+        std::sync::OnceLock::new();
+    crate::cuda::compiled(&PTX, SOURCE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The integer threshold keeps exactly the entries whose uniform `u / 2⁵³` is below
+    /// `keep`, the floating-point rule it replaces.
+    #[test]
+    fn the_integer_rule_is_the_uniform_rule() {
+        for keep in [0.9, 0.5, 0.1, 1.0 / 3.0] {
+            let rule = Rule::new(77, keep);
+            for index in 0..20_000u64 {
+                let draw = splitmix64(77u64.wrapping_add(index.wrapping_mul(GOLDEN)));
+                let uniform = (draw >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+                assert_eq!(
+                    rule.keeps(index),
+                    uniform < keep,
+                    "keep {keep}, index {index}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_op_applies_the_mask_and_its_gradient_is_the_same_mask() -> Result<()> {
+        let device = Device::Cpu;
+        let values: Vec<f64> = (0..5_000).map(|i| 1.0 + i as f64).collect();
+        let x = candle_core::Var::from_vec(values.clone(), (50, 100), &device)?;
+        let y = dropout(x.as_tensor(), 1234, 0.8)?;
+        let expected = mask(1234, 5_000, 0.8);
+        let dropped: Vec<f64> = y.flatten_all()?.to_vec1()?;
+        for ((y, x), m) in dropped.iter().zip(&values).zip(&expected) {
+            assert!((y - x * f64::from(*m)).abs() <= 1e-9 * x, "{y} vs {x}·{m}");
+        }
+        let kept = expected.iter().filter(|m| **m > 0.0).count() as f64 / 5_000.0;
+        assert!((kept - 0.8).abs() < 0.03, "kept {kept}");
+        let gradient: Vec<f64> = y
+            .sum_all()?
+            .backward()?
+            .get(&x)
+            .expect("grad")
+            .flatten_all()?
+            .to_vec1()?;
+        for (g, m) in gradient.iter().zip(&expected) {
+            assert!((g - f64::from(*m)).abs() < 1e-6, "{g} vs {m}");
+        }
+        assert_eq!(y.dtype(), candle_core::DType::F64);
+        Ok(())
+    }
+
+    /// bf16 takes the same mask, the product rounded once.
+    #[test]
+    fn bf16_takes_the_same_mask() -> Result<()> {
+        let device = Device::Cpu;
+        let values: Vec<f32> = (0..4_096).map(|i| 0.5 + i as f32 / 7.0).collect();
+        let x = Tensor::from_vec(values.clone(), 4_096, &device)?;
+        let wide: Vec<f32> = dropout(&x, 99, 0.7)?.to_vec1()?;
+        let narrow: Vec<f32> = dropout(&x.to_dtype(candle_core::DType::BF16)?, 99, 0.7)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1()?;
+        for ((w, n), x) in wide.iter().zip(&narrow).zip(&values) {
+            assert_eq!(*w == 0.0, *n == 0.0, "{x}: the same entries are dropped");
+            assert!((w - n).abs() <= w.abs() / 64.0, "{w} vs {n}");
+        }
+        Ok(())
+    }
+}
