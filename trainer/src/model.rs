@@ -517,7 +517,7 @@ impl Model {
             lengths = row_lengths(batch, len, attention_mask)?;
             Visibility::Lengths(&lengths)
         } else {
-            bias = attention_bias(batch, len, attention_mask, wide, device)?;
+            bias = attention_bias(0, len, len, attention_mask, wide, device)?;
             Visibility::Bias(&bias)
         };
         for layer in &self.layers {
@@ -549,12 +549,7 @@ impl Model {
         // New queries see every cached key and, among themselves, the earlier ones.
         let bias = if len > 1 {
             let past = cache.position;
-            let bias: Vec<f64> = (0..len)
-                .flat_map(|q| {
-                    (0..past + len).map(move |k| if k <= past + q { 0.0 } else { MASKED })
-                })
-                .collect();
-            Some(Tensor::from_vec(bias, (1, 1, len, past + len), device)?.to_dtype(wide)?)
+            Some(attention_bias(past, len, past + len, None, wide, device)?)
         } else {
             None
         };
@@ -614,8 +609,6 @@ impl Model {
     }
 }
 
-/// Additive attention bias (batch, 1, len, len): 0 where a query may attend a key (causal,
-/// and the key is not padding), [`MASKED`] elsewhere.
 /// Which keys each query may see.
 enum Visibility<'a> {
     /// Causal, within each row's real length (right padding): the attention op.
@@ -639,26 +632,33 @@ fn row_lengths(batch: usize, len: usize, attention_mask: Option<&Tensor>) -> Res
     }
 }
 
+/// Additive attention bias (batch or 1, 1, queries, keys) for queries at positions
+/// `first_query..first_query + queries` over keys `0..keys`: 0 where the key is not later
+/// than the query and is not padding (`attention_mask`, batch × keys), [`MASKED`]
+/// elsewhere. Built on the device from positions, so no L² tensor crosses from the host.
 fn attention_bias(
-    batch: usize,
-    len: usize,
+    first_query: usize,
+    queries: usize,
+    keys: usize,
     attention_mask: Option<&Tensor>,
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
-    let keep: Option<Vec<Vec<u32>>> = attention_mask
-        .map(|m| m.to_dtype(DType::U32)?.to_vec2())
-        .transpose()?;
-    let mut bias = Vec::with_capacity(batch * len * len);
-    for b in 0..batch {
-        for query in 0..len {
-            for key in 0..len {
-                let visible = key <= query && keep.as_ref().is_none_or(|k| k[b][key] != 0);
-                bias.push(if visible { 0.0 } else { MASKED });
-            }
-        }
+    let key_positions = Tensor::arange(0u32, keys as u32, device)?.reshape((1, keys))?;
+    let query_positions =
+        Tensor::arange(first_query as u32, (first_query + queries) as u32, device)?
+            .reshape((queries, 1))?;
+    let mut visible = key_positions
+        .broadcast_le(&query_positions)?
+        .to_dtype(dtype)?
+        .reshape((1, 1, queries, keys))?;
+    if let Some(mask) = attention_mask {
+        let batch = mask.dim(0)?;
+        let real = mask.to_dtype(DType::F32)?.ne(0.0)?.to_dtype(dtype)?;
+        visible = visible.broadcast_mul(&real.reshape((batch, 1, 1, keys))?)?;
     }
-    Tensor::from_vec(bias, (batch, 1, len, len), device)?.to_dtype(dtype)
+    // 1 ↦ 0 and 0 ↦ MASKED, exactly.
+    visible.affine(-MASKED, MASKED)
 }
 
 /// Token-weighted mean cross-entropy over the positions where `mask` is 1.
@@ -751,4 +751,38 @@ pub fn chunked_token_loss(
     let carrier = frozen::scale(&flat, &gradient)?.sum_all()?.to_dtype(wide)?;
     let zero = (&carrier - carrier.detach())?;
     loss.detach() + zero
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bias built on the device from positions: causal, padding hidden, and for cached
+    /// generation every earlier key visible.
+    #[test]
+    fn the_attention_bias_is_causal_and_hides_padding() -> Result<()> {
+        let device = Device::Cpu;
+        let mask = Tensor::new(&[[1u32, 1, 1, 1], [1, 1, 0, 0]], &device)?;
+        let bias: Vec<Vec<Vec<f32>>> = attention_bias(0, 4, 4, Some(&mask), DType::F32, &device)?
+            .squeeze(1)?
+            .to_vec3()?;
+        let lengths = [4, 2];
+        for (b, length) in lengths.iter().enumerate() {
+            for query in 0..4 {
+                for key in 0..4 {
+                    let visible = key <= query && key < *length;
+                    let expected = if visible { 0.0 } else { MASKED as f32 };
+                    assert_eq!(bias[b][query][key], expected, "row {b}, {query} → {key}");
+                }
+            }
+        }
+        // Two new queries after three cached positions see keys 0..=3 and 0..=4.
+        let cached: Vec<Vec<f32>> = attention_bias(3, 2, 5, None, DType::F32, &device)?
+            .squeeze(0)?
+            .squeeze(0)?
+            .to_vec2()?;
+        let masked = MASKED as f32;
+        assert_eq!(cached, vec![vec![0.0, 0.0, 0.0, 0.0, masked], vec![0.0; 5]]);
+        Ok(())
+    }
 }
