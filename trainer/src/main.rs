@@ -11,6 +11,12 @@ use trainer::train::{
     train, Control, DeviceChoice, Observer, Precision, Stage, StepMetrics, TrainOptions,
 };
 
+/// Every op allocates its output, and freed tensors go back to the system under glibc's
+/// malloc, so each step page-faults its activations in again (and flushes TLBs across
+/// threads); mimalloc keeps and reuses them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// LoRA fine-tuning of Llama-family models on chat data.
 #[derive(Parser)]
 #[command(version)]

@@ -767,12 +767,12 @@ mod tests {
             .squeeze(1)?
             .to_vec3()?;
         let lengths = [4, 2];
-        for (b, length) in lengths.iter().enumerate() {
-            for query in 0..4 {
-                for key in 0..4 {
-                    let visible = key <= query && key < *length;
+        for (row, length) in bias.iter().zip(lengths) {
+            for (query, keys) in row.iter().enumerate() {
+                for (key, value) in keys.iter().enumerate() {
+                    let visible = key <= query && key < length;
                     let expected = if visible { 0.0 } else { MASKED as f32 };
-                    assert_eq!(bias[b][query][key], expected, "row {b}, {query} → {key}");
+                    assert_eq!(*value, expected, "length {length}, {query} → {key}");
                 }
             }
         }
