@@ -10,6 +10,8 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::real::{values, Real};
+
 /// `softmax(q·kᵀ·scale + causal and padding mask)·v` for q (B, H, L, D) and k, v
 /// (B, KV, L, D), H a multiple of KV; `lengths[b]` keys of row b are real.
 pub fn causal_attention(
@@ -30,48 +32,6 @@ pub fn causal_attention(
 struct CausalAttention {
     lengths: Vec<usize>,
     scale: f64,
-}
-
-/// The float arithmetic the op needs, for f32 and f64.
-trait Real:
-    Copy
-    + Send
-    + Sync
-    + Default
-    + PartialOrd
-    + std::ops::Add<Output = Self>
-    + std::ops::Sub<Output = Self>
-    + std::ops::Mul<Output = Self>
-    + std::ops::Div<Output = Self>
-    + std::ops::AddAssign
-{
-    fn of(x: f64) -> Self;
-    fn exp(self) -> Self;
-    fn ln(self) -> Self;
-}
-
-impl Real for f32 {
-    fn of(x: f64) -> f32 {
-        x as f32
-    }
-    fn exp(self) -> f32 {
-        f32::exp(self)
-    }
-    fn ln(self) -> f32 {
-        f32::ln(self)
-    }
-}
-
-impl Real for f64 {
-    fn of(x: f64) -> f64 {
-        x
-    }
-    fn exp(self) -> f64 {
-        f64::exp(self)
-    }
-    fn ln(self) -> f64 {
-        f64::ln(self)
-    }
 }
 
 fn dot<T: Real>(a: &[T], b: &[T]) -> T {
@@ -227,19 +187,13 @@ impl CausalAttention {
 impl CausalAttention {
     /// The backward on tensors of element type `T`: q, k, v, the output and its gradient
     /// read flat, the gradients of q, k and v built in the same shapes.
-    fn gradients<T: Real + candle_core::WithDType>(
+    fn gradients<T: Real>(
         &self,
         dims: Dims,
         [q, k, v, out, grad]: [&Tensor; 5],
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let read = |t: &Tensor| {
-            t.contiguous()?
-                .flatten_all()?
-                .to_dtype(T::DTYPE)?
-                .to_vec1::<T>()
-        };
-        let (q_data, k_data, v_data) = (read(q)?, read(k)?, read(v)?);
-        let (out, grad) = (read(out)?, read(grad)?);
+        let (q_data, k_data, v_data) = (values(q)?, values(k)?, values(v)?);
+        let (out, grad) = (values(out)?, values(grad)?);
         let saved = Saved {
             q: &q_data,
             k: &k_data,

@@ -7,7 +7,12 @@ pub mod attention;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod dropout;
+mod real;
+pub mod rms_norm;
+pub mod swiglu;
 
 pub use adamw::{adamw_step, AdamWStep};
 pub use attention::causal_attention;
 pub use dropout::dropout;
+pub use rms_norm::rms_norm;
+pub use swiglu::swiglu;

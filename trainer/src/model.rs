@@ -73,6 +73,12 @@ impl Projection {
     }
 }
 
+/// Whether `x` takes the fused ops of `trainer-kernels` (RMSNorm, SwiGLU, attention):
+/// their CPU implementations, in f32 or f64. Elsewhere the ops are composed.
+fn fused_on(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
 /// `x / sqrt(mean(x²) + eps) · weight`, normalised in f32 or wider.
 struct RmsNorm {
     weight: Tensor,
@@ -88,6 +94,9 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fused_on(x) {
+            return trainer_kernels::rms_norm(x, &self.weight, self.eps);
+        }
         let dtype = x.dtype();
         let wide = if dtype == DType::F64 {
             DType::F64
@@ -366,9 +375,14 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, dropout: Option<DropoutKey>) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, dropout)?.silu()?;
+        let gate = self.gate_proj.forward(x, dropout)?;
         let up = self.up_proj.forward(x, dropout)?;
-        self.down_proj.forward(&(gate * up)?, dropout)
+        let gated = if fused_on(&gate) {
+            trainer_kernels::swiglu(&gate, &up)?
+        } else {
+            (gate.silu()? * up)?
+        };
+        self.down_proj.forward(&gated, dropout)
     }
 }
 
@@ -513,7 +527,7 @@ impl Model {
         // On the CPU, attention is one op that needs no L² mask; elsewhere it is composed
         // from matmuls and a softmax over a causal and padding bias.
         let (bias, lengths);
-        let visibility = if device.is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        let visibility = if fused_on(&x) {
             lengths = row_lengths(batch, len, attention_mask)?;
             Visibility::Lengths(&lengths)
         } else {
