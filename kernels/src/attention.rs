@@ -24,6 +24,7 @@ pub fn causal_attention(
     let op = CausalAttention {
         lengths: lengths.to_vec(),
         scale,
+        logsumexp: std::sync::Mutex::new(None),
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
@@ -32,12 +33,28 @@ pub fn causal_attention(
 struct CausalAttention {
     lengths: Vec<usize>,
     scale: f64,
+    /// Each query row's logsumexp (B·H·L numbers), kept by the forward pass so the
+    /// backward recomputes the probabilities without a pass to find them; `-inf` for a
+    /// row that sees no key.
+    logsumexp: std::sync::Mutex<Option<Vec<f64>>>,
 }
 
+/// `Σ aᵢbᵢ` in eight independent partial sums, so the compiler can keep them in one SIMD
+/// register (a single running sum is a chain it may not reorder).
 fn dot<T: Real>(a: &[T], b: &[T]) -> T {
-    a.iter()
-        .zip(b)
-        .fold(T::default(), |sum, (x, y)| sum + *x * *y)
+    let (a_lanes, b_lanes) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail = a_lanes
+        .remainder()
+        .iter()
+        .zip(b_lanes.remainder())
+        .fold(T::default(), |sum, (x, y)| sum + *x * *y);
+    let mut partial = [T::default(); 8];
+    for (x, y) in a_lanes.zip(b_lanes) {
+        for ((p, x), y) in partial.iter_mut().zip(x).zip(y) {
+            *p += *x * *y;
+        }
+    }
+    partial.iter().fold(tail, |sum, p| sum + *p)
 }
 
 /// The sizes of one call: query heads, key/value heads, length, head dim (the batch is
@@ -99,9 +116,9 @@ impl CausalAttention {
                 } else {
                     (max - score).exp()
                 };
-                sum = sum * correction;
+                sum *= correction;
                 if let Some(out) = out.as_deref_mut() {
-                    out.iter_mut().for_each(|o| *o = *o * correction);
+                    out.iter_mut().for_each(|o| *o *= correction);
                 }
                 max = score;
                 T::of(1.0)
@@ -116,24 +133,48 @@ impl CausalAttention {
         }
         if let Some(out) = out {
             if sum > T::default() {
-                out.iter_mut().for_each(|o| *o = *o / sum);
+                out.iter_mut().for_each(|o| *o /= sum);
             }
         }
         (max, sum)
     }
 
-    /// One task per (row, head): their outputs are disjoint.
+    /// One task per (row, head): their outputs are disjoint. Keeps the rows' logsumexp.
     fn forward<T: Real>(&self, dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
         let mut out = vec![T::default(); q.len()];
+        let mut logsumexp = vec![f64::NEG_INFINITY; q.len() / dims.dim.max(1)];
         out.par_chunks_mut(dims.len * dims.dim)
+            .zip(logsumexp.par_chunks_mut(dims.len))
             .enumerate()
-            .for_each(|(row_head, chunk)| {
+            .for_each(|(row_head, (chunk, logsumexp))| {
                 let (b, h) = (row_head / dims.heads, row_head % dims.heads);
-                for (i, out_row) in chunk.chunks_mut(dims.dim).enumerate() {
-                    self.softmax_row(dims, (q, k, v), (b, h, i), Some(out_row));
+                for (i, (out_row, lse)) in chunk.chunks_mut(dims.dim).zip(logsumexp).enumerate() {
+                    let (max, sum) = self.softmax_row(dims, (q, k, v), (b, h, i), Some(out_row));
+                    if sum > T::default() {
+                        *lse = (max + sum.ln()).to_f64();
+                    }
                 }
             });
+        if let Ok(mut kept) = self.logsumexp.lock() {
+            *kept = Some(logsumexp);
+        }
         out
+    }
+
+    /// Row `(b, h, i)`'s logsumexp: kept by the forward pass, else recomputed.
+    fn row_logsumexp<T: Real>(
+        &self,
+        dims: Dims,
+        kept: Option<&[f64]>,
+        (q, k, v): (&[T], &[T], &[T]),
+        (b, h, i): (usize, usize, usize),
+    ) -> Option<T> {
+        if let Some(kept) = kept {
+            let lse = kept[(b * dims.heads + h) * dims.len + i];
+            return lse.is_finite().then(|| T::of(lse));
+        }
+        let (max, sum) = self.softmax_row(dims, (q, k, v), (b, h, i), None);
+        (sum > T::default()).then(|| max + sum.ln())
     }
 
     /// Gradients of q, k and v, recomputing each probability from the row's logsumexp.
@@ -147,6 +188,10 @@ impl CausalAttention {
             vec![T::default(); v.len()],
         );
         let scale = T::of(self.scale);
+        let kept = self.logsumexp.lock().ok().and_then(|mut kept| kept.take());
+        let kept = kept
+            .as_deref()
+            .filter(|kept| kept.len() == q.len() / dims.dim.max(1));
         let (group, block) = (dims.heads / dims.kv_heads, dims.len * dims.dim);
         dq.par_chunks_mut(group * block)
             .zip(dk.par_chunks_mut(block))
@@ -157,11 +202,10 @@ impl CausalAttention {
                 for member in 0..group {
                     let h = kvh * group + member;
                     for i in 0..dims.len {
-                        let (max, sum) = self.softmax_row(dims, (q, k, v), (b, h, i), None);
-                        if sum <= T::default() {
+                        let Some(logsumexp) = self.row_logsumexp(dims, kept, (q, k, v), (b, h, i))
+                        else {
                             continue;
-                        }
-                        let logsumexp = max + sum.ln();
+                        };
                         let row = dims.row(dims.heads, b, h, i);
                         let (q_row, g_row) = (&q[row.clone()], &grad[row.clone()]);
                         let delta = dot(g_row, &out[row]);
