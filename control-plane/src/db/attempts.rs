@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::events::{insert_event, Event};
 use super::jobs::Job;
-use super::metrics::{insert_metric, MetricPoint};
+use super::metrics::MetricPoint;
 use super::{on_pool, BeginWrite, Db, DbError};
 use crate::domain::{AgentStatus, AttemptStatus, GpuType, JobStatus};
 
@@ -170,6 +170,10 @@ pub struct ReportOutcome {
 
 /// Stores a batch of an attempt's reports: metrics (one per step), events (one per
 /// idempotency key), and the job's progress while the attempt's agent still trains it.
+/// Metric rows per INSERT: 13 parameters each, well under SQLite's 32,766 (and
+/// PostgreSQL's 65,535) bound parameters per statement.
+const METRIC_ROWS_PER_INSERT: usize = 1_000;
+
 pub async fn record_reports(
     db: &Db,
     attempt: &Attempt,
@@ -181,14 +185,43 @@ pub async fn record_reports(
     Ok(on_pool!(db, pool => {
         let mut tx = pool.begin_write().await?;
         let mut outcome = ReportOutcome { accepted: 0, job: None, new_metrics: Vec::new(), new_events: Vec::new() };
-        for point in metrics {
-            let inserted = insert_metric!(attempt.job_id, Some(attempt.id), point)
-                .execute(&mut *tx)
+        // One multi-row INSERT per chunk, not one per step; RETURNING names the steps that
+        // were new (a resent step conflicts and is skipped), and within a batch the first
+        // point of a step is the one stored.
+        for chunk in metrics.chunks(METRIC_ROWS_PER_INSERT) {
+            let mut insert = sqlx::QueryBuilder::new(
+                "INSERT INTO training_metrics (id, job_id, attempt_id, step, epoch, training_loss,
+                     validation_loss, learning_rate, grad_norm, tokens_per_second, gpu_utilization,
+                     memory_used_gb, recorded_at) ",
+            );
+            insert.push_values(chunk, |mut row, point| {
+                row.push_bind(Uuid::new_v4())
+                    .push_bind(attempt.job_id)
+                    .push_bind(Some(attempt.id))
+                    .push_bind(point.step)
+                    .push_bind(point.epoch)
+                    .push_bind(point.training_loss)
+                    .push_bind(point.validation_loss)
+                    .push_bind(point.learning_rate)
+                    .push_bind(point.grad_norm)
+                    .push_bind(point.tokens_per_second)
+                    .push_bind(point.gpu_utilization)
+                    .push_bind(point.memory_used_gb)
+                    .push_bind(point.recorded_at);
+            });
+            insert.push(" ON CONFLICT (job_id, step) DO NOTHING RETURNING step");
+            let stored: std::collections::HashSet<i64> = insert
+                .build_query_scalar::<i64>()
+                .fetch_all(&mut *tx)
                 .await?
-                .rows_affected();
-            if inserted == 1 {
-                outcome.accepted += 1;
-                outcome.new_metrics.push(point.clone());
+                .into_iter()
+                .collect();
+            let mut seen = std::collections::HashSet::new();
+            for point in chunk {
+                if stored.contains(&point.step) && seen.insert(point.step) {
+                    outcome.accepted += 1;
+                    outcome.new_metrics.push(point.clone());
+                }
             }
         }
         for event in events {

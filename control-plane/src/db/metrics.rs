@@ -52,7 +52,6 @@ macro_rules! insert_metric {
         .bind(point.recorded_at)
     }};
 }
-pub(crate) use insert_metric;
 
 /// Stores a point; returns false when that step was already recorded.
 pub async fn record(

@@ -177,10 +177,24 @@ async fn reports_and_uploads_are_idempotent_and_verified(backend: Backend) {
     // The same batch again (a lost reply, a restarted agent): nothing new is stored.
     let (_, reply) = app.agent_call(&secret, Method::POST, &path, batch).await;
     assert_eq!(reply["accepted"], 0);
+    // A batch overlapping the stored steps, with one step twice: only step 3 is new, once.
+    let overlapping = json!({"reports": [metric(2), metric(3), metric(3)]});
+    let (_, reply) = app
+        .agent_call(&secret, Method::POST, &path, overlapping)
+        .await;
+    assert_eq!(reply["accepted"], 1, "{reply}");
+    let (_, points) = json_of(app.get(&user, &format!("/api/v1/jobs/{job}/metrics")).await).await;
+    let steps: Vec<i64> = points["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|p| p["step"].as_i64())
+        .collect();
+    assert_eq!(steps, [1, 2, 3], "{points}");
     let (_, view) = json_of(app.get(&user, &format!("/api/v1/jobs/{job}")).await).await;
     assert_eq!(view["status"], "training");
-    assert_eq!(view["current_step"], 2);
-    assert_eq!(view["progress_percentage"], 20);
+    assert_eq!(view["current_step"], 3);
+    assert_eq!(view["progress_percentage"], 30);
     assert_eq!(view["current_metrics"]["gpu_utilization"], 80);
     let (_, events) = json_of(
         app.get(
