@@ -83,23 +83,42 @@ impl LiveUpdates {
     }
 
     pub async fn publish(&self, update: JobUpdate) {
+        self.publish_all(vec![update]).await;
+    }
+
+    /// Publishes `updates` in order. On PostgreSQL they go out as one statement, so a
+    /// report batch costs one write transaction however many points it carries.
+    pub async fn publish_all(&self, updates: Vec<JobUpdate>) {
         match &self.db {
             crate::db::Db::Sqlite(_) => {
-                // No subscriber is not an error.
-                let _ = self.sender.send(update);
+                for update in updates {
+                    // No subscriber is not an error.
+                    let _ = self.sender.send(update);
+                }
             }
             crate::db::Db::Postgres(pool) => {
-                let payload = match serde_json::to_string(&update) {
-                    Ok(text) if text.len() <= MAX_NOTIFY_BYTES => text,
-                    _ => serde_json::to_string(&update.slimmed()).unwrap_or_default(),
-                };
-                if let Err(error) = sqlx::query("SELECT pg_notify($1, $2)")
-                    .bind(CHANNEL)
-                    .bind(payload)
-                    .execute(pool)
-                    .await
+                if updates.is_empty() {
+                    return;
+                }
+                let payloads: Vec<String> = updates
+                    .into_iter()
+                    .map(|update| match serde_json::to_string(&update) {
+                        Ok(text) if text.len() <= MAX_NOTIFY_BYTES => text,
+                        _ => serde_json::to_string(&update.slimmed()).unwrap_or_default(),
+                    })
+                    .collect();
+                // `WITH ORDINALITY … ORDER BY` keeps the notifications in the given order.
+                if let Err(error) = sqlx::query(
+                    "SELECT pg_notify($1, payload)
+                     FROM unnest($2::text[]) WITH ORDINALITY AS batch(payload, position)
+                     ORDER BY position",
+                )
+                .bind(CHANNEL)
+                .bind(payloads)
+                .execute(pool)
+                .await
                 {
-                    tracing::warn!(%error, "could not publish a live update");
+                    tracing::warn!(%error, "could not publish live updates");
                 }
             }
         }

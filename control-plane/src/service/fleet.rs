@@ -278,29 +278,28 @@ pub async fn reports(
     };
     let outcome =
         attempts::record_reports(&state.db, &attempt, &metrics, &events, &progress).await?;
+    let mut updates = Vec::with_capacity(1 + outcome.new_metrics.len() + outcome.new_events.len());
     if let Some(job) = outcome.job {
-        state
-            .live
-            .publish(JobUpdate::Status { job: Box::new(job) })
-            .await;
+        updates.push(JobUpdate::Status { job: Box::new(job) });
     }
-    for point in outcome.new_metrics {
-        state
-            .live
-            .publish(JobUpdate::Metrics {
+    updates.extend(
+        outcome
+            .new_metrics
+            .into_iter()
+            .map(|point| JobUpdate::Metrics {
                 job_id: attempt.job_id,
                 point: Box::new(point),
-            })
-            .await;
-    }
-    for event in outcome.new_events {
-        state
-            .live
-            .publish(JobUpdate::Event {
+            }),
+    );
+    updates.extend(
+        outcome
+            .new_events
+            .into_iter()
+            .map(|event| JobUpdate::Event {
                 event: Box::new(event),
-            })
-            .await;
-    }
+            }),
+    );
+    state.live.publish_all(updates).await;
     Ok(ReportReply {
         accepted: outcome.accepted,
         stop_attempt: false,
