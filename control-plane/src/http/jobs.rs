@@ -129,6 +129,17 @@ struct MetricParams {
     limit: Option<i64>,
     /// Keep every n-th step (and the last), default 1.
     interval: Option<i64>,
+    /// `rows` (default): one object per step under `data`; `columns`: one array per metric
+    /// under `columns`, index-aligned with `columns.step` (a third of the bytes for charts).
+    format: Option<MetricFormat>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum MetricFormat {
+    #[default]
+    Rows,
+    Columns,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -136,17 +147,68 @@ struct MetricList {
     data: Vec<MetricPoint>,
 }
 
+/// A job's metrics as one array per field, index-aligned.
+#[derive(Serialize, ToSchema)]
+struct MetricColumns {
+    step: Vec<i64>,
+    epoch: Vec<Option<i64>>,
+    training_loss: Vec<Option<f64>>,
+    validation_loss: Vec<Option<f64>>,
+    learning_rate: Vec<Option<f64>>,
+    grad_norm: Vec<Option<f64>>,
+    tokens_per_second: Vec<Option<f64>>,
+    gpu_utilization: Vec<Option<i64>>,
+    memory_used_gb: Vec<Option<f64>>,
+    recorded_at: Vec<chrono::DateTime<chrono::Utc>>,
+}
+
+impl From<Vec<MetricPoint>> for MetricColumns {
+    fn from(points: Vec<MetricPoint>) -> MetricColumns {
+        let column = |f: fn(&MetricPoint) -> Option<f64>| points.iter().map(f).collect();
+        MetricColumns {
+            step: points.iter().map(|p| p.step).collect(),
+            epoch: points.iter().map(|p| p.epoch).collect(),
+            training_loss: column(|p| p.training_loss),
+            validation_loss: column(|p| p.validation_loss),
+            learning_rate: column(|p| p.learning_rate),
+            grad_norm: column(|p| p.grad_norm),
+            tokens_per_second: column(|p| p.tokens_per_second),
+            gpu_utilization: points.iter().map(|p| p.gpu_utilization).collect(),
+            memory_used_gb: column(|p| p.memory_used_gb),
+            recorded_at: points.iter().map(|p| p.recorded_at).collect(),
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+struct MetricTable {
+    columns: MetricColumns,
+}
+
+/// The history in the form asked for.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+enum MetricHistory {
+    Rows(MetricList),
+    Columns(MetricTable),
+}
+
 /// A job's per-step metrics, oldest first.
 #[utoipa::path(get, path = "/jobs/{id}/metrics", tag = "jobs", params(("id" = Uuid, Path), MetricParams),
-    responses((status = 200, body = MetricList), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 200, body = MetricHistory), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn metric_history(
     State(state): State<AppState>,
     user: CurrentUser,
     ApiPath(id): ApiPath<Uuid>,
     ApiQuery(params): ApiQuery<MetricParams>,
-) -> ServiceResult<Json<MetricList>> {
+) -> ServiceResult<Json<MetricHistory>> {
     let data = job::metric_history(&state, &user, id, params.limit, params.interval).await?;
-    Ok(Json(MetricList { data }))
+    Ok(Json(match params.format.unwrap_or_default() {
+        MetricFormat::Rows => MetricHistory::Rows(MetricList { data }),
+        MetricFormat::Columns => MetricHistory::Columns(MetricTable {
+            columns: data.into(),
+        }),
+    }))
 }
 
 /// A job's latest metrics point.

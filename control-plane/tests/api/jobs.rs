@@ -362,6 +362,25 @@ async fn metrics_are_read_back_sampled_and_latest(backend: Backend) {
         .filter_map(|p| p["step"].as_i64())
         .collect();
     assert_eq!(steps, [10, 20, 25]);
+    let (_, columns) = json_of(
+        app.get(&user, &format!("{path}/metrics?interval=10&format=columns"))
+            .await,
+    )
+    .await;
+    assert_eq!(columns["columns"]["step"], json!([10, 20, 25]), "{columns}");
+    for (name, series) in columns["columns"].as_object().expect("columns") {
+        assert_eq!(series.as_array().map(Vec::len), Some(3), "{name}");
+    }
+    assert_eq!(
+        columns["columns"]["gpu_utilization"][2],
+        sampled["data"][2]["gpu_utilization"]
+    );
+    let (status, refused) = json_of(
+        app.get(&user, &format!("{path}/metrics?format=parquet"))
+            .await,
+    )
+    .await;
+    assert!(status.is_client_error(), "{status}: {refused}");
     let (_, limited) = json_of(app.get(&user, &format!("{path}/metrics?limit=5")).await).await;
     assert_eq!(limited["data"].as_array().map(Vec::len), Some(5));
     let (_, latest) = json_of(app.get(&user, &format!("{path}/metrics/latest")).await).await;
