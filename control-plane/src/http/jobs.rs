@@ -190,7 +190,7 @@ struct MetricTable {
 #[serde(untagged)]
 enum MetricHistory {
     Rows(MetricList),
-    Columns(MetricTable),
+    Columns(Box<MetricTable>),
 }
 
 /// A job's per-step metrics, oldest first.
@@ -205,9 +205,9 @@ async fn metric_history(
     let data = job::metric_history(&state, &user, id, params.limit, params.interval).await?;
     Ok(Json(match params.format.unwrap_or_default() {
         MetricFormat::Rows => MetricHistory::Rows(MetricList { data }),
-        MetricFormat::Columns => MetricHistory::Columns(MetricTable {
+        MetricFormat::Columns => MetricHistory::Columns(Box::new(MetricTable {
             columns: data.into(),
-        }),
+        })),
     }))
 }
 
