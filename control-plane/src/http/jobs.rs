@@ -131,6 +131,7 @@ struct MetricParams {
     interval: Option<i64>,
     /// `rows` (default): one object per step under `data`; `columns`: one array per metric
     /// under `columns`, index-aligned with `columns.step` (a third of the bytes for charts).
+    #[param(inline)]
     format: Option<MetricFormat>,
 }
 
