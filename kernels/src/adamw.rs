@@ -134,8 +134,11 @@ impl InplaceOp3 for Update {
 
         let n = gradient_layout.shape().elem_count();
         let device = state.device.clone();
-        let function =
-            device.get_or_load_custom_func("adamw_f32", "trainer_kernels_adamw", &ptx()?)?;
+        let function = device.get_or_load_custom_func(
+            "adamw_f32",
+            "trainer_kernels_adamw",
+            &PROGRAM.ptx()?,
+        )?;
         let gradient = gradient
             .as_cuda_slice::<f32>()?
             .slice(gradient_layout.start_offset()..);
@@ -185,11 +188,7 @@ extern "C" __global__ void adamw_f32(
 "#;
 
 #[cfg(feature = "cuda")]
-fn ptx() -> Result<String> {
-    static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
-        std::sync::OnceLock::new();
-    crate::cuda::compiled(&PTX, SOURCE)
-}
+static PROGRAM: crate::cuda::Program = crate::cuda::Program::new(SOURCE);
 
 #[cfg(test)]
 mod tests {

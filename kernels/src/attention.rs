@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::real::{values, Real};
+use crate::real::{contiguous, values, Real};
 
 /// `softmax(q·kᵀ·scale + causal and padding mask)·v` for q (B, H, L, D) and k, v
 /// (B, KV, L, D), H a multiple of KV; `lengths[b]` keys of row b are real.
@@ -272,13 +272,6 @@ struct Saved<'a, T> {
     grad: &'a [T],
 }
 
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("causal attention needs contiguous inputs"),
-    }
-}
-
 impl CustomOp3 for CausalAttention {
     fn name(&self) -> &'static str {
         "causal-attention"
@@ -299,17 +292,17 @@ impl CustomOp3 for CausalAttention {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
                 CpuStorage::F32(self.forward(
                     dims,
-                    contiguous(q, q_layout)?,
-                    contiguous(k, k_layout)?,
-                    contiguous(v, v_layout)?,
+                    contiguous(q, q_layout, "causal attention")?,
+                    contiguous(k, k_layout, "causal attention")?,
+                    contiguous(v, v_layout, "causal attention")?,
                 ))
             }
             (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
                 CpuStorage::F64(self.forward(
                     dims,
-                    contiguous(q, q_layout)?,
-                    contiguous(k, k_layout)?,
-                    contiguous(v, v_layout)?,
+                    contiguous(q, q_layout, "causal attention")?,
+                    contiguous(k, k_layout, "causal attention")?,
+                    contiguous(v, v_layout, "causal attention")?,
                 ))
             }
             _ => candle_core::bail!("causal attention on the CPU takes f32 or f64"),

@@ -134,7 +134,7 @@ impl CustomOp1 for Dropout {
         ) -> Result<candle_core::CudaStorage> {
             let device = storage.device.clone();
             let function =
-                device.get_or_load_custom_func(name, "trainer_kernels_dropout", &ptx()?)?;
+                device.get_or_load_custom_func(name, "trainer_kernels_dropout", &PROGRAM.ptx()?)?;
             let input = storage.as_cuda_slice::<T>()?.slice(start..end);
             let count = (end - start) as u64;
             // SAFETY: every entry is written by the kernel before it is read.
@@ -213,11 +213,7 @@ extern "C" __global__ void dropout_bf16(
 "#;
 
 #[cfg(feature = "cuda")]
-fn ptx() -> Result<String> {
-    static PTX: std::sync::OnceLock<std::result::Result<String, String>> =
-        std::sync::OnceLock::new();
-    crate::cuda::compiled(&PTX, SOURCE)
-}
+static PROGRAM: crate::cuda::Program = crate::cuda::Program::new(SOURCE);
 
 #[cfg(test)]
 mod tests {

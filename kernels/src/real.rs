@@ -1,4 +1,5 @@
-//! The float arithmetic the CPU implementations need, for f32 and f64.
+//! What the CPU implementations share: float arithmetic for f32 and f64, and reading
+//! their inputs.
 
 pub(crate) trait Real:
     Copy
@@ -49,4 +50,16 @@ pub(crate) fn values<T: Real>(tensor: &candle_core::Tensor) -> candle_core::Resu
         .flatten_all()?
         .to_dtype(T::DTYPE)?
         .to_vec1::<T>()
+}
+
+/// The entries of a contiguous input, or an error naming `op`.
+pub(crate) fn contiguous<'a, T>(
+    data: &'a [T],
+    layout: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op} needs contiguous inputs"),
+    }
 }

@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::real::{values, Real};
+use crate::real::{contiguous, values, Real};
 
 /// `x` (..., n) normalised over its last dimension and scaled by `weight` (n).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -60,13 +60,6 @@ impl RmsNorm {
     }
 }
 
-fn slice<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("rms norm needs contiguous inputs"),
-    }
-}
-
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "rms-norm"
@@ -84,12 +77,14 @@ impl CustomOp2 for RmsNorm {
             candle_core::bail!("rms norm: input {:?} for a scale of {n}", x_layout.dims());
         }
         let out = match (x, w) {
-            (CpuStorage::F32(x), CpuStorage::F32(w)) => {
-                CpuStorage::F32(self.forward(slice(x, x_layout)?, slice(w, w_layout)?))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(w)) => {
-                CpuStorage::F64(self.forward(slice(x, x_layout)?, slice(w, w_layout)?))
-            }
+            (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(self.forward(
+                contiguous(x, x_layout, "rms norm")?,
+                contiguous(w, w_layout, "rms norm")?,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(self.forward(
+                contiguous(x, x_layout, "rms norm")?,
+                contiguous(w, w_layout, "rms norm")?,
+            )),
             _ => candle_core::bail!("rms norm on the CPU takes f32 or f64"),
         };
         Ok((out, x_layout.shape().clone()))

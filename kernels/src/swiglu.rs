@@ -5,7 +5,7 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::real::{values, Real};
+use crate::real::{contiguous, values, Real};
 
 /// `silu(gate) ⊙ up` for two tensors of one shape.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -62,13 +62,6 @@ fn backward<T: Real>(gate: &[T], up: &[T], grad: &[T]) -> (Vec<T>, Vec<T>) {
     (d_gate, d_up)
 }
 
-fn slice<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("swiglu needs contiguous inputs"),
-    }
-}
-
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "swiglu"
@@ -82,12 +75,14 @@ impl CustomOp2 for SwiGlu {
         up_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let out = match (gate, up) {
-            (CpuStorage::F32(g), CpuStorage::F32(u)) => {
-                CpuStorage::F32(forward(slice(g, gate_layout)?, slice(u, up_layout)?))
-            }
-            (CpuStorage::F64(g), CpuStorage::F64(u)) => {
-                CpuStorage::F64(forward(slice(g, gate_layout)?, slice(u, up_layout)?))
-            }
+            (CpuStorage::F32(g), CpuStorage::F32(u)) => CpuStorage::F32(forward(
+                contiguous(g, gate_layout, "swiglu")?,
+                contiguous(u, up_layout, "swiglu")?,
+            )),
+            (CpuStorage::F64(g), CpuStorage::F64(u)) => CpuStorage::F64(forward(
+                contiguous(g, gate_layout, "swiglu")?,
+                contiguous(u, up_layout, "swiglu")?,
+            )),
             _ => candle_core::bail!("swiglu on the CPU takes f32 or f64"),
         };
         Ok((out, gate_layout.shape().clone()))
