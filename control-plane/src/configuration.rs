@@ -17,6 +17,7 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// `postgres://…` or `sqlite://…`; empty means SQLite at `<data_dir>/control-plane.db`.
     pub database_url: Option<String>,
+    pub database: DatabaseSettings,
     /// Lets anyone create an account with `POST /api/v1/auth/signup`.
     pub allow_signup: bool,
     /// Base URL users reach the server at, for links the API hands out.
@@ -29,6 +30,35 @@ pub struct Settings {
     pub enrichment: Enrichment,
     pub fleet: Fleet,
     pub storage: Storage,
+}
+
+/// How the database is used.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// SQLite's `synchronous` setting (the journal is always WAL). `full`: a commit is
+    /// on disk when it is acknowledged, and survives a power loss. `normal`: a commit
+    /// survives the process being killed, but the last ones before a power loss or OS
+    /// crash may be lost (the database stays consistent); fewer fsyncs.
+    pub sqlite_synchronous: SqliteSynchronous,
+    /// Most agent report batches one SQLite group commit takes together.
+    pub max_batches_per_commit: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SqliteSynchronous {
+    Full,
+    Normal,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        DatabaseSettings {
+            sqlite_synchronous: SqliteSynchronous::Full,
+            max_batches_per_commit: 64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -122,6 +152,7 @@ impl Default for Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("./data"),
             database_url: None,
+            database: DatabaseSettings::default(),
             allow_signup: false,
             public_url: None,
             gpu_catalog: None,

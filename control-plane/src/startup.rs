@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::configuration::Settings;
+use crate::db::report_writer::ReportWriter;
 use crate::db::Db;
 use crate::domain::GpuCatalog;
 use crate::enrichment::Enricher;
@@ -54,7 +55,7 @@ pub async fn open_database(settings: &Settings) -> Result<Db, StartupError> {
             source,
         })?;
     }
-    let db = Db::connect(&url).await?;
+    let db = Db::connect_with(&url, &settings.database).await?;
     db.migrate().await?;
     Ok(db)
 }
@@ -108,6 +109,7 @@ impl Application {
                 Duration::from_secs(settings.auth.login_window_seconds),
             )),
             metrics: Arc::new(Metrics::new(db.backend())),
+            reports: ReportWriter::new(&db, &settings.database),
             db,
             settings: Arc::new(settings),
             catalog: Arc::new(catalog),

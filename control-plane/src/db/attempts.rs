@@ -7,11 +7,11 @@ use serde::Serialize;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-use super::events::{insert_event, Event};
+use super::events::Event;
 use super::jobs::Job;
 use super::metrics::MetricPoint;
 use super::{on_pool, BeginWrite, Db, DbError};
-use crate::domain::{AgentStatus, AttemptStatus, GpuType, JobStatus};
+use crate::domain::{AgentStatus, AttemptStatus, GpuType};
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Attempt {
@@ -148,8 +148,8 @@ pub async fn insert_checkpoint(db: &Db, checkpoint: &Checkpoint) -> Result<Check
 }
 
 /// Progress carried by a report batch, applied to the job row.
-pub struct Progress<'a> {
-    pub stage: Option<&'a str>,
+pub struct Progress {
+    pub stage: Option<&'static str>,
     pub step: Option<i64>,
     pub total_steps: Option<i64>,
     pub epoch: Option<i64>,
@@ -157,6 +157,15 @@ pub struct Progress<'a> {
     pub elapsed_seconds: Option<i64>,
     pub remaining_seconds: Option<i64>,
     pub cost: f64,
+}
+
+/// One report batch of an attempt, ready to store: metrics (one per step), events (one
+/// per idempotency key), and the job's progress while the attempt's agent still trains it.
+pub struct AttemptReports {
+    pub attempt: Attempt,
+    pub metrics: Vec<MetricPoint>,
+    pub events: Vec<Event>,
+    pub progress: Progress,
 }
 
 pub struct ReportOutcome {
@@ -168,113 +177,96 @@ pub struct ReportOutcome {
     pub new_events: Vec<Event>,
 }
 
-/// Stores a batch of an attempt's reports: metrics (one per step), events (one per
-/// idempotency key), and the job's progress while the attempt's agent still trains it.
-/// Metric rows per INSERT: 13 parameters each, well under SQLite's 32,766 (and
-/// PostgreSQL's 65,535) bound parameters per statement.
-const METRIC_ROWS_PER_INSERT: usize = 1_000;
-
-pub async fn record_reports(
-    db: &Db,
-    attempt: &Attempt,
-    metrics: &[MetricPoint],
-    events: &[Event],
-    progress: &Progress<'_>,
-) -> Result<ReportOutcome, DbError> {
-    let now = super::now();
-    Ok(on_pool!(db, pool => {
-        let mut tx = pool.begin_write().await?;
-        let mut outcome = ReportOutcome { accepted: 0, job: None, new_metrics: Vec::new(), new_events: Vec::new() };
-        // One multi-row INSERT per chunk, not one per step; RETURNING names the steps that
-        // were new (a resent step conflicts and is skipped), and within a batch the first
-        // point of a step is the one stored.
-        for chunk in metrics.chunks(METRIC_ROWS_PER_INSERT) {
-            let mut insert = sqlx::QueryBuilder::new(
-                "INSERT INTO training_metrics (id, job_id, attempt_id, step, epoch, training_loss,
-                     validation_loss, learning_rate, grad_norm, tokens_per_second, gpu_utilization,
-                     memory_used_gb, recorded_at) ",
-            );
-            insert.push_values(chunk, |mut row, point| {
-                row.push_bind(Uuid::new_v4())
-                    .push_bind(attempt.job_id)
-                    .push_bind(Some(attempt.id))
-                    .push_bind(point.step)
-                    .push_bind(point.epoch)
-                    .push_bind(point.training_loss)
-                    .push_bind(point.validation_loss)
-                    .push_bind(point.learning_rate)
-                    .push_bind(point.grad_norm)
-                    .push_bind(point.tokens_per_second)
-                    .push_bind(point.gpu_utilization)
-                    .push_bind(point.memory_used_gb)
-                    .push_bind(point.recorded_at);
-            });
-            insert.push(" ON CONFLICT (job_id, step) DO NOTHING RETURNING step");
-            let stored: std::collections::HashSet<i64> = insert
-                .build_query_scalar::<i64>()
-                .fetch_all(&mut *tx)
-                .await?
-                .into_iter()
-                .collect();
-            let mut seen = std::collections::HashSet::new();
-            for point in chunk {
-                if stored.contains(&point.step) && seen.insert(point.step) {
-                    outcome.accepted += 1;
-                    outcome.new_metrics.push(point.clone());
+/// Stores a [`AttemptReports`] inside the open transaction `$tx` (of either backend):
+/// one multi-row INSERT of its metrics, its events, and one update of the job row.
+/// Evaluates to `Result<ReportOutcome, sqlx::Error>`; `db::report_writer` commits.
+macro_rules! store_reports {
+    ($tx:expr, $batch:expr) => {
+        async {
+            let tx = $tx;
+            let batch: &$crate::db::attempts::AttemptReports = $batch;
+            let (attempt, progress) = (&batch.attempt, &batch.progress);
+            let now = $crate::db::now();
+            let mut outcome = $crate::db::attempts::ReportOutcome {
+                accepted: 0,
+                job: None,
+                new_metrics: Vec::new(),
+                new_events: Vec::new(),
+            };
+            // One multi-row INSERT per chunk, not one per step; RETURNING names the steps
+            // that were new (a resent step conflicts and is skipped), and within a batch
+            // the first point of a step is the one stored.
+            for chunk in batch.metrics.chunks($crate::db::metrics::ROWS_PER_INSERT) {
+                let stored = $crate::db::metrics::insert_points!(
+                    &mut **tx,
+                    attempt.job_id,
+                    Some(attempt.id),
+                    chunk
+                )
+                .await?;
+                let mut seen = std::collections::HashSet::new();
+                for point in chunk {
+                    if stored.contains(&point.step) && seen.insert(point.step) {
+                        outcome.accepted += 1;
+                        outcome.new_metrics.push(point.clone());
+                    }
                 }
             }
-        }
-        for event in events {
-            let inserted = insert_event!(event).execute(&mut *tx).await?.rows_affected();
-            if inserted == 1 {
-                outcome.accepted += 1;
-                outcome.new_events.push(event.clone());
+            for event in &batch.events {
+                let inserted = $crate::db::events::insert_event!(event)
+                    .execute(&mut **tx)
+                    .await?
+                    .rows_affected();
+                if inserted == 1 {
+                    outcome.accepted += 1;
+                    outcome.new_events.push(event.clone());
+                }
             }
+            if let Some(step) = progress.step {
+                sqlx::query("UPDATE job_attempts SET last_step = $2 WHERE id = $1 AND last_step < $2")
+                    .bind(attempt.id)
+                    .bind(step)
+                    .execute(&mut **tx)
+                    .await?;
+            }
+            let percentage = match (progress.step, progress.total_steps) {
+                (Some(step), Some(total)) if total > 0 => Some((step * 100 / total).clamp(0, 100)),
+                _ => None,
+            };
+            outcome.job = sqlx::query_as::<_, $crate::db::jobs::Job>(
+                "UPDATE training_jobs SET updated_at = $3,
+                     current_stage = COALESCE($4, current_stage),
+                     current_step = COALESCE($5, current_step),
+                     total_steps = COALESCE($6, total_steps),
+                     current_epoch = COALESCE($7, current_epoch),
+                     total_epochs = COALESCE($8, total_epochs),
+                     progress_percentage = COALESCE($9, progress_percentage),
+                     elapsed_seconds = COALESCE($10, elapsed_seconds),
+                     estimated_remaining_seconds = COALESCE($11, estimated_remaining_seconds),
+                     current_cost = $12
+                 WHERE id = $1 AND agent_id = $2 AND status IN ($13, $14) RETURNING *",
+            )
+            .bind(attempt.job_id)
+            .bind(attempt.agent_id)
+            .bind(now)
+            .bind(progress.stage)
+            .bind(progress.step)
+            .bind(progress.total_steps)
+            .bind(progress.epoch)
+            .bind(progress.total_epochs)
+            .bind(percentage)
+            .bind(progress.elapsed_seconds)
+            .bind(progress.remaining_seconds)
+            .bind(progress.cost)
+            .bind($crate::domain::JobStatus::Provisioning)
+            .bind($crate::domain::JobStatus::Training)
+            .fetch_optional(&mut **tx)
+            .await?;
+            Ok::<_, sqlx::Error>(outcome)
         }
-        if let Some(step) = progress.step {
-            sqlx::query("UPDATE job_attempts SET last_step = $2 WHERE id = $1 AND last_step < $2")
-                .bind(attempt.id)
-                .bind(step)
-                .execute(&mut *tx)
-                .await?;
-        }
-        let percentage = match (progress.step, progress.total_steps) {
-            (Some(step), Some(total)) if total > 0 => Some((step * 100 / total).clamp(0, 100)),
-            _ => None,
-        };
-        outcome.job = sqlx::query_as::<_, Job>(
-            "UPDATE training_jobs SET updated_at = $3,
-                 current_stage = COALESCE($4, current_stage),
-                 current_step = COALESCE($5, current_step),
-                 total_steps = COALESCE($6, total_steps),
-                 current_epoch = COALESCE($7, current_epoch),
-                 total_epochs = COALESCE($8, total_epochs),
-                 progress_percentage = COALESCE($9, progress_percentage),
-                 elapsed_seconds = COALESCE($10, elapsed_seconds),
-                 estimated_remaining_seconds = COALESCE($11, estimated_remaining_seconds),
-                 current_cost = $12
-             WHERE id = $1 AND agent_id = $2 AND status IN ($13, $14) RETURNING *",
-        )
-        .bind(attempt.job_id)
-        .bind(attempt.agent_id)
-        .bind(now)
-        .bind(progress.stage)
-        .bind(progress.step)
-        .bind(progress.total_steps)
-        .bind(progress.epoch)
-        .bind(progress.total_epochs)
-        .bind(percentage)
-        .bind(progress.elapsed_seconds)
-        .bind(progress.remaining_seconds)
-        .bind(progress.cost)
-        .bind(JobStatus::Provisioning)
-        .bind(JobStatus::Training)
-        .fetch_optional(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        outcome
-    }))
+    };
 }
+pub(crate) use store_reports;
 
 /// Ends an attempt whose job already left it (cancelled by its user, given elsewhere):
 /// only the attempt row changes. `false` when it had already ended.

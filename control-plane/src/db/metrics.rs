@@ -26,32 +26,49 @@ pub struct MetricPoint {
 const COLUMNS: &str = "step, epoch, training_loss, validation_loss, learning_rate, grad_norm, \
                        tokens_per_second, gpu_utilization, memory_used_gb, recorded_at";
 
-/// An `INSERT` of a job's metric point that keeps the first point of each step, ready to
-/// run on any executor of either backend.
-macro_rules! insert_metric {
-    ($job_id:expr, $attempt_id:expr, $point:expr) => {{
-        let point: &$crate::db::metrics::MetricPoint = $point;
-        sqlx::query(
-            "INSERT INTO training_metrics (id, job_id, attempt_id, step, epoch, training_loss, validation_loss,
-                 learning_rate, grad_norm, tokens_per_second, gpu_utilization, memory_used_gb, recorded_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-             ON CONFLICT (job_id, step) DO NOTHING",
-        )
-        .bind(uuid::Uuid::new_v4())
-        .bind($job_id)
-        .bind($attempt_id)
-        .bind(point.step)
-        .bind(point.epoch)
-        .bind(point.training_loss)
-        .bind(point.validation_loss)
-        .bind(point.learning_rate)
-        .bind(point.grad_norm)
-        .bind(point.tokens_per_second)
-        .bind(point.gpu_utilization)
-        .bind(point.memory_used_gb)
-        .bind(point.recorded_at)
-    }};
+/// Metric rows per INSERT: 13 parameters each, well under SQLite's 32,766 (and
+/// PostgreSQL's 65,535) bound parameters per statement.
+pub(crate) const ROWS_PER_INSERT: usize = 1_000;
+
+/// Inserts a job's points, at most [`ROWS_PER_INSERT`] of them, in one multi-row
+/// statement that keeps the first point of each step, on any executor of either backend.
+/// Evaluates to the set of steps that were new.
+macro_rules! insert_points {
+    ($executor:expr, $job_id:expr, $attempt_id:expr, $points:expr) => {
+        async {
+            let points: &[$crate::db::metrics::MetricPoint] = $points;
+            let (job_id, attempt_id): (uuid::Uuid, Option<uuid::Uuid>) = ($job_id, $attempt_id);
+            let mut insert = sqlx::QueryBuilder::new(
+                "INSERT INTO training_metrics (id, job_id, attempt_id, step, epoch, training_loss,
+                     validation_loss, learning_rate, grad_norm, tokens_per_second, gpu_utilization,
+                     memory_used_gb, recorded_at) ",
+            );
+            insert.push_values(points, |mut row, point| {
+                row.push_bind(uuid::Uuid::new_v4())
+                    .push_bind(job_id)
+                    .push_bind(attempt_id)
+                    .push_bind(point.step)
+                    .push_bind(point.epoch)
+                    .push_bind(point.training_loss)
+                    .push_bind(point.validation_loss)
+                    .push_bind(point.learning_rate)
+                    .push_bind(point.grad_norm)
+                    .push_bind(point.tokens_per_second)
+                    .push_bind(point.gpu_utilization)
+                    .push_bind(point.memory_used_gb)
+                    .push_bind(point.recorded_at);
+            });
+            insert.push(" ON CONFLICT (job_id, step) DO NOTHING RETURNING step");
+            let stored: Result<std::collections::HashSet<i64>, sqlx::Error> = insert
+                .build_query_scalar::<i64>()
+                .fetch_all($executor)
+                .await
+                .map(|steps| steps.into_iter().collect());
+            stored
+        }
+    };
 }
+pub(crate) use insert_points;
 
 /// Stores a point; returns false when that step was already recorded.
 pub async fn record(
@@ -60,11 +77,9 @@ pub async fn record(
     attempt_id: Option<Uuid>,
     point: &MetricPoint,
 ) -> Result<bool, DbError> {
-    let inserted = on_pool!(db, pool => insert_metric!(job_id, attempt_id, point)
-        .execute(pool)
-        .await
-        .map(|r| r.rows_affected()))?;
-    Ok(inserted == 1)
+    let points = std::slice::from_ref(point);
+    let stored = on_pool!(db, pool => insert_points!(pool, job_id, attempt_id, points).await)?;
+    Ok(!stored.is_empty())
 }
 
 /// Stores many points of one job in one transaction (imports, benchmarks); returns how
@@ -73,11 +88,8 @@ pub async fn record_all(db: &Db, job_id: Uuid, points: &[MetricPoint]) -> Result
     Ok(on_pool!(db, pool => {
         let mut tx = pool.begin_write().await?;
         let mut inserted = 0;
-        for point in points {
-            inserted += insert_metric!(job_id, None::<Uuid>, point)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+        for chunk in points.chunks(ROWS_PER_INSERT) {
+            inserted += insert_points!(&mut *tx, job_id, None, chunk).await?.len() as u64;
         }
         tx.commit().await?;
         inserted
@@ -99,6 +111,97 @@ pub async fn history(
     Ok(on_pool!(db, pool => sqlx::query_as::<_, MetricPoint>(&sql)
         .bind(job_id)
         .bind(interval)
+        .bind(limit)
+        .fetch_all(pool)
+        .await)?)
+}
+
+/// Every `interval`-th step of a job's history (and always the last), at most `limit`
+/// points, oldest first, as a stream read while it is sent: memory stays flat however
+/// long the run. The query runs in a task of its own and stops when the stream is dropped.
+pub fn history_stream(
+    db: &Db,
+    job_id: Uuid,
+    interval: i64,
+    limit: i64,
+) -> impl futures::Stream<Item = Result<MetricPoint, DbError>> + Send + 'static {
+    let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+    let db = db.clone();
+    tokio::spawn(async move {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM training_metrics
+             WHERE job_id = $1 AND (step % $2 = 0 OR step = (SELECT MAX(step) FROM training_metrics WHERE job_id = $1))
+             ORDER BY step LIMIT $3"
+        );
+        on_pool!(&db, pool => {
+            let mut rows = sqlx::query_as::<_, MetricPoint>(&sql)
+                .bind(job_id)
+                .bind(interval)
+                .bind(limit)
+                .fetch(pool);
+            while let Some(row) = futures::StreamExt::next(&mut rows).await {
+                let failed = row.is_err();
+                if sender.send(row.map_err(DbError::from)).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+    });
+    tokio_stream::wrappers::ReceiverStream::new(receiver)
+}
+
+/// Rows a history stream reads ahead of the client.
+const STREAM_BUFFER: usize = 256;
+
+/// The first and the last step of a job's history (two index seeks).
+pub async fn step_range(db: &Db, job_id: Uuid) -> Result<Option<(i64, i64)>, DbError> {
+    // Two subqueries, not MIN and MAX in one: SQLite answers a lone MIN or MAX from the
+    // index, both together by reading every row.
+    let sql = "SELECT (SELECT MIN(step) FROM training_metrics WHERE job_id = $1),
+                      (SELECT MAX(step) FROM training_metrics WHERE job_id = $1)";
+    let (first, last): (Option<i64>, Option<i64>) =
+        on_pool!(db, pool => sqlx::query_as(sql).bind(job_id).fetch_one(pool).await)?;
+    Ok(first.zip(last))
+}
+
+/// About `points` points spread evenly over steps `first..=last` (the first stored step
+/// at or after each mark) and the point at `last`, oldest first. Each mark is one index
+/// seek, so the cost follows `points`, not the run's length.
+pub async fn sampled(
+    db: &Db,
+    job_id: Uuid,
+    (first, last): (i64, i64),
+    points: i64,
+) -> Result<Vec<MetricPoint>, DbError> {
+    let spacing = ((last - first) / points.max(1)).max(1);
+    let sql = format!(
+        "WITH RECURSIVE marks(step) AS (
+             SELECT CAST($2 AS BIGINT) UNION ALL SELECT step + $3 FROM marks WHERE step + $3 <= $4)
+         SELECT {COLUMNS} FROM training_metrics
+         WHERE job_id = $1 AND (step = $4 OR step IN (
+             SELECT (SELECT MIN(m.step) FROM training_metrics m WHERE m.job_id = $1 AND m.step >= marks.step)
+             FROM marks))
+         ORDER BY step"
+    );
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, MetricPoint>(&sql)
+        .bind(job_id)
+        .bind(first)
+        .bind(spacing)
+        .bind(last)
+        .fetch_all(pool)
+        .await)?)
+}
+
+/// The job's latest `limit` points that carry a validation loss, oldest first (a partial
+/// index holds just these).
+pub async fn evaluations(db: &Db, job_id: Uuid, limit: i64) -> Result<Vec<MetricPoint>, DbError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM (SELECT {COLUMNS} FROM training_metrics
+             WHERE job_id = $1 AND validation_loss IS NOT NULL ORDER BY step DESC LIMIT $2) latest
+         ORDER BY step"
+    );
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, MetricPoint>(&sql)
+        .bind(job_id)
         .bind(limit)
         .fetch_all(pool)
         .await)?)

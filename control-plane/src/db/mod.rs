@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, SubsecRound, Utc};
 use sqlx::postgres::{PgPool, PgPoolOptions};
+
+use crate::configuration::{DatabaseSettings, SqliteSynchronous};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
 pub mod agents;
@@ -21,6 +23,7 @@ pub mod job_templates;
 pub mod jobs;
 pub mod metrics;
 pub mod presets;
+pub mod report_writer;
 pub mod users;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +32,11 @@ pub enum DbError {
     Sqlx(#[from] sqlx::Error),
     #[error(transparent)]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The transaction of a group commit failed; every batch in it shares the error.
+    #[error("the group commit failed: {0}")]
+    GroupCommit(std::sync::Arc<sqlx::Error>),
+    #[error("the report writer has stopped")]
+    WriterGone,
     #[error("unsupported database URL {0:?}: expected postgres://… or sqlite://…")]
     UnsupportedUrl(String),
 }
@@ -101,7 +109,12 @@ pub fn now() -> DateTime<Utc> {
 }
 
 impl Db {
+    /// Connects with the default [`DatabaseSettings`].
     pub async fn connect(url: &str) -> Result<Db, DbError> {
+        Db::connect_with(url, &DatabaseSettings::default()).await
+    }
+
+    pub async fn connect_with(url: &str, settings: &DatabaseSettings) -> Result<Db, DbError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = PgPoolOptions::new()
                 .max_connections(16)
@@ -113,6 +126,10 @@ impl Db {
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(match settings.sqlite_synchronous {
+                    SqliteSynchronous::Full => sqlx::sqlite::SqliteSynchronous::Full,
+                    SqliteSynchronous::Normal => sqlx::sqlite::SqliteSynchronous::Normal,
+                })
                 .foreign_keys(true)
                 .busy_timeout(Duration::from_secs(10));
             let pool = SqlitePoolOptions::new()

@@ -1,8 +1,12 @@
 //! Training jobs: create, configure, start, cancel, and read their metrics and events.
 
+use axum::body::Body;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -13,7 +17,8 @@ use super::{ApiJson, ApiPath, ApiQuery, Page};
 use crate::db::events::Event;
 use crate::db::metrics::MetricPoint;
 use crate::service::job::{self, ConfigureJob, CreateJob, JobView};
-use crate::service::{page_bounds, AppState, CurrentUser, ServiceResult};
+use crate::service::metric_history::{self, HistoryQuery, HistoryStream, Series};
+use crate::service::{page_bounds, AppState, CurrentUser, ServiceError, ServiceResult};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -125,12 +130,21 @@ async fn get_job(
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct MetricParams {
-    /// Points to return, default 100.
+    /// Points to return, 1 to 100000, default 100.
     limit: Option<i64>,
     /// Keep every n-th step (and the last), default 1.
     interval: Option<i64>,
-    /// `rows` (default): one object per step under `data`; `columns`: one array per metric
-    /// under `columns`, index-aligned with `columns.step` (a third of the bytes for charts).
+    /// A downsample for charts instead of `limit`/`interval`: at most this many points
+    /// (4 to 100000), the steps holding the minimum and the maximum of `series` in each of
+    /// `(max_points - 2) / 2` equal step buckets, plus the series' first and last points.
+    max_points: Option<i64>,
+    /// The series `max_points` keeps the extremes of (default `training_loss`); only
+    /// points that carry it are returned.
+    #[param(inline)]
+    series: Option<Series>,
+    /// `rows` (default): one object per step under `data`, streamed as it is read;
+    /// `columns`: one array per metric under `columns`, index-aligned with
+    /// `columns.step` (a third of the bytes for charts).
     #[param(inline)]
     format: Option<MetricFormat>,
 }
@@ -186,9 +200,10 @@ struct MetricTable {
     columns: MetricColumns,
 }
 
-/// The history in the form asked for.
+/// The history in the form asked for (documentation: the rows form is streamed).
 #[derive(Serialize, ToSchema)]
 #[serde(untagged)]
+#[allow(dead_code)] // the OpenAPI schema of the two bodies the handler writes
 enum MetricHistory {
     Rows(MetricList),
     Columns(Box<MetricTable>),
@@ -202,16 +217,57 @@ async fn metric_history(
     user: CurrentUser,
     ApiPath(id): ApiPath<Uuid>,
     ApiQuery(params): ApiQuery<MetricParams>,
-) -> ServiceResult<Json<MetricHistory>> {
-    let data = job::metric_history(&state, &user, id, params.limit, params.interval).await?;
-    Ok(Json(match params.format.unwrap_or_default() {
-        MetricFormat::Rows => MetricHistory::Rows(MetricList { data }),
-        MetricFormat::Columns => MetricHistory::Columns(Box::new(MetricTable {
-            columns: data.into(),
-        })),
-    }))
+) -> ServiceResult<Response> {
+    let query = HistoryQuery {
+        limit: params.limit,
+        interval: params.interval,
+        max_points: params.max_points,
+        series: params.series,
+    };
+    let points = metric_history::stream(&state, &user, id, &query).await?;
+    Ok(match params.format.unwrap_or_default() {
+        MetricFormat::Rows => (
+            [(header::CONTENT_TYPE, "application/json")],
+            Body::from_stream(streamed_rows(points)),
+        )
+            .into_response(),
+        MetricFormat::Columns => {
+            let points: Vec<MetricPoint> = points.try_collect().await.map_err(ServiceError::from)?;
+            Json(MetricTable {
+                columns: points.into(),
+            })
+            .into_response()
+        }
+    })
 }
 
+/// Points the rows form serialises per body chunk.
+const ROWS_PER_CHUNK: usize = 256;
+
+/// `{"data": [...]}` written chunk by chunk as the rows arrive. A database error after
+/// the first chunk can only end the body early (the client sees invalid JSON).
+fn streamed_rows(
+    points: HistoryStream,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    let mut written = false;
+    let rows = points.ready_chunks(ROWS_PER_CHUNK).map(move |chunk| {
+        let mut out = Vec::with_capacity(chunk.len() * 256);
+        for point in chunk {
+            let point = point.map_err(|error| {
+                tracing::warn!(%error, "a metric history stream failed");
+                std::io::Error::other(error)
+            })?;
+            if std::mem::replace(&mut written, true) {
+                out.push(b',');
+            }
+            serde_json::to_writer(&mut out, &point).map_err(std::io::Error::other)?;
+        }
+        Ok(Bytes::from(out))
+    });
+    futures::stream::once(async { Ok(Bytes::from_static(b"{\"data\":[")) })
+        .chain(rows)
+        .chain(futures::stream::once(async { Ok(Bytes::from_static(b"]}")) }))
+}
 /// A job's latest metrics point.
 #[utoipa::path(get, path = "/jobs/{id}/metrics/latest", tag = "jobs", params(("id" = Uuid, Path)),
     responses((status = 200, body = MetricPoint), (status = 404, body = ErrorBody)))]

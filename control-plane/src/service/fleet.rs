@@ -18,7 +18,7 @@ use super::{AppState, ServiceError, ServiceResult};
 use crate::auth::token_hash;
 use crate::db::agents::{self, Agent};
 use crate::db::artifacts::{self, Artifact, Stored};
-use crate::db::attempts::{self, Attempt, Checkpoint, Progress};
+use crate::db::attempts::{self, Attempt, AttemptReports, Checkpoint, Progress};
 use crate::db::events::Event;
 use crate::db::files::TrainingFile;
 use crate::db::jobs::{self, Change};
@@ -276,8 +276,16 @@ pub async fn reports(
         remaining_seconds: remaining,
         cost: jobs::round_cents(cost),
     };
-    let outcome =
-        attempts::record_reports(&state.db, &attempt, &metrics, &events, &progress).await?;
+    let job_id = attempt.job_id;
+    let outcome = state
+        .reports
+        .record(AttemptReports {
+            attempt,
+            metrics,
+            events,
+            progress,
+        })
+        .await?;
     let mut updates = Vec::with_capacity(1 + outcome.new_metrics.len() + outcome.new_events.len());
     if let Some(job) = outcome.job {
         updates.push(JobUpdate::Status { job: Box::new(job) });
@@ -287,7 +295,7 @@ pub async fn reports(
             .new_metrics
             .into_iter()
             .map(|point| JobUpdate::Metrics {
-                job_id: attempt.job_id,
+                job_id,
                 point: Box::new(point),
             }),
     );

@@ -440,31 +440,6 @@ pub async fn resume_job(
         .job)
 }
 
-/// A job's per-step metrics, oldest first: every `interval`-th step (and the last), at
-/// most `limit` points.
-pub async fn metric_history(
-    state: &AppState,
-    user: &CurrentUser,
-    id: Uuid,
-    limit: Option<i64>,
-    interval: Option<i64>,
-) -> ServiceResult<Vec<MetricPoint>> {
-    visible_job(state, user, id).await?;
-    let limit = limit.unwrap_or(100);
-    let interval = interval.unwrap_or(1);
-    let mut errors = Vec::new();
-    if !(1..=100_000).contains(&limit) {
-        errors.push(FieldError::new("limit", "must be between 1 and 100000"));
-    }
-    if interval < 1 {
-        errors.push(FieldError::new("interval", "must be at least 1"));
-    }
-    if !errors.is_empty() {
-        return Err(ServiceError::Validation(errors));
-    }
-    Ok(metrics::history(&state.db, id, interval, limit).await?)
-}
-
 /// A job's latest metrics point.
 pub async fn latest_metrics(
     state: &AppState,

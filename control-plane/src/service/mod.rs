@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use crate::configuration::Settings;
+use crate::db::report_writer::ReportWriter;
 use crate::db::Db;
 use crate::domain::GpuCatalog;
 use crate::enrichment::Enricher;
@@ -22,6 +23,7 @@ pub mod feed;
 pub mod file;
 pub mod fleet;
 pub mod job;
+pub mod metric_history;
 pub mod preset;
 pub mod recovery;
 pub mod scheduler;
@@ -36,6 +38,8 @@ use crate::domain::FieldError;
 #[derive(Clone)]
 pub struct AppState {
     pub db: Db,
+    /// Commits agents' report batches (grouped on SQLite).
+    pub reports: ReportWriter,
     pub settings: Arc<Settings>,
     pub catalog: Arc<GpuCatalog>,
     pub live: LiveUpdates,

@@ -15,6 +15,7 @@ use crate::db::jobs::{self, Job};
 use crate::db::metrics;
 use crate::domain::JobStatus;
 use crate::service::job::visible_job;
+use crate::service::metric_history;
 use crate::service::AppState;
 use crate::service::ServiceError;
 
@@ -171,8 +172,7 @@ async fn compare(
         .collect();
     let mut series = Vec::new();
     for job in &chosen {
-        let last = latest.get(&job.id).map_or(0, |p| p.step);
-        let points = metrics::history(&state.db, job.id, (last / 400).max(1), 100_000).await?;
+        let points = metric_history::chart_points(&state, job.id).await?;
         series.push(Series {
             name: &job.name,
             points: points

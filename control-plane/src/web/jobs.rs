@@ -16,10 +16,11 @@ use crate::db::artifacts::Artifact;
 use crate::db::attempts::{self, Checkpoint};
 use crate::db::events::{self, Event, EventFilter};
 use crate::db::jobs::{self, Job};
-use crate::db::metrics::{self, MetricPoint};
+use crate::db::metrics::MetricPoint;
 use crate::db::now;
 use crate::domain::JobStatus;
 use crate::service::job::resume_job;
+use crate::service::metric_history;
 use crate::service::job::{cancel_job, visible_job};
 use crate::service::AppState;
 use crate::service::ServiceError;
@@ -173,13 +174,8 @@ fn stage_chips(job: &Job) -> Vec<StageChip> {
 }
 
 async fn job_live_view(state: &AppState, job: Job) -> Result<JobLive, PageError> {
-    // Charts keep about 400 points whatever the run's length; the last stored step says
-    // how long it is (the job's own step may lag its metrics).
-    let last_step = metrics::latest(&state.db, job.id)
-        .await?
-        .map_or(job.current_step, |p| p.step);
-    let interval = (last_step / 400).max(1);
-    let points = metrics::history(&state.db, job.id, interval, 100_000).await?;
+    // Charts keep about 400 points whatever the run's length.
+    let points = metric_history::chart_points(state, job.id).await?;
     let series = |name: &'static str, value: fn(&MetricPoint) -> Option<f64>| Series {
         name,
         points: points

@@ -331,19 +331,20 @@ async fn metrics_are_read_back_sampled_and_latest(backend: Backend) {
     );
 
     let job_id = id.parse().expect("uuid");
+    let point_at = |step: i64| MetricPoint {
+        step,
+        epoch: Some(0),
+        training_loss: Some(3.0 - step as f64 * 0.1),
+        validation_loss: (step % 10 == 0).then_some(2.5),
+        learning_rate: Some(2e-4),
+        grad_norm: Some(1.0),
+        tokens_per_second: Some(1000.0),
+        gpu_utilization: Some(90),
+        memory_used_gb: Some(10.5),
+        recorded_at: control_plane::db::now(),
+    };
     for step in 1..=25 {
-        let point = MetricPoint {
-            step,
-            epoch: Some(0),
-            training_loss: Some(3.0 - step as f64 * 0.1),
-            validation_loss: (step % 10 == 0).then_some(2.5),
-            learning_rate: Some(2e-4),
-            grad_norm: Some(1.0),
-            tokens_per_second: Some(1000.0),
-            gpu_utilization: Some(90),
-            memory_used_gb: Some(10.5),
-            recorded_at: control_plane::db::now(),
-        };
+        let point = point_at(step);
         assert!(metrics::record(&app.db, job_id, None, &point)
             .await
             .expect("stored"));
@@ -395,4 +396,46 @@ async fn metrics_are_read_back_sampled_and_latest(backend: Backend) {
     );
     let (status, _) = json_of(app.get(&user, &format!("{path}/metrics?interval=0")).await).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    // A chart's downsample: the extremes of each bucket and both ends, within the budget.
+    let spike = |step: i64| MetricPoint {
+        step,
+        training_loss: Some(if step == 333 { 9.0 } else { 1.0 / step as f64 }),
+        validation_loss: None,
+        ..point_at(step)
+    };
+    let points: Vec<MetricPoint> = (26..=1000).map(spike).collect();
+    metrics::record_all(&app.db, job_id, &points)
+        .await
+        .expect("stored");
+    let (status, chart) = json_of(
+        app.get(&user, &format!("{path}/metrics?max_points=40"))
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{chart}");
+    let steps: Vec<i64> = chart["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|p| p["step"].as_i64())
+        .collect();
+    assert!(steps.len() <= 40 && steps.len() >= 30, "{steps:?}");
+    assert_eq!((steps[0], steps[steps.len() - 1]), (1, 1000));
+    assert!(steps.contains(&333), "the spike survives: {steps:?}");
+    let (_, evaluations) = json_of(
+        app.get(&user, &format!("{path}/metrics?max_points=40&series=validation_loss&format=columns"))
+            .await,
+    )
+    .await;
+    assert_eq!(evaluations["columns"]["step"], json!([10, 20]), "only points carrying the series");
+    for (query, field) in [
+        ("max_points=40&limit=5", "limit"),
+        ("max_points=3", "max_points"),
+        ("series=grad_norm", "series"),
+    ] {
+        let (status, error) = json_of(app.get(&user, &format!("{path}/metrics?{query}")).await).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{query}: {error}");
+        assert_eq!(crate::helpers::field_names(&error), [field], "{query}: {error}");
+    }
 }

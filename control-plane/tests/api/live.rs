@@ -108,6 +108,7 @@ impl SseReader {
 on_both_backends!(the_stream_delivers_status_events_and_metrics);
 on_both_backends!(a_reconnect_with_the_last_event_id_misses_nothing_and_repeats_nothing);
 on_both_backends!(a_settled_job_s_stream_ends);
+on_both_backends!(concurrent_resends_store_each_step_once_and_stream_it_once_in_order);
 
 async fn the_stream_delivers_status_events_and_metrics(backend: Backend) {
     let database = TestDatabase::create(backend).await;
@@ -317,4 +318,49 @@ async fn a_settled_job_s_stream_ends(backend: Backend) {
         stream.next_or_end().await.is_none(),
         "the stream closes after its end"
     );
+}
+
+/// An agent's retries race its originals (a reply lost, the batch sent again while the
+/// first is still being stored): three copies of each batch at once. Each step is
+/// stored once, counted once, and streamed once, in order.
+async fn concurrent_resends_store_each_step_once_and_stream_it_once_in_order(backend: Backend) {
+    const BATCHES: u64 = 15;
+    const STEPS: u64 = 20;
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let (user, job, secret, reports) = training_job(&app).await;
+    let mut stream = SseReader::open(&app, &user, &format!("/api/v1/jobs/{job}/stream")).await;
+    assert_eq!(stream.next_message().await.name, "status");
+    for batch in 0..BATCHES {
+        let body = json!({"reports": (1..=STEPS).map(|s| metric(batch * STEPS + s)).collect::<Vec<_>>()});
+        let copies = (0..3).map(|_| app.agent_call(&secret, Method::POST, &reports, body.clone()));
+        let replies = futures::future::join_all(copies).await;
+        let mut accepted = 0;
+        for (status, reply) in replies {
+            assert_eq!(status, StatusCode::OK, "{reply}");
+            accepted += reply["accepted"].as_u64().expect("accepted");
+        }
+        assert_eq!(accepted, STEPS, "batch {batch}: each step counted once");
+    }
+    let mut streamed = Vec::new();
+    while streamed.len() < (BATCHES * STEPS) as usize {
+        let message = stream.next_message().await;
+        if message.name == "metrics" {
+            streamed.push(message.data["step"].as_u64().expect("step"));
+        }
+    }
+    let every_step: Vec<u64> = (1..=BATCHES * STEPS).collect();
+    assert_eq!(streamed, every_step, "every step once, in order");
+    let (_, history) = json_of(
+        app.get(&user, &format!("/api/v1/jobs/{job}/metrics?limit=100000"))
+            .await,
+    )
+    .await;
+    let stored: Vec<u64> = history["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|p| p["step"].as_u64())
+        .collect();
+    assert_eq!(stored, every_step, "every step stored once");
 }
