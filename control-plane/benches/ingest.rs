@@ -5,7 +5,7 @@
 //! each posting report batches for the attempt it claimed. MLflow: C runs, each sent
 //! `runs/log-batch` requests. Then one job's (run's) 10,000-step history read back.
 //!
-//!   cargo bench -p control-plane --bench ingest -- <sqlite|postgres> <mlflow-url,...> [seconds]
+//!   cargo bench -p control-plane --bench ingest -- <sqlite|postgres> <mlflow-url,...> [seconds] [CxB,...]
 //!
 //! With several MLflow URLs (servers with different worker counts) MLflow's best is the
 //! figure each cell compares against. Prints table rows; `scripts/bench-ingest` starts the
@@ -233,7 +233,19 @@ async fn main() {
         .collect();
     let seconds: u64 = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(5);
     let duration = Duration::from_secs(seconds);
-    let cells = [(1usize, 1u64), (4, 1), (16, 1), (1, 50), (4, 50), (16, 50)];
+    // Optionally the cells to run, as C×B pairs: `1x1,16x50`.
+    let cells: Vec<(usize, u64)> = args.get(3).map_or_else(
+        || vec![(1, 1), (4, 1), (16, 1), (1, 50), (4, 50), (16, 50)],
+        |cells| {
+            cells
+                .split(',')
+                .map(|cell| {
+                    let (c, b) = cell.split_once('x').expect("cells as CxB,CxB");
+                    (c.parse().expect("clients"), b.parse().expect("steps per request"))
+                })
+                .collect()
+        },
+    );
     let most_clients = cells.iter().map(|(c, _)| *c).max().unwrap_or(1);
 
     let server = support::server(&backend, most_clients, |settings| {
@@ -252,7 +264,14 @@ async fn main() {
         .build()
         .expect("client");
 
-    for (clients, steps) in cells {
+    // A second of load on each server first, not counted: connections, caches and
+    // SQLite's WAL exist before anything is timed (the first cell read 10× low without).
+    let warm_up = Duration::from_secs(1);
+    our_ingest(&server, &attempts, &next, 1, 1, warm_up).await;
+    for url in &mlflow {
+        mlflow_ingest(&client, url, 1, 1, warm_up).await;
+    }
+    for &(clients, steps) in &cells {
         let ours = our_ingest(&server, &attempts, &next, clients, steps, duration).await;
         let mut best: Option<Load> = None;
         for url in &mlflow {

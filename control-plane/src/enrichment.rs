@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use protocol::dataset::{self, Conversation, DatasetError, Limits, Record};
+use protocol::dataset::{self, Conversation, DatasetError, Format, Limits, Record};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Semaphore};
 use uuid::Uuid;
@@ -12,14 +12,20 @@ use uuid::Uuid;
 use crate::db::files::{self, EnrichmentResult, NewConversation};
 use crate::db::Db;
 
-/// Conversations stored per INSERT.
-const BATCH: usize = 500;
+/// Most conversations stored per INSERT. A row binds 14 parameters, so 2,000 rows stay
+/// under SQLite's limit of 32,766 (PostgreSQL's is 65,535). The reading thread holds one
+/// batch in the making and the channel two more, so memory stays flat whatever the file's
+/// size.
+const BATCH: usize = 2_000;
+/// The first batch's size; each batch doubles it up to `BATCH`, so storing starts while
+/// the reading thread is still early in the file.
+const FIRST_BATCH: usize = 250;
 
 #[derive(Clone)]
 pub struct Enricher {
     db: Db,
     limits: Limits,
-    /// An enrichment that has not heartbeated (every `BATCH` records) for this long is
+    /// An enrichment that has not heartbeated (with every batch) for this long is
     /// taken as abandoned and may be claimed again.
     abandoned_after: chrono::Duration,
     max_reported_errors: usize,
@@ -99,6 +105,8 @@ impl Enricher {
         outcome
     }
 
+    /// Reading, validating and counting run on a blocking thread, which hands finished
+    /// batches of rows to this task; this task stores them while the thread reads on.
     async fn enrich(&self, file_id: Uuid, claim: Uuid) -> Result<(), EnrichmentError> {
         let Some(file) = files::get(&self.db, file_id).await? else {
             return Ok(());
@@ -106,64 +114,37 @@ impl Enricher {
         tracing::info!(%file_id, size = file.file_size, "enriching training file");
         let started = std::time::Instant::now();
         let input = std::fs::File::open(&file.file_path)?;
-        let (records_tx, mut records_rx) = mpsc::channel::<Result<Record, DatasetError>>(BATCH * 2);
+        let (chunks_tx, mut chunks_rx) = mpsc::channel::<Chunk>(2);
         let limits = self.limits;
-        // Parsing is blocking work: it runs on its own thread and streams records over.
-        let reader = tokio::task::spawn_blocking(
-            move || -> Result<Option<dataset::Format>, DatasetError> {
-                let (format, records) = match dataset::open(input, limits) {
-                    Ok(opened) => opened,
-                    Err(error) => {
-                        let _ = records_tx.blocking_send(Err(error));
-                        return Ok(None);
-                    }
-                };
-                for record in records {
-                    if records_tx.blocking_send(record).is_err() {
-                        break;
-                    }
-                }
-                Ok(Some(format))
-            },
-        );
+        let max_reported_errors = self.max_reported_errors;
+        let reader = tokio::task::spawn_blocking(move || {
+            scan(input, limits, max_reported_errors, &chunks_tx)
+        });
 
-        let mut stats = Statistics::default();
-        let mut errors = ErrorReport::new(self.max_reported_errors);
-        let mut batch = Vec::with_capacity(BATCH);
-        let mut seen: usize = 0;
-        while let Some(record) = records_rx.recv().await {
-            seen += 1;
-            if seen.is_multiple_of(BATCH)
-                && !files::enrichment_heartbeat(&self.db, file_id, claim).await?
-            {
+        while let Some(chunk) = chunks_rx.recv().await {
+            // Dropping the receiver on the way out stops the reading thread at its next send.
+            if !files::enrichment_heartbeat(&self.db, file_id, claim).await? {
                 tracing::warn!(%file_id, "another server took this enrichment over; stopping");
                 return Ok(());
             }
-            match record {
-                Ok(record) => {
-                    stats.add(&record.conversation);
-                    // After the first bad record nothing more is stored: the file will fail.
-                    if errors.is_empty() {
-                        batch.push(to_row(record));
-                        if batch.len() == BATCH {
-                            files::insert_conversations(&self.db, file_id, claim, &batch).await?;
-                            batch.clear();
-                        }
-                    }
-                }
-                Err(DatasetError::Record(error)) => errors.push(error.to_string()),
-                Err(DatasetError::Io(error)) => return Err(error.into()),
+            if let Chunk::Rows(rows) = chunk {
+                files::insert_conversations(&self.db, file_id, claim, &rows).await?;
             }
         }
-        let format = reader.await??;
-        let format_name = format.map(|f| f.as_str());
+        let Scan {
+            format,
+            statistics,
+            errors,
+            rows,
+        } = reader.await??;
+        let format_name = format.map(Format::as_str);
         if let Some(message) = errors.summary() {
             files::fail_enrichment(&self.db, file_id, claim, format_name, &message).await?;
             tracing::info!(%file_id, bad_records = errors.total, "training file failed enrichment");
             return Ok(());
         }
-        files::insert_conversations(&self.db, file_id, claim, &batch).await?;
-        let result = stats.finish(format_name.unwrap_or("unknown"));
+        files::insert_conversations(&self.db, file_id, claim, &rows).await?;
+        let result = statistics.finish(format_name.unwrap_or("unknown"));
         if !files::finish_enrichment(&self.db, file_id, claim, &result).await? {
             tracing::warn!(%file_id, "another server took this enrichment over; its result stands");
             return Ok(());
@@ -176,6 +157,80 @@ impl Enricher {
         );
         Ok(())
     }
+}
+
+/// What the reading thread hands the storing task.
+enum Chunk {
+    /// A full batch of rows to store.
+    Rows(Vec<NewConversation>),
+    /// Another `BATCH` records read with nothing to store (the file has a bad record and
+    /// will fail; reading goes on to count the others): the claim is still heartbeated.
+    Progress,
+}
+
+/// What the reading thread found, once the whole file is read.
+struct Scan {
+    format: Option<Format>,
+    statistics: Statistics,
+    errors: ErrorReport,
+    /// The last, partial batch, stored only if the file has no bad record.
+    rows: Vec<NewConversation>,
+}
+
+/// Reads every record of `input`, sending full batches of rows over `chunks`; stops early,
+/// without an error, when the storing side has hung up.
+fn scan(
+    input: std::fs::File,
+    limits: Limits,
+    max_reported_errors: usize,
+    chunks: &mpsc::Sender<Chunk>,
+) -> Result<Scan, DatasetError> {
+    let mut found = Scan {
+        format: None,
+        statistics: Statistics::default(),
+        errors: ErrorReport::new(max_reported_errors),
+        rows: Vec::with_capacity(FIRST_BATCH),
+    };
+    let mut batch_size = FIRST_BATCH;
+    let records = match dataset::open(input, limits) {
+        Ok((format, records)) => {
+            found.format = Some(format);
+            records
+        }
+        Err(DatasetError::Record(error)) => {
+            found.errors.push(error.to_string());
+            return Ok(found);
+        }
+        Err(error) => return Err(error),
+    };
+    for (index, record) in records.enumerate() {
+        match record {
+            Ok(record) => {
+                found.statistics.add(&record.conversation);
+                // After the first bad record nothing more is stored: the file will fail.
+                if found.errors.is_empty() {
+                    found.rows.push(to_row(record));
+                }
+            }
+            Err(DatasetError::Record(error)) => {
+                found.errors.push(error.to_string());
+                found.rows = Vec::new();
+            }
+            Err(error) => return Err(error),
+        }
+        let chunk = if found.rows.len() == batch_size {
+            batch_size = (batch_size * 2).min(BATCH);
+            Chunk::Rows(std::mem::replace(&mut found.rows, Vec::with_capacity(batch_size)))
+        } else if (index + 1).is_multiple_of(BATCH) && !found.errors.is_empty() {
+            Chunk::Progress
+        } else {
+            continue;
+        };
+        if chunks.blocking_send(chunk).is_err() {
+            break;
+        }
+    }
+    Ok(found)
 }
 
 /// Why enrichment itself could not finish (bad records in the file are not errors here).
@@ -205,8 +260,8 @@ fn to_row(record: Record) -> NewConversation {
         topic: metadata.topic,
         quality_score: metadata.quality_score,
         human_reviewed: metadata.human_reviewed,
-        messages: serde_json::to_value(messages).unwrap_or(Value::Null),
-        tools: tools.map(Value::Array),
+        messages,
+        tools,
         text,
         metadata: metadata.raw,
     }
@@ -307,7 +362,13 @@ impl Statistics {
             (&mut self.topics, &metadata.topic),
         ] {
             if let Some(value) = value {
-                *counts.entry(value.clone()).or_default() += 1;
+                // Most records repeat a value already counted: no key is allocated for them.
+                match counts.get_mut(value) {
+                    Some(count) => *count += 1,
+                    None => {
+                        counts.insert(value.clone(), 1);
+                    }
+                }
             }
         }
         match metadata.human_reviewed {

@@ -14,6 +14,10 @@ use reqwest::{redirect, Client};
 use serde_json::{json, Value};
 use testkit::{Backend, TestDatabase};
 
+/// The allocator the control-plane binary runs with, so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub const EMAIL: &str = "bench@example.com";
 pub const PASSWORD: &str = "bench-password";
 

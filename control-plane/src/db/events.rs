@@ -138,6 +138,18 @@ pub async fn list(
     }))
 }
 
+/// A job's latest `limit` events, newest first: one read of the rows shown, however long
+/// the log.
+pub async fn latest(db: &Db, job_id: Uuid, limit: i64) -> Result<Vec<Event>, DbError> {
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, Event>(
+        "SELECT * FROM event_logs WHERE job_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2",
+    )
+    .bind(job_id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await)?)
+}
+
 /// Up to `limit` of a job's events stored after sequence number `after` (from the start
 /// when `None`), in the order they were stored.
 pub async fn stored_after(

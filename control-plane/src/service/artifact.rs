@@ -23,6 +23,23 @@ pub async fn job_artifacts(
     Ok(artifacts::for_job(&state.db, job.id).await?)
 }
 
+/// A job's checkpoints and its other artifacts, for a job the caller already found
+/// visible (the job page reads the job once).
+pub async fn outputs_of(
+    state: &AppState,
+    job: &crate::db::jobs::Job,
+) -> ServiceResult<(Vec<Checkpoint>, Vec<Artifact>)> {
+    let (checkpoints, artifacts) = futures::try_join!(
+        attempts::checkpoints(&state.db, job.id),
+        artifacts::for_job(&state.db, job.id)
+    )?;
+    let artifacts = artifacts
+        .into_iter()
+        .filter(|a| a.artifact_type != protocol::agent::ArtifactKind::Checkpoint)
+        .collect();
+    Ok((checkpoints, artifacts))
+}
+
 pub async fn job_checkpoints(
     state: &AppState,
     user: &CurrentUser,

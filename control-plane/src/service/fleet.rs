@@ -59,10 +59,15 @@ async fn should_stop(state: &AppState, attempt: &Attempt) -> ServiceResult<bool>
         return Ok(true);
     }
     let job = jobs::get_any(&state.db, attempt.job_id).await?;
-    Ok(!job.is_some_and(|job| {
+    Ok(!runs_attempt(job.as_ref(), attempt))
+}
+
+/// Whether `job` (as read) is still the attempt's to run.
+fn runs_attempt(job: Option<&jobs::Job>, attempt: &Attempt) -> bool {
+    job.is_some_and(|job| {
         job.agent_id == attempt.agent_id
             && matches!(job.status, JobStatus::Provisioning | JobStatus::Training)
-    }))
+    })
 }
 
 /// Records the agent's telemetry; tells it whether to stop its current attempt.
@@ -201,16 +206,19 @@ pub async fn reports(
     batch: &ReportBatch,
 ) -> ServiceResult<ReportReply> {
     let attempt = own_attempt(state, agent, attempt_id).await?;
-    if should_stop(state, &attempt).await? {
+    // One read of the job answers both whether to stop and whether training has begun.
+    let job = match attempt.ended_at {
+        Some(_) => None,
+        None => jobs::get_any(&state.db, attempt.job_id).await?,
+    };
+    let Some(job) = job.filter(|job| runs_attempt(Some(job), &attempt)) else {
         return Ok(ReportReply {
             accepted: 0,
             stop_attempt: true,
         });
-    }
-    if let Some(job) = jobs::get_any(&state.db, attempt.job_id).await? {
-        if job.status == JobStatus::Provisioning && !batch.reports.is_empty() {
-            start_training(state, &job, &attempt).await?;
-        }
+    };
+    if job.status == JobStatus::Provisioning && !batch.reports.is_empty() {
+        start_training(state, &job, &attempt).await?;
     }
     let mut metrics = Vec::new();
     let mut events = Vec::new();

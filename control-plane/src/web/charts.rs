@@ -167,23 +167,23 @@ pub fn line_chart(title: &str, x_label: &str, series: &[Series<'_>]) -> String {
     );
     for (index, (name, points)) in lines.iter().enumerate() {
         let color = COLORS[index % COLORS.len()];
-        let path: Vec<String> = points
-            .iter()
-            .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
-            .collect();
         let _ = write!(
             svg,
-            r#"<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{}"/>"#,
-            path.join(" ")
+            r#"<polyline fill="none" stroke="{color}" stroke-width="1.8" points=""#
         );
+        for (index, (x, y)) in points.iter().enumerate() {
+            let separator = if index == 0 { "" } else { " " };
+            let _ = write!(svg, "{separator}{},{}", Tenths(sx(*x)), Tenths(sy(*y)));
+        }
+        svg.push_str(r#""/>"#);
         // A lone point has no line to show it: draw its dot visibly.
         let dot = if points.len() == 1 { "dot solo" } else { "dot" };
         for (x, y) in points {
             let _ = write!(
                 svg,
-                r#"<circle class="{dot}" cx="{:.1}" cy="{:.1}" r="3" fill="{color}"><title>{} at {}: {}</title></circle>"#,
-                sx(*x),
-                sy(*y),
+                r#"<circle class="{dot}" cx="{}" cy="{}" r="3" fill="{color}"><title>{} at {}: {}</title></circle>"#,
+                Tenths(sx(*x)),
+                Tenths(sy(*y)),
                 escape(name),
                 label(*x),
                 label(*y)
@@ -202,9 +202,33 @@ pub fn line_chart(title: &str, x_label: &str, series: &[Series<'_>]) -> String {
     svg
 }
 
+/// A coordinate to one decimal, written from its integer tenths: `{:.1}` takes the
+/// exact float-formatting path, and a page writes thousands of coordinates.
+struct Tenths(f64);
+
+impl std::fmt::Display for Tenths {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tenths = (self.0 * 10.0).round() as i64;
+        let sign = if tenths < 0 { "-" } else { "" };
+        let tenths = tenths.unsigned_abs();
+        write!(f, "{sign}{}.{}", tenths / 10, tenths % 10)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tenths_match_one_decimal_formatting() {
+        for value in [0.0, 0.04, 0.05, 1.25, 12.349, 419.96, -2.75, 1e6] {
+            assert_eq!(
+                Tenths(value).to_string(),
+                format!("{:.1}", (value * 10.0_f64).round() / 10.0),
+                "{value}"
+            );
+        }
+    }
 
     #[test]
     fn long_series_are_thinned_keeping_the_last_point() {

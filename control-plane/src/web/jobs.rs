@@ -14,7 +14,7 @@ use super::frame::{ago, duration, money, viewer, Frame, PageResult};
 use super::{render, PageError, PageUser};
 use crate::db::artifacts::Artifact;
 use crate::db::attempts::{self, Checkpoint};
-use crate::db::events::{self, Event, EventFilter};
+use crate::db::events::{self, Event};
 use crate::db::jobs::{self, Job};
 use crate::db::metrics::MetricPoint;
 use crate::db::now;
@@ -282,29 +282,16 @@ async fn job_detail(
     Query(notice): Query<Notice>,
 ) -> PageResult {
     let job = visible_job(&state, &user.0, id).await?;
-    // The last 200 events; a second read only when the log is longer than that.
-    let recent_events = |offset: i64| EventFilter {
-        limit: 200,
-        offset,
-        ..EventFilter::default()
-    };
-    let (mut recent, total) = events::list(&state.db, job.id, &recent_events(0)).await?;
-    if total > 200 {
-        recent = events::list(&state.db, job.id, &recent_events(total - 200))
-            .await?
-            .0;
-    }
     let frame = Frame::new(
         &user,
         "jobs",
         &[("Jobs", "/training/jobs"), (&job.name, "")],
     );
-    let checkpoints = crate::service::artifact::job_checkpoints(&state, &user.0, job.id).await?;
-    let artifacts = crate::service::artifact::job_artifacts(&state, &user.0, job.id)
-        .await?
-        .into_iter()
-        .filter(|a| a.artifact_type != protocol::agent::ArtifactKind::Checkpoint)
-        .collect();
+    // The page's reads are independent once the job is known: on PostgreSQL they overlap.
+    let (recent, (checkpoints, artifacts)) = futures::try_join!(
+        async { Ok::<_, ServiceError>(events::latest(&state.db, job.id, 200).await?) },
+        crate::service::artifact::outputs_of(&state, &job),
+    )?;
     let live = job_live_view(&state, job).await?;
     let status = live.job.status;
     let page = JobPage {
@@ -313,7 +300,7 @@ async fn job_detail(
         can_resume: matches!(status, JobStatus::Interrupted | JobStatus::Failed),
         can_configure: status.check(JobStatus::Configured).is_ok(),
         can_start: status == JobStatus::Configured,
-        events: recent.into_iter().rev().collect(),
+        events: recent,
         checkpoints,
         artifacts,
         notice: notice.notice,

@@ -472,7 +472,8 @@ async fn a_run_that_lost_its_claim_neither_finishes_nor_counts(backend: Backend)
                 topic: None,
                 quality_score: None,
                 human_reviewed: None,
-                messages: json!([{"role": "user", "content": "hi"}]),
+                messages: serde_json::from_value(json!([{"role": "user", "content": "hi"}]))
+                    .expect("messages"),
                 tools: None,
                 text: None,
                 metadata: None,
