@@ -101,6 +101,14 @@ impl Metrics {
         });
     }
 
+    /// A budget alert sent; `threshold` is the percent crossed (100: the amount itself).
+    pub fn count_budget_alert(&self, threshold: f64) {
+        let kind = if threshold >= 100.0 { "cap" } else { "threshold" };
+        self.with_recorder(|| {
+            counter!("lora_budget_alerts_total", "kind" => kind).increment(1);
+        });
+    }
+
     /// Sets gauge `name` for each `(label value, count)`, the label named `label`; label
     /// values set before and missing now read 0.
     pub fn set_gauges(

@@ -12,7 +12,9 @@ use uuid::Uuid;
 use super::attempts::{Attempt, Checkpoint, ATTEMPT_COLUMNS, CHECKPOINT_COLUMNS};
 use super::events::{insert_event, Event};
 use super::{on_pool, BeginWrite, Db, DbError};
-use crate::domain::{AttemptStatus, GpuType, Hyperparameters, JobStatus, RecoveryPolicy};
+use crate::domain::{
+    Attribution, AttemptStatus, GpuType, Hyperparameters, JobStatus, RecoveryPolicy,
+};
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Job {
@@ -66,6 +68,25 @@ pub struct Job {
     /// Agent labels a host must carry to run this job, such as {"zone": "eu-west-1a"}.
     #[schema(value_type = Object)]
     pub required_labels: Json<serde_json::Value>,
+    /// Who the job's spend is charged to (spec §4.2.10).
+    pub team: Option<String>,
+    pub project: Option<String>,
+    pub cost_center: Option<String>,
+    /// Free-form labels for cost reports, such as {"experiment": "lr-sweep"}.
+    #[schema(value_type = Option<Object>)]
+    pub tags: Option<Json<serde_json::Map<String, serde_json::Value>>>,
+}
+
+impl Job {
+    /// Who the job's spend is charged to.
+    pub fn attribution(&self) -> Attribution {
+        Attribution {
+            team: self.team.clone(),
+            project: self.project.clone(),
+            cost_center: self.cost_center.clone(),
+            tags: self.tags.as_ref().map(|tags| tags.0.clone()),
+        }
+    }
 }
 
 impl Job {
@@ -101,6 +122,7 @@ pub struct NewJob<'a> {
     pub training_file_id: Uuid,
     /// Configuration carried over from a template; the job still starts as a draft.
     pub preset_id: Option<Uuid>,
+    pub attribution: &'a Attribution,
 }
 
 /// Creates job `id` as a draft and logs `event` (its creation) with it.
@@ -114,8 +136,8 @@ pub async fn insert_draft(
         let mut tx = pool.begin_write().await?;
         let row = sqlx::query_as::<_, Job>(
             "INSERT INTO training_jobs (id, user_id, name, description, base_model, training_file_id, preset_id,
-                                        status, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $9, $8, $8)
+                                        status, created_at, updated_at, team, project, cost_center, tags)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $9, $8, $8, $10, $11, $12, $13)
              RETURNING *",
         )
         .bind(id)
@@ -127,6 +149,10 @@ pub async fn insert_draft(
         .bind(job.preset_id)
         .bind(event.created_at)
         .bind(JobStatus::Draft)
+        .bind(job.attribution.team.as_deref())
+        .bind(job.attribution.project.as_deref())
+        .bind(job.attribution.cost_center.as_deref())
+        .bind(job.attribution.tags.as_ref().map(Json))
         .fetch_one(&mut *tx)
         .await?;
         insert_event!(event).execute(&mut *tx).await?;
@@ -258,6 +284,7 @@ pub struct Configuration<'a> {
     pub hourly_rate: f64,
     pub estimated_duration_hours: (f64, f64),
     pub estimated_cost: (f64, f64),
+    pub attribution: &'a Attribution,
 }
 
 /// A new attempt, started when a queued job is given to an agent.
@@ -456,7 +483,8 @@ pub async fn change_status(
                      hyperparameters = $9, total_epochs = $10, hourly_rate = $11,
                      estimated_duration_hours_min = $12, estimated_duration_hours_max = $13,
                      estimated_cost_min = $14, estimated_cost_max = $15, required_labels = $16,
-                     max_retries = $17, max_interruptions = $18, auto_resume = $19"))
+                     max_retries = $17, max_interruptions = $18, auto_resume = $19,
+                     team = $20, project = $21, cost_center = $22, tags = $23"))
             .bind(job_id).bind(from).bind(to).bind(at).bind(change.holder())
             .bind(c.preset_id)
             .bind(c.gpu_type)
@@ -471,7 +499,11 @@ pub async fn change_status(
             .bind(Json(c.required_labels))
             .bind(i64::from(c.recovery.max_retries))
             .bind(i64::from(c.recovery.max_interruptions))
-            .bind(c.recovery.auto_resume),
+            .bind(c.recovery.auto_resume)
+            .bind(c.attribution.team.as_deref())
+            .bind(c.attribution.project.as_deref())
+            .bind(c.attribution.cost_center.as_deref())
+            .bind(c.attribution.tags.as_ref().map(Json)),
             Change::Queue { estimated_start_time } => sqlx::query_as::<_, Job>(guarded!(
                 "UPDATE training_jobs SET status = $3, updated_at = $4, queued_at = $4, estimated_start_time = $6"))
             .bind(job_id).bind(from).bind(to).bind(at).bind(change.holder())

@@ -15,6 +15,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 pub mod agents;
 pub mod artifacts;
 pub mod attempts;
+pub mod budgets;
 pub mod cost_tracking;
 pub mod events;
 pub mod files;
@@ -39,6 +40,15 @@ pub enum DbError {
     WriterGone,
     #[error("unsupported database URL {0:?}: expected postgres://… or sqlite://…")]
     UnsupportedUrl(String),
+}
+
+impl DbError {
+    /// PostgreSQL refuses text holding NUL (`\u0000`), in TEXT (SQLSTATE 22021) and JSONB
+    /// (22P05) columns alike: the input's fault, whichever field carried it.
+    pub fn is_unstorable_text(&self) -> bool {
+        matches!(self, DbError::Sqlx(sqlx::Error::Database(error))
+            if matches!(error.code().as_deref(), Some("22021" | "22P05")))
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -1,5 +1,6 @@
 //! Types that parse their input, so an invalid value cannot be built.
 
+pub mod budget;
 pub mod gpu_catalog;
 pub mod hyperparameters;
 pub mod job_status;
@@ -8,6 +9,7 @@ pub mod recovery_policy;
 pub mod user;
 pub mod vocabulary;
 
+pub use budget::{Attribution, BudgetPeriod, BudgetScope, Enforcement};
 pub use gpu_catalog::{GpuCatalog, GpuType};
 pub use hyperparameters::{FieldError, Hyperparameters};
 pub use job_status::JobStatus;

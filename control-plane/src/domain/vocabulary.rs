@@ -102,6 +102,7 @@ macro_rules! vocabulary {
         $crate::domain::vocabulary::sql_text!($name);
     };
 }
+pub(crate) use vocabulary;
 
 vocabulary!(
     /// How one agent's run of a job ended (or that it still runs).

@@ -22,6 +22,7 @@ pub mod agent_api;
 pub mod agents;
 pub mod artifacts;
 pub mod auth;
+pub mod budgets;
 pub mod error;
 pub mod files;
 pub mod job_templates;
@@ -41,7 +42,7 @@ pub mod stream;
     security(("bearer" = []), ("session" = [])),
     tags(
         (name = "auth"), (name = "training-files"), (name = "presets"), (name = "jobs"),
-        (name = "templates"), (name = "artifacts"), (name = "agents"), (name = "agent protocol"),
+        (name = "templates"), (name = "artifacts"), (name = "costs"), (name = "agents"), (name = "agent protocol"),
         (name = "operations"),
     )
 )]
@@ -112,6 +113,7 @@ pub fn router() -> Router<AppState> {
         .merge(stream::router())
         .merge(job_templates::router())
         .merge(artifacts::router())
+        .merge(budgets::router())
         .merge(agents::router())
         .merge(agent_api::router());
     let (routes, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())

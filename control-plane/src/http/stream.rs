@@ -20,6 +20,19 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(stream_job))
 }
 
+/// One server-sent event of a job's stream, as a client reads it off the wire.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)] // describes the stream for the OpenAPI document only
+struct JobStreamEvent {
+    /// status, event, metrics or end.
+    event: String,
+    /// JSON: the job (status), a log entry (event), a training step (metrics), or
+    /// `{"status"}` (end).
+    data: String,
+    /// The position to resume after, as `Last-Event-ID`.
+    id: Option<String>,
+}
+
 fn to_sse(message: FeedMessage) -> SseEvent {
     let (name, data) = match &message.item {
         FeedItem::Update(update) => (
@@ -48,7 +61,7 @@ fn to_sse(message: FeedMessage) -> SseEvent {
 /// so by themselves) is sent the events and steps it missed, none twice.
 #[utoipa::path(get, path = "/jobs/{id}/stream", tag = "jobs",
     params(("id" = Uuid, Path), ("Last-Event-ID" = Option<String>, Header, description = "the id of the last event received, to resume after it")),
-    responses((status = 200, description = "the job's live updates", content_type = "text/event-stream", body = String),
+    responses((status = 200, description = "the job's live updates", content_type = "text/event-stream", body = JobStreamEvent),
         (status = 400, description = "Last-Event-ID is not a position this stream sent", body = ErrorBody),
         (status = 404, description = "no such job, or another user's", body = ErrorBody)))]
 async fn stream_job(

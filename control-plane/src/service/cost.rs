@@ -1,14 +1,19 @@
 //! A job's cost record (spec §7): every attempt's GPU hours and cost, and what spot
-//! capacity saved against the on-demand price of the same GPU.
+//! capacity saved against the on-demand price of the same GPU; cost reports (spec §5.8),
+//! summed by the database over the cost records.
 
-use chrono::{DateTime, Utc};
-use serde::Serialize;
+use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
-use super::AppState;
+use super::{AppState, CurrentUser, ServiceError, ServiceResult};
 use crate::db::attempts;
+use crate::db::cost_tracking::{
+    self, CostRecord, Dimension, GroupSpend, JobSpend, SpendFilter, Totals,
+};
 use crate::db::jobs::{round_cents, Job};
-use crate::db::{cost_tracking, now, DbError};
-use crate::domain::{AttemptStatus, GpuType};
+use crate::db::{now, DbError};
+use crate::domain::{AttemptStatus, BudgetPeriod, FieldError, GpuType};
 
 /// What a job has cost so far, attempt by attempt.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -71,15 +76,248 @@ pub async fn job_cost(state: &AppState, job: &Job, at: DateTime<Utc>) -> Result<
     Ok(total)
 }
 
-/// Writes (or rewrites) the job's `cost_tracking` row from its attempts.
-pub async fn record(state: &AppState, job: &Job) -> Result<(), DbError> {
+/// Writes (or rewrites) the job's `cost_tracking` row from its attempts, then lets the
+/// budgets it counts against alert.
+pub async fn record(state: &AppState, job: &Job) -> ServiceResult<()> {
     let at = now();
-    let JobCost {
-        compute_cost: compute,
-        gpu_hours: hours,
-        spot_savings: savings,
-        ..
-    } = job_cost(state, job, at).await?;
-    cost_tracking::replace(&state.db, job.id, compute, hours, savings, at).await?;
-    Ok(())
+    let cost = job_cost(state, job, at).await?;
+    let record = CostRecord {
+        compute: cost.compute_cost,
+        gpu_hours: cost.gpu_hours,
+        spot_savings: cost.spot_savings,
+    };
+    cost_tracking::replace(&state.db, job, &record, at).await?;
+    super::budget::alert_if_crossed(state, job).await
+}
+
+/// What a cost report covers: its dates (a period ending now, or start and end dates,
+/// inclusive) and attribution filters.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CostQuery {
+    /// day, week, month, quarter or year: the calendar period (UTC) holding today.
+    /// Default: month, unless start_date or end_date is given.
+    pub period: Option<String>,
+    /// First day counted, YYYY-MM-DD.
+    pub start_date: Option<String>,
+    /// Last day counted, YYYY-MM-DD.
+    pub end_date: Option<String>,
+    pub team: Option<String>,
+    pub project: Option<String>,
+    pub cost_center: Option<String>,
+}
+
+/// Spend over the query's range (spec §5.8 `GET /cost-tracking/summary`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CostSummary {
+    #[serde(flatten)]
+    pub totals: Totals,
+    /// The range covered: its first instant (none: from the first record), and the first
+    /// instant after it.
+    pub from: Option<DateTime<Utc>>,
+    pub until: DateTime<Utc>,
+    /// The costliest jobs, at most 100.
+    pub breakdown_by_job: Vec<JobSpend>,
+    pub by_team: Vec<GroupSpend>,
+    pub by_project: Vec<GroupSpend>,
+    pub by_cost_center: Vec<GroupSpend>,
+}
+
+/// Most jobs a summary lists.
+const BREAKDOWN_JOBS: i64 = 100;
+
+pub async fn summary(state: &AppState, user: &CurrentUser, query: &CostQuery) -> ServiceResult<CostSummary> {
+    let filter = spend_filter(user, query, "month")?;
+    let (totals, breakdown_by_job, by_team, by_project, by_cost_center) = futures::try_join!(
+        cost_tracking::totals(&state.db, &filter),
+        cost_tracking::by_job(&state.db, &filter, BREAKDOWN_JOBS),
+        cost_tracking::by_dimension(&state.db, &filter, Dimension::Team),
+        cost_tracking::by_dimension(&state.db, &filter, Dimension::Project),
+        cost_tracking::by_dimension(&state.db, &filter, Dimension::CostCenter),
+    )?;
+    Ok(CostSummary {
+        totals: Totals {
+            total_cost: round_cents(totals.total_cost),
+            compute_cost: round_cents(totals.compute_cost),
+            storage_cost: round_cents(totals.storage_cost),
+            network_cost: round_cents(totals.network_cost),
+            total_spot_savings: round_cents(totals.total_spot_savings),
+            ..totals
+        },
+        from: filter.from,
+        until: filter.until.unwrap_or_else(now),
+        breakdown_by_job,
+        by_team,
+        by_project,
+        by_cost_center,
+    })
+}
+
+/// One bucket of a trend.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct TrendPoint {
+    /// The bucket's first day: the day, the Monday of the week, or the first of the month.
+    pub date: NaiveDate,
+    pub total_cost: f64,
+    pub compute_cost: f64,
+    pub job_count: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CostTrends {
+    /// day, week or month.
+    pub period: String,
+    /// Every bucket of the range, oldest first, empty ones at zero.
+    pub data: Vec<TrendPoint>,
+}
+
+/// Most buckets a trend returns.
+const MAX_TREND_POINTS: i64 = 1_000;
+
+/// Spend per day, week or month over the range (spec §5.8 `GET /cost-tracking/trends`);
+/// default the last 30 days by day.
+pub async fn trends(state: &AppState, user: &CurrentUser, query: &CostQuery) -> ServiceResult<CostTrends> {
+    let bucket = query.period.as_deref().unwrap_or("day");
+    if !matches!(bucket, "day" | "week" | "month") {
+        return Err(ServiceError::Validation(vec![FieldError::new(
+            "period",
+            "must be day, week or month",
+        )]));
+    }
+    let defaults = CostQuery {
+        period: None,
+        start_date: query
+            .start_date
+            .clone()
+            .or_else(|| Some((now().date_naive() - chrono::Duration::days(29)).to_string())),
+        end_date: query.end_date.clone(),
+        team: query.team.clone(),
+        project: query.project.clone(),
+        cost_center: query.cost_center.clone(),
+    };
+    let filter = spend_filter(user, &defaults, "day")?;
+    let (Some(from), Some(until)) = (filter.from, filter.until) else {
+        return Err(ServiceError::Internal("a trend without a range".into()));
+    };
+    let start_of = |day: NaiveDate| match bucket {
+        "week" => day - chrono::Duration::days(i64::from(day.weekday().num_days_from_monday())),
+        "month" => day.with_day(1).unwrap_or(day),
+        _ => day,
+    };
+    let next = |day: NaiveDate| match bucket {
+        "week" => day + chrono::Duration::days(7),
+        "month" => day
+            .checked_add_months(chrono::Months::new(1))
+            .unwrap_or(NaiveDate::MAX),
+        _ => day + chrono::Duration::days(1),
+    };
+    let mut data = Vec::new();
+    let mut day = start_of(from.date_naive());
+    let last = until.date_naive();
+    while day < last {
+        if data.len() as i64 >= MAX_TREND_POINTS {
+            return Err(ServiceError::Validation(vec![FieldError::new(
+                "start_date",
+                format!("the range holds more than {MAX_TREND_POINTS} {bucket}s"),
+            )]));
+        }
+        data.push(TrendPoint {
+            date: day,
+            total_cost: 0.0,
+            compute_cost: 0.0,
+            job_count: 0,
+        });
+        day = next(day);
+    }
+    // Days come summed from the database; weeks and months are folded from them.
+    for spent in cost_tracking::by_day(&state.db, &filter).await? {
+        let bucket_day = start_of(spent.day);
+        if let Some(point) = data.iter_mut().find(|p| p.date == bucket_day) {
+            point.total_cost += spent.total_cost;
+            point.compute_cost += spent.compute_cost;
+            point.job_count += spent.job_count;
+        }
+    }
+    for point in &mut data {
+        point.total_cost = round_cents(point.total_cost);
+        point.compute_cost = round_cents(point.compute_cost);
+    }
+    Ok(CostTrends {
+        period: bucket.to_owned(),
+        data,
+    })
+}
+
+/// The spend a report covers: what the user may see, over the query's range and filters.
+/// Every bad field is named.
+fn spend_filter(user: &CurrentUser, query: &CostQuery, default_period: &str) -> ServiceResult<SpendFilter> {
+    let mut errors = Vec::new();
+    let mut date = |field: &str, text: Option<&str>| {
+        text.and_then(|text| match NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d") {
+            Ok(day) if (1970..=9999).contains(&day.year()) => Some(day),
+            _ => {
+                errors.push(FieldError::new(field, "must be a date from 1970 to 9999, YYYY-MM-DD"));
+                None
+            }
+        })
+    };
+    let start = date("start_date", query.start_date.as_deref());
+    let end = date("end_date", query.end_date.as_deref());
+    let midnight = |day: NaiveDate| Utc.from_utc_datetime(&day.and_time(chrono::NaiveTime::MIN));
+    let today = now();
+    let (from, until) = match (start, end, query.period.as_deref()) {
+        (None, None, period) => {
+            let period = match period.unwrap_or(default_period) {
+                "day" => Some(BudgetPeriod::Daily),
+                "week" => Some(BudgetPeriod::Weekly),
+                "month" => Some(BudgetPeriod::Monthly),
+                "quarter" => Some(BudgetPeriod::Quarterly),
+                "year" => Some(BudgetPeriod::Annual),
+                _ => None,
+            };
+            match period {
+                Some(period) => {
+                    let (from, until) = period.window(today);
+                    (Some(from), until)
+                }
+                None => {
+                    errors.push(FieldError::new(
+                        "period",
+                        "must be day, week, month, quarter or year",
+                    ));
+                    (None, today)
+                }
+            }
+        }
+        // Dates are inclusive: the range ends at midnight after its last day (today's by
+        // default); without a start date it reaches back to the first record.
+        (start, end, _) => (
+            start.map(midnight),
+            midnight(end.unwrap_or(today.date_naive()) + chrono::Duration::days(1)),
+        ),
+    };
+    if from.is_some_and(|from| from > until) {
+        errors.push(FieldError::new("end_date", "must not be before start_date"));
+    }
+    let mut name = |field: &str, value: &Option<String>| match value.as_deref().map(str::trim) {
+        Some(text) if text.is_empty() || text.chars().any(char::is_control) => {
+            errors.push(FieldError::new(field, "must name something, in printable characters, when given"));
+            None
+        }
+        other => other.map(str::to_owned),
+    };
+    let team = name("team", &query.team);
+    let project = name("project", &query.project);
+    let cost_center = name("cost_center", &query.cost_center);
+    if !errors.is_empty() {
+        return Err(ServiceError::Validation(errors));
+    }
+    Ok(SpendFilter {
+        from,
+        until: Some(until),
+        team,
+        project,
+        cost_center,
+        ..SpendFilter::visible_to(user.viewer())
+    })
 }

@@ -33,14 +33,25 @@ pub enum ServiceError {
     #[error("too many failed attempts; try again in {retry_after_seconds} s")]
     TooManyRequests { retry_after_seconds: u64 },
     #[error(transparent)]
-    Database(#[from] DbError),
+    Database(DbError),
     #[error("{0}")]
     Internal(String),
 }
 
+impl From<DbError> for ServiceError {
+    fn from(error: DbError) -> Self {
+        if error.is_unstorable_text() {
+            return ServiceError::BadRequest(
+                "text may not contain the NUL character (\\u0000)".into(),
+            );
+        }
+        ServiceError::Database(error)
+    }
+}
+
 impl From<sqlx::Error> for ServiceError {
     fn from(error: sqlx::Error) -> Self {
-        ServiceError::Database(error.into())
+        DbError::from(error).into()
     }
 }
 

@@ -16,7 +16,7 @@ use crate::db::jobs::{self, Change, Configuration, Job, NewJob};
 use crate::db::metrics::{self, MetricPoint};
 use crate::db::{attempts, files, now, presets};
 use crate::domain::{
-    hyperparameters, EnrichmentStatus, EventType, FieldError, GpuType, JobStatus, RecoveryPolicy,
+    hyperparameters, Attribution, EnrichmentStatus, EventType, FieldError, GpuType, JobStatus, RecoveryPolicy,
     Severity,
 };
 
@@ -109,6 +109,13 @@ pub struct CreateJob {
     pub description: Option<String>,
     /// A model directory on the agents or a hub id such as meta-llama/Llama-3.2-1B.
     pub base_model: String,
+    /// The team the job's spend is charged to.
+    pub team: Option<String>,
+    pub project: Option<String>,
+    pub cost_center: Option<String>,
+    /// Labels for cost reports: an object of strings, such as {"experiment": "lr-sweep"}.
+    #[schema(value_type = Option<Object>)]
+    pub tags: Option<Map<String, Value>>,
 }
 
 /// Creates a draft after checking the fields and the training file's eligibility (§7.1).
@@ -123,6 +130,13 @@ pub async fn create_draft(
     if name.is_empty() || name.chars().count() > 200 {
         errors.push(FieldError::new("name", "must be 1 to 200 characters"));
     }
+    let attribution = Attribution::parse(
+        request.team.as_deref(),
+        request.project.as_deref(),
+        request.cost_center.as_deref(),
+        request.tags.as_ref(),
+        &mut errors,
+    );
     let base_model = request.base_model.trim();
     if base_model.is_empty()
         || base_model.len() > 500
@@ -165,6 +179,7 @@ pub async fn create_draft(
         base_model,
         training_file_id: file.id,
         preset_id,
+        attribution: &attribution,
     };
     Ok(jobs::insert_draft(&state.db, id, job, &event).await?)
 }
@@ -191,6 +206,12 @@ pub struct ConfigureJob {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub recovery: Map<String, Value>,
+    /// Attribution (as on create); each one given replaces the job's.
+    pub team: Option<String>,
+    pub project: Option<String>,
+    pub cost_center: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub tags: Option<Map<String, Value>>,
 }
 
 /// Sets hyperparameters, GPU and recovery policy, with the cost estimate. Every invalid
@@ -203,6 +224,14 @@ pub async fn configure_job(
 ) -> ServiceResult<Job> {
     job.status.check(JobStatus::Configured)?;
     let mut errors = Vec::new();
+    let attribution = Attribution::parse(
+        request.team.as_deref(),
+        request.project.as_deref(),
+        request.cost_center.as_deref(),
+        request.tags.as_ref(),
+        &mut errors,
+    )
+    .or(&job.attribution());
     let gpu_type = GpuType::parse(&request.gpu_type);
     if gpu_type.is_none() {
         errors.push(FieldError::new("gpu_type", "must be spot or ondemand"));
@@ -306,6 +335,7 @@ pub async fn configure_job(
             jobs::round_cents(duration.0 * rate),
             jobs::round_cents(duration.1 * rate),
         ),
+        attribution: &attribution,
     };
     let resume = if recovery.auto_resume {
         format!(
@@ -344,9 +374,11 @@ pub async fn configure_job(
     Ok(changed.job)
 }
 
-/// Queues a configured job; agents waiting for work are woken.
+/// Queues a configured job unless a `block_start` budget refuses it; agents waiting for
+/// work are woken.
 pub async fn queue_job(state: &AppState, job: &Job) -> ServiceResult<Job> {
     job.status.check(JobStatus::Queued)?;
+    super::budget::check_start(state, job).await?;
     let hours_ahead = jobs::queued_hours_ahead(&state.db).await?;
     let estimated_start_time = now() + Duration::seconds((hours_ahead * 3600.0) as i64);
     let event = Event::new(

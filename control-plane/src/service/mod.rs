@@ -17,6 +17,7 @@ use crate::telemetry::Metrics;
 
 pub mod account;
 pub mod artifact;
+pub mod budget;
 pub mod cost;
 mod error;
 pub mod feed;

@@ -178,6 +178,10 @@ pub async fn job_from_template(
         name: request.name,
         description: template.description.clone(),
         base_model,
+        team: None,
+        project: None,
+        cost_center: None,
+        tags: None,
     };
     let mut job = create_draft(state, user, &draft, template.preset_id).await?;
     if let (Some(gpu_type), Some(gpu_model)) = (template.gpu_type, &template.gpu_model) {
@@ -192,6 +196,10 @@ pub async fn job_from_template(
             gpu_model: gpu_model.clone(),
             required_labels: Map::new(),
             recovery: Map::new(),
+            team: None,
+            project: None,
+            cost_center: None,
+            tags: None,
         };
         let recovery = template.recovery.as_ref().map(|r| r.0);
         job = configure_job(state, job, &configuration, recovery).await?;

@@ -129,6 +129,10 @@ async fn create(
             name: form.name.clone(),
             description: None,
             base_model: form.base_model.clone(),
+            team: None,
+            project: None,
+            cost_center: None,
+            tags: None,
         });
     let result = match &request {
         Ok(request) => create_draft(&state, &user.0, request, None).await,
@@ -361,6 +365,10 @@ async fn configure(
         gpu_model: form.gpu_model.clone(),
         required_labels: Map::new(),
         recovery: form.recovery(),
+        team: None,
+        project: None,
+        cost_center: None,
+        tags: None,
     };
     match configure_job(&state, job, &request, None).await {
         Ok(job) => Ok(

@@ -4,14 +4,14 @@ use askama::Template;
 use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
-use chrono::Datelike;
 
 use super::frame::{money, viewer, Frame, PageResult};
 use super::jobs::{job_rows, JobRow};
 use super::{render, PageUser};
 use crate::db::jobs::{self, Job};
+use crate::db::cost_tracking::{self, SpendFilter};
 use crate::db::{agents, now};
-use crate::domain::JobStatus;
+use crate::domain::{BudgetPeriod, JobStatus};
 use crate::service::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -34,20 +34,23 @@ struct HomePage {
 async fn home(State(state): State<AppState>, user: PageUser) -> PageResult {
     let (list, _) = jobs::list(&state.db, viewer(&user), None, 500, 0).await?;
     let today = now().date_naive();
-    let month = (today.year(), today.month());
     let completed_today = list
         .iter()
         .filter(|j| j.status == JobStatus::Completed)
         .filter(|j| j.completed_at.is_some_and(|t| t.date_naive() == today))
         .count();
-    let spend: f64 = list
-        .iter()
-        .filter(|j| {
-            let started = j.started_at.unwrap_or(j.created_at).date_naive();
-            (started.year(), started.month()) == month
-        })
-        .map(|j| j.final_cost.unwrap_or(j.current_cost))
-        .sum();
+    // Summed by the database over the cost records, as the cost reports and budgets are.
+    let (month_start, month_end) = BudgetPeriod::Monthly.window(now());
+    let spend = cost_tracking::totals(
+        &state.db,
+        &SpendFilter {
+            from: Some(month_start),
+            until: Some(month_end),
+            ..SpendFilter::visible_to(viewer(&user))
+        },
+    )
+    .await?
+    .total_cost;
     let queued = list
         .iter()
         .filter(|j| j.status == JobStatus::Queued)

@@ -15,6 +15,7 @@ use crate::service::CurrentUser;
 use crate::service::ServiceError;
 
 pub mod charts;
+mod costs;
 mod create;
 mod files;
 mod fleet;
@@ -33,6 +34,7 @@ pub fn router() -> Router<AppState> {
         .merge(fleet::router())
         .merge(create::router())
         .merge(history::router())
+        .merge(costs::router())
         .merge(job_templates::router())
         .route("/static/app.css", get(stylesheet))
         .route("/static/app.js", get(script))

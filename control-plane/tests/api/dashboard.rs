@@ -25,7 +25,7 @@ fn browser() -> Client {
 }
 
 /// Signs in through the login form; returns the session cookie pair.
-async fn sign_in(app: &TestApp, email: &str) -> String {
+pub(crate) async fn sign_in(app: &TestApp, email: &str) -> String {
     let response = browser()
         .post(app.url("/login"))
         .form(&[("email", email), ("password", "password-123")])
@@ -43,7 +43,7 @@ async fn sign_in(app: &TestApp, email: &str) -> String {
         .to_owned()
 }
 
-async fn page(app: &TestApp, cookie: &str, path: &str) -> (StatusCode, String) {
+pub(crate) async fn page(app: &TestApp, cookie: &str, path: &str) -> (StatusCode, String) {
     let response = browser()
         .get(app.url(path))
         .header(header::COOKIE, cookie)

@@ -116,3 +116,21 @@ async fn every_error_is_the_json_error() {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/html")));
 }
+
+/// PostgreSQL cannot store NUL in text: a field carrying one is the request's fault (400),
+/// not a server error, and nothing is stored.
+#[tokio::test]
+async fn postgres_refuses_text_with_nul_as_a_bad_request() {
+    let database = TestDatabase::create(Backend::Postgres).await;
+    let app = TestApp::spawn(&database).await;
+    let user = app.user("ada@example.com", Role::User).await;
+    let response = app
+        .post(&user, "/api/v1/templates", json!({"name": "tone\u{0}v2"}))
+        .await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: serde_json::Value = response.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "bad_request");
+    assert!(body["error"]["message"].as_str().expect("message").contains("NUL"));
+    let (_, templates) = crate::helpers::json_of(app.get(&user, "/api/v1/templates").await).await;
+    assert_eq!(templates["data"], json!([]));
+}

@@ -211,6 +211,9 @@ async fn every_id_route_hides_another_users_resources_whatever_their_state(backe
     )
     .await;
     let template = template["id"].as_str().expect("template id").to_owned();
+    let budget_body = json!({"name": "private", "amount": 10, "period": "monthly"});
+    let (_, budget) = json_of(app.post(&ada, "/api/v1/budgets", budget_body.clone()).await).await;
+    let budget = budget["id"].as_str().expect("budget id").to_owned();
     // The owner is refused by a rule on some of these routes: others must not learn that.
     assert_eq!(
         app.delete(&ada, &format!("/api/v1/training-files/{file}"))
@@ -237,6 +240,8 @@ async fn every_id_route_hides_another_users_resources_whatever_their_state(backe
             &template
         } else if path.starts_with("/api/v1/artifacts/") {
             &artifact
+        } else if path.starts_with("/api/v1/budgets/") {
+            &budget
         } else {
             panic!("{path}: which resource does its id name?")
         };
@@ -246,6 +251,8 @@ async fn every_id_route_hides_another_users_resources_whatever_their_state(backe
                 json!({"gpu_type": "spot", "gpu_model": "H100-80GB"})
             } else if path.ends_with("/use") {
                 json!({"training_file_id": file, "name": "stolen"})
+            } else if path.starts_with("/api/v1/budgets/") {
+                budget_body.clone()
             } else {
                 json!({})
             };
@@ -262,5 +269,5 @@ async fn every_id_route_hides_another_users_resources_whatever_their_state(backe
             swept += 1;
         }
     }
-    assert!(swept >= 18, "swept {swept} operations");
+    assert!(swept >= 21, "swept {swept} operations");
 }

@@ -5,6 +5,7 @@ mod auth;
 mod cli;
 mod concurrency;
 mod conformance;
+mod costs;
 mod dashboard;
 mod error_shape;
 mod files;

@@ -23,6 +23,7 @@ async fn the_openapi_document_matches_the_routes() {
     assert_eq!(
         operations,
         [
+            "DELETE /api/v1/budgets/{id}",
             "DELETE /api/v1/training-files/{id}",
             "GET /api/v1/agent/attempts/{id}/training-file",
             "GET /api/v1/agent/checkpoints/{id}/archive",
@@ -31,6 +32,10 @@ async fn the_openapi_document_matches_the_routes() {
             "GET /api/v1/artifacts/{id}/content",
             "GET /api/v1/artifacts/{id}/download",
             "GET /api/v1/auth/me",
+            "GET /api/v1/budgets",
+            "GET /api/v1/budgets/{id}",
+            "GET /api/v1/cost-tracking/summary",
+            "GET /api/v1/cost-tracking/trends",
             "GET /api/v1/jobs",
             "GET /api/v1/jobs/{id}",
             "GET /api/v1/jobs/{id}/artifacts",
@@ -56,6 +61,7 @@ async fn the_openapi_document_matches_the_routes() {
             "POST /api/v1/auth/login",
             "POST /api/v1/auth/logout",
             "POST /api/v1/auth/signup",
+            "POST /api/v1/budgets",
             "POST /api/v1/jobs",
             "POST /api/v1/jobs/{id}/cancel",
             "POST /api/v1/jobs/{id}/resume",
@@ -65,6 +71,7 @@ async fn the_openapi_document_matches_the_routes() {
             "POST /api/v1/templates/{id}/use",
             "POST /api/v1/training-files",
             "PUT /api/v1/agent/attempts/{id}/artifacts",
+            "PUT /api/v1/budgets/{id}",
             "PUT /api/v1/jobs/{id}/configure",
         ]
     );

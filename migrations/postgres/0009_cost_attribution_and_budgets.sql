@@ -1,0 +1,32 @@
+-- Cost attribution and budgets (spec §4.2.10, §4.2.11). A job carries its team, project,
+-- cost center and tags; its cost record copies them, with its owner and when its spend
+-- was incurred (the job's first start), so reports and budgets aggregate cost records
+-- alone. A budget is personal (its owner's jobs) or shared (an admin's, over everyone's
+-- jobs of a team or project), and says what happens at its cap. Each alert is stored
+-- once per budget, period and threshold.
+ALTER TABLE training_jobs ADD COLUMN team TEXT;
+ALTER TABLE training_jobs ADD COLUMN project TEXT;
+ALTER TABLE training_jobs ADD COLUMN cost_center TEXT;
+ALTER TABLE training_jobs ADD COLUMN tags JSONB;
+
+ALTER TABLE cost_tracking ADD COLUMN user_id UUID REFERENCES users(id) ON DELETE CASCADE;
+ALTER TABLE cost_tracking ADD COLUMN incurred_at TIMESTAMPTZ;
+UPDATE cost_tracking SET user_id = j.user_id, incurred_at = COALESCE(j.started_at, j.created_at)
+  FROM training_jobs j WHERE j.id = cost_tracking.job_id;
+CREATE INDEX idx_cost_tracking_user_incurred ON cost_tracking(user_id, incurred_at);
+CREATE INDEX idx_cost_tracking_incurred ON cost_tracking(incurred_at);
+
+ALTER TABLE budgets ADD COLUMN scope TEXT NOT NULL DEFAULT 'personal' CHECK (scope IN ('personal', 'shared'));
+ALTER TABLE budgets ADD COLUMN enforcement TEXT NOT NULL DEFAULT 'none' CHECK (enforcement IN ('none', 'block_start', 'stop_at_cap'));
+
+CREATE TABLE budget_alerts (
+  id UUID PRIMARY KEY,
+  budget_id UUID NOT NULL REFERENCES budgets(id) ON DELETE CASCADE,
+  period_start TIMESTAMPTZ NOT NULL,
+  threshold DOUBLE PRECISION NOT NULL,
+  spend DOUBLE PRECISION NOT NULL,
+  amount DOUBLE PRECISION NOT NULL,
+  job_id UUID REFERENCES training_jobs(id) ON DELETE SET NULL,
+  created_at TIMESTAMPTZ NOT NULL,
+  UNIQUE (budget_id, period_start, threshold)
+);
