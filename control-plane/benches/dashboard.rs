@@ -30,10 +30,7 @@ async fn main() {
     let (db, base, client) = (&server.db, &server.base, &server.client);
     let session = client
         .post(format!("{base}/login"))
-        .form(&[
-            ("email", support::EMAIL),
-            ("password", support::PASSWORD),
-        ])
+        .form(&[("email", support::EMAIL), ("password", support::PASSWORD)])
         .send()
         .await
         .expect("login form");

@@ -138,7 +138,10 @@ async fn our_ingest(
             let first = next[c].fetch_add(steps, std::sync::atomic::Ordering::Relaxed);
             let attempt = &attempts[c];
             let reply: Value = client
-                .post(format!("{base}/api/v1/agent/attempts/{}/reports", attempt.id))
+                .post(format!(
+                    "{base}/api/v1/agent/attempts/{}/reports",
+                    attempt.id
+                ))
                 .bearer_auth(&attempt.secret)
                 .json(&our_batch(first, steps))
                 .send()
@@ -180,7 +183,12 @@ async fn mlflow_runs(client: &Client, base: &str, count: usize) -> Vec<String> {
             &json!({"experiment_id": experiment_id, "start_time": Utc::now().timestamp_millis()}),
         )
         .await;
-        runs.push(run["run"]["info"]["run_id"].as_str().expect("run id").to_owned());
+        runs.push(
+            run["run"]["info"]["run_id"]
+                .as_str()
+                .expect("run id")
+                .to_owned(),
+        );
     }
     runs
 }
@@ -241,7 +249,10 @@ async fn main() {
                 .split(',')
                 .map(|cell| {
                     let (c, b) = cell.split_once('x').expect("cells as CxB,CxB");
-                    (c.parse().expect("clients"), b.parse().expect("steps per request"))
+                    (
+                        c.parse().expect("clients"),
+                        b.parse().expect("steps per request"),
+                    )
                 })
                 .collect()
         },
@@ -315,7 +326,13 @@ async fn main() {
     let run = mlflow_runs(&client, &mlflow[0], 1).await.remove(0);
     for first in (1..=HISTORY_STEPS as u64).step_by(150) {
         let steps = 150.min(HISTORY_STEPS as u64 + 1 - first);
-        mlflow_call(&client, &mlflow[0], "runs/log-batch", &mlflow_batch(&run, first, steps)).await;
+        mlflow_call(
+            &client,
+            &mlflow[0],
+            "runs/log-batch",
+            &mlflow_batch(&run, first, steps),
+        )
+        .await;
     }
     let url = format!(
         "{}/api/2.0/mlflow/metrics/get-history?run_id={run}&metric_key=training_loss&max_results=25000",

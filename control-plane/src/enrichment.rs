@@ -220,7 +220,10 @@ fn scan(
         }
         let chunk = if found.rows.len() == batch_size {
             batch_size = (batch_size * 2).min(BATCH);
-            Chunk::Rows(std::mem::replace(&mut found.rows, Vec::with_capacity(batch_size)))
+            Chunk::Rows(std::mem::replace(
+                &mut found.rows,
+                Vec::with_capacity(batch_size),
+            ))
         } else if (index + 1).is_multiple_of(BATCH) && !found.errors.is_empty() {
             Chunk::Progress
         } else {

@@ -103,7 +103,11 @@ impl Metrics {
 
     /// A budget alert sent; `threshold` is the percent crossed (100: the amount itself).
     pub fn count_budget_alert(&self, threshold: f64) {
-        let kind = if threshold >= 100.0 { "cap" } else { "threshold" };
+        let kind = if threshold >= 100.0 {
+            "cap"
+        } else {
+            "threshold"
+        };
         self.with_recorder(|| {
             counter!("lora_budget_alerts_total", "kind" => kind).increment(1);
         });

@@ -79,7 +79,11 @@ pub async fn server(backend: &str, clients: usize, adjust: impl FnOnce(&mut Sett
 #[allow(dead_code)]
 impl Server {
     async fn api(&self, request: reqwest::RequestBuilder) -> Value {
-        let response = request.bearer_auth(&self.token).send().await.expect("request");
+        let response = request
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("request");
         let status = response.status();
         let body: Value = response.json().await.expect("json");
         assert!(status.is_success(), "{status}: {body}");
@@ -110,7 +114,10 @@ impl Server {
             if file["enrichment_status"] == "completed" {
                 return id;
             }
-            assert!(std::time::Instant::now() < deadline, "enrichment did not finish: {file}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "enrichment did not finish: {file}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -223,11 +223,13 @@ macro_rules! store_reports {
                 }
             }
             if let Some(step) = progress.step {
-                sqlx::query("UPDATE job_attempts SET last_step = $2 WHERE id = $1 AND last_step < $2")
-                    .bind(attempt.id)
-                    .bind(step)
-                    .execute(&mut **tx)
-                    .await?;
+                sqlx::query(
+                    "UPDATE job_attempts SET last_step = $2 WHERE id = $1 AND last_step < $2",
+                )
+                .bind(attempt.id)
+                .bind(step)
+                .execute(&mut **tx)
+                .await?;
             }
             let percentage = match (progress.step, progress.total_steps) {
                 (Some(step), Some(total)) if total > 0 => Some((step * 100 / total).clamp(0, 100)),

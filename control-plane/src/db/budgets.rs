@@ -8,7 +8,8 @@ use uuid::Uuid;
 use super::{now, on_pool, Db, DbError};
 use crate::domain::{BudgetPeriod, BudgetScope, Enforcement};
 
-const COLUMNS: &str = "id, user_id, name, amount, period, alert_threshold, alert_enabled, team, project, \
+const COLUMNS: &str =
+    "id, user_id, name, amount, period, alert_threshold, alert_enabled, team, project, \
                        cost_center, is_active, scope, enforcement, created_at, updated_at";
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -48,6 +49,25 @@ pub struct BudgetFields<'a> {
     pub enforcement: Enforcement,
 }
 
+/// Binds a budget's settings, name to enforcement, in the order both statements list them.
+macro_rules! bind_fields {
+    ($query:expr, $fields:expr) => {{
+        let fields: &BudgetFields<'_> = $fields;
+        $query
+            .bind(fields.name)
+            .bind(fields.amount)
+            .bind(fields.period)
+            .bind(fields.alert_threshold)
+            .bind(fields.alert_enabled)
+            .bind(fields.team)
+            .bind(fields.project)
+            .bind(fields.cost_center)
+            .bind(fields.is_active)
+            .bind(fields.scope)
+            .bind(fields.enforcement)
+    }};
+}
+
 pub async fn insert(db: &Db, user_id: Uuid, fields: &BudgetFields<'_>) -> Result<Budget, DbError> {
     let sql = format!(
         "INSERT INTO budgets (id, user_id, name, amount, period, alert_threshold, alert_enabled, team, project,
@@ -55,49 +75,28 @@ pub async fn insert(db: &Db, user_id: Uuid, fields: &BudgetFields<'_>) -> Result
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14)
          RETURNING {COLUMNS}"
     );
-    Ok(on_pool!(db, pool => sqlx::query_as::<_, Budget>(&sql)
-        .bind(Uuid::new_v4())
-        .bind(user_id)
-        .bind(fields.name)
-        .bind(fields.amount)
-        .bind(fields.period)
-        .bind(fields.alert_threshold)
-        .bind(fields.alert_enabled)
-        .bind(fields.team)
-        .bind(fields.project)
-        .bind(fields.cost_center)
-        .bind(fields.is_active)
-        .bind(fields.scope)
-        .bind(fields.enforcement)
-        .bind(now())
-        .fetch_one(pool)
-        .await)?)
+    Ok(on_pool!(db, pool => {
+        let query = sqlx::query_as::<_, Budget>(&sql).bind(Uuid::new_v4()).bind(user_id);
+        bind_fields!(query, fields).bind(now()).fetch_one(pool).await
+    })?)
 }
 
 /// Replaces a budget's settings; `None` when it does not exist.
-pub async fn update(db: &Db, id: Uuid, fields: &BudgetFields<'_>) -> Result<Option<Budget>, DbError> {
+pub async fn update(
+    db: &Db,
+    id: Uuid,
+    fields: &BudgetFields<'_>,
+) -> Result<Option<Budget>, DbError> {
     let sql = format!(
         "UPDATE budgets SET name = $2, amount = $3, period = $4, alert_threshold = $5, alert_enabled = $6,
                 team = $7, project = $8, cost_center = $9, is_active = $10, scope = $11, enforcement = $12,
                 updated_at = $13
          WHERE id = $1 RETURNING {COLUMNS}"
     );
-    Ok(on_pool!(db, pool => sqlx::query_as::<_, Budget>(&sql)
-        .bind(id)
-        .bind(fields.name)
-        .bind(fields.amount)
-        .bind(fields.period)
-        .bind(fields.alert_threshold)
-        .bind(fields.alert_enabled)
-        .bind(fields.team)
-        .bind(fields.project)
-        .bind(fields.cost_center)
-        .bind(fields.is_active)
-        .bind(fields.scope)
-        .bind(fields.enforcement)
-        .bind(now())
-        .fetch_optional(pool)
-        .await)?)
+    Ok(on_pool!(db, pool => {
+        let query = sqlx::query_as::<_, Budget>(&sql).bind(id);
+        bind_fields!(query, fields).bind(now()).fetch_optional(pool).await
+    })?)
 }
 
 pub async fn delete(db: &Db, id: Uuid) -> Result<bool, DbError> {
@@ -111,7 +110,8 @@ pub async fn delete(db: &Db, id: Uuid) -> Result<bool, DbError> {
 
 /// A budget `user_id` may see: their own, or a shared one.
 pub async fn get_visible(db: &Db, id: Uuid, user_id: Uuid) -> Result<Option<Budget>, DbError> {
-    let sql = format!("SELECT {COLUMNS} FROM budgets WHERE id = $1 AND (user_id = $2 OR scope = $3)");
+    let sql =
+        format!("SELECT {COLUMNS} FROM budgets WHERE id = $1 AND (user_id = $2 OR scope = $3)");
     Ok(on_pool!(db, pool => sqlx::query_as::<_, Budget>(&sql)
         .bind(id)
         .bind(user_id)

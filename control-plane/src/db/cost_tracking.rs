@@ -136,7 +136,9 @@ pub async fn totals(db: &Db, filter: &SpendFilter) -> Result<Totals, DbError> {
                 COALESCE(SUM(gpu_hours), 0.0) AS total_gpu_hours, COALESCE(SUM(spot_savings), 0.0) AS total_spot_savings,
                 COUNT(*) AS job_count FROM spend{WHERE}"
     );
-    Ok(on_pool!(db, pool => spend_query!(sqlx::query_as::<_, Totals>(&sql), filter).fetch_one(pool).await)?)
+    Ok(
+        on_pool!(db, pool => spend_query!(sqlx::query_as::<_, Totals>(&sql), filter).fetch_one(pool).await)?,
+    )
 }
 
 /// One job's line in a breakdown.
@@ -161,10 +163,12 @@ pub async fn by_job(db: &Db, filter: &SpendFilter, limit: i64) -> Result<Vec<Job
            FROM (SELECT * FROM spend{WHERE}) s JOIN training_jobs j ON j.id = s.job_id
           ORDER BY s.total_cost DESC, s.incurred_at DESC LIMIT $9"
     );
-    Ok(on_pool!(db, pool => spend_query!(sqlx::query_as::<_, JobSpend>(&sql), filter)
+    Ok(
+        on_pool!(db, pool => spend_query!(sqlx::query_as::<_, JobSpend>(&sql), filter)
         .bind(limit)
         .fetch_all(pool)
-        .await)?)
+        .await)?,
+    )
 }
 
 /// Spend per day (UTC), oldest first; days without spend are absent.
@@ -233,5 +237,7 @@ pub async fn by_dimension(
         "{SPEND} SELECT {column} AS name, SUM(total_cost) AS total_cost, COUNT(*) AS job_count
            FROM spend{WHERE} GROUP BY {column} ORDER BY 2 DESC"
     );
-    Ok(on_pool!(db, pool => spend_query!(sqlx::query_as::<_, GroupSpend>(&sql), filter).fetch_all(pool).await)?)
+    Ok(
+        on_pool!(db, pool => spend_query!(sqlx::query_as::<_, GroupSpend>(&sql), filter).fetch_all(pool).await)?,
+    )
 }

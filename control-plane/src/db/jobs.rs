@@ -13,7 +13,7 @@ use super::attempts::{Attempt, Checkpoint, ATTEMPT_COLUMNS, CHECKPOINT_COLUMNS};
 use super::events::{insert_event, Event};
 use super::{on_pool, BeginWrite, Db, DbError};
 use crate::domain::{
-    Attribution, AttemptStatus, GpuType, Hyperparameters, JobStatus, RecoveryPolicy,
+    AttemptStatus, Attribution, GpuType, Hyperparameters, JobStatus, RecoveryPolicy,
 };
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow, utoipa::ToSchema)]

@@ -173,11 +173,31 @@ mod tests {
     fn windows_are_calendar_periods_in_utc() {
         let thursday = at("2026-12-03T15:04:05Z");
         let cases = [
-            (BudgetPeriod::Daily, "2026-12-03T00:00:00Z", "2026-12-04T00:00:00Z"),
-            (BudgetPeriod::Weekly, "2026-11-30T00:00:00Z", "2026-12-07T00:00:00Z"),
-            (BudgetPeriod::Monthly, "2026-12-01T00:00:00Z", "2027-01-01T00:00:00Z"),
-            (BudgetPeriod::Quarterly, "2026-10-01T00:00:00Z", "2027-01-01T00:00:00Z"),
-            (BudgetPeriod::Annual, "2026-01-01T00:00:00Z", "2027-01-01T00:00:00Z"),
+            (
+                BudgetPeriod::Daily,
+                "2026-12-03T00:00:00Z",
+                "2026-12-04T00:00:00Z",
+            ),
+            (
+                BudgetPeriod::Weekly,
+                "2026-11-30T00:00:00Z",
+                "2026-12-07T00:00:00Z",
+            ),
+            (
+                BudgetPeriod::Monthly,
+                "2026-12-01T00:00:00Z",
+                "2027-01-01T00:00:00Z",
+            ),
+            (
+                BudgetPeriod::Quarterly,
+                "2026-10-01T00:00:00Z",
+                "2027-01-01T00:00:00Z",
+            ),
+            (
+                BudgetPeriod::Annual,
+                "2026-01-01T00:00:00Z",
+                "2027-01-01T00:00:00Z",
+            ),
         ];
         for (period, start, end) in cases {
             assert_eq!(period.window(thursday), (at(start), at(end)), "{period}");
@@ -197,7 +217,13 @@ mod tests {
         let tags: Map<String, Value> =
             serde_json::from_str(r#"{"ok": "yes", "n": 5}"#).expect("tags");
         let long = "x".repeat(101);
-        let parsed = Attribution::parse(Some("  "), Some(&long), Some("cc-1"), Some(&tags), &mut errors);
+        let parsed = Attribution::parse(
+            Some("  "),
+            Some(&long),
+            Some("cc-1"),
+            Some(&tags),
+            &mut errors,
+        );
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["project", "tags.n"]);
         assert_eq!(parsed.team, None);

@@ -232,7 +232,8 @@ async fn metric_history(
         )
             .into_response(),
         MetricFormat::Columns => {
-            let points: Vec<MetricPoint> = points.try_collect().await.map_err(ServiceError::from)?;
+            let points: Vec<MetricPoint> =
+                points.try_collect().await.map_err(ServiceError::from)?;
             Json(MetricTable {
                 columns: points.into(),
             })
@@ -266,7 +267,9 @@ fn streamed_rows(
     });
     futures::stream::once(async { Ok(Bytes::from_static(b"{\"data\":[")) })
         .chain(rows)
-        .chain(futures::stream::once(async { Ok(Bytes::from_static(b"]}")) }))
+        .chain(futures::stream::once(async {
+            Ok(Bytes::from_static(b"]}"))
+        }))
 }
 /// A job's latest metrics point.
 #[utoipa::path(get, path = "/jobs/{id}/metrics/latest", tag = "jobs", params(("id" = Uuid, Path)),

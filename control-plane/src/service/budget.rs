@@ -89,13 +89,22 @@ fn parse(request: &BudgetRequest) -> ServiceResult<(BudgetFieldsOwned, BudgetSco
     }
     let alert_threshold = request.alert_threshold.unwrap_or(80.0);
     if !(1.0..=100.0).contains(&alert_threshold) {
-        errors.push(FieldError::new("alert_threshold", "must be a percentage from 1 to 100"));
+        errors.push(FieldError::new(
+            "alert_threshold",
+            "must be a percentage from 1 to 100",
+        ));
     }
     let period: Option<BudgetPeriod> = word("period", &request.period, &mut errors);
-    let scope: Option<BudgetScope> =
-        word("scope", request.scope.as_deref().unwrap_or("personal"), &mut errors);
-    let enforcement: Option<Enforcement> =
-        word("enforcement", request.enforcement.as_deref().unwrap_or("none"), &mut errors);
+    let scope: Option<BudgetScope> = word(
+        "scope",
+        request.scope.as_deref().unwrap_or("personal"),
+        &mut errors,
+    );
+    let enforcement: Option<Enforcement> = word(
+        "enforcement",
+        request.enforcement.as_deref().unwrap_or("none"),
+        &mut errors,
+    );
     if enforcement == Some(Enforcement::StopAtCap) {
         // Stopping at the cap must leave the spend a usable adapter (a checkpoint taken and
         // published as the job's adapter); until agents do that, the setting is refused
@@ -107,11 +116,17 @@ fn parse(request: &BudgetRequest) -> ServiceResult<(BudgetFieldsOwned, BudgetSco
     }
     let mut filter = |field: &str, value: &Option<String>| match value.as_deref().map(str::trim) {
         Some("") => {
-            errors.push(FieldError::new(field, "must name a team, project or cost center; leave it out to count all"));
+            errors.push(FieldError::new(
+                field,
+                "must name a team, project or cost center; leave it out to count all",
+            ));
             None
         }
         Some(text) if text.chars().count() > 100 || text.chars().any(char::is_control) => {
-            errors.push(FieldError::new(field, "must be at most 100 printable characters"));
+            errors.push(FieldError::new(
+                field,
+                "must be at most 100 printable characters",
+            ));
             None
         }
         other => other.map(str::to_owned),
@@ -224,7 +239,11 @@ pub async fn list_budgets(state: &AppState, user: &CurrentUser) -> ServiceResult
     Ok(views)
 }
 
-pub async fn get_budget(state: &AppState, user: &CurrentUser, id: Uuid) -> ServiceResult<BudgetView> {
+pub async fn get_budget(
+    state: &AppState,
+    user: &CurrentUser,
+    id: Uuid,
+) -> ServiceResult<BudgetView> {
     view(state, visible(state, user, id).await?).await
 }
 
@@ -284,7 +303,9 @@ async fn spend(
         project: budget.project.clone(),
         cost_center: budget.cost_center.clone(),
     };
-    Ok(round_cents(cost_tracking::totals(&state.db, &filter).await?.total_cost))
+    Ok(round_cents(
+        cost_tracking::totals(&state.db, &filter).await?.total_cost,
+    ))
 }
 
 async fn view(state: &AppState, budget: Budget) -> ServiceResult<BudgetView> {
@@ -364,7 +385,11 @@ async fn alert(state: &AppState, job: &Job) -> ServiceResult<()> {
             let event = Event::new(
                 job.id,
                 EventType::Warning,
-                if over { Severity::Error } else { Severity::Warning },
+                if over {
+                    Severity::Error
+                } else {
+                    Severity::Warning
+                },
                 format!(
                     "Budget \"{}\" {} {threshold}% of its {} ${:.2}: ${spent:.2} spent",
                     budget.name,

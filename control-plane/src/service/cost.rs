@@ -126,7 +126,11 @@ pub struct CostSummary {
 /// Most jobs a summary lists.
 const BREAKDOWN_JOBS: i64 = 100;
 
-pub async fn summary(state: &AppState, user: &CurrentUser, query: &CostQuery) -> ServiceResult<CostSummary> {
+pub async fn summary(
+    state: &AppState,
+    user: &CurrentUser,
+    query: &CostQuery,
+) -> ServiceResult<CostSummary> {
     let filter = spend_filter(user, query, "month")?;
     let (totals, breakdown_by_job, by_team, by_project, by_cost_center) = futures::try_join!(
         cost_tracking::totals(&state.db, &filter),
@@ -176,7 +180,11 @@ const MAX_TREND_POINTS: i64 = 1_000;
 
 /// Spend per day, week or month over the range (spec §5.8 `GET /cost-tracking/trends`);
 /// default the last 30 days by day.
-pub async fn trends(state: &AppState, user: &CurrentUser, query: &CostQuery) -> ServiceResult<CostTrends> {
+pub async fn trends(
+    state: &AppState,
+    user: &CurrentUser,
+    query: &CostQuery,
+) -> ServiceResult<CostTrends> {
     let bucket = query.period.as_deref().unwrap_or("day");
     if !matches!(bucket, "day" | "week" | "month") {
         return Err(ServiceError::Validation(vec![FieldError::new(
@@ -250,16 +258,25 @@ pub async fn trends(state: &AppState, user: &CurrentUser, query: &CostQuery) -> 
 
 /// The spend a report covers: what the user may see, over the query's range and filters.
 /// Every bad field is named.
-fn spend_filter(user: &CurrentUser, query: &CostQuery, default_period: &str) -> ServiceResult<SpendFilter> {
+fn spend_filter(
+    user: &CurrentUser,
+    query: &CostQuery,
+    default_period: &str,
+) -> ServiceResult<SpendFilter> {
     let mut errors = Vec::new();
     let mut date = |field: &str, text: Option<&str>| {
-        text.and_then(|text| match NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d") {
-            Ok(day) if (1970..=9999).contains(&day.year()) => Some(day),
-            _ => {
-                errors.push(FieldError::new(field, "must be a date from 1970 to 9999, YYYY-MM-DD"));
-                None
-            }
-        })
+        text.and_then(
+            |text| match NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d") {
+                Ok(day) if (1970..=9999).contains(&day.year()) => Some(day),
+                _ => {
+                    errors.push(FieldError::new(
+                        field,
+                        "must be a date from 1970 to 9999, YYYY-MM-DD",
+                    ));
+                    None
+                }
+            },
+        )
     };
     let start = date("start_date", query.start_date.as_deref());
     let end = date("end_date", query.end_date.as_deref());
@@ -301,7 +318,10 @@ fn spend_filter(user: &CurrentUser, query: &CostQuery, default_period: &str) -> 
     }
     let mut name = |field: &str, value: &Option<String>| match value.as_deref().map(str::trim) {
         Some(text) if text.is_empty() || text.chars().any(char::is_control) => {
-            errors.push(FieldError::new(field, "must name something, in printable characters, when given"));
+            errors.push(FieldError::new(
+                field,
+                "must name something, in printable characters, when given",
+            ));
             None
         }
         other => other.map(str::to_owned),

@@ -16,8 +16,8 @@ use crate::db::jobs::{self, Change, Configuration, Job, NewJob};
 use crate::db::metrics::{self, MetricPoint};
 use crate::db::{attempts, files, now, presets};
 use crate::domain::{
-    hyperparameters, Attribution, EnrichmentStatus, EventType, FieldError, GpuType, JobStatus, RecoveryPolicy,
-    Severity,
+    hyperparameters, Attribution, EnrichmentStatus, EventType, FieldError, GpuType, JobStatus,
+    RecoveryPolicy, Severity,
 };
 
 #[derive(Serialize, ToSchema)]

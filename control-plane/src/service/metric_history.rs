@@ -82,7 +82,10 @@ pub async fn stream(
         errors.push(FieldError::new("interval", "must be at least 1"));
     }
     if !in_range(query.max_points, 4..=MAX_POINTS) {
-        errors.push(FieldError::new("max_points", "must be between 4 and 100000"));
+        errors.push(FieldError::new(
+            "max_points",
+            "must be between 4 and 100000",
+        ));
     }
     if query.max_points.is_some() {
         for (field, given) in [("limit", query.limit), ("interval", query.interval)] {
@@ -104,7 +107,11 @@ pub async fn stream(
         return Ok(futures::stream::empty().boxed());
     };
     let rows = metrics::history_stream(&state.db, id, 1, i64::MAX);
-    let buckets = MinMaxBuckets::new(range, (max_points - 2) / 2, query.series.unwrap_or_default());
+    let buckets = MinMaxBuckets::new(
+        range,
+        (max_points - 2) / 2,
+        query.series.unwrap_or_default(),
+    );
     Ok(Downsampled {
         rows,
         buckets,
@@ -293,8 +300,14 @@ mod tests {
         assert!(steps.len() > 90, "{}", steps.len());
         assert_eq!(steps[0], 1);
         assert_eq!(steps.last(), Some(&10_000));
-        assert!(steps.contains(&4_321) && steps.contains(&7_777), "{steps:?}");
-        assert!(steps.windows(2).all(|w| w[0] < w[1]), "ascending, once each");
+        assert!(
+            steps.contains(&4_321) && steps.contains(&7_777),
+            "{steps:?}"
+        );
+        assert!(
+            steps.windows(2).all(|w| w[0] < w[1]),
+            "ascending, once each"
+        );
     }
 
     #[test]

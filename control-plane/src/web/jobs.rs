@@ -20,8 +20,8 @@ use crate::db::metrics::MetricPoint;
 use crate::db::now;
 use crate::domain::JobStatus;
 use crate::service::job::resume_job;
-use crate::service::metric_history;
 use crate::service::job::{cancel_job, visible_job};
+use crate::service::metric_history;
 use crate::service::AppState;
 use crate::service::ServiceError;
 

@@ -35,11 +35,19 @@ async fn budgets_are_validated_and_kept_by_their_owners(backend: Backend) {
     fields.sort_unstable();
     assert_eq!(
         fields,
-        ["alert_threshold", "amount", "enforcement", "name", "period", "team"],
+        [
+            "alert_threshold",
+            "amount",
+            "enforcement",
+            "name",
+            "period",
+            "team"
+        ],
         "{error}"
     );
 
-    let (status, created) = json_of(app.post(&ada, "/api/v1/budgets", budget("ml", 250.0)).await).await;
+    let (status, created) =
+        json_of(app.post(&ada, "/api/v1/budgets", budget("ml", 250.0)).await).await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     assert_eq!(created["current_spend"], 0.0);
     assert_eq!(created["remaining"], 250.0);
@@ -53,7 +61,10 @@ async fn budgets_are_validated_and_kept_by_their_owners(backend: Backend) {
     assert_eq!(app.get(&bob, &path).await.status(), StatusCode::NOT_FOUND);
     let replaced = app.put(&bob, &path, budget("mine now", 1.0)).await;
     assert_eq!(replaced.status(), StatusCode::NOT_FOUND);
-    assert_eq!(app.delete(&bob, &path).await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        app.delete(&bob, &path).await.status(),
+        StatusCode::NOT_FOUND
+    );
     let (_, listed) = json_of(app.get(&bob, "/api/v1/budgets").await).await;
     assert_eq!(listed["data"], json!([]));
 
@@ -68,35 +79,62 @@ async fn budgets_are_validated_and_kept_by_their_owners(backend: Backend) {
     assert_eq!(field_names(&error), ["scope"]);
     let (status, team_budget) = json_of(app.post(&admin, "/api/v1/budgets", shared).await).await;
     assert_eq!(status, StatusCode::CREATED, "{team_budget}");
-    let team_path = format!("/api/v1/budgets/{}", team_budget["id"].as_str().expect("id"));
+    let team_path = format!(
+        "/api/v1/budgets/{}",
+        team_budget["id"].as_str().expect("id")
+    );
     // Everyone sees a shared budget; only admins change it.
     let (_, listed) = json_of(app.get(&bob, "/api/v1/budgets").await).await;
     assert_eq!(listed["data"][0]["name"], "research");
     let edited = app.put(&bob, &team_path, budget("hijacked", 1.0)).await;
     assert_eq!(edited.status(), StatusCode::FORBIDDEN);
-    assert_eq!(app.delete(&bob, &team_path).await.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        app.delete(&bob, &team_path).await.status(),
+        StatusCode::FORBIDDEN
+    );
 
     // The owner replaces and deletes their own.
-    let (status, replaced) = json_of(app.put(&ada, &path, json!({"name": "ml", "amount": 300,
-        "period": "weekly", "alert_threshold": 90, "enforcement": "block_start"})).await).await;
+    let (status, replaced) = json_of(
+        app.put(
+            &ada,
+            &path,
+            json!({"name": "ml", "amount": 300,
+        "period": "weekly", "alert_threshold": 90, "enforcement": "block_start"}),
+        )
+        .await,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{replaced}");
     assert_eq!(replaced["amount"], 300.0);
     assert_eq!(replaced["period"], "weekly");
     assert_eq!(replaced["enforcement"], "block_start");
     // Not kept yet, so not accepted: nothing changes.
-    let (status, error) = json_of(app.put(&ada, &path, json!({"name": "ml", "amount": 300,
-        "period": "weekly", "enforcement": "stop_at_cap"})).await).await;
+    let (status, error) = json_of(
+        app.put(
+            &ada,
+            &path,
+            json!({"name": "ml", "amount": 300,
+        "period": "weekly", "enforcement": "stop_at_cap"}),
+        )
+        .await,
+    )
+    .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(field_names(&error), ["enforcement"]);
     let (_, kept) = json_of(app.get(&ada, &path).await).await;
     assert_eq!(kept["enforcement"], "block_start");
-    assert_eq!(app.delete(&ada, &path).await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        app.delete(&ada, &path).await.status(),
+        StatusCode::NO_CONTENT
+    );
     assert_eq!(app.get(&ada, &path).await.status(), StatusCode::NOT_FOUND);
 }
 
 /// A draft job with attribution, and its cost record of `cost` dollars.
 async fn job_costing(app: &TestApp, user: &User, attribution: Value, cost: f64) -> Uuid {
-    let file = app.upload_enriched(user, crate::helpers::chat_jsonl(60)).await;
+    let file = app
+        .upload_enriched(user, crate::helpers::chat_jsonl(60))
+        .await;
     let mut body = json!({"training_file_id": file["id"], "name": "costed", "base_model": "m"});
     body.as_object_mut()
         .expect("object")
@@ -109,7 +147,10 @@ async fn job_costing(app: &TestApp, user: &User, attribution: Value, cost: f64) 
 }
 
 async fn record_cost(app: &TestApp, id: Uuid, cost: f64) {
-    let job = jobs::get_any(&app.db, id).await.expect("read").expect("job");
+    let job = jobs::get_any(&app.db, id)
+        .await
+        .expect("read")
+        .expect("job");
     let record = CostRecord {
         compute: cost,
         gpu_hours: cost / 4.0,
@@ -128,7 +169,13 @@ async fn reports_equal_the_cost_records_they_sum(backend: Backend) {
     let research = json!({"team": "research", "project": "tone", "tags": {"sweep": "lr"}});
     job_costing(&app, &ada, research.clone(), 12.5).await;
     job_costing(&app, &ada, research, 7.25).await;
-    job_costing(&app, &ada, json!({"team": "ops", "cost_center": "cc-9"}), 3.0).await;
+    job_costing(
+        &app,
+        &ada,
+        json!({"team": "ops", "cost_center": "cc-9"}),
+        3.0,
+    )
+    .await;
     job_costing(&app, &bob, json!({"team": "research"}), 100.0).await;
 
     let (status, summary) = json_of(app.get(&ada, "/api/v1/cost-tracking/summary").await).await;
@@ -139,48 +186,97 @@ async fn reports_equal_the_cost_records_they_sum(backend: Backend) {
     assert_eq!(summary["total_gpu_hours"], 22.75 / 4.0);
     assert_eq!(summary["total_spot_savings"], 4.55);
     let breakdown = summary["breakdown_by_job"].as_array().expect("breakdown");
-    let costs: Vec<f64> = breakdown.iter().map(|j| j["total_cost"].as_f64().expect("cost")).collect();
+    let costs: Vec<f64> = breakdown
+        .iter()
+        .map(|j| j["total_cost"].as_f64().expect("cost"))
+        .collect();
     assert_eq!(costs, [12.5, 7.25, 3.0], "costliest first");
     assert_eq!(breakdown[0]["team"], "research");
-    assert_eq!(summary["by_team"][0], json!({"name": "research", "total_cost": 19.75, "job_count": 2}));
-    assert_eq!(summary["by_cost_center"][0]["total_cost"], 19.75, "no cost center first");
+    assert_eq!(
+        summary["by_team"][0],
+        json!({"name": "research", "total_cost": 19.75, "job_count": 2})
+    );
+    assert_eq!(
+        summary["by_cost_center"][0]["total_cost"], 19.75,
+        "no cost center first"
+    );
 
-    let (_, research) = json_of(app.get(&ada, "/api/v1/cost-tracking/summary?team=research&project=tone").await).await;
+    let (_, research) = json_of(
+        app.get(
+            &ada,
+            "/api/v1/cost-tracking/summary?team=research&project=tone",
+        )
+        .await,
+    )
+    .await;
     assert_eq!(research["total_cost"], 19.75, "{research}");
     assert_eq!(research["job_count"], 2);
-    let (_, bobs) = json_of(app.get(&bob, "/api/v1/cost-tracking/summary?period=year").await).await;
-    assert_eq!(bobs["total_cost"], 100.0, "each user sees their own: {bobs}");
+    let (_, bobs) = json_of(
+        app.get(&bob, "/api/v1/cost-tracking/summary?period=year")
+            .await,
+    )
+    .await;
+    assert_eq!(
+        bobs["total_cost"], 100.0,
+        "each user sees their own: {bobs}"
+    );
 
     // Trends: every bucket present, their sum the summary's total.
     for period in ["day", "week", "month"] {
-        let (status, trends) = json_of(app.get(&ada, &format!("/api/v1/cost-tracking/trends?period={period}")).await).await;
+        let (status, trends) = json_of(
+            app.get(
+                &ada,
+                &format!("/api/v1/cost-tracking/trends?period={period}"),
+            )
+            .await,
+        )
+        .await;
         assert_eq!(status, StatusCode::OK, "{trends}");
         let data = trends["data"].as_array().expect("data");
         assert!(!data.is_empty());
-        let total: f64 = data.iter().map(|p| p["total_cost"].as_f64().expect("cost")).sum();
-        let jobs: i64 = data.iter().map(|p| p["job_count"].as_i64().expect("count")).sum();
+        let total: f64 = data
+            .iter()
+            .map(|p| p["total_cost"].as_f64().expect("cost"))
+            .sum();
+        let jobs: i64 = data
+            .iter()
+            .map(|p| p["job_count"].as_i64().expect("count"))
+            .sum();
         assert!((total - 22.75).abs() < 1e-9, "{period}: {trends}");
         assert_eq!(jobs, 3);
         assert_eq!(data.last().expect("today")["total_cost"], 22.75, "{period}");
     }
     let (_, days) = json_of(app.get(&ada, "/api/v1/cost-tracking/trends").await).await;
-    assert_eq!(days["data"].as_array().expect("days").len(), 30, "the last 30 days by day");
+    assert_eq!(
+        days["data"].as_array().expect("days").len(),
+        30,
+        "the last 30 days by day"
+    );
 
     // Bad queries name their fields.
     let (status, error) = json_of(
-        app.get(&ada, "/api/v1/cost-tracking/summary?period=fortnight&team=").await,
+        app.get(&ada, "/api/v1/cost-tracking/summary?period=fortnight&team=")
+            .await,
     )
     .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(field_names(&error), ["period", "team"]);
     let (status, error) = json_of(
-        app.get(&ada, "/api/v1/cost-tracking/trends?start_date=2026-13-01&period=hour").await,
+        app.get(
+            &ada,
+            "/api/v1/cost-tracking/trends?start_date=2026-13-01&period=hour",
+        )
+        .await,
     )
     .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{error}");
     assert_eq!(field_names(&error), ["period"]);
     let (status, error) = json_of(
-        app.get(&ada, "/api/v1/cost-tracking/summary?start_date=2026-13-01&end_date=2026-01-02").await,
+        app.get(
+            &ada,
+            "/api/v1/cost-tracking/summary?start_date=2026-13-01&end_date=2026-01-02",
+        )
+        .await,
     )
     .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -199,27 +295,49 @@ async fn budgets_alert_once_per_threshold_and_block_starts(backend: Backend) {
     assert_eq!(status, StatusCode::CREATED);
     let budget_path = format!("/api/v1/budgets/{}", created["id"].as_str().expect("id"));
     let job_id = job_costing(&app, &ada, json!({"project": "tone"}), 6.0).await;
-    let job = || async { jobs::get_any(&app.db, job_id).await.expect("read").expect("job") };
+    let job = || async {
+        jobs::get_any(&app.db, job_id)
+            .await
+            .expect("read")
+            .expect("job")
+    };
     let budget_events = || async {
         let (_, events) = json_of(
-            app.get(&ada, &format!("/api/v1/jobs/{job_id}/events?event_type=warning")).await,
+            app.get(
+                &ada,
+                &format!("/api/v1/jobs/{job_id}/events?event_type=warning"),
+            )
+            .await,
         )
         .await;
         events["data"].as_array().expect("events").clone()
     };
     let check = control_plane::service::budget::alert_if_crossed;
     check(&app.state, &job().await).await.expect("checked");
-    check(&app.state, &job().await).await.expect("checked again");
+    check(&app.state, &job().await)
+        .await
+        .expect("checked again");
     let warnings = budget_events().await;
     assert_eq!(warnings.len(), 1, "once per threshold: {warnings:?}");
-    assert!(warnings[0]["message"].as_str().expect("message").contains("passed 50%"), "{warnings:?}");
+    assert!(
+        warnings[0]["message"]
+            .as_str()
+            .expect("message")
+            .contains("passed 50%"),
+        "{warnings:?}"
+    );
     record_cost(&app, job_id, 11.0).await;
     check(&app.state, &job().await).await.expect("checked");
-    check(&app.state, &job().await).await.expect("checked again");
+    check(&app.state, &job().await)
+        .await
+        .expect("checked again");
     let warnings = budget_events().await;
     assert_eq!(warnings.len(), 2, "{warnings:?}");
     assert_eq!(warnings[1]["severity"], "error");
-    assert!(warnings[1]["message"].as_str().expect("message").contains("reached 100%"));
+    assert!(warnings[1]["message"]
+        .as_str()
+        .expect("message")
+        .contains("reached 100%"));
     let (_, standing) = json_of(app.get(&ada, &budget_path).await).await;
     assert_eq!(standing["current_spend"], 11.0, "{standing}");
     assert_eq!(standing["remaining"], 0.0);
@@ -237,12 +355,19 @@ async fn budgets_alert_once_per_threshold_and_block_starts(backend: Backend) {
     let (_, draft) = app.draft_job(&ada).await;
     let id = draft["id"].as_str().expect("id");
     let configure = json!({"gpu_type": "spot", "gpu_model": "H100-80GB", "project": "tone"});
-    let (status, configured) =
-        json_of(app.put(&ada, &format!("/api/v1/jobs/{id}/configure"), configure).await).await;
+    let (status, configured) = json_of(
+        app.put(&ada, &format!("/api/v1/jobs/{id}/configure"), configure)
+            .await,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{configured}");
     assert_eq!(configured["project"], "tone", "configure sets attribution");
     assert_eq!(configured["estimated_cost_max"], 11.25);
-    let (status, refused) = json_of(app.post(&ada, &format!("/api/v1/jobs/{id}/start"), json!({})).await).await;
+    let (status, refused) = json_of(
+        app.post(&ada, &format!("/api/v1/jobs/{id}/start"), json!({}))
+            .await,
+    )
+    .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
     let rule = refused["error"]["rules"][0].as_str().expect("rule");
     assert!(
@@ -254,8 +379,13 @@ async fn budgets_alert_once_per_threshold_and_block_starts(backend: Backend) {
     let raised = json!({"name": "cap", "amount": 40, "period": "monthly", "project": "tone",
                         "enforcement": "block_start"});
     let cap_path = format!("/api/v1/budgets/{}", cap["id"].as_str().expect("id"));
-    assert_eq!(app.put(&ada, &cap_path, raised).await.status(), StatusCode::OK);
-    let started = app.post(&ada, &format!("/api/v1/jobs/{id}/start"), json!({})).await;
+    assert_eq!(
+        app.put(&ada, &cap_path, raised).await.status(),
+        StatusCode::OK
+    );
+    let started = app
+        .post(&ada, &format!("/api/v1/jobs/{id}/start"), json!({}))
+        .await;
     assert_eq!(started.status(), StatusCode::OK);
 
     // The dashboard's cost page: the banner for the budget past its threshold, the budget
@@ -263,14 +393,26 @@ async fn budgets_alert_once_per_threshold_and_block_starts(backend: Backend) {
     let cookie = crate::dashboard::sign_in(&app, "ada@example.com").await;
     let (status, html) = crate::dashboard::page(&app, &cookie, "/cost").await;
     assert_eq!(status, StatusCode::OK);
-    assert!(html.contains("Budget “tone” has used 110.0% of $10.00"), "{html}");
-    assert!(html.contains("$11.00 <span class=\"muted\">of $10.00</span>"), "{html}");
+    assert!(
+        html.contains("Budget “tone” has used 110.0% of $10.00"),
+        "{html}"
+    );
+    assert!(
+        html.contains("$11.00 <span class=\"muted\">of $10.00</span>"),
+        "{html}"
+    );
     assert!(html.contains("monthly, personal: project tone"));
-    assert!(html.contains("<div class=\"figure\">$61.00</div><div class=\"muted\">spent</div>"), "{html}");
+    assert!(
+        html.contains("<div class=\"figure\">$61.00</div><div class=\"muted\">spent</div>"),
+        "{html}"
+    );
     assert!(html.contains(&format!("/training/job/{job_id}")));
     app.user("eve@example.com", Role::User).await;
     let cookie = crate::dashboard::sign_in(&app, "eve@example.com").await;
     let (_, html) = crate::dashboard::page(&app, &cookie, "/cost").await;
-    assert!(html.contains("No budgets yet") && html.contains("No spend this month"), "{html}");
+    assert!(
+        html.contains("No budgets yet") && html.contains("No spend this month"),
+        "{html}"
+    );
     assert!(!html.contains("tone"));
 }

@@ -130,7 +130,10 @@ async fn postgres_refuses_text_with_nul_as_a_bad_request() {
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     let body: serde_json::Value = response.json().await.expect("json");
     assert_eq!(body["error"]["code"], "bad_request");
-    assert!(body["error"]["message"].as_str().expect("message").contains("NUL"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .expect("message")
+        .contains("NUL"));
     let (_, templates) = crate::helpers::json_of(app.get(&user, "/api/v1/templates").await).await;
     assert_eq!(templates["data"], json!([]));
 }

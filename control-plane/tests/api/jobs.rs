@@ -424,18 +424,30 @@ async fn metrics_are_read_back_sampled_and_latest(backend: Backend) {
     assert_eq!((steps[0], steps[steps.len() - 1]), (1, 1000));
     assert!(steps.contains(&333), "the spike survives: {steps:?}");
     let (_, evaluations) = json_of(
-        app.get(&user, &format!("{path}/metrics?max_points=40&series=validation_loss&format=columns"))
-            .await,
+        app.get(
+            &user,
+            &format!("{path}/metrics?max_points=40&series=validation_loss&format=columns"),
+        )
+        .await,
     )
     .await;
-    assert_eq!(evaluations["columns"]["step"], json!([10, 20]), "only points carrying the series");
+    assert_eq!(
+        evaluations["columns"]["step"],
+        json!([10, 20]),
+        "only points carrying the series"
+    );
     for (query, field) in [
         ("max_points=40&limit=5", "limit"),
         ("max_points=3", "max_points"),
         ("series=grad_norm", "series"),
     ] {
-        let (status, error) = json_of(app.get(&user, &format!("{path}/metrics?{query}")).await).await;
+        let (status, error) =
+            json_of(app.get(&user, &format!("{path}/metrics?{query}")).await).await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{query}: {error}");
-        assert_eq!(crate::helpers::field_names(&error), [field], "{query}: {error}");
+        assert_eq!(
+            crate::helpers::field_names(&error),
+            [field],
+            "{query}: {error}"
+        );
     }
 }

@@ -332,7 +332,8 @@ async fn concurrent_resends_store_each_step_once_and_stream_it_once_in_order(bac
     let mut stream = SseReader::open(&app, &user, &format!("/api/v1/jobs/{job}/stream")).await;
     assert_eq!(stream.next_message().await.name, "status");
     for batch in 0..BATCHES {
-        let body = json!({"reports": (1..=STEPS).map(|s| metric(batch * STEPS + s)).collect::<Vec<_>>()});
+        let body =
+            json!({"reports": (1..=STEPS).map(|s| metric(batch * STEPS + s)).collect::<Vec<_>>()});
         let copies = (0..3).map(|_| app.agent_call(&secret, Method::POST, &reports, body.clone()));
         let replies = futures::future::join_all(copies).await;
         let mut accepted = 0;
