@@ -161,6 +161,19 @@ impl Attribution {
     }
 }
 
+/// "team research, project tone": the attribution fields that are set, for people.
+pub fn describe_attribution(
+    team: Option<&str>,
+    project: Option<&str>,
+    cost_center: Option<&str>,
+) -> String {
+    [("team", team), ("project", project), ("cost center", cost_center)]
+        .into_iter()
+        .filter_map(|(label, value)| value.map(|v| format!("{label} {v}")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -422,6 +422,15 @@ pub async fn counted_against(state: &AppState, job: &Job) -> ServiceResult<Vec<B
     .await?)
 }
 
+/// The budgets a job counts against, each with where it stands this period.
+pub async fn standing_for_job(state: &AppState, job: &Job) -> ServiceResult<Vec<BudgetView>> {
+    let mut views = Vec::new();
+    for budget in counted_against(state, job).await? {
+        views.push(view(state, budget).await?);
+    }
+    Ok(views)
+}
+
 /// `block_start`: a job whose estimate (the top of its range) is more than what a
 /// matching budget has left this period may not start; the refusal names the budget,
 /// what it has left and the estimate.

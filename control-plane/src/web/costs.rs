@@ -13,6 +13,7 @@ use super::charts::{line_chart, Series};
 use super::frame::{money, Frame, PageResult};
 use super::{render, PageUser};
 use crate::db::cost_tracking::GroupSpend;
+use crate::domain::budget::describe_attribution;
 use crate::service::budget::{list_budgets, BudgetView};
 use crate::service::cost::{summary, trends, CostQuery};
 use crate::service::AppState;
@@ -71,18 +72,15 @@ struct CostPage {
 
 fn card(view: BudgetView) -> BudgetCard {
     let budget = &view.budget;
-    let filters: Vec<String> = [
-        ("team", &budget.team),
-        ("project", &budget.project),
-        ("cost center", &budget.cost_center),
-    ]
-    .into_iter()
-    .filter_map(|(label, value)| value.as_ref().map(|v| format!("{label} {v}")))
-    .collect();
+    let filters = describe_attribution(
+        budget.team.as_deref(),
+        budget.project.as_deref(),
+        budget.cost_center.as_deref(),
+    );
     let mut describes = format!("{}, {}", budget.period, budget.scope);
     if !filters.is_empty() {
         describes.push_str(": ");
-        describes.push_str(&filters.join(", "));
+        describes.push_str(&filters);
     }
     BudgetCard {
         describes,

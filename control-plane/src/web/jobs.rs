@@ -21,6 +21,8 @@ use crate::db::now;
 use crate::domain::JobStatus;
 use crate::service::job::resume_job;
 use crate::service::job::{cancel_job, visible_job};
+use crate::domain::budget::describe_attribution;
+use crate::service::budget::standing_for_job;
 use crate::service::metric_history;
 use crate::service::AppState;
 use crate::service::ServiceError;
@@ -120,6 +122,10 @@ struct JobLive {
     memory_chart: String,
     stages: Vec<StageChip>,
     latest: Option<MetricPoint>,
+    /// "team research, project tone", or empty.
+    charged_to: String,
+    /// The budgets the job counts against: "tone: $11.00 of $10.00 monthly (110.0%)".
+    budgets: Vec<String>,
 }
 
 const STAGES: [&str; 5] = [
@@ -224,6 +230,25 @@ async fn job_live_view(state: &AppState, job: Job) -> Result<JobLive, PageError>
         )
     };
     let cost = attempts::job_cost(&state.db, job.id, now()).await?;
+    let budgets = standing_for_job(state, &job)
+        .await?
+        .into_iter()
+        .map(|view| {
+            format!(
+                "{}: {} of {} {} ({:.1}%)",
+                view.budget.name,
+                money(view.current_spend),
+                money(view.budget.amount),
+                view.budget.period,
+                view.percent_used
+            )
+        })
+        .collect();
+    let charged_to = describe_attribution(
+        job.team.as_deref(),
+        job.project.as_deref(),
+        job.cost_center.as_deref(),
+    );
     let estimate = match (job.estimated_cost_min, job.estimated_cost_max) {
         (Some(low), Some(high)) => format!("{}–{}", money(low), money(high)),
         _ => "not configured".into(),
@@ -247,6 +272,8 @@ async fn job_live_view(state: &AppState, job: Job) -> Result<JobLive, PageError>
         memory_chart,
         stages: stage_chips(&job),
         latest: points.last().cloned(),
+        charged_to,
+        budgets,
         job,
     })
 }

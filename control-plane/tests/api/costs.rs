@@ -407,6 +407,13 @@ async fn budgets_alert_once_per_threshold_and_block_starts(backend: Backend) {
         "{html}"
     );
     assert!(html.contains(&format!("/training/job/{job_id}")));
+    // The job page names what the job is charged to and the budgets it counts against.
+    let (_, job_page) = crate::dashboard::page(&app, &cookie, &format!("/training/job/{job_id}")).await;
+    assert!(job_page.contains("<dd>project tone</dd>"), "{job_page}");
+    assert!(
+        job_page.contains("tone: $11.00 of $10.00 monthly (110.0%)"),
+        "{job_page}"
+    );
     app.user("eve@example.com", Role::User).await;
     let cookie = crate::dashboard::sign_in(&app, "eve@example.com").await;
     let (_, html) = crate::dashboard::page(&app, &cookie, "/cost").await;
