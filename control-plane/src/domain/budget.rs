@@ -167,11 +167,15 @@ pub fn describe_attribution(
     project: Option<&str>,
     cost_center: Option<&str>,
 ) -> String {
-    [("team", team), ("project", project), ("cost center", cost_center)]
-        .into_iter()
-        .filter_map(|(label, value)| value.map(|v| format!("{label} {v}")))
-        .collect::<Vec<_>>()
-        .join(", ")
+    [
+        ("team", team),
+        ("project", project),
+        ("cost center", cost_center),
+    ]
+    .into_iter()
+    .filter_map(|(label, value)| value.map(|v| format!("{label} {v}")))
+    .collect::<Vec<_>>()
+    .join(", ")
 }
 
 #[cfg(test)]

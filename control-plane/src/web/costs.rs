@@ -4,25 +4,39 @@
 //! same operations as `/api/v1/budgets` and `/api/v1/cost-tracking`.
 
 use askama::Template;
-use axum::extract::State;
-use axum::routing::get;
-use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Redirect};
+use axum::routing::{get, post};
+use axum::{Form, Router};
+use serde::Deserialize;
 use uuid::Uuid;
 
 use super::charts::{line_chart, Series};
+use super::create::problems;
 use super::frame::{money, Frame, PageResult};
-use super::{render, PageUser};
+use super::{render, PageError, PageUser};
+use crate::db::budgets::Budget;
 use crate::db::cost_tracking::GroupSpend;
 use crate::domain::budget::describe_attribution;
-use crate::service::budget::{list_budgets, BudgetView};
+use crate::domain::{BudgetPeriod, Role};
+use crate::service::budget::{
+    create_budget, delete_budget, get_budget, list_budgets, replace_budget, BudgetRequest,
+    BudgetView,
+};
 use crate::service::cost::{summary, trends, CostQuery};
-use crate::service::AppState;
+use crate::service::{AppState, ServiceError};
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/cost", get(costs))
+    Router::new()
+        .route("/cost", get(costs))
+        .route("/cost/budgets", get(budgets_page).post(create))
+        .route("/cost/budgets/{id}", post(replace))
+        .route("/cost/budgets/{id}/delete", post(remove))
 }
 
 pub struct BudgetCard {
+    pub id: Uuid,
     pub name: String,
     /// "monthly, personal", "quarterly, shared: team research".
     pub describes: String,
@@ -93,6 +107,7 @@ fn card(view: BudgetView) -> BudgetCard {
         enforcement: budget.enforcement.to_string(),
         alerts: view.alerts.len(),
         alerting: budget.is_active && view.percent_used >= budget.alert_threshold,
+        id: budget.id,
         name: budget.name.clone(),
     }
 }
@@ -161,4 +176,164 @@ async fn costs(State(state): State<AppState>, user: PageUser) -> PageResult {
         ],
     };
     Ok(render(&page))
+}
+
+/// The budget form's fields as the browser sends them (text, checkboxes present or not).
+#[derive(Deserialize, Default)]
+pub struct BudgetForm {
+    pub name: String,
+    pub amount: String,
+    pub period: String,
+    pub alert_threshold: String,
+    pub alert_enabled: Option<String>,
+    pub team: String,
+    pub project: String,
+    pub cost_center: String,
+    pub is_active: Option<String>,
+    pub scope: String,
+    pub enforcement: String,
+}
+
+impl BudgetForm {
+    fn filled_from(budget: &Budget) -> BudgetForm {
+        let checked = |on: bool| on.then(|| "on".to_owned());
+        BudgetForm {
+            name: budget.name.clone(),
+            amount: format!("{:.2}", budget.amount),
+            period: budget.period.to_string(),
+            alert_threshold: budget.alert_threshold.to_string(),
+            alert_enabled: checked(budget.alert_enabled),
+            team: budget.team.clone().unwrap_or_default(),
+            project: budget.project.clone().unwrap_or_default(),
+            cost_center: budget.cost_center.clone().unwrap_or_default(),
+            is_active: checked(budget.is_active),
+            scope: budget.scope.to_string(),
+            enforcement: budget.enforcement.to_string(),
+        }
+    }
+
+    /// The API's request: empty filters are absent; a number that does not parse is
+    /// left for the service to name (NaN fails its range check).
+    fn request(&self) -> BudgetRequest {
+        let text = |value: &str| Some(value.trim().to_owned()).filter(|v| !v.is_empty());
+        let number = |value: &str| value.trim().parse::<f64>().unwrap_or(f64::NAN);
+        BudgetRequest {
+            name: self.name.clone(),
+            amount: number(&self.amount),
+            period: self.period.clone(),
+            alert_threshold: Some(number(&self.alert_threshold)),
+            alert_enabled: Some(self.alert_enabled.is_some()),
+            team: text(&self.team),
+            project: text(&self.project),
+            cost_center: text(&self.cost_center),
+            is_active: Some(self.is_active.is_some()),
+            scope: text(&self.scope),
+            enforcement: text(&self.enforcement),
+        }
+    }
+}
+
+#[derive(Template)]
+#[template(path = "budgets.html")]
+struct BudgetsPage {
+    frame: Frame,
+    budgets: Vec<BudgetCard>,
+    /// The budget the form edits; none: a new one.
+    editing: Option<Uuid>,
+    form: BudgetForm,
+    problems: Vec<String>,
+    periods: Vec<&'static str>,
+    is_admin: bool,
+}
+
+#[derive(Deserialize)]
+struct EditQuery {
+    edit: Option<Uuid>,
+}
+
+async fn budgets_page(
+    State(state): State<AppState>,
+    user: PageUser,
+    Query(query): Query<EditQuery>,
+) -> PageResult {
+    let form = match query.edit {
+        Some(id) => BudgetForm::filled_from(&get_budget(&state, &user.0, id).await?.budget),
+        None => BudgetForm {
+            period: "monthly".into(),
+            alert_threshold: "80".into(),
+            alert_enabled: Some("on".into()),
+            is_active: Some("on".into()),
+            ..BudgetForm::default()
+        },
+    };
+    budgets_form(&state, &user, query.edit, form, Vec::new(), StatusCode::OK).await
+}
+
+async fn budgets_form(
+    state: &AppState,
+    user: &PageUser,
+    editing: Option<Uuid>,
+    form: BudgetForm,
+    problems: Vec<String>,
+    status: StatusCode,
+) -> PageResult {
+    let page = BudgetsPage {
+        frame: Frame::new(user, "cost", &[("Costs", "/cost"), ("Budgets", "")]),
+        budgets: list_budgets(state, &user.0)
+            .await?
+            .into_iter()
+            .map(card)
+            .collect(),
+        editing,
+        form,
+        problems,
+        periods: BudgetPeriod::ALL.iter().map(|p| p.as_str()).collect(),
+        is_admin: user.0 .0.role() == Role::Admin,
+    };
+    Ok((status, render(&page)).into_response())
+}
+
+/// Back to the list after a change, or the form again with what was wrong.
+async fn after_change<T>(
+    state: &AppState,
+    user: &PageUser,
+    editing: Option<Uuid>,
+    form: BudgetForm,
+    outcome: Result<T, ServiceError>,
+) -> PageResult {
+    match outcome {
+        Ok(_) => Ok(Redirect::to("/cost/budgets").into_response()),
+        Err(error @ (ServiceError::Forbidden(_) | ServiceError::Validation(_))) => {
+            let status = match error {
+                ServiceError::Forbidden(_) => StatusCode::FORBIDDEN,
+                _ => StatusCode::UNPROCESSABLE_ENTITY,
+            };
+            budgets_form(state, user, editing, form, problems(&error), status).await
+        }
+        Err(error) => Err(PageError(error)),
+    }
+}
+
+async fn create(
+    State(state): State<AppState>,
+    user: PageUser,
+    Form(form): Form<BudgetForm>,
+) -> PageResult {
+    let outcome = create_budget(&state, &user.0, &form.request()).await;
+    after_change(&state, &user, None, form, outcome).await
+}
+
+async fn replace(
+    State(state): State<AppState>,
+    user: PageUser,
+    Path(id): Path<Uuid>,
+    Form(form): Form<BudgetForm>,
+) -> PageResult {
+    let outcome = replace_budget(&state, &user.0, id, &form.request()).await;
+    after_change(&state, &user, Some(id), form, outcome).await
+}
+
+async fn remove(State(state): State<AppState>, user: PageUser, Path(id): Path<Uuid>) -> PageResult {
+    delete_budget(&state, &user.0, id).await?;
+    Ok(Redirect::to("/cost/budgets").into_response())
 }

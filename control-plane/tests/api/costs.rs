@@ -15,6 +15,7 @@ use testkit::on_both_backends;
 on_both_backends!(budgets_are_validated_and_kept_by_their_owners);
 on_both_backends!(reports_equal_the_cost_records_they_sum);
 on_both_backends!(budgets_alert_once_per_threshold_and_block_starts);
+on_both_backends!(the_budgets_page_creates_edits_and_deletes);
 
 fn budget(name: &str, amount: f64) -> Value {
     json!({"name": name, "amount": amount, "period": "monthly"})
@@ -408,7 +409,8 @@ async fn budgets_alert_once_per_threshold_and_block_starts(backend: Backend) {
     );
     assert!(html.contains(&format!("/training/job/{job_id}")));
     // The job page names what the job is charged to and the budgets it counts against.
-    let (_, job_page) = crate::dashboard::page(&app, &cookie, &format!("/training/job/{job_id}")).await;
+    let (_, job_page) =
+        crate::dashboard::page(&app, &cookie, &format!("/training/job/{job_id}")).await;
     assert!(job_page.contains("<dd>project tone</dd>"), "{job_page}");
     assert!(
         job_page.contains("tone: $11.00 of $10.00 monthly (110.0%)"),
@@ -422,4 +424,119 @@ async fn budgets_alert_once_per_threshold_and_block_starts(backend: Backend) {
         "{html}"
     );
     assert!(!html.contains("tone"));
+}
+
+/// Posts a dashboard form with the session; the status and the page (or redirect target).
+async fn submit(
+    app: &TestApp,
+    cookie: &str,
+    path: &str,
+    form: &[(&str, &str)],
+) -> (StatusCode, String) {
+    let response = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+        .post(app.url(path))
+        .header(reqwest::header::COOKIE, cookie)
+        .form(form)
+        .send()
+        .await
+        .expect("form");
+    let status = response.status();
+    let location = response
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|l| l.to_str().ok())
+        .map(str::to_owned);
+    let body = response.text().await.unwrap_or_default();
+    (status, location.unwrap_or(body))
+}
+
+async fn the_budgets_page_creates_edits_and_deletes(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    app.user("ada@example.com", Role::User).await;
+    app.user("bob@example.com", Role::User).await;
+    let ada = crate::dashboard::sign_in(&app, "ada@example.com").await;
+    let bob = crate::dashboard::sign_in(&app, "bob@example.com").await;
+    let form = |amount: &'static str, scope: &'static str| {
+        vec![
+            ("name", "GPU month"),
+            ("amount", amount),
+            ("period", "monthly"),
+            ("alert_threshold", "75"),
+            ("alert_enabled", "on"),
+            ("team", ""),
+            ("project", "tone"),
+            ("cost_center", ""),
+            ("is_active", "on"),
+            ("scope", scope),
+            ("enforcement", "block_start"),
+        ]
+    };
+
+    // Bad input comes back on the form, each problem named, with what was typed.
+    let (status, html) = submit(&app, &ada, "/cost/budgets", &form("lots", "personal")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        html.contains("amount: must be a number of dollars"),
+        "{html}"
+    );
+    assert!(html.contains("value=\"lots\""));
+    let (status, html) = submit(&app, &ada, "/cost/budgets", &form("10", "shared")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(html.contains("only admins keep shared budgets"));
+
+    let (status, location) = submit(&app, &ada, "/cost/budgets", &form("120.5", "personal")).await;
+    assert_eq!(
+        (status, location.as_str()),
+        (StatusCode::SEE_OTHER, "/cost/budgets")
+    );
+    let (_, html) = crate::dashboard::page(&app, &ada, "/cost/budgets").await;
+    assert!(html.contains("$0.00 of $120.50 (0.0%)"), "{html}");
+    assert!(html.contains("monthly, personal: project tone"));
+    let id = html
+        .split("/cost/budgets?edit=")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("an edit link")
+        .to_owned();
+    let (_, edit) = crate::dashboard::page(&app, &ada, &format!("/cost/budgets?edit={id}")).await;
+    assert!(
+        edit.contains("value=\"120.50\"") && edit.contains("Save budget"),
+        "{edit}"
+    );
+
+    let (status, _) = submit(
+        &app,
+        &ada,
+        &format!("/cost/budgets/{id}"),
+        &form("200", "personal"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (_, html) = crate::dashboard::page(&app, &ada, "/cost/budgets").await;
+    assert!(html.contains("of $200.00"), "{html}");
+
+    // Another user can neither see, edit nor delete it.
+    let (_, theirs) = crate::dashboard::page(&app, &bob, "/cost/budgets").await;
+    assert!(!theirs.contains("GPU month"));
+    let (status, _) = crate::dashboard::page(&app, &bob, &format!("/cost/budgets?edit={id}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = submit(
+        &app,
+        &bob,
+        &format!("/cost/budgets/{id}"),
+        &form("1", "personal"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = submit(&app, &bob, &format!("/cost/budgets/{id}/delete"), &[]).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let (status, _) = submit(&app, &ada, &format!("/cost/budgets/{id}/delete"), &[]).await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (_, html) = crate::dashboard::page(&app, &ada, "/cost/budgets").await;
+    assert!(html.contains("No budgets yet"));
 }
