@@ -30,6 +30,7 @@ pub struct Settings {
     pub enrichment: Enrichment,
     pub fleet: Fleet,
     pub storage: Storage,
+    pub budgets: Budgets,
 }
 
 /// How the database is used.
@@ -162,6 +163,7 @@ impl Default for Settings {
             enrichment: Enrichment::default(),
             fleet: Fleet::default(),
             storage: Storage::default(),
+            budgets: Budgets::default(),
         }
     }
 }
@@ -300,5 +302,43 @@ mod tests {
             toml::to_string(&from_file).ok(),
             toml::to_string(&Settings::default()).ok()
         );
+    }
+}
+
+/// Where budget alerts go besides the job's event log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Budgets {
+    /// Each alert is POSTed here as JSON; none: alerts are events only.
+    pub webhook_url: Option<String>,
+    /// Signs each POST: `X-Lora-Signature: sha256=<hex HMAC-SHA256 of the body>`. Give it
+    /// as CONTROL_PLANE_BUDGETS__WEBHOOK_SECRET rather than in a file.
+    pub webhook_secret: Option<Secret>,
+    /// Tries per alert, the first included; each retry waits twice as long as the last.
+    pub webhook_attempts: u32,
+    pub webhook_first_retry_ms: u64,
+    pub webhook_timeout_seconds: u64,
+}
+
+impl Default for Budgets {
+    fn default() -> Self {
+        Budgets {
+            webhook_url: None,
+            webhook_secret: None,
+            webhook_attempts: 5,
+            webhook_first_retry_ms: 1_000,
+            webhook_timeout_seconds: 10,
+        }
+    }
+}
+
+/// A setting that must never reach a log: its `Debug` hides it.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
     }
 }

@@ -113,6 +113,13 @@ impl Metrics {
         });
     }
 
+    /// A budget alert's webhook ended: `sent` or `failed` (after its retries).
+    pub fn count_budget_webhook(&self, outcome: &'static str) {
+        self.with_recorder(|| {
+            counter!("lora_budget_webhooks_total", "outcome" => outcome).increment(1);
+        });
+    }
+
     /// Sets gauge `name` for each `(label value, count)`, the label named `label`; label
     /// values set before and missing now read 0.
     pub fn set_gauges(

@@ -3,7 +3,7 @@
 -- was incurred (the job's first start), so reports and budgets aggregate cost records
 -- alone. A budget is personal (its owner's jobs) or shared (an admin's, over everyone's
 -- jobs of a team or project), and says what happens at its cap. Each alert is stored
--- once per budget, period and threshold.
+-- once per budget, period and threshold, with what became of its webhook.
 ALTER TABLE training_jobs ADD COLUMN team TEXT;
 ALTER TABLE training_jobs ADD COLUMN project TEXT;
 ALTER TABLE training_jobs ADD COLUMN cost_center TEXT;
@@ -29,5 +29,10 @@ CREATE TABLE budget_alerts (
   amount REAL NOT NULL,
   job_id BLOB REFERENCES training_jobs(id) ON DELETE SET NULL,
   created_at TEXT NOT NULL,
+  -- The alert's webhook: NULL when none is configured, else sent or failed, after how
+  -- many tries, and the last failure.
+  webhook_status TEXT CHECK (webhook_status IN ('pending', 'sent', 'failed')),
+  webhook_attempts INTEGER NOT NULL DEFAULT 0,
+  webhook_error TEXT,
   UNIQUE (budget_id, period_start, threshold)
 );

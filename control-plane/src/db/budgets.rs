@@ -171,14 +171,20 @@ pub struct BudgetAlert {
     /// The job whose spend crossed it.
     pub job_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
+    /// pending, sent or failed; none without a webhook configured.
+    pub webhook_status: Option<String>,
+    pub webhook_attempts: i64,
+    /// The last failed try's reason.
+    pub webhook_error: Option<String>,
 }
 
 /// Records the alert unless this budget already sent one for this period and threshold;
 /// `true` when it is new (and so is to be sent).
 pub async fn record_alert(db: &Db, alert: &BudgetAlert) -> Result<bool, DbError> {
     let inserted = on_pool!(db, pool => sqlx::query(
-        "INSERT INTO budget_alerts (id, budget_id, period_start, threshold, spend, amount, job_id, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        "INSERT INTO budget_alerts (id, budget_id, period_start, threshold, spend, amount, job_id, created_at,
+                                    webhook_status, webhook_attempts)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0)
          ON CONFLICT (budget_id, period_start, threshold) DO NOTHING",
     )
     .bind(alert.id)
@@ -189,10 +195,32 @@ pub async fn record_alert(db: &Db, alert: &BudgetAlert) -> Result<bool, DbError>
     .bind(alert.amount)
     .bind(alert.job_id)
     .bind(alert.created_at)
+    .bind(alert.webhook_status.as_deref())
     .execute(pool)
     .await
     .map(|r| r.rows_affected()))?;
     Ok(inserted == 1)
+}
+
+/// What became of an alert's webhook after `attempts` tries.
+pub async fn record_webhook_outcome(
+    db: &Db,
+    alert_id: Uuid,
+    status: &str,
+    attempts: i64,
+    error: Option<&str>,
+) -> Result<(), DbError> {
+    on_pool!(db, pool => sqlx::query(
+        "UPDATE budget_alerts SET webhook_status = $2, webhook_attempts = $3, webhook_error = $4 WHERE id = $1",
+    )
+    .bind(alert_id)
+    .bind(status)
+    .bind(attempts)
+    .bind(error)
+    .execute(pool)
+    .await
+    .map(|r| r.rows_affected()))?;
+    Ok(())
 }
 
 /// The alerts of the given budgets in periods starting at or after `since`, newest first.

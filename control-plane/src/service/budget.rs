@@ -377,10 +377,19 @@ async fn alert(state: &AppState, job: &Job) -> ServiceResult<()> {
                 amount: budget.amount,
                 job_id: Some(job.id),
                 created_at: at,
+                webhook_status: state
+                    .settings
+                    .budgets
+                    .webhook_url
+                    .as_ref()
+                    .map(|_| "pending".to_owned()),
+                webhook_attempts: 0,
+                webhook_error: None,
             };
             if !budgets::record_alert(&state.db, &alert).await? {
                 continue;
             }
+            spawn_webhook(state, &alert, &budget);
             let over = threshold >= 100.0;
             let event = Event::new(
                 job.id,
@@ -408,6 +417,89 @@ async fn alert(state: &AppState, job: &Job) -> ServiceResult<()> {
         }
     }
     Ok(())
+}
+
+/// Sends the alert to the configured webhook in the background, so the job's own path
+/// never waits on it: a JSON POST signed with HMAC-SHA256 (`X-Lora-Signature:
+/// sha256=<hex>` over the body), retried with doubling waits while it fails, the outcome
+/// recorded on the alert.
+fn spawn_webhook(state: &AppState, alert: &BudgetAlert, budget: &Budget) {
+    let settings = state.settings.budgets.clone();
+    let Some(url) = settings.webhook_url.clone() else {
+        return;
+    };
+    let body = json!({
+        "type": "budget_alert",
+        "alert_id": alert.id,
+        "budget_id": budget.id,
+        "budget_name": budget.name,
+        "period": budget.period,
+        "period_start": alert.period_start,
+        "threshold": alert.threshold,
+        "spend": alert.spend,
+        "amount": alert.amount,
+        "job_id": alert.job_id,
+        "created_at": alert.created_at,
+    })
+    .to_string();
+    let (db, metrics, alert_id) = (state.db.clone(), state.metrics.clone(), alert.id);
+    tokio::spawn(async move {
+        let client = match reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(
+                settings.webhook_timeout_seconds,
+            ))
+            .build()
+        {
+            Ok(client) => client,
+            Err(error) => {
+                tracing::warn!(%error, "no HTTP client for budget webhooks");
+                return;
+            }
+        };
+        let mut wait = std::time::Duration::from_millis(settings.webhook_first_retry_ms);
+        let attempts = settings.webhook_attempts.max(1);
+        let mut last_error = String::new();
+        for attempt in 1..=attempts {
+            let mut request = client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body.clone());
+            if let Some(secret) = &settings.webhook_secret {
+                let signature = crate::auth::sign(&secret.0, &body);
+                request = request.header("x-lora-signature", format!("sha256={signature}"));
+            }
+            last_error = match request.send().await {
+                Ok(response) if response.status().is_success() => {
+                    metrics.count_budget_webhook("sent");
+                    record_outcome(&db, alert_id, "sent", attempt, None).await;
+                    return;
+                }
+                Ok(response) => format!("the webhook answered {}", response.status()),
+                Err(error) => format!("the webhook could not be reached: {error}"),
+            };
+            if attempt < attempts {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+        }
+        tracing::warn!(%alert_id, error = %last_error, "a budget alert's webhook failed");
+        metrics.count_budget_webhook("failed");
+        record_outcome(&db, alert_id, "failed", attempts, Some(&last_error)).await;
+    });
+}
+
+async fn record_outcome(
+    db: &crate::db::Db,
+    alert_id: Uuid,
+    status: &str,
+    attempts: u32,
+    error: Option<&str>,
+) {
+    let stored =
+        budgets::record_webhook_outcome(db, alert_id, status, i64::from(attempts), error).await;
+    if let Err(error) = stored {
+        tracing::warn!(%alert_id, %error, "could not record a budget webhook's outcome");
+    }
 }
 
 /// The active budgets a job's spend counts against.

@@ -16,6 +16,7 @@ on_both_backends!(budgets_are_validated_and_kept_by_their_owners);
 on_both_backends!(reports_equal_the_cost_records_they_sum);
 on_both_backends!(budgets_alert_once_per_threshold_and_block_starts);
 on_both_backends!(the_budgets_page_creates_edits_and_deletes);
+on_both_backends!(an_alert_reaches_the_webhook_signed_and_retried);
 
 fn budget(name: &str, amount: f64) -> Value {
     json!({"name": name, "amount": amount, "period": "monthly"})
@@ -539,4 +540,92 @@ async fn the_budgets_page_creates_edits_and_deletes(backend: Backend) {
     assert_eq!(status, StatusCode::SEE_OTHER);
     let (_, html) = crate::dashboard::page(&app, &ada, "/cost/budgets").await;
     assert!(html.contains("No budgets yet"));
+}
+
+/// A stand-in webhook receiver on a free port: answers 503 to its first request and 200
+/// to the rest, and keeps each request's signature header and body.
+async fn webhook_receiver() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+) {
+    use axum::http::HeaderMap;
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = received.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: String| {
+            let kept = kept.clone();
+            async move {
+                let signature = headers
+                    .get("x-lora-signature")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                let mut kept = kept.lock().expect("lock");
+                kept.push((signature, body));
+                if kept.len() == 1 {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::OK
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/hook", listener.local_addr().expect("address"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, received)
+}
+
+async fn an_alert_reaches_the_webhook_signed_and_retried(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let (url, received) = webhook_receiver().await;
+    let mut settings = crate::helpers::settings(&database);
+    settings.budgets.webhook_url = Some(url);
+    settings.budgets.webhook_secret =
+        Some(control_plane::configuration::Secret("hook-secret".into()));
+    settings.budgets.webhook_first_retry_ms = 10;
+    let app = TestApp::spawn_with(settings).await;
+    let ada = app.user("ada@example.com", Role::User).await;
+    let (_, created) = json_of(
+        app.post(&ada, "/api/v1/budgets", budget("hooked", 10.0))
+            .await,
+    )
+    .await;
+    let budget_path = format!("/api/v1/budgets/{}", created["id"].as_str().expect("id"));
+    let job_id = job_costing(&app, &ada, json!({}), 9.0).await;
+    let job = jobs::get_any(&app.db, job_id)
+        .await
+        .expect("read")
+        .expect("job");
+    control_plane::service::budget::alert_if_crossed(&app.state, &job)
+        .await
+        .expect("checked");
+
+    // The alert is stored at once; the webhook goes out in the background.
+    let (_, standing) = json_of(app.get(&ada, &budget_path).await).await;
+    assert_eq!(standing["alerts"].as_array().expect("alerts").len(), 1);
+    let sent = crate::helpers::poll(
+        "the webhook retried and sent",
+        std::time::Duration::from_secs(20),
+        || async {
+            let (_, standing) = json_of(app.get(&ada, &budget_path).await).await;
+            (standing["alerts"][0]["webhook_status"] == "sent").then_some(standing)
+        },
+    )
+    .await;
+    assert_eq!(sent["alerts"][0]["webhook_attempts"], 2, "{sent}");
+    let requests = received.lock().expect("lock").clone();
+    assert_eq!(requests.len(), 2, "one failure, one success");
+    let (signature, body) = &requests[1];
+    let expected = control_plane::auth::sign("hook-secret", body);
+    assert_eq!(signature, &format!("sha256={expected}"));
+    let payload: Value = serde_json::from_str(body).expect("JSON");
+    assert_eq!(payload["type"], "budget_alert");
+    assert_eq!(payload["budget_name"], "hooked");
+    assert_eq!(payload["threshold"], 80.0);
+    assert_eq!(payload["spend"], 9.0);
+    assert_eq!(payload["job_id"], job_id.to_string());
 }
