@@ -6,6 +6,8 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
+use sqlx::QueryBuilder;
+
 use super::jobs::{Job, Viewer};
 use super::{on_pool, BeginWrite, Db, DbError};
 use crate::domain::JobStatus;
@@ -61,19 +63,6 @@ pub fn incurred_at(job: &Job) -> DateTime<Utc> {
     job.started_at.unwrap_or(job.created_at)
 }
 
-/// Every job's spend, one row each: the cost record of a job that is not running, the
-/// live cost of one that is. Binds $1 and $2 to the running statuses.
-const SPEND: &str = "WITH spend AS (
-    SELECT c.job_id, c.user_id, c.incurred_at, c.compute_cost, c.storage_cost, c.network_cost,
-           c.total_cost, c.gpu_hours, c.spot_savings, c.team, c.project, c.cost_center
-      FROM cost_tracking c JOIN training_jobs j ON j.id = c.job_id
-     WHERE j.status NOT IN ($1, $2)
-    UNION ALL
-    SELECT id, user_id, COALESCE(started_at, created_at), current_cost, 0.0, 0.0,
-           current_cost, NULL, 0.0, team, project, cost_center
-      FROM training_jobs WHERE status IN ($1, $2)
-)";
-
 /// Which spend an aggregate covers.
 #[derive(Debug, Clone, Default)]
 pub struct SpendFilter {
@@ -97,24 +86,79 @@ impl SpendFilter {
     }
 }
 
-/// The filter's conditions on `spend`, binding $3 to $8.
-const WHERE: &str = " WHERE ($3 IS NULL OR user_id = $3)
-    AND ($4 IS NULL OR incurred_at >= $4) AND ($5 IS NULL OR incurred_at < $5)
-    AND ($6 IS NULL OR team = $6) AND ($7 IS NULL OR project = $7) AND ($8 IS NULL OR cost_center = $8)";
-
-macro_rules! spend_query {
-    ($query:expr, $filter:expr) => {{
-        let filter: &SpendFilter = $filter;
-        $query
-            .bind(JobStatus::Provisioning)
-            .bind(JobStatus::Training)
-            .bind(filter.user_id)
-            .bind(filter.from)
-            .bind(filter.until)
-            .bind(filter.team.as_deref())
-            .bind(filter.project.as_deref())
-            .bind(filter.cost_center.as_deref())
-    }};
+/// Starts `query` with `WITH spend AS (…)`: one row per job the filter covers, the cost
+/// record of a job that is not running and the live cost of one that is. The filter's
+/// conditions go inside each branch, and only those it sets, so each branch reads
+/// through an index (owner and time, team, project) instead of every record.
+fn push_spend<'a, DB: sqlx::Database>(query: &mut QueryBuilder<'a, DB>, filter: &'a SpendFilter)
+where
+    Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    DateTime<Utc>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    JobStatus: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    fn running<'a, DB: sqlx::Database>(query: &mut QueryBuilder<'a, DB>)
+    where
+        JobStatus: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    {
+        query
+            .push("status IN (")
+            .push_bind(JobStatus::Provisioning)
+            .push(", ")
+            .push_bind(JobStatus::Training)
+            .push(")");
+    }
+    fn conditions<'a, DB: sqlx::Database>(query: &mut QueryBuilder<'a, DB>, filter: &'a SpendFilter)
+    where
+        Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+        DateTime<Utc>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+        &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    {
+        if let Some(user_id) = filter.user_id {
+            query.push(" AND user_id = ").push_bind(user_id);
+        }
+        if let Some(from) = filter.from {
+            query.push(" AND incurred_at >= ").push_bind(from);
+        }
+        if let Some(until) = filter.until {
+            query.push(" AND incurred_at < ").push_bind(until);
+        }
+        for (column, value) in [
+            ("team", &filter.team),
+            ("project", &filter.project),
+            ("cost_center", &filter.cost_center),
+        ] {
+            if let Some(value) = value {
+                query
+                    .push(format!(" AND {column} = "))
+                    .push_bind(value.as_str());
+            }
+        }
+    }
+    // The running jobs first, by the status index alone (a handful of rows); left to
+    // itself the planner reached them through the owner's index, reading all their jobs.
+    query.push(
+        "WITH running AS MATERIALIZED (
+           SELECT id, user_id, COALESCE(started_at, created_at) AS incurred_at, current_cost, team,
+                  project, cost_center
+             FROM training_jobs WHERE ",
+    );
+    running(query);
+    query.push(
+        "), spend AS (
+           SELECT job_id, user_id, incurred_at, compute_cost, storage_cost, network_cost, total_cost,
+                  gpu_hours, spot_savings, team, project, cost_center
+             FROM cost_tracking WHERE job_id NOT IN (SELECT id FROM running)",
+    );
+    conditions(query, filter);
+    query.push(
+        " UNION ALL
+           SELECT id, user_id, incurred_at, current_cost, 0.0, 0.0, current_cost, NULL, 0.0, team,
+                  project, cost_center
+             FROM running WHERE 1 = 1",
+    );
+    conditions(query, filter);
+    query.push(") ");
 }
 
 /// Sums over the spend a filter covers.
@@ -130,15 +174,18 @@ pub struct Totals {
 }
 
 pub async fn totals(db: &Db, filter: &SpendFilter) -> Result<Totals, DbError> {
-    let sql = format!(
-        "{SPEND} SELECT COALESCE(SUM(total_cost), 0.0) AS total_cost, COALESCE(SUM(compute_cost), 0.0) AS compute_cost,
-                COALESCE(SUM(storage_cost), 0.0) AS storage_cost, COALESCE(SUM(network_cost), 0.0) AS network_cost,
-                COALESCE(SUM(gpu_hours), 0.0) AS total_gpu_hours, COALESCE(SUM(spot_savings), 0.0) AS total_spot_savings,
-                COUNT(*) AS job_count FROM spend{WHERE}"
-    );
-    Ok(
-        on_pool!(db, pool => spend_query!(sqlx::query_as::<_, Totals>(&sql), filter).fetch_one(pool).await)?,
-    )
+    Ok(on_pool!(db, pool => {
+        let mut query = QueryBuilder::new("");
+        push_spend(&mut query, filter);
+        query.push(
+            "SELECT COALESCE(SUM(total_cost), 0.0) AS total_cost, COALESCE(SUM(compute_cost), 0.0) AS compute_cost,
+                    COALESCE(SUM(storage_cost), 0.0) AS storage_cost, COALESCE(SUM(network_cost), 0.0) AS network_cost,
+                    COALESCE(SUM(gpu_hours), 0.0) AS total_gpu_hours,
+                    COALESCE(SUM(spot_savings), 0.0) AS total_spot_savings, COUNT(*) AS job_count
+               FROM spend",
+        );
+        query.build_query_as::<Totals>().fetch_one(pool).await
+    })?)
 }
 
 /// One job's line in a breakdown.
@@ -157,18 +204,18 @@ pub struct JobSpend {
 
 /// The costliest `limit` jobs the filter covers.
 pub async fn by_job(db: &Db, filter: &SpendFilter, limit: i64) -> Result<Vec<JobSpend>, DbError> {
-    let sql = format!(
-        "{SPEND} SELECT s.job_id, j.name AS job_name, s.total_cost, COALESCE(s.gpu_hours, 0.0) AS gpu_hours,
-                s.spot_savings, s.team, s.project, s.cost_center, s.incurred_at
-           FROM (SELECT * FROM spend{WHERE}) s JOIN training_jobs j ON j.id = s.job_id
-          ORDER BY s.total_cost DESC, s.incurred_at DESC LIMIT $9"
-    );
-    Ok(
-        on_pool!(db, pool => spend_query!(sqlx::query_as::<_, JobSpend>(&sql), filter)
-        .bind(limit)
-        .fetch_all(pool)
-        .await)?,
-    )
+    Ok(on_pool!(db, pool => {
+        let mut query = QueryBuilder::new("");
+        push_spend(&mut query, filter);
+        query.push(
+            "SELECT s.job_id, j.name AS job_name, s.total_cost, COALESCE(s.gpu_hours, 0.0) AS gpu_hours,
+                    s.spot_savings, s.team, s.project, s.cost_center, s.incurred_at
+               FROM spend s JOIN training_jobs j ON j.id = s.job_id
+              ORDER BY s.total_cost DESC, s.incurred_at DESC LIMIT ",
+        );
+        query.push_bind(limit);
+        query.build_query_as::<JobSpend>().fetch_all(pool).await
+    })?)
 }
 
 /// Spend per day (UTC), oldest first; days without spend are absent.
@@ -187,12 +234,14 @@ pub async fn by_day(db: &Db, filter: &SpendFilter) -> Result<Vec<DaySpend>, DbEr
         Db::Sqlite(_) => "substr(incurred_at, 1, 10)",
         Db::Postgres(_) => "to_char(incurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
     };
-    let sql = format!(
-        "{SPEND} SELECT {day} AS day, SUM(total_cost), SUM(compute_cost), COUNT(*)
-           FROM spend{WHERE} GROUP BY 1 ORDER BY 1"
-    );
-    let rows: Vec<(String, f64, f64, i64)> =
-        on_pool!(db, pool => spend_query!(sqlx::query_as(&sql), filter).fetch_all(pool).await)?;
+    let rows: Vec<(String, f64, f64, i64)> = on_pool!(db, pool => {
+        let mut query = QueryBuilder::new("");
+        push_spend(&mut query, filter);
+        query.push(format!(
+            "SELECT {day} AS day, SUM(total_cost), SUM(compute_cost), COUNT(*) FROM spend GROUP BY 1 ORDER BY 1"
+        ));
+        query.build_query_as().fetch_all(pool).await
+    })?;
     Ok(rows
         .into_iter()
         .filter_map(|(day, total_cost, compute_cost, job_count)| {
@@ -233,11 +282,13 @@ pub async fn by_dimension(
         Dimension::Project => "project",
         Dimension::CostCenter => "cost_center",
     };
-    let sql = format!(
-        "{SPEND} SELECT {column} AS name, SUM(total_cost) AS total_cost, COUNT(*) AS job_count
-           FROM spend{WHERE} GROUP BY {column} ORDER BY 2 DESC"
-    );
-    Ok(
-        on_pool!(db, pool => spend_query!(sqlx::query_as::<_, GroupSpend>(&sql), filter).fetch_all(pool).await)?,
-    )
+    Ok(on_pool!(db, pool => {
+        let mut query = QueryBuilder::new("");
+        push_spend(&mut query, filter);
+        query.push(format!(
+            "SELECT {column} AS name, SUM(total_cost) AS total_cost, COUNT(*) AS job_count
+               FROM spend GROUP BY {column} ORDER BY 2 DESC"
+        ));
+        query.build_query_as::<GroupSpend>().fetch_all(pool).await
+    })?)
 }
