@@ -1,6 +1,6 @@
 //! The dashboard in headless Chromium: sign in, upload a file, watch a running job's page
-//! update live, cancel it; a screenshot of every page at desktop and phone width, and no
-//! console errors. Needs Chromium and chromedriver (scripts/browser-env; scripts/test
+//! update live, cancel it, create a budget; a screenshot of every page at desktop and phone
+//! width, and no console errors. Needs Chromium and chromedriver (scripts/browser-env; scripts/test
 //! installs them and runs this test).
 
 use std::time::Duration;
@@ -154,6 +154,20 @@ async fn a_user_signs_in_uploads_watches_a_job_live_and_cancels_it() {
         .await;
     browser.wait_for_text("h1", "Job templates", LONG).await;
     browser.screenshot("templates").await;
+
+    // Costs: a budget created on its page, then the cost overview with the cancelled
+    // job's spend.
+    browser.goto(&format!("{}/cost/budgets", plane.url)).await;
+    browser.wait_for_text("h1", "Budgets", LONG).await;
+    browser.type_into("#name", "GPU month").await;
+    browser.type_into("#amount", "250").await;
+    browser.click("form.stacked button[type=submit]").await;
+    browser.wait_for_text("table.table td", "GPU month", LONG).await;
+    browser.screenshot("budgets").await;
+    browser.goto(&format!("{}/cost", plane.url)).await;
+    browser.wait_for_text("h1", "Costs", LONG).await;
+    browser.wait_for_text(".cards .card .muted", "GPU month", LONG).await;
+    browser.screenshot("cost").await;
 
     // Keyboard: the first Tab lands on the skip link, the next ones on the navigation.
     browser.goto(&format!("{}/", plane.url)).await;
