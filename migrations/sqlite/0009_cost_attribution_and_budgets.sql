@@ -1,5 +1,5 @@
--- Cost attribution and budgets (spec §4.2.10, §4.2.11). A job carries its team, project,
--- cost center and tags; its cost record copies them, with its owner and when its spend
+-- Cost attribution and budgets (spec §4.2.10, §4.2.11). A job (and a template, for the
+-- jobs made from it) carries its team, project, cost center and tags; its cost record copies them, with its owner and when its spend
 -- was incurred (the job's first start), so reports and budgets aggregate cost records
 -- alone. A budget is personal (its owner's jobs) or shared (an admin's, over everyone's
 -- jobs of a team or project), and says what happens at its cap. Each alert is stored
@@ -8,6 +8,10 @@ ALTER TABLE training_jobs ADD COLUMN team TEXT;
 ALTER TABLE training_jobs ADD COLUMN project TEXT;
 ALTER TABLE training_jobs ADD COLUMN cost_center TEXT;
 ALTER TABLE training_jobs ADD COLUMN tags TEXT;
+ALTER TABLE job_templates ADD COLUMN team TEXT;
+ALTER TABLE job_templates ADD COLUMN project TEXT;
+ALTER TABLE job_templates ADD COLUMN cost_center TEXT;
+ALTER TABLE job_templates ADD COLUMN tags TEXT;
 
 ALTER TABLE cost_tracking ADD COLUMN user_id BLOB REFERENCES users(id) ON DELETE CASCADE;
 ALTER TABLE cost_tracking ADD COLUMN incurred_at TEXT;

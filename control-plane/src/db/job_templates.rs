@@ -6,7 +6,7 @@ use sqlx::types::Json;
 use uuid::Uuid;
 
 use super::{now, on_pool, Db, DbError};
-use crate::domain::{GpuType, RecoveryPolicy};
+use crate::domain::{Attribution, GpuType, RecoveryPolicy};
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Template {
@@ -32,6 +32,12 @@ pub struct Template {
     pub recovery: Option<Json<RecoveryPolicy>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The attribution jobs from this template get.
+    pub team: Option<String>,
+    pub project: Option<String>,
+    pub cost_center: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub tags: Option<Json<serde_json::Map<String, serde_json::Value>>>,
 }
 
 pub struct NewTemplate<'a> {
@@ -46,6 +52,7 @@ pub struct NewTemplate<'a> {
     pub source_job_id: Option<Uuid>,
     pub is_public: bool,
     pub recovery: Option<RecoveryPolicy>,
+    pub attribution: &'a Attribution,
 }
 
 pub async fn create(
@@ -55,8 +62,9 @@ pub async fn create(
 ) -> Result<Template, DbError> {
     Ok(on_pool!(db, pool => sqlx::query_as::<_, Template>(
         "INSERT INTO job_templates (id, user_id, name, description, icon, preset_id, hyperparameters, gpu_type,
-             gpu_model, base_model, source_job_id, is_public, created_at, updated_at, recovery)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14)
+             gpu_model, base_model, source_job_id, is_public, created_at, updated_at, recovery, team, project,
+             cost_center, tags)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, $14, $15, $16, $17, $18)
          RETURNING *",
     )
     .bind(Uuid::new_v4())
@@ -73,6 +81,10 @@ pub async fn create(
     .bind(template.is_public)
     .bind(now())
     .bind(template.recovery.map(Json))
+    .bind(template.attribution.team.as_deref())
+    .bind(template.attribution.project.as_deref())
+    .bind(template.attribution.cost_center.as_deref())
+    .bind(template.attribution.tags.as_ref().map(Json))
     .fetch_one(pool)
     .await)?)
 }

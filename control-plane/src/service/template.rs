@@ -11,7 +11,7 @@ use super::{AppState, CurrentUser, ServiceError, ServiceResult};
 use crate::db::job_templates::{self, NewTemplate, Template};
 use crate::db::jobs::Job;
 use crate::db::presets;
-use crate::domain::{hyperparameters, FieldError, GpuType, RecoveryPolicy};
+use crate::domain::{hyperparameters, Attribution, FieldError, GpuType, RecoveryPolicy};
 
 #[derive(Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +28,12 @@ pub struct NewTemplateRequest {
     /// The recovery policy jobs from this template get, as in configure.
     #[schema(value_type = Option<Object>)]
     pub recovery: Option<Map<String, Value>>,
+    /// The attribution jobs from this template get (as on `POST /jobs`).
+    pub team: Option<String>,
+    pub project: Option<String>,
+    pub cost_center: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub tags: Option<Map<String, Value>>,
     /// Copy what the request leaves out from this job.
     pub source_job_id: Option<Uuid>,
     #[serde(default)]
@@ -42,9 +48,18 @@ pub async fn create_template(
     mut request: NewTemplateRequest,
 ) -> ServiceResult<Template> {
     let mut base_recovery = RecoveryPolicy::default();
+    let mut errors = Vec::new();
+    let mut attribution = Attribution::parse(
+        request.team.as_deref(),
+        request.project.as_deref(),
+        request.cost_center.as_deref(),
+        request.tags.as_ref(),
+        &mut errors,
+    );
     if let Some(job_id) = request.source_job_id {
         let job = visible_job(state, user, job_id).await?;
         base_recovery = job.recovery();
+        attribution = attribution.or(&job.attribution());
         request.preset_id = request.preset_id.or(job.preset_id);
         request.gpu_type = request
             .gpu_type
@@ -59,7 +74,6 @@ pub async fn create_template(
         }
         request.recovery = request.recovery.or_else(|| Some(Map::new()));
     }
-    let mut errors = Vec::new();
     let name = request.name.trim();
     if name.is_empty() || name.chars().count() > 200 {
         errors.push(FieldError::new("name", "must be 1 to 200 characters"));
@@ -132,6 +146,7 @@ pub async fn create_template(
             source_job_id: request.source_job_id,
             is_public: request.is_public,
             recovery,
+            attribution: &attribution,
         },
     )
     .await?)
@@ -178,10 +193,10 @@ pub async fn job_from_template(
         name: request.name,
         description: template.description.clone(),
         base_model,
-        team: None,
-        project: None,
-        cost_center: None,
-        tags: None,
+        team: template.team.clone(),
+        project: template.project.clone(),
+        cost_center: template.cost_center.clone(),
+        tags: template.tags.as_ref().map(|tags| tags.0.clone()),
     };
     let mut job = create_draft(state, user, &draft, template.preset_id).await?;
     if let (Some(gpu_type), Some(gpu_model)) = (template.gpu_type, &template.gpu_model) {

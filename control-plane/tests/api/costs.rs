@@ -17,6 +17,7 @@ on_both_backends!(reports_equal_the_cost_records_they_sum);
 on_both_backends!(budgets_alert_once_per_threshold_and_block_starts);
 on_both_backends!(the_budgets_page_creates_edits_and_deletes);
 on_both_backends!(an_alert_reaches_the_webhook_signed_and_retried);
+on_both_backends!(templates_carry_attribution_to_their_jobs);
 
 fn budget(name: &str, amount: f64) -> Value {
     json!({"name": name, "amount": amount, "period": "monthly"})
@@ -628,4 +629,72 @@ async fn an_alert_reaches_the_webhook_signed_and_retried(backend: Backend) {
     assert_eq!(payload["threshold"], 80.0);
     assert_eq!(payload["spend"], 9.0);
     assert_eq!(payload["job_id"], job_id.to_string());
+}
+
+async fn templates_carry_attribution_to_their_jobs(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let ada = app.user("ada@example.com", Role::User).await;
+    let source = job_costing(
+        &app,
+        &ada,
+        json!({"team": "research", "project": "tone",
+        "tags": {"sweep": "lr"}}),
+        1.0,
+    )
+    .await;
+    // From a job: its attribution, where the request names none; the request's wins.
+    let (status, template) = json_of(
+        app.post(
+            &ada,
+            "/api/v1/templates",
+            json!({"name": "tone recipe", "source_job_id": source, "project": "tone-v2"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{template}");
+    assert_eq!(template["team"], "research");
+    assert_eq!(template["project"], "tone-v2");
+    assert_eq!(template["tags"], json!({"sweep": "lr"}));
+    let file = app
+        .upload_enriched(&ada, crate::helpers::chat_jsonl(60))
+        .await;
+    let path = format!(
+        "/api/v1/templates/{}/use",
+        template["id"].as_str().expect("id")
+    );
+    let (status, used) = json_of(
+        app.post(
+            &ada,
+            &path,
+            json!({"training_file_id": file["id"], "name": "from the recipe", "base_model": "m"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{used}");
+    let (_, job) = json_of(
+        app.get(
+            &ada,
+            &format!("/api/v1/jobs/{}", used["job_id"].as_str().expect("id")),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(job["team"], "research");
+    assert_eq!(job["project"], "tone-v2");
+    assert_eq!(job["tags"], json!({"sweep": "lr"}));
+    // Bad attribution on a template is named like on a job.
+    let (status, error) = json_of(
+        app.post(
+            &ada,
+            "/api/v1/templates",
+            json!({"name": "bad", "tags": {"n": 1}}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(field_names(&error), ["tags.n"]);
 }
