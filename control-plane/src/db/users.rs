@@ -46,6 +46,22 @@ impl User {
     }
 }
 
+/// Replaces a user's preferences (the profile settings object).
+pub async fn replace_preferences(
+    db: &Db,
+    id: Uuid,
+    preferences: &serde_json::Value,
+) -> Result<Option<User>, DbError> {
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, User>(
+        "UPDATE users SET preferences = $2, updated_at = $3 WHERE id = $1 RETURNING *",
+    )
+    .bind(id)
+    .bind(Json(preferences))
+    .bind(now())
+    .fetch_optional(pool)
+    .await)?)
+}
+
 pub enum TokenKind {
     Session,
     Api,

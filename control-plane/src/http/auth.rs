@@ -16,7 +16,7 @@ use super::error::ErrorBody;
 use super::ApiJson;
 use crate::db::users::User;
 use crate::request::{end_session, session_cookie_for};
-use crate::service::account::{self, issue_api_token};
+use crate::service::account::{self, issue_api_token, DefaultAttribution};
 use crate::service::{AppState, CurrentUser, ServiceResult};
 
 #[derive(Deserialize, ToSchema)]
@@ -39,6 +39,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(logout))
         .routes(routes!(signup))
         .routes(routes!(me))
+        .routes(routes!(set_default_attribution))
 }
 
 /// Exchanges email and password for a bearer token and a session cookie.
@@ -93,6 +94,20 @@ async fn signup(
     let mut response = issue_tokens(&state, user).await?;
     *response.status_mut() = StatusCode::CREATED;
     Ok(response)
+}
+
+/// Sets what your new jobs are charged to where a request names none (team, project,
+/// cost center, tags); kept in your preferences.
+#[utoipa::path(put, path = "/auth/me/default-attribution", tag = "auth", request_body = DefaultAttribution,
+    responses((status = 200, body = User), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn set_default_attribution(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    ApiJson(request): ApiJson<DefaultAttribution>,
+) -> ServiceResult<Json<User>> {
+    Ok(Json(
+        account::set_default_attribution(&state, &user, &request).await?,
+    ))
 }
 
 /// The authenticated user.

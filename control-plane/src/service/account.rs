@@ -13,7 +13,7 @@ use crate::auth::{dummy_hash, hash_password, new_token, token_hash, verify_passw
 use crate::db::jobs::Viewer;
 use crate::db::users::{self, TokenKind, User};
 use crate::db::{now, Db};
-use crate::domain::{Email, FieldError, Password, Role};
+use crate::domain::{Attribution, Email, FieldError, Password, Role};
 
 /// The authenticated user an operation acts for.
 #[derive(Debug, Clone)]
@@ -31,6 +31,75 @@ impl CurrentUser {
     pub fn is_operator(&self) -> bool {
         self.0.role().sees_everything()
     }
+}
+
+/// The key of a user's preferences holding the attribution their new jobs get where a
+/// request names none.
+const DEFAULT_ATTRIBUTION: &str = "default_attribution";
+
+/// What a user's new jobs are charged to by default.
+#[derive(Debug, Default, serde::Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultAttribution {
+    pub team: Option<String>,
+    pub project: Option<String>,
+    pub cost_center: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub tags: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+impl CurrentUser {
+    /// The attribution the user's new jobs get where a request names none (a profile
+    /// setting; stored already checked).
+    pub fn default_attribution(&self) -> Attribution {
+        let stored: DefaultAttribution = self
+            .0
+            .preferences
+            .0
+            .get(DEFAULT_ATTRIBUTION)
+            .and_then(|value| serde_json::from_value(value.clone()).ok())
+            .unwrap_or_default();
+        Attribution {
+            team: stored.team,
+            project: stored.project,
+            cost_center: stored.cost_center,
+            tags: stored.tags,
+        }
+    }
+}
+
+/// Sets the attribution the user's new jobs get by default; every bad field is named.
+pub async fn set_default_attribution(
+    state: &AppState,
+    user: &CurrentUser,
+    request: &DefaultAttribution,
+) -> ServiceResult<User> {
+    let mut errors = Vec::new();
+    let parsed = Attribution::parse(
+        request.team.as_deref(),
+        request.project.as_deref(),
+        request.cost_center.as_deref(),
+        request.tags.as_ref(),
+        &mut errors,
+    );
+    if !errors.is_empty() {
+        return Err(ServiceError::Validation(errors));
+    }
+    let stored = DefaultAttribution {
+        team: parsed.team,
+        project: parsed.project,
+        cost_center: parsed.cost_center,
+        tags: parsed.tags,
+    };
+    let mut preferences = user.0.preferences.0.clone();
+    if !preferences.is_object() {
+        preferences = serde_json::json!({});
+    }
+    preferences[DEFAULT_ATTRIBUTION] =
+        serde_json::to_value(&stored).map_err(|e| ServiceError::Internal(e.to_string()))?;
+    users::replace_preferences(&state.db, user.0.id, &preferences)
+        .await?
+        .ok_or(ServiceError::Unauthorized)
 }
 
 /// A credential a request carries.

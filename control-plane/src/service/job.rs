@@ -136,7 +136,8 @@ pub async fn create_draft(
         request.cost_center.as_deref(),
         request.tags.as_ref(),
         &mut errors,
-    );
+    )
+    .or(&user.default_attribution());
     let base_model = request.base_model.trim();
     if base_model.is_empty()
         || base_model.len() > 500

@@ -18,6 +18,7 @@ on_both_backends!(budgets_alert_once_per_threshold_and_block_starts);
 on_both_backends!(the_budgets_page_creates_edits_and_deletes);
 on_both_backends!(an_alert_reaches_the_webhook_signed_and_retried);
 on_both_backends!(templates_carry_attribution_to_their_jobs);
+on_both_backends!(new_jobs_take_the_user_s_default_attribution);
 
 fn budget(name: &str, amount: f64) -> Value {
     json!({"name": name, "amount": amount, "period": "monthly"})
@@ -697,4 +698,50 @@ async fn templates_carry_attribution_to_their_jobs(backend: Backend) {
     .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(field_names(&error), ["tags.n"]);
+}
+
+async fn new_jobs_take_the_user_s_default_attribution(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let ada = app.user("ada@example.com", Role::User).await;
+    let bob = app.user("bob@example.com", Role::User).await;
+    let defaults = json!({"team": "research", "cost_center": "cc-7", "tags": {"owner": "ada"}});
+    let (status, me) = json_of(
+        app.put(&ada, "/api/v1/auth/me/default-attribution", defaults)
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{me}");
+    assert_eq!(me["preferences"]["default_attribution"]["team"], "research");
+    let (status, error) = json_of(
+        app.put(
+            &ada,
+            "/api/v1/auth/me/default-attribution",
+            json!({"team": "x".repeat(101)}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(field_names(&error), ["team"]);
+
+    // A job naming none gets the defaults; one naming some keeps its own for those.
+    let plain = job_costing(&app, &ada, json!({}), 1.0).await;
+    let own = job_costing(&app, &ada, json!({"team": "ops", "project": "tone"}), 1.0).await;
+    let (_, plain) = json_of(app.get(&ada, &format!("/api/v1/jobs/{plain}")).await).await;
+    assert_eq!(
+        (plain["team"].as_str(), plain["cost_center"].as_str()),
+        (Some("research"), Some("cc-7"))
+    );
+    assert_eq!(plain["tags"], json!({"owner": "ada"}));
+    let (_, own) = json_of(app.get(&ada, &format!("/api/v1/jobs/{own}")).await).await;
+    assert_eq!(
+        (own["team"].as_str(), own["project"].as_str()),
+        (Some("ops"), Some("tone"))
+    );
+    assert_eq!(own["cost_center"], "cc-7");
+    // Another user's jobs are theirs alone.
+    let theirs = job_costing(&app, &bob, json!({}), 1.0).await;
+    let (_, theirs) = json_of(app.get(&bob, &format!("/api/v1/jobs/{theirs}")).await).await;
+    assert_eq!(theirs["team"], Value::Null);
 }

@@ -71,6 +71,7 @@ async fn the_openapi_document_matches_the_routes() {
             "POST /api/v1/templates/{id}/use",
             "POST /api/v1/training-files",
             "PUT /api/v1/agent/attempts/{id}/artifacts",
+            "PUT /api/v1/auth/me/default-attribution",
             "PUT /api/v1/budgets/{id}",
             "PUT /api/v1/jobs/{id}/configure",
         ]
