@@ -12,6 +12,7 @@ use crate::db::cost_tracking::{self, SpendFilter};
 use crate::db::jobs::{self, Job};
 use crate::db::{agents, now};
 use crate::domain::{BudgetPeriod, JobStatus};
+use crate::service::budget::list_budgets;
 use crate::service::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -29,6 +30,8 @@ struct HomePage {
     spend_this_month: String,
     agents_online: usize,
     agents_total: usize,
+    /// Budgets past their alert threshold this period: "“tone” has used 110.0% of $10.00".
+    budget_alerts: Vec<String>,
 }
 
 async fn home(State(state): State<AppState>, user: PageUser) -> PageResult {
@@ -58,6 +61,19 @@ async fn home(State(state): State<AppState>, user: PageUser) -> PageResult {
     let queue = jobs::queue_order(&state.db).await?;
     let active: Vec<Job> = list.into_iter().filter(|j| j.status.is_live()).collect();
     let fleet = agents::list(&state.db).await?;
+    let budget_alerts = list_budgets(&state, &user.0)
+        .await?
+        .into_iter()
+        .filter(|view| view.budget.is_active && view.percent_used >= view.budget.alert_threshold)
+        .map(|view| {
+            format!(
+                "“{}” has used {:.1}% of {} this period",
+                view.budget.name,
+                view.percent_used,
+                money(view.budget.amount)
+            )
+        })
+        .collect();
     let page = HomePage {
         frame: Frame::new(&user, "home", &[]),
         rows: job_rows(active, &queue),
@@ -69,6 +85,7 @@ async fn home(State(state): State<AppState>, user: PageUser) -> PageResult {
             .filter(|a| a.status == crate::domain::AgentStatus::Online)
             .count(),
         agents_total: fleet.len(),
+        budget_alerts,
     };
     Ok(render(&page))
 }

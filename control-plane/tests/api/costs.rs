@@ -411,6 +411,11 @@ async fn budgets_alert_once_per_threshold_and_block_starts(backend: Backend) {
         "{html}"
     );
     assert!(html.contains(&format!("/training/job/{job_id}")));
+    let (_, home) = crate::dashboard::page(&app, &cookie, "/").await;
+    assert!(
+        home.contains("Budget “tone” has used 110.0% of $10.00 this period"),
+        "{home}"
+    );
     // The job page names what the job is charged to and the budgets it counts against.
     let (_, job_page) =
         crate::dashboard::page(&app, &cookie, &format!("/training/job/{job_id}")).await;
