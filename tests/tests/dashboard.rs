@@ -162,11 +162,15 @@ async fn a_user_signs_in_uploads_watches_a_job_live_and_cancels_it() {
     browser.type_into("#name", "GPU month").await;
     browser.type_into("#amount", "250").await;
     browser.click("form.stacked button[type=submit]").await;
-    browser.wait_for_text("table.table td", "GPU month", LONG).await;
+    browser
+        .wait_for_text("table.table td", "GPU month", LONG)
+        .await;
     browser.screenshot("budgets").await;
     browser.goto(&format!("{}/cost", plane.url)).await;
     browser.wait_for_text("h1", "Costs", LONG).await;
-    browser.wait_for_text(".cards .card .muted", "GPU month", LONG).await;
+    browser
+        .wait_for_text(".cards .card .muted", "GPU month", LONG)
+        .await;
     browser.screenshot("cost").await;
 
     // Keyboard: the first Tab lands on the skip link, the next ones on the navigation.

@@ -55,9 +55,11 @@ async fn claiming_agent(plane: &ControlPlane, http: &Client, name: &str) -> (Str
     let assignment: Value = http
         .post(format!("{}/api/v1/agent/claim", plane.url))
         .bearer_auth(&secret)
-        .json(&json!({"wait_seconds": 0, "heartbeat": {"gpus": [], "host": {"cpu_percent": 1.0,
+        .json(
+            &json!({"wait_seconds": 0, "heartbeat": {"gpus": [], "host": {"cpu_percent": 1.0,
             "cpu_count": 2, "memory_used_mb": 1000, "memory_total_mb": 64000, "disk_free_mb": 1000},
-            "capacity": "ondemand", "attempt_id": null, "labels": {}}}))
+            "capacity": "ondemand", "attempt_id": null, "labels": {}}}),
+        )
         .send()
         .await
         .expect("claim")
@@ -148,9 +150,7 @@ async fn acknowledged_points_survive_a_kill(postgres: bool) {
 
     let acknowledged = acknowledged.lock().expect("lock").clone();
     for ((job, _, _), acknowledged) in agents.iter().zip(acknowledged) {
-        let history = api
-            .get(&format!("/jobs/{job}/metrics?limit=100000"))
-            .await;
+        let history = api.get(&format!("/jobs/{job}/metrics?limit=100000")).await;
         let stored: BTreeSet<u64> = history["data"]
             .as_array()
             .expect("data")
@@ -158,7 +158,10 @@ async fn acknowledged_points_survive_a_kill(postgres: bool) {
             .filter_map(|p| p["step"].as_u64())
             .collect();
         let lost: Vec<_> = acknowledged.difference(&stored).collect();
-        assert!(lost.is_empty(), "job {job}: acknowledged but lost: {lost:?}");
+        assert!(
+            lost.is_empty(),
+            "job {job}: acknowledged but lost: {lost:?}"
+        );
         assert!(acknowledged.len() >= 100, "the kill came mid-ingest");
     }
 }
