@@ -21,10 +21,7 @@ const METRIC_POINTS: i64 = 10_000;
 
 #[tokio::main]
 async fn main() {
-    let args = support::positional_args();
-    let backend = args.first().map_or("sqlite", String::as_str).to_owned();
-    let clients: usize = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(16);
-    let seconds: u64 = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(5);
+    let (backend, clients, seconds) = support::load_args();
 
     let server = support::server(&backend, clients, |_| ()).await;
     let (db, base, client) = (&server.db, &server.base, &server.client);

@@ -185,6 +185,17 @@ pub fn positional_args() -> Vec<String> {
         .collect()
 }
 
+/// The arguments of a page-load bench: `<sqlite|postgres> [clients] [seconds]`, default
+/// SQLite, 16 clients, 5 s.
+#[allow(dead_code)]
+pub fn load_args() -> (String, usize, u64) {
+    let args = positional_args();
+    let backend = args.first().map_or("sqlite", String::as_str).to_owned();
+    let clients = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(16);
+    let seconds = args.get(2).and_then(|n| n.parse().ok()).unwrap_or(5);
+    (backend, clients, seconds)
+}
+
 /// The `p`-quantile (0..=1) of ascending `sorted`; NaN when empty.
 #[allow(dead_code)] // each bench binary includes this module and uses part of it
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {

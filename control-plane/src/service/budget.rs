@@ -72,7 +72,7 @@ const MAX_NAME: usize = 200;
 const MAX_AMOUNT: f64 = 1e12;
 
 /// Checks every field; who may keep a shared budget is checked by the caller.
-fn parse(request: &BudgetRequest) -> ServiceResult<(BudgetFieldsOwned, BudgetScope)> {
+fn parse(request: &BudgetRequest) -> ServiceResult<BudgetFields<'_>> {
     let mut errors = Vec::new();
     let name = request.name.trim();
     if name.is_empty() || name.chars().count() > MAX_NAME || name.chars().any(char::is_control) {
@@ -114,26 +114,9 @@ fn parse(request: &BudgetRequest) -> ServiceResult<(BudgetFieldsOwned, BudgetSco
             "stop_at_cap is not available yet; use block_start or none",
         ));
     }
-    let mut filter = |field: &str, value: &Option<String>| match value.as_deref().map(str::trim) {
-        Some("") => {
-            errors.push(FieldError::new(
-                field,
-                "must name a team, project or cost center; leave it out to count all",
-            ));
-            None
-        }
-        Some(text) if text.chars().count() > 100 || text.chars().any(char::is_control) => {
-            errors.push(FieldError::new(
-                field,
-                "must be at most 100 printable characters",
-            ));
-            None
-        }
-        other => other.map(str::to_owned),
-    };
-    let team = filter("team", &request.team);
-    let project = filter("project", &request.project);
-    let cost_center = filter("cost_center", &request.cost_center);
+    let team = filter("team", &request.team, &mut errors);
+    let project = filter("project", &request.project, &mut errors);
+    let cost_center = filter("cost_center", &request.cost_center, &mut errors);
     if scope == Some(BudgetScope::Shared)
         && team.is_none()
         && project.is_none()
@@ -149,21 +132,44 @@ fn parse(request: &BudgetRequest) -> ServiceResult<(BudgetFieldsOwned, BudgetSco
     else {
         return Err(ServiceError::Validation(errors));
     };
-    Ok((
-        BudgetFieldsOwned {
-            name: name.to_owned(),
-            amount: round_cents(request.amount),
-            period,
-            alert_threshold,
-            alert_enabled: request.alert_enabled.unwrap_or(true),
-            team,
-            project,
-            cost_center,
-            is_active: request.is_active.unwrap_or(true),
-            enforcement,
-        },
+    Ok(BudgetFields {
+        name,
+        amount: round_cents(request.amount),
+        period,
+        alert_threshold,
+        alert_enabled: request.alert_enabled.unwrap_or(true),
+        team,
+        project,
+        cost_center,
+        is_active: request.is_active.unwrap_or(true),
         scope,
-    ))
+        enforcement,
+    })
+}
+
+/// A budget's team, project or cost center filter: absent, or a name.
+fn filter<'a>(
+    field: &str,
+    value: &'a Option<String>,
+    errors: &mut Vec<FieldError>,
+) -> Option<&'a str> {
+    match value.as_deref().map(str::trim) {
+        Some("") => {
+            errors.push(FieldError::new(
+                field,
+                "must name a team, project or cost center; leave it out to count all",
+            ));
+            None
+        }
+        Some(text) if text.chars().count() > 100 || text.chars().any(char::is_control) => {
+            errors.push(FieldError::new(
+                field,
+                "must be at most 100 printable characters",
+            ));
+            None
+        }
+        other => other,
+    }
 }
 
 /// A vocabulary word, or a field error naming `field`.
@@ -175,38 +181,6 @@ fn word<T: std::str::FromStr<Err = String>>(
     text.parse()
         .map_err(|message| errors.push(FieldError::new(field, message)))
         .ok()
-}
-
-/// [`BudgetFields`] with owned text, as parsed.
-struct BudgetFieldsOwned {
-    name: String,
-    amount: f64,
-    period: BudgetPeriod,
-    alert_threshold: f64,
-    alert_enabled: bool,
-    team: Option<String>,
-    project: Option<String>,
-    cost_center: Option<String>,
-    is_active: bool,
-    enforcement: Enforcement,
-}
-
-impl BudgetFieldsOwned {
-    fn fields(&self, scope: BudgetScope) -> BudgetFields<'_> {
-        BudgetFields {
-            name: &self.name,
-            amount: self.amount,
-            period: self.period,
-            alert_threshold: self.alert_threshold,
-            alert_enabled: self.alert_enabled,
-            team: self.team.as_deref(),
-            project: self.project.as_deref(),
-            cost_center: self.cost_center.as_deref(),
-            is_active: self.is_active,
-            scope,
-            enforcement: self.enforcement,
-        }
-    }
 }
 
 fn require_admin_for(scope: BudgetScope, user: &CurrentUser) -> ServiceResult<()> {
@@ -223,20 +197,16 @@ pub async fn create_budget(
     user: &CurrentUser,
     request: &BudgetRequest,
 ) -> ServiceResult<BudgetView> {
-    let (fields, scope) = parse(request)?;
-    require_admin_for(scope, user)?;
-    let budget = budgets::insert(&state.db, user.0.id, &fields.fields(scope)).await?;
-    tracing::info!(budget_id = %budget.id, scope = %scope, "budget created");
+    let fields = parse(request)?;
+    require_admin_for(fields.scope, user)?;
+    let budget = budgets::insert(&state.db, user.0.id, &fields).await?;
+    tracing::info!(budget_id = %budget.id, scope = %budget.scope, "budget created");
     view(state, budget).await
 }
 
 /// The caller's budgets and the shared ones, each with its current period.
 pub async fn list_budgets(state: &AppState, user: &CurrentUser) -> ServiceResult<Vec<BudgetView>> {
-    let mut views = Vec::new();
-    for budget in budgets::list_visible(&state.db, user.0.id).await? {
-        views.push(view(state, budget).await?);
-    }
-    Ok(views)
+    views(state, budgets::list_visible(&state.db, user.0.id).await?).await
 }
 
 pub async fn get_budget(
@@ -255,9 +225,9 @@ pub async fn replace_budget(
     request: &BudgetRequest,
 ) -> ServiceResult<BudgetView> {
     let budget = editable(state, user, id).await?;
-    let (fields, scope) = parse(request)?;
-    require_admin_for(scope, user)?;
-    let updated = budgets::update(&state.db, budget.id, &fields.fields(scope))
+    let fields = parse(request)?;
+    require_admin_for(fields.scope, user)?;
+    let updated = budgets::update(&state.db, budget.id, &fields)
         .await?
         .ok_or(ServiceError::NotFound("budget"))?;
     view(state, updated).await
@@ -309,22 +279,41 @@ async fn spend(
 }
 
 async fn view(state: &AppState, budget: Budget) -> ServiceResult<BudgetView> {
+    views(state, vec![budget])
+        .await?
+        .pop()
+        .ok_or_else(|| ServiceError::Internal("a budget view went missing".into()))
+}
+
+/// Each budget with where it stands this period: its spend (one aggregate each), and the
+/// alerts of all of them read at once.
+async fn views(state: &AppState, budgets: Vec<Budget>) -> ServiceResult<Vec<BudgetView>> {
     let at = now();
-    let window = budget.period.window(at);
-    let current_spend = spend(state, &budget, window).await?;
-    let alerts = budgets::alerts_since(&state.db, &[budget.id], window.0).await?;
-    let elapsed = (at - window.0).num_seconds().max(1) as f64;
-    let length = (window.1 - window.0).num_seconds().max(1) as f64;
-    Ok(BudgetView {
-        period_start: window.0,
-        period_end: window.1,
-        current_spend,
-        remaining: round_cents((budget.amount - current_spend).max(0.0)),
-        percent_used: percent(current_spend, budget.amount),
-        forecast: round_cents(current_spend * length / elapsed),
-        alerts,
-        budget,
-    })
+    let windows: Vec<_> = budgets.iter().map(|b| b.period.window(at)).collect();
+    let ids: Vec<Uuid> = budgets.iter().map(|b| b.id).collect();
+    let earliest = windows.iter().map(|w| w.0).min().unwrap_or(at);
+    let mut alerts = budgets::alerts_since(&state.db, &ids, earliest).await?;
+    let mut views = Vec::with_capacity(budgets.len());
+    for (budget, window) in budgets.into_iter().zip(windows) {
+        let current_spend = spend(state, &budget, window).await?;
+        let elapsed = (at - window.0).num_seconds().max(1) as f64;
+        let length = (window.1 - window.0).num_seconds().max(1) as f64;
+        let (own, rest) = alerts
+            .into_iter()
+            .partition(|a: &BudgetAlert| a.budget_id == budget.id && a.period_start >= window.0);
+        alerts = rest;
+        views.push(BudgetView {
+            period_start: window.0,
+            period_end: window.1,
+            current_spend,
+            remaining: round_cents((budget.amount - current_spend).max(0.0)),
+            percent_used: percent(current_spend, budget.amount),
+            forecast: round_cents(current_spend * length / elapsed),
+            alerts: own,
+            budget,
+        });
+    }
+    Ok(views)
 }
 
 /// `spend` as a percentage of `amount`, to one decimal (a zero amount is 100% used once
@@ -516,11 +505,7 @@ pub async fn counted_against(state: &AppState, job: &Job) -> ServiceResult<Vec<B
 
 /// The budgets a job counts against, each with where it stands this period.
 pub async fn standing_for_job(state: &AppState, job: &Job) -> ServiceResult<Vec<BudgetView>> {
-    let mut views = Vec::new();
-    for budget in counted_against(state, job).await? {
-        views.push(view(state, budget).await?);
-    }
-    Ok(views)
+    views(state, counted_against(state, job).await?).await
 }
 
 /// `block_start`: a job whose estimate (the top of its range) is more than what a

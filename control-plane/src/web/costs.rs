@@ -124,9 +124,12 @@ fn groups(spend: Vec<GroupSpend>) -> Vec<GroupLine> {
 }
 
 async fn costs(State(state): State<AppState>, user: PageUser) -> PageResult {
-    let budgets = list_budgets(&state, &user.0).await?;
-    let month = summary(&state, &user.0, &CostQuery::default()).await?;
-    let days = trends(&state, &user.0, &CostQuery::default()).await?;
+    let query = CostQuery::default();
+    let (budgets, month, days) = futures::try_join!(
+        list_budgets(&state, &user.0),
+        summary(&state, &user.0, &query),
+        trends(&state, &user.0, &query),
+    )?;
     let count = days.data.len() as f64;
     let trend_chart = line_chart(
         "Spend per day, last 30 days",
