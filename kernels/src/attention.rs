@@ -4,8 +4,8 @@
 //! each row's length (right padding), so no L² bias tensor is built; grouped-query heads
 //! read their shared key/value head directly, so K and V are never repeated.
 //!
-//! This is the CPU implementation (f32 and f64); the CUDA path keeps the composed
-//! attention until a kernel for this op exists.
+//! This file is the op and its CPU implementation (f32 and f64); `attention_cuda.rs` holds
+//! the CUDA kernels (f32 and bf16, head dimensions 16, 32 and 64).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -25,9 +25,28 @@ pub fn causal_attention(
         lengths: lengths.to_vec(),
         scale,
         logsumexp: std::sync::Mutex::new(None),
+        #[cfg(feature = "cuda")]
+        cuda_logsumexp: std::sync::Mutex::new(None),
     };
     q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+}
+
+/// Whether the op runs on `device` for tensors of `dtype` with heads of `head_dim`: on the
+/// CPU in f32 or f64; on CUDA in f32 or bf16 for the head dimensions it has kernels for.
+pub fn supported(device: &candle_core::Device, dtype: DType, head_dim: usize) -> bool {
+    match device {
+        candle_core::Device::Cpu => matches!(dtype, DType::F32 | DType::F64),
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(_) => {
+            matches!(dtype, DType::F32 | DType::BF16)
+                && crate::attention_cuda::HEAD_DIMS.contains(&head_dim)
+        }
+        _ => {
+            let _ = head_dim;
+            false
+        }
+    }
 }
 
 struct CausalAttention {
@@ -37,6 +56,10 @@ struct CausalAttention {
     /// backward recomputes the probabilities without a pass to find them; `-inf` for a
     /// row that sees no key.
     logsumexp: std::sync::Mutex<Option<Vec<f64>>>,
+    /// The same, kept on the GPU by the CUDA forward.
+    #[cfg(feature = "cuda")]
+    cuda_logsumexp:
+        std::sync::Mutex<Option<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>>,
 }
 
 /// `Σ aᵢbᵢ` in eight independent partial sums, so the compiler can keep them in one SIMD
@@ -310,6 +333,31 @@ impl CustomOp3 for CausalAttention {
         Ok((out, shape))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        q_layout: &Layout,
+        k: &candle_core::CudaStorage,
+        k_layout: &Layout,
+        v: &candle_core::CudaStorage,
+        v_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let shape = cuda_shape(q_layout.dims(), k_layout.dims())?;
+        let (out, logsumexp) = crate::attention_cuda::forward(
+            (q, q_layout),
+            (k, k_layout),
+            (v, v_layout),
+            &self.lengths,
+            self.scale,
+            shape,
+        )?;
+        if let Ok(mut kept) = self.cuda_logsumexp.lock() {
+            *kept = Some(logsumexp);
+        }
+        Ok((out, q_layout.shape().clone()))
+    }
+
     fn bwd(
         &self,
         q: &Tensor,
@@ -318,6 +366,10 @@ impl CustomOp3 for CausalAttention {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() {
+            return self.cuda_gradients(q, k, v, out, grad);
+        }
         let dims = Dims::of(q.dims(), k.dims())?;
         let (dq, dk, dv) = match q.dtype() {
             DType::F32 => self.gradients::<f32>(dims, [q, k, v, out, grad])?,
@@ -327,6 +379,138 @@ impl CustomOp3 for CausalAttention {
             }
         };
         Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// The kernels' sizes for q (B, H, L, D) and k (B, KV, L, D).
+#[cfg(feature = "cuda")]
+fn cuda_shape(q: &[usize], k: &[usize]) -> Result<crate::attention_cuda::Shape> {
+    let dims = Dims::of(q, k)?;
+    Ok(crate::attention_cuda::Shape {
+        batch: q[0],
+        heads: dims.heads,
+        kv_heads: dims.kv_heads,
+        len: dims.len,
+        dim: dims.dim,
+    })
+}
+
+#[cfg(feature = "cuda")]
+impl CausalAttention {
+    /// The backward on the GPU: one op over q, k and v returns their gradients in one
+    /// buffer, split here. The logsumexp the forward kept is used once; a second backward
+    /// runs the forward again for it.
+    fn cuda_gradients(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let kept = self
+            .cuda_logsumexp
+            .lock()
+            .ok()
+            .and_then(|mut kept| kept.take());
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let logsumexp = match kept {
+            Some(logsumexp) => logsumexp,
+            None => {
+                let again = CausalAttention {
+                    lengths: self.lengths.clone(),
+                    scale: self.scale,
+                    logsumexp: std::sync::Mutex::new(None),
+                    cuda_logsumexp: std::sync::Mutex::new(None),
+                };
+                q.apply_op3_no_bwd(&k, &v, &again)?;
+                let kept = again
+                    .cuda_logsumexp
+                    .lock()
+                    .ok()
+                    .and_then(|mut kept| kept.take());
+                kept.ok_or_else(|| {
+                    candle_core::Error::Msg("causal attention: no logsumexp to reuse".into())
+                })?
+            }
+        };
+        let op = CudaGradients {
+            lengths: self.lengths.clone(),
+            scale: self.scale,
+            out: out.contiguous()?,
+            grad: grad.contiguous()?,
+            logsumexp,
+        };
+        let all = q.apply_op3_no_bwd(&k, &v, &op)?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let dq = all.narrow(0, 0, nq)?.reshape(q.shape())?;
+        let dk = all.narrow(0, nq, nk)?.reshape(k.shape())?;
+        let dv = all.narrow(0, nq + nk, nk)?.reshape(k.shape())?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// The CUDA backward as an op over (q, k, v) with the rest it reads held here; its
+/// result is the gradients of q, k and v, flat and in that order.
+#[cfg(feature = "cuda")]
+struct CudaGradients {
+    lengths: Vec<usize>,
+    scale: f64,
+    out: Tensor,
+    grad: Tensor,
+    logsumexp: candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for CudaGradients {
+    fn name(&self) -> &'static str {
+        "causal-attention-gradients"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("causal attention: the CUDA backward was given CPU tensors")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        q_layout: &Layout,
+        k: &candle_core::CudaStorage,
+        k_layout: &Layout,
+        v: &candle_core::CudaStorage,
+        v_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let shape = cuda_shape(q_layout.dims(), k_layout.dims())?;
+        let (out, out_layout) = self.out.storage_and_layout();
+        let (grad, grad_layout) = self.grad.storage_and_layout();
+        let (candle_core::Storage::Cuda(out), candle_core::Storage::Cuda(grad)) = (&*out, &*grad)
+        else {
+            candle_core::bail!("causal attention: the output or its gradient is not on the GPU");
+        };
+        let saved = crate::attention_cuda::Saved {
+            out: (out, out_layout),
+            grad: (grad, grad_layout),
+            logsumexp: &self.logsumexp,
+        };
+        let gradients = crate::attention_cuda::backward(
+            (q, q_layout),
+            (k, k_layout),
+            (v, v_layout),
+            saved,
+            &self.lengths,
+            self.scale,
+            shape,
+        )?;
+        let count = q_layout.shape().elem_count() + 2 * k_layout.shape().elem_count();
+        Ok((gradients, Shape::from(count)))
     }
 }
 

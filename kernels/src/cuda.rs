@@ -3,7 +3,33 @@
 //! runs on any GPU the driver supports; candle then keeps the loaded module per device.
 
 use candle_core::cuda_backend::cudarc::nvrtc;
+
+/// A kernel module's CUDA C after the definitions every module shares: `u64`, and `load`
+/// and `store` of f32 and bf16 entries as f32.
+macro_rules! cuda_source {
+    ($source:literal) => {
+        concat!(
+            r#"typedef unsigned long long u64;
+
+/* bf16 travels as its bits: widened to f32 exactly, and rounded back to nearest even (as
+   the `half` crate does on the CPU), so no header is needed. */
+__device__ __forceinline__ float load(const float *p, u64 i) { return p[i]; }
+__device__ __forceinline__ float load(const unsigned short *p, u64 i) {
+    return __uint_as_float(((unsigned int)p[i]) << 16);
+}
+__device__ __forceinline__ void store(float *p, u64 i, float x) { p[i] = x; }
+__device__ __forceinline__ void store(unsigned short *p, u64 i, float x) {
+    const unsigned int bits = __float_as_uint(x);
+    p[i] = x != x ? (unsigned short)((bits >> 16) | 0x40)
+                  : (unsigned short)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+"#,
+            $source
+        )
+    };
+}
 use candle_core::Result;
+pub(crate) use cuda_source;
 use std::sync::OnceLock;
 
 /// One module's CUDA C source and its PTX, compiled once per process; a failure is kept

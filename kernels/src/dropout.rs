@@ -21,10 +21,7 @@ pub fn splitmix64(mut z: u64) -> u64 {
 /// `1 / keep`, with probability `keep`, else zeroed. f32, f64 and bf16 (computed in
 /// f32 and rounded to nearest even, on either device).
 pub fn dropout(x: &Tensor, stream: u64, keep: f64) -> Result<Tensor> {
-    if !(keep > 0.0 && keep <= 1.0) {
-        candle_core::bail!("dropout: keep probability {keep} is not in (0, 1]");
-    }
-    x.contiguous()?.apply_op1(Dropout { stream, keep })
+    x.contiguous()?.apply_op1(Dropout::new(stream, keep)?)
 }
 
 /// The first `count` multipliers of `stream`: `1 / keep` or 0. What [`dropout`] applies.
@@ -41,10 +38,22 @@ pub fn mask(stream: u64, count: usize, keep: f64) -> Vec<f32> {
         .collect()
 }
 
+/// The op [`dropout`] applies, for ops that drop out part of their input inside their
+/// own forward (its `cpu_fwd` and `cuda_fwd` work on storages).
 #[derive(Debug, Clone, Copy)]
-struct Dropout {
+pub struct Dropout {
     stream: u64,
     keep: f64,
+}
+
+impl Dropout {
+    /// The mask of `stream` keeping each entry with probability `keep`, in (0, 1].
+    pub fn new(stream: u64, keep: f64) -> Result<Dropout> {
+        if !(keep > 0.0 && keep <= 1.0) {
+            candle_core::bail!("dropout: keep probability {keep} is not in (0, 1]");
+        }
+        Ok(Dropout { stream, keep })
+    }
 }
 
 /// Which entries survive, in integers: a draw's top 53 bits `u` give the uniform
@@ -172,45 +181,36 @@ impl CustomOp1 for Dropout {
 
 /// The CUDA kernel: the same hash and threshold as [`Rule::keeps`].
 #[cfg(feature = "cuda")]
-const SOURCE: &str = r#"
+const SOURCE: &str = crate::cuda::cuda_source!(
+    r#"
 __device__ unsigned long long splitmix64(unsigned long long z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
     return z ^ (z >> 31);
 }
 
-__device__ float multiplier(unsigned long long stream, unsigned long long threshold,
-                            float scale, unsigned long long i) {
-    const unsigned long long draw = splitmix64(stream + i * 0x9E3779B97F4A7C15ULL);
-    return (draw >> 11) < threshold ? scale : 0.0f;
-}
-
-extern "C" __global__ void dropout_f32(
-    const unsigned long long n, const unsigned long long stream,
-    const unsigned long long threshold, const float scale, const float *x, float *y) {
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-         i < n; i += (unsigned long long)blockDim.x * gridDim.x) {
-        y[i] = x[i] * multiplier(stream, threshold, scale, i);
+template <typename T>
+__device__ void dropout(const u64 n, const u64 stream, const u64 threshold, const float scale,
+                        const T *x, T *y) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n;
+         i += (u64)blockDim.x * gridDim.x) {
+        const u64 draw = splitmix64(stream + i * 0x9E3779B97F4A7C15ULL);
+        store(y, i, load(x, i) * ((draw >> 11) < threshold ? scale : 0.0f));
     }
 }
 
-/* bf16 as its bits: widened to f32 exactly, and rounded back to nearest even (as the
-   `half` crate does on the CPU), so no header is needed. */
-extern "C" __global__ void dropout_bf16(
-    const unsigned long long n, const unsigned long long stream,
-    const unsigned long long threshold, const float scale, const unsigned short *x,
-    unsigned short *y) {
-    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
-         i < n; i += (unsigned long long)blockDim.x * gridDim.x) {
-        const float value = __uint_as_float(((unsigned int)x[i]) << 16)
-            * multiplier(stream, threshold, scale, i);
-        const unsigned int bits = __float_as_uint(value);
-        y[i] = value != value
-            ? (unsigned short)((bits >> 16) | 0x40)
-            : (unsigned short)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-    }
+extern "C" __global__ void dropout_f32(const u64 n, const u64 stream, const u64 threshold,
+                                       const float scale, const float *x, float *y) {
+    dropout<float>(n, stream, threshold, scale, x, y);
 }
-"#;
+
+extern "C" __global__ void dropout_bf16(const u64 n, const u64 stream, const u64 threshold,
+                                        const float scale, const unsigned short *x,
+                                        unsigned short *y) {
+    dropout<unsigned short>(n, stream, threshold, scale, x, y);
+}
+"#
+);
 
 #[cfg(feature = "cuda")]
 static PROGRAM: crate::cuda::Program = crate::cuda::Program::new(SOURCE);

@@ -5,14 +5,30 @@
 pub mod adamw;
 pub mod attention;
 #[cfg(feature = "cuda")]
+mod attention_cuda;
+#[cfg(feature = "cuda")]
 mod cuda;
 pub mod dropout;
+#[cfg(feature = "cuda")]
+mod norm_gate_cuda;
 mod real;
 pub mod rms_norm;
 pub mod swiglu;
 
 pub use adamw::{adamw_step, AdamWStep};
 pub use attention::causal_attention;
-pub use dropout::dropout;
+pub use dropout::{dropout, Dropout};
 pub use rms_norm::rms_norm;
 pub use swiglu::swiglu;
+
+/// Whether the fused RMSNorm and SwiGLU run for tensors of `dtype` on `device`: on the
+/// CPU in f32 or f64, on CUDA in f32 or bf16.
+pub fn fused_norm_and_gate(device: &candle_core::Device, dtype: candle_core::DType) -> bool {
+    use candle_core::DType;
+    match device {
+        candle_core::Device::Cpu => matches!(dtype, DType::F32 | DType::F64),
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(_) => matches!(dtype, DType::F32 | DType::BF16),
+        _ => false,
+    }
+}

@@ -1,6 +1,7 @@
 //! RMSNorm with a frozen scale as one op: `y = x · w / √(mean(x²) + ε)` per row, and a
 //! backward that returns `x`'s gradient in one pass per row instead of candle's dozen
-//! element-wise ops (and no gradient for the frozen `w`). CPU, f32 and f64.
+//! element-wise ops (and no gradient for the frozen `w`). CPU in f32 and f64; CUDA in f32
+//! and bf16 (`norm_gate_cuda.rs`).
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -90,6 +91,22 @@ impl CustomOp2 for RmsNorm {
         Ok((out, x_layout.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_layout: &Layout,
+        w: &candle_core::CudaStorage,
+        w_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let n = w_layout.shape().elem_count();
+        if x_layout.dims().last() != Some(&n) {
+            candle_core::bail!("rms norm: input {:?} for a scale of {n}", x_layout.dims());
+        }
+        let y = crate::norm_gate_cuda::rms_norm_forward((x, x_layout), (w, w_layout), self.eps)?;
+        Ok((y, x_layout.shape().clone()))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -97,6 +114,12 @@ impl CustomOp2 for RmsNorm {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            let op = crate::norm_gate_cuda::RmsNormGradient { eps: self.eps };
+            let dx = x.apply_op3_no_bwd(&w.contiguous()?, &grad.contiguous()?, &op)?;
+            return Ok((Some(dx), None));
+        }
         let dx = match x.dtype() {
             DType::F32 => {
                 let dx = self.backward::<f32>(&values(x)?, &values(w)?, &values(grad)?);

@@ -1,6 +1,7 @@
 //! SwiGLU's gate as one op: `silu(gate) · up`, with a backward that returns both
 //! gradients in one pass (`silu'(g) = s·(1 + g·(1 − s))`, `s = σ(g)`) instead of candle's
-//! composed silu, product and their backward ops. CPU, f32 and f64.
+//! composed silu, product and their backward ops. CPU in f32 and f64; CUDA in f32 and
+//! bf16 (`norm_gate_cuda.rs`).
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -88,6 +89,18 @@ impl CustomOp2 for SwiGlu {
         Ok((out, gate_layout.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gate: &candle_core::CudaStorage,
+        gate_layout: &Layout,
+        up: &candle_core::CudaStorage,
+        up_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::norm_gate_cuda::swiglu_forward((gate, gate_layout), (up, up_layout))?;
+        Ok((out, gate_layout.shape().clone()))
+    }
+
     fn bwd(
         &self,
         gate: &Tensor,
@@ -95,6 +108,18 @@ impl CustomOp2 for SwiGlu {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if gate.device().is_cuda() {
+            let both = gate.apply_op3_no_bwd(
+                up,
+                &grad.contiguous()?,
+                &crate::norm_gate_cuda::SwiGluGradients,
+            )?;
+            let count = gate.elem_count();
+            let d_gate = both.narrow(0, 0, count)?.reshape(gate.shape())?;
+            let d_up = both.narrow(0, count, count)?.reshape(gate.shape())?;
+            return Ok((Some(d_gate), Some(d_up)));
+        }
         fn build<T: Real>(
             (d_gate, d_up): (Vec<T>, Vec<T>),
             like: &Tensor,

@@ -24,10 +24,14 @@ pub struct KernelCheck {
 pub fn run(choice: DeviceChoice) -> Result<Vec<KernelCheck>> {
     let device = train::device(choice)?;
     let mut rng = Rng::new(17);
-    let checks: [(&'static str, f64, Check); 3] = [
+    let checks: [(&'static str, f64, Check); 7] = [
         ("dropout", 0.0, dropout),
         ("fused_adamw", 1e-6, adamw),
         ("chunked_cross_entropy", 1e-4, chunked_loss),
+        ("causal_attention_f32", 1e-4, attention_f32),
+        ("causal_attention_bf16", 5e-2, attention_bf16),
+        ("fused_lora_linear", 1e-3, lora_linear),
+        ("rms_norm_and_swiglu", 1e-4, norm_and_gate),
     ];
     checks
         .into_iter()
@@ -59,6 +63,34 @@ fn max_difference(a: &Tensor, b: &Tensor) -> Result<f64> {
     .max(0)?
     .to_scalar::<f64>()?;
     Ok(difference)
+}
+
+/// The output followed by the gradients of `inputs` under `Σ output ⊙ upstream`.
+fn output_and_gradients(
+    what: &str,
+    out: Tensor,
+    upstream: &Tensor,
+    inputs: &[&Var],
+) -> Result<Vec<Tensor>> {
+    let gradients = (out.to_dtype(DType::F32)? * upstream)?
+        .sum_all()?
+        .backward()?;
+    let mut results = vec![out];
+    for var in inputs {
+        let gradient = gradients
+            .get(var)
+            .cloned()
+            .ok_or_else(|| TrainerError::Invalid(format!("{what}: an input got no gradient")))?;
+        results.push(gradient);
+    }
+    Ok(results)
+}
+
+/// The largest difference between matching tensors of the device's and the CPU's results.
+fn worst_difference(ours: &[Tensor], reference: &[Tensor]) -> Result<f64> {
+    ours.iter()
+        .zip(reference)
+        .try_fold(0.0f64, |worst, (a, b)| Ok(worst.max(max_difference(a, b)?)))
 }
 
 /// The same stream gives the same bits: an exact match is required.
@@ -123,6 +155,110 @@ fn chunked_loss(device: &Device, rng: &mut Rng) -> Result<f64> {
     Ok(max_difference(&loss, &cpu_loss)?.max(max_difference(&gradient, &cpu_gradient)?))
 }
 
+/// The attention op in f32: output and the gradients of q, k and v.
+fn attention_f32(device: &Device, rng: &mut Rng) -> Result<f64> {
+    attention(device, rng, DType::F32)
+}
+
+/// The same in bf16 where the device computes in it (CUDA), against the CPU in f32.
+fn attention_bf16(device: &Device, rng: &mut Rng) -> Result<f64> {
+    let dtype = if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    };
+    attention(device, rng, dtype)
+}
+
+/// Two rows (one padded to 61 of 100 positions), four query heads over two key/value
+/// heads, head dimension 64: more than one tile each way, a partial last tile.
+fn attention(device: &Device, rng: &mut Rng, dtype: DType) -> Result<f64> {
+    let (batch, heads, kv_heads, len, dim) = (2, 4, 2, 100, 64);
+    let lengths = [100, 61];
+    let scale = 1.0 / (dim as f64).sqrt();
+    let (query_shape, key_shape) = ((batch, heads, len, dim), (batch, kv_heads, len, dim));
+    let queries = random(rng, batch * heads * len * dim, 1.0);
+    let keys = random(rng, batch * kv_heads * len * dim, 1.0);
+    let values = random(rng, batch * kv_heads * len * dim, 1.0);
+    let weights = random(rng, batch * heads * len * dim, 1.0);
+    let on = |device: &Device, dtype: DType| -> Result<Vec<Tensor>> {
+        let var = |data: &[f32], shape: (usize, usize, usize, usize)| -> Result<Var> {
+            let tensor = Tensor::from_vec(data.to_vec(), shape, device)?.to_dtype(dtype)?;
+            Ok(Var::from_tensor(&tensor)?)
+        };
+        let (q, k, v) = (
+            var(&queries, query_shape)?,
+            var(&keys, key_shape)?,
+            var(&values, key_shape)?,
+        );
+        let out = trainer_kernels::causal_attention(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            &lengths,
+            scale,
+        )?;
+        let weights = Tensor::from_vec(weights.clone(), query_shape, device)?;
+        output_and_gradients("attention", out, &weights, &[&q, &k, &v])
+    };
+    worst_difference(&on(device, dtype)?, &on(&Device::Cpu, DType::F32)?)
+}
+
+/// The fused LoRA projection with dropout, in f32: output and the gradients of x, A, B.
+fn lora_linear(device: &Device, rng: &mut Rng) -> Result<f64> {
+    let (rows, inputs, outputs, rank) = (300, 256, 192, 16);
+    let x = random(rng, rows * inputs, 1.0);
+    let w = random(rng, outputs * inputs, 1.0 / 16.0);
+    let a = random(rng, rank * inputs, 1.0 / 16.0);
+    let b = random(rng, outputs * rank, 0.25);
+    let upstream = random(rng, rows * outputs, 1.0);
+    let on = |device: &Device| -> Result<Vec<Tensor>> {
+        let var = |data: &[f32], shape: (usize, usize)| -> Result<Var> {
+            Ok(Var::from_tensor(&Tensor::from_vec(
+                data.to_vec(),
+                shape,
+                device,
+            )?)?)
+        };
+        let (x, a, b) = (
+            var(&x, (rows, inputs))?,
+            var(&a, (rank, inputs))?,
+            var(&b, (outputs, rank))?,
+        );
+        let w = Tensor::from_vec(w.clone(), (outputs, inputs), device)?;
+        let out = crate::fused_lora::lora_linear(
+            x.as_tensor(),
+            &w,
+            (a.as_tensor(), b.as_tensor()),
+            2.0,
+            Some((0xD40, 0.9)),
+        )?;
+        let upstream = Tensor::from_vec(upstream.clone(), (rows, outputs), device)?;
+        output_and_gradients("lora linear", out, &upstream, &[&x, &a, &b])
+    };
+    worst_difference(&on(device)?, &on(&Device::Cpu)?)
+}
+
+/// RMSNorm then SwiGLU (the normed rows as the gate), in f32: the output and the gradients
+/// of the input and of `up`.
+fn norm_and_gate(device: &Device, rng: &mut Rng) -> Result<f64> {
+    let (rows, width) = (37, 896);
+    let x = random(rng, rows * width, 1.0);
+    let w = random(rng, width, 0.5);
+    let up = random(rng, rows * width, 1.0);
+    let upstream = random(rng, rows * width, 1.0);
+    let on = |device: &Device| -> Result<Vec<Tensor>> {
+        let x = Var::from_tensor(&Tensor::from_vec(x.clone(), (rows, width), device)?)?;
+        let up = Var::from_tensor(&Tensor::from_vec(up.clone(), (rows, width), device)?)?;
+        let w = Tensor::from_vec(w.clone(), width, device)?;
+        let normed = trainer_kernels::rms_norm(x.as_tensor(), &w, 1e-6)?;
+        let out = trainer_kernels::swiglu(&normed, up.as_tensor())?;
+        let upstream = Tensor::from_vec(upstream.clone(), (rows, width), device)?;
+        output_and_gradients("norm and gate", out, &upstream, &[&x, &up])
+    };
+    worst_difference(&on(device)?, &on(&Device::Cpu)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,7 +266,7 @@ mod tests {
     #[test]
     fn every_check_passes_on_the_cpu() -> Result<()> {
         let checks = run(DeviceChoice::Cpu)?;
-        assert_eq!(checks.len(), 3);
+        assert_eq!(checks.len(), 7);
         for check in checks {
             assert!(check.passed, "{check:?}");
             assert_eq!(check.max_abs_difference, 0.0, "CPU against CPU: {check:?}");

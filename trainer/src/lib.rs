@@ -13,6 +13,7 @@ pub mod data;
 pub mod error;
 pub mod evaluation;
 pub mod frozen;
+pub mod fused_lora;
 pub mod hub;
 pub mod init;
 pub mod kernel_check;

@@ -109,6 +109,28 @@ impl LoraAdapter {
     /// activations' dtype (bf16 on CUDA) against the f32 master weights, whose gradients
     /// come back through the casts in f32. `dropout` keys the masks; `None` means
     /// evaluation (no dropout).
+    /// `x·Wᵀ + ` [`forward`](Self::forward)`(x)` as one op ([`crate::fused_lora`]): what a GPU
+    /// takes, where each of the composed version's graph nodes costs passes over the
+    /// activations.
+    pub fn forward_with_base(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        dropout: Option<DropoutKey>,
+    ) -> Result<Tensor> {
+        let mask = match dropout {
+            Some(key) if self.dropout > 0.0 => Some((key.stream(self.module), 1.0 - self.dropout)),
+            _ => None,
+        };
+        crate::fused_lora::lora_linear(
+            x,
+            weight,
+            (self.a.as_tensor(), self.b.as_tensor()),
+            self.scale,
+            mask,
+        )
+    }
+
     pub fn forward(&self, x: &Tensor, dropout: Option<DropoutKey>) -> Result<Tensor> {
         let input = match dropout {
             Some(key) if self.dropout > 0.0 => {

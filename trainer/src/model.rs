@@ -62,6 +62,16 @@ impl Projection {
     }
 
     fn forward(&self, x: &Tensor, dropout: Option<DropoutKey>) -> Result<Tensor> {
+        // Off the CPU, base and adapter are one op (fewer graph nodes, each a pass over the
+        // activations on a GPU); the CPU keeps the composed path its figures were
+        // measured on.
+        if let (Some(lora), false) = (&self.lora, x.device().is_cpu()) {
+            let y = lora.forward_with_base(x, &self.weight, dropout)?;
+            return match &self.bias {
+                Some(bias) => frozen::shift(&y, bias),
+                None => Ok(y),
+            };
+        }
         let mut y = frozen::linear(x, &self.weight)?;
         if let Some(bias) = &self.bias {
             y = frozen::shift(&y, bias)?;
@@ -73,10 +83,10 @@ impl Projection {
     }
 }
 
-/// Whether `x` takes the fused ops of `trainer-kernels` (RMSNorm, SwiGLU, attention):
-/// their CPU implementations, in f32 or f64. Elsewhere the ops are composed.
+/// Whether `x` takes the fused RMSNorm and SwiGLU of `trainer-kernels` (the CPU in f32 or
+/// f64, CUDA in f32 or bf16). Elsewhere those ops are composed.
 fn fused_on(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+    trainer_kernels::fused_norm_and_gate(x.device(), x.dtype())
 }
 
 /// `x / sqrt(mean(x²) + eps) · weight`, normalised in f32 or wider.
@@ -524,16 +534,18 @@ impl Model {
             DType::F32
         };
         let rotary = Rotary::new(&self.config, 0, len, x.dtype(), device)?;
-        // On the CPU, attention is one op that needs no L² mask; elsewhere it is composed
-        // from matmuls and a softmax over a causal and padding bias.
+        // Where the attention op runs (the CPU; CUDA at the head sizes it has kernels for),
+        // it needs no L² mask; elsewhere attention is composed from matmuls and a softmax
+        // over a causal and padding bias.
         let (bias, lengths);
-        let visibility = if fused_on(&x) {
-            lengths = row_lengths(batch, len, attention_mask)?;
-            Visibility::Lengths(&lengths)
-        } else {
-            bias = attention_bias(0, len, len, attention_mask, wide, device)?;
-            Visibility::Bias(&bias)
-        };
+        let visibility =
+            if trainer_kernels::attention::supported(device, x.dtype(), self.config.head_dim) {
+                lengths = row_lengths(batch, len, attention_mask)?;
+                Visibility::Lengths(&lengths)
+            } else {
+                bias = attention_bias(0, len, len, attention_mask, wide, device)?;
+                Visibility::Bias(&bias)
+            };
         for layer in &self.layers {
             x = layer.forward(&x, &rotary, &visibility, dropout, None)?;
         }

@@ -1,0 +1,540 @@
+//! The causal attention op on CUDA: the same online softmax, the same masks from positions
+//! and row lengths, and the same recomputing backward as the CPU implementation in
+//! `attention.rs`, with f32 arithmetic over f32 or bf16 tensors.
+//!
+//! One thread owns one query row (forward, dQ) or one key row (dK, dV, summed over the
+//! query heads sharing it), and the rows it reads from the other side stream through
+//! shared memory in tiles, so memory stays O(B·H·L·D) and no B·H·L² tensor exists. The
+//! head dimension is a template constant (16, 32 or 64) so each row's vectors stay in
+//! registers; other sizes keep the composed attention.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CudaStorage, DType, Layout, Result};
+
+/// Head dimensions with a compiled kernel.
+pub(crate) const HEAD_DIMS: [usize; 3] = [16, 32, 64];
+
+/// Query rows per forward and dQ block; key rows per dK/dV block.
+const QUERY_ROWS: u32 = 64;
+const KEY_ROWS: u32 = 32;
+
+/// The sizes of one call, as the kernels take them.
+#[derive(Clone, Copy)]
+pub(crate) struct Shape {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub len: usize,
+    pub dim: usize,
+}
+
+impl Shape {
+    fn query_entries(&self) -> usize {
+        self.batch * self.heads * self.len * self.dim
+    }
+
+    fn key_entries(&self) -> usize {
+        self.batch * self.kv_heads * self.len * self.dim
+    }
+
+    fn rows(&self) -> usize {
+        self.batch * self.heads * self.len
+    }
+}
+
+fn suffix(dtype: DType, dim: usize) -> Result<String> {
+    let name = match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        other => candle_core::bail!("causal attention on CUDA takes f32 or bf16, not {other:?}"),
+    };
+    if !HEAD_DIMS.contains(&dim) {
+        candle_core::bail!("causal attention on CUDA: no kernel for head dimension {dim}");
+    }
+    Ok(format!("{name}_{dim}"))
+}
+
+fn contiguous_range(layout: &Layout) -> Result<std::ops::Range<usize>> {
+    let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("causal attention: an input is not contiguous".into())
+    })?;
+    Ok(start..end)
+}
+
+/// Each row's real length, clamped to the sequence, on the device.
+fn upload_lengths(
+    device: &candle_core::CudaDevice,
+    lengths: &[usize],
+    shape: Shape,
+) -> Result<CudaSlice<u32>> {
+    let lengths: Vec<u32> = (0..shape.batch)
+        .map(|b| lengths.get(b).copied().unwrap_or(0).min(shape.len) as u32)
+        .collect();
+    device.clone_htod(&lengths)
+}
+
+fn grid(rows: usize, per_block: u32, blocks_y: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((rows as u32).div_ceil(per_block), blocks_y as u32, 1),
+        block_dim: (per_block, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The forward pass: the output (in the inputs' type) and each query row's logsumexp.
+#[allow(unsafe_code)]
+pub(crate) fn forward(
+    (q, q_layout): (&CudaStorage, &Layout),
+    (k, k_layout): (&CudaStorage, &Layout),
+    (v, v_layout): (&CudaStorage, &Layout),
+    lengths: &[usize],
+    scale: f64,
+    shape: Shape,
+) -> Result<(CudaStorage, CudaSlice<f32>)> {
+    fn launch<T: CudaDType + DeviceRepr>(
+        inputs: [(&CudaStorage, std::ops::Range<usize>); 3],
+        lengths: &[usize],
+        scale: f32,
+        shape: Shape,
+        name: &str,
+    ) -> Result<(CudaStorage, CudaSlice<f32>)> {
+        let device = inputs[0].0.device.clone();
+        let function = device.get_or_load_custom_func(
+            &format!("attention_forward_{name}"),
+            "trainer_kernels_attention",
+            &PROGRAM.ptx()?,
+        )?;
+        let [q, k, v] = inputs.map(|(storage, range)| (storage, range));
+        let q = q.0.as_cuda_slice::<T>()?.slice(q.1);
+        let k = k.0.as_cuda_slice::<T>()?.slice(k.1);
+        let v = v.0.as_cuda_slice::<T>()?.slice(v.1);
+        let lengths = upload_lengths(&device, lengths, shape)?;
+        // SAFETY: every output entry and every logsumexp is written by the kernel (one
+        // thread per query row) before anything reads it.
+        let out = unsafe { device.alloc::<T>(shape.query_entries())? };
+        // SAFETY: as above.
+        let logsumexp = unsafe { device.alloc::<f32>(shape.rows())? };
+        let (heads, kv_heads, len) = (shape.heads as i32, shape.kv_heads as i32, shape.len as i32);
+        let mut builder = function.builder();
+        builder.arg(&q);
+        builder.arg(&k);
+        builder.arg(&v);
+        builder.arg(&out);
+        builder.arg(&logsumexp);
+        builder.arg(&lengths);
+        builder.arg(&heads);
+        builder.arg(&kv_heads);
+        builder.arg(&len);
+        builder.arg(&scale);
+        let config = grid(shape.len, QUERY_ROWS, shape.batch * shape.heads);
+        // SAFETY: q holds B·H·L·D entries and k, v B·KV·L·D (checked by the caller), the
+        // outputs were sized from the same shape, and lengths holds B entries.
+        unsafe { builder.launch(config) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, device), logsumexp))
+    }
+
+    let name = suffix(q.dtype(), shape.dim)?;
+    let inputs = [
+        (q, contiguous_range(q_layout)?),
+        (k, contiguous_range(k_layout)?),
+        (v, contiguous_range(v_layout)?),
+    ];
+    match q.dtype() {
+        DType::F32 => launch::<f32>(inputs, lengths, scale as f32, shape, &name),
+        _ => launch::<half::bf16>(inputs, lengths, scale as f32, shape, &name),
+    }
+}
+
+/// What the backward reads besides q, k and v: the forward's output and logsumexp, and
+/// the output's gradient (all contiguous).
+pub(crate) struct Saved<'a> {
+    pub out: (&'a CudaStorage, &'a Layout),
+    pub grad: (&'a CudaStorage, &'a Layout),
+    pub logsumexp: &'a CudaSlice<f32>,
+}
+
+/// The gradients of q, k and v in one buffer, in that order (the inputs' type).
+#[allow(unsafe_code)]
+pub(crate) fn backward(
+    (q, q_layout): (&CudaStorage, &Layout),
+    (k, k_layout): (&CudaStorage, &Layout),
+    (v, v_layout): (&CudaStorage, &Layout),
+    saved: Saved<'_>,
+    lengths: &[usize],
+    scale: f64,
+    shape: Shape,
+) -> Result<CudaStorage> {
+    fn launch<T: CudaDType + DeviceRepr>(
+        inputs: [(&CudaStorage, std::ops::Range<usize>); 5],
+        logsumexp: &CudaSlice<f32>,
+        lengths: &[usize],
+        scale: f32,
+        shape: Shape,
+        name: &str,
+    ) -> Result<CudaStorage> {
+        let device = inputs[0].0.device.clone();
+        let ptx = PROGRAM.ptx()?;
+        let load = |kernel: &str| {
+            device.get_or_load_custom_func(
+                &format!("attention_{kernel}_{name}"),
+                "trainer_kernels_attention",
+                &ptx,
+            )
+        };
+        let view = |i: usize| -> Result<_> {
+            let (storage, range) = &inputs[i];
+            Ok(storage.as_cuda_slice::<T>()?.slice(range.clone()))
+        };
+        let (q, k, v, out, grad) = (view(0)?, view(1)?, view(2)?, view(3)?, view(4)?);
+        let lengths = upload_lengths(&device, lengths, shape)?;
+        let (heads, kv_heads, len) = (shape.heads as i32, shape.kv_heads as i32, shape.len as i32);
+        let rows = shape.rows() as u64;
+
+        // Each row's Σ dO·O, which every probability's gradient subtracts.
+        // SAFETY: the kernel writes every row's entry before the others read it.
+        let delta = unsafe { device.alloc::<f32>(shape.rows())? };
+        let function = load("delta")?;
+        let mut builder = function.builder();
+        builder.arg(&out);
+        builder.arg(&grad);
+        builder.arg(&delta);
+        builder.arg(&rows);
+        // SAFETY: out and grad hold `rows` rows of D entries, delta `rows` entries.
+        unsafe { builder.launch(LaunchConfig::for_num_elems(rows as u32)) }.w()?;
+
+        let (nq, nk) = (shape.query_entries(), shape.key_entries());
+        // SAFETY: dQ's kernel writes every query row; dK/dV's every key row.
+        let mut gradients = unsafe { device.alloc::<T>(nq + 2 * nk)? };
+        let (dq, dkv) = gradients.split_at_mut(nq);
+
+        // dQ (a thread per query row), then dK and dV (a thread per key row, dV after dK).
+        let launches = [
+            (
+                "grad_q",
+                dq,
+                grid(shape.len, QUERY_ROWS, shape.batch * shape.heads),
+            ),
+            (
+                "grad_kv",
+                dkv,
+                grid(shape.len, KEY_ROWS, shape.batch * shape.kv_heads),
+            ),
+        ];
+        for (kernel, mut gradient, config) in launches {
+            let function = load(kernel)?;
+            let mut builder = function.builder();
+            builder.arg(&q);
+            builder.arg(&k);
+            builder.arg(&v);
+            builder.arg(&grad);
+            builder.arg(logsumexp);
+            builder.arg(&delta);
+            builder.arg(&lengths);
+            builder.arg(&heads);
+            builder.arg(&kv_heads);
+            builder.arg(&len);
+            builder.arg(&scale);
+            builder.arg(&mut gradient);
+            // SAFETY: the sizes are those of the forward; dQ's part holds B·H·L·D
+            // entries, dK/dV's 2·B·KV·L·D.
+            unsafe { builder.launch(config) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(gradients, device))
+    }
+
+    let name = suffix(q.dtype(), shape.dim)?;
+    let inputs = [
+        (q, contiguous_range(q_layout)?),
+        (k, contiguous_range(k_layout)?),
+        (v, contiguous_range(v_layout)?),
+        (saved.out.0, contiguous_range(saved.out.1)?),
+        (saved.grad.0, contiguous_range(saved.grad.1)?),
+    ];
+    let scale = scale as f32;
+    match q.dtype() {
+        DType::F32 => launch::<f32>(inputs, saved.logsumexp, lengths, scale, shape, &name),
+        _ => launch::<half::bf16>(inputs, saved.logsumexp, lengths, scale, shape, &name),
+    }
+}
+
+/// The kernels. Row `i` of batch row `b` sees keys
+/// `j < min(i + 1, length[b])`; a row that sees none outputs 0 and has logsumexp −∞.
+const SOURCE: &str = crate::cuda::cuda_source!(
+    r#"
+#define NEG_INF __int_as_float(0xff800000)
+#define QUERY_ROWS 64
+#define KEY_TILE 64
+#define SCORE_GROUP 16
+#define KEY_ROWS 32
+#define QUERY_TILE 32
+/* Shared values are read again after this point rather than kept from before it: keeping
+   a row's D values live across it costs more registers than the kernel has. */
+#define RELOAD_SHARED() asm volatile("" ::: "memory")
+
+/* Rows `first..first + count` of a (len, D) matrix into a tile of floats, zeros past
+   the end, by the whole block. */
+template <typename T, int D, int ROWS>
+__device__ void load_tile(float (*tile)[D], const T *matrix, int first, int len) {
+    for (int e = threadIdx.x; e < ROWS * D; e += blockDim.x) {
+        const int r = e / D, c = e % D, row = first + r;
+        tile[r][c] = row < len ? load(matrix, (u64)row * D + c) : 0.0f;
+    }
+}
+
+/* The query row a forward or dQ thread owns, and the key/value rows its head reads. */
+template <typename T>
+struct QueryRow {
+    bool active;      /* a row of the sequence, not past its end */
+    int visible;      /* keys it sees: min(i + 1, length) */
+    int block_keys;   /* keys any row of its block sees */
+    u64 row;          /* its index among the B·H·L query rows */
+    const T *keys, *values;
+};
+
+template <typename T, int D>
+__device__ QueryRow<T> query_row(const T *k, const T *v, const unsigned int *lengths,
+                                 int heads, int kv_heads, int len) {
+    const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    const int kvh = h / (heads / kv_heads);
+    const int i = blockIdx.x * QUERY_ROWS + threadIdx.x;
+    const int length = (int)lengths[b];
+    QueryRow<T> at;
+    at.active = i < len;
+    at.visible = at.active ? min(i + 1, length) : 0;
+    at.block_keys = min(min((int)(blockIdx.x * QUERY_ROWS + QUERY_ROWS), len), length);
+    at.row = (u64)bh * len + i;
+    at.keys = k + (u64)(b * kv_heads + kvh) * len * D;
+    at.values = v + (u64)(b * kv_heads + kvh) * len * D;
+    return at;
+}
+
+template <typename T, int D>
+__device__ void forward(const T *q, const T *k, const T *v, T *out, float *lse,
+                        const unsigned int *lengths, int heads, int kv_heads, int len,
+                        float scale) {
+    __shared__ float ks[KEY_TILE][D];
+    __shared__ float vs[KEY_TILE][D];
+    const QueryRow<T> at = query_row<T, D>(k, v, lengths, heads, kv_heads, len);
+    const bool active = at.active;
+    const int visible = at.visible, block_keys = at.block_keys;
+    const u64 row = at.row;
+    const T *keys = at.keys, *values = at.values;
+    float qr[D], acc[D];
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+        qr[d] = active ? load(q, row * D + d) * scale : 0.0f;
+        acc[d] = 0.0f;
+    }
+    float m = NEG_INF, s = 0.0f;
+    for (int j0 = 0; j0 < block_keys; j0 += KEY_TILE) {
+        __syncthreads();
+        load_tile<T, D, KEY_TILE>(ks, keys, j0, len);
+        load_tile<T, D, KEY_TILE>(vs, values, j0, len);
+        __syncthreads();
+        const int count = min(KEY_TILE, visible - j0);
+        for (int r0 = 0; r0 < count; r0 += SCORE_GROUP) {
+            float score[SCORE_GROUP];
+            float group_max = NEG_INF;
+#pragma unroll
+            for (int t = 0; t < SCORE_GROUP; ++t) {
+                float x = 0.0f;
+#pragma unroll
+                for (int d = 0; d < D; ++d) x += qr[d] * ks[r0 + t][d];
+                score[t] = r0 + t < count ? x : NEG_INF;
+                group_max = fmaxf(group_max, score[t]);
+            }
+            const float m_new = fmaxf(m, group_max);
+            const float correction = __expf(m - m_new);
+            s *= correction;
+#pragma unroll
+            for (int d = 0; d < D; ++d) acc[d] *= correction;
+#pragma unroll
+            for (int t = 0; t < SCORE_GROUP; ++t) {
+                const float p = __expf(score[t] - m_new);
+                s += p;
+#pragma unroll
+                for (int d = 0; d < D; ++d) acc[d] += p * vs[r0 + t][d];
+            }
+            m = m_new;
+        }
+    }
+    if (active) {
+        const float inverse = s > 0.0f ? 1.0f / s : 0.0f;
+#pragma unroll
+        for (int d = 0; d < D; ++d) store(out, row * D + d, acc[d] * inverse);
+        lse[row] = s > 0.0f ? m + logf(s) : NEG_INF;
+    }
+}
+
+template <typename T, int D>
+__device__ void delta(const T *out, const T *grad, float *result, u64 rows) {
+    const u64 row = blockIdx.x * (u64)blockDim.x + threadIdx.x;
+    if (row >= rows) return;
+    float x = 0.0f;
+    for (int d = 0; d < D; ++d) x += load(out, row * D + d) * load(grad, row * D + d);
+    result[row] = x;
+}
+
+/* dQ_i = scale · Σ_j p_ij (dO_i·v_j − Δ_i) k_j, one thread per query row. */
+template <typename T, int D>
+__device__ void grad_q(const T *q, const T *k, const T *v, const T *grad, const float *lse,
+                       const float *deltas, const unsigned int *lengths, int heads,
+                       int kv_heads, int len, float scale, T *dq) {
+    __shared__ float ks[KEY_TILE][D];
+    __shared__ float vs[KEY_TILE][D];
+    const QueryRow<T> at = query_row<T, D>(k, v, lengths, heads, kv_heads, len);
+    const bool active = at.active;
+    const int visible = at.visible, block_keys = at.block_keys;
+    const u64 row = at.row;
+    const T *keys = at.keys, *values = at.values;
+    float qr[D], gr[D], dqr[D];
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+        qr[d] = active ? load(q, row * D + d) * scale : 0.0f;
+        gr[d] = active ? load(grad, row * D + d) : 0.0f;
+        dqr[d] = 0.0f;
+    }
+    const float row_lse = active ? lse[row] : 0.0f;
+    const float row_delta = active ? deltas[row] : 0.0f;
+    for (int j0 = 0; j0 < block_keys; j0 += KEY_TILE) {
+        __syncthreads();
+        load_tile<T, D, KEY_TILE>(ks, keys, j0, len);
+        load_tile<T, D, KEY_TILE>(vs, values, j0, len);
+        __syncthreads();
+        const int count = min(KEY_TILE, visible - j0);
+        for (int r = 0; r < count; ++r) {
+            float score = 0.0f, dp = 0.0f;
+#pragma unroll
+            for (int d = 0; d < D; ++d) {
+                score += qr[d] * ks[r][d];
+                dp += gr[d] * vs[r][d];
+            }
+            const float p = __expf(score - row_lse);
+            const float ds = p * (dp - row_delta) * scale;
+            RELOAD_SHARED();
+#pragma unroll
+            for (int d = 0; d < D; ++d) dqr[d] += ds * ks[r][d];
+        }
+    }
+    if (active) {
+#pragma unroll
+        for (int d = 0; d < D; ++d) store(dq, row * D + d, dqr[d]);
+    }
+}
+
+/* dV_j = Σ_i p_ij dO_i and dK_j = scale · Σ_i p_ij (dO_i·v_j − Δ_i) q_i over the query
+   rows of every head sharing key/value head kvh; one thread per key row. dkv holds dK,
+   then dV. */
+template <typename T, int D>
+__device__ void grad_kv(const T *q, const T *k, const T *v, const T *grad, const float *lse,
+                        const float *deltas, const unsigned int *lengths, int heads,
+                        int kv_heads, int len, float scale, T *dkv) {
+    __shared__ float qs[QUERY_TILE][D];
+    __shared__ float gs[QUERY_TILE][D];
+    __shared__ float own_k[KEY_ROWS][D + 1];
+    __shared__ float own_v[KEY_ROWS][D + 1];
+    __shared__ float tile_lse[QUERY_TILE];
+    __shared__ float tile_delta[QUERY_TILE];
+    const int bkv = blockIdx.y, b = bkv / kv_heads, kvh = bkv % kv_heads;
+    const int group = heads / kv_heads;
+    const int first_key = blockIdx.x * KEY_ROWS;
+    const int j = first_key + threadIdx.x;
+    const int length = (int)lengths[b];
+    const bool active = j < len;
+    const bool seen = active && j < length;
+    const u64 key_row = (u64)bkv * len + j;
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+        own_k[threadIdx.x][d] = active ? load(k, key_row * D + d) : 0.0f;
+        own_v[threadIdx.x][d] = active ? load(v, key_row * D + d) : 0.0f;
+    }
+    float dkr[D], dvr[D];
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+        dkr[d] = 0.0f;
+        dvr[d] = 0.0f;
+    }
+    /* No query sees a key at or past its row's length. */
+    if (first_key < length) {
+        for (int member = 0; member < group; ++member) {
+            const u64 bh = (u64)b * heads + kvh * group + member;
+            const T *queries = q + bh * len * D;
+            const T *grads = grad + bh * len * D;
+            for (int i0 = first_key; i0 < len; i0 += QUERY_TILE) {
+                __syncthreads();
+                load_tile<T, D, QUERY_TILE>(qs, queries, i0, len);
+                load_tile<T, D, QUERY_TILE>(gs, grads, i0, len);
+                for (int r = threadIdx.x; r < QUERY_TILE; r += blockDim.x) {
+                    const int i = i0 + r;
+                    tile_lse[r] = i < len ? lse[bh * len + i] : 0.0f;
+                    tile_delta[r] = i < len ? deltas[bh * len + i] : 0.0f;
+                }
+                __syncthreads();
+                if (!seen) continue;
+                const int rows = min(QUERY_TILE, len - i0);
+                for (int r = max(0, j - i0); r < rows; ++r) {
+                    float score = 0.0f, dp = 0.0f;
+#pragma unroll
+                    for (int d = 0; d < D; ++d) {
+                        score += qs[r][d] * own_k[threadIdx.x][d];
+                        dp += gs[r][d] * own_v[threadIdx.x][d];
+                    }
+                    const float p = __expf(score * scale - tile_lse[r]);
+                    const float ds = p * (dp - tile_delta[r]) * scale;
+                    RELOAD_SHARED();
+#pragma unroll
+                    for (int d = 0; d < D; ++d) {
+                        dvr[d] += p * gs[r][d];
+                        dkr[d] += ds * qs[r][d];
+                    }
+                }
+            }
+        }
+    }
+    if (active) {
+        const u64 keys = (u64)gridDim.y * len * D;
+#pragma unroll
+        for (int d = 0; d < D; ++d) {
+            store(dkv, key_row * D + d, dkr[d]);
+            store(dkv, keys + key_row * D + d, dvr[d]);
+        }
+    }
+}
+
+#define INSTANTIATE(NAME, T, D)                                                              \
+extern "C" __global__ void attention_forward_##NAME##_##D(                                 \
+    const T *q, const T *k, const T *v, T *out, float *lse, const unsigned int *lengths,    \
+    int heads, int kv_heads, int len, float scale) {                                       \
+    forward<T, D>(q, k, v, out, lse, lengths, heads, kv_heads, len, scale);                \
+}                                                                                          \
+extern "C" __global__ void attention_delta_##NAME##_##D(                                   \
+    const T *out, const T *grad, float *result, u64 rows) {                                \
+    delta<T, D>(out, grad, result, rows);                                                  \
+}                                                                                          \
+extern "C" __global__ void attention_grad_q_##NAME##_##D(                                  \
+    const T *q, const T *k, const T *v, const T *grad, const float *lse,                   \
+    const float *deltas, const unsigned int *lengths, int heads, int kv_heads, int len,    \
+    float scale, T *dq) {                                                                  \
+    grad_q<T, D>(q, k, v, grad, lse, deltas, lengths, heads, kv_heads, len, scale, dq);    \
+}                                                                                          \
+extern "C" __global__ void attention_grad_kv_##NAME##_##D(                                 \
+    const T *q, const T *k, const T *v, const T *grad, const float *lse,                   \
+    const float *deltas, const unsigned int *lengths, int heads, int kv_heads, int len,    \
+    float scale, T *dkv) {                                                                 \
+    grad_kv<T, D>(q, k, v, grad, lse, deltas, lengths, heads, kv_heads, len, scale, dkv);  \
+}
+
+INSTANTIATE(f32, float, 16)
+INSTANTIATE(f32, float, 32)
+INSTANTIATE(f32, float, 64)
+INSTANTIATE(bf16, unsigned short, 16)
+INSTANTIATE(bf16, unsigned short, 32)
+INSTANTIATE(bf16, unsigned short, 64)
+"#
+);
+
+static PROGRAM: crate::cuda::Program = crate::cuda::Program::new(SOURCE);

@@ -1,0 +1,302 @@
+//! RMSNorm and SwiGLU on CUDA, forward and backward, f32 or bf16 with f32 arithmetic: the
+//! same formulas as the CPU implementations in `rms_norm.rs` and `swiglu.rs`. RMSNorm runs
+//! one block per row (two block-wide sums in the backward); SwiGLU one thread per entry.
+//! Each backward is an op over the tensors it reads (candle hands `bwd` tensors, not
+//! storages), written here once for both.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape};
+
+const BLOCK: u32 = 256;
+
+fn range(layout: &Layout, op: &str) -> Result<std::ops::Range<usize>> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: an input is not contiguous")))?;
+    Ok(start..end)
+}
+
+fn suffix(dtype: DType, op: &str) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        other => candle_core::bail!("{op} on CUDA takes f32 or bf16, not {other:?}"),
+    }
+}
+
+/// Launches `kernel_<dtype>` over the inputs (read) into a fresh output of `out_len`
+/// entries, with the trailing scalar arguments `n` (row length or entry count) and `eps`.
+#[allow(unsafe_code)]
+fn launch<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+    kernel: &str,
+    inputs: &[(&CudaStorage, &Layout)],
+    out_len: usize,
+    (n, eps): (u64, f32),
+    config: LaunchConfig,
+) -> Result<CudaStorage> {
+    let device = inputs[0].0.device.clone();
+    let name = format!("{kernel}_{}", suffix(T::DTYPE, kernel)?);
+    let function =
+        device.get_or_load_custom_func(&name, "trainer_kernels_norm_gate", &PROGRAM.ptx()?)?;
+    let views = inputs
+        .iter()
+        .map(|(storage, layout)| Ok(storage.as_cuda_slice::<T>()?.slice(range(layout, kernel)?)))
+        .collect::<Result<Vec<_>>>()?;
+    // SAFETY: every kernel here writes each of its `out_len` outputs before anything reads
+    // them.
+    let out = unsafe { device.alloc::<T>(out_len)? };
+    let mut builder = function.builder();
+    for view in &views {
+        builder.arg(view);
+    }
+    builder.arg(&out);
+    builder.arg(&n);
+    builder.arg(&eps);
+    // SAFETY: the callers size `out_len`, `n` and the grid from the inputs' shapes, which
+    // they check against each other.
+    unsafe { builder.launch(config) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, device))
+}
+
+fn dispatch(
+    kernel: &str,
+    inputs: &[(&CudaStorage, &Layout)],
+    out_len: usize,
+    scalars: (u64, f32),
+    config: LaunchConfig,
+) -> Result<CudaStorage> {
+    match inputs[0].0.dtype() {
+        DType::F32 => launch::<f32>(kernel, inputs, out_len, scalars, config),
+        DType::BF16 => launch::<half::bf16>(kernel, inputs, out_len, scalars, config),
+        other => candle_core::bail!("{kernel} on CUDA takes f32 or bf16, not {other:?}"),
+    }
+}
+
+fn rows_config(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// RMSNorm's forward: `x` (rows × n) and the scale `w` (n).
+pub(crate) fn rms_norm_forward(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    eps: f64,
+) -> Result<CudaStorage> {
+    let n = w.1.shape().elem_count();
+    let count = x.1.shape().elem_count();
+    dispatch(
+        "rms_norm_forward",
+        &[x, w],
+        count,
+        (n as u64, eps as f32),
+        rows_config(count / n.max(1)),
+    )
+}
+
+/// SwiGLU's forward over `count` entries.
+pub(crate) fn swiglu_forward(
+    gate: (&CudaStorage, &Layout),
+    up: (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    let count = gate.1.shape().elem_count();
+    dispatch(
+        "swiglu_forward",
+        &[gate, up],
+        count,
+        (count as u64, 0.0),
+        LaunchConfig::for_num_elems(count as u32),
+    )
+}
+
+/// RMSNorm's backward as an op over (x, w, dy): dx.
+pub(crate) struct RmsNormGradient {
+    pub eps: f64,
+}
+
+/// SwiGLU's backward as an op over (gate, up, dy): d gate then d up, in one buffer.
+pub(crate) struct SwiGluGradients;
+
+fn on_cpu(op: &str) -> Result<(CpuStorage, Shape)> {
+    candle_core::bail!("{op}: the CUDA backward was given CPU tensors")
+}
+
+impl CustomOp3 for RmsNormGradient {
+    fn name(&self) -> &'static str {
+        "rms-norm-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        on_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_layout: &Layout,
+        w: &CudaStorage,
+        w_layout: &Layout,
+        grad: &CudaStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let n = w_layout.shape().elem_count();
+        let count = x_layout.shape().elem_count();
+        if grad_layout.shape() != x_layout.shape() {
+            candle_core::bail!("rms norm gradient: the gradient's shape is not the input's");
+        }
+        let inputs = [(x, x_layout), (w, w_layout), (grad, grad_layout)];
+        let dx = dispatch(
+            "rms_norm_backward",
+            &inputs,
+            count,
+            (n as u64, self.eps as f32),
+            rows_config(count / n.max(1)),
+        )?;
+        Ok((dx, x_layout.shape().clone()))
+    }
+}
+
+impl CustomOp3 for SwiGluGradients {
+    fn name(&self) -> &'static str {
+        "swiglu-gradients"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        on_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        gate: &CudaStorage,
+        gate_layout: &Layout,
+        up: &CudaStorage,
+        up_layout: &Layout,
+        grad: &CudaStorage,
+        grad_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let count = gate_layout.shape().elem_count();
+        if up_layout.shape() != gate_layout.shape() || grad_layout.shape() != gate_layout.shape() {
+            candle_core::bail!("swiglu gradients: gate, up and the gradient differ in shape");
+        }
+        let inputs = [(gate, gate_layout), (up, up_layout), (grad, grad_layout)];
+        let both = dispatch(
+            "swiglu_backward",
+            &inputs,
+            2 * count,
+            (count as u64, 0.0),
+            LaunchConfig::for_num_elems(count as u32),
+        )?;
+        Ok((both, Shape::from(2 * count)))
+    }
+}
+
+/// The kernels.
+const SOURCE: &str = crate::cuda::cuda_source!(
+    r#"
+/* The sum of `v` over the block, returned to every thread. */
+__device__ float block_sum(float v) {
+    __shared__ float partial[32];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < (int)((blockDim.x + 31) / 32) ? partial[lane] : 0.0f;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+template <typename T>
+__device__ void rms_norm_forward(const T *x, const T *w, T *y, u64 n, float eps) {
+    const u64 row = (u64)blockIdx.x * n;
+    float squares = 0.0f;
+    for (u64 c = threadIdx.x; c < n; c += blockDim.x) {
+        const float v = load(x, row + c);
+        squares += v * v;
+    }
+    const float r = rsqrtf(block_sum(squares) / (float)n + eps);
+    for (u64 c = threadIdx.x; c < n; c += blockDim.x) store(y, row + c, load(x, row + c) * r * load(w, c));
+}
+
+/* dx_j = g_j w_j r − x_j r³/n · Σ_i g_i w_i x_i */
+template <typename T>
+__device__ void rms_norm_backward(const T *x, const T *w, const T *g, T *dx, u64 n, float eps) {
+    const u64 row = (u64)blockIdx.x * n;
+    float squares = 0.0f, projection = 0.0f;
+    for (u64 c = threadIdx.x; c < n; c += blockDim.x) {
+        const float v = load(x, row + c);
+        squares += v * v;
+        projection += load(g, row + c) * load(w, c) * v;
+    }
+    const float r = rsqrtf(block_sum(squares) / (float)n + eps);
+    const float correction = block_sum(projection) * r * r * r / (float)n;
+    for (u64 c = threadIdx.x; c < n; c += blockDim.x) {
+        store(dx, row + c, load(g, row + c) * load(w, c) * r - load(x, row + c) * correction);
+    }
+}
+
+template <typename T>
+__device__ void swiglu_forward(const T *gate, const T *up, T *out, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)blockDim.x * gridDim.x) {
+        const float g = load(gate, i);
+        store(out, i, g / (1.0f + __expf(-g)) * load(up, i));
+    }
+}
+
+/* d gate = dy·u·s·(1 + g(1 − s)), d up = dy·g·s, s = σ(g); d up after all of d gate. */
+template <typename T>
+__device__ void swiglu_backward(const T *gate, const T *up, const T *grad, T *both, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)blockDim.x * gridDim.x) {
+        const float g = load(gate, i), dy = load(grad, i);
+        const float s = 1.0f / (1.0f + __expf(-g));
+        store(both, i, dy * load(up, i) * s * (1.0f + g * (1.0f - s)));
+        store(both, n + i, dy * g * s);
+    }
+}
+
+#define INSTANTIATE(NAME, T)                                                                 \
+extern "C" __global__ void rms_norm_forward_##NAME(const T *x, const T *w, T *y, u64 n,     \
+                                                    float eps) {                           \
+    rms_norm_forward<T>(x, w, y, n, eps);                                                  \
+}                                                                                          \
+extern "C" __global__ void rms_norm_backward_##NAME(const T *x, const T *w, const T *g,     \
+                                                     T *dx, u64 n, float eps) {            \
+    rms_norm_backward<T>(x, w, g, dx, n, eps);                                             \
+}                                                                                          \
+extern "C" __global__ void swiglu_forward_##NAME(const T *gate, const T *up, T *out, u64 n, \
+                                                  float unused) {                          \
+    swiglu_forward<T>(gate, up, out, n);                                                   \
+}                                                                                          \
+extern "C" __global__ void swiglu_backward_##NAME(const T *gate, const T *up,               \
+                                                   const T *grad, T *both, u64 n,          \
+                                                   float unused) {                         \
+    swiglu_backward<T>(gate, up, grad, both, n);                                           \
+}
+
+INSTANTIATE(f32, float)
+INSTANTIATE(bf16, unsigned short)
+"#
+);
+
+static PROGRAM: crate::cuda::Program = crate::cuda::Program::new(SOURCE);

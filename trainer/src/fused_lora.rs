@@ -1,0 +1,270 @@
+//! A LoRA projection as one op: `y = x·Wᵀ + s·dropout(x)·Aᵀ·Bᵀ` over (x, A, B), with the
+//! frozen W held by the op.
+//!
+//! Composed from candle ops, one projection is about ten graph nodes (two casts, two
+//! transposes, three matmuls, a scale, an add, the dropout), and candle's backward
+//! zero-fills and adds a gradient for every node's every input: on a GPU that is a dozen
+//! passes over activation-sized tensors per projection, seven projections a layer. This
+//! op is one node with a hand-written backward of five matmuls (`dx = dy·W + s·mask(dy·B·A)`,
+//! `dA = s·(dy·B)ᵀ·dropout(x)`, `dB = s·dyᵀ·dropout(x)·Aᵀ`). The matmuls run in `x`'s
+//! dtype against A and B cast from their f32 masters; their gradients come back in f32.
+
+use candle_core::backend::BackendStorage;
+use candle_core::op::Add;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+
+/// `x·Wᵀ + scale·dropout(x)·Aᵀ·Bᵀ` for x (..., in), W (out, in), A (r, in), B (out, r).
+/// `dropout` is the mask's (stream, keep probability), `None` for no dropout.
+pub fn lora_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    (a, b): (&Tensor, &Tensor),
+    scale: f64,
+    dropout: Option<(u64, f64)>,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let op = LoraLinear {
+        weight: weight.to_dtype(x.dtype())?,
+        scale,
+        dropout: dropout
+            .map(|(stream, keep)| {
+                trainer_kernels::Dropout::new(stream, keep).map(|op| (op, stream, keep))
+            })
+            .transpose()?,
+    };
+    x.apply_op3(a, b, op)
+}
+
+struct LoraLinear {
+    weight: Tensor,
+    scale: f64,
+    dropout: Option<(trainer_kernels::Dropout, u64, f64)>,
+}
+
+/// A row-major (rows, cols) matrix at `offset`, transposed (as a batch of one).
+fn transposed(rows: usize, cols: usize, offset: usize) -> Layout {
+    Layout::new(
+        Shape::from((1, cols, rows)),
+        vec![rows * cols, 1, cols],
+        offset,
+    )
+}
+
+impl LoraLinear {
+    /// The forward on one backend; `dropped` is `x` after dropout, when there is dropout.
+    fn forward<S: BackendStorage>(
+        &self,
+        (x, x_layout): (&S, &Layout),
+        dropped: Option<(S, Shape)>,
+        (a, a_layout): (&S, &Layout),
+        (b, b_layout): (&S, &Layout),
+        (w, w_layout): (&S, &Layout),
+    ) -> Result<(S, Shape)> {
+        let dims = x_layout.dims();
+        let k = *dims.last().unwrap_or(&0);
+        let (n, k_w) = w_layout.shape().dims2()?;
+        let (rank, k_a) = a_layout.shape().dims2()?;
+        let (n_b, rank_b) = b_layout.shape().dims2()?;
+        if (k_w, k_a, n_b, rank_b) != (k, k, n, rank) {
+            candle_core::bail!(
+                "lora linear: input of {k} features, weight {n}×{k_w}, A {rank}×{k_a}, B {n_b}×{rank_b}"
+            );
+        }
+        let (Some(w_start), true, true) = (
+            w_layout.contiguous_offsets().map(|(start, _)| start),
+            a_layout.is_contiguous(),
+            b_layout.is_contiguous(),
+        ) else {
+            candle_core::bail!("lora linear: the weights must be contiguous");
+        };
+        let m = x_layout.shape().elem_count() / k.max(1);
+        let rows =
+            |cols: usize, offset: usize| Layout::contiguous_with_offset((1, m, cols), offset);
+        let base = x.matmul(
+            w,
+            (1, m, n, k),
+            &rows(k, x_layout.start_offset()),
+            &transposed(n, k, w_start),
+        )?;
+        let dtype = x.dtype();
+        let (a, b) = (a.to_dtype(a_layout, dtype)?, b.to_dtype(b_layout, dtype)?);
+        let (input, input_offset) = match &dropped {
+            Some((storage, _)) => (storage, 0),
+            None => (x, x_layout.start_offset()),
+        };
+        let down = input.matmul(
+            &a,
+            (1, m, rank, k),
+            &rows(k, input_offset),
+            &transposed(rank, k, 0),
+        )?;
+        let up = down.matmul(&b, (1, m, n, rank), &rows(rank, 0), &transposed(n, rank, 0))?;
+        let out_layout = rows(n, 0);
+        let up = up.affine(&out_layout, self.scale, 0.0)?;
+        let out = base.binary_impl::<Add>(&up, &out_layout, &out_layout)?;
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = n;
+        }
+        Ok((out, Shape::from(out_dims)))
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        a: &CpuStorage,
+        a_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use candle_core::CustomOp1;
+        let (storage, w_layout) = self.weight.storage_and_layout();
+        let Storage::Cpu(w) = &*storage else {
+            candle_core::bail!("lora linear: the weight is not on the CPU");
+        };
+        let dropped = match &self.dropout {
+            Some((op, _, _)) => Some(op.cpu_fwd(x, x_layout)?),
+            None => None,
+        };
+        self.forward(
+            (x, x_layout),
+            dropped,
+            (a, a_layout),
+            (b, b_layout),
+            (w, w_layout),
+        )
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_layout: &Layout,
+        a: &candle_core::CudaStorage,
+        a_layout: &Layout,
+        b: &candle_core::CudaStorage,
+        b_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::CustomOp1;
+        let (storage, w_layout) = self.weight.storage_and_layout();
+        let Storage::Cuda(w) = &*storage else {
+            candle_core::bail!("lora linear: the weight is not on the GPU");
+        };
+        let dropped = match &self.dropout {
+            Some((op, _, _)) => Some(op.cuda_fwd(x, x_layout)?),
+            None => None,
+        };
+        self.forward(
+            (x, x_layout),
+            dropped,
+            (a, a_layout),
+            (b, b_layout),
+            (w, w_layout),
+        )
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dtype = x.dtype();
+        let k = x.dim(candle_core::D::Minus1)?;
+        let n = self.weight.dim(0)?;
+        let m = x.elem_count() / k.max(1);
+        let x2 = x.detach().reshape((m, k))?;
+        let g2 = grad.contiguous()?.reshape((m, n))?;
+        let drop = |t: Tensor| -> Result<Tensor> {
+            match self.dropout {
+                Some((_, stream, keep)) => trainer_kernels::dropout(&t, stream, keep),
+                None => Ok(t),
+            }
+        };
+        let input = drop(x2)?;
+        let (a_cast, b_cast) = (a.detach().to_dtype(dtype)?, b.detach().to_dtype(dtype)?);
+        let grad_down = g2.matmul(&b_cast)?;
+        let lora_dx = drop(grad_down.matmul(&a_cast)?.affine(self.scale, 0.0)?)?;
+        let dx = (g2.matmul(&self.weight)? + lora_dx)?.reshape(x.shape())?;
+        let down = input.matmul(&a_cast.t()?)?;
+        let da = grad_down.t()?.matmul(&input)?.affine(self.scale, 0.0)?;
+        let db = g2.t()?.matmul(&down)?.affine(self.scale, 0.0)?;
+        Ok((
+            Some(dx),
+            Some(da.to_dtype(a.dtype())?),
+            Some(db.to_dtype(b.dtype())?),
+        ))
+    }
+}
+
+/// What the composed projection computes (the path the CPU takes), for the tests and the
+/// kernel check.
+pub fn composed(
+    x: &Tensor,
+    weight: &Tensor,
+    (a, b): (&Tensor, &Tensor),
+    scale: f64,
+    dropout: Option<(u64, f64)>,
+) -> Result<Tensor> {
+    let input = match dropout {
+        Some((stream, keep)) => trainer_kernels::dropout(x, stream, keep)?,
+        None => x.clone(),
+    };
+    let lora = input
+        .broadcast_matmul(&a.to_dtype(x.dtype())?.t()?)?
+        .broadcast_matmul(&b.to_dtype(x.dtype())?.t()?)?
+        .affine(scale, 0.0)?;
+    crate::frozen::linear(x, weight)? + lora
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn difference(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f64>())
+            .expect("difference")
+    }
+
+    #[test]
+    fn equals_the_composed_projection_and_its_gradients_in_f64() -> Result<()> {
+        let device = Device::Cpu;
+        for dropout in [None, Some((0xABCD, 0.8))] {
+            let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 5, 12), &device)?)?;
+            let w = Tensor::randn(0f64, 1.0, (7, 12), &device)?;
+            let a = Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 12), &device)?)?;
+            let b = Var::from_tensor(&Tensor::randn(0f64, 1.0, (7, 3), &device)?)?;
+            let upstream = Tensor::randn(0f64, 1.0, (2, 5, 7), &device)?;
+            let pair = (a.as_tensor(), b.as_tensor());
+            let ours = lora_linear(x.as_tensor(), &w, pair, 0.5, dropout)?;
+            let theirs = composed(x.as_tensor(), &w, pair, 0.5, dropout)?;
+            assert!(
+                difference(&ours, &theirs) < 1e-12,
+                "{dropout:?}: outputs differ"
+            );
+            let ours_grads = (ours * &upstream)?.sum_all()?.backward()?;
+            let theirs_grads = (theirs * &upstream)?.sum_all()?.backward()?;
+            for (name, var) in [("x", &x), ("A", &a), ("B", &b)] {
+                let (Some(g1), Some(g2)) = (ours_grads.get(var), theirs_grads.get(var)) else {
+                    panic!("{name} has no gradient");
+                };
+                assert!(difference(g1, g2) < 1e-12, "{dropout:?}: d{name} differs");
+            }
+        }
+        Ok(())
+    }
+}
