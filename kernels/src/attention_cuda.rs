@@ -207,24 +207,27 @@ pub(crate) fn backward(
         unsafe { builder.launch(LaunchConfig::for_num_elems(rows as u32)) }.w()?;
 
         let (nq, nk) = (shape.query_entries(), shape.key_entries());
-        // SAFETY: dQ's kernel writes every query row; dK/dV's every key row.
+        let group = shape.heads / shape.kv_heads;
+        // SAFETY: dQ's kernel writes every query row; the group sum every dK and dV entry.
         let mut gradients = unsafe { device.alloc::<T>(nq + 2 * nk)? };
-        let (dq, dkv) = gradients.split_at_mut(nq);
+        // Each query head's share of dK and dV, in f32, summed over the group afterwards.
+        // SAFETY: every (head, key row) pair of the grid writes its share.
+        let shares = unsafe { device.alloc::<f32>(group * 2 * nk)? };
+        let (mut dq, mut dkv) = gradients.split_at_mut(nq);
 
-        // dQ (a thread per query row), then dK and dV (a thread per key row, dV after dK).
-        let launches = [
+        // dQ: a thread per query row. dK and dV: a thread per key row and query head.
+        let kernels = [
             (
                 "grad_q",
-                dq,
                 grid(shape.len, QUERY_ROWS, shape.batch * shape.heads),
             ),
-            (
-                "grad_kv",
-                dkv,
-                grid(shape.len, KEY_ROWS, shape.batch * shape.kv_heads),
-            ),
+            ("grad_kv", {
+                let mut config = grid(shape.len, KEY_ROWS, shape.batch * shape.kv_heads);
+                config.grid_dim.2 = group as u32;
+                config
+            }),
         ];
-        for (kernel, mut gradient, config) in launches {
+        for (kernel, config) in kernels {
             let function = load(kernel)?;
             let mut builder = function.builder();
             builder.arg(&q);
@@ -238,11 +241,24 @@ pub(crate) fn backward(
             builder.arg(&kv_heads);
             builder.arg(&len);
             builder.arg(&scale);
-            builder.arg(&mut gradient);
-            // SAFETY: the sizes are those of the forward; dQ's part holds B·H·L·D
-            // entries, dK/dV's 2·B·KV·L·D.
+            if kernel == "grad_q" {
+                builder.arg(&mut dq);
+            } else {
+                builder.arg(&shares);
+            }
+            // SAFETY: the sizes are those of the forward; dQ holds B·H·L·D entries, the
+            // shares group·2·B·KV·L·D.
             unsafe { builder.launch(config) }.w()?;
         }
+        let function = load("sum_shares")?;
+        let mut builder = function.builder();
+        let (entries, members) = ((2 * nk) as u64, group as i32);
+        builder.arg(&shares);
+        builder.arg(&mut dkv);
+        builder.arg(&entries);
+        builder.arg(&members);
+        // SAFETY: shares holds `members` runs of `entries` floats, dkv `entries` entries.
+        unsafe { builder.launch(LaunchConfig::for_num_elems(entries as u32)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(gradients, device))
     }
 
@@ -427,12 +443,12 @@ __device__ void grad_q(const T *q, const T *k, const T *v, const T *grad, const 
 }
 
 /* dV_j = Σ_i p_ij dO_i and dK_j = scale · Σ_i p_ij (dO_i·v_j − Δ_i) q_i over the query
-   rows of every head sharing key/value head kvh; one thread per key row. dkv holds dK,
-   then dV. */
+   rows of one head (blockIdx.z of those sharing key/value head kvh); one thread per key
+   row. Each head writes its share (dK, then dV, in f32) for `sum_shares` to add up. */
 template <typename T, int D>
 __device__ void grad_kv(const T *q, const T *k, const T *v, const T *grad, const float *lse,
                         const float *deltas, const unsigned int *lengths, int heads,
-                        int kv_heads, int len, float scale, T *dkv) {
+                        int kv_heads, int len, float scale, float *shares) {
     __shared__ float qs[QUERY_TILE][D];
     __shared__ float gs[QUERY_TILE][D];
     __shared__ float own_k[KEY_ROWS][D + 1];
@@ -447,9 +463,23 @@ __device__ void grad_kv(const T *q, const T *k, const T *v, const T *grad, const
     const bool active = j < len;
     const bool seen = active && j < length;
     const u64 key_row = (u64)bkv * len + j;
+    /* The thread's own key and value rows, read for every query. A bf16 key row is packed
+       two to a register (exact: it is bf16), so reading it costs none of the
+       shared-memory bandwidth that bounds the loop below; the value row (and an f32 key
+       row) stays in shared memory, as registers for both would spill. */
+    const bool packed = sizeof(T) == 2;
+    unsigned int packed_k[D / 2];
+    if (packed) {
+        const unsigned short *kb = (const unsigned short *)k;
+#pragma unroll
+        for (int d = 0; d < D; d += 2) {
+            const u64 at = key_row * D + d;
+            packed_k[d / 2] = active ? (unsigned int)kb[at] | ((unsigned int)kb[at + 1] << 16) : 0u;
+        }
+    }
 #pragma unroll
     for (int d = 0; d < D; ++d) {
-        own_k[threadIdx.x][d] = active ? load(k, key_row * D + d) : 0.0f;
+        if (!packed) own_k[threadIdx.x][d] = active ? load(k, key_row * D + d) : 0.0f;
         own_v[threadIdx.x][d] = active ? load(v, key_row * D + d) : 0.0f;
     }
     float dkr[D], dvr[D];
@@ -460,7 +490,8 @@ __device__ void grad_kv(const T *q, const T *k, const T *v, const T *grad, const
     }
     /* No query sees a key at or past its row's length. */
     if (first_key < length) {
-        for (int member = 0; member < group; ++member) {
+        {
+            const int member = blockIdx.z;
             const u64 bh = (u64)b * heads + kvh * group + member;
             const T *queries = q + bh * len * D;
             const T *grads = grad + bh * len * D;
@@ -479,9 +510,21 @@ __device__ void grad_kv(const T *q, const T *k, const T *v, const T *grad, const
                 for (int r = max(0, j - i0); r < rows; ++r) {
                     float score = 0.0f, dp = 0.0f;
 #pragma unroll
-                    for (int d = 0; d < D; ++d) {
-                        score += qs[r][d] * own_k[threadIdx.x][d];
-                        dp += gs[r][d] * own_v[threadIdx.x][d];
+                    for (int d = 0; d < D; d += 2) {
+                        float k0, k1;
+                        if (packed) {
+                            /* Unpacked here, each time: hoisted out of the loop, the
+                               unpacked row would take the registers packing saves. */
+                            asm volatile("" : "+r"(packed_k[d / 2]));
+                            k0 = __uint_as_float(packed_k[d / 2] << 16);
+                            k1 = __uint_as_float(packed_k[d / 2] & 0xffff0000u);
+                        } else {
+                            k0 = own_k[threadIdx.x][d];
+                            k1 = own_k[threadIdx.x][d + 1];
+                        }
+                        const float v0 = own_v[threadIdx.x][d], v1 = own_v[threadIdx.x][d + 1];
+                        score += qs[r][d] * k0 + qs[r][d + 1] * k1;
+                        dp += gs[r][d] * v0 + gs[r][d + 1] * v1;
                     }
                     const float p = __expf(score * scale - tile_lse[r]);
                     const float ds = p * (dp - tile_delta[r]) * scale;
@@ -497,11 +540,23 @@ __device__ void grad_kv(const T *q, const T *k, const T *v, const T *grad, const
     }
     if (active) {
         const u64 keys = (u64)gridDim.y * len * D;
+        float *share = shares + (u64)blockIdx.z * 2 * keys;
 #pragma unroll
         for (int d = 0; d < D; ++d) {
-            store(dkv, key_row * D + d, dkr[d]);
-            store(dkv, keys + key_row * D + d, dvr[d]);
+            share[key_row * D + d] = dkr[d];
+            share[keys + key_row * D + d] = dvr[d];
         }
+    }
+}
+
+/* dK then dV: each entry the sum of the group's query heads' shares. */
+template <typename T>
+__device__ void sum_shares(const float *shares, T *dkv, u64 entries, int members) {
+    for (u64 e = blockIdx.x * (u64)blockDim.x + threadIdx.x; e < entries;
+         e += (u64)blockDim.x * gridDim.x) {
+        float total = 0.0f;
+        for (int m = 0; m < members; ++m) total += shares[(u64)m * entries + e];
+        store(dkv, e, total);
     }
 }
 
@@ -524,8 +579,12 @@ extern "C" __global__ void attention_grad_q_##NAME##_##D(                       
 extern "C" __global__ void attention_grad_kv_##NAME##_##D(                                 \
     const T *q, const T *k, const T *v, const T *grad, const float *lse,                   \
     const float *deltas, const unsigned int *lengths, int heads, int kv_heads, int len,    \
-    float scale, T *dkv) {                                                                 \
-    grad_kv<T, D>(q, k, v, grad, lse, deltas, lengths, heads, kv_heads, len, scale, dkv);  \
+    float scale, float *shares) {                                                          \
+    grad_kv<T, D>(q, k, v, grad, lse, deltas, lengths, heads, kv_heads, len, scale, shares);\
+}                                                                                          \
+extern "C" __global__ void attention_sum_shares_##NAME##_##D(                              \
+    const float *shares, T *dkv, u64 entries, int members) {                               \
+    sum_shares<T>(shares, dkv, entries, members);                                          \
 }
 
 INSTANTIATE(f32, float, 16)

@@ -7,18 +7,22 @@ pub mod attention;
 #[cfg(feature = "cuda")]
 mod attention_cuda;
 #[cfg(feature = "cuda")]
+pub mod cross_entropy_cuda;
+#[cfg(feature = "cuda")]
 mod cuda;
 pub mod dropout;
 #[cfg(feature = "cuda")]
 mod norm_gate_cuda;
 mod real;
 pub mod rms_norm;
+pub mod rope;
 pub mod swiglu;
 
 pub use adamw::{adamw_step, AdamWStep};
 pub use attention::causal_attention;
 pub use dropout::{dropout, Dropout};
 pub use rms_norm::rms_norm;
+pub use rope::rope_heads_major;
 pub use swiglu::swiglu;
 
 /// Whether the fused RMSNorm and SwiGLU run for tensors of `dtype` on `device`: on the

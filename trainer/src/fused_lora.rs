@@ -87,7 +87,12 @@ impl LoraLinear {
             &transposed(n, k, w_start),
         )?;
         let dtype = x.dtype();
-        let (a, b) = (a.to_dtype(a_layout, dtype)?, b.to_dtype(b_layout, dtype)?);
+        // The scale goes on B (out × r), not on the product (rows × out).
+        let b = b.affine(b_layout, self.scale, 0.0)?;
+        let (a, b) = (
+            a.to_dtype(a_layout, dtype)?,
+            b.to_dtype(&Layout::contiguous(b_layout.shape()), dtype)?,
+        );
         let (input, input_offset) = match &dropped {
             Some((storage, _)) => (storage, 0),
             None => (x, x_layout.start_offset()),
@@ -100,7 +105,6 @@ impl LoraLinear {
         )?;
         let up = down.matmul(&b, (1, m, n, rank), &rows(rank, 0), &transposed(n, rank, 0))?;
         let out_layout = rows(n, 0);
-        let up = up.affine(&out_layout, self.scale, 0.0)?;
         let out = base.binary_impl::<Add>(&up, &out_layout, &out_layout)?;
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
@@ -191,12 +195,14 @@ impl CustomOp3 for LoraLinear {
             }
         };
         let input = drop(x2)?;
-        let (a_cast, b_cast) = (a.detach().to_dtype(dtype)?, b.detach().to_dtype(dtype)?);
-        let grad_down = g2.matmul(&b_cast)?;
-        let lora_dx = drop(grad_down.matmul(&a_cast)?.affine(self.scale, 0.0)?)?;
+        // The scale rides on B as in the forward, so only small tensors are scaled.
+        let a_cast = a.detach().to_dtype(dtype)?;
+        let b_scaled = b.detach().affine(self.scale, 0.0)?.to_dtype(dtype)?;
+        let grad_down = g2.matmul(&b_scaled)?;
+        let lora_dx = drop(grad_down.matmul(&a_cast)?)?;
         let dx = (g2.matmul(&self.weight)? + lora_dx)?.reshape(x.shape())?;
         let down = input.matmul(&a_cast.t()?)?;
-        let da = grad_down.t()?.matmul(&input)?.affine(self.scale, 0.0)?;
+        let da = grad_down.t()?.matmul(&input)?;
         let db = g2.t()?.matmul(&down)?.affine(self.scale, 0.0)?;
         Ok((
             Some(dx),

@@ -24,7 +24,7 @@ pub struct KernelCheck {
 pub fn run(choice: DeviceChoice) -> Result<Vec<KernelCheck>> {
     let device = train::device(choice)?;
     let mut rng = Rng::new(17);
-    let checks: [(&'static str, f64, Check); 7] = [
+    let checks: [(&'static str, f64, Check); 8] = [
         ("dropout", 0.0, dropout),
         ("fused_adamw", 1e-6, adamw),
         ("chunked_cross_entropy", 1e-4, chunked_loss),
@@ -32,6 +32,7 @@ pub fn run(choice: DeviceChoice) -> Result<Vec<KernelCheck>> {
         ("causal_attention_bf16", 5e-2, attention_bf16),
         ("fused_lora_linear", 1e-3, lora_linear),
         ("rms_norm_and_swiglu", 1e-4, norm_and_gate),
+        ("rope", 1e-5, rope),
     ];
     checks
         .into_iter()
@@ -259,6 +260,27 @@ fn norm_and_gate(device: &Device, rng: &mut Rng) -> Result<f64> {
     worst_difference(&on(device)?, &on(&Device::Cpu)?)
 }
 
+/// The rotary embedding with its move to heads-major, in f32: output and input gradient.
+fn rope(device: &Device, rng: &mut Rng) -> Result<f64> {
+    let (batch, len, heads, dim) = (2, 70, 6, 64);
+    let x = random(rng, batch * len * heads * dim, 1.0);
+    let angles = random(rng, len * dim / 2, 3.0);
+    let upstream = random(rng, batch * len * heads * dim, 1.0);
+    let on = |device: &Device| -> Result<Vec<Tensor>> {
+        let x = Var::from_tensor(&Tensor::from_vec(
+            x.clone(),
+            (batch, len, heads, dim),
+            device,
+        )?)?;
+        let half = Tensor::from_vec(angles.clone(), (len, dim / 2), device)?;
+        let angles = Tensor::cat(&[&half, &half], 1)?;
+        let out = trainer_kernels::rope_heads_major(x.as_tensor(), &angles.cos()?, &angles.sin()?)?;
+        let upstream = Tensor::from_vec(upstream.clone(), (batch, heads, len, dim), device)?;
+        output_and_gradients("rope", out, &upstream, &[&x])
+    };
+    worst_difference(&on(device)?, &on(&Device::Cpu)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,7 +288,7 @@ mod tests {
     #[test]
     fn every_check_passes_on_the_cpu() -> Result<()> {
         let checks = run(DeviceChoice::Cpu)?;
-        assert_eq!(checks.len(), 7);
+        assert_eq!(checks.len(), 8);
         for check in checks {
             assert!(check.passed, "{check:?}");
             assert_eq!(check.max_abs_difference, 0.0, "CPU against CPU: {check:?}");

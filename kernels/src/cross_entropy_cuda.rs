@@ -1,0 +1,295 @@
+//! The training loss's per-chunk arithmetic on CUDA, in two kernels over a chunk's logits
+//! (rows × vocabulary, f32 or bf16): one block per row finds the row's logsumexp (an
+//! online max and sum, in f32) and its masked negative log-likelihood; a second pass writes
+//! the logits' gradient `(softmax − onehot(target)) · mask` in the logits' dtype. Composed
+//! from candle ops the same takes a dozen f32 passes over the logits (a cast, max,
+//! subtract, exp, sum, log, gather, divide, two products, a scatter and a cast back).
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+};
+
+const BLOCK: u32 = 256;
+
+/// Per row of `logits` (rows × vocab), its logsumexp then its negative log-likelihood
+/// of `targets` (u32, rows) times `mask` (f32, rows): f32, 2·rows entries.
+pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    logits
+        .contiguous()?
+        .apply_op3_no_bwd(&targets.contiguous()?, &mask.contiguous()?, &Statistics)
+}
+
+/// The logits' gradient `(softmax − onehot(target)) · mask` from the rows' statistics
+/// ([`cross_entropy_rows`]), in the logits' dtype and shape.
+pub fn cross_entropy_gradient(
+    logits: &Tensor,
+    targets: &Tensor,
+    mask: &Tensor,
+    rows: &Tensor,
+) -> Result<Tensor> {
+    let op = Gradient {
+        statistics: rows.contiguous()?,
+    };
+    logits
+        .contiguous()?
+        .apply_op3_no_bwd(&targets.contiguous()?, &mask.contiguous()?, &op)
+}
+
+struct Statistics;
+
+struct Gradient {
+    statistics: Tensor,
+}
+
+fn on_cpu(op: &str) -> Result<(CpuStorage, Shape)> {
+    candle_core::bail!("{op}: a CUDA op was given CPU tensors")
+}
+
+/// The logits' rows and vocabulary, checked against targets and mask.
+fn sizes(logits: &Layout, targets: &Layout, mask: &Layout) -> Result<(usize, usize)> {
+    let (rows, vocab) = logits.shape().dims2()?;
+    if targets.shape().elem_count() != rows || mask.shape().elem_count() != rows {
+        candle_core::bail!("cross entropy: {rows} rows of logits, but targets or mask differ");
+    }
+    Ok((rows, vocab))
+}
+
+/// Launches `kernel` (one block per row) over logits, targets, mask and, for the gradient,
+/// the statistics, into a fresh output of `out_len` entries of `O`.
+#[allow(unsafe_code)]
+fn launch<T: CudaDType + DeviceRepr, O: CudaDType + DeviceRepr>(
+    kernel: &str,
+    (logits, logits_layout): (&CudaStorage, &Layout),
+    (targets, targets_layout): (&CudaStorage, &Layout),
+    (mask, mask_layout): (&CudaStorage, &Layout),
+    statistics: Option<&CudaStorage>,
+    out_len: usize,
+) -> Result<CudaStorage> {
+    let (rows, vocab) = sizes(logits_layout, targets_layout, mask_layout)?;
+    let device = logits.device.clone();
+    let function =
+        device.get_or_load_custom_func(kernel, "trainer_kernels_cross_entropy", &PROGRAM.ptx()?)?;
+    let offsets = |layout: &Layout| -> Result<std::ops::Range<usize>> {
+        let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("cross entropy: an input is not contiguous".into())
+        })?;
+        Ok(start..end)
+    };
+    let logits = logits.as_cuda_slice::<T>()?.slice(offsets(logits_layout)?);
+    let targets = targets
+        .as_cuda_slice::<u32>()?
+        .slice(offsets(targets_layout)?);
+    let mask = mask.as_cuda_slice::<f32>()?.slice(offsets(mask_layout)?);
+    // SAFETY: each row's block writes all of its outputs before anything reads them.
+    let out = unsafe { device.alloc::<O>(out_len)? };
+    let (rows64, vocab64) = (rows as u64, vocab as u64);
+    let mut builder = function.builder();
+    builder.arg(&logits);
+    builder.arg(&targets);
+    builder.arg(&mask);
+    let statistics = statistics.map(|s| s.as_cuda_slice::<f32>()).transpose()?;
+    if let Some(statistics) = &statistics {
+        builder.arg(*statistics);
+    }
+    builder.arg(&out);
+    builder.arg(&rows64);
+    builder.arg(&vocab64);
+    let config = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: logits hold rows·vocab entries, targets and mask `rows` (checked by
+    // `sizes`), the statistics 2·rows, and `out_len` is what the kernel writes.
+    unsafe { builder.launch(config) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, device))
+}
+
+fn dtype_suffix(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::BF16 => Ok("bf16"),
+        other => {
+            candle_core::bail!("cross entropy on CUDA takes f32 or bf16 logits, not {other:?}")
+        }
+    }
+}
+
+impl CustomOp3 for Statistics {
+    fn name(&self) -> &'static str {
+        "cross-entropy-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        on_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        logits: &CudaStorage,
+        logits_layout: &Layout,
+        targets: &CudaStorage,
+        targets_layout: &Layout,
+        mask: &CudaStorage,
+        mask_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, _) = sizes(logits_layout, targets_layout, mask_layout)?;
+        let inputs = (
+            (logits, logits_layout),
+            (targets, targets_layout),
+            (mask, mask_layout),
+        );
+        let name = format!("cross_entropy_rows_{}", dtype_suffix(logits.dtype())?);
+        let out = match logits.dtype() {
+            DType::F32 => launch::<f32, f32>(&name, inputs.0, inputs.1, inputs.2, None, 2 * rows)?,
+            _ => launch::<half::bf16, f32>(&name, inputs.0, inputs.1, inputs.2, None, 2 * rows)?,
+        };
+        Ok((out, Shape::from(2 * rows)))
+    }
+}
+
+impl CustomOp3 for Gradient {
+    fn name(&self) -> &'static str {
+        "cross-entropy-gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        on_cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        logits: &CudaStorage,
+        logits_layout: &Layout,
+        targets: &CudaStorage,
+        targets_layout: &Layout,
+        mask: &CudaStorage,
+        mask_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, vocab) = sizes(logits_layout, targets_layout, mask_layout)?;
+        let (storage, layout) = self.statistics.storage_and_layout();
+        let Storage::Cuda(statistics) = &*storage else {
+            candle_core::bail!("cross entropy: the row statistics are not on the GPU");
+        };
+        if layout.shape().elem_count() != 2 * rows || layout.start_offset() != 0 {
+            candle_core::bail!("cross entropy: the row statistics do not fit the logits");
+        }
+        let inputs = (
+            (logits, logits_layout),
+            (targets, targets_layout),
+            (mask, mask_layout),
+        );
+        let name = format!("cross_entropy_gradient_{}", dtype_suffix(logits.dtype())?);
+        let count = rows * vocab;
+        let out = match logits.dtype() {
+            DType::F32 => {
+                launch::<f32, f32>(&name, inputs.0, inputs.1, inputs.2, Some(statistics), count)?
+            }
+            _ => launch::<half::bf16, half::bf16>(
+                &name,
+                inputs.0,
+                inputs.1,
+                inputs.2,
+                Some(statistics),
+                count,
+            )?,
+        };
+        Ok((out, logits_layout.shape().clone()))
+    }
+}
+
+const SOURCE: &str = crate::cuda::cuda_source!(
+    r#"
+#define NEG_INF __int_as_float(0xff800000)
+
+/* (max, Σ exp(x − max)) pairs merged; an empty pair is (−∞, 0). */
+__device__ __forceinline__ void merge(float &m, float &s, float m2, float s2) {
+    const float top = fmaxf(m, m2);
+    if (top == NEG_INF) return;
+    s = (m == NEG_INF ? 0.0f : s * __expf(m - top)) + (m2 == NEG_INF ? 0.0f : s2 * __expf(m2 - top));
+    m = top;
+}
+
+template <typename T>
+__device__ void rows(const T *logits, const unsigned int *targets, const float *mask,
+                     float *out, u64 count, u64 vocab) {
+    __shared__ float maxima[32], sums[32];
+    const u64 row = blockIdx.x;
+    const T *x = logits + row * vocab;
+    float m = NEG_INF, s = 0.0f;
+    for (u64 c = threadIdx.x; c < vocab; c += blockDim.x) {
+        const float v = load(x, c);
+        if (v > m) {
+            s = (m == NEG_INF ? 0.0f : s * __expf(m - v)) + 1.0f;
+            m = v;
+        } else {
+            s += __expf(v - m);
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        merge(m, s, __shfl_xor_sync(0xffffffff, m, o), __shfl_xor_sync(0xffffffff, s, o));
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) {
+        maxima[warp] = m;
+        sums[warp] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)((blockDim.x + 31) / 32); ++w) merge(m, s, maxima[w], sums[w]);
+        const float lse = m + logf(s);
+        const unsigned int target = targets[row];
+        const float picked = target < vocab ? load(x, target) : __int_as_float(0x7fc00000);
+        out[row] = lse;
+        out[count + row] = mask[row] == 0.0f ? 0.0f : (lse - picked) * mask[row];
+    }
+}
+
+template <typename T>
+__device__ void gradient(const T *logits, const unsigned int *targets, const float *mask,
+                         const float *statistics, T *out, u64 count, u64 vocab) {
+    const u64 row = blockIdx.x;
+    const float lse = statistics[row], weight = mask[row];
+    const unsigned int target = targets[row];
+    for (u64 c = threadIdx.x; c < vocab; c += blockDim.x) {
+        const float p = __expf(load(logits, row * vocab + c) - lse);
+        store(out, row * vocab + c, weight == 0.0f ? 0.0f : (p - (c == target ? 1.0f : 0.0f)) * weight);
+    }
+}
+
+#define INSTANTIATE(NAME, T)                                                                 \
+extern "C" __global__ void cross_entropy_rows_##NAME(const T *logits,                       \
+    const unsigned int *targets, const float *mask, float *out, u64 count, u64 vocab) {    \
+    rows<T>(logits, targets, mask, out, count, vocab);                                     \
+}                                                                                          \
+extern "C" __global__ void cross_entropy_gradient_##NAME(const T *logits,                   \
+    const unsigned int *targets, const float *mask, const float *statistics, T *out,       \
+    u64 count, u64 vocab) {                                                                \
+    gradient<T>(logits, targets, mask, statistics, out, count, vocab);                     \
+}
+
+INSTANTIATE(f32, float)
+INSTANTIATE(bf16, unsigned short)
+"#
+);
+
+static PROGRAM: crate::cuda::Program = crate::cuda::Program::new(SOURCE);

@@ -1,0 +1,320 @@
+//! Rotary position embedding as one op that also moves the heads in front of the
+//! positions: `x` (B, L, H, D), the projection's output as it lies, becomes
+//! `x·cos + rotate_half(x)·sin` in (B, H, L, D), the layout attention reads.
+//!
+//! Composed, the same is two narrows, a negation, a concatenation, a copy out of the
+//! transposed view, two products and a sum, each a graph node whose backward candle
+//! zero-fills and adds. The backward here is the same op run the other way with `sin`
+//! negated (`rotate_half`'s transpose is its negation, and the tables repeat each frequency
+//! in both halves). CPU in f32 and f64; CUDA in f32 and bf16.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+use crate::real::{contiguous, Real};
+
+/// `x·cos + rotate_half(x)·sin` for `x` (B, L, H, D) and tables (L, D), returned as
+/// (B, H, L, D).
+pub fn rope_heads_major(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let op = Rope {
+        cos: cos.to_dtype(x.dtype())?.contiguous()?,
+        sin: sin.to_dtype(x.dtype())?.contiguous()?,
+        sign: 1.0,
+        to_heads_major: true,
+    };
+    x.apply_op1(op)
+}
+
+#[derive(Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    /// 1 for the rotation, −1 for its transpose (the backward).
+    sign: f64,
+    /// (B, L, H, D) → (B, H, L, D), else the reverse.
+    to_heads_major: bool,
+}
+
+/// Sizes of one call, and the output's shape.
+#[derive(Clone, Copy)]
+struct Dims {
+    batch: usize,
+    heads: usize,
+    len: usize,
+    dim: usize,
+}
+
+impl Rope {
+    fn dims(&self, input: &Layout) -> Result<(Dims, Shape)> {
+        let (batch, a, b, dim) = input.shape().dims4()?;
+        let (len, heads) = if self.to_heads_major { (a, b) } else { (b, a) };
+        if self.cos.dims() != [len, dim] || self.sin.dims() != [len, dim] || dim % 2 != 0 {
+            candle_core::bail!(
+                "rope: tables {:?} for an input of {:?}",
+                self.cos.dims(),
+                input.dims()
+            );
+        }
+        let dims = Dims {
+            batch,
+            heads,
+            len,
+            dim,
+        };
+        let shape = if self.to_heads_major {
+            Shape::from((batch, heads, len, dim))
+        } else {
+            Shape::from((batch, len, heads, dim))
+        };
+        Ok((dims, shape))
+    }
+
+    fn forward<T: Real>(&self, dims: Dims, x: &[T], cos: &[T], sin: &[T]) -> Vec<T> {
+        let Dims {
+            batch,
+            heads,
+            len,
+            dim,
+        } = dims;
+        let half = dim / 2;
+        let mut out = vec![T::default(); x.len()];
+        for b in 0..batch {
+            for h in 0..heads {
+                for l in 0..len {
+                    let heads_major = ((b * heads + h) * len + l) * dim;
+                    let seq_major = ((b * len + l) * heads + h) * dim;
+                    let (from, to) = if self.to_heads_major {
+                        (seq_major, heads_major)
+                    } else {
+                        (heads_major, seq_major)
+                    };
+                    for d in 0..dim {
+                        let (partner, side) = if d < half {
+                            (d + half, -1.0)
+                        } else {
+                            (d - half, 1.0)
+                        };
+                        let table = l * dim + d;
+                        out[to + d] = x[from + d] * cos[table]
+                            + T::of(side * self.sign) * sin[table] * x[from + partner];
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (dims, shape) = self.dims(layout)?;
+        let (cos, cos_layout) = self.cos.storage_and_layout();
+        let (sin, sin_layout) = self.sin.storage_and_layout();
+        let (candle_core::Storage::Cpu(cos), candle_core::Storage::Cpu(sin)) = (&*cos, &*sin)
+        else {
+            candle_core::bail!("rope: the tables are not on the CPU");
+        };
+        let out = match (x, cos, sin) {
+            (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(s)) => {
+                CpuStorage::F32(self.forward(
+                    dims,
+                    contiguous(x, layout, "rope")?,
+                    contiguous(c, cos_layout, "rope")?,
+                    contiguous(s, sin_layout, "rope")?,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(c), CpuStorage::F64(s)) => {
+                CpuStorage::F64(self.forward(
+                    dims,
+                    contiguous(x, layout, "rope")?,
+                    contiguous(c, cos_layout, "rope")?,
+                    contiguous(s, sin_layout, "rope")?,
+                ))
+            }
+            _ => candle_core::bail!("rope on the CPU takes f32 or f64"),
+        };
+        Ok((out, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (dims, shape) = self.dims(layout)?;
+        let out = cuda::launch(self, dims, x, layout)?;
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, _x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let transpose = Rope {
+            sign: -self.sign,
+            to_heads_major: !self.to_heads_major,
+            ..self.clone()
+        };
+        Ok(Some(grad.contiguous()?.apply_op1(transpose)?))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{Dims, Rope};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::{CudaStorage, DType, Layout, Result, Storage};
+
+    #[allow(unsafe_code)]
+    fn run<T: CudaDType + DeviceRepr>(
+        op: &Rope,
+        dims: Dims,
+        x: &CudaStorage,
+        layout: &Layout,
+        name: &str,
+    ) -> Result<CudaStorage> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("rope: the input is not contiguous".into()))?;
+        let (cos, cos_layout) = op.cos.storage_and_layout();
+        let (sin, sin_layout) = op.sin.storage_and_layout();
+        let (Storage::Cuda(cos), Storage::Cuda(sin)) = (&*cos, &*sin) else {
+            candle_core::bail!("rope: the tables are not on the GPU");
+        };
+        let device = x.device.clone();
+        let function =
+            device.get_or_load_custom_func(name, "trainer_kernels_rope", &PROGRAM.ptx()?)?;
+        let input = x.as_cuda_slice::<T>()?.slice(start..end);
+        let cos = cos.as_cuda_slice::<T>()?.slice(cos_layout.start_offset()..);
+        let sin = sin.as_cuda_slice::<T>()?.slice(sin_layout.start_offset()..);
+        let count = end - start;
+        // SAFETY: the kernel writes every output entry (one thread each).
+        let out = unsafe { device.alloc::<T>(count)? };
+        let sizes = [dims.batch, dims.heads, dims.len, dims.dim].map(|n| n as u64);
+        let (sign, to_heads_major) = (op.sign as f32, op.to_heads_major as i32);
+        let mut builder = function.builder();
+        builder.arg(&input);
+        builder.arg(&cos);
+        builder.arg(&sin);
+        builder.arg(&out);
+        for size in &sizes {
+            builder.arg(size);
+        }
+        builder.arg(&sign);
+        builder.arg(&to_heads_major);
+        // SAFETY: input and output hold B·H·L·D entries and the tables L·D (checked by
+        // `Rope::dims`).
+        unsafe { builder.launch(LaunchConfig::for_num_elems(count as u32)) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, device))
+    }
+
+    pub(super) fn launch(
+        op: &Rope,
+        dims: Dims,
+        x: &CudaStorage,
+        layout: &Layout,
+    ) -> Result<CudaStorage> {
+        match x.dtype() {
+            DType::F32 => run::<f32>(op, dims, x, layout, "rope_f32"),
+            DType::BF16 => run::<half::bf16>(op, dims, x, layout, "rope_bf16"),
+            other => candle_core::bail!("rope on CUDA takes f32 or bf16, not {other:?}"),
+        }
+    }
+
+    const SOURCE: &str = crate::cuda::cuda_source!(
+        r#"
+/* One thread per entry of the (B, H, L, D) side; the other side is (B, L, H, D). */
+template <typename T>
+__device__ void rope(const T *x, const T *cos, const T *sin, T *out, u64 batch, u64 heads,
+                     u64 len, u64 dim, float sign, int to_heads_major) {
+    const u64 count = batch * heads * len * dim, half = dim / 2;
+    for (u64 e = blockIdx.x * (u64)blockDim.x + threadIdx.x; e < count;
+         e += (u64)blockDim.x * gridDim.x) {
+        const u64 d = e % dim, l = (e / dim) % len, h = (e / (dim * len)) % heads;
+        const u64 b = e / (dim * len * heads);
+        const u64 heads_major = e - d, seq_major = ((b * len + l) * heads + h) * dim;
+        const u64 from = to_heads_major ? seq_major : heads_major;
+        const u64 to = to_heads_major ? heads_major : seq_major;
+        const u64 partner = d < half ? d + half : d - half;
+        const float side = d < half ? -sign : sign;
+        const u64 table = l * dim + d;
+        store(out, to + d, load(x, from + d) * load(cos, table)
+                           + side * load(sin, table) * load(x, from + partner));
+    }
+}
+
+extern "C" __global__ void rope_f32(const float *x, const float *cos, const float *sin,
+                                    float *out, u64 batch, u64 heads, u64 len, u64 dim,
+                                    float sign, int to_heads_major) {
+    rope<float>(x, cos, sin, out, batch, heads, len, dim, sign, to_heads_major);
+}
+
+extern "C" __global__ void rope_bf16(const unsigned short *x, const unsigned short *cos,
+                                     const unsigned short *sin, unsigned short *out,
+                                     u64 batch, u64 heads, u64 len, u64 dim, float sign,
+                                     int to_heads_major) {
+    rope<unsigned short>(x, cos, sin, out, batch, heads, len, dim, sign, to_heads_major);
+}
+"#
+    );
+
+    static PROGRAM: crate::cuda::Program = crate::cuda::Program::new(SOURCE);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    /// The composed rotation the op replaces, on (B, L, H, D) input moved to (B, H, L, D).
+    fn composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let x = x.transpose(1, 2)?.contiguous()?;
+        let half = x.dim(D::Minus1)? / 2;
+        let rotated = Tensor::cat(
+            &[
+                &x.narrow(D::Minus1, half, half)?.neg()?,
+                &x.narrow(D::Minus1, 0, half)?,
+            ],
+            D::Minus1,
+        )?;
+        x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+    }
+
+    #[test]
+    fn equals_the_composed_rotation_and_its_gradient_in_f64() -> Result<()> {
+        let device = Device::Cpu;
+        let (batch, len, heads, dim) = (2, 5, 3, 8);
+        let x = Var::from_tensor(&Tensor::randn(
+            0f64,
+            1.0,
+            (batch, len, heads, dim),
+            &device,
+        )?)?;
+        // Tables as the model builds them: each frequency in both halves.
+        let angles: Vec<f64> = (0..len)
+            .flat_map(|l| (0..dim).map(move |d| l as f64 * (1.0 + (d % (dim / 2)) as f64)))
+            .collect();
+        let angles = Tensor::from_vec(angles, (len, dim), &device)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let upstream = Tensor::randn(0f64, 1.0, (batch, heads, len, dim), &device)?;
+        let ours = rope_heads_major(x.as_tensor(), &cos, &sin)?;
+        let theirs = composed(x.as_tensor(), &cos, &sin)?;
+        let max = |t: Tensor| -> Result<f64> { t.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>() };
+        assert_eq!(ours.dims(), theirs.dims());
+        assert!(max((&ours - &theirs)?)? < 1e-12);
+        let gradient = |y: &Tensor| -> Result<Tensor> {
+            Ok((y * &upstream)?
+                .sum_all()?
+                .backward()?
+                .get(&x)
+                .expect("x's gradient")
+                .clone())
+        };
+        assert!(max((gradient(&ours)? - gradient(&theirs)?)?)? < 1e-12);
+        Ok(())
+    }
+}
