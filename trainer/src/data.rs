@@ -241,6 +241,9 @@ pub fn epoch_order(count: usize, seed: u64, epoch: usize) -> Vec<usize> {
 pub struct Batch {
     pub input_ids: Tensor,
     pub attention_mask: Tensor,
+    /// Each row's real tokens, on the host (the model's attention reads these, so it never
+    /// reads the mask back from the device).
+    pub lengths: Vec<usize>,
     pub targets: Tensor,
     pub loss_mask: Tensor,
     /// Real (unpadded) tokens in the batch.
@@ -297,6 +300,7 @@ pub fn make_batch(
     Ok(Batch {
         input_ids: Tensor::from_vec(input_ids, shape, device)?,
         attention_mask: Tensor::from_vec(attention_mask, shape, device)?,
+        lengths: examples.iter().map(|e| e.input_ids.len()).collect(),
         targets: Tensor::from_vec(targets, shape, device)?,
         loss_mask: Tensor::from_vec(loss_mask, shape, device)?,
         tokens: examples.iter().map(|e| e.input_ids.len()).sum(),

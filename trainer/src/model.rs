@@ -512,16 +512,17 @@ impl Model {
         &self.config
     }
 
-    /// Logits of shape (batch, len, vocab) for `input_ids` (batch, len). `attention_mask`
-    /// (batch, len; 1 for real tokens, 0 for padding) hides padding keys. `dropout` keys the
-    /// LoRA dropout masks during training; `None` evaluates.
+    /// Logits of shape (batch, len, vocab) for `input_ids` (batch, len). `lengths` gives
+    /// each row's real tokens (the rest is right padding, whose keys are hidden; `None`:
+    /// no padding). They come from the host, so nothing is read back from the device.
+    /// `dropout` keys the LoRA dropout masks during training; `None` evaluates.
     pub fn forward(
         &self,
         input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
+        lengths: Option<&[usize]>,
         dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids, attention_mask, dropout)?;
+        let hidden = self.hidden_states(input_ids, lengths, dropout)?;
         frozen::linear(&hidden, &self.lm_head)
     }
 
@@ -530,10 +531,13 @@ impl Model {
     pub fn hidden_states(
         &self,
         input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
+        lengths: Option<&[usize]>,
         dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
         let (batch, len) = input_ids.dims2()?;
+        if lengths.is_some_and(|lengths| lengths.len() != batch) {
+            candle_core::bail!("{batch} rows of input but {lengths:?} row lengths");
+        }
         let device = input_ids.device();
         // Token embeddings of a frozen table: nothing upstream needs a gradient.
         let mut x = self
@@ -550,13 +554,13 @@ impl Model {
         // Where the attention op runs (the CPU; CUDA at the head sizes it has kernels for),
         // it needs no L² mask; elsewhere attention is composed from matmuls and a softmax
         // over a causal and padding bias.
-        let (bias, lengths);
+        let (bias, full);
         let visibility =
             if trainer_kernels::attention::supported(device, x.dtype(), self.config.head_dim) {
-                lengths = row_lengths(batch, len, attention_mask)?;
-                Visibility::Lengths(&lengths)
+                full = vec![len; batch];
+                Visibility::Lengths(lengths.unwrap_or(&full))
             } else {
-                bias = attention_bias(0, len, len, attention_mask, wide, device)?;
+                bias = attention_bias(0, len, len, lengths, wide, device)?;
                 Visibility::Bias(&bias)
             };
         for layer in &self.layers {
@@ -613,12 +617,12 @@ impl Model {
     pub fn loss(
         &self,
         input_ids: &Tensor,
-        attention_mask: Option<&Tensor>,
+        lengths: Option<&[usize]>,
         targets: &Tensor,
         loss_mask: &Tensor,
         dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids, attention_mask, dropout)?;
+        let hidden = self.hidden_states(input_ids, lengths, dropout)?;
         let logits_per_chunk = if hidden.device().is_cpu() {
             LOSS_CHUNK_LOGITS
         } else {
@@ -663,28 +667,15 @@ enum Visibility<'a> {
     All,
 }
 
-/// The real length of each row: its attention mask's ones (right padding), else `len`.
-fn row_lengths(batch: usize, len: usize, attention_mask: Option<&Tensor>) -> Result<Vec<usize>> {
-    match attention_mask {
-        None => Ok(vec![len; batch]),
-        Some(mask) => Ok(mask
-            .to_dtype(DType::U32)?
-            .to_vec2::<u32>()?
-            .iter()
-            .map(|row| row.iter().filter(|keep| **keep != 0).count())
-            .collect()),
-    }
-}
-
 /// Additive attention bias (batch or 1, 1, queries, keys) for queries at positions
 /// `first_query..first_query + queries` over keys `0..keys`: 0 where the key is not later
-/// than the query and is not padding (`attention_mask`, batch × keys), [`MASKED`]
+/// than the query and is not padding (at or past its row's `lengths` entry), [`MASKED`]
 /// elsewhere. Built on the device from positions, so no L² tensor crosses from the host.
 fn attention_bias(
     first_query: usize,
     queries: usize,
     keys: usize,
-    attention_mask: Option<&Tensor>,
+    lengths: Option<&[usize]>,
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
@@ -696,9 +687,11 @@ fn attention_bias(
         .broadcast_le(&query_positions)?
         .to_dtype(dtype)?
         .reshape((1, 1, queries, keys))?;
-    if let Some(mask) = attention_mask {
-        let batch = mask.dim(0)?;
-        let real = mask.to_dtype(DType::F32)?.ne(0.0)?.to_dtype(dtype)?;
+    if let Some(lengths) = lengths {
+        let batch = lengths.len();
+        let lengths: Vec<u32> = lengths.iter().map(|length| *length as u32).collect();
+        let lengths = Tensor::from_vec(lengths, (batch, 1), device)?;
+        let real = key_positions.broadcast_lt(&lengths)?.to_dtype(dtype)?;
         visible = visible.broadcast_mul(&real.reshape((batch, 1, 1, keys))?)?;
     }
     // 1 ↦ 0 and 0 ↦ MASKED, exactly.
@@ -827,8 +820,7 @@ mod tests {
     #[test]
     fn the_attention_bias_is_causal_and_hides_padding() -> Result<()> {
         let device = Device::Cpu;
-        let mask = Tensor::new(&[[1u32, 1, 1, 1], [1, 1, 0, 0]], &device)?;
-        let bias: Vec<Vec<Vec<f32>>> = attention_bias(0, 4, 4, Some(&mask), DType::F32, &device)?
+        let bias: Vec<Vec<Vec<f32>>> = attention_bias(0, 4, 4, Some(&[4, 2]), DType::F32, &device)?
             .squeeze(1)?
             .to_vec3()?;
         let lengths = [4, 2];

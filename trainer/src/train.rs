@@ -345,7 +345,7 @@ pub fn evaluate(
         let tokens = batch.loss_tokens as f64;
         let loss = model.loss(
             &batch.input_ids,
-            Some(&batch.attention_mask),
+            Some(&batch.lengths),
             &batch.targets,
             &batch.loss_mask,
             None,
@@ -491,7 +491,7 @@ pub fn train(
             };
             let loss = model.loss(
                 &batch.input_ids,
-                Some(&batch.attention_mask),
+                Some(&batch.lengths),
                 &batch.targets,
                 &batch.loss_mask,
                 Some(dropout),
