@@ -25,9 +25,9 @@ pub use rms_norm::rms_norm;
 pub use rope::rope_heads_major;
 pub use swiglu::swiglu;
 
-/// Whether the fused RMSNorm and SwiGLU run for tensors of `dtype` on `device`: on the
-/// CPU in f32 or f64, on CUDA in f32 or bf16.
-pub fn fused_norm_and_gate(device: &candle_core::Device, dtype: candle_core::DType) -> bool {
+/// Whether the fused RMSNorm, SwiGLU and rotary ops run for tensors of `dtype` on
+/// `device`: on the CPU in f32 or f64, on CUDA in f32 or bf16.
+pub fn fused_ops_run(device: &candle_core::Device, dtype: candle_core::DType) -> bool {
     use candle_core::DType;
     match device {
         candle_core::Device::Cpu => matches!(dtype, DType::F32 | DType::F64),

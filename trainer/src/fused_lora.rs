@@ -212,30 +212,30 @@ impl CustomOp3 for LoraLinear {
     }
 }
 
-/// What the composed projection computes (the path the CPU takes), for the tests and the
-/// kernel check.
-pub fn composed(
-    x: &Tensor,
-    weight: &Tensor,
-    (a, b): (&Tensor, &Tensor),
-    scale: f64,
-    dropout: Option<(u64, f64)>,
-) -> Result<Tensor> {
-    let input = match dropout {
-        Some((stream, keep)) => trainer_kernels::dropout(x, stream, keep)?,
-        None => x.clone(),
-    };
-    let lora = input
-        .broadcast_matmul(&a.to_dtype(x.dtype())?.t()?)?
-        .broadcast_matmul(&b.to_dtype(x.dtype())?.t()?)?
-        .affine(scale, 0.0)?;
-    crate::frozen::linear(x, weight)? + lora
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    /// What the op replaces, composed from candle ops: the reference its test checks it
+    /// against.
+    fn composed(
+        x: &Tensor,
+        weight: &Tensor,
+        (a, b): (&Tensor, &Tensor),
+        scale: f64,
+        dropout: Option<(u64, f64)>,
+    ) -> Result<Tensor> {
+        let input = match dropout {
+            Some((stream, keep)) => trainer_kernels::dropout(x, stream, keep)?,
+            None => x.clone(),
+        };
+        let lora = input
+            .broadcast_matmul(&a.to_dtype(x.dtype())?.t()?)?
+            .broadcast_matmul(&b.to_dtype(x.dtype())?.t()?)?
+            .affine(scale, 0.0)?;
+        crate::frozen::linear(x, weight)? + lora
+    }
 
     fn difference(a: &Tensor, b: &Tensor) -> f64 {
         (a - b)

@@ -105,14 +105,12 @@ impl LoraAdapter {
         })
     }
 
-    /// The update `scale · B A dropout(x)`, in `x`'s dtype: the matmuls run in the
-    /// activations' dtype (bf16 on CUDA) against the f32 master weights, whose gradients
-    /// come back through the casts in f32. `dropout` keys the masks; `None` means
-    /// evaluation (no dropout).
-    /// `x·Wᵀ + ` [`forward`](Self::forward)`(x)` as one op ([`crate::fused_lora`]): what a GPU
-    /// takes, where each of the composed version's graph nodes costs passes over the
-    /// activations.
-    pub fn forward_with_base(
+    /// The projection with its adapter, `x·Wᵀ + scale · B A dropout(x)`, as one op
+    /// ([`crate::fused_lora`]): each node of a composed version would cost passes over
+    /// the activations and a gradient add. The matmuls run in `x`'s dtype (bf16 on CUDA)
+    /// against the f32 master weights, whose gradients come back in f32. `dropout` keys the
+    /// masks; `None` means evaluation (no dropout).
+    pub fn project(
         &self,
         x: &Tensor,
         weight: &Tensor,
@@ -129,22 +127,5 @@ impl LoraAdapter {
             self.scale,
             mask,
         )
-    }
-
-    pub fn forward(&self, x: &Tensor, dropout: Option<DropoutKey>) -> Result<Tensor> {
-        let input = match dropout {
-            Some(key) if self.dropout > 0.0 => {
-                trainer_kernels::dropout(x, key.stream(self.module), 1.0 - self.dropout)?
-            }
-            _ => x.clone(),
-        };
-        let (a, b) = (
-            self.a.as_tensor().to_dtype(x.dtype())?,
-            self.b.as_tensor().to_dtype(x.dtype())?,
-        );
-        input
-            .broadcast_matmul(&a.t()?)?
-            .broadcast_matmul(&b.t()?)?
-            .affine(self.scale, 0.0)
     }
 }

@@ -62,31 +62,21 @@ impl Projection {
     }
 
     fn forward(&self, x: &Tensor, dropout: Option<DropoutKey>) -> Result<Tensor> {
-        // Off the CPU, base and adapter are one op (fewer graph nodes, each a pass over the
-        // activations on a GPU); the CPU keeps the composed path its figures were
-        // measured on.
-        if let (Some(lora), false) = (&self.lora, x.device().is_cpu()) {
-            let y = lora.forward_with_base(x, &self.weight, dropout)?;
-            return match &self.bias {
-                Some(bias) => frozen::shift(&y, bias),
-                None => Ok(y),
-            };
+        let y = match &self.lora {
+            Some(lora) => lora.project(x, &self.weight, dropout)?,
+            None => frozen::linear(x, &self.weight)?,
+        };
+        match &self.bias {
+            Some(bias) => frozen::shift(&y, bias),
+            None => Ok(y),
         }
-        let mut y = frozen::linear(x, &self.weight)?;
-        if let Some(bias) = &self.bias {
-            y = frozen::shift(&y, bias)?;
-        }
-        if let Some(lora) = &self.lora {
-            y = (y + lora.forward(x, dropout)?)?;
-        }
-        Ok(y)
     }
 }
 
-/// Whether `x` takes the fused RMSNorm and SwiGLU of `trainer-kernels` (the CPU in f32 or
-/// f64, CUDA in f32 or bf16). Elsewhere those ops are composed.
+/// Whether `x` takes the fused RMSNorm, SwiGLU and rotary ops of `trainer-kernels` (the
+/// CPU in f32 or f64, CUDA in f32 or bf16). Elsewhere those ops are composed.
 fn fused_on(x: &Tensor) -> bool {
-    trainer_kernels::fused_norm_and_gate(x.device(), x.dtype())
+    trainer_kernels::fused_ops_run(x.device(), x.dtype())
 }
 
 /// `x / sqrt(mean(x²) + eps) · weight`, normalised in f32 or wider.
@@ -187,15 +177,15 @@ impl Rotary {
     }
 
     /// A projection's output (batch, len, heads · head_dim) split into heads and rotated:
-    /// (batch, heads, len, head_dim). Off the CPU one op does both (fewer graph nodes, each
-    /// a pass over q or k on a GPU); the CPU keeps the composed path.
+    /// (batch, heads, len, head_dim). One op does both where it runs (fewer graph nodes,
+    /// each a pass over q or k).
     fn heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
         let (batch, len, width) = x.dims3()?;
         let x = x.reshape((batch, len, heads, width / heads.max(1)))?;
-        if x.device().is_cpu() {
-            self.apply(&x.transpose(1, 2)?)
-        } else {
+        if fused_on(&x) {
             trainer_kernels::rope_heads_major(&x, &self.cos, &self.sin)
+        } else {
+            self.apply(&x.transpose(1, 2)?)
         }
     }
 
