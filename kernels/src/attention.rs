@@ -434,13 +434,13 @@ impl CausalAttention {
                 })?
             }
         };
-        let op = CudaGradients {
+        let op = crate::cuda::OnCuda(CudaGradients {
             lengths: self.lengths.clone(),
             scale: self.scale,
             out: out.contiguous()?,
             grad: grad.contiguous()?,
             logsumexp,
-        };
+        });
         let all = q.apply_op3_no_bwd(&k, &v, &op)?;
         let (nq, nk) = (q.elem_count(), k.elem_count());
         let dq = all.narrow(0, 0, nq)?.reshape(q.shape())?;
@@ -462,31 +462,16 @@ struct CudaGradients {
 }
 
 #[cfg(feature = "cuda")]
-impl CustomOp3 for CudaGradients {
+impl crate::cuda::CudaOp3 for CudaGradients {
     fn name(&self) -> &'static str {
         "causal-attention-gradients"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        candle_core::bail!("causal attention: the CUDA backward was given CPU tensors")
-    }
-
     fn cuda_fwd(
         &self,
-        q: &candle_core::CudaStorage,
-        q_layout: &Layout,
-        k: &candle_core::CudaStorage,
-        k_layout: &Layout,
-        v: &candle_core::CudaStorage,
-        v_layout: &Layout,
+        (q, q_layout): (&candle_core::CudaStorage, &Layout),
+        (k, k_layout): (&candle_core::CudaStorage, &Layout),
+        (v, v_layout): (&candle_core::CudaStorage, &Layout),
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let shape = cuda_shape(q_layout.dims(), k_layout.dims())?;
         let (out, out_layout) = self.out.storage_and_layout();

@@ -8,18 +8,18 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
 const BLOCK: u32 = 256;
 
 /// Per row of `logits` (rows × vocab), its logsumexp then its negative log-likelihood
 /// of `targets` (u32, rows) times `mask` (f32, rows): f32, 2·rows entries.
 pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    logits
-        .contiguous()?
-        .apply_op3_no_bwd(&targets.contiguous()?, &mask.contiguous()?, &Statistics)
+    logits.contiguous()?.apply_op3_no_bwd(
+        &targets.contiguous()?,
+        &mask.contiguous()?,
+        &crate::cuda::OnCuda(Statistics),
+    )
 }
 
 /// The logits' gradient `(softmax − onehot(target)) · mask` from the rows' statistics
@@ -30,9 +30,9 @@ pub fn cross_entropy_gradient(
     mask: &Tensor,
     rows: &Tensor,
 ) -> Result<Tensor> {
-    let op = Gradient {
+    let op = crate::cuda::OnCuda(Gradient {
         statistics: rows.contiguous()?,
-    };
+    });
     logits
         .contiguous()?
         .apply_op3_no_bwd(&targets.contiguous()?, &mask.contiguous()?, &op)
@@ -42,10 +42,6 @@ struct Statistics;
 
 struct Gradient {
     statistics: Tensor,
-}
-
-fn on_cpu(op: &str) -> Result<(CpuStorage, Shape)> {
-    candle_core::bail!("{op}: a CUDA op was given CPU tensors")
 }
 
 /// The logits' rows and vocabulary, checked against targets and mask.
@@ -118,31 +114,16 @@ fn dtype_suffix(dtype: DType) -> Result<&'static str> {
     }
 }
 
-impl CustomOp3 for Statistics {
+impl crate::cuda::CudaOp3 for Statistics {
     fn name(&self) -> &'static str {
         "cross-entropy-rows"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        on_cpu(self.name())
-    }
-
     fn cuda_fwd(
         &self,
-        logits: &CudaStorage,
-        logits_layout: &Layout,
-        targets: &CudaStorage,
-        targets_layout: &Layout,
-        mask: &CudaStorage,
-        mask_layout: &Layout,
+        (logits, logits_layout): (&CudaStorage, &Layout),
+        (targets, targets_layout): (&CudaStorage, &Layout),
+        (mask, mask_layout): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)> {
         let (rows, _) = sizes(logits_layout, targets_layout, mask_layout)?;
         let inputs = (
@@ -159,31 +140,16 @@ impl CustomOp3 for Statistics {
     }
 }
 
-impl CustomOp3 for Gradient {
+impl crate::cuda::CudaOp3 for Gradient {
     fn name(&self) -> &'static str {
         "cross-entropy-gradient"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        on_cpu(self.name())
-    }
-
     fn cuda_fwd(
         &self,
-        logits: &CudaStorage,
-        logits_layout: &Layout,
-        targets: &CudaStorage,
-        targets_layout: &Layout,
-        mask: &CudaStorage,
-        mask_layout: &Layout,
+        (logits, logits_layout): (&CudaStorage, &Layout),
+        (targets, targets_layout): (&CudaStorage, &Layout),
+        (mask, mask_layout): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)> {
         let (rows, vocab) = sizes(logits_layout, targets_layout, mask_layout)?;
         let (storage, layout) = self.statistics.storage_and_layout();

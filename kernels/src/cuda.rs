@@ -58,3 +58,49 @@ impl Program {
             .map_err(candle_core::Error::Msg)
     }
 }
+
+/// An op over three tensors that only CUDA tensors reach (a backward, a loss step): it
+/// names itself and says what it does on the GPU; [`OnCuda`] makes it a candle op.
+pub(crate) trait CudaOp3 {
+    fn name(&self) -> &'static str;
+
+    fn cuda_fwd(
+        &self,
+        a: (&candle_core::CudaStorage, &candle_core::Layout),
+        b: (&candle_core::CudaStorage, &candle_core::Layout),
+        c: (&candle_core::CudaStorage, &candle_core::Layout),
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)>;
+}
+
+/// A [`CudaOp3`] as a candle op, refusing CPU tensors.
+pub(crate) struct OnCuda<T>(pub T);
+
+impl<T: CudaOp3 + Send + Sync> candle_core::CustomOp3 for OnCuda<T> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("{}: a CUDA op was given CPU tensors", self.0.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        a_layout: &candle_core::Layout,
+        b: &candle_core::CudaStorage,
+        b_layout: &candle_core::Layout,
+        c: &candle_core::CudaStorage,
+        c_layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        self.0.cuda_fwd((a, a_layout), (b, b_layout), (c, c_layout))
+    }
+}

@@ -7,7 +7,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape};
+use candle_core::{CudaStorage, DType, Layout, Result, Shape};
 
 const BLOCK: u32 = 256;
 
@@ -122,35 +122,16 @@ pub(crate) struct RmsNormGradient {
 /// SwiGLU's backward as an op over (gate, up, dy): d gate then d up, in one buffer.
 pub(crate) struct SwiGluGradients;
 
-fn on_cpu(op: &str) -> Result<(CpuStorage, Shape)> {
-    candle_core::bail!("{op}: the CUDA backward was given CPU tensors")
-}
-
-impl CustomOp3 for RmsNormGradient {
+impl crate::cuda::CudaOp3 for RmsNormGradient {
     fn name(&self) -> &'static str {
         "rms-norm-gradient"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        on_cpu(self.name())
-    }
-
     fn cuda_fwd(
         &self,
-        x: &CudaStorage,
-        x_layout: &Layout,
-        w: &CudaStorage,
-        w_layout: &Layout,
-        grad: &CudaStorage,
-        grad_layout: &Layout,
+        (x, x_layout): (&CudaStorage, &Layout),
+        (w, w_layout): (&CudaStorage, &Layout),
+        (grad, grad_layout): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)> {
         let n = w_layout.shape().elem_count();
         let count = x_layout.shape().elem_count();
@@ -169,31 +150,16 @@ impl CustomOp3 for RmsNormGradient {
     }
 }
 
-impl CustomOp3 for SwiGluGradients {
+impl crate::cuda::CudaOp3 for SwiGluGradients {
     fn name(&self) -> &'static str {
         "swiglu-gradients"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        on_cpu(self.name())
-    }
-
     fn cuda_fwd(
         &self,
-        gate: &CudaStorage,
-        gate_layout: &Layout,
-        up: &CudaStorage,
-        up_layout: &Layout,
-        grad: &CudaStorage,
-        grad_layout: &Layout,
+        (gate, gate_layout): (&CudaStorage, &Layout),
+        (up, up_layout): (&CudaStorage, &Layout),
+        (grad, grad_layout): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)> {
         let count = gate_layout.shape().elem_count();
         if up_layout.shape() != gate_layout.shape() || grad_layout.shape() != gate_layout.shape() {

@@ -116,7 +116,7 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            let op = crate::norm_gate_cuda::RmsNormGradient { eps: self.eps };
+            let op = crate::cuda::OnCuda(crate::norm_gate_cuda::RmsNormGradient { eps: self.eps });
             let dx = x.apply_op3_no_bwd(&w.contiguous()?, &grad.contiguous()?, &op)?;
             return Ok((Some(dx), None));
         }

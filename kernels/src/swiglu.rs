@@ -113,7 +113,7 @@ impl CustomOp2 for SwiGlu {
             let both = gate.apply_op3_no_bwd(
                 up,
                 &grad.contiguous()?,
-                &crate::norm_gate_cuda::SwiGluGradients,
+                &crate::cuda::OnCuda(crate::norm_gate_cuda::SwiGluGradients),
             )?;
             let count = gate.elem_count();
             let d_gate = both.narrow(0, 0, count)?.reshape(gate.shape())?;
