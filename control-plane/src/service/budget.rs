@@ -316,6 +316,40 @@ async fn views(state: &AppState, budgets: Vec<Budget>) -> ServiceResult<Vec<Budg
     Ok(views)
 }
 
+/// One line per active budget of the caller's (or shared) that alerted this period, for
+/// the banner every dashboard page shows: the highest threshold it crossed, and the spend
+/// when it did. Two indexed reads (budgets, then this period's alerts), no spend totals,
+/// so it is cheap enough for every page.
+pub async fn alert_banners(state: &AppState, user: &CurrentUser) -> ServiceResult<Vec<String>> {
+    let budgets: Vec<Budget> = budgets::list_visible(&state.db, user.0.id)
+        .await?
+        .into_iter()
+        .filter(|b| b.is_active && b.alert_enabled)
+        .collect();
+    if budgets.is_empty() {
+        return Ok(Vec::new());
+    }
+    let at = now();
+    let starts: Vec<_> = budgets.iter().map(|b| b.period.window(at).0).collect();
+    let ids: Vec<Uuid> = budgets.iter().map(|b| b.id).collect();
+    let earliest = starts.iter().min().copied().unwrap_or(at);
+    let alerts = budgets::alerts_since(&state.db, &ids, earliest).await?;
+    Ok(budgets
+        .iter()
+        .zip(starts)
+        .filter_map(|(budget, start)| {
+            let highest = alerts
+                .iter()
+                .filter(|a| a.budget_id == budget.id && a.period_start >= start)
+                .max_by(|a, b| a.threshold.total_cmp(&b.threshold))?;
+            Some(format!(
+                "“{}” passed {}% of ${:.2} this period (${:.2} spent when it alerted)",
+                budget.name, highest.threshold, budget.amount, highest.spend
+            ))
+        })
+        .collect())
+}
+
 /// `spend` as a percentage of `amount`, to one decimal (a zero amount is 100% used once
 /// anything is spent).
 fn percent(spend: f64, amount: f64) -> f64 {

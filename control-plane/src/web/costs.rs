@@ -49,8 +49,6 @@ pub struct BudgetCard {
     pub percent_text: String,
     pub enforcement: String,
     pub alerts: usize,
-    /// Past its alert threshold this period.
-    pub alerting: bool,
 }
 
 pub struct JobLine {
@@ -106,10 +104,27 @@ fn card(view: BudgetView) -> BudgetCard {
         percent_text: format!("{:.1}%", view.percent_used),
         enforcement: budget.enforcement.to_string(),
         alerts: view.alerts.len(),
-        alerting: budget.is_active && view.percent_used >= budget.alert_threshold,
         id: budget.id,
         name: budget.name.clone(),
     }
+}
+
+/// The frame's banner lines for budgets past their alert threshold, from live figures:
+/// what the home and cost pages show in place of the alerts recorded this period.
+pub fn live_alerts(views: &[BudgetView]) -> Vec<String> {
+    views
+        .iter()
+        .filter(|view| view.budget.is_active && view.percent_used >= view.budget.alert_threshold)
+        .map(|view| {
+            format!(
+                "“{}” has used {:.1}% of {} this period ({} spent)",
+                view.budget.name,
+                view.percent_used,
+                money(view.budget.amount),
+                money(view.current_spend)
+            )
+        })
+        .collect()
 }
 
 fn groups(spend: Vec<GroupSpend>) -> Vec<GroupLine> {
@@ -162,8 +177,10 @@ async fn costs(State(state): State<AppState>, user: PageUser) -> PageResult {
             }
         })
         .collect();
+    let mut frame = Frame::new(&user, "cost", &[("Costs", "/cost")]);
+    frame.budget_alerts = live_alerts(&budgets);
     let page = CostPage {
-        frame: Frame::new(&user, "cost", &[("Costs", "/cost")]),
+        frame,
         budgets: budgets.into_iter().map(card).collect(),
         total: money(month.totals.total_cost),
         compute: money(month.totals.compute_cost),

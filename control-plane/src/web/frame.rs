@@ -16,6 +16,9 @@ pub struct Frame {
     pub section: &'static str,
     /// (label, link) from Home to the page.
     pub breadcrumbs: Vec<(String, String)>,
+    /// Budgets past an alert threshold this period, one line each: every page shows them
+    /// (pages with live figures put those in their place).
+    pub budget_alerts: Vec<String>,
 }
 
 impl Frame {
@@ -28,6 +31,7 @@ impl Frame {
                 .iter()
                 .map(|(label, link)| (label.to_string(), link.to_string()))
                 .collect(),
+            budget_alerts: user.1.clone(),
         }
     }
 }

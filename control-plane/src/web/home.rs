@@ -5,6 +5,7 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::Router;
 
+use super::costs::live_alerts;
 use super::frame::{money, viewer, Frame, PageResult};
 use super::jobs::{job_rows, JobRow};
 use super::{render, PageUser};
@@ -30,8 +31,6 @@ struct HomePage {
     spend_this_month: String,
     agents_online: usize,
     agents_total: usize,
-    /// Budgets past their alert threshold this period: "“tone” has used 110.0% of $10.00".
-    budget_alerts: Vec<String>,
 }
 
 async fn home(State(state): State<AppState>, user: PageUser) -> PageResult {
@@ -61,21 +60,10 @@ async fn home(State(state): State<AppState>, user: PageUser) -> PageResult {
     let queue = jobs::queue_order(&state.db).await?;
     let active: Vec<Job> = list.into_iter().filter(|j| j.status.is_live()).collect();
     let fleet = agents::list(&state.db).await?;
-    let budget_alerts = list_budgets(&state, &user.0)
-        .await?
-        .into_iter()
-        .filter(|view| view.budget.is_active && view.percent_used >= view.budget.alert_threshold)
-        .map(|view| {
-            format!(
-                "“{}” has used {:.1}% of {} this period",
-                view.budget.name,
-                view.percent_used,
-                money(view.budget.amount)
-            )
-        })
-        .collect();
+    let mut frame = Frame::new(&user, "home", &[]);
+    frame.budget_alerts = live_alerts(&list_budgets(&state, &user.0).await?);
     let page = HomePage {
-        frame: Frame::new(&user, "home", &[]),
+        frame,
         rows: job_rows(active, &queue),
         queued,
         completed_today,
@@ -85,7 +73,6 @@ async fn home(State(state): State<AppState>, user: PageUser) -> PageResult {
             .filter(|a| a.status == crate::domain::AgentStatus::Online)
             .count(),
         agents_total: fleet.len(),
-        budget_alerts,
     };
     Ok(render(&page))
 }

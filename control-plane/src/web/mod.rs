@@ -62,8 +62,9 @@ async fn script() -> Response {
         .into_response()
 }
 
-/// The signed-in user of a page; without a session the page redirects to `/login`.
-pub struct PageUser(pub CurrentUser);
+/// The signed-in user of a page, with the budget alerts of this period that every page's
+/// frame shows; without a session the page redirects to `/login`.
+pub struct PageUser(pub CurrentUser, pub Vec<String>);
 
 impl FromRequestParts<AppState> for PageUser {
     type Rejection = PageError;
@@ -72,10 +73,11 @@ impl FromRequestParts<AppState> for PageUser {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        CurrentUser::from_request_parts(parts, state)
+        let user = CurrentUser::from_request_parts(parts, state)
             .await
-            .map(PageUser)
-            .map_err(PageError)
+            .map_err(PageError)?;
+        let banners = crate::service::budget::alert_banners(state, &user).await?;
+        Ok(PageUser(user, banners))
     }
 }
 

@@ -424,8 +424,18 @@ async fn budgets_alert_once_per_threshold_and_block_starts(backend: Backend) {
         job_page.contains("tone: $11.00 of $10.00 monthly (110.0%)"),
         "{job_page}"
     );
+    // Every other page carries the banner too, from the alerts recorded this period.
+    let banner = "Budget “tone” passed 100% of $10.00 this period ($11.00 spent when it alerted)";
+    assert!(job_page.contains(banner), "{job_page}");
+    let (_, jobs_page) = crate::dashboard::page(&app, &cookie, "/training/jobs").await;
+    assert!(jobs_page.contains(banner), "{jobs_page}");
     app.user("eve@example.com", Role::User).await;
     let cookie = crate::dashboard::sign_in(&app, "eve@example.com").await;
+    let (_, jobs_page) = crate::dashboard::page(&app, &cookie, "/training/jobs").await;
+    assert!(
+        !jobs_page.contains("Budget “"),
+        "another user's alerts: {jobs_page}"
+    );
     let (_, html) = crate::dashboard::page(&app, &cookie, "/cost").await;
     assert!(
         html.contains("No budgets yet") && html.contains("No spend this month"),
