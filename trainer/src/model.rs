@@ -756,37 +756,11 @@ pub fn chunked_token_loss(
             targets.narrow(0, start, size)?,
             mask.narrow(0, start, size)?,
         );
-        #[cfg(feature = "cuda")]
-        if logits.device().is_cuda() && wide == DType::F32 {
-            // Two kernels over the logits instead of a dozen f32 passes.
-            use trainer_kernels::cross_entropy_cuda as fused;
-            let (targets, mask) = (targets.flatten_all()?, mask.flatten_all()?);
-            let rows = fused::cross_entropy_rows(&logits, &targets, &mask)?;
-            let chunk_total = rows.narrow(0, size, size)?.sum_all()?;
-            total = Some(match total.take() {
-                Some(total) => (total + chunk_total)?,
-                None => chunk_total,
-            });
-            let gradient_of_logits =
-                fused::cross_entropy_gradient(&logits, &targets, &mask, &rows)?;
-            gradients.push(gradient_of_logits.matmul(&head)?);
-            continue;
-        }
-        let logits = logits.to_dtype(wide)?;
-        let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?)?;
-        let exp = shifted.exp()?;
-        let sum = exp.sum_keepdim(1)?;
-        let negative_log_likelihood = (sum.log()? - shifted.gather(&targets, 1)?)?;
-        let chunk_total = (negative_log_likelihood * &mask)?.sum_all()?;
+        let (chunk_total, gradient_of_logits) = chunk_loss(&logits, &targets, &mask, wide)?;
         total = Some(match total.take() {
             Some(total) => (total + chunk_total)?,
             None => chunk_total,
         });
-        let gradient_of_logits = exp.broadcast_div(&sum)?.broadcast_mul(&mask)?.scatter_add(
-            &targets,
-            &mask.neg()?,
-            1,
-        )?;
         gradients.push(gradient_of_logits.to_dtype(hidden.dtype())?.matmul(&head)?);
     }
     let Some(total) = total else {
@@ -799,6 +773,40 @@ pub fn chunked_token_loss(
     let carrier = frozen::scale(&flat, &gradient)?.sum_all()?.to_dtype(wide)?;
     let zero = (&carrier - carrier.detach())?;
     loss.detach() + zero
+}
+
+/// One chunk's masked negative log-likelihood sum and its logits' gradient
+/// `(softmax − onehot(target)) · mask`, for logits (rows × vocab), targets (rows, 1) and
+/// mask (rows, 1) in `wide`. On CUDA (f32 arithmetic) two kernels do it over the logits
+/// as they are, instead of a dozen f32 passes; the gradient then comes in their dtype.
+fn chunk_loss(
+    logits: &Tensor,
+    targets: &Tensor,
+    mask: &Tensor,
+    wide: DType,
+) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() && wide == DType::F32 {
+        use trainer_kernels::cross_entropy_cuda as fused;
+        let (targets, mask) = (targets.flatten_all()?, mask.flatten_all()?);
+        let rows = fused::cross_entropy_rows(logits, &targets, &mask)?;
+        let total = rows
+            .narrow(0, targets.elem_count(), targets.elem_count())?
+            .sum_all()?;
+        let gradient = fused::cross_entropy_gradient(logits, &targets, &mask, &rows)?;
+        return Ok((total, gradient));
+    }
+    let logits = logits.to_dtype(wide)?;
+    let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?)?;
+    let exp = shifted.exp()?;
+    let sum = exp.sum_keepdim(1)?;
+    let negative_log_likelihood = (sum.log()? - shifted.gather(targets, 1)?)?;
+    let total = (negative_log_likelihood * mask)?.sum_all()?;
+    let gradient =
+        exp.broadcast_div(&sum)?
+            .broadcast_mul(mask)?
+            .scatter_add(targets, &mask.neg()?, 1)?;
+    Ok((total, gradient))
 }
 
 #[cfg(test)]
