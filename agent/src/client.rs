@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use protocol::agent::{
-    ArtifactUpload, Assignment, AttemptOutcome, ClaimRequest, Heartbeat, HeartbeatReply,
-    ReportBatch, ReportReply,
+    ArtifactUpload, AttemptOutcome, ClaimRequest, Heartbeat, HeartbeatReply, ReportBatch,
+    ReportReply, Work,
 };
+use protocol::validation::{ValidationOutcome, ValidationProgress};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -159,8 +160,8 @@ impl ControlPlane {
             .await
     }
 
-    /// Waits up to `wait_seconds` at the control plane for an assignment.
-    pub async fn claim(&self, request: &ClaimRequest) -> Result<Option<Assignment>> {
+    /// Waits up to `wait_seconds` at the control plane for work.
+    pub async fn claim(&self, request: &ClaimRequest) -> Result<Option<Work>> {
         let response = self
             .send_retrying(
                 "claim",
@@ -194,6 +195,39 @@ impl ControlPlane {
             .post_json(
                 "finish",
                 &format!("/agent/attempts/{attempt}/finish"),
+                outcome,
+                0,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Best effort: progress is shown live, and a lost update is no loss.
+    pub async fn validation_progress(
+        &self,
+        validation: Uuid,
+        progress: &ValidationProgress,
+    ) -> Result<()> {
+        let _: serde_json::Value = self
+            .post_json(
+                "validation progress",
+                &format!("/agent/validations/{validation}/progress"),
+                progress,
+                1,
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn finish_validation(
+        &self,
+        validation: Uuid,
+        outcome: &ValidationOutcome,
+    ) -> Result<()> {
+        let _: serde_json::Value = self
+            .post_json(
+                "validation finish",
+                &format!("/agent/validations/{validation}/finish"),
                 outcome,
                 0,
             )

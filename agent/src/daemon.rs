@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use protocol::agent::{Capacity, ClaimRequest, Heartbeat};
+use protocol::agent::{Capacity, ClaimRequest, Heartbeat, Work};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -16,6 +16,7 @@ use crate::error::{AgentError, Result};
 use crate::runner::{self, Ended, LatestGpu};
 use crate::spot;
 use crate::telemetry::Probe;
+use crate::validator;
 
 /// What the agent keeps between runs: who it is to the control plane.
 #[derive(Serialize, Deserialize)]
@@ -152,7 +153,15 @@ pub async fn run(config: AgentConfig) -> Result<()> {
             _ = waiting_notices.changed() => continue,
         };
         let assignment = match assignment {
-            Ok(Some(assignment)) => assignment,
+            Ok(Some(Work::Training(assignment))) => assignment,
+            Ok(Some(Work::Validation(work))) => {
+                backoff = Backoff::new();
+                let has_gpu = shared.latest_gpu.lock().map(|g| g.is_some()).unwrap_or(false);
+                if let Err(error) = validator::run(&config, &client, work, has_gpu).await {
+                    tracing::error!(%error, "validation ended with an agent error");
+                }
+                continue;
+            }
             Ok(None) => continue,
             Err(AgentError::Rejected { status: 401, .. }) => {
                 return Err(AgentError::Config(format!(

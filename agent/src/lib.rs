@@ -1,5 +1,5 @@
 //! The agent daemon of a GPU host: enrolls with the control plane, reports telemetry,
-//! claims jobs, runs the trainer in-process, streams progress through a durable outbox,
+//! claims jobs and validations, runs the trainer in-process, streams progress through a durable outbox,
 //! uploads artifacts, and hands a job back with a checkpoint on a spot notice.
 
 pub mod client;
@@ -10,3 +10,4 @@ pub mod outbox;
 pub mod runner;
 pub mod spot;
 pub mod telemetry;
+pub mod validator;

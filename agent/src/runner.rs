@@ -95,7 +95,7 @@ impl Observer for Reporter {
     }
 }
 
-fn device(config: &AgentConfig, has_gpu: bool) -> DeviceChoice {
+pub(crate) fn device(config: &AgentConfig, has_gpu: bool) -> DeviceChoice {
     match config.device {
         Device::Cpu => DeviceChoice::Cpu,
         Device::Cuda => DeviceChoice::Cuda,
@@ -104,7 +104,7 @@ fn device(config: &AgentConfig, has_gpu: bool) -> DeviceChoice {
     }
 }
 
-fn classify(error: &TrainerError) -> FailureKind {
+pub(crate) fn classify(error: &TrainerError) -> FailureKind {
     let text = error.to_string().to_ascii_lowercase();
     if matches!(error, TrainerError::OutOfMemory(_)) {
         FailureKind::OutOfMemory

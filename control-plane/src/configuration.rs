@@ -31,6 +31,7 @@ pub struct Settings {
     pub fleet: Fleet,
     pub storage: Storage,
     pub budgets: Budgets,
+    pub validation: ValidationSettings,
 }
 
 /// How the database is used.
@@ -164,6 +165,7 @@ impl Default for Settings {
             fleet: Fleet::default(),
             storage: Storage::default(),
             budgets: Budgets::default(),
+            validation: ValidationSettings::default(),
         }
     }
 }
@@ -328,6 +330,62 @@ impl Default for Budgets {
             webhook_attempts: 5,
             webhook_first_retry_ms: 1_000,
             webhook_timeout_seconds: 10,
+        }
+    }
+}
+
+/// Quality validation (stage 6): sample caps, gate defaults and the judge model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ValidationSettings {
+    /// Prompts generated for per suite when a request names no `max_samples`.
+    pub default_samples: u32,
+    /// The most a request may ask for.
+    pub max_samples: u32,
+    pub default_new_tokens: u32,
+    pub max_new_tokens: u32,
+    /// Gate thresholds (`name = { pass = …, warn = … }`); a request's `gates` and a job's
+    /// `validate_on_completion.gates` override them one by one.
+    pub gates: crate::domain::validation::Gates,
+    pub judge: JudgeSettings,
+}
+
+impl Default for ValidationSettings {
+    fn default() -> Self {
+        ValidationSettings {
+            default_samples: 16,
+            max_samples: 200,
+            default_new_tokens: 96,
+            max_new_tokens: 512,
+            gates: crate::domain::validation::default_gates(),
+            judge: JudgeSettings::default(),
+        }
+    }
+}
+
+/// The judge of emotional intelligence: any OpenAI-compatible chat-completions endpoint
+/// (a local vLLM or llama.cpp server works). Unset `base_url`: the suite is skipped.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JudgeSettings {
+    /// Such as `http://127.0.0.1:8000/v1`; `/chat/completions` is appended.
+    pub base_url: Option<String>,
+    pub model: String,
+    /// The environment variable holding the API key (sent as a bearer token when set).
+    pub api_key_env: String,
+    pub timeout_seconds: u64,
+    /// Replies scored at once.
+    pub concurrency: usize,
+}
+
+impl Default for JudgeSettings {
+    fn default() -> Self {
+        JudgeSettings {
+            base_url: None,
+            model: "gpt-4o-mini".into(),
+            api_key_env: "VALIDATION_JUDGE_API_KEY".into(),
+            timeout_seconds: 30,
+            concurrency: 4,
         }
     }
 }

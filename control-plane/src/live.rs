@@ -32,6 +32,11 @@ pub enum JobUpdate {
         job_id: Uuid,
         point: Box<MetricPoint>,
     },
+    /// A validation run of the job changed: queued, progress, completed or failed.
+    Validation {
+        job_id: Uuid,
+        validation: Box<serde_json::Value>,
+    },
 }
 
 impl JobUpdate {
@@ -39,7 +44,7 @@ impl JobUpdate {
         match self {
             JobUpdate::Status { job } => job.id,
             JobUpdate::Event { event, .. } => event.job_id,
-            JobUpdate::Metrics { job_id, .. } => *job_id,
+            JobUpdate::Metrics { job_id, .. } | JobUpdate::Validation { job_id, .. } => *job_id,
         }
     }
 
@@ -49,6 +54,7 @@ impl JobUpdate {
             JobUpdate::Status { .. } => "status",
             JobUpdate::Event { .. } => "event",
             JobUpdate::Metrics { .. } => "metrics",
+            JobUpdate::Validation { .. } => "validation",
         }
     }
 
@@ -60,7 +66,7 @@ impl JobUpdate {
                 event.details = None;
                 event.message.truncate(1000);
             }
-            JobUpdate::Metrics { .. } => {}
+            JobUpdate::Metrics { .. } | JobUpdate::Validation { .. } => {}
         }
         self
     }

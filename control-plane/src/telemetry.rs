@@ -71,6 +71,14 @@ impl Metrics {
                 "lora_refused_status_changes_total",
                 "Job status changes the control plane attempted against the state machine."
             );
+            describe_counter!(
+                "lora_validations_total",
+                "Validation runs ended, by outcome (completed, failed)."
+            );
+            describe_counter!(
+                "lora_validation_suites_total",
+                "Suites of ended validation runs, by suite and status (completed, skipped, failed)."
+            );
             describe_gauge!("lora_build_info", "Version and database backend.");
             gauge!("lora_build_info", "version" => env!("CARGO_PKG_VERSION"), "database" => database)
                 .set(1.0);
@@ -117,6 +125,18 @@ impl Metrics {
     pub fn count_budget_webhook(&self, outcome: &'static str) {
         self.with_recorder(|| {
             counter!("lora_budget_webhooks_total", "outcome" => outcome).increment(1);
+        });
+    }
+
+    /// A validation run ended: `completed` or `failed`; and each suite in it that was
+    /// `skipped` or `failed`.
+    pub fn count_validation(&self, outcome: &'static str, suites: &[(String, &'static str)]) {
+        self.with_recorder(|| {
+            counter!("lora_validations_total", "outcome" => outcome).increment(1);
+            for (suite, status) in suites {
+                counter!("lora_validation_suites_total", "suite" => suite.clone(), "status" => *status)
+                    .increment(1);
+            }
         });
     }
 

@@ -118,6 +118,14 @@ pub struct Assignment {
     pub resume_from: Option<ResumePoint>,
 }
 
+/// What a claim hands an agent: a training attempt or a validation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "work", rename_all = "snake_case")]
+pub enum Work {
+    Training(Assignment),
+    Validation(crate::validation::ValidationAssignment),
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {

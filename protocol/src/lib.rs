@@ -1,5 +1,6 @@
 pub mod agent;
 pub mod dataset;
+pub mod validation;
 
 /// The projections of a Llama-family decoder layer that LoRA can target, as PEFT names
 /// them: attention (q, k, v, o) and MLP (gate, up, down).

@@ -202,12 +202,8 @@ pub fn load_examples(
 }
 
 /// Splits off a validation set: a seeded, shuffled `fraction` of the examples (at least
-/// one when there are two or more).
-pub fn split_validation(
-    examples: Vec<Example>,
-    fraction: f64,
-    seed: u64,
-) -> (Vec<Example>, Vec<Example>) {
+/// one when there are two or more). Returns (train, validation), each in input order.
+pub fn split_validation<T>(examples: Vec<T>, fraction: f64, seed: u64) -> (Vec<T>, Vec<T>) {
     if fraction <= 0.0 || examples.len() < 2 {
         return (examples, Vec::new());
     }

@@ -74,8 +74,19 @@ pub fn evaluate_file(
     let encoder = TextEncoder::from_model_dir(&crate::hub::resolve_model(model_dir)?)?;
     let prepared = data::load_examples(data_path, &encoder, max_seq_len)?;
     let model = load_for_inference(model_dir, adapter_dir, &device)?;
-    let longest = prepared
-        .examples
+    evaluate_examples(&model, &encoder, &prepared.examples, batch_size)
+}
+
+/// The figures of [`EvalReport`] for `model` on `examples`, in batches of `batch_size`,
+/// on the model's device.
+pub fn evaluate_examples(
+    model: &Model,
+    encoder: &TextEncoder,
+    examples: &[Example],
+    batch_size: usize,
+) -> Result<EvalReport> {
+    let device = model.lm_head().device().clone();
+    let longest = examples
         .iter()
         .map(|e| e.input_ids.len() + 1)
         .max()
@@ -88,7 +99,7 @@ pub fn evaluate_file(
 
     let (mut loss_sum, mut all_sum, mut correct) = (0.0, 0.0, 0.0);
     let (mut tokens, mut tokens_all) = (0.0, 0.0);
-    for chunk in prepared.examples.chunks(batch_size.max(1)) {
+    for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = data::make_batch(&refs, pad_id, &device)?;
         let logits = model
@@ -107,10 +118,9 @@ pub fn evaluate_file(
         correct += (hits * &batch.loss_mask)?.sum_all()?.to_scalar::<f32>()? as f64;
     }
     if tokens == 0.0 {
-        return Err(TrainerError::Dataset {
-            path: data_path.display().to_string(),
-            message: "no assistant token to evaluate".into(),
-        });
+        return Err(TrainerError::Invalid(
+            "no assistant token to evaluate".into(),
+        ));
     }
     let loss = loss_sum / tokens;
     Ok(EvalReport {
@@ -120,38 +130,55 @@ pub fn evaluate_file(
         token_accuracy: correct / tokens,
         tokens: tokens as usize,
         tokens_all: tokens_all as usize,
-        conversations: prepared.examples.len(),
+        conversations: examples.len(),
     })
 }
 
-/// Chat-templated sampling with a KV cache. `temperature` 0 is greedy.
+/// What [`generate`] produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub text: String,
+    /// The new tokens, the end-of-turn token excluded.
+    pub tokens: Vec<u32>,
+    /// Whether the model ended its turn (emitted an end-of-turn token) within the budget.
+    pub stopped: bool,
+}
+
+/// The tokens that end an assistant turn in the chat templates we support.
+pub fn end_of_turn_tokens(encoder: &TextEncoder) -> Vec<u32> {
+    ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>"]
+        .iter()
+        .filter_map(|t| encoder.tokenizer.token_to_id(t))
+        .collect()
+}
+
+/// Chat-templated sampling with a KV cache, on the model's device: the assistant's next
+/// turn after `messages`. `temperature` 0 is greedy.
 pub fn generate(
     model: &Model,
     encoder: &TextEncoder,
-    prompt: &str,
+    messages: &[protocol::dataset::Message],
     max_new_tokens: usize,
     temperature: f64,
     seed: u64,
-) -> Result<String> {
-    let device = Device::Cpu;
-    let messages = [protocol::dataset::Message::new(
-        protocol::dataset::Role::User,
-        prompt,
-    )];
-    let text = encoder.template.render(&messages, None, true)?;
+) -> Result<Generation> {
+    let device = model.lm_head().device().clone();
+    let text = encoder.template.render(messages, None, true)?;
     let prompt_ids = encoder.encode_text(&text)?;
     if prompt_ids.is_empty() {
         return Err(TrainerError::Invalid(
             "the prompt encodes to no token".into(),
         ));
     }
-    let stop: Vec<u32> = ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>"]
-        .iter()
-        .filter_map(|t| encoder.tokenizer.token_to_id(t))
-        .collect();
+    model
+        .config()
+        .check_sequence_length(prompt_ids.len() + max_new_tokens)
+        .map_err(TrainerError::Invalid)?;
+    let stop = end_of_turn_tokens(encoder);
     let mut cache = crate::model::KvCache::default();
     let mut rng = Rng::new(seed);
-    let mut generated = Vec::new();
+    let mut tokens = Vec::new();
+    let mut stopped = false;
     let mut input = Tensor::new(prompt_ids.as_slice(), &device)?.unsqueeze(0)?;
     for _ in 0..max_new_tokens {
         let logits: Vec<f32> = model
@@ -161,12 +188,17 @@ pub fn generate(
             .to_vec1()?;
         let next = sample(&logits, temperature, &mut rng);
         if stop.contains(&next) {
+            stopped = true;
             break;
         }
-        generated.push(next);
+        tokens.push(next);
         input = Tensor::new(&[next], &device)?.unsqueeze(0)?;
     }
-    encoder.decode(&generated)
+    Ok(Generation {
+        text: encoder.decode(&tokens)?,
+        tokens,
+        stopped,
+    })
 }
 
 fn sample(logits: &[f32], temperature: f64, rng: &mut Rng) -> u32 {

@@ -26,6 +26,7 @@ pub mod peft;
 pub mod rng;
 pub mod tensor_file;
 pub mod train;
+pub mod validation;
 
 pub use config::{Architecture, ModelConfig};
 pub use error::TrainerError;

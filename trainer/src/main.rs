@@ -361,11 +361,15 @@ fn main() -> anyhow::Result<()> {
                 generate(
                     &loaded,
                     &encoder,
-                    &prompt,
+                    &[protocol::dataset::Message::new(
+                        protocol::dataset::Role::User,
+                        prompt
+                    )],
                     max_new_tokens,
                     temperature,
                     seed
                 )?
+                .text
             );
         }
         Command::Bench {

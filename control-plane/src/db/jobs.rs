@@ -75,6 +75,14 @@ pub struct Job {
     /// Free-form labels for cost reports, such as {"experiment": "lr-sweep"}.
     #[schema(value_type = Option<Object>)]
     pub tags: Option<Json<serde_json::Map<String, serde_json::Value>>>,
+    /// Another enriched training file whose conversations validation uses (default: the
+    /// trainer's seeded split of the training file).
+    #[sqlx(default)]
+    pub validation_file_id: Option<Uuid>,
+    /// {test_suites, gates, …}: the validation queued when training completes.
+    #[sqlx(default)]
+    #[schema(value_type = Option<Object>)]
+    pub validate_on_completion: Option<Json<serde_json::Value>>,
 }
 
 impl Job {
@@ -159,6 +167,23 @@ pub async fn insert_draft(
         tx.commit().await?;
         row
     }))
+}
+
+/// Sets a job's validation file and validate-on-completion settings.
+pub async fn set_validation_settings(
+    db: &Db,
+    id: Uuid,
+    validation_file_id: Option<Uuid>,
+    validate_on_completion: Option<&serde_json::Value>,
+) -> Result<Job, DbError> {
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, Job>(
+        "UPDATE training_jobs SET validation_file_id = $2, validate_on_completion = $3 WHERE id = $1 RETURNING *",
+    )
+    .bind(id)
+    .bind(validation_file_id)
+    .bind(validate_on_completion.map(Json))
+    .fetch_one(pool)
+    .await?))
 }
 
 /// Who is asking: operators and admins see every job, users their own.

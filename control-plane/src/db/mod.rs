@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod presets;
 pub mod report_writer;
 pub mod users;
+pub mod validations;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

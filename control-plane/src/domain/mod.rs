@@ -7,6 +7,7 @@ pub mod job_status;
 pub mod placement;
 pub mod recovery_policy;
 pub mod user;
+pub mod validation;
 pub mod vocabulary;
 
 pub use budget::{Attribution, BudgetPeriod, BudgetScope, Enforcement};

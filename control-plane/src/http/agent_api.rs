@@ -24,7 +24,7 @@ use crate::db::agents::Agent;
 use crate::db::artifacts::Artifact;
 use crate::db::attempts::Checkpoint;
 use crate::domain::JobStatus;
-use crate::service::{fleet, AppState, ServiceError, ServiceResult};
+use crate::service::{fleet, validation, AppState, ServiceError, ServiceResult};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -35,6 +35,10 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(reports))
         .routes(routes!(upload_artifact))
         .routes(routes!(finish))
+        .routes(routes!(validation_file))
+        .routes(routes!(validation_artifact))
+        .routes(routes!(validation_progress))
+        .routes(routes!(finish_validation))
 }
 
 /// The agent making the request, authenticated by `Authorization: Bearer <agent secret>`.
@@ -73,7 +77,7 @@ async fn heartbeat(
 /// queued, or 204 after `wait_seconds` (capped by `fleet.max_claim_wait_seconds`).
 #[utoipa::path(post, path = "/agent/claim", tag = "agent protocol",
     request_body(content = Object, description = "protocol::agent::ClaimRequest"),
-    responses((status = 200, body = Object, description = "protocol::agent::Assignment"), (status = 204), (status = 401, body = ErrorBody)))]
+    responses((status = 200, body = Object, description = "protocol::agent::Work: a training assignment or a validation"), (status = 204), (status = 401, body = ErrorBody)))]
 async fn claim(
     State(state): State<AppState>,
     CurrentAgent(agent): CurrentAgent,
@@ -195,4 +199,71 @@ async fn finish(
     Ok(Json(Finished {
         job_status: fleet::finish(&state, &agent, id, outcome).await?,
     }))
+}
+
+/// A training file of the validation the agent runs (the job's training or validation file).
+#[utoipa::path(get, path = "/agent/validations/{id}/files/{file_id}", tag = "agent protocol",
+    params(("id" = Uuid, Path), ("file_id" = Uuid, Path)),
+    responses((status = 200, content_type = "application/octet-stream", body = String), (status = 404, body = ErrorBody)))]
+async fn validation_file(
+    State(state): State<AppState>,
+    CurrentAgent(agent): CurrentAgent,
+    ApiPath((id, file_id)): ApiPath<(Uuid, Uuid)>,
+) -> ServiceResult<Response> {
+    let file = validation::agent_file(&state, &agent, id, file_id).await?;
+    let handle = tokio::fs::File::open(&file.file_path).await?;
+    let size = handle.metadata().await?.len();
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(handle));
+    Ok(streamed(size, "application/octet-stream", body))
+}
+
+/// An adapter file of the validated job or of its comparison baseline.
+#[utoipa::path(get, path = "/agent/validations/{id}/artifacts/{artifact_id}", tag = "agent protocol",
+    params(("id" = Uuid, Path), ("artifact_id" = Uuid, Path)),
+    responses((status = 200, content_type = "application/octet-stream", body = String), (status = 404, body = ErrorBody)))]
+async fn validation_artifact(
+    State(state): State<AppState>,
+    CurrentAgent(agent): CurrentAgent,
+    ApiPath((id, artifact_id)): ApiPath<(Uuid, Uuid)>,
+) -> ServiceResult<Response> {
+    let download = validation::agent_artifact(&state, &agent, id, artifact_id).await?;
+    Ok(streamed(
+        download.size,
+        "application/octet-stream",
+        Body::from_stream(download.bytes),
+    ))
+}
+
+#[derive(Serialize, ToSchema)]
+struct Noted {
+    ok: bool,
+}
+
+/// Progress of a validation the agent runs, shown live on the job's stream.
+#[utoipa::path(post, path = "/agent/validations/{id}/progress", tag = "agent protocol", params(("id" = Uuid, Path)),
+    request_body(content = Object, description = "protocol::validation::ValidationProgress"),
+    responses((status = 200, body = Noted), (status = 404, body = ErrorBody)))]
+async fn validation_progress(
+    State(state): State<AppState>,
+    CurrentAgent(agent): CurrentAgent,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(progress): ApiJson<protocol::validation::ValidationProgress>,
+) -> ServiceResult<Json<Noted>> {
+    validation::progress(&state, &agent, id, &progress).await?;
+    Ok(Json(Noted { ok: true }))
+}
+
+/// Ends a validation with its suites' reports (or the failure); the control plane adds
+/// the judge's scores, gates and verdict. Repeating it changes nothing.
+#[utoipa::path(post, path = "/agent/validations/{id}/finish", tag = "agent protocol", params(("id" = Uuid, Path)),
+    request_body(content = Object, description = "protocol::validation::ValidationOutcome"),
+    responses((status = 200, body = Object), (status = 404, body = ErrorBody)))]
+async fn finish_validation(
+    State(state): State<AppState>,
+    CurrentAgent(agent): CurrentAgent,
+    ApiPath(id): ApiPath<Uuid>,
+    ApiJson(outcome): ApiJson<protocol::validation::ValidationOutcome>,
+) -> ServiceResult<Json<serde_json::Value>> {
+    let run = validation::finish(&state, &agent, id, outcome).await?;
+    Ok(Json(serde_json::json!({"status": run.status, "overall_status": run.overall_status})))
 }

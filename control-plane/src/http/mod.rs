@@ -30,6 +30,7 @@ pub mod jobs;
 pub mod ops;
 pub mod presets;
 pub mod stream;
+pub mod validation;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -42,7 +43,7 @@ pub mod stream;
     security(("bearer" = []), ("session" = [])),
     tags(
         (name = "auth"), (name = "training-files"), (name = "presets"), (name = "jobs"),
-        (name = "templates"), (name = "artifacts"), (name = "costs"), (name = "agents"), (name = "agent protocol"),
+        (name = "templates"), (name = "artifacts"), (name = "validation"), (name = "costs"), (name = "agents"), (name = "agent protocol"),
         (name = "operations"),
     )
 )]
@@ -114,6 +115,7 @@ pub fn router() -> Router<AppState> {
         .merge(job_templates::router())
         .merge(artifacts::router())
         .merge(budgets::router())
+        .merge(validation::router())
         .merge(agents::router())
         .merge(agent_api::router());
     let (routes, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())

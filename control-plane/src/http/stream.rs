@@ -24,7 +24,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[derive(utoipa::ToSchema)]
 #[allow(dead_code)] // describes the stream for the OpenAPI document only
 struct JobStreamEvent {
-    /// status, event, metrics or end.
+    /// status, event, metrics, validation or end.
     event: String,
     /// JSON: the job (status), a log entry (event), a training step (metrics), or
     /// `{"status"}` (end).
@@ -41,6 +41,7 @@ fn to_sse(message: FeedMessage) -> SseEvent {
                 JobUpdate::Status { job } => serde_json::to_string(job),
                 JobUpdate::Event { event, .. } => serde_json::to_string(event),
                 JobUpdate::Metrics { point, .. } => serde_json::to_string(point),
+                JobUpdate::Validation { validation, .. } => serde_json::to_string(validation),
             },
         ),
         FeedItem::End { status } => (

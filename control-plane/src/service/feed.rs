@@ -148,13 +148,14 @@ impl Feed {
         mut updates: broadcast::Receiver<JobUpdate>,
         replay: bool,
     ) -> Result<(), Stop> {
-        let status = job.status;
+        let mut status = job.status;
         self.send(FeedItem::Update(JobUpdate::Status { job: Box::new(job) }))
             .await?;
         if replay {
             self.replay().await?;
         }
-        if status.is_settled() {
+        // A settled job's stream stays open while one of its validations runs.
+        if status.is_settled() && !db::validations::has_pending(&self.db, self.job_id).await? {
             return self.end(status).await;
         }
         loop {
@@ -166,8 +167,17 @@ impl Feed {
                 Ok(update) if update.job_id() != self.job_id => {}
                 Ok(JobUpdate::Metrics { point, .. }) => self.send_metric(*point).await?,
                 Ok(JobUpdate::Event { event }) => self.send_event(*event).await?,
+                Ok(JobUpdate::Validation { job_id, validation }) => {
+                    let ended = matches!(validation["status"].as_str(), Some("completed" | "failed"));
+                    self.send(FeedItem::Update(JobUpdate::Validation { job_id, validation }))
+                        .await?;
+                    if ended && status.is_settled() {
+                        self.replay().await?;
+                        return self.end(status).await;
+                    }
+                }
                 Ok(JobUpdate::Status { job }) => {
-                    let status = job.status;
+                    status = job.status;
                     self.send(FeedItem::Update(JobUpdate::Status { job }))
                         .await?;
                     if status.is_settled() {

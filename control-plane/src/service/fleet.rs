@@ -113,13 +113,14 @@ async fn abandon_unnamed_attempt(
     Ok(())
 }
 
-/// Waits for work: an assignment as soon as a fitting job is queued, or `None` after
+/// Waits for work: a training assignment as soon as a fitting job is queued (else a
+/// queued validation), or `None` after
 /// `wait_seconds` (capped by `fleet.max_claim_wait_seconds`). A draining agent gets none.
 pub async fn claim(
     state: &AppState,
     agent: &Agent,
     request: &ClaimRequest,
-) -> ServiceResult<Option<protocol::agent::Assignment>> {
+) -> ServiceResult<Option<protocol::agent::Work>> {
     let agent = store_heartbeat(state, agent, &request.heartbeat).await?;
     if agent.status == AgentStatus::Draining {
         return Ok(None);
@@ -133,7 +134,10 @@ pub async fn claim(
         let notified = state.work_available.notified();
         if let Some(assignment) = super::scheduler::claim(state, &agent, &request.heartbeat).await?
         {
-            return Ok(Some(assignment));
+            return Ok(Some(protocol::agent::Work::Training(assignment)));
+        }
+        if let Some(work) = super::validation::claim(state, &agent).await? {
+            return Ok(Some(protocol::agent::Work::Validation(work)));
         }
         let now = tokio::time::Instant::now();
         if now >= deadline {

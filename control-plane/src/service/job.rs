@@ -116,6 +116,10 @@ pub struct CreateJob {
     /// Labels for cost reports: an object of strings, such as {"experiment": "lr-sweep"}.
     #[schema(value_type = Option<Object>)]
     pub tags: Option<Map<String, Value>>,
+    /// Another of your enriched training files for validation (as OpenAI's fine-tuning
+    /// API has it); default: the trainer's seeded 10% split of the training file.
+    #[serde(default)]
+    pub validation_file_id: Option<Uuid>,
 }
 
 /// Creates a draft after checking the fields and the training file's eligibility (§7.1).
@@ -165,6 +169,9 @@ pub async fn create_draft(
             rules: unmet,
         });
     }
+    if let Some(validation_file) = request.validation_file_id {
+        super::validation::check_validation_file(state, user.0.id, validation_file).await?;
+    }
     let id = Uuid::new_v4();
     let event = Event::new(
         id,
@@ -182,7 +189,11 @@ pub async fn create_draft(
         preset_id,
         attribution: &attribution,
     };
-    Ok(jobs::insert_draft(&state.db, id, job, &event).await?)
+    let job = jobs::insert_draft(&state.db, id, job, &event).await?;
+    match request.validation_file_id {
+        Some(file) => super::validation::set_job_settings(state, &job, Some(file), None).await,
+        None => Ok(job),
+    }
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -213,6 +224,11 @@ pub struct ConfigureJob {
     pub cost_center: Option<String>,
     #[schema(value_type = Option<Object>)]
     pub tags: Option<Map<String, Value>>,
+    /// Validate on its own when training completes: the body of
+    /// `POST /validation/{job_id}/run` (`test_suites`, `gates`, …); its gates also apply
+    /// to validations run by hand.
+    #[serde(default)]
+    pub validate_on_completion: Option<super::validation::RunRequest>,
 }
 
 /// Sets hyperparameters, GPU and recovery policy, with the cost estimate. Every invalid
@@ -296,6 +312,17 @@ pub async fn configure_job(
     ) else {
         return Err(ServiceError::Validation(errors));
     };
+    if let Some(on_completion) = &request.validate_on_completion {
+        super::validation::check_request(state, on_completion, None).map_err(|error| match error {
+            ServiceError::Validation(errors) => ServiceError::Validation(
+                errors
+                    .into_iter()
+                    .map(|e| FieldError::new(format!("validate_on_completion.{}", e.field), e.message))
+                    .collect(),
+            ),
+            other => other,
+        })?;
+    }
     let completed = presets::completed_jobs_of(&state.db, job.user_id).await?;
     if let Some(rule) = preset::requirement_unmet(&preset, completed) {
         return Err(ServiceError::Unprocessable {
@@ -372,7 +399,12 @@ pub async fn configure_job(
         Origin::User,
     )
     .await?;
-    Ok(changed.job)
+    match &request.validate_on_completion {
+        Some(on_completion) => {
+            super::validation::set_job_settings(state, &changed.job, None, Some(on_completion)).await
+        }
+        None => Ok(changed.job),
+    }
 }
 
 /// Queues a configured job unless a `block_start` budget refuses it; agents waiting for

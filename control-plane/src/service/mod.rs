@@ -24,12 +24,15 @@ pub mod feed;
 pub mod file;
 pub mod fleet;
 pub mod job;
+pub mod judge;
 pub mod metric_history;
 pub mod preset;
 pub mod recovery;
 pub mod scheduler;
 pub mod template;
 pub mod transition;
+pub mod validation;
+pub mod validation_report;
 
 pub use account::CurrentUser;
 pub use error::{ServiceError, ServiceResult};

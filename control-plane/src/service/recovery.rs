@@ -202,6 +202,12 @@ pub async fn end_attempt(
             after_interruption(state, ended, &resume_note, origin).await?,
         ));
     }
+    if ended.status == JobStatus::Completed {
+        // A validation that cannot be queued must not undo the completion.
+        if let Err(error) = super::validation::after_training(state, &ended).await {
+            tracing::warn!(job_id = %ended.id, %error, "could not queue the job's validation");
+        }
+    }
     Ok(Some(ended))
 }
 
@@ -320,6 +326,7 @@ pub async fn sweep(state: &AppState, at: DateTime<Utc>) -> ServiceResult<()> {
         tracing::warn!(attempt_id = %attempt.id, job_id = %attempt.job_id, "agent went silent; attempt lost");
         end_attempt(state, &attempt, Ending::Lost, Origin::Sweeper).await?;
     }
+    super::validation::sweep(state, at - offline_after).await?;
     for job in jobs::awaiting_auto_resume(&state.db).await? {
         tracing::info!(job_id = %job.id, "resuming an interrupted job its policy resumes");
         let note = match job.resume_from_checkpoint_id {

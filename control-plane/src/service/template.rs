@@ -197,6 +197,7 @@ pub async fn job_from_template(
         project: template.project.clone(),
         cost_center: template.cost_center.clone(),
         tags: template.tags.as_ref().map(|tags| tags.0.clone()),
+        validation_file_id: None,
     };
     let mut job = create_draft(state, user, &draft, template.preset_id).await?;
     if let (Some(gpu_type), Some(gpu_model)) = (template.gpu_type, &template.gpu_model) {
@@ -215,6 +216,7 @@ pub async fn job_from_template(
             project: None,
             cost_center: None,
             tags: None,
+            validate_on_completion: None,
         };
         let recovery = template.recovery.as_ref().map(|r| r.0);
         job = configure_job(state, job, &configuration, recovery).await?;

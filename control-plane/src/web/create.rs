@@ -133,6 +133,7 @@ async fn create(
             project: None,
             cost_center: None,
             tags: None,
+            validation_file_id: None,
         });
     let result = match &request {
         Ok(request) => create_draft(&state, &user.0, request, None).await,
@@ -369,6 +370,7 @@ async fn configure(
         project: None,
         cost_center: None,
         tags: None,
+        validate_on_completion: None,
     };
     match configure_job(&state, job, &request, None).await {
         Ok(job) => Ok(
