@@ -128,7 +128,29 @@ function watchEstimate(form) {
   update();
 }
 
+// A validation's progress from the job's stream; the page reloads when it ends.
+function watchValidation(card) {
+  if (card.dataset.pending !== "true" || !window.EventSource) return;
+  const events = new EventSource(`/api/v1/jobs/${card.dataset.job}/stream`);
+  const progress = document.getElementById("validation-progress");
+  events.addEventListener("validation", (message) => {
+    const run = JSON.parse(message.data);
+    if (run.status === "completed" || run.status === "failed") {
+      events.close();
+      window.location.reload();
+      return;
+    }
+    if (progress) {
+      const p = run.progress;
+      progress.textContent = p ? `${run.status}: ${p.message} (${p.done}/${p.total})` : run.status;
+    }
+  });
+  events.addEventListener("end", () => events.close());
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  const scorecard = document.getElementById("scorecard");
+  if (scorecard) watchValidation(scorecard);
   const configure = document.getElementById("configure");
   if (configure) watchEstimate(configure);
   document.querySelectorAll("input[data-filters]").forEach(watchFilter);

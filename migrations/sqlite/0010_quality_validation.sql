@@ -6,6 +6,9 @@ ALTER TABLE training_jobs ADD COLUMN validation_file_id BLOB REFERENCES training
 -- {test_suites, gates}: run these suites with these gate overrides when training ends.
 ALTER TABLE training_jobs ADD COLUMN validate_on_completion TEXT;
 
+-- 0001 created the spec's table, which nothing ever wrote: it is replaced by one that also
+-- holds the run's queue state, the baseline's results and the gates' details.
+DROP TABLE validation_results;
 CREATE TABLE validation_results (
   id BLOB PRIMARY KEY,
   job_id BLOB NOT NULL REFERENCES training_jobs(id) ON DELETE CASCADE,

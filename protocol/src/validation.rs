@@ -72,7 +72,10 @@ impl std::str::FromStr for Suite {
             .find(|suite| suite.as_str() == s)
             .ok_or_else(|| {
                 let names: Vec<&str> = Suite::ALL.iter().map(|v| v.as_str()).collect();
-                format!("unknown test suite {s:?}; expected one of {}", names.join(", "))
+                format!(
+                    "unknown test suite {s:?}; expected one of {}",
+                    names.join(", ")
+                )
             })
     }
 }

@@ -49,6 +49,7 @@ pub struct ControlPlane {
     pub url: String,
     data_dir: tempfile::TempDir,
     database_url: String,
+    env: Vec<(String, String)>,
     /// Dropped with the control plane.
     _database: testkit::TestDatabase,
 }
@@ -57,6 +58,15 @@ impl ControlPlane {
     /// Starts `control-plane serve` on SQLite in a temporary data dir, or on a fresh
     /// PostgreSQL database when `postgres` is set, with a user account ready.
     pub async fn start(postgres: bool) -> ControlPlane {
+        Self::start_with_env(postgres, &[]).await
+    }
+
+    /// As [`ControlPlane::start`], with extra environment (settings) for the server.
+    pub async fn start_with_env(postgres: bool, env: &[(&str, &str)]) -> ControlPlane {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         let data_dir = tempfile::tempdir().expect("temp dir");
         let backend = if postgres {
             testkit::Backend::Postgres
@@ -86,12 +96,13 @@ impl ControlPlane {
             writeln!(stdin, "{PASSWORD}").expect("password");
         }
         assert!(create.wait().expect("create-user").success());
-        let child = serve(data_dir.path(), &database_url, port);
+        let child = serve(data_dir.path(), &database_url, port, &env);
         let plane = ControlPlane {
             child,
             url: format!("http://127.0.0.1:{port}"),
             data_dir,
             database_url,
+            env,
             _database: database,
         };
         plane.wait_until_up().await;
@@ -123,8 +134,32 @@ impl ControlPlane {
             .next()
             .and_then(|p| p.parse().ok())
             .expect("port");
-        self.child = serve(self.data_dir.path(), &self.database_url, port);
+        self.child = serve(self.data_dir.path(), &self.database_url, port, &self.env);
         self.wait_until_up().await;
+    }
+
+    /// Creates an account with the `user` role (who sees only their own resources).
+    pub fn create_user(&self, email: &str, password: &str) {
+        let mut create = Command::new(binary("control-plane"))
+            .args([
+                "create-user",
+                "--email",
+                email,
+                "--role",
+                "user",
+                "--password-stdin",
+            ])
+            .args(["--data-dir", &self.data_dir.path().display().to_string()])
+            .args(["--database-url", &self.database_url])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("control-plane create-user");
+        if let Some(stdin) = create.stdin.as_mut() {
+            writeln!(stdin, "{password}").expect("password");
+        }
+        assert!(create.wait().expect("create-user").success());
     }
 
     pub fn enrollment_token(&self) -> String {
@@ -147,8 +182,9 @@ impl Drop for ControlPlane {
     }
 }
 
-fn serve(data_dir: &Path, database_url: &str, port: u16) -> Child {
+fn serve(data_dir: &Path, database_url: &str, port: u16, env: &[(String, String)]) -> Child {
     Command::new(binary("control-plane"))
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .arg("serve")
         .args(["--data-dir", &data_dir.display().to_string()])
         .args(["--database-url", database_url])
@@ -245,11 +281,15 @@ pub struct Api {
 
 impl Api {
     pub async fn login(plane: &ControlPlane) -> Api {
+        Self::login_as(plane, EMAIL, PASSWORD).await
+    }
+
+    pub async fn login_as(plane: &ControlPlane, email: &str, password: &str) -> Api {
         let http = Client::new();
         let base = format!("{}/api/v1", plane.url);
         let response: Value = http
             .post(format!("{base}/auth/login"))
-            .json(&json!({"email": EMAIL, "password": PASSWORD}))
+            .json(&json!({"email": email, "password": password}))
             .send()
             .await
             .expect("login")
@@ -274,6 +314,36 @@ impl Api {
             response.status()
         );
         response.json().await.expect("JSON")
+    }
+
+    /// The status and JSON body of a request, whatever the status.
+    pub async fn try_send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("request");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Fetches a URL that needs no credentials (a signed link).
+    pub async fn fetch_bytes(&self, url: &str) -> Vec<u8> {
+        let response = self.http.get(url).send().await.expect("GET");
+        assert!(
+            response.status().is_success(),
+            "GET {url}: {}",
+            response.status()
+        );
+        response.bytes().await.expect("bytes").to_vec()
     }
 
     pub async fn send(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
@@ -566,5 +636,57 @@ impl MetadataStandIn {
 
     pub fn raise(&self) {
         self.notice.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A stand-in judge model speaking OpenAI's chat-completions protocol: it rates every
+/// reply 8 (empathy), 7 (clarity), 9 (appropriateness) while up, and answers 503 once
+/// taken down.
+pub struct JudgeStandIn {
+    /// The base URL to configure (`…/v1`).
+    pub url: String,
+    up: Arc<AtomicBool>,
+    pub requests: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl JudgeStandIn {
+    pub async fn start() -> JudgeStandIn {
+        use axum::http::StatusCode;
+        use axum::routing::post;
+        let up = Arc::new(AtomicBool::new(true));
+        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (serving, counted) = (up.clone(), requests.clone());
+        let router = axum::Router::new().route(
+            "/v1/chat/completions",
+            post(move |axum::Json(body): axum::Json<Value>| {
+                let up = serving.load(Ordering::SeqCst);
+                counted.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    let asks_for_a_rating = body["messages"][1]["content"]
+                        .as_str()
+                        .is_some_and(|c| c.contains("The assistant replied"));
+                    if !up || !asks_for_a_rating {
+                        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({})));
+                    }
+                    let content = r#"Rating: {"empathy": 8, "clarity": 7, "appropriateness": 9}"#;
+                    (
+                        StatusCode::OK,
+                        axum::Json(json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind stand-in");
+        let url = format!("http://{}/v1", listener.local_addr().expect("address"));
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        JudgeStandIn { url, up, requests }
+    }
+
+    pub fn take_down(&self) {
+        self.up.store(false, Ordering::SeqCst);
     }
 }

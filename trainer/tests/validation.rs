@@ -67,7 +67,11 @@ fn suites_measure_the_models() {
             data: data.clone(),
             split: None,
             training_data: data.clone(),
-            suites: vec![Suite::Perplexity, Suite::StopBehaviour, Suite::VoiceConsistency],
+            suites: vec![
+                Suite::Perplexity,
+                Suite::StopBehaviour,
+                Suite::VoiceConsistency,
+            ],
             max_samples: 4,
             max_new_tokens: 12,
             max_seq_len: Some(64),
@@ -89,7 +93,11 @@ fn suites_measure_the_models() {
     let figure = |path: &str| perplexity.figures.pointer(path).and_then(|v| v.as_f64());
     assert!((figure("/base/loss").expect("base loss") - base_eval.loss).abs() < 1e-6);
     assert!((figure("/adapter/loss").expect("adapter loss") - adapter_eval.loss).abs() < 1e-6);
-    assert!(figure("/improvement_pct").expect("improvement") > 50.0, "{}", perplexity.figures);
+    assert!(
+        figure("/improvement_pct").expect("improvement") > 50.0,
+        "{}",
+        perplexity.figures
+    );
 
     // The trained adapter ends its turns; the random base model never does.
     let stop = &results.adapter[1];
@@ -98,7 +106,10 @@ fn suites_measure_the_models() {
     let base = load_for_inference(&model, None, &Device::Cpu).expect("base model");
     let prompts: Vec<String> = (1..=4).map(|i| format!("Code {i}?")).collect();
     let base_answers = answer_prompts(&base, &encoder, &prompts, 12, &mut ()).expect("answers");
-    assert!(base_answers.iter().all(|a| !a.stopped), "the random model stopped");
+    assert!(
+        base_answers.iter().all(|a| !a.stopped),
+        "the random model stopped"
+    );
 
     let voice = &results.adapter[2];
     assert_eq!(voice.status, SuiteStatus::Completed);

@@ -115,7 +115,10 @@ pub struct OptionalVerdict(pub Option<Verdict>);
 impl TryFrom<Option<String>> for OptionalVerdict {
     type Error = String;
     fn try_from(value: Option<String>) -> Result<Self, String> {
-        value.map(Verdict::try_from).transpose().map(OptionalVerdict)
+        value
+            .map(Verdict::try_from)
+            .transpose()
+            .map(OptionalVerdict)
     }
 }
 
@@ -255,7 +258,10 @@ pub struct Completion<'a> {
     pub examples: &'a serde_json::Value,
 }
 
-fn gate_names(gates: &[GateResult], outcome: crate::domain::validation::GateOutcome) -> Json<Vec<String>> {
+fn gate_names(
+    gates: &[GateResult],
+    outcome: crate::domain::validation::GateOutcome,
+) -> Json<Vec<String>> {
     Json(
         gates
             .iter()

@@ -157,7 +157,9 @@ pub fn apply_gate_overrides(
             Value::Number(n) => n.as_f64().map(|pass| Threshold { pass, warn: pass }),
             Value::Object(fields) => {
                 let number = |key: &str| fields.get(key).and_then(Value::as_f64);
-                let unknown = fields.keys().find(|k| !matches!(k.as_str(), "pass" | "warn"));
+                let unknown = fields
+                    .keys()
+                    .find(|k| !matches!(k.as_str(), "pass" | "warn"));
                 match (number("pass"), number("warn"), unknown) {
                     (Some(pass), warn, None) => Some(Threshold {
                         pass,
@@ -462,7 +464,12 @@ pub fn comparison(adapter: &[SuiteReport], baseline: &[SuiteReport], samples: us
 mod tests {
     use super::*;
 
-    fn report(suite: Suite, status: SuiteStatus, score: Option<f64>, figures: Value) -> SuiteReport {
+    fn report(
+        suite: Suite,
+        status: SuiteStatus,
+        score: Option<f64>,
+        figures: Value,
+    ) -> SuiteReport {
         SuiteReport {
             suite,
             status,
@@ -476,43 +483,73 @@ mod tests {
     #[test]
     fn gates_give_each_verdict() {
         let reports = vec![
-            report(Suite::StopBehaviour, SuiteStatus::Completed, Some(90.0), json!({"stop_rate": 0.9})),
-            report(Suite::Perplexity, SuiteStatus::Completed, Some(40.0), json!({"improvement_pct": 30.0})),
+            report(
+                Suite::StopBehaviour,
+                SuiteStatus::Completed,
+                Some(90.0),
+                json!({"stop_rate": 0.9}),
+            ),
+            report(
+                Suite::Perplexity,
+                SuiteStatus::Completed,
+                Some(40.0),
+                json!({"improvement_pct": 30.0}),
+            ),
         ];
         let mut gates = default_gates();
         let mut set = |overrides: Value| {
-            let Value::Object(map) = overrides else { unreachable!() };
+            let Value::Object(map) = overrides else {
+                unreachable!()
+            };
             apply_gate_overrides(&mut gates, &map, "gates").expect("valid");
             let results = judge_gates(&gates, &reports);
             verdict(&results, &reports)
         };
         assert_eq!(set(json!({"stop_rate": 0.85})), Verdict::ProductionReady);
-        assert_eq!(set(json!({"stop_rate": {"pass": 0.95, "warn": 0.5}})), Verdict::ReviewRequired);
-        assert_eq!(set(json!({"stop_rate": {"pass": 0.99, "warn": 0.95}})), Verdict::Blocked);
+        assert_eq!(
+            set(json!({"stop_rate": {"pass": 0.95, "warn": 0.5}})),
+            Verdict::ReviewRequired
+        );
+        assert_eq!(
+            set(json!({"stop_rate": {"pass": 0.99, "warn": 0.95}})),
+            Verdict::Blocked
+        );
     }
 
     #[test]
     fn a_skipped_suite_asks_for_review_and_a_failed_one_blocks() {
         let gates = default_gates();
-        let skipped = vec![SuiteReport::skipped(Suite::EmotionalIntelligence, "no judge")];
+        let skipped = vec![SuiteReport::skipped(
+            Suite::EmotionalIntelligence,
+            "no judge",
+        )];
         let results = judge_gates(&gates, &skipped);
         assert_eq!(results[0].outcome, GateOutcome::Warn);
         assert_eq!(verdict(&results, &skipped), Verdict::ReviewRequired);
         let mut failed = skipped.clone();
         failed[0].status = SuiteStatus::Failed;
-        assert_eq!(verdict(&judge_gates(&gates, &failed), &failed), Verdict::Blocked);
+        assert_eq!(
+            verdict(&judge_gates(&gates, &failed), &failed),
+            Verdict::Blocked
+        );
     }
 
     #[test]
     fn bad_gates_and_suites_are_named() {
         let mut gates = default_gates();
-        let Value::Object(map) = json!({"bogus": 1, "stop_rate": {"pass": 0.5, "warn": 0.9}, "voice_consistency": "x"}) else {
+        let Value::Object(map) =
+            json!({"bogus": 1, "stop_rate": {"pass": 0.5, "warn": 0.9}, "voice_consistency": "x"})
+        else {
             unreachable!()
         };
         let errors = apply_gate_overrides(&mut gates, &map, "gates").expect_err("invalid");
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
-        assert_eq!(fields, ["gates.bogus", "gates.stop_rate", "gates.voice_consistency"]);
-        let errors = parse_suites(&["perplexity".into(), "vibes".into()], "test_suites").expect_err("unknown");
+        assert_eq!(
+            fields,
+            ["gates.bogus", "gates.stop_rate", "gates.voice_consistency"]
+        );
+        let errors = parse_suites(&["perplexity".into(), "vibes".into()], "test_suites")
+            .expect_err("unknown");
         assert_eq!(errors[0].field, "test_suites[1]");
         assert!(errors[0].message.contains("vibes"), "{}", errors[0].message);
     }
@@ -520,8 +557,18 @@ mod tests {
     #[test]
     fn overall_score_is_the_weighted_mean_of_completed_suites() {
         let reports = vec![
-            report(Suite::Perplexity, SuiteStatus::Completed, Some(80.0), json!({})),
-            report(Suite::StopBehaviour, SuiteStatus::Completed, Some(20.0), json!({})),
+            report(
+                Suite::Perplexity,
+                SuiteStatus::Completed,
+                Some(80.0),
+                json!({}),
+            ),
+            report(
+                Suite::StopBehaviour,
+                SuiteStatus::Completed,
+                Some(20.0),
+                json!({}),
+            ),
             SuiteReport::skipped(Suite::EmotionalIntelligence, "no judge"),
         ];
         // (0.25 · 80 + 0.1 · 20) / 0.35
@@ -540,6 +587,10 @@ mod tests {
         let found = recommendations(&reports);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].figure, "relative_loss_change_pct");
-        assert!(found[0].message.starts_with("retention fell 14%"), "{}", found[0].message);
+        assert!(
+            found[0].message.starts_with("retention fell 14%"),
+            "{}",
+            found[0].message
+        );
     }
 }

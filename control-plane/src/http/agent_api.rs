@@ -265,5 +265,7 @@ async fn finish_validation(
     ApiJson(outcome): ApiJson<protocol::validation::ValidationOutcome>,
 ) -> ServiceResult<Json<serde_json::Value>> {
     let run = validation::finish(&state, &agent, id, outcome).await?;
-    Ok(Json(serde_json::json!({"status": run.status, "overall_status": run.overall_status})))
+    Ok(Json(
+        serde_json::json!({"status": run.status, "overall_status": run.overall_status}),
+    ))
 }

@@ -168,9 +168,13 @@ impl Feed {
                 Ok(JobUpdate::Metrics { point, .. }) => self.send_metric(*point).await?,
                 Ok(JobUpdate::Event { event }) => self.send_event(*event).await?,
                 Ok(JobUpdate::Validation { job_id, validation }) => {
-                    let ended = matches!(validation["status"].as_str(), Some("completed" | "failed"));
-                    self.send(FeedItem::Update(JobUpdate::Validation { job_id, validation }))
-                        .await?;
+                    let ended =
+                        matches!(validation["status"].as_str(), Some("completed" | "failed"));
+                    self.send(FeedItem::Update(JobUpdate::Validation {
+                        job_id,
+                        validation,
+                    }))
+                    .await?;
                     if ended && status.is_settled() {
                         self.replay().await?;
                         return self.end(status).await;

@@ -313,15 +313,22 @@ pub async fn configure_job(
         return Err(ServiceError::Validation(errors));
     };
     if let Some(on_completion) = &request.validate_on_completion {
-        super::validation::check_request(state, on_completion, None).map_err(|error| match error {
-            ServiceError::Validation(errors) => ServiceError::Validation(
-                errors
-                    .into_iter()
-                    .map(|e| FieldError::new(format!("validate_on_completion.{}", e.field), e.message))
-                    .collect(),
-            ),
-            other => other,
-        })?;
+        super::validation::check_request(state, on_completion, None).map_err(
+            |error| match error {
+                ServiceError::Validation(errors) => ServiceError::Validation(
+                    errors
+                        .into_iter()
+                        .map(|e| {
+                            FieldError::new(
+                                format!("validate_on_completion.{}", e.field),
+                                e.message,
+                            )
+                        })
+                        .collect(),
+                ),
+                other => other,
+            },
+        )?;
     }
     let completed = presets::completed_jobs_of(&state.db, job.user_id).await?;
     if let Some(rule) = preset::requirement_unmet(&preset, completed) {
@@ -401,7 +408,8 @@ pub async fn configure_job(
     .await?;
     match &request.validate_on_completion {
         Some(on_completion) => {
-            super::validation::set_job_settings(state, &changed.job, None, Some(on_completion)).await
+            super::validation::set_job_settings(state, &changed.job, None, Some(on_completion))
+                .await
         }
         None => Ok(changed.job),
     }

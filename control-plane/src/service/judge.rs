@@ -162,8 +162,10 @@ mod tests {
             Ok([8.0, 7.5, 9.0])
         );
         assert!(parse_scores("no idea").is_err());
-        assert!(parse_scores("{\"empathy\": 11, \"clarity\": 1, \"appropriateness\": 1}")
-            .expect_err("out of range")
-            .contains("outside"));
+        assert!(
+            parse_scores("{\"empathy\": 11, \"clarity\": 1, \"appropriateness\": 1}")
+                .expect_err("out of range")
+                .contains("outside")
+        );
     }
 }

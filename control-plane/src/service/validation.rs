@@ -6,8 +6,7 @@
 use chrono::{DateTime, Duration, Utc};
 use protocol::agent::ArtifactKind;
 use protocol::validation::{
-    AdapterRef, FileRef, Split, Suite, ValidationAssignment, ValidationOutcome,
-    ValidationProgress,
+    AdapterRef, FileRef, Split, Suite, ValidationAssignment, ValidationOutcome, ValidationProgress,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -23,8 +22,8 @@ use crate::db::artifacts::{self, Artifact, Stored};
 use crate::db::events::{self, Event};
 use crate::db::files::{self, TrainingFile};
 use crate::db::jobs::{self, Job};
-use crate::db::validations::{self, Completion, NewRun, RunStatus, ValidationRun};
 use crate::db::now;
+use crate::db::validations::{self, Completion, NewRun, RunStatus, ValidationRun};
 use crate::domain::validation::{
     apply_gate_overrides, comparison, judge_gates, overall_score, parse_suites, recommendations,
     verdict, Gates,
@@ -88,7 +87,10 @@ pub fn check_request(
         Vec::new()
     });
     let mut gates = settings.gates.clone();
-    for (overrides, field) in [(job_gates, "validate_on_completion.gates"), (request.gates.as_ref(), "gates")] {
+    for (overrides, field) in [
+        (job_gates, "validate_on_completion.gates"),
+        (request.gates.as_ref(), "gates"),
+    ] {
         if let Some(overrides) = overrides {
             if let Err(e) = apply_gate_overrides(&mut gates, overrides, field) {
                 errors.extend(e);
@@ -99,14 +101,22 @@ pub fn check_request(
     if !(1..=settings.max_samples).contains(&max_samples) {
         errors.push(FieldError::new(
             "max_samples",
-            format!("must be between 1 and {} (validation.max_samples)", settings.max_samples),
+            format!(
+                "must be between 1 and {} (validation.max_samples)",
+                settings.max_samples
+            ),
         ));
     }
-    let max_new_tokens = request.max_new_tokens.unwrap_or(settings.default_new_tokens);
+    let max_new_tokens = request
+        .max_new_tokens
+        .unwrap_or(settings.default_new_tokens);
     if !(1..=settings.max_new_tokens).contains(&max_new_tokens) {
         errors.push(FieldError::new(
             "max_new_tokens",
-            format!("must be between 1 and {} (validation.max_new_tokens)", settings.max_new_tokens),
+            format!(
+                "must be between 1 and {} (validation.max_new_tokens)",
+                settings.max_new_tokens
+            ),
         ));
     }
     if errors.is_empty() {
@@ -157,8 +167,17 @@ pub async fn request_run(
 }
 
 fn accepted(run: &ValidationRun) -> Accepted {
-    let generating = run.test_suites.0.iter().filter(|s| s.generates_replies()).count() as i64;
-    let baseline = if run.comparison_baseline_id.is_some() { 2 } else { 1 };
+    let generating = run
+        .test_suites
+        .0
+        .iter()
+        .filter(|s| s.generates_replies())
+        .count() as i64;
+    let baseline = if run.comparison_baseline_id.is_some() {
+        2
+    } else {
+        1
+    };
     let seconds = 60 + 2 * run.max_samples * (generating.min(1) + 1) * baseline;
     Accepted {
         validation_id: run.id,
@@ -183,7 +202,9 @@ async fn enqueue(
     }
     if let Some(baseline) = baseline {
         if baseline.id == job.id {
-            return Err(unprocessable("comparison_baseline must be another job".into()));
+            return Err(unprocessable(
+                "comparison_baseline must be another job".into(),
+            ));
         }
         if baseline.status != JobStatus::Completed {
             return Err(ServiceError::Conflict(format!(
@@ -372,7 +393,9 @@ pub async fn claim(state: &AppState, agent: &Agent) -> ServiceResult<Option<Vali
                 return Ok(Some(work));
             }
             Err(error) => {
-                if let Some(failed) = validations::fail(&state.db, run.id, Some(agent.id), &error.to_string()).await? {
+                if let Some(failed) =
+                    validations::fail(&state.db, run.id, Some(agent.id), &error.to_string()).await?
+                {
                     finish_failed(state, &failed).await?;
                 }
             }
@@ -485,7 +508,8 @@ pub async fn progress(
     id: Uuid,
     progress: &ValidationProgress,
 ) -> ServiceResult<()> {
-    let value = serde_json::to_value(progress).map_err(|e| ServiceError::Internal(e.to_string()))?;
+    let value =
+        serde_json::to_value(progress).map_err(|e| ServiceError::Internal(e.to_string()))?;
     let run = validations::set_progress(&state.db, id, agent.id, &value)
         .await?
         .ok_or(ServiceError::NotFound("validation"))?;
@@ -600,7 +624,9 @@ pub async fn sweep(state: &AppState, cutoff: DateTime<Utc>) -> ServiceResult<()>
         };
         if run.claim_count >= MAX_CLAIMS {
             let message = format!("its agent was lost {} times", run.claim_count);
-            if let Some(failed) = validations::fail(&state.db, run.id, Some(agent_id), &message).await? {
+            if let Some(failed) =
+                validations::fail(&state.db, run.id, Some(agent_id), &message).await?
+            {
                 finish_failed(state, &failed).await?;
             }
         } else if let Some(queued) = validations::requeue(&state.db, run.id, agent_id).await? {
@@ -619,7 +645,11 @@ pub async fn sweep(state: &AppState, cutoff: DateTime<Utc>) -> ServiceResult<()>
 }
 
 /// A run of one of the user's jobs.
-pub async fn get_run(state: &AppState, user: &CurrentUser, id: Uuid) -> ServiceResult<ValidationRun> {
+pub async fn get_run(
+    state: &AppState,
+    user: &CurrentUser,
+    id: Uuid,
+) -> ServiceResult<ValidationRun> {
     let run = validations::get(&state.db, id)
         .await?
         .ok_or(ServiceError::NotFound("validation"))?;
@@ -659,13 +689,20 @@ pub async fn export(
 ) -> ServiceResult<ExportLink> {
     use super::validation_report::{render, Format};
     let format = Format::parse(format).ok_or_else(|| {
-        ServiceError::Validation(vec![FieldError::new("format", "must be one of pdf, csv, json")])
+        ServiceError::Validation(vec![FieldError::new(
+            "format",
+            "must be one of pdf, csv, json",
+        )])
     })?;
     let run = get_run(state, user, id).await?;
     let job = visible_job(state, user, run.job_id).await?;
     let bytes = render(format, &run, &job);
     let sha256 = hex::encode(Sha256::digest(&bytes));
-    let name = format!("validation-{}.{}", &run.id.simple().to_string()[..8], format.extension());
+    let name = format!(
+        "validation-{}.{}",
+        &run.id.simple().to_string()[..8],
+        format.extension()
+    );
     let artifact_id = Uuid::new_v4();
     let key = format!("jobs/{}/validation_report/{artifact_id}-{name}", job.id);
     let size = bytes.len() as i64;

@@ -92,7 +92,14 @@ fn suite_metrics(report: &SuiteReport) -> Vec<(String, f64)> {
 
 fn csv_report(run: &ValidationRun, job: &Job) -> Vec<u8> {
     let mut writer = csv::Writer::from_writer(Vec::new());
-    let _ = writer.write_record(["validation_id", "job_name", "subject", "suite", "metric", "value"]);
+    let _ = writer.write_record([
+        "validation_id",
+        "job_name",
+        "subject",
+        "suite",
+        "metric",
+        "value",
+    ]);
     let mut row = |subject: &str, suite: &str, metric: &str, value: String| {
         let id = run.id.to_string();
         let _ = writer.write_record([id.as_str(), &job.name, subject, suite, metric, &value]);
@@ -104,14 +111,24 @@ fn csv_report(run: &ValidationRun, job: &Job) -> Vec<u8> {
         row("adapter", "overall", "overall_score", score.to_string());
     }
     for report in run.reports() {
-        row("adapter", report.suite.as_str(), "status", report.status.as_str().into());
+        row(
+            "adapter",
+            report.suite.as_str(),
+            "status",
+            report.status.as_str().into(),
+        );
         for (metric, value) in suite_metrics(report) {
             row("adapter", report.suite.as_str(), &metric, value.to_string());
         }
     }
     for report in run.baseline_results.iter().flat_map(|b| b.0.iter()) {
         for (metric, value) in suite_metrics(report) {
-            row("baseline", report.suite.as_str(), &metric, value.to_string());
+            row(
+                "baseline",
+                report.suite.as_str(),
+                &metric,
+                value.to_string(),
+            );
         }
     }
     for gate in run.gate_results.iter().flat_map(|g| g.0.iter()) {
@@ -127,25 +144,46 @@ fn pdf_lines(run: &ValidationRun, job: &Job) -> Vec<(f32, String)> {
         (18.0, "Quality validation report".to_owned()),
         (11.0, format!("Job: {} ({})", job.name, job.id)),
         (11.0, format!("Base model: {}", job.base_model)),
-        (11.0, format!("Validation: {}  status: {}", run.id, run.status.as_str())),
+        (
+            11.0,
+            format!("Validation: {}  status: {}", run.id, run.status.as_str()),
+        ),
     ];
     if let Some(at) = run.validation_completed_at {
-        lines.push((11.0, format!("Completed: {}", at.format("%Y-%m-%d %H:%M UTC"))));
+        lines.push((
+            11.0,
+            format!("Completed: {}", at.format("%Y-%m-%d %H:%M UTC")),
+        ));
     }
     let verdict = run.overall_status.0.map_or("-", |v| v.label());
-    let score = run.overall_score.map_or("-".to_owned(), |s| format!("{s:.1}"));
-    lines.push((14.0, format!("Verdict: {verdict}   Overall score: {score} / 100")));
+    let score = run
+        .overall_score
+        .map_or("-".to_owned(), |s| format!("{s:.1}"));
+    lines.push((
+        14.0,
+        format!("Verdict: {verdict}   Overall score: {score} / 100"),
+    ));
     if let Some(error) = &run.error_message {
         lines.push((11.0, format!("Failed: {error}")));
     }
     for report in run.reports() {
         lines.push((13.0, String::new()));
         let score = report.score.map_or("-".to_owned(), |s| format!("{s:.1}"));
-        lines.push((13.0, format!("{}: {} (score {score})", report.suite.title(), report.status.as_str())));
+        lines.push((
+            13.0,
+            format!(
+                "{}: {} (score {score})",
+                report.suite.title(),
+                report.status.as_str()
+            ),
+        ));
         if let Some(reason) = &report.reason {
             lines.push((10.0, format!("  {reason}")));
         }
-        for (metric, value) in suite_metrics(report).into_iter().filter(|(m, _)| m != "score") {
+        for (metric, value) in suite_metrics(report)
+            .into_iter()
+            .filter(|(m, _)| m != "score")
+        {
             lines.push((10.0, format!("  {metric}: {value:.4}")));
         }
         for sample in report.samples.iter().take(2) {
@@ -165,23 +203,40 @@ fn pdf_lines(run: &ValidationRun, job: &Job) -> Vec<(f32, String)> {
                 gate.threshold.pass,
                 gate.threshold.warn,
                 gate.outcome,
-                gate.note.as_deref().map(|n| format!(" - {n}")).unwrap_or_default()
+                gate.note
+                    .as_deref()
+                    .map(|n| format!(" - {n}"))
+                    .unwrap_or_default()
             ),
         ));
     }
     lines.push((13.0, "Recommendations".to_owned()));
     for recommendation in run.recommendations.iter().flat_map(|r| r.0.iter()) {
-        lines.push((10.0, format!("  [{}] {}", recommendation.figure, recommendation.message)));
+        lines.push((
+            10.0,
+            format!("  [{}] {}", recommendation.figure, recommendation.message),
+        ));
     }
     if let Some(comparison) = run.comparison.as_ref().and_then(|c| c.0.as_object()) {
         lines.push((13.0, "Before / after (baseline / this adapter)".to_owned()));
         for (suite, figures) in comparison {
-            let delta = figures["score_delta"].as_f64().map_or("-".to_owned(), |d| format!("{d:+.1}"));
+            let delta = figures["score_delta"]
+                .as_f64()
+                .map_or("-".to_owned(), |d| format!("{d:+.1}"));
             lines.push((10.0, format!("  {suite}: score delta {delta}")));
             for pair in figures["samples"].as_array().into_iter().flatten().take(2) {
-                lines.push((10.0, format!("    Prompt: {}", pair["prompt"].as_str().unwrap_or(""))));
-                lines.push((10.0, format!("    Before: {}", pair["before"].as_str().unwrap_or(""))));
-                lines.push((10.0, format!("    After: {}", pair["after"].as_str().unwrap_or(""))));
+                lines.push((
+                    10.0,
+                    format!("    Prompt: {}", pair["prompt"].as_str().unwrap_or("")),
+                ));
+                lines.push((
+                    10.0,
+                    format!("    Before: {}", pair["before"].as_str().unwrap_or("")),
+                ));
+                lines.push((
+                    10.0,
+                    format!("    After: {}", pair["after"].as_str().unwrap_or("")),
+                ));
             }
         }
     }
@@ -244,7 +299,9 @@ fn pdf_report(run: &ValidationRun, job: &Job) -> Vec<u8> {
     let tree = Ref::new(2);
     let font = Ref::new(3);
     let font_name = Name(b"F1");
-    let page_ids: Vec<Ref> = (0..pages.len()).map(|i| Ref::new(4 + 2 * i as i32)).collect();
+    let page_ids: Vec<Ref> = (0..pages.len())
+        .map(|i| Ref::new(4 + 2 * i as i32))
+        .collect();
     let mut pdf = Pdf::new();
     pdf.catalog(catalog).pages(tree);
     pdf.pages(tree)

@@ -295,6 +295,8 @@ struct JobPage {
     checkpoints: Vec<Checkpoint>,
     artifacts: Vec<Artifact>,
     notice: Option<String>,
+    /// The latest validation's verdict and overall score, shown by the adapter.
+    quality: Option<(String, String)>,
 }
 
 #[derive(Deserialize)]
@@ -315,10 +317,19 @@ async fn job_detail(
         &[("Jobs", "/training/jobs"), (&job.name, "")],
     );
     // The page's reads are independent once the job is known: on PostgreSQL they overlap.
-    let (recent, (checkpoints, artifacts)) = futures::try_join!(
+    let (recent, (checkpoints, artifacts), validations) = futures::try_join!(
         async { Ok::<_, ServiceError>(events::latest(&state.db, job.id, 200).await?) },
         crate::service::artifact::outputs_of(&state, &job),
+        async {
+            Ok::<_, ServiceError>(crate::db::validations::for_job(&state.db, job.id, 1).await?)
+        },
     )?;
+    let quality = validations.first().and_then(|run| {
+        run.overall_status.0.map(|verdict| {
+            let score = run.overall_score.map_or("—".into(), |s| format!("{s:.1}"));
+            (verdict.label().to_owned(), score)
+        })
+    });
     let live = job_live_view(&state, job).await?;
     let status = live.job.status;
     let page = JobPage {
@@ -331,6 +342,7 @@ async fn job_detail(
         checkpoints,
         artifacts,
         notice: notice.notice,
+        quality,
         live_html: live
             .render()
             .map_err(|e| ServiceError::Internal(e.to_string()))?,

@@ -25,6 +25,7 @@ mod home;
 mod job_templates;
 mod jobs;
 mod login;
+mod validation;
 
 pub fn router() -> Router<AppState> {
     login::router()
@@ -36,6 +37,7 @@ pub fn router() -> Router<AppState> {
         .merge(history::router())
         .merge(costs::router())
         .merge(job_templates::router())
+        .merge(validation::router())
         .route("/static/app.css", get(stylesheet))
         .route("/static/app.js", get(script))
 }

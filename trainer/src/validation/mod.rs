@@ -81,7 +81,11 @@ struct Item {
 impl Item {
     /// The conversation up to its last trained assistant turn, and that turn's text.
     fn prompt_and_reply(&self) -> Option<(&[Message], &str)> {
-        let last = self.conversation.messages.iter().rposition(Message::is_trained)?;
+        let last = self
+            .conversation
+            .messages
+            .iter()
+            .rposition(Message::is_trained)?;
         (last > 0).then(|| {
             (
                 &self.conversation.messages[..last],
@@ -92,10 +96,13 @@ impl Item {
 
     fn metadata(&self) -> BTreeMap<String, String> {
         let meta = &self.conversation.metadata;
-        [("persona", &meta.persona), ("emotional_arc", &meta.emotional_arc)]
-            .into_iter()
-            .filter_map(|(key, value)| value.clone().map(|v| (key.to_owned(), v)))
-            .collect()
+        [
+            ("persona", &meta.persona),
+            ("emotional_arc", &meta.emotional_arc),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| value.clone().map(|v| (key.to_owned(), v)))
+        .collect()
     }
 }
 
@@ -157,7 +164,10 @@ pub fn run(options: &ValidationOptions, progress: &mut dyn Progress) -> Result<V
         None => items,
     };
     if items.is_empty() {
-        return Err(dataset_error(&options.data, "the validation split is empty"));
+        return Err(dataset_error(
+            &options.data,
+            "the validation split is empty",
+        ));
     }
     let generated: Vec<&Item> = items
         .iter()
@@ -165,7 +175,12 @@ pub fn run(options: &ValidationOptions, progress: &mut dyn Progress) -> Result<V
         .take(options.max_samples.max(1))
         .collect();
     let examples = ExamplesUsed {
-        source: if options.split.is_some() { "training_split" } else { "validation_file" }.into(),
+        source: if options.split.is_some() {
+            "training_split"
+        } else {
+            "validation_file"
+        }
+        .into(),
         file_sha256: sha256_of(&options.data)?,
         lines: items.iter().map(|i| i.line).collect(),
         generated_lines: generated.iter().map(|i| i.line).collect(),
@@ -260,7 +275,14 @@ impl Context<'_> {
     }
 
     fn greedy(&self, model: &Model, messages: &[Message]) -> Result<Generation> {
-        generate(model, self.encoder, messages, self.options.max_new_tokens, 0.0, 0)
+        generate(
+            model,
+            self.encoder,
+            messages,
+            self.options.max_new_tokens,
+            0.0,
+            0,
+        )
     }
 
     fn retention_prompts(&self) -> Result<Vec<String>> {
@@ -294,7 +316,11 @@ impl Context<'_> {
             let mut hasher = Sha256::new();
             let model_dir = crate::hub::resolve_model(&self.options.model)?;
             hasher.update(model_dir.display().to_string());
-            for name in ["config.json", "model.safetensors.index.json", "model.safetensors"] {
+            for name in [
+                "config.json",
+                "model.safetensors.index.json",
+                "model.safetensors",
+            ] {
                 if let Ok(meta) = std::fs::metadata(model_dir.join(name)) {
                     hasher.update(format!("{name}:{}", meta.len()));
                 }
@@ -363,7 +389,12 @@ impl Context<'_> {
         };
         let mut reports = Vec::new();
         for suite in &self.options.suites {
-            progress.progress(Some(*suite), &format!("{} on the {who}", suite.title()), 0, 1);
+            progress.progress(
+                Some(*suite),
+                &format!("{} on the {who}", suite.title()),
+                0,
+                1,
+            );
             reports.push(match suite {
                 Suite::Perplexity => self.perplexity(subject, shared)?,
                 Suite::KnowledgeRetention => retention(
@@ -454,7 +485,9 @@ impl Context<'_> {
             let ratio =
                 sample.response.chars().count() as f64 / reference.chars().count().max(1) as f64;
             ratios.push(ratio);
-            sample.figures.insert("chrf".into(), chrf(&sample.response, reference));
+            sample
+                .figures
+                .insert("chrf".into(), chrf(&sample.response, reference));
             sample
                 .figures
                 .insert("rouge_l".into(), rouge_l(&sample.response, reference));
@@ -480,7 +513,10 @@ impl Context<'_> {
                 })
                 .collect::<serde_json::Map<_, _>>()
         };
-        let style_similarity = cosine(&trigram_profile(replies.iter().map(|r| r.text.as_str())), style);
+        let style_similarity = cosine(
+            &trigram_profile(replies.iter().map(|r| r.text.as_str())),
+            style,
+        );
         ratios.sort_by(f64::total_cmp);
         let (chrf_mean, rouge_mean) = (mean("chrf", &all), mean("rouge_l", &all));
         let score = 0.4 * chrf_mean + 0.3 * 100.0 * rouge_mean + 0.3 * 100.0 * style_similarity;

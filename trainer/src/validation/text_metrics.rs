@@ -57,7 +57,11 @@ fn words(text: &str) -> Vec<String> {
 pub fn rouge_l(hypothesis: &str, reference: &str) -> f64 {
     let (h, r) = (words(hypothesis), words(reference));
     if h.is_empty() || r.is_empty() {
-        return if h.is_empty() && r.is_empty() { 1.0 } else { 0.0 };
+        return if h.is_empty() && r.is_empty() {
+            1.0
+        } else {
+            0.0
+        };
     }
     // One row of the LCS table at a time.
     let mut previous = vec![0usize; r.len() + 1];
@@ -145,7 +149,10 @@ mod tests {
         // A reply missing half the reference loses more than one with extra text.
         let reference = "take a slow breath and tell me more";
         let short = chrf("take a slow breath", reference);
-        let long = chrf("take a slow breath and tell me more about your day please", reference);
+        let long = chrf(
+            "take a slow breath and tell me more about your day please",
+            reference,
+        );
         assert!(long > short, "{long} vs {short}");
     }
 
