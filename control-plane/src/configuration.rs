@@ -346,7 +346,7 @@ pub struct ValidationSettings {
     pub max_new_tokens: u32,
     /// Gate thresholds (`name = { pass = …, warn = … }`); a request's `gates` and a job's
     /// `validate_on_completion.gates` override them one by one.
-    pub gates: crate::domain::validation::Gates,
+    pub gates: Gates,
     pub judge: JudgeSettings,
 }
 
@@ -357,10 +357,35 @@ impl Default for ValidationSettings {
             max_samples: 200,
             default_new_tokens: 96,
             max_new_tokens: 512,
-            gates: crate::domain::validation::default_gates(),
+            gates: default_gates(),
             judge: JudgeSettings::default(),
         }
     }
+}
+
+/// A quality gate passes at or above `pass`, warns at or above `warn`, and fails below.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Threshold {
+    pub pass: f64,
+    pub warn: f64,
+}
+
+/// Gate thresholds by gate name (`domain::validation::GATES` lists the names).
+pub type Gates = std::collections::BTreeMap<String, Threshold>;
+
+/// The built-in gate thresholds.
+pub fn default_gates() -> Gates {
+    [
+        ("perplexity_improvement_pct", 5.0, 0.0),
+        ("knowledge_retention", 80.0, 60.0),
+        ("voice_consistency", 30.0, 15.0),
+        ("stop_rate", 0.95, 0.8),
+        ("emotional_intelligence", 7.0, 5.0),
+    ]
+    .into_iter()
+    .map(|(name, pass, warn)| (name.to_owned(), Threshold { pass, warn }))
+    .collect()
 }
 
 /// The judge of emotional intelligence: any OpenAI-compatible chat-completions endpoint

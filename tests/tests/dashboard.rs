@@ -1,5 +1,5 @@
 //! The dashboard in headless Chromium: sign in, upload a file, watch a running job's page
-//! update live, cancel it, create a budget; a screenshot of every page at desktop and phone
+//! update live, cancel it, validate a finished job, create a budget; a screenshot of every page at desktop and phone
 //! width, and no console errors. Needs Chromium and chromedriver (scripts/browser-env; scripts/test
 //! installs them and runs this test).
 
@@ -145,6 +145,31 @@ async fn a_user_signs_in_uploads_watches_a_job_live_and_cancels_it() {
         .await;
     browser.wait_for_text("main", "differs", LONG).await;
     browser.screenshot("compare").await;
+
+    // Validation: from the job page's link, run the suites with the page's form; the
+    // scorecard appears when the agent is done (progress arrives over the job's stream).
+    browser
+        .goto(&format!("{}/training/job/{short}", plane.url))
+        .await;
+    browser.click("#validation-link").await;
+    browser
+        .wait_for_text("h1", "Validation: short run", LONG)
+        .await;
+    browser.replace("#max_samples", "3").await;
+    browser.replace("#max_new_tokens", "12").await;
+    browser.click("#validate").await;
+    browser.wait_for_text("#scorecard", "completed", LONG).await;
+    let scorecard = browser.text("#scorecard").await;
+    assert!(
+        scorecard.contains("Perplexity") && scorecard.contains("Stop behaviour"),
+        "{scorecard}"
+    );
+    let gates = browser.text("#gates").await;
+    assert!(gates.contains("configure a judge"), "{gates}");
+    browser.screenshot("validation").await;
+    browser.resize(375, 812).await;
+    browser.screenshot("validation-phone").await;
+    browser.resize(1440, 900).await;
     browser.goto(&format!("{}/fleet", plane.url)).await;
     browser.wait_for_text("main", "worker", LONG).await;
     browser.screenshot("fleet").await;

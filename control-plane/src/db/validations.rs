@@ -194,9 +194,11 @@ pub async fn for_job(db: &Db, job_id: Uuid, limit: i64) -> Result<Vec<Validation
 /// Whether the job has a run queued or running.
 pub async fn has_pending(db: &Db, job_id: Uuid) -> Result<bool, DbError> {
     let count: i64 = on_pool!(db, pool => sqlx::query_scalar(
-        "SELECT COUNT(*) FROM validation_results WHERE job_id = $1 AND status IN ('queued', 'running')",
+        "SELECT COUNT(*) FROM validation_results WHERE job_id = $1 AND status IN ($2, $3)",
     )
     .bind(job_id)
+    .bind(RunStatus::Queued.as_str())
+    .bind(RunStatus::Running.as_str())
     .fetch_one(pool)
     .await?);
     Ok(count > 0)
@@ -206,19 +208,22 @@ pub async fn has_pending(db: &Db, job_id: Uuid) -> Result<bool, DbError> {
 /// agent however many ask at once.
 pub async fn claim_next(db: &Db, agent_id: Uuid) -> Result<Option<ValidationRun>, DbError> {
     let candidates: Vec<Uuid> = on_pool!(db, pool => sqlx::query_scalar(
-        "SELECT id FROM validation_results WHERE status = 'queued' ORDER BY created_at, id LIMIT 20",
+        "SELECT id FROM validation_results WHERE status = $1 ORDER BY created_at, id LIMIT 20",
     )
+    .bind(RunStatus::Queued.as_str())
     .fetch_all(pool)
     .await?);
     for id in candidates {
         let claimed = on_pool!(db, pool => sqlx::query_as::<_, ValidationRun>(
-            "UPDATE validation_results SET status = 'running', agent_id = $2, started_at = $3,
+            "UPDATE validation_results SET status = $4, agent_id = $2, started_at = $3,
                  claim_count = claim_count + 1, progress = NULL
-             WHERE id = $1 AND status = 'queued' RETURNING *",
+             WHERE id = $1 AND status = $5 RETURNING *",
         )
         .bind(id)
         .bind(agent_id)
         .bind(super::now())
+        .bind(RunStatus::Running.as_str())
+        .bind(RunStatus::Queued.as_str())
         .fetch_optional(pool)
         .await?);
         if claimed.is_some() {
@@ -236,12 +241,13 @@ pub async fn set_progress(
     progress: &serde_json::Value,
 ) -> Result<Option<ValidationRun>, DbError> {
     Ok(on_pool!(db, pool => sqlx::query_as::<_, ValidationRun>(
-        "UPDATE validation_results SET progress = $3 WHERE id = $1 AND agent_id = $2 AND status = 'running'
+        "UPDATE validation_results SET progress = $3 WHERE id = $1 AND agent_id = $2 AND status = $4
          RETURNING *",
     )
     .bind(id)
     .bind(agent_id)
     .bind(Json(progress))
+    .bind(RunStatus::Running.as_str())
     .fetch_optional(pool)
     .await?))
 }
@@ -281,12 +287,12 @@ pub async fn complete(
     use crate::domain::validation::GateOutcome;
     let report = |suite: Suite| done.reports.iter().find(|r| r.suite == suite).map(Json);
     Ok(on_pool!(db, pool => sqlx::query_as::<_, ValidationRun>(
-        "UPDATE validation_results SET status = 'completed', overall_status = $3, overall_score = $4,
+        "UPDATE validation_results SET status = $19, overall_status = $3, overall_score = $4,
              perplexity_results = $5, knowledge_retention_results = $6, voice_consistency_results = $7,
              emotional_intelligence_results = $8, stop_behaviour_results = $9, baseline_results = $10,
              comparison = $11, gate_results = $12, passed_gates = $13, failed_gates = $14, warning_gates = $15,
              recommendations = $16, examples = $17, validation_completed_at = $18, progress = NULL
-         WHERE id = $1 AND agent_id = $2 AND status = 'running' RETURNING *",
+         WHERE id = $1 AND agent_id = $2 AND status = $20 RETURNING *",
     )
     .bind(id)
     .bind(agent_id)
@@ -306,6 +312,8 @@ pub async fn complete(
     .bind(Json(done.recommendations))
     .bind(Json(done.examples))
     .bind(super::now())
+    .bind(RunStatus::Completed.as_str())
+    .bind(RunStatus::Running.as_str())
     .fetch_optional(pool)
     .await?))
 }
@@ -318,14 +326,17 @@ pub async fn fail(
     message: &str,
 ) -> Result<Option<ValidationRun>, DbError> {
     Ok(on_pool!(db, pool => sqlx::query_as::<_, ValidationRun>(
-        "UPDATE validation_results SET status = 'failed', error_message = $3, validation_completed_at = $4,
+        "UPDATE validation_results SET status = $5, error_message = $3, validation_completed_at = $4,
              progress = NULL
-         WHERE id = $1 AND status IN ('queued', 'running') AND ($2 IS NULL OR agent_id = $2) RETURNING *",
+         WHERE id = $1 AND status IN ($6, $7) AND ($2 IS NULL OR agent_id = $2) RETURNING *",
     )
     .bind(id)
     .bind(agent_id)
     .bind(message)
     .bind(super::now())
+    .bind(RunStatus::Failed.as_str())
+    .bind(RunStatus::Queued.as_str())
+    .bind(RunStatus::Running.as_str())
     .fetch_optional(pool)
     .await?))
 }
@@ -333,10 +344,11 @@ pub async fn fail(
 /// Running runs whose agent has been silent since `cutoff`.
 pub async fn orphaned(db: &Db, cutoff: DateTime<Utc>) -> Result<Vec<ValidationRun>, DbError> {
     Ok(on_pool!(db, pool => sqlx::query_as::<_, ValidationRun>(
-        "SELECT * FROM validation_results WHERE status = 'running' AND agent_id IN
+        "SELECT * FROM validation_results WHERE status = $2 AND agent_id IN
              (SELECT id FROM agents WHERE last_heartbeat_at < $1)",
     )
     .bind(cutoff)
+    .bind(RunStatus::Running.as_str())
     .fetch_all(pool)
     .await?))
 }
@@ -344,11 +356,13 @@ pub async fn orphaned(db: &Db, cutoff: DateTime<Utc>) -> Result<Vec<ValidationRu
 /// Puts a lost agent's run back in the queue (if that agent still holds it).
 pub async fn requeue(db: &Db, id: Uuid, agent_id: Uuid) -> Result<Option<ValidationRun>, DbError> {
     Ok(on_pool!(db, pool => sqlx::query_as::<_, ValidationRun>(
-        "UPDATE validation_results SET status = 'queued', agent_id = NULL, progress = NULL
-         WHERE id = $1 AND agent_id = $2 AND status = 'running' RETURNING *",
+        "UPDATE validation_results SET status = $3, agent_id = NULL, progress = NULL
+         WHERE id = $1 AND agent_id = $2 AND status = $4 RETURNING *",
     )
     .bind(id)
     .bind(agent_id)
+    .bind(RunStatus::Queued.as_str())
+    .bind(RunStatus::Running.as_str())
     .fetch_optional(pool)
     .await?))
 }

@@ -2,13 +2,12 @@
 //! judges a figure, the verdict, the overall score and the recommendations. Pure
 //! functions of the suites' reports, so every rule is tested without a model.
 
-use std::collections::BTreeMap;
-
 use protocol::validation::{Suite, SuiteReport, SuiteStatus};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::FieldError;
+pub use crate::configuration::{default_gates, Gates, Threshold};
 
 /// What a validation ends in (spec §4.2.9 `validation_status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -51,13 +50,6 @@ impl TryFrom<String> for Verdict {
     }
 }
 
-/// A gate passes at or above `pass`, warns at or above `warn`, and fails below.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Threshold {
-    pub pass: f64,
-    pub warn: f64,
-}
-
 /// The gates there are: each reads one figure of one suite.
 pub const GATES: [(&str, Suite, &str); 5] = [
     (
@@ -95,22 +87,6 @@ fn gate_figure(gate: &str, report: &SuiteReport) -> Option<f64> {
         "emotional_intelligence" => report.figure("mean"),
         _ => report.score,
     }
-}
-
-pub type Gates = BTreeMap<String, Threshold>;
-
-/// The built-in gate thresholds; `validation.gates` in the configuration replaces them.
-pub fn default_gates() -> Gates {
-    [
-        ("perplexity_improvement_pct", 5.0, 0.0),
-        ("knowledge_retention", 80.0, 60.0),
-        ("voice_consistency", 30.0, 15.0),
-        ("stop_rate", 0.95, 0.8),
-        ("emotional_intelligence", 7.0, 5.0),
-    ]
-    .into_iter()
-    .map(|(name, pass, warn)| (name.to_owned(), Threshold { pass, warn }))
-    .collect()
 }
 
 /// Parses `names` into suites (each at most once), naming an unknown one.

@@ -214,6 +214,25 @@ async fn every_id_route_hides_another_users_resources_whatever_their_state(backe
     let budget_body = json!({"name": "private", "amount": 10, "period": "monthly"});
     let (_, budget) = json_of(app.post(&ada, "/api/v1/budgets", budget_body.clone()).await).await;
     let budget = budget["id"].as_str().expect("budget id").to_owned();
+    let job_id: uuid::Uuid = job.parse().expect("job uuid");
+    let gates = control_plane::domain::validation::default_gates();
+    let validation = control_plane::db::validations::insert(
+        &app.db,
+        control_plane::db::validations::NewRun {
+            job_id,
+            user_id: ada.id,
+            suites: &[protocol::validation::Suite::Perplexity],
+            baseline: None,
+            gates: &gates,
+            max_samples: 1,
+            max_new_tokens: 1,
+            automatic: false,
+        },
+    )
+    .await
+    .expect("a validation run")
+    .id
+    .to_string();
     // The owner is refused by a rule on some of these routes: others must not learn that.
     assert_eq!(
         app.delete(&ada, &format!("/api/v1/training-files/{file}"))
@@ -226,7 +245,7 @@ async fn every_id_route_hides_another_users_resources_whatever_their_state(backe
     let mut swept = 0;
     for (path, item) in document["paths"].as_object().expect("paths") {
         // Agent routes take an agent's secret; the fleet is operators'; content links are signed.
-        let for_users = path.contains("{id}")
+        let for_users = (path.contains("{id}") || path.contains("{job_id}"))
             && !path.starts_with("/api/v1/agent")
             && !path.ends_with("/content");
         if !for_users {
@@ -242,10 +261,14 @@ async fn every_id_route_hides_another_users_resources_whatever_their_state(backe
             &artifact
         } else if path.starts_with("/api/v1/budgets/") {
             &budget
+        } else if path.starts_with("/api/v1/validation/runs/") {
+            &validation
+        } else if path.starts_with("/api/v1/validation/") {
+            &job
         } else {
             panic!("{path}: which resource does its id name?")
         };
-        let url = app.url(&path.replace("{id}", id));
+        let url = app.url(&path.replace("{id}", id).replace("{job_id}", id));
         for method in item.as_object().expect("operations").keys() {
             let body = if path.ends_with("/configure") {
                 json!({"gpu_type": "spot", "gpu_model": "H100-80GB"})
@@ -253,6 +276,10 @@ async fn every_id_route_hides_another_users_resources_whatever_their_state(backe
                 json!({"training_file_id": file, "name": "stolen"})
             } else if path.starts_with("/api/v1/budgets/") {
                 budget_body.clone()
+            } else if path.ends_with("/export") {
+                json!({"format": "json"})
+            } else if path.ends_with("/run") {
+                json!({"test_suites": ["perplexity"]})
             } else {
                 json!({})
             };
@@ -269,5 +296,5 @@ async fn every_id_route_hides_another_users_resources_whatever_their_state(backe
             swept += 1;
         }
     }
-    assert!(swept >= 21, "swept {swept} operations");
+    assert!(swept >= 25, "swept {swept} operations");
 }
