@@ -76,26 +76,7 @@ impl ControlPlane {
         let database = testkit::TestDatabase::create(backend).await;
         let database_url = database.url.clone();
         let port = free_port();
-        let mut create = Command::new(binary("control-plane"))
-            .args([
-                "create-user",
-                "--email",
-                EMAIL,
-                "--role",
-                "admin",
-                "--password-stdin",
-            ])
-            .args(["--data-dir", &data_dir.path().display().to_string()])
-            .args(["--database-url", &database_url])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("control-plane create-user");
-        if let Some(stdin) = create.stdin.as_mut() {
-            writeln!(stdin, "{PASSWORD}").expect("password");
-        }
-        assert!(create.wait().expect("create-user").success());
+        create_user(data_dir.path(), &database_url, EMAIL, PASSWORD, "admin");
         let child = serve(data_dir.path(), &database_url, port, &env);
         let plane = ControlPlane {
             child,
@@ -140,26 +121,13 @@ impl ControlPlane {
 
     /// Creates an account with the `user` role (who sees only their own resources).
     pub fn create_user(&self, email: &str, password: &str) {
-        let mut create = Command::new(binary("control-plane"))
-            .args([
-                "create-user",
-                "--email",
-                email,
-                "--role",
-                "user",
-                "--password-stdin",
-            ])
-            .args(["--data-dir", &self.data_dir.path().display().to_string()])
-            .args(["--database-url", &self.database_url])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("control-plane create-user");
-        if let Some(stdin) = create.stdin.as_mut() {
-            writeln!(stdin, "{password}").expect("password");
-        }
-        assert!(create.wait().expect("create-user").success());
+        create_user(
+            self.data_dir.path(),
+            &self.database_url,
+            email,
+            password,
+            "user",
+        );
     }
 
     pub fn enrollment_token(&self) -> String {
@@ -180,6 +148,30 @@ impl Drop for ControlPlane {
         let _ = self.child.wait();
         // The database drops after this, with the field.
     }
+}
+
+/// `control-plane create-user` with the password on stdin.
+fn create_user(data_dir: &Path, database_url: &str, email: &str, password: &str, role: &str) {
+    let mut create = Command::new(binary("control-plane"))
+        .args([
+            "create-user",
+            "--email",
+            email,
+            "--role",
+            role,
+            "--password-stdin",
+        ])
+        .args(["--data-dir", &data_dir.display().to_string()])
+        .args(["--database-url", database_url])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("control-plane create-user");
+    if let Some(stdin) = create.stdin.as_mut() {
+        writeln!(stdin, "{password}").expect("password");
+    }
+    assert!(create.wait().expect("create-user").success());
 }
 
 fn serve(data_dir: &Path, database_url: &str, port: u16, env: &[(String, String)]) -> Child {

@@ -100,6 +100,14 @@ fn streamed(size: u64, content_type: &str, bytes: Body) -> Response {
         .into_response()
 }
 
+/// A stored training file's bytes, streamed from disk.
+async fn stream_file(path: &str) -> ServiceResult<Response> {
+    let handle = tokio::fs::File::open(path).await?;
+    let size = handle.metadata().await?.len();
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(handle));
+    Ok(streamed(size, "application/octet-stream", body))
+}
+
 /// The training file of an attempt the agent runs.
 #[utoipa::path(get, path = "/agent/attempts/{id}/training-file", tag = "agent protocol", params(("id" = Uuid, Path)),
     responses((status = 200, content_type = "application/octet-stream", body = String), (status = 404, body = ErrorBody)))]
@@ -109,10 +117,7 @@ async fn training_file(
     ApiPath(id): ApiPath<Uuid>,
 ) -> ServiceResult<Response> {
     let file = fleet::attempt_training_file(&state, &agent, id).await?;
-    let handle = tokio::fs::File::open(&file.file_path).await?;
-    let size = handle.metadata().await?.len();
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(handle));
-    Ok(streamed(size, "application/octet-stream", body))
+    stream_file(&file.file_path).await
 }
 
 /// A checkpoint archive (tar) of a job the agent runs an attempt of.
@@ -211,10 +216,7 @@ async fn validation_file(
     ApiPath((id, file_id)): ApiPath<(Uuid, Uuid)>,
 ) -> ServiceResult<Response> {
     let file = validation::agent_file(&state, &agent, id, file_id).await?;
-    let handle = tokio::fs::File::open(&file.file_path).await?;
-    let size = handle.metadata().await?.len();
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(handle));
-    Ok(streamed(size, "application/octet-stream", body))
+    stream_file(&file.file_path).await
 }
 
 /// An adapter file of the validated job or of its comparison baseline.

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use super::job::visible_job;
 use super::{AppState, CurrentUser, ServiceError, ServiceResult};
 use crate::auth::{sign, verify_signature};
-use crate::db::artifacts::{self, Artifact};
+use crate::db::artifacts::{self, Artifact, Stored};
 use crate::db::attempts::{self, Attempt, Checkpoint};
 use crate::db::now;
 use crate::storage::Download;
@@ -121,4 +121,20 @@ pub async fn signed_content(
         .await
         .map_err(|e| ServiceError::Internal(e.to_string()))?;
     Ok((artifact, download))
+}
+
+/// Records `artifact` (stored under `artifact.file_path`) and keeps one object per
+/// artifact: the new bytes when they are new, else the object already recorded.
+pub(super) async fn record(state: &AppState, artifact: &Artifact) -> ServiceResult<Artifact> {
+    Ok(match artifacts::upsert(&state.db, artifact).await? {
+        Stored::New(artifact) => artifact,
+        Stored::Existing(existing) => {
+            state.artifacts.delete(&artifact.file_path).await;
+            existing
+        }
+        Stored::Replaced { artifact, old_path } => {
+            state.artifacts.delete(&old_path).await;
+            artifact
+        }
+    })
 }

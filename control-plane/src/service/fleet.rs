@@ -17,7 +17,7 @@ use super::transition::{change_status, Origin};
 use super::{AppState, ServiceError, ServiceResult};
 use crate::auth::token_hash;
 use crate::db::agents::{self, Agent};
-use crate::db::artifacts::{self, Artifact, Stored};
+use crate::db::artifacts::Artifact;
 use crate::db::attempts::{self, Attempt, AttemptReports, Checkpoint, Progress};
 use crate::db::events::Event;
 use crate::db::files::TrainingFile;
@@ -425,17 +425,7 @@ pub async fn upload_artifact(
         last_downloaded_at: None,
         created_at: now(),
     };
-    let artifact = match artifacts::upsert(&state.db, &artifact).await? {
-        Stored::New(artifact) => artifact,
-        Stored::Existing(artifact) => {
-            state.artifacts.delete(&key).await;
-            artifact
-        }
-        Stored::Replaced { artifact, old_path } => {
-            state.artifacts.delete(&old_path).await;
-            artifact
-        }
-    };
+    let artifact = super::artifact::record(state, &artifact).await?;
     let checkpoint = match (upload.kind, upload.step) {
         (ArtifactKind::Checkpoint, Some(step)) => Some(
             attempts::insert_checkpoint(

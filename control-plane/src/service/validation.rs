@@ -18,7 +18,7 @@ use super::artifact::{signed_download, DownloadLink};
 use super::job::visible_job;
 use super::{AppState, CurrentUser, ServiceError, ServiceResult};
 use crate::db::agents::Agent;
-use crate::db::artifacts::{self, Artifact, Stored};
+use crate::db::artifacts::{self, Artifact};
 use crate::db::events::{self, Event};
 use crate::db::files::{self, TrainingFile};
 use crate::db::jobs::{self, Job};
@@ -728,17 +728,7 @@ pub async fn export(
         last_downloaded_at: None,
         created_at: now(),
     };
-    let stored = match artifacts::upsert(&state.db, &artifact).await? {
-        Stored::New(artifact) => artifact,
-        Stored::Existing(artifact) => {
-            state.artifacts.delete(&key).await;
-            artifact
-        }
-        Stored::Replaced { artifact, old_path } => {
-            state.artifacts.delete(&old_path).await;
-            artifact
-        }
-    };
+    let stored = super::artifact::record(state, &artifact).await?;
     let DownloadLink {
         download_url,
         expires_at,

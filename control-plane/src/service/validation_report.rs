@@ -59,8 +59,8 @@ fn json_report(run: &ValidationRun, job: &Job) -> Vec<u8> {
     serde_json::to_vec_pretty(&document).unwrap_or_default()
 }
 
-/// Every number in `value`, with its dotted path.
-fn flatten(prefix: &str, value: &Value, out: &mut Vec<(String, f64)>) {
+/// Every number in `value`, with its dotted path (`length_ratio.p50`).
+pub fn flatten(prefix: &str, value: &Value, out: &mut Vec<(String, f64)>) {
     match value {
         Value::Number(n) => {
             if let Some(v) = n.as_f64() {

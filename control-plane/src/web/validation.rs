@@ -21,6 +21,7 @@ use crate::domain::validation::GATES;
 use crate::domain::JobStatus;
 use crate::request::base_url;
 use crate::service::validation::{self, RunRequest};
+use crate::service::validation_report;
 use crate::service::{AppState, ServiceError};
 
 type PageResult = Result<Response, PageError>;
@@ -140,29 +141,16 @@ fn number(value: Option<f64>) -> String {
     value.map_or_else(|| "—".into(), |v| format!("{v:.2}"))
 }
 
-fn flatten(prefix: &str, value: &Value, out: &mut Vec<FigureView>) {
-    match value {
-        Value::Number(n) => out.push(FigureView {
-            name: prefix.to_owned(),
-            value: number(n.as_f64()),
-        }),
-        Value::Object(map) => {
-            for (key, inner) in map {
-                let path = if prefix.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{prefix}.{key}")
-                };
-                flatten(&path, inner, out);
-            }
-        }
-        _ => {}
-    }
-}
-
 fn suite_view(report: &SuiteReport) -> SuiteView {
-    let mut figures = Vec::new();
-    flatten("", &report.figures, &mut figures);
+    let mut numbers = Vec::new();
+    validation_report::flatten("", &report.figures, &mut numbers);
+    let figures = numbers
+        .into_iter()
+        .map(|(name, value)| FigureView {
+            name,
+            value: number(Some(value)),
+        })
+        .collect();
     SuiteView {
         id: report.suite.as_str(),
         title: report.suite.title(),
