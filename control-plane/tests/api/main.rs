@@ -19,3 +19,4 @@ mod recovery;
 mod recovery_policy;
 mod schema;
 mod templates;
+mod validation;
