@@ -80,6 +80,16 @@ async fn prepare(
             .await?;
         path
     };
+    let retention_prompts = match &work.retention_prompts {
+        Some(file) => {
+            let path = dir.join("retention-prompts");
+            client
+                .download(&file.download_path, &path, &file.sha256)
+                .await?;
+            Some(path)
+        }
+        None => None,
+    };
     Ok(ValidationOptions {
         model: PathBuf::from(&work.base_model),
         adapter,
@@ -91,7 +101,7 @@ async fn prepare(
         max_samples: work.max_samples as usize,
         max_new_tokens: work.max_new_tokens as usize,
         max_seq_len: Some(work.max_seq_len as usize),
-        retention_prompts: None,
+        retention_prompts,
         cache_dir: Some(config.work_dir.join("validation-cache")),
         device: device(config, has_gpu),
     })

@@ -16,6 +16,8 @@ CREATE TABLE validation_results (
   status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'completed', 'failed')),
   test_suites JSONB NOT NULL,
   comparison_baseline_id UUID REFERENCES training_jobs(id) ON DELETE SET NULL,
+  -- A training file whose first user turns are knowledge retention's prompts (default: built in).
+  retention_file_id UUID REFERENCES training_files(id) ON DELETE SET NULL,
   gates JSONB NOT NULL,
   max_samples BIGINT NOT NULL,
   max_new_tokens BIGINT NOT NULL,

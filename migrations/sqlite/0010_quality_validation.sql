@@ -16,6 +16,8 @@ CREATE TABLE validation_results (
   status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'completed', 'failed')),
   test_suites TEXT NOT NULL,
   comparison_baseline_id BLOB REFERENCES training_jobs(id) ON DELETE SET NULL,
+  -- A training file whose first user turns are knowledge retention's prompts (default: built in).
+  retention_file_id BLOB REFERENCES training_files(id) ON DELETE SET NULL,
   gates TEXT NOT NULL,
   max_samples INTEGER NOT NULL,
   max_new_tokens INTEGER NOT NULL,

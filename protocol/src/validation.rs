@@ -210,6 +210,10 @@ pub struct ValidationAssignment {
     pub split: Option<Split>,
     /// The training file: the style profile voice consistency compares with.
     pub training_data: FileRef,
+    /// A chat dataset whose first user turns are knowledge retention's prompts (none: the
+    /// trainer's built-in general prompts).
+    #[serde(default)]
+    pub retention_prompts: Option<FileRef>,
     pub suites: Vec<Suite>,
     /// Caps on prompts generated for and on new tokens per generation.
     pub max_samples: u32,

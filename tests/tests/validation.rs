@@ -178,7 +178,7 @@ async fn suites_gates_comparison_and_exports(postgres: bool) {
         &tuned,
         json!({"test_suites": ["perplexity", "knowledge_retention", "voice_consistency", "emotional_intelligence",
                                "stop_behaviour"],
-               "comparison_baseline": overtrained, "max_samples": 3, "max_new_tokens": 12}),
+               "comparison_baseline": overtrained, "retention_file_id": held_out, "max_samples": 3, "max_new_tokens": 12}),
     )
     .await;
     assert_eq!(run["status"], "completed", "{run}");
@@ -219,6 +219,13 @@ async fn suites_gates_comparison_and_exports(postgres: bool) {
         .as_str()
         .is_some_and(|a| a.contains("empathy")));
 
+    // Retention asked the held-out file's user turns, not the built-in prompts.
+    let retention = &run["knowledge_retention_results"];
+    assert_eq!(retention["figures"]["prompts"], 3, "{retention}");
+    assert_eq!(
+        retention["samples"][0]["prompt"],
+        "What is the code for item 100?"
+    );
     // Retention of the over-trained baseline is below the tuned adapter's, and below 100.
     let baseline = run["baseline_results"]
         .as_array()

@@ -55,6 +55,8 @@ pub struct ValidationRun {
     #[schema(value_type = Vec<String>)]
     pub test_suites: Json<Vec<Suite>>,
     pub comparison_baseline_id: Option<Uuid>,
+    /// The file whose first user turns are knowledge retention's prompts.
+    pub retention_file_id: Option<Uuid>,
     /// The thresholds the gates used: defaults, then the job's, then the request's.
     #[schema(value_type = Object)]
     pub gates: Json<Gates>,
@@ -144,6 +146,7 @@ pub struct NewRun<'a> {
     pub user_id: Uuid,
     pub suites: &'a [Suite],
     pub baseline: Option<Uuid>,
+    pub retention_file: Option<Uuid>,
     pub gates: &'a Gates,
     pub max_samples: u32,
     pub max_new_tokens: u32,
@@ -153,8 +156,8 @@ pub struct NewRun<'a> {
 pub async fn insert(db: &Db, run: NewRun<'_>) -> Result<ValidationRun, DbError> {
     Ok(on_pool!(db, pool => sqlx::query_as::<_, ValidationRun>(
         "INSERT INTO validation_results (id, job_id, user_id, status, test_suites, comparison_baseline_id, gates,
-             max_samples, max_new_tokens, automatic, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING *",
+             max_samples, max_new_tokens, automatic, created_at, retention_file_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING *",
     )
     .bind(Uuid::new_v4())
     .bind(run.job_id)
@@ -167,6 +170,7 @@ pub async fn insert(db: &Db, run: NewRun<'_>) -> Result<ValidationRun, DbError> 
     .bind(i64::from(run.max_new_tokens))
     .bind(run.automatic)
     .bind(super::now())
+    .bind(run.retention_file)
     .fetch_one(pool)
     .await?))
 }

@@ -46,6 +46,10 @@ pub struct RunRequest {
     /// its adapter over the same examples.
     #[serde(default)]
     pub comparison_baseline: Option<Uuid>,
+    /// One of your training files whose conversations' first user turns are knowledge
+    /// retention's prompts (default: 55 built-in general prompts).
+    #[serde(default)]
+    pub retention_file_id: Option<Uuid>,
     /// Gate overrides, such as {"stop_rate": 0.9} or {"stop_rate": {"pass": 0.95, "warn": 0.8}}.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
@@ -162,7 +166,18 @@ pub async fn request_run(
     };
     let job_gates = job_validation_settings(&job).and_then(|r| r.gates);
     let checked = check_request(state, request, job_gates.as_ref())?;
-    let run = enqueue(state, &job, baseline.as_ref(), &checked, false).await?;
+    if let Some(file) = request.retention_file_id {
+        check_validation_file(state, job.user_id, file).await?;
+    }
+    let run = enqueue(
+        state,
+        &job,
+        baseline.as_ref(),
+        request.retention_file_id,
+        &checked,
+        false,
+    )
+    .await?;
     Ok(accepted(&run))
 }
 
@@ -190,6 +205,7 @@ async fn enqueue(
     state: &AppState,
     job: &Job,
     baseline: Option<&Job>,
+    retention_file: Option<Uuid>,
     checked: &Checked,
     automatic: bool,
 ) -> ServiceResult<ValidationRun> {
@@ -227,6 +243,7 @@ async fn enqueue(
             user_id: job.user_id,
             suites: &checked.suites,
             baseline: baseline.map(|b| b.id),
+            retention_file,
             gates: &checked.gates,
             max_samples: checked.max_samples,
             max_new_tokens: checked.max_new_tokens,
@@ -301,7 +318,21 @@ pub async fn after_training(state: &AppState, job: &Job) -> ServiceResult<()> {
             .filter(|b| b.user_id == job.user_id),
         None => None,
     };
-    enqueue(state, job, baseline.as_ref(), &checked, true).await?;
+    let retention_file = match request.retention_file_id {
+        Some(id) => files::get_owned(&state.db, id, job.user_id)
+            .await?
+            .map(|f| f.id),
+        None => None,
+    };
+    enqueue(
+        state,
+        job,
+        baseline.as_ref(),
+        retention_file,
+        &checked,
+        true,
+    )
+    .await?;
     Ok(())
 }
 
@@ -429,6 +460,15 @@ async fn assignment(state: &AppState, run: &ValidationRun) -> ServiceResult<Vali
         }
         None => None,
     };
+    let retention_prompts = match run.retention_file_id {
+        Some(id) => Some(file_ref(
+            &files::get(&state.db, id)
+                .await?
+                .ok_or(ServiceError::NotFound("retention prompt file"))?,
+            run.id,
+        )),
+        None => None,
+    };
     let (data, split) = match &validation_file {
         Some(file) => (file_ref(file, run.id), None),
         None => (
@@ -447,6 +487,7 @@ async fn assignment(state: &AppState, run: &ValidationRun) -> ServiceResult<Vali
         data,
         split,
         training_data: file_ref(&training, run.id),
+        retention_prompts,
         suites: run.test_suites.0.clone(),
         max_samples: run.max_samples as u32,
         max_new_tokens: run.max_new_tokens as u32,
@@ -473,7 +514,12 @@ pub async fn agent_file(
     let job = jobs::get_any(&state.db, run.job_id)
         .await?
         .ok_or(ServiceError::NotFound("job"))?;
-    if file_id != job.training_file_id && Some(file_id) != job.validation_file_id {
+    let readable = [
+        Some(job.training_file_id),
+        job.validation_file_id,
+        run.retention_file_id,
+    ];
+    if !readable.contains(&Some(file_id)) {
         return Err(ServiceError::NotFound("training file"));
     }
     files::get(&state.db, file_id)

@@ -223,6 +223,7 @@ async fn every_id_route_hides_another_users_resources_whatever_their_state(backe
             user_id: ada.id,
             suites: &[protocol::validation::Suite::Perplexity],
             baseline: None,
+            retention_file: None,
             gates: &gates,
             max_samples: 1,
             max_new_tokens: 1,

@@ -55,7 +55,8 @@ pub struct ValidationOptions {
     pub max_samples: usize,
     pub max_new_tokens: usize,
     pub max_seq_len: Option<usize>,
-    /// Knowledge retention's prompts, one per line (default: the built-in set).
+    /// A chat dataset whose conversations' first user turns are knowledge retention's
+    /// prompts (default: the built-in set).
     pub retention_prompts: Option<PathBuf>,
     /// Where the base model's greedy answers are kept between validations.
     pub cache_dir: Option<PathBuf>,
@@ -286,23 +287,20 @@ impl Context<'_> {
     }
 
     fn retention_prompts(&self) -> Result<Vec<String>> {
-        let text = match &self.options.retention_prompts {
-            Some(path) => std::fs::read_to_string(path).map_err(|source| TrainerError::Io {
-                path: path.display().to_string(),
-                source,
-            })?,
-            None => GENERAL_PROMPTS.to_owned(),
+        let limit = self.options.max_samples.max(1);
+        let prompts: Vec<String> = match &self.options.retention_prompts {
+            Some(path) => first_user_turns(path, limit)?,
+            None => GENERAL_PROMPTS
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .take(limit)
+                .map(str::to_owned)
+                .collect(),
         };
-        let prompts: Vec<String> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .take(self.options.max_samples.max(1))
-            .map(str::to_owned)
-            .collect();
         if prompts.is_empty() {
             return Err(TrainerError::Invalid(
-                "the knowledge retention prompt file holds no prompt".into(),
+                "the knowledge retention prompt file holds no user turn".into(),
             ));
         }
         Ok(prompts)
@@ -576,6 +574,32 @@ impl Context<'_> {
             reason: None,
         }
     }
+}
+
+/// The first user turn of each of the first `limit` conversations of a dataset file.
+fn first_user_turns(path: &Path, limit: usize) -> Result<Vec<String>> {
+    let file = std::fs::File::open(path).map_err(|source| TrainerError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let (_, records) =
+        dataset::open(file, Limits::default()).map_err(|e| dataset_error(path, e))?;
+    let mut prompts = Vec::new();
+    for record in records {
+        let record = record.map_err(|e| dataset_error(path, e))?;
+        let first = record
+            .conversation
+            .messages
+            .iter()
+            .find(|m| m.role == Role::User);
+        if let Some(message) = first {
+            prompts.push(message.content.clone());
+        }
+        if prompts.len() == limit {
+            break;
+        }
+    }
+    Ok(prompts)
 }
 
 /// The text of the last user turn: what a sample shows as its prompt.
