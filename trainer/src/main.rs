@@ -45,6 +45,46 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         batch_size: usize,
     },
+    /// Run quality validation suites on an adapter; prints the reports as JSON.
+    /// emotional_intelligence leaves with its replies generated and `awaiting_judge`
+    /// (the control plane's judge scores it).
+    Validate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Run the same suites on this adapter too.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
+        /// The validation examples (every usable record).
+        #[arg(long)]
+        data: PathBuf,
+        /// Validate on the seeded split of --data that training held out (fraction 0.1).
+        #[arg(long)]
+        split_seed: Option<u64>,
+        /// The training file, for voice consistency's style profile (default: --data).
+        #[arg(long)]
+        training_data: Option<PathBuf>,
+        /// Comma-separated: perplexity, knowledge_retention, voice_consistency,
+        /// emotional_intelligence, stop_behaviour.
+        #[arg(
+            long,
+            default_value = "perplexity,knowledge_retention,voice_consistency,stop_behaviour"
+        )]
+        suites: String,
+        #[arg(long, default_value_t = 16)]
+        max_samples: usize,
+        #[arg(long, default_value_t = 96)]
+        max_new_tokens: usize,
+        #[arg(long)]
+        max_seq_len: Option<usize>,
+        /// A chat dataset whose first user turns are knowledge retention's prompts.
+        #[arg(long)]
+        retention_prompts: Option<PathBuf>,
+        /// cpu or cuda.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Answer a prompt with the chat template and a KV cache.
     Generate {
         #[arg(long)]
@@ -344,6 +384,50 @@ fn main() -> anyhow::Result<()> {
         } => {
             let report = evaluate_file(&model, adapter.as_deref(), &data, max_seq_len, batch_size)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::Validate {
+            model,
+            adapter,
+            baseline,
+            data,
+            split_seed,
+            training_data,
+            suites,
+            max_samples,
+            max_new_tokens,
+            max_seq_len,
+            retention_prompts,
+            device,
+        } => {
+            let suites = suites
+                .split(',')
+                .map(|s| s.trim().parse::<protocol::validation::Suite>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(anyhow::Error::msg)?;
+            let options = trainer::validation::ValidationOptions {
+                training_data: training_data.unwrap_or_else(|| data.clone()),
+                split: split_seed.map(|seed| protocol::validation::Split {
+                    fraction: 0.1,
+                    seed,
+                }),
+                model,
+                adapter,
+                baseline,
+                data,
+                suites,
+                max_samples,
+                max_new_tokens,
+                max_seq_len,
+                retention_prompts,
+                cache_dir: None,
+                device: if device == "cuda" {
+                    DeviceChoice::Cuda
+                } else {
+                    DeviceChoice::Cpu
+                },
+            };
+            let results = trainer::validation::run(&options, &mut ())?;
+            println!("{}", serde_json::to_string_pretty(&results)?);
         }
         Command::Generate {
             model,

@@ -1,5 +1,5 @@
 //! The `trainer` binary end to end: init-model, train, eval (with and without the
-//! adapter), generate.
+//! adapter), generate, validate.
 
 use std::process::Command;
 
@@ -116,6 +116,33 @@ fn init_train_eval_generate() {
         "16",
     ]);
     assert!(!answer.trim().is_empty());
+
+    // Validation suites on the same adapter: perplexity agrees with eval.
+    let (validated, _) = run(&[
+        "validate",
+        "--model",
+        &path("model"),
+        "--adapter",
+        &path("out/adapter"),
+        "--data",
+        &path("data.jsonl"),
+        "--suites",
+        "perplexity,stop_behaviour",
+        "--max-samples",
+        "2",
+        "--max-new-tokens",
+        "8",
+    ]);
+    let validated: serde_json::Value = serde_json::from_str(&validated).expect("validate JSON");
+    assert_eq!(
+        validated["adapter"][0]["figures"]["adapter"]["loss"],
+        tuned["loss"]
+    );
+    assert_eq!(validated["adapter"][1]["suite"], "stop_behaviour");
+    assert_eq!(
+        validated["examples"]["generated_lines"],
+        serde_json::json!([1, 2])
+    );
 }
 
 #[test]
