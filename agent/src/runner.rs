@@ -391,6 +391,14 @@ async fn prepare(
             &assignment.training_file_sha256,
         )
         .await?;
+    let val_data = match &assignment.validation_file {
+        Some((path, sha256)) => {
+            let target = dir.join("validation-data");
+            client.download(path, &target, sha256).await?;
+            Some(target)
+        }
+        None => None,
+    };
     let resume_from = match &assignment.resume_from {
         Some(point) => {
             let archive = dir.join("resume.tar");
@@ -407,7 +415,7 @@ async fn prepare(
     };
     let checkpoint_every =
         (assignment.checkpoint_every > 0).then_some(assignment.checkpoint_every as usize);
-    Ok(train_options(
+    let mut options = train_options(
         &assignment.hyperparameters,
         Path::new(&assignment.base_model),
         &data,
@@ -415,7 +423,9 @@ async fn prepare(
         checkpoint_every,
         resume_from,
         device(config, has_gpu),
-    ))
+    );
+    options.val_data = val_data;
+    Ok(options)
 }
 
 /// The trainer's options for a job's hyperparameters: what every agent runs for them.

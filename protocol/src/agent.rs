@@ -112,6 +112,10 @@ pub struct Assignment {
     /// Relative to the API root; download with the agent's secret.
     pub training_file_path: String,
     pub training_file_sha256: String,
+    /// The job's validation file (path, SHA-256): validation loss is measured on it
+    /// instead of a split of the training file.
+    #[serde(default)]
+    pub validation_file: Option<(String, String)>,
     pub hyperparameters: Hyperparameters,
     /// Checkpoint every this many optimizer steps (0: only when asked).
     pub checkpoint_every: u32,

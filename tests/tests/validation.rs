@@ -147,6 +147,16 @@ async fn suites_gates_comparison_and_exports(postgres: bool) {
     )
     .await;
     api.wait_status(&tuned, "completed", LONG).await;
+    // Training measured its validation loss on the validation file, not on a split.
+    let events = api.get(&format!("/jobs/{tuned}/events?limit=200")).await;
+    let summary = events["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|e| e["details"]["summary"].as_object().cloned())
+        .expect("the completion event's summary");
+    assert_eq!(summary["validation_examples"], 8, "{summary:?}");
+    assert_eq!(summary["train_examples"], 40, "{summary:?}");
     let automatic = poll("the automatic validation", LONG, || async {
         let (status, run) = api
             .try_send(Method::GET, &format!("/validation/{tuned}"), None)

@@ -31,6 +31,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(heartbeat))
         .routes(routes!(claim))
         .routes(routes!(training_file))
+        .routes(routes!(validation_file_of_attempt))
         .routes(routes!(checkpoint_archive))
         .routes(routes!(reports))
         .routes(routes!(upload_artifact))
@@ -117,6 +118,18 @@ async fn training_file(
     ApiPath(id): ApiPath<Uuid>,
 ) -> ServiceResult<Response> {
     let file = fleet::attempt_training_file(&state, &agent, id).await?;
+    stream_file(&file.file_path).await
+}
+
+/// The validation file of an attempt the agent runs, when its job has one.
+#[utoipa::path(get, path = "/agent/attempts/{id}/validation-file", tag = "agent protocol", params(("id" = Uuid, Path)),
+    responses((status = 200, content_type = "application/octet-stream", body = String), (status = 404, body = ErrorBody)))]
+async fn validation_file_of_attempt(
+    State(state): State<AppState>,
+    CurrentAgent(agent): CurrentAgent,
+    ApiPath(id): ApiPath<Uuid>,
+) -> ServiceResult<Response> {
+    let file = fleet::attempt_validation_file(&state, &agent, id).await?;
     stream_file(&file.file_path).await
 }
 

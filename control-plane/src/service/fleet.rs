@@ -163,6 +163,24 @@ pub async fn attempt_training_file(
         .ok_or(ServiceError::NotFound("training file"))
 }
 
+/// The validation file of an attempt the agent runs (its job's `validation_file_id`).
+pub async fn attempt_validation_file(
+    state: &AppState,
+    agent: &Agent,
+    attempt_id: Uuid,
+) -> ServiceResult<TrainingFile> {
+    let attempt = own_attempt(state, agent, attempt_id).await?;
+    let job = jobs::get_any(&state.db, attempt.job_id)
+        .await?
+        .ok_or(ServiceError::NotFound("job"))?;
+    let id = job
+        .validation_file_id
+        .ok_or(ServiceError::NotFound("validation file"))?;
+    files::get(&state.db, id)
+        .await?
+        .ok_or(ServiceError::NotFound("validation file"))
+}
+
 /// A checkpoint archive (tar) of a job the agent runs an attempt of.
 pub async fn checkpoint_archive(
     state: &AppState,

@@ -82,6 +82,15 @@ pub async fn claim(
         let Some(file) = files::get(&state.db, job.training_file_id).await? else {
             continue;
         };
+        let validation_file = match job.validation_file_id {
+            Some(id) => files::get(&state.db, id).await?.map(|f| {
+                (
+                    format!("/agent/attempts/{}/validation-file", attempt.id),
+                    f.sha256,
+                )
+            }),
+            None => None,
+        };
         tracing::info!(job_id = %job.id, agent = %agent.name, attempt = attempt.attempt_number, "job assigned");
         return Ok(Some(Assignment {
             attempt_id: attempt.id,
@@ -91,6 +100,7 @@ pub async fn claim(
             base_model: job.base_model.clone(),
             training_file_path: format!("/agent/attempts/{}/training-file", attempt.id),
             training_file_sha256: file.sha256,
+            validation_file,
             hyperparameters: hp,
             checkpoint_every: state.settings.fleet.checkpoint_every_steps,
             resume_from: checkpoint.map(resume_point),

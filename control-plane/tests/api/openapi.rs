@@ -26,6 +26,7 @@ async fn the_openapi_document_matches_the_routes() {
             "DELETE /api/v1/budgets/{id}",
             "DELETE /api/v1/training-files/{id}",
             "GET /api/v1/agent/attempts/{id}/training-file",
+            "GET /api/v1/agent/attempts/{id}/validation-file",
             "GET /api/v1/agent/checkpoints/{id}/archive",
             "GET /api/v1/agent/validations/{id}/artifacts/{artifact_id}",
             "GET /api/v1/agent/validations/{id}/files/{file_id}",
