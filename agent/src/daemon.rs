@@ -120,7 +120,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
     });
     finish_orphaned_attempts(&config, &client).await;
     let notices = spot::watch(&config);
-    let stop = Arc::new(tokio::sync::Notify::new());
+    let stop = Arc::new(runner::StopSignal::default());
     tokio::spawn(heartbeats(client.clone(), shared.clone(), stop.clone()));
     let interrupted = Arc::new(tokio::sync::Notify::new());
     {
@@ -129,7 +129,7 @@ pub async fn run(config: AgentConfig) -> Result<()> {
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
                 tracing::warn!("Ctrl-C: stopping");
-                stop.notify_waiters();
+                stop.stop(false);
                 interrupted.notify_one();
             }
         });
@@ -242,7 +242,7 @@ async fn finish_orphaned_attempts(config: &AgentConfig, client: &ControlPlane) {
 }
 
 /// Heartbeats on the control plane's schedule; a `stop_attempt` answer stops the run.
-async fn heartbeats(client: ControlPlane, shared: Arc<Shared>, stop: Arc<tokio::sync::Notify>) {
+async fn heartbeats(client: ControlPlane, shared: Arc<Shared>, stop: Arc<runner::StopSignal>) {
     let mut interval = Duration::from_secs(5);
     loop {
         tokio::time::sleep(interval).await;
@@ -251,8 +251,11 @@ async fn heartbeats(client: ControlPlane, shared: Arc<Shared>, stop: Arc<tokio::
             Ok(reply) => {
                 interval = Duration::from_secs(reply.interval_seconds.clamp(1, 60));
                 if reply.stop_attempt && beat.attempt_id.is_some() {
-                    tracing::warn!("control plane asked to stop the current attempt");
-                    stop.notify_waiters();
+                    tracing::warn!(
+                        publish_adapter = reply.publish_adapter,
+                        "control plane asked to stop the current attempt"
+                    );
+                    stop.stop(reply.publish_adapter);
                 }
             }
             Err(error) => tracing::warn!(%error, "heartbeat failed"),

@@ -36,6 +36,8 @@ pub struct Outbox {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Delivery {
     pub stop_attempt: bool,
+    /// The stop is a budget's cap: checkpoint and publish the adapter.
+    pub publish_adapter: bool,
 }
 
 impl Outbox {
@@ -145,13 +147,17 @@ impl Outbox {
                     self.acknowledge(count);
                     on_delivery(Delivery {
                         stop_attempt: reply.stop_attempt,
+                        publish_adapter: reply.publish_adapter,
                     });
                 }
                 // The attempt is gone on the control plane's side: nothing will be taken.
                 Err(AgentError::Rejected { status: 404, .. }) => {
                     tracing::warn!(attempt = %self.attempt, "control plane no longer knows this attempt; dropping its reports");
                     self.acknowledge(count);
-                    on_delivery(Delivery { stop_attempt: true });
+                    on_delivery(Delivery {
+                        stop_attempt: true,
+                        publish_adapter: false,
+                    });
                 }
                 Err(error) => {
                     tracing::warn!(%error, pending = count, "reports not delivered yet; retrying");

@@ -1,9 +1,11 @@
 //! Runs one assignment: fetch the data (and the checkpoint to resume from), train
 //! in-process on a blocking thread, stream progress through the outbox, upload
-//! checkpoints and the adapter, and end the attempt: succeeded, failed, cancelled, or
-//! interrupted by a spot notice after a checkpoint at the next step boundary.
+//! checkpoints and the adapter, and end the attempt: succeeded, failed, cancelled,
+//! interrupted by a spot notice after a checkpoint at the next step boundary, or stopped
+//! at a budget's cap after such a checkpoint, with the adapter of that step published.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -25,6 +27,39 @@ use crate::telemetry::process_memory_gib;
 
 /// The latest GPU reading, shared with the heartbeat loop, for per-step metrics.
 pub type LatestGpu = Arc<Mutex<Option<GpuTelemetry>>>;
+
+/// How the running attempt is asked to stop from outside the runner: a plain stop (a
+/// cancel from a heartbeat, Ctrl-C), or a stop that keeps the work (a budget's cap).
+#[derive(Default)]
+pub struct StopSignal {
+    notify: tokio::sync::Notify,
+    publish_adapter: AtomicBool,
+}
+
+impl StopSignal {
+    pub fn stop(&self, publish_adapter: bool) {
+        if publish_adapter {
+            self.publish_adapter.store(true, Ordering::SeqCst);
+        }
+        self.notify.notify_waiters();
+    }
+
+    /// Waits for a stop; whether it asks for the adapter to be published.
+    async fn stopped(&self) -> bool {
+        self.notify.notified().await;
+        self.publish_adapter.swap(false, Ordering::SeqCst)
+    }
+}
+
+/// Stops training after the step in flight. A stop that publishes the adapter first asks
+/// for a checkpoint of that step, as a spot notice does.
+fn stop_training(control: &Control, publish: &AtomicBool, publish_adapter: bool) {
+    if publish_adapter {
+        publish.store(true, Ordering::SeqCst);
+        control.request_checkpoint();
+    }
+    control.cancel();
+}
 
 /// How an attempt ended on this host.
 pub enum Ended {
@@ -216,33 +251,36 @@ pub async fn run(
     assignment: Assignment,
     mut notices: Notices,
     latest_gpu: LatestGpu,
-    stop: Arc<tokio::sync::Notify>,
+    stop: Arc<StopSignal>,
 ) -> Result<Ended> {
     let attempt = assignment.attempt_id;
     let dir = config.attempt_dir(attempt);
     std::fs::create_dir_all(&dir).map_err(|e| AgentError::io(&dir, e))?;
     let outbox = Outbox::open(&config.outbox_dir(), attempt)?;
     let control = Arc::new(Control::default());
+    // Set when a stop asks for the adapter as of its checkpoint (a budget's cap).
+    let publish = Arc::new(AtomicBool::new(false));
     tracing::info!(job = %assignment.job_name, attempt = assignment.attempt_number, "attempt started");
 
     // Delivery runs for the whole attempt; a stop from the control plane cancels training.
     let delivery = {
-        let (outbox, client, control) = (outbox.clone(), client.clone(), control.clone());
+        let (outbox, client) = (outbox.clone(), client.clone());
+        let (control, publish) = (control.clone(), publish.clone());
         tokio::spawn(async move {
             outbox
                 .deliver(&client, |delivery| {
                     if delivery.stop_attempt {
-                        control.cancel();
+                        stop_training(&control, &publish, delivery.publish_adapter);
                     }
                 })
                 .await
         })
     };
     let stop_watch = {
-        let (control, stop) = (control.clone(), stop.clone());
+        let (control, publish, stop) = (control.clone(), publish.clone(), stop.clone());
         tokio::spawn(async move {
-            stop.notified().await;
-            control.cancel();
+            let publish_adapter = stop.stopped().await;
+            stop_training(&control, &publish, publish_adapter);
         })
     };
 
@@ -336,6 +374,20 @@ pub async fn run(
             },
             Ended::Interrupted,
         ),
+        (Ok(summary), None) if summary.cancelled && publish.load(Ordering::SeqCst) => {
+            // The trainer saved the adapter of its last step, the step it checkpointed;
+            // with no new checkpoint (stopped before a step) there is nothing to publish.
+            if last_checkpoint.is_some() {
+                upload_outputs(client, attempt, &options.out).await?;
+            }
+            (
+                AttemptOutcome::Stopped {
+                    checkpoint_step: last_checkpoint.map(|s| s as u64),
+                    summary: serde_json::to_value(&summary)?,
+                },
+                Ended::Normally,
+            )
+        }
         (Ok(summary), None) if summary.cancelled => (AttemptOutcome::Cancelled, Ended::Normally),
         (Ok(summary), None) => {
             upload_outputs(client, attempt, &options.out).await?;

@@ -31,6 +31,7 @@ pub struct Settings {
     pub fleet: Fleet,
     pub storage: Storage,
     pub budgets: Budgets,
+    pub estimates: Estimates,
     pub validation: ValidationSettings,
 }
 
@@ -165,6 +166,7 @@ impl Default for Settings {
             fleet: Fleet::default(),
             storage: Storage::default(),
             budgets: Budgets::default(),
+            estimates: Estimates::default(),
             validation: ValidationSettings::default(),
         }
     }
@@ -330,6 +332,27 @@ impl Default for Budgets {
             webhook_attempts: 5,
             webhook_first_retry_ms: 1_000,
             webhook_timeout_seconds: 10,
+        }
+    }
+}
+
+/// How cost estimates find their throughput.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Estimates {
+    /// Completed attempts of the same base model on the same GPU model whose measured
+    /// tokens/s an estimate takes the median of (the newest this many).
+    pub throughput_samples: i64,
+    /// Share of the GPU's peak FLOP/s a run is assumed to reach when nothing is measured.
+    pub assumed_utilization: f64,
+}
+
+impl Default for Estimates {
+    fn default() -> Self {
+        Estimates {
+            throughput_samples: 20,
+            // The H200 runs measured 4–9% of peak for 0.5B–1B models (README, Performance).
+            assumed_utilization: 0.08,
         }
     }
 }

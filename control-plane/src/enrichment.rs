@@ -11,8 +11,9 @@ use uuid::Uuid;
 
 use crate::db::files::{self, EnrichmentResult, NewConversation};
 use crate::db::Db;
+use crate::domain::estimate::{estimated_tokens, TokenCounts};
 
-/// Most conversations stored per INSERT. A row binds 14 parameters, so 2,000 rows stay
+/// Most conversations stored per INSERT. A row binds 15 parameters, so 2,000 rows stay
 /// under SQLite's limit of 32,766 (PostgreSQL's is 65,535). The reading thread holds one
 /// batch in the making and the channel two more, so memory stays flat whatever the file's
 /// size.
@@ -206,10 +207,11 @@ fn scan(
     for (index, record) in records.enumerate() {
         match record {
             Ok(record) => {
-                found.statistics.add(&record.conversation);
+                let tokens = estimated_tokens(&record.conversation);
+                found.statistics.add(&record.conversation, tokens);
                 // After the first bad record nothing more is stored: the file will fail.
                 if found.errors.is_empty() {
-                    found.rows.push(to_row(record));
+                    found.rows.push(to_row(record, tokens));
                 }
             }
             Err(DatasetError::Record(error)) => {
@@ -249,7 +251,7 @@ pub enum EnrichmentError {
     Reader(#[from] tokio::task::JoinError),
 }
 
-fn to_row(record: Record) -> NewConversation {
+fn to_row(record: Record, token_count: i64) -> NewConversation {
     let Conversation {
         messages,
         tools,
@@ -267,6 +269,7 @@ fn to_row(record: Record) -> NewConversation {
         tools,
         text,
         metadata: metadata.raw,
+        token_count,
     }
 }
 
@@ -347,12 +350,14 @@ struct Statistics {
     topics: HashMap<String, i64>,
     human_reviewed: i64,
     ai_generated: i64,
+    tokens: TokenCounts,
 }
 
 impl Statistics {
-    fn add(&mut self, conversation: &Conversation) {
+    fn add(&mut self, conversation: &Conversation, tokens: i64) {
         let metadata = &conversation.metadata;
         self.conversations += 1;
+        self.tokens.add(tokens);
         self.training_pairs += conversation.training_pairs() as i64;
         self.quality.add(metadata.quality_score);
         self.empathy.add(metadata.quality_scores.empathy);
@@ -414,6 +419,7 @@ impl Statistics {
                 "human_reviewed_percentage": percentage(self.human_reviewed),
                 "ai_generated_percentage": percentage(self.ai_generated),
             }),
+            token_counts: self.tokens,
         }
     }
 }

@@ -121,6 +121,13 @@ impl Metrics {
         });
     }
 
+    /// A `stop_at_cap` budget at its amount stopped a running job.
+    pub fn count_budget_stop(&self) {
+        self.with_recorder(|| {
+            counter!("lora_budget_stops_total").increment(1);
+        });
+    }
+
     /// A budget alert's webhook ended: `sent` or `failed` (after its retries).
     pub fn count_budget_webhook(&self, outcome: &'static str) {
         self.with_recorder(|| {

@@ -106,25 +106,57 @@ function watchFilter(input) {
   });
 }
 
-// The configure form's cost estimate as it is filled in: the preset's hours for this
-// dataset, scaled by epochs against the preset's, at the chosen GPU's hourly rate (the
-// rule the server applies when it saves the configuration).
+// The configure form's estimate as it is filled in, from POST /api/v1/jobs/estimate: the
+// rule the server applies when it saves the configuration (tokens × epochs ÷ measured or
+// modelled throughput), with what it rests on.
 function watchEstimate(form) {
   const output = document.getElementById("estimate");
-  const update = () => {
-    const preset = form.querySelector("input[name=preset_id]:checked");
-    const gpu = form.querySelector("#gpu_model").selectedOptions[0];
-    const kind = form.querySelector("input[name=gpu_type]:checked");
-    if (!preset || !gpu || !kind) return;
-    const epochs = parseFloat(form.querySelector("input[name=epochs]").value);
-    const scale = epochs > 0 ? epochs / parseFloat(preset.dataset.epochs) : 1;
-    const rate = parseFloat(kind.value === "spot" ? gpu.dataset.spot : gpu.dataset.ondemand);
-    const low = parseFloat(preset.dataset.hoursMin) * scale * rate;
-    const high = parseFloat(preset.dataset.hoursMax) * scale * rate;
-    output.textContent = `$${low.toFixed(2)}–$${high.toFixed(2)} (${kind.value} at $${rate.toFixed(2)}/h)`;
+  const basis = document.getElementById("estimate-basis");
+  const hours = (h) => (h < 1 ? `${Math.max(1, Math.round(h * 60))} min` : `${h.toFixed(1)} h`);
+  const describe = (t) => {
+    if (t.source === "measured") return `measured: ${Math.round(t.tokens_per_second)} tokens/s, the median of ${t.samples} completed run${t.samples === 1 ? "" : "s"}`;
+    if (t.source === "modelled") return `modelled: ${Math.round(t.tokens_per_second)} tokens/s at an assumed ${Math.round(t.assumed_utilization * 100)}% of ${t.peak_tflops} TFLOP/s`;
+    return "from the preset's duration table";
   };
-  form.addEventListener("input", update);
-  form.addEventListener("change", update);
+  let timer = null;
+  let latest = 0;
+  const update = async () => {
+    const preset = form.querySelector("input[name=preset_id]:checked");
+    const kind = form.querySelector("input[name=gpu_type]:checked");
+    const gpu = form.querySelector("#gpu_model").value;
+    if (!preset || !kind || !gpu) return;
+    const hyperparameters = {};
+    for (const name of ["epochs", "learning_rate", "rank", "batch_size"]) {
+      const text = form.querySelector(`input[name=${name}]`).value.trim();
+      if (text !== "" && !Number.isNaN(Number(text))) hyperparameters[name] = Number(text);
+    }
+    const request = ++latest;
+    const response = await fetch("/api/v1/jobs/estimate", {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({
+        training_file_id: form.dataset.file, base_model: form.dataset.model,
+        preset_id: preset.value, gpu_type: kind.value, gpu_model: gpu, hyperparameters,
+      }),
+    }).catch(() => null);
+    if (request !== latest) return;
+    const body = response ? await response.json().catch(() => null) : null;
+    if (!response || !response.ok || !body) {
+      const fields = body?.error?.fields?.map((f) => `${f.field}: ${f.message}`).join("; ");
+      output.textContent = fields || body?.error?.message || "no estimate (the server could not be reached)";
+      basis.textContent = "";
+      return;
+    }
+    output.textContent = `$${body.cost_min.toFixed(2)}–$${body.cost_max.toFixed(2)} over ${hours(body.duration_hours_min)}–${hours(body.duration_hours_max)} (${kind.value} at $${body.hourly_rate.toFixed(2)}/h)`;
+    const done = (t) => new Date(t).toLocaleString();
+    basis.textContent = `${describe(body.throughput)}; ${body.tokens_per_epoch.toLocaleString()} tokens × ${body.epochs} epochs, ${body.token_method}; done between ${done(body.completion_earliest)} and ${done(body.completion_latest)}.`;
+  };
+  const schedule = () => {
+    clearTimeout(timer);
+    timer = setTimeout(update, 250);
+  };
+  form.addEventListener("input", schedule);
+  form.addEventListener("change", schedule);
   update();
 }
 

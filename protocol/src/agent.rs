@@ -65,6 +65,11 @@ pub struct HeartbeatReply {
     pub interval_seconds: u64,
     /// True when the agent's current attempt should stop (cancelled or reassigned).
     pub stop_attempt: bool,
+    /// With `stop_attempt`: the stop is a budget's cap, not a cancel. Checkpoint after the
+    /// step in flight, publish the adapter as of that checkpoint, and end
+    /// [`AttemptOutcome::Stopped`].
+    #[serde(default)]
+    pub publish_adapter: bool,
 }
 
 /// Asks for work; the control plane holds the request up to `wait_seconds`.
@@ -268,6 +273,9 @@ pub struct ReportReply {
     pub accepted: usize,
     /// The attempt should stop at the next step boundary.
     pub stop_attempt: bool,
+    /// As in [`HeartbeatReply::publish_adapter`].
+    #[serde(default)]
+    pub publish_adapter: bool,
 }
 
 /// Why a trainer run failed, as far as the agent can tell; decides the retry.
@@ -299,6 +307,12 @@ pub enum AttemptOutcome {
         checkpoint_step: Option<u64>,
     },
     Cancelled,
+    /// Stopped at the control plane's request (`publish_adapter`) after checkpointing at
+    /// `checkpoint_step`; the adapter as of that step was uploaded with the summary.
+    Stopped {
+        checkpoint_step: Option<u64>,
+        summary: serde_json::Value,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

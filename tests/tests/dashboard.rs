@@ -76,6 +76,10 @@ async fn a_user_signs_in_uploads_watches_a_job_live_and_cancels_it() {
     browser.type_into("input[name=epochs]", "100").await;
     browser.type_into("input[name=batch_size]", "2").await;
     browser.wait_for_text("#estimate", "(spot at $", LONG).await;
+    // What it rests on, from POST /api/v1/jobs/estimate: no run of this model yet.
+    browser
+        .wait_for_text("#estimate-basis", "from the preset's duration table", LONG)
+        .await;
     browser.screenshot("configure").await;
     browser.click("form.stacked button[type=submit]").await;
     browser

@@ -1,6 +1,7 @@
 //! Acceptance: jobs submitted to the control plane are trained by agents, exactly once;
 //! a spot notice hands a job to another agent, which resumes it from the checkpoint to
-//! the same adapter an uninterrupted run makes; a cancel stops training.
+//! the same adapter an uninterrupted run makes; a cancel stops training; a budget's cap
+//! stops it with its adapter kept.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -90,6 +91,7 @@ async fn two_agents_train_five_jobs_exactly_once() {
     let _second = Agent::start(&plane, "second", &["--spot-provider", "none"]);
 
     let mut agents_used = BTreeSet::new();
+    let mut measured = Vec::new();
     for job in &jobs {
         let view = api.wait_status(job, "completed", LONG).await;
         assert_eq!(view["progress_percentage"], 100);
@@ -115,8 +117,33 @@ async fn two_agents_train_five_jobs_exactly_once() {
         ] {
             assert!(names.contains(expected), "{expected} in {names:?}");
         }
+        let summary = files
+            .iter()
+            .find(|(name, _)| name == "summary.json")
+            .map(|(_, bytes)| serde_json::from_slice::<Value>(bytes).expect("summary"))
+            .expect("summary");
+        measured.push(summary["tokens_per_second"].as_f64().expect("tokens/s"));
     }
     assert_eq!(agents_used.len(), 2, "both agents took work");
+
+    // The next estimate for this model on this GPU rests on the five runs: the median of
+    // the tokens/s their trainers measured.
+    let estimate = api
+        .send(
+            Method::POST,
+            "/jobs/estimate",
+            json!({"training_file_id": file, "base_model": model.display().to_string(),
+                   "gpu_type": "spot", "gpu_model": "H100-80GB", "hyperparameters": hyperparameters(1)}),
+        )
+        .await;
+    measured.sort_by(f64::total_cmp);
+    assert_eq!(estimate["throughput"]["source"], "measured", "{estimate}");
+    assert_eq!(estimate["throughput"]["samples"], 5);
+    assert_eq!(
+        estimate["throughput"]["tokens_per_second"].as_f64(),
+        Some(measured[2]),
+        "{estimate}"
+    );
     let fleet = api.get("/agents").await;
     assert_eq!(fleet["data"].as_array().map(Vec::len), Some(2));
 }
@@ -329,6 +356,172 @@ async fn cancel_stops_the_agent() {
     let total = cancelled["total_steps"].as_i64().expect("total steps");
     let last = *metric_steps(&api, &job).await.last().expect("some steps");
     assert!(last < total, "stopped at step {last} of {total}");
+}
+
+/// `stop_at_cap`: a job whose live cost takes a budget to its amount stops at a step
+/// boundary with a checkpoint, publishes that checkpoint's adapter, and ends cancelled
+/// with reason budget_cap. A catalog at $36,000 an hour makes seconds of CPU cost dollars.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_cap_stops_the_job_and_keeps_its_adapter() {
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let catalog = scratch.path().join("catalog.toml");
+    std::fs::write(
+        &catalog,
+        "[[gpu]]\nmodel = \"H100-80GB\"\nmemory_gb = 80\nspot_hourly = 36000\nondemand_hourly = 72000\n",
+    )
+    .expect("catalog");
+    let plane = ControlPlane::start_with_env(
+        false,
+        &[
+            ("CONTROL_PLANE_GPU_CATALOG", catalog.to_str().expect("path")),
+            ("CONTROL_PLANE_FLEET__HEARTBEAT_INTERVAL_SECONDS", "1"),
+        ],
+    )
+    .await;
+    let api = Api::login(&plane).await;
+    let model = tiny_model(scratch.path());
+    let file = api.upload("codes", chat_jsonl(40)).await;
+    let _agent = Agent::start(&plane, "worker", &["--spot-provider", "none"]);
+    let job = api
+        .start_job(&file, "capped", &model, hyperparameters(50))
+        .await;
+    // Training is under way (and has cost more than $1 at $10 a second) before the
+    // budget exists, so the stop lands mid-training.
+    wait_for_step(&api, &job, 2).await;
+    let budget = api
+        .send(
+            Method::POST,
+            "/budgets",
+            json!({"name": "lab", "amount": 1, "period": "monthly", "enforcement": "stop_at_cap"}),
+        )
+        .await;
+    assert_eq!(budget["enforcement"], "stop_at_cap", "{budget}");
+
+    let ended = api.wait_status(&job, "cancelled", LONG).await;
+    assert_eq!(ended["cancelled_reason"], "budget_cap", "{ended}");
+    assert_eq!(ended["stop_requested"], "budget_cap");
+    let total = ended["total_steps"].as_i64().expect("total steps");
+    let last = *metric_steps(&api, &job).await.last().expect("some steps");
+    assert!(last < total, "stopped at step {last} of {total}");
+
+    // The story: which budget stopped it, then the step whose adapter it keeps.
+    let events = api.get(&format!("/jobs/{job}/events?limit=200")).await;
+    let messages: Vec<&str> = events["data"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("Budget \"lab\" reached its cap")),
+        "{messages:?}"
+    );
+    let stopped = format!(
+        "Stopped at the budget cap after step {last} (attempt 1): the adapter as of the checkpoint at step {last} is the job's adapter"
+    );
+    assert!(messages.contains(&stopped.as_str()), "{messages:?}");
+    let attempts = api.get(&format!("/jobs/{job}/attempts")).await;
+    assert_eq!(attempts["data"][0]["status"], "cancelled");
+
+    // The published adapter is the checkpoint taken at the stop, tensor for tensor.
+    let files = api.download_artifacts(&job).await;
+    let file_named = |name: &str| {
+        files
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, bytes)| bytes.clone())
+            .unwrap_or_else(|| panic!("{name} published"))
+    };
+    let summary: Value = serde_json::from_slice(&file_named("summary.json")).expect("summary");
+    assert_eq!(summary["steps"], last, "{summary}");
+    let adapter = candle_core::safetensors::load_buffer(
+        &file_named("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .expect("adapter");
+    let artifacts = api.get(&format!("/jobs/{job}/artifacts")).await;
+    let checkpoint = artifacts["data"]
+        .as_array()
+        .expect("artifacts")
+        .iter()
+        .find(|a| {
+            a["artifact_type"] == "checkpoint" && a["name"] == format!("checkpoint-step-{last}.tar")
+        })
+        .unwrap_or_else(|| panic!("a checkpoint at step {last}: {artifacts}"))
+        .clone();
+    let link = api
+        .get(&format!(
+            "/artifacts/{}/download",
+            checkpoint["id"].as_str().expect("id")
+        ))
+        .await;
+    let archive = api
+        .fetch_bytes(link["download_url"].as_str().expect("url"))
+        .await;
+    let mut tar = tar::Archive::new(archive.as_slice());
+    let mut weights = Vec::new();
+    for entry in tar.entries().expect("entries") {
+        let mut entry = entry.expect("entry");
+        if entry
+            .path()
+            .expect("path")
+            .ends_with("adapter_model.safetensors")
+        {
+            std::io::Read::read_to_end(&mut entry, &mut weights).expect("read");
+        }
+    }
+    let checkpointed = candle_core::safetensors::load_buffer(&weights, &candle_core::Device::Cpu)
+        .expect("weights");
+    assert_eq!(adapter.len(), checkpointed.len());
+    let mut trained = false;
+    for (name, tensor) in &adapter {
+        let values = |t: &candle_core::Tensor| -> Vec<f32> {
+            t.flatten_all().expect("flat").to_vec1().expect("values")
+        };
+        let ours = values(tensor);
+        assert_eq!(ours, values(&checkpointed[name]), "{name}");
+        trained |= name.contains("lora_B") && ours.iter().any(|v| *v != 0.0);
+    }
+    assert!(trained, "the adapter has learned something");
+
+    // The budget stands past its amount, and a new job against it may not start.
+    let standing = api
+        .get(&format!("/budgets/{}", budget["id"].as_str().expect("id")))
+        .await;
+    assert!(
+        standing["current_spend"].as_f64() >= Some(1.0),
+        "{standing}"
+    );
+    let next = api
+        .send(
+            Method::POST,
+            "/jobs",
+            json!({"training_file_id": file, "name": "after", "base_model": model.display().to_string()}),
+        )
+        .await;
+    let next_id = next["id"].as_str().expect("id");
+    api.send(
+        Method::PUT,
+        &format!("/jobs/{next_id}/configure"),
+        json!({"gpu_type": "spot", "gpu_model": "H100-80GB"}),
+    )
+    .await;
+    let (status, refused) = api
+        .try_send(
+            Method::POST,
+            &format!("/jobs/{next_id}/start"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    assert!(
+        refused["error"]["rules"][0]
+            .as_str()
+            .is_some_and(|r| r.contains("budget \"lab\" has $0.00 left")),
+        "{refused}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

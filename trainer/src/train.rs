@@ -256,6 +256,26 @@ impl Control {
     }
 }
 
+/// Saves the LoRA parameters and optimizer moments under `out/checkpoints` and tells the
+/// observer.
+fn write_checkpoint(
+    out: &Path,
+    state: &checkpoint::CheckpointState,
+    parameters: &[(String, Var)],
+    optimizer: &AdamW,
+    observer: &mut dyn Observer,
+) -> Result<()> {
+    let (first, second) = optimizer.moments()?;
+    let dir = checkpoint::save(
+        &out.join("checkpoints"),
+        state,
+        parameters,
+        (&first, &second),
+    )?;
+    observer.checkpoint(state.step, &dir);
+    Ok(())
+}
+
 pub(crate) fn device(choice: DeviceChoice) -> Result<Device> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
@@ -456,6 +476,16 @@ pub fn train(
     let (mut tokens_seen, mut last_loss, mut last_validation) = (0usize, f64::NAN, None);
     let mut order: (usize, Vec<usize>) = (usize::MAX, Vec::new());
     let mut steps_done = start_step;
+    // The step of the newest checkpoint (the resumed one counts).
+    let mut checkpointed_at = start_step;
+    let checkpoint_state =
+        |step: usize, epoch: usize, optimizer: &AdamW| checkpoint::CheckpointState {
+            step,
+            epoch,
+            optimizer_steps: optimizer.steps(),
+            config_hash: config_hash.clone(),
+            data_hash: data_hash.clone(),
+        };
     for step in start_step..total_steps {
         if control.cancelled() {
             break;
@@ -561,22 +591,16 @@ pub fn train(
             .checkpoint_every
             .is_some_and(|n| n > 0 && steps_done % n == 0);
         if control.take_checkpoint_request() || scheduled {
-            let state = checkpoint::CheckpointState {
-                step: steps_done,
-                epoch,
-                optimizer_steps: optimizer.steps(),
-                config_hash: config_hash.clone(),
-                data_hash: data_hash.clone(),
-            };
-            let (first, second) = optimizer.moments()?;
-            let dir = checkpoint::save(
-                &options.out.join("checkpoints"),
-                &state,
-                &parameters,
-                (&first, &second),
-            )?;
-            observer.checkpoint(steps_done, &dir);
+            let state = checkpoint_state(steps_done, epoch, &optimizer);
+            write_checkpoint(&options.out, &state, &parameters, &optimizer, observer)?;
+            checkpointed_at = steps_done;
         }
+    }
+    // A checkpoint asked for after the last step's own check (a stop's request racing the
+    // step) is written now, so a stop always ends on a checkpoint of the final parameters.
+    if control.take_checkpoint_request() && checkpointed_at != steps_done {
+        let state = checkpoint_state(steps_done, (steps_done - 1) / steps_per_epoch, &optimizer);
+        write_checkpoint(&options.out, &state, &parameters, &optimizer, observer)?;
     }
 
     observer.stage(Stage::Finalization);

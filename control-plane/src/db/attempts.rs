@@ -147,6 +147,27 @@ pub async fn insert_checkpoint(db: &Db, checkpoint: &Checkpoint) -> Result<Check
         .await)?)
 }
 
+/// The tokens/s of the newest `limit` attempts that trained to their end on `base_model`
+/// and `gpu_model`, across all users: a fleet's measured speed, no one's data.
+pub async fn throughput_samples(
+    db: &Db,
+    base_model: &str,
+    gpu_model: &str,
+    limit: i64,
+) -> Result<Vec<f64>, DbError> {
+    let rows: Vec<(f64,)> = on_pool!(db, pool => sqlx::query_as(
+        "SELECT a.tokens_per_second FROM job_attempts a JOIN training_jobs j ON j.id = a.job_id
+         WHERE j.base_model = $1 AND j.gpu_model = $2 AND a.tokens_per_second > 0
+         ORDER BY a.ended_at DESC LIMIT $3",
+    )
+    .bind(base_model)
+    .bind(gpu_model)
+    .bind(limit)
+    .fetch_all(pool)
+    .await)?;
+    Ok(rows.into_iter().map(|(tps,)| tps).collect())
+}
+
 /// Progress carried by a report batch, applied to the job row.
 pub struct Progress {
     pub stage: Option<&'static str>,

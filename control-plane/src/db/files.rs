@@ -37,6 +37,11 @@ pub struct TrainingFile {
     pub updated_at: DateTime<Utc>,
     pub last_enriched_at: Option<DateTime<Utc>>,
     pub deleted_at: Option<DateTime<Utc>>,
+    /// The file's tokens, estimated from characters (no tokenizer), in all and as a run at
+    /// each usual `max_seq_len` sees them; what cost estimates count.
+    #[sqlx(default)]
+    #[schema(value_type = Option<crate::domain::estimate::TokenCounts>)]
+    pub token_counts: Option<Json<crate::domain::estimate::TokenCounts>>,
 }
 
 pub struct NewFile<'a> {
@@ -268,6 +273,7 @@ pub struct EnrichmentResult {
     pub quality_scores: serde_json::Value,
     pub scaffolding_distribution: serde_json::Value,
     pub human_review: serde_json::Value,
+    pub token_counts: crate::domain::estimate::TokenCounts,
 }
 
 /// Completes the file for the run holding `claim`: rows other runs stored are removed and
@@ -293,7 +299,8 @@ pub async fn finish_enrichment(
             "UPDATE training_files SET enrichment_status = $10, enrichment_error = NULL, file_format = $2,
                  conversation_count = (SELECT COUNT(*) FROM conversations WHERE training_file_id = $1),
                  training_pairs_count = $4, average_quality_score = $5,
-                 quality_scores = $6, scaffolding_distribution = $7, human_review = $8, last_enriched_at = $9
+                 quality_scores = $6, scaffolding_distribution = $7, human_review = $8, last_enriched_at = $9,
+                 token_counts = $12
              WHERE id = $1 AND enrichment_status = $11 AND enrichment_claim = $3",
         )
         .bind(id)
@@ -307,6 +314,7 @@ pub async fn finish_enrichment(
         .bind(now())
         .bind(EnrichmentStatus::Completed)
         .bind(EnrichmentStatus::Processing)
+        .bind(Json(&result.token_counts))
         .execute(&mut *tx)
         .await?
         .rows_affected();
@@ -387,6 +395,8 @@ pub struct NewConversation {
     pub tools: Option<Vec<serde_json::Value>>,
     pub text: Option<String>,
     pub metadata: Option<serde_json::Value>,
+    /// Estimated (`domain::estimate::estimated_tokens`).
+    pub token_count: i64,
 }
 
 /// Stores a batch of conversations for the enrichment run holding `claim`, in one
@@ -406,7 +416,7 @@ pub async fn insert_conversations(
         let mut query = QueryBuilder::new(
             "INSERT INTO conversations (id, training_file_id, line_number, persona, emotional_arc, topic,
                                         quality_score, human_reviewed, messages, tools, text, metadata,
-                                        created_at, enrichment_claim) ",
+                                        created_at, enrichment_claim, token_count) ",
         );
         query.push_values(batch, |mut row, c| {
             // Time-ordered ids: each batch appends to the primary key's B-tree instead of
@@ -424,7 +434,8 @@ pub async fn insert_conversations(
                 .push_bind(c.text.as_deref())
                 .push_bind(c.metadata.as_ref().map(Json))
                 .push_bind(now)
-                .push_bind(claim);
+                .push_bind(claim)
+                .push_bind(c.token_count);
         });
         query.build().execute(pool).await?;
     });

@@ -11,7 +11,8 @@ use uuid::Uuid;
 
 use super::attempts::{Attempt, Checkpoint, ATTEMPT_COLUMNS, CHECKPOINT_COLUMNS};
 use super::events::{insert_event, Event};
-use super::{on_pool, BeginWrite, Db, DbError};
+use super::{now, on_pool, BeginWrite, Db, DbError};
+use crate::domain::estimate::Estimate;
 use crate::domain::{
     AttemptStatus, Attribution, GpuType, Hyperparameters, JobStatus, RecoveryPolicy,
 };
@@ -56,6 +57,16 @@ pub struct Job {
     pub failed_stage: Option<String>,
     pub cancelled_reason: Option<String>,
     pub cancelled_at: Option<DateTime<Utc>>,
+    /// `budget_cap` once a `stop_at_cap` budget reached its amount while the job ran: its
+    /// agent stops at the next step boundary, publishes the adapter of the checkpoint it
+    /// takes there, and the job ends cancelled with that reason.
+    #[sqlx(default)]
+    pub stop_requested: Option<String>,
+    /// The configured estimate in full: tokens, the throughput it rests on (measured,
+    /// modelled or the preset's table), duration, cost and completion window.
+    #[sqlx(default)]
+    #[schema(value_type = Option<Estimate>)]
+    pub estimate_basis: Option<Json<Estimate>>,
     pub retry_count: i64,
     pub max_retries: i64,
     pub interruption_count: i64,
@@ -277,6 +288,22 @@ pub async fn queued_hours_ahead(db: &Db) -> Result<f64, DbError> {
     Ok(hours.unwrap_or(0.0))
 }
 
+/// Asks the agent running the job to stop for `reason` (`budget_cap`); `None` when the job
+/// no longer runs or a stop was already asked for (only the first request counts).
+pub async fn request_stop(db: &Db, job_id: Uuid, reason: &str) -> Result<Option<Job>, DbError> {
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, Job>(
+        "UPDATE training_jobs SET stop_requested = $2, updated_at = $3
+         WHERE id = $1 AND stop_requested IS NULL AND status IN ($4, $5) RETURNING *",
+    )
+    .bind(job_id)
+    .bind(reason)
+    .bind(now())
+    .bind(JobStatus::Provisioning)
+    .bind(JobStatus::Training)
+    .fetch_optional(pool)
+    .await)?)
+}
+
 /// Queued jobs, oldest first: the scheduler's candidates.
 pub async fn queued(db: &Db, limit: i64) -> Result<Vec<Job>, DbError> {
     Ok(on_pool!(db, pool => sqlx::query_as::<_, Job>(
@@ -306,9 +333,8 @@ pub struct Configuration<'a> {
     pub hyperparameters: &'a Hyperparameters,
     pub required_labels: &'a serde_json::Map<String, serde_json::Value>,
     pub recovery: RecoveryPolicy,
-    pub hourly_rate: f64,
-    pub estimated_duration_hours: (f64, f64),
-    pub estimated_cost: (f64, f64),
+    /// Its duration, cost and rate, and what they rest on.
+    pub estimate: &'a Estimate,
     pub attribution: &'a Attribution,
 }
 
@@ -330,6 +356,8 @@ pub struct AttemptEnd<'a> {
     pub notice_deadline: Option<DateTime<Utc>>,
     pub interruption_provider: Option<&'a str>,
     pub notice_seconds_used: Option<f64>,
+    /// What the trainer measured, for later estimates (a run that trained to its end).
+    pub tokens_per_second: Option<f64>,
 }
 
 impl AttemptEnd<'_> {
@@ -340,6 +368,7 @@ impl AttemptEnd<'_> {
             notice_deadline: None,
             interruption_provider: None,
             notice_seconds_used: None,
+            tokens_per_second: None,
         }
     }
 }
@@ -360,6 +389,10 @@ pub enum JobAfter<'a> {
     /// budget and keeps the checkpoint to resume from.
     Interrupt {
         resume_from: Option<Uuid>,
+    },
+    /// Stopped at the control plane's request (`stop_requested`): cancelled with `reason`.
+    Stop {
+        reason: &'a str,
     },
 }
 
@@ -406,6 +439,7 @@ impl Change<'_> {
                 JobAfter::Fail { .. } => JobStatus::Failed,
                 JobAfter::Retry { .. } => JobStatus::Queued,
                 JobAfter::Interrupt { .. } => JobStatus::Interrupted,
+                JobAfter::Stop { .. } => JobStatus::Cancelled,
             },
         }
     }
@@ -473,7 +507,8 @@ pub async fn change_status(
             let cost = attempt.cost_at(at);
             let ended = sqlx::query(
                 "UPDATE job_attempts SET status = $2, error_message = $3, notice_deadline = $4,
-                     interruption_provider = $5, notice_seconds_used = $6, cost = $7, ended_at = $8, updated_at = $8
+                     interruption_provider = $5, notice_seconds_used = $6, cost = $7, ended_at = $8, updated_at = $8,
+                     tokens_per_second = $10
                  WHERE id = $1 AND status = $9",
             )
             .bind(attempt.id)
@@ -485,6 +520,7 @@ pub async fn change_status(
             .bind(cost)
             .bind(at)
             .bind(AttemptStatus::Running)
+            .bind(end.tokens_per_second)
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -509,18 +545,18 @@ pub async fn change_status(
                      estimated_duration_hours_min = $12, estimated_duration_hours_max = $13,
                      estimated_cost_min = $14, estimated_cost_max = $15, required_labels = $16,
                      max_retries = $17, max_interruptions = $18, auto_resume = $19,
-                     team = $20, project = $21, cost_center = $22, tags = $23"))
+                     team = $20, project = $21, cost_center = $22, tags = $23, estimate_basis = $24"))
             .bind(job_id).bind(from).bind(to).bind(at).bind(change.holder())
             .bind(c.preset_id)
             .bind(c.gpu_type)
             .bind(c.gpu_model)
             .bind(Json(c.hyperparameters))
             .bind(i64::from(c.hyperparameters.epochs))
-            .bind(c.hourly_rate)
-            .bind(c.estimated_duration_hours.0)
-            .bind(c.estimated_duration_hours.1)
-            .bind(c.estimated_cost.0)
-            .bind(c.estimated_cost.1)
+            .bind(c.estimate.hourly_rate)
+            .bind(c.estimate.duration_hours_min)
+            .bind(c.estimate.duration_hours_max)
+            .bind(c.estimate.cost_min)
+            .bind(c.estimate.cost_max)
             .bind(Json(c.required_labels))
             .bind(i64::from(c.recovery.max_retries))
             .bind(i64::from(c.recovery.max_interruptions))
@@ -528,7 +564,8 @@ pub async fn change_status(
             .bind(c.attribution.team.as_deref())
             .bind(c.attribution.project.as_deref())
             .bind(c.attribution.cost_center.as_deref())
-            .bind(c.attribution.tags.as_ref().map(Json)),
+            .bind(c.attribution.tags.as_ref().map(Json))
+            .bind(Json(c.estimate)),
             Change::Queue { estimated_start_time } => sqlx::query_as::<_, Job>(guarded!(
                 "UPDATE training_jobs SET status = $3, updated_at = $4, queued_at = $4, estimated_start_time = $6"))
             .bind(job_id).bind(from).bind(to).bind(at).bind(change.holder())
@@ -589,6 +626,13 @@ pub async fn change_status(
                 .bind(total_cost)
                 .bind(*resume_from)
                 .bind(end.error_message),
+                JobAfter::Stop { reason } => sqlx::query_as::<_, Job>(guarded!(
+                    "UPDATE training_jobs SET status = $3, updated_at = $4, completed_at = $4,
+                         cancelled_at = $4, cancelled_reason = $7, current_stage = $3, estimated_remaining_seconds = NULL,
+                         current_cost = $6, final_cost = $6"))
+                .bind(job_id).bind(from).bind(to).bind(at).bind(change.holder())
+                .bind(total_cost)
+                .bind(*reason),
             },
         };
         let Some(job) = query.fetch_optional(&mut *tx).await? else {

@@ -15,6 +15,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 pub mod agents;
 pub mod artifacts;
 pub mod attempts;
+pub mod budget_requests;
 pub mod budgets;
 pub mod cost_tracking;
 pub mod events;

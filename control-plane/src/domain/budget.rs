@@ -32,6 +32,16 @@ vocabulary!(
 );
 
 vocabulary!(
+    /// Where a budget increase request stands.
+    RequestStatus, "request status" {
+        Pending = "pending",
+        /// The budget's amount became the one asked for.
+        Approved = "approved",
+        Denied = "denied",
+    }
+);
+
+vocabulary!(
     /// Whose jobs a budget counts.
     BudgetScope, "budget scope" {
         /// Its owner's jobs (matching its filters).

@@ -50,6 +50,9 @@ pub struct GpuOffer {
     pub memory_gb: f64,
     pub spot_hourly: f64,
     pub ondemand_hourly: f64,
+    /// Dense bf16 peak, in TFLOP/s: what modelled estimates start from.
+    #[serde(default)]
+    pub bf16_tflops: Option<f64>,
 }
 
 impl GpuOffer {

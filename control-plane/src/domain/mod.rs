@@ -1,6 +1,7 @@
 //! Types that parse their input, so an invalid value cannot be built.
 
 pub mod budget;
+pub mod estimate;
 pub mod gpu_catalog;
 pub mod hyperparameters;
 pub mod job_status;
@@ -10,7 +11,7 @@ pub mod user;
 pub mod validation;
 pub mod vocabulary;
 
-pub use budget::{Attribution, BudgetPeriod, BudgetScope, Enforcement};
+pub use budget::{Attribution, BudgetPeriod, BudgetScope, Enforcement, RequestStatus};
 pub use gpu_catalog::{GpuCatalog, GpuType};
 pub use hyperparameters::{FieldError, Hyperparameters};
 pub use job_status::JobStatus;

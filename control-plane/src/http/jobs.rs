@@ -16,6 +16,8 @@ use super::error::ErrorBody;
 use super::{ApiJson, ApiPath, ApiQuery, Page};
 use crate::db::events::Event;
 use crate::db::metrics::MetricPoint;
+use crate::domain::estimate::Estimate;
+use crate::service::estimate::EstimateRequest;
 use crate::service::job::{self, ConfigureJob, CreateJob, JobView};
 use crate::service::metric_history::{self, HistoryQuery, HistoryStream, Series};
 use crate::service::{page_bounds, AppState, CurrentUser, ServiceError, ServiceResult};
@@ -23,6 +25,7 @@ use crate::service::{page_bounds, AppState, CurrentUser, ServiceError, ServiceRe
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(list_jobs, create_job))
+        .routes(routes!(estimate))
         .routes(routes!(get_job))
         .routes(routes!(configure))
         .routes(routes!(start))
@@ -42,6 +45,23 @@ async fn create_job(
 ) -> ServiceResult<(StatusCode, Json<JobView>)> {
     let created = job::create_draft(&state, &user, &request, None).await?;
     Ok((StatusCode::CREATED, Json(job::view(&state, created).await?)))
+}
+
+/// The duration, cost and completion window a job would have, before anything exists:
+/// the body of `POST /jobs` and `PUT /jobs/{id}/configure` together (fields the estimate
+/// does not need are ignored). Tokens are estimated from characters; the throughput is
+/// measured on earlier runs of the same base model and GPU model, else modelled from the
+/// GPU's peak, else the preset's table; the answer says which.
+#[utoipa::path(post, path = "/jobs/estimate", tag = "jobs", request_body = EstimateRequest,
+    responses((status = 200, body = Estimate), (status = 422, body = ErrorBody)))]
+async fn estimate(
+    State(state): State<AppState>,
+    user: CurrentUser,
+    ApiJson(request): ApiJson<EstimateRequest>,
+) -> ServiceResult<Json<Estimate>> {
+    Ok(Json(
+        crate::service::estimate::estimate_request(&state, &user, &request).await?,
+    ))
 }
 
 /// Sets hyperparameters, GPU and recovery policy; answers with the cost estimate.

@@ -1,7 +1,9 @@
 //! Budgets (spec §4.2.11, stage 7): create, read, replace and delete them; their spend in
 //! the current period, summed from the cost records; alerts when a job's spend crosses a
-//! budget's threshold or its amount (once per period and threshold); and `block_start`,
-//! which refuses to start a job whose estimate exceeds what a budget has left.
+//! budget's threshold or its amount (once per period and threshold), also while a job
+//! runs; `block_start`, which refuses to start a job whose estimate exceeds what a budget
+//! has left; and `stop_at_cap`, which stops a running job at a budget's amount with a
+//! checkpoint whose adapter becomes the job's.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -13,11 +15,12 @@ use super::{AppState, CurrentUser, ServiceError, ServiceResult};
 use crate::db::budgets::{self, Budget, BudgetAlert, BudgetFields};
 use crate::db::cost_tracking::{self, SpendFilter};
 use crate::db::events::{self, Event};
-use crate::db::jobs::{round_cents, Job};
+use crate::db::jobs::{self, round_cents, Job};
 use crate::db::now;
 use crate::domain::{
     BudgetPeriod, BudgetScope, Enforcement, EventType, FieldError, Role, Severity,
 };
+use crate::live::JobUpdate;
 
 /// A budget's settings as a request gives them (create, or replace with `PUT`).
 #[derive(Debug, Deserialize, ToSchema)]
@@ -42,8 +45,10 @@ pub struct BudgetRequest {
     /// personal (default: your jobs) or shared (admins: everyone's jobs of the team,
     /// project or cost center named).
     pub scope: Option<String>,
-    /// none (default) or block_start (stop_at_cap is refused until agents can publish
-    /// the adapter of the checkpoint a stop takes).
+    /// none (default); block_start: a job whose estimate exceeds what is left may not
+    /// start; stop_at_cap: a running job that takes the budget to its amount stops at the
+    /// next step boundary with a checkpoint, whose adapter becomes the job's (and a job
+    /// may not start once nothing is left).
     pub enforcement: Option<String>,
 }
 
@@ -105,15 +110,6 @@ fn parse(request: &BudgetRequest) -> ServiceResult<BudgetFields<'_>> {
         request.enforcement.as_deref().unwrap_or("none"),
         &mut errors,
     );
-    if enforcement == Some(Enforcement::StopAtCap) {
-        // Stopping at the cap must leave the spend a usable adapter (a checkpoint taken and
-        // published as the job's adapter); until agents do that, the setting is refused
-        // rather than accepted and not kept.
-        errors.push(FieldError::new(
-            "enforcement",
-            "stop_at_cap is not available yet; use block_start or none",
-        ));
-    }
     let team = filter("team", &request.team, &mut errors);
     let project = filter("project", &request.project, &mut errors);
     let cost_center = filter("cost_center", &request.cost_center, &mut errors);
@@ -371,10 +367,71 @@ pub async fn alert_if_crossed(state: &AppState, job: &Job) -> ServiceResult<()> 
 }
 
 async fn alert(state: &AppState, job: &Job) -> ServiceResult<()> {
+    let budgets = counted_against(state, job).await?;
+    check_budgets(state, job, &budgets).await.map(|_| ())
+}
+
+/// While a job runs (on each of its agent's heartbeats): its budgets alert as its live
+/// cost crosses them, and a `stop_at_cap` budget at its amount asks the agent to stop
+/// (once; the event says which budget and where it stands). Returns the job as it is now.
+pub async fn watch_running(state: &AppState, job: Job) -> ServiceResult<Job> {
+    let budgets = counted_against(state, &job).await?;
+    if budgets.is_empty() {
+        return Ok(job);
+    }
+    let Some((budget, spent)) = check_budgets(state, &job, &budgets).await? else {
+        return Ok(job);
+    };
+    let Some(stopping) = jobs::request_stop(&state.db, job.id, STOP_BUDGET_CAP).await? else {
+        return Ok(job);
+    };
+    let event = Event::new(
+        job.id,
+        EventType::Warning,
+        Severity::Warning,
+        format!(
+            "Budget \"{}\" reached its cap (${spent:.2} of ${:.2} this {} period): stopping at the next step boundary with a checkpoint, whose adapter becomes the job's",
+            budget.name, budget.amount, budget.period
+        ),
+    )
+    .with_details(json!({
+        "budget_id": budget.id, "spend": spent, "amount": budget.amount,
+        "enforcement": budget.enforcement, "reason": STOP_BUDGET_CAP,
+    }));
+    events::insert(&state.db, &event).await?;
+    state.metrics.count_budget_stop();
+    tracing::warn!(job_id = %job.id, budget_id = %budget.id, spent, "budget cap: stopping the job");
+    state
+        .live
+        .publish_all(vec![
+            JobUpdate::Status {
+                job: Box::new(stopping.clone()),
+            },
+            JobUpdate::Event {
+                event: Box::new(event),
+            },
+        ])
+        .await;
+    Ok(stopping)
+}
+
+/// The reason a job stopped at a budget's cap ends cancelled with.
+pub const STOP_BUDGET_CAP: &str = "budget_cap";
+
+/// Each of `budgets` whose period the job's spend falls in: alerts for the thresholds its
+/// spend reached (once per period and threshold), and the first `stop_at_cap` budget at
+/// its amount, with its spend.
+async fn check_budgets<'a>(
+    state: &AppState,
+    job: &Job,
+    budgets: &'a [Budget],
+) -> ServiceResult<Option<(&'a Budget, f64)>> {
     let at = now();
     let incurred = cost_tracking::incurred_at(job);
-    for budget in counted_against(state, job).await? {
-        if !budget.alert_enabled {
+    let mut capped = None;
+    for budget in budgets {
+        let stops = budget.enforcement == Enforcement::StopAtCap;
+        if !budget.alert_enabled && !stops {
             continue;
         }
         let window = budget.period.window(at);
@@ -382,7 +439,13 @@ async fn alert(state: &AppState, job: &Job) -> ServiceResult<()> {
         if incurred < window.0 {
             continue;
         }
-        let spent = spend(state, &budget, window).await?;
+        let spent = spend(state, budget, window).await?;
+        if stops && spent >= budget.amount && capped.is_none() {
+            capped = Some((budget, spent));
+        }
+        if !budget.alert_enabled {
+            continue;
+        }
         let mut thresholds = vec![budget.alert_threshold];
         if budget.alert_threshold < 100.0 {
             thresholds.push(100.0);
@@ -412,7 +475,7 @@ async fn alert(state: &AppState, job: &Job) -> ServiceResult<()> {
             if !budgets::record_alert(&state.db, &alert).await? {
                 continue;
             }
-            spawn_webhook(state, &alert, &budget);
+            spawn_webhook(state, &alert, budget);
             let over = threshold >= 100.0;
             let event = Event::new(
                 job.id,
@@ -439,7 +502,7 @@ async fn alert(state: &AppState, job: &Job) -> ServiceResult<()> {
             tracing::warn!(budget_id = %budget.id, job_id = %job.id, threshold, spent, "budget alert");
         }
     }
-    Ok(())
+    Ok(capped)
 }
 
 /// Sends the alert to the configured webhook in the background, so the job's own path
@@ -543,18 +606,24 @@ pub async fn standing_for_job(state: &AppState, job: &Job) -> ServiceResult<Vec<
 }
 
 /// `block_start`: a job whose estimate (the top of its range) is more than what a
-/// matching budget has left this period may not start; the refusal names the budget,
-/// what it has left and the estimate.
+/// matching budget has left this period may not start; `stop_at_cap`: nor may one when a
+/// matching budget has nothing left. The refusal names the budget, what it has left and
+/// the estimate.
 pub async fn check_start(state: &AppState, job: &Job) -> ServiceResult<()> {
     let estimate = job.estimated_cost_max.unwrap_or(0.0);
     let mut broken = Vec::new();
     for budget in counted_against(state, job).await? {
-        if budget.enforcement != Enforcement::BlockStart {
+        if budget.enforcement == Enforcement::None {
             continue;
         }
         let window = budget.period.window(now());
         let left = round_cents((budget.amount - spend(state, &budget, window).await?).max(0.0));
-        if estimate > left {
+        let refused = match budget.enforcement {
+            Enforcement::BlockStart => estimate > left,
+            // It would stop at its first heartbeat.
+            _ => left <= 0.0,
+        };
+        if refused {
             broken.push(format!(
                 "budget \"{}\" has ${left:.2} left this {} period and the job's estimate is up to ${estimate:.2}",
                 budget.name, budget.period

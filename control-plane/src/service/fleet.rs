@@ -52,14 +52,45 @@ async fn own_attempt(state: &AppState, agent: &Agent, id: Uuid) -> ServiceResult
         .ok_or(ServiceError::NotFound("attempt"))
 }
 
-/// Whether the agent should stop the attempt: it ended, or its job was cancelled or given
-/// to another agent.
-async fn should_stop(state: &AppState, attempt: &Attempt) -> ServiceResult<bool> {
-    if attempt.ended_at.is_some() {
-        return Ok(true);
+/// Whether the agent should stop the attempt: it ended, its job was cancelled or given to
+/// another agent, or a budget's cap stopped it (then publishing its adapter).
+async fn instruction(state: &AppState, attempt: &Attempt) -> ServiceResult<Instruction> {
+    let job = match attempt.ended_at {
+        Some(_) => None,
+        None => jobs::get_any(&state.db, attempt.job_id).await?,
+    };
+    let Some(job) = job.filter(|job| runs_attempt(Some(job), attempt)) else {
+        return Ok(Instruction::STOP);
+    };
+    // While it runs, its budgets see its live cost: alerts go out as it crosses them,
+    // and a stop_at_cap budget at its amount stops it.
+    let job = match job.stop_requested {
+        Some(_) => job,
+        None => super::budget::watch_running(state, job).await?,
+    };
+    Ok(Instruction::for_running(&job))
+}
+
+/// What a heartbeat's or report batch's reply tells the agent about its attempt.
+struct Instruction {
+    stop_attempt: bool,
+    publish_adapter: bool,
+}
+
+impl Instruction {
+    const STOP: Instruction = Instruction {
+        stop_attempt: true,
+        publish_adapter: false,
+    };
+
+    /// For a job the attempt still runs: go on, or stop at a budget's cap.
+    fn for_running(job: &jobs::Job) -> Instruction {
+        let capped = job.stop_requested.is_some();
+        Instruction {
+            stop_attempt: capped,
+            publish_adapter: capped,
+        }
     }
-    let job = jobs::get_any(&state.db, attempt.job_id).await?;
-    Ok(!runs_attempt(job.as_ref(), attempt))
 }
 
 /// Whether `job` (as read) is still the attempt's to run.
@@ -78,13 +109,17 @@ pub async fn heartbeat(
 ) -> ServiceResult<HeartbeatReply> {
     store_heartbeat(state, agent, beat).await?;
     abandon_unnamed_attempt(state, agent, beat).await?;
-    let stop_attempt = match beat.attempt_id {
-        Some(id) => should_stop(state, &own_attempt(state, agent, id).await?).await?,
-        None => false,
+    let instruction = match beat.attempt_id {
+        Some(id) => instruction(state, &own_attempt(state, agent, id).await?).await?,
+        None => Instruction {
+            stop_attempt: false,
+            publish_adapter: false,
+        },
     };
     Ok(HeartbeatReply {
         interval_seconds: state.settings.fleet.heartbeat_interval_seconds,
-        stop_attempt,
+        stop_attempt: instruction.stop_attempt,
+        publish_adapter: instruction.publish_adapter,
     })
 }
 
@@ -237,6 +272,7 @@ pub async fn reports(
         return Ok(ReportReply {
             accepted: 0,
             stop_attempt: true,
+            publish_adapter: false,
         });
     };
     if job.status == JobStatus::Provisioning && !batch.reports.is_empty() {
@@ -338,9 +374,13 @@ pub async fn reports(
             }),
     );
     state.live.publish_all(updates).await;
+    // The job as read before the batch says whether a budget's cap stopped it; the
+    // budgets themselves are checked on heartbeats, off this hot path.
+    let instruction = Instruction::for_running(&job);
     Ok(ReportReply {
         accepted: outcome.accepted,
-        stop_attempt: false,
+        stop_attempt: instruction.stop_attempt,
+        publish_adapter: instruction.publish_adapter,
     })
 }
 

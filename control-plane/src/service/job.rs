@@ -9,15 +9,14 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::transition::{change_status, Origin};
-use super::{preset, AppState, CurrentUser, ServiceError, ServiceResult};
+use super::{estimate, preset, AppState, CurrentUser, ServiceError, ServiceResult};
 use crate::db::events::{self, Event, EventFilter};
 use crate::db::files::TrainingFile;
 use crate::db::jobs::{self, Change, Configuration, Job, NewJob};
 use crate::db::metrics::{self, MetricPoint};
 use crate::db::{attempts, files, now, presets};
 use crate::domain::{
-    hyperparameters, Attribution, EnrichmentStatus, EventType, FieldError, GpuType, JobStatus,
-    RecoveryPolicy, Severity,
+    Attribution, EnrichmentStatus, EventType, FieldError, JobStatus, RecoveryPolicy, Severity,
 };
 
 #[derive(Serialize, ToSchema)]
@@ -122,6 +121,21 @@ pub struct CreateJob {
     pub validation_file_id: Option<Uuid>,
 }
 
+/// A base model as a request names it, trimmed; a problem is pushed to `errors`.
+pub(super) fn checked_base_model<'a>(base_model: &'a str, errors: &mut Vec<FieldError>) -> &'a str {
+    let base_model = base_model.trim();
+    if base_model.is_empty()
+        || base_model.len() > 500
+        || base_model.chars().any(char::is_whitespace)
+    {
+        errors.push(FieldError::new(
+            "base_model",
+            "must be a model directory or a hub id such as meta-llama/Llama-3.2-1B, without spaces",
+        ));
+    }
+    base_model
+}
+
 /// Creates a draft after checking the fields and the training file's eligibility (§7.1).
 pub async fn create_draft(
     state: &AppState,
@@ -142,16 +156,7 @@ pub async fn create_draft(
         &mut errors,
     )
     .or(&user.default_attribution());
-    let base_model = request.base_model.trim();
-    if base_model.is_empty()
-        || base_model.len() > 500
-        || base_model.chars().any(char::is_whitespace)
-    {
-        errors.push(FieldError::new(
-            "base_model",
-            "must be a model directory or a hub id such as meta-llama/Llama-3.2-1B, without spaces",
-        ));
-    }
+    let base_model = checked_base_model(&request.base_model, &mut errors);
     if !errors.is_empty() {
         return Err(ServiceError::Validation(errors));
     }
@@ -249,20 +254,19 @@ pub async fn configure_job(
         &mut errors,
     )
     .or(&job.attribution());
-    let gpu_type = GpuType::parse(&request.gpu_type);
-    if gpu_type.is_none() {
-        errors.push(FieldError::new("gpu_type", "must be spot or ondemand"));
-    }
-    let gpu = state.catalog.find(&request.gpu_model);
-    if gpu.is_none() {
-        errors.push(FieldError::new(
-            "gpu_model",
-            format!(
-                "unknown GPU model; available: {}",
-                state.catalog.model_names()
-            ),
-        ));
-    }
+    let preset_id = request
+        .preset_id
+        .or(job.preset_id)
+        .unwrap_or(presets::BALANCED_PRESET_ID);
+    let plan = estimate::plan(
+        state,
+        job.user_id,
+        preset_id,
+        &request.hyperparameters,
+        (&request.gpu_type, &request.gpu_model),
+        &mut errors,
+    )
+    .await?;
     for (key, value) in &request.required_labels {
         if !value.is_string() {
             errors.push(FieldError::new(
@@ -271,45 +275,17 @@ pub async fn configure_job(
             ));
         }
     }
-    let preset_id = request
-        .preset_id
-        .or(job.preset_id)
-        .unwrap_or(presets::BALANCED_PRESET_ID);
-    let preset = presets::get_visible(&state.db, preset_id, job.user_id).await?;
-    if preset.is_none() {
-        errors.push(FieldError::new("preset_id", "no such preset"));
-    }
-    let hyperparameters = hyperparameters::resolve(
-        preset.as_ref().map_or(&Map::new(), |p| &p.parameters.0),
-        &request.hyperparameters,
-        &state.settings.limits,
-    )
-    .map_err(|field_errors| {
-        errors.extend(
-            field_errors
-                .into_iter()
-                .map(|e| FieldError::new(format!("hyperparameters.{}", e.field), e.message)),
-        )
-    });
     // A reconfigured job keeps its policy where the request is silent.
     let base_recovery = base_recovery
         .or_else(|| (job.status == JobStatus::Configured).then(|| job.recovery()))
         .or_else(|| {
-            preset
-                .as_ref()
-                .and_then(|p| p.recovery.as_ref().map(|r| r.0))
+            plan.as_ref()
+                .and_then(|p| p.preset.recovery.as_ref().map(|r| r.0))
         })
         .unwrap_or_default();
     let recovery = RecoveryPolicy::resolve(base_recovery, &request.recovery)
         .map_err(|field_errors| errors.extend(field_errors));
-    let (Some(gpu_type), Some(gpu), Some(preset), Ok(hyperparameters), Ok(recovery), true) = (
-        gpu_type,
-        gpu,
-        preset,
-        hyperparameters,
-        recovery,
-        errors.is_empty(),
-    ) else {
+    let (Some(plan), Ok(recovery), true) = (plan, recovery, errors.is_empty()) else {
         return Err(ServiceError::Validation(errors));
     };
     if let Some(on_completion) = &request.validate_on_completion {
@@ -331,7 +307,7 @@ pub async fn configure_job(
         )?;
     }
     let completed = presets::completed_jobs_of(&state.db, job.user_id).await?;
-    if let Some(rule) = preset::requirement_unmet(&preset, completed) {
+    if let Some(rule) = preset::requirement_unmet(&plan.preset, completed) {
         return Err(ServiceError::Unprocessable {
             message: rule.clone(),
             rules: vec![rule],
@@ -340,36 +316,15 @@ pub async fn configure_job(
     let file = files::get(&state.db, job.training_file_id)
         .await?
         .ok_or(ServiceError::NotFound("training file"))?;
-
-    // Spec §7.1: preset estimates are for 200 conversations and scale linearly; we also scale
-    // by epochs relative to the preset's, and price the hours with the catalog's GPU rate.
-    let scale = file.conversation_count as f64 / 200.0;
-    let preset_epochs = preset
-        .parameters
-        .0
-        .get("epochs")
-        .and_then(Value::as_f64)
-        .unwrap_or(1.0);
-    let epoch_scale = f64::from(hyperparameters.epochs) / preset_epochs.max(1.0);
-    let hours = |base: f64| base * scale * epoch_scale;
-    let duration = (
-        hours(preset.estimates.0.duration_hours_min),
-        hours(preset.estimates.0.duration_hours_max),
-    );
-    let rate = gpu.hourly(gpu_type);
+    let estimate = estimate::estimate(state, &file, &job.base_model, &plan).await?;
     let configuration = Configuration {
-        preset_id: Some(preset.id),
-        gpu_type,
-        gpu_model: &gpu.model,
-        hyperparameters: &hyperparameters,
+        preset_id: Some(plan.preset.id),
+        gpu_type: plan.gpu_type,
+        gpu_model: &plan.gpu.model,
+        hyperparameters: &plan.hyperparameters,
         required_labels: &request.required_labels,
         recovery,
-        hourly_rate: rate,
-        estimated_duration_hours: duration,
-        estimated_cost: (
-            jobs::round_cents(duration.0 * rate),
-            jobs::round_cents(duration.1 * rate),
-        ),
+        estimate: &estimate,
         attribution: &attribution,
     };
     let resume = if recovery.auto_resume {
@@ -385,18 +340,19 @@ pub async fn configure_job(
         EventType::Status,
         Severity::Info,
         format!(
-            "Configured with the {} preset on {} {} (estimated ${:.2}–${:.2}); {} retries, {resume}",
-            preset.name,
-            gpu_type.as_str(),
-            gpu.model,
-            configuration.estimated_cost.0,
-            configuration.estimated_cost.1,
+            "Configured with the {} preset on {} {} (estimated ${:.2}–${:.2}, {}); {} retries, {resume}",
+            plan.preset.name,
+            plan.gpu_type.as_str(),
+            plan.gpu.model,
+            estimate.cost_min,
+            estimate.cost_max,
+            estimate.throughput.describe(),
             recovery.max_retries,
         ),
     )
     .with_details(json!({
         "from": job.status, "to": JobStatus::Configured,
-        "hyperparameters": hyperparameters, "recovery": recovery,
+        "hyperparameters": plan.hyperparameters, "recovery": recovery, "estimate": estimate,
     }));
     let changed = change_status(
         state,

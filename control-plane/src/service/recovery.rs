@@ -61,31 +61,42 @@ pub async fn end_attempt(
         Event::new(job.id, EventType::Status, severity, message).with_details(details)
     };
     let smaller_batch;
-    let (end, after, events) = match &ending {
-        Ending::Reported(AttemptOutcome::Succeeded { summary }) => (
-            AttemptEnd::new(AttemptStatus::Succeeded),
-            JobAfter::Complete,
-            vec![status_event(
-                Severity::Info,
-                format!("Training completed (attempt {number})"),
-                json!({"from": job.status, "to": JobStatus::Completed, "summary": summary}),
-            )],
-        ),
-        Ending::Reported(AttemptOutcome::Failed { kind, message }) => {
-            let failed = AttemptEnd {
-                error_message: Some(message.as_str()),
-                ..AttemptEnd::new(AttemptStatus::Failed)
-            };
-            let retries_left = job.retry_count < job.max_retries;
-            smaller_batch = matches!(kind, FailureKind::OutOfMemory)
-                .then(|| halved_micro_batch(&job))
-                .flatten();
-            match kind {
-                FailureKind::OutOfMemory if retries_left && smaller_batch.is_some() => {
-                    let hp = smaller_batch.as_ref();
-                    let (batch, accumulation) =
-                        hp.map_or((0, 0), |hp| (hp.batch_size, hp.gradient_accumulation_steps));
-                    let event = Event::new(
+    let stop_reason = job
+        .stop_requested
+        .as_deref()
+        .filter(|_| !matches!(ending, Ending::Reported(AttemptOutcome::Succeeded { .. })));
+    let (end, after, events) = match (&ending, stop_reason) {
+        // A job asked to stop (a budget's cap) ends cancelled however its attempt ended:
+        // past its cap it neither retries nor resumes.
+        (ending, Some(reason)) => stopped_on_request(&job, number, ending, reason),
+        (ending, None) => match ending {
+            Ending::Reported(AttemptOutcome::Succeeded { summary }) => (
+                AttemptEnd {
+                    tokens_per_second: measured_throughput(summary),
+                    ..AttemptEnd::new(AttemptStatus::Succeeded)
+                },
+                JobAfter::Complete,
+                vec![status_event(
+                    Severity::Info,
+                    format!("Training completed (attempt {number})"),
+                    json!({"from": job.status, "to": JobStatus::Completed, "summary": summary}),
+                )],
+            ),
+            Ending::Reported(AttemptOutcome::Failed { kind, message }) => {
+                let failed = AttemptEnd {
+                    error_message: Some(message.as_str()),
+                    ..AttemptEnd::new(AttemptStatus::Failed)
+                };
+                let retries_left = job.retry_count < job.max_retries;
+                smaller_batch = matches!(kind, FailureKind::OutOfMemory)
+                    .then(|| halved_micro_batch(&job))
+                    .flatten();
+                match kind {
+                    FailureKind::OutOfMemory if retries_left && smaller_batch.is_some() => {
+                        let hp = smaller_batch.as_ref();
+                        let (batch, accumulation) =
+                            hp.map_or((0, 0), |hp| (hp.batch_size, hp.gradient_accumulation_steps));
+                        let event = Event::new(
                         job.id,
                         EventType::Warning,
                         Severity::Warning,
@@ -96,88 +107,100 @@ pub async fn end_attempt(
                     .with_details(json!({"error": message, "batch_size": batch,
                                          "gradient_accumulation_steps": accumulation,
                                          "from": job.status, "to": JobStatus::Queued}));
-                    (
-                        failed,
-                        JobAfter::Retry {
-                            resume_from,
-                            hyperparameters: hp,
-                        },
-                        vec![event],
-                    )
+                        (
+                            failed,
+                            JobAfter::Retry {
+                                resume_from,
+                                hyperparameters: hp,
+                            },
+                            vec![event],
+                        )
+                    }
+                    FailureKind::OutOfMemory if retries_left => {
+                        fail(&job, failed, message, "out of memory at micro-batch 1")
+                    }
+                    FailureKind::Other if retries_left => {
+                        let event = Event::new(
+                            job.id,
+                            EventType::Warning,
+                            Severity::Warning,
+                            format!(
+                                "Attempt {number} failed ({message}); retry {} of {}{resume_note}",
+                                job.retry_count + 1,
+                                job.max_retries
+                            ),
+                        )
+                        .with_details(
+                            json!({"error": message, "from": job.status, "to": JobStatus::Queued}),
+                        );
+                        (
+                            failed,
+                            JobAfter::Retry {
+                                resume_from,
+                                hyperparameters: None,
+                            },
+                            vec![event],
+                        )
+                    }
+                    FailureKind::Dataset => fail(&job, failed, message, "dataset error"),
+                    _ => fail(&job, failed, message, "retries exhausted"),
                 }
-                FailureKind::OutOfMemory if retries_left => {
-                    fail(&job, failed, message, "out of memory at micro-batch 1")
-                }
-                FailureKind::Other if retries_left => {
-                    let event = Event::new(
-                        job.id,
-                        EventType::Warning,
-                        Severity::Warning,
-                        format!(
-                            "Attempt {number} failed ({message}); retry {} of {}{resume_note}",
-                            job.retry_count + 1,
-                            job.max_retries
-                        ),
-                    )
-                    .with_details(
-                        json!({"error": message, "from": job.status, "to": JobStatus::Queued}),
-                    );
-                    (
-                        failed,
-                        JobAfter::Retry {
-                            resume_from,
-                            hyperparameters: None,
-                        },
-                        vec![event],
-                    )
-                }
-                FailureKind::Dataset => fail(&job, failed, message, "dataset error"),
-                _ => fail(&job, failed, message, "retries exhausted"),
             }
-        }
-        Ending::Reported(AttemptOutcome::Interrupted {
-            provider,
-            notice_deadline,
-            seconds_used,
-            checkpoint_step,
-        }) => {
-            let checkpoint = checkpoint_step
-                .map(|s| format!(", checkpointed at step {s}"))
-                .unwrap_or_default();
-            let end = AttemptEnd {
-                notice_deadline: *notice_deadline,
-                interruption_provider: Some(provider.as_str()),
-                notice_seconds_used: Some(*seconds_used),
-                ..AttemptEnd::new(AttemptStatus::Interrupted)
-            };
-            let event = status_event(
+            Ending::Reported(AttemptOutcome::Interrupted {
+                provider,
+                notice_deadline,
+                seconds_used,
+                checkpoint_step,
+            }) => {
+                let checkpoint = checkpoint_step
+                    .map(|s| format!(", checkpointed at step {s}"))
+                    .unwrap_or_default();
+                let end = AttemptEnd {
+                    notice_deadline: *notice_deadline,
+                    interruption_provider: Some(provider.as_str()),
+                    notice_seconds_used: Some(*seconds_used),
+                    ..AttemptEnd::new(AttemptStatus::Interrupted)
+                };
+                let event = status_event(
                 Severity::Warning,
                 format!("Spot interruption ({provider}) on attempt {number}{checkpoint} in {seconds_used:.1} s"),
                 json!({"from": job.status, "to": JobStatus::Interrupted, "provider": provider,
                        "notice_deadline": notice_deadline, "seconds_used": seconds_used,
                        "checkpoint_step": checkpoint_step}),
             );
-            (end, JobAfter::Interrupt { resume_from }, vec![event])
-        }
-        // An agent stopped on its own (an operator's Ctrl-C) while it still owned the job.
-        Ending::Reported(AttemptOutcome::Cancelled) => (
-            AttemptEnd::new(AttemptStatus::Interrupted),
-            JobAfter::Interrupt { resume_from },
-            vec![status_event(
-                Severity::Warning,
-                format!("Agent stopped attempt {number}"),
-                json!({"from": job.status, "to": JobStatus::Interrupted}),
-            )],
-        ),
-        Ending::Lost => (
-            AttemptEnd::new(AttemptStatus::Lost),
-            JobAfter::Interrupt { resume_from },
-            vec![status_event(
-                Severity::Error,
-                format!("Lost contact with the agent running attempt {number}"),
-                json!({"from": job.status, "to": JobStatus::Interrupted}),
-            )],
-        ),
+                (end, JobAfter::Interrupt { resume_from }, vec![event])
+            }
+            // An agent stopped on its own (an operator's Ctrl-C) while it still owned the job.
+            Ending::Reported(AttemptOutcome::Cancelled) => (
+                AttemptEnd::new(AttemptStatus::Interrupted),
+                JobAfter::Interrupt { resume_from },
+                vec![status_event(
+                    Severity::Warning,
+                    format!("Agent stopped attempt {number}"),
+                    json!({"from": job.status, "to": JobStatus::Interrupted}),
+                )],
+            ),
+            // Only the control plane asks for a stop that publishes the adapter; one it did
+            // not ask for (the request was lost) is an agent stopping on its own.
+            Ending::Reported(AttemptOutcome::Stopped { .. }) => (
+                AttemptEnd::new(AttemptStatus::Interrupted),
+                JobAfter::Interrupt { resume_from },
+                vec![status_event(
+                    Severity::Warning,
+                    format!("Agent stopped attempt {number}"),
+                    json!({"from": job.status, "to": JobStatus::Interrupted}),
+                )],
+            ),
+            Ending::Lost => (
+                AttemptEnd::new(AttemptStatus::Lost),
+                JobAfter::Interrupt { resume_from },
+                vec![status_event(
+                    Severity::Error,
+                    format!("Lost contact with the agent running attempt {number}"),
+                    json!({"from": job.status, "to": JobStatus::Interrupted}),
+                )],
+            ),
+        },
     };
     let interrupted = matches!(after, JobAfter::Interrupt { .. });
     let mut events = events;
@@ -273,6 +296,66 @@ async fn after_interruption(
         Err(ServiceError::Conflict(_)) => Ok(job),
         Err(error) => Err(error),
     }
+}
+
+/// The tokens/s a trainer's summary reports, which later estimates use.
+fn measured_throughput(summary: &serde_json::Value) -> Option<f64> {
+    summary["tokens_per_second"]
+        .as_f64()
+        .filter(|tps| tps.is_finite() && *tps > 0.0)
+}
+
+/// How a job asked to stop for `reason` ends with its attempt: cancelled with that reason.
+/// When the agent stopped as asked, the adapter as of its last checkpoint was published
+/// with the attempt's outputs; the event says which step it is.
+fn stopped_on_request<'a>(
+    job: &Job,
+    number: i64,
+    ending: &'a Ending,
+    reason: &'a str,
+) -> (AttemptEnd<'a>, JobAfter<'a>, Vec<Event>) {
+    let (end, message, checkpoint_step) = match ending {
+        Ending::Reported(AttemptOutcome::Stopped {
+            checkpoint_step: Some(step),
+            summary,
+        }) => (
+            AttemptEnd {
+                tokens_per_second: measured_throughput(summary),
+                ..AttemptEnd::new(AttemptStatus::Cancelled)
+            },
+            format!(
+                "Stopped at the {} after step {step} (attempt {number}): the adapter as of the checkpoint at step {step} is the job's adapter",
+                reason.replace('_', " ")
+            ),
+            Some(*step),
+        ),
+        Ending::Reported(AttemptOutcome::Failed { message, .. }) => (
+            AttemptEnd {
+                error_message: Some(message.as_str()),
+                ..AttemptEnd::new(AttemptStatus::Failed)
+            },
+            format!("Stopped at the {} after attempt {number} failed ({message}); no adapter was published", reason.replace('_', " ")),
+            None,
+        ),
+        Ending::Lost => (
+            AttemptEnd::new(AttemptStatus::Lost),
+            format!("Stopped at the {}: contact with the agent running attempt {number} was lost before it published an adapter", reason.replace('_', " ")),
+            None,
+        ),
+        Ending::Reported(_) => (
+            AttemptEnd::new(AttemptStatus::Cancelled),
+            format!(
+                "Stopped at the {}: attempt {number} ended without publishing an adapter (no step since its last checkpoint)",
+                reason.replace('_', " ")
+            ),
+            None,
+        ),
+    };
+    let event = Event::new(job.id, EventType::Status, Severity::Warning, message).with_details(
+        json!({"from": job.status, "to": JobStatus::Cancelled, "reason": reason,
+               "checkpoint_step": checkpoint_step}),
+    );
+    (end, JobAfter::Stop { reason }, vec![event])
 }
 
 fn fail<'a>(

@@ -1,7 +1,9 @@
 //! Costs (spec stage 7): budgets with their spend, forecast and alerts this period, a
 //! banner for each budget past its threshold, daily spend over 30 days, this month's
-//! totals, the costliest jobs, and spend by team, project and cost center. It calls the
-//! same operations as `/api/v1/budgets` and `/api/v1/cost-tracking`.
+//! totals, the costliest jobs, and spend by team, project and cost center; budgets kept
+//! and increase requests asked for and decided on `/cost/budgets`. It calls the same
+//! operations as `/api/v1/budgets`, `/api/v1/budget-increase-requests` and
+//! `/api/v1/cost-tracking`.
 
 use askama::Template;
 use axum::extract::{Path, Query, State};
@@ -16,14 +18,16 @@ use super::charts::{line_chart, Series};
 use super::create::problems;
 use super::frame::{money, Frame, PageResult};
 use super::{render, PageError, PageUser};
+use crate::db::budget_requests::IncreaseRequest;
 use crate::db::budgets::Budget;
 use crate::db::cost_tracking::GroupSpend;
 use crate::domain::budget::describe_attribution;
-use crate::domain::{BudgetPeriod, Role};
+use crate::domain::{BudgetPeriod, RequestStatus, Role};
 use crate::service::budget::{
     create_budget, delete_budget, get_budget, list_budgets, replace_budget, BudgetRequest,
     BudgetView,
 };
+use crate::service::budget_request::{self, AskForIncrease, Decision};
 use crate::service::cost::{summary, trends, CostQuery};
 use crate::service::{AppState, ServiceError};
 
@@ -33,6 +37,11 @@ pub fn router() -> Router<AppState> {
         .route("/cost/budgets", get(budgets_page).post(create))
         .route("/cost/budgets/{id}", post(replace))
         .route("/cost/budgets/{id}/delete", post(remove))
+        .route("/cost/budgets/{id}/increase", post(ask_for_increase))
+        .route(
+            "/cost/budgets/requests/{id}/{decision}",
+            post(decide_request),
+        )
 }
 
 pub struct BudgetCard {
@@ -253,11 +262,65 @@ impl BudgetForm {
     }
 }
 
+/// A budget increase request as the budgets page lists it.
+pub struct RequestLine {
+    pub id: Uuid,
+    pub budget: String,
+    pub asked_by: String,
+    pub asked_on: String,
+    pub from: String,
+    pub to: String,
+    pub reason: String,
+    pub status: String,
+    /// "by admin@… on 2026-12-05: note", once decided.
+    pub decision: String,
+    pub pending: bool,
+}
+
+fn request_line(request: IncreaseRequest) -> RequestLine {
+    let decision = match request.decided_at {
+        Some(at) => format!(
+            "on {}{}",
+            at.format("%Y-%m-%d %H:%M UTC"),
+            request
+                .decision_note
+                .map(|note| format!(": {note}"))
+                .unwrap_or_default()
+        ),
+        None => String::new(),
+    };
+    RequestLine {
+        id: request.id,
+        budget: request.budget_name,
+        asked_by: request.requested_by_email,
+        asked_on: request.created_at.format("%Y-%m-%d %H:%M UTC").to_string(),
+        from: money(request.current_amount),
+        to: money(request.requested_amount),
+        reason: request.reason,
+        pending: request.status == RequestStatus::Pending,
+        status: request.status.to_string(),
+        decision,
+    }
+}
+
+/// The form for a new budget, with its defaults.
+fn new_budget_form() -> BudgetForm {
+    BudgetForm {
+        period: "monthly".into(),
+        alert_threshold: "80".into(),
+        alert_enabled: Some("on".into()),
+        is_active: Some("on".into()),
+        ..BudgetForm::default()
+    }
+}
+
 #[derive(Template)]
 #[template(path = "budgets.html")]
 struct BudgetsPage {
     frame: Frame,
     budgets: Vec<BudgetCard>,
+    /// Increase requests: the user's own, or everyone's for admins.
+    requests: Vec<RequestLine>,
     /// The budget the form edits; none: a new one.
     editing: Option<Uuid>,
     form: BudgetForm,
@@ -278,13 +341,7 @@ async fn budgets_page(
 ) -> PageResult {
     let form = match query.edit {
         Some(id) => BudgetForm::filled_from(&get_budget(&state, &user.0, id).await?.budget),
-        None => BudgetForm {
-            period: "monthly".into(),
-            alert_threshold: "80".into(),
-            alert_enabled: Some("on".into()),
-            is_active: Some("on".into()),
-            ..BudgetForm::default()
-        },
+        None => new_budget_form(),
     };
     budgets_form(&state, &user, query.edit, form, Vec::new(), StatusCode::OK).await
 }
@@ -303,6 +360,11 @@ async fn budgets_form(
             .await?
             .into_iter()
             .map(card)
+            .collect(),
+        requests: budget_request::list(state, &user.0, None)
+            .await?
+            .into_iter()
+            .map(request_line)
             .collect(),
         editing,
         form,
@@ -323,9 +385,14 @@ async fn after_change<T>(
 ) -> PageResult {
     match outcome {
         Ok(_) => Ok(Redirect::to("/cost/budgets").into_response()),
-        Err(error @ (ServiceError::Forbidden(_) | ServiceError::Validation(_))) => {
+        Err(
+            error @ (ServiceError::Forbidden(_)
+            | ServiceError::Validation(_)
+            | ServiceError::Conflict(_)),
+        ) => {
             let status = match error {
                 ServiceError::Forbidden(_) => StatusCode::FORBIDDEN,
+                ServiceError::Conflict(_) => StatusCode::CONFLICT,
                 _ => StatusCode::UNPROCESSABLE_ENTITY,
             };
             budgets_form(state, user, editing, form, problems(&error), status).await
@@ -351,6 +418,50 @@ async fn replace(
 ) -> PageResult {
     let outcome = replace_budget(&state, &user.0, id, &form.request()).await;
     after_change(&state, &user, Some(id), form, outcome).await
+}
+
+#[derive(Deserialize)]
+struct IncreaseForm {
+    amount: String,
+    reason: String,
+}
+
+async fn ask_for_increase(
+    State(state): State<AppState>,
+    user: PageUser,
+    Path(id): Path<Uuid>,
+    Form(form): Form<IncreaseForm>,
+) -> PageResult {
+    let request = AskForIncrease {
+        amount: form.amount.trim().parse().unwrap_or(f64::NAN),
+        reason: form.reason,
+    };
+    let outcome = budget_request::ask(&state, &user.0, id, &request).await;
+    after_change(&state, &user, None, new_budget_form(), outcome).await
+}
+
+#[derive(Deserialize)]
+struct DecisionForm {
+    #[serde(default)]
+    note: String,
+}
+
+async fn decide_request(
+    State(state): State<AppState>,
+    user: PageUser,
+    Path((id, decision)): Path<(Uuid, String)>,
+    Form(form): Form<DecisionForm>,
+) -> PageResult {
+    let approve = match decision.as_str() {
+        "approve" => true,
+        "deny" => false,
+        _ => return Err(PageError(ServiceError::NotFound("page"))),
+    };
+    let decision = Decision {
+        note: Some(form.note),
+    };
+    let outcome = budget_request::decide(&state, &user.0, id, approve, &decision).await;
+    after_change(&state, &user, None, new_budget_form(), outcome).await
 }
 
 async fn remove(State(state): State<AppState>, user: PageUser, Path(id): Path<Uuid>) -> PageResult {

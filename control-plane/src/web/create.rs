@@ -180,6 +180,9 @@ struct ConfigurePage {
     frame: Frame,
     job_id: Uuid,
     job_name: String,
+    /// For the live estimate (`POST /api/v1/jobs/estimate`).
+    training_file_id: Uuid,
+    base_model: String,
     conversations: i64,
     presets: Vec<PresetCard>,
     gpus: Vec<GpuOffer>,
@@ -253,6 +256,8 @@ async fn configure_page(
         ),
         job_id: job.id,
         job_name: job.name,
+        training_file_id: file.id,
+        base_model: job.base_model,
         conversations: file.conversation_count,
         presets,
         gpus: state.catalog.gpus.clone(),

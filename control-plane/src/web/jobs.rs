@@ -250,8 +250,30 @@ async fn job_live_view(state: &AppState, job: Job) -> Result<JobLive, PageError>
         job.cost_center.as_deref(),
     );
     let estimate = match (job.estimated_cost_min, job.estimated_cost_max) {
-        (Some(low), Some(high)) => format!("{}–{}", money(low), money(high)),
+        (Some(low), Some(high)) => match &job.estimate_basis {
+            Some(basis) => format!(
+                "{}–{} over {}–{} ({}; {} tokens × {} epochs, {})",
+                money(low),
+                money(high),
+                duration((basis.duration_hours_min * 3600.0) as i64),
+                duration((basis.duration_hours_max * 3600.0) as i64),
+                basis.throughput.describe(),
+                basis.tokens_per_epoch,
+                basis.epochs,
+                basis.token_method,
+            ),
+            None => format!("{}–{}", money(low), money(high)),
+        },
         _ => "not configured".into(),
+    };
+    let spent = job.final_cost.unwrap_or(cost);
+    let cost_so_far = match job.estimated_cost_max.filter(|high| *high > 0.0) {
+        Some(high) => format!(
+            "{} ({:.0}% of the estimate's top)",
+            money(spent),
+            spent / high * 100.0
+        ),
+        None => money(spent),
     };
     Ok(JobLive {
         stage: job
@@ -264,7 +286,7 @@ async fn job_live_view(state: &AppState, job: Job) -> Result<JobLive, PageError>
             .filter(|_| !job.status.is_terminal())
             .map(duration)
             .unwrap_or_else(|| "—".into()),
-        cost_so_far: money(job.final_cost.unwrap_or(cost)),
+        cost_so_far,
         estimate,
         loss_chart,
         learning_rate_chart,

@@ -19,6 +19,8 @@ on_both_backends!(the_budgets_page_creates_edits_and_deletes);
 on_both_backends!(an_alert_reaches_the_webhook_signed_and_retried);
 on_both_backends!(templates_carry_attribution_to_their_jobs);
 on_both_backends!(new_jobs_take_the_user_s_default_attribution);
+on_both_backends!(estimates_are_answered_before_a_job_exists);
+on_both_backends!(increase_requests_are_asked_for_and_decided_by_admins);
 
 fn budget(name: &str, amount: f64) -> Value {
     json!({"name": name, "amount": amount, "period": "monthly"})
@@ -112,8 +114,7 @@ async fn budgets_are_validated_and_kept_by_their_owners(backend: Backend) {
     assert_eq!(replaced["amount"], 300.0);
     assert_eq!(replaced["period"], "weekly");
     assert_eq!(replaced["enforcement"], "block_start");
-    // Not kept yet, so not accepted: nothing changes.
-    let (status, error) = json_of(
+    let (status, replaced) = json_of(
         app.put(
             &ada,
             &path,
@@ -123,10 +124,9 @@ async fn budgets_are_validated_and_kept_by_their_owners(backend: Backend) {
         .await,
     )
     .await;
-    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(field_names(&error), ["enforcement"]);
+    assert_eq!(status, StatusCode::OK, "{replaced}");
     let (_, kept) = json_of(app.get(&ada, &path).await).await;
-    assert_eq!(kept["enforcement"], "block_start");
+    assert_eq!(kept["enforcement"], "stop_at_cap");
     assert_eq!(
         app.delete(&ada, &path).await.status(),
         StatusCode::NO_CONTENT
@@ -356,7 +356,19 @@ async fn budgets_alert_once_per_threshold_and_block_starts(backend: Backend) {
     let cap = json!({"name": "cap", "amount": 20, "period": "monthly", "project": "tone",
                      "enforcement": "block_start"});
     let (_, cap) = json_of(app.post(&ada, "/api/v1/budgets", cap).await).await;
-    let (_, draft) = app.draft_job(&ada).await;
+    // A model whose size its name does not tell, never run: the preset's table prices it.
+    let file = app
+        .upload_enriched(&ada, crate::helpers::chat_jsonl(60))
+        .await;
+    let (_, draft) = json_of(
+        app.post(
+            &ada,
+            "/api/v1/jobs",
+            json!({"training_file_id": file["id"], "name": "tone", "base_model": "in-house/tone"}),
+        )
+        .await,
+    )
+    .await;
     let id = draft["id"].as_str().expect("id");
     let configure = json!({"gpu_type": "spot", "gpu_model": "H100-80GB", "project": "tone"});
     let (status, configured) = json_of(
@@ -367,6 +379,10 @@ async fn budgets_alert_once_per_threshold_and_block_starts(backend: Backend) {
     assert_eq!(status, StatusCode::OK, "{configured}");
     assert_eq!(configured["project"], "tone", "configure sets attribution");
     assert_eq!(configured["estimated_cost_max"], 11.25);
+    assert_eq!(
+        configured["estimate_basis"]["throughput"]["source"],
+        "preset"
+    );
     let (status, refused) = json_of(
         app.post(&ada, &format!("/api/v1/jobs/{id}/start"), json!({}))
             .await,
@@ -759,4 +775,303 @@ async fn new_jobs_take_the_user_s_default_attribution(backend: Backend) {
     let theirs = job_costing(&app, &bob, json!({}), 1.0).await;
     let (_, theirs) = json_of(app.get(&bob, &format!("/api/v1/jobs/{theirs}")).await).await;
     assert_eq!(theirs["team"], Value::Null);
+}
+
+/// `POST /jobs/estimate`: the body of create + configure, answered with tokens (counted by
+/// enrichment), the throughput it rests on, duration, cost and completion window; the same
+/// estimate a job configured with that body keeps; every bad field named.
+async fn estimates_are_answered_before_a_job_exists(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let ada = app.user("ada@example.com", Role::User).await;
+    let bob = app.user("bob@example.com", Role::User).await;
+    let file = app
+        .upload_enriched(&ada, crate::helpers::chat_jsonl(60))
+        .await;
+    let file_id = file["id"].as_str().expect("id");
+    // Enrichment counted 1,730 tokens (each conversation: three messages of 4 template
+    // tokens plus a quarter of their characters), none past 128.
+    assert_eq!(file["token_counts"]["total"], 1730, "{file}");
+    assert_eq!(file["token_counts"]["truncated"]["128"], 1730);
+
+    let body = json!({"training_file_id": file_id, "name": "sizing", "base_model": "HuggingFaceTB/SmolLM2-135M",
+                      "team": "ml", "gpu_type": "ondemand", "gpu_model": "A100-80GB",
+                      "hyperparameters": {"epochs": 3, "max_seq_len": 512}});
+    let (status, estimate) =
+        json_of(app.post(&ada, "/api/v1/jobs/estimate", body.clone()).await).await;
+    assert_eq!(status, StatusCode::OK, "{estimate}");
+    assert_eq!(estimate["tokens_per_epoch"], 1730);
+    assert_eq!(estimate["total_tokens"], 5190);
+    assert_eq!(estimate["epochs"], 3);
+    assert!(estimate["token_method"]
+        .as_str()
+        .is_some_and(|m| m.contains("characters / 4")));
+    assert_eq!(estimate["throughput"]["source"], "modelled");
+    assert_eq!(estimate["throughput"]["peak_tflops"], 312.0);
+    assert_eq!(estimate["hourly_rate"], 4.1);
+    assert_eq!(estimate["gpu_type"], "ondemand");
+    let at = |field: &str| {
+        chrono::DateTime::parse_from_rfc3339(estimate[field].as_str().expect(field)).expect("time")
+    };
+    assert!(at("completion_earliest") < at("completion_latest"));
+    assert!(at("estimated_start_time") <= at("completion_earliest"));
+    // Nothing was created.
+    let (_, jobs) = json_of(app.get(&ada, "/api/v1/jobs").await).await;
+    assert_eq!(jobs["data"], json!([]));
+
+    // A job configured with the same body keeps the same estimate.
+    let (status, job) = json_of(
+        app.post(
+            &ada,
+            "/api/v1/jobs",
+            json!({"training_file_id": file_id, "name": "sizing", "base_model": "HuggingFaceTB/SmolLM2-135M"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{job}");
+    let configure = json!({"gpu_type": "ondemand", "gpu_model": "A100-80GB",
+                           "hyperparameters": {"epochs": 3, "max_seq_len": 512}});
+    let (status, configured) = json_of(
+        app.put(
+            &ada,
+            &format!("/api/v1/jobs/{}/configure", job["id"].as_str().expect("id")),
+            configure,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{configured}");
+    let kept = &configured["estimate_basis"];
+    for field in [
+        "tokens_per_epoch",
+        "total_tokens",
+        "throughput",
+        "duration_hours_min",
+        "duration_hours_max",
+        "cost_min",
+        "cost_max",
+    ] {
+        assert_eq!(kept[field], estimate[field], "{field}: {kept}");
+    }
+    assert_eq!(
+        configured["estimated_duration_hours_max"],
+        estimate["duration_hours_max"]
+    );
+
+    // Every bad field named; another user's file is not theirs to size.
+    let bad = json!({"training_file_id": file_id, "base_model": " ", "gpu_type": "cheap", "gpu_model": "Z80",
+                     "preset_id": uuid::Uuid::new_v4()});
+    let (status, error) = json_of(app.post(&bob, "/api/v1/jobs/estimate", bad).await).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{error}");
+    let mut fields = field_names(&error);
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        [
+            "base_model",
+            "gpu_model",
+            "gpu_type",
+            "preset_id",
+            "training_file_id"
+        ],
+        "{error}"
+    );
+    let (status, error) = json_of(
+        app.post(
+            &ada,
+            "/api/v1/jobs/estimate",
+            json!({"training_file_id": file_id, "base_model": "m", "gpu_type": "spot",
+                   "gpu_model": "H100-80GB", "hyperparameters": {"epochs": 0}}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(field_names(&error), ["hyperparameters.epochs"]);
+}
+
+/// Budget increase requests: asked for by whoever sees the budget, with a reason; decided
+/// by admins only; an approval changes the budget, a denial does not; each is kept with
+/// who decided, when and why; the budgets page lists and decides them.
+async fn increase_requests_are_asked_for_and_decided_by_admins(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let ada = app.user("ada@example.com", Role::User).await;
+    let bob = app.user("bob@example.com", Role::User).await;
+    let root = app.user("root@example.com", Role::Admin).await;
+    let (_, created) = json_of(
+        app.post(&ada, "/api/v1/budgets", budget("lab", 100.0))
+            .await,
+    )
+    .await;
+    let id = created["id"].as_str().expect("id").to_owned();
+    let ask = format!("/api/v1/budgets/{id}/increase-requests");
+
+    let (status, error) = json_of(
+        app.post(&ada, &ask, json!({"amount": 80, "reason": "  "}))
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{error}");
+    assert_eq!(field_names(&error), ["amount", "reason"]);
+    let stranger = app
+        .post(&bob, &ask, json!({"amount": 500, "reason": "mine"}))
+        .await;
+    assert_eq!(stranger.status(), StatusCode::NOT_FOUND);
+
+    let (status, first) = json_of(
+        app.post(
+            &ada,
+            &ask,
+            json!({"amount": 150, "reason": "two more sweeps"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    assert_eq!(first["status"], "pending");
+    assert_eq!(first["current_amount"], 100.0);
+    assert_eq!(first["requested_amount"], 150.0);
+    assert_eq!(first["budget_name"], "lab");
+    assert_eq!(first["requested_by_email"], "ada@example.com");
+    let first_id = first["id"].as_str().expect("id").to_owned();
+    assert_eq!(requests_seen(&app, &ada).await, 1);
+    assert_eq!(requests_seen(&app, &bob).await, 0, "only your own");
+    assert_eq!(
+        requests_seen(&app, &root).await,
+        1,
+        "admins see every request"
+    );
+
+    // Only admins decide; a denial leaves the budget as it was.
+    let decide = |request: &str, verdict: &str| {
+        format!("/api/v1/budget-increase-requests/{request}/{verdict}")
+    };
+    let refused = app
+        .post(&ada, &decide(&first_id, "approve"), json!({}))
+        .await;
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    let (status, denied) = json_of(
+        app.post(
+            &root,
+            &decide(&first_id, "deny"),
+            json!({"note": "wait for next month"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{denied}");
+    assert_eq!(denied["status"], "denied");
+    assert_eq!(denied["decision_note"], "wait for next month");
+    assert_eq!(denied["decided_by"], json!(root.id));
+    assert!(denied["decided_at"].is_string());
+    let (status, again) = json_of(
+        app.post(&root, &decide(&first_id, "approve"), json!({}))
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{again}");
+    assert!(again["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("already denied")));
+    let (_, standing) = json_of(app.get(&ada, &format!("/api/v1/budgets/{id}")).await).await;
+    assert_eq!(standing["amount"], 100.0);
+
+    // An approval sets the amount asked for.
+    let (_, second) = json_of(
+        app.post(
+            &ada,
+            &ask,
+            json!({"amount": 220.456, "reason": "the eval sweep"}),
+        )
+        .await,
+    )
+    .await;
+    let second_id = second["id"].as_str().expect("id").to_owned();
+    assert_eq!(second["requested_amount"], 220.46);
+    let (status, approved) = json_of(
+        app.post(&root, &decide(&second_id, "approve"), json!({}))
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{approved}");
+    assert_eq!(approved["status"], "approved");
+    let (_, standing) = json_of(app.get(&ada, &format!("/api/v1/budgets/{id}")).await).await;
+    assert_eq!(standing["amount"], 220.46);
+    let (_, pending) = json_of(
+        app.get(&root, "/api/v1/budget-increase-requests?status=pending")
+            .await,
+    )
+    .await;
+    assert_eq!(pending["data"], json!([]));
+    let (status, error) = json_of(
+        app.get(&root, "/api/v1/budget-increase-requests?status=maybe")
+            .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(field_names(&error), ["status"]);
+    let missing = app
+        .post(
+            &root,
+            &decide(&uuid::Uuid::new_v4().to_string(), "deny"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+
+    // The budgets page: Ada asks from the dashboard; the admin sees it and approves it.
+    let cookie = crate::dashboard::sign_in(&app, "ada@example.com").await;
+    let (status, _) = submit(
+        &app,
+        &cookie,
+        &format!("/cost/budgets/{id}/increase"),
+        &[("amount", "300"), ("reason", "a bigger base model")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (_, page) = crate::dashboard::page(&app, &cookie, "/cost/budgets").await;
+    assert!(page.contains("a bigger base model"), "{page}");
+    assert!(page.contains("$220.46 → $300.00"), "{page}");
+    assert!(!page.contains(">Approve<"), "only admins decide: {page}");
+    let (status, page) = submit(
+        &app,
+        &cookie,
+        &format!("/cost/budgets/{id}/increase"),
+        &[("amount", "10"), ("reason", "less")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(
+        page.contains("amount: must be more than the budget"),
+        "{page}"
+    );
+    let admin = crate::dashboard::sign_in(&app, "root@example.com").await;
+    let (_, page) = crate::dashboard::page(&app, &admin, "/cost/budgets").await;
+    assert!(
+        page.contains("ada@example.com") && page.contains(">Approve<"),
+        "{page}"
+    );
+    let (_, requests) = json_of(
+        app.get(&root, "/api/v1/budget-increase-requests?status=pending")
+            .await,
+    )
+    .await;
+    let third = requests["data"][0]["id"].as_str().expect("id").to_owned();
+    let (status, _) = submit(
+        &app,
+        &admin,
+        &format!("/cost/budgets/requests/{third}/approve"),
+        &[("note", "ok")],
+    )
+    .await;
+    assert_eq!(status, StatusCode::SEE_OTHER);
+    let (_, standing) = json_of(app.get(&ada, &format!("/api/v1/budgets/{id}")).await).await;
+    assert_eq!(standing["amount"], 300.0);
+}
+
+async fn requests_seen(app: &TestApp, user: &User) -> usize {
+    let (_, list) = json_of(app.get(user, "/api/v1/budget-increase-requests").await).await;
+    list["data"].as_array().expect("data").len()
 }

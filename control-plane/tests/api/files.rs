@@ -477,6 +477,7 @@ async fn a_run_that_lost_its_claim_neither_finishes_nor_counts(backend: Backend)
                 tools: None,
                 text: None,
                 metadata: None,
+                token_count: 5,
             })
             .collect()
     };
@@ -510,6 +511,7 @@ async fn a_run_that_lost_its_claim_neither_finishes_nor_counts(backend: Backend)
         quality_scores: json!({}),
         scaffolding_distribution: json!({}),
         human_review: json!({}),
+        token_counts: Default::default(),
     };
     assert!(!files::finish_enrichment(&app.db, id, slow, &result)
         .await

@@ -214,6 +214,16 @@ async fn every_id_route_hides_another_users_resources_whatever_their_state(backe
     let budget_body = json!({"name": "private", "amount": 10, "period": "monthly"});
     let (_, budget) = json_of(app.post(&ada, "/api/v1/budgets", budget_body.clone()).await).await;
     let budget = budget["id"].as_str().expect("budget id").to_owned();
+    let (_, increase) = json_of(
+        app.post(
+            &ada,
+            &format!("/api/v1/budgets/{budget}/increase-requests"),
+            json!({"amount": 20, "reason": "more runs"}),
+        )
+        .await,
+    )
+    .await;
+    let increase = increase["id"].as_str().expect("request id").to_owned();
     let job_id: uuid::Uuid = job.parse().expect("job uuid");
     let gates = control_plane::domain::validation::default_gates();
     let validation = control_plane::db::validations::insert(
@@ -262,6 +272,8 @@ async fn every_id_route_hides_another_users_resources_whatever_their_state(backe
             &artifact
         } else if path.starts_with("/api/v1/budgets/") {
             &budget
+        } else if path.starts_with("/api/v1/budget-increase-requests/") {
+            &increase
         } else if path.starts_with("/api/v1/validation/runs/") {
             &validation
         } else if path.starts_with("/api/v1/validation/") {
@@ -275,6 +287,8 @@ async fn every_id_route_hides_another_users_resources_whatever_their_state(backe
                 json!({"gpu_type": "spot", "gpu_model": "H100-80GB"})
             } else if path.ends_with("/use") {
                 json!({"training_file_id": file, "name": "stolen"})
+            } else if path.ends_with("/increase-requests") {
+                json!({"amount": 50, "reason": "mine now"})
             } else if path.starts_with("/api/v1/budgets/") {
                 budget_body.clone()
             } else if path.ends_with("/export") {
@@ -293,7 +307,13 @@ async fn every_id_route_hides_another_users_resources_whatever_their_state(backe
                 .send()
                 .await
                 .expect("request");
-            assert_eq!(response.status(), StatusCode::NOT_FOUND, "{method} {path}");
+            // Deciding increase requests is for admins: refused before anything is looked up.
+            let expected = if path.starts_with("/api/v1/budget-increase-requests/") {
+                StatusCode::FORBIDDEN
+            } else {
+                StatusCode::NOT_FOUND
+            };
+            assert_eq!(response.status(), expected, "{method} {path}");
             swept += 1;
         }
     }

@@ -71,11 +71,25 @@ async fn a_job_goes_from_draft_to_cancelled_with_an_event_per_step(backend: Back
     assert_eq!(configured["hyperparameters"]["rank"], 8);
     assert_eq!(configured["hyperparameters"]["epochs"], 4);
     assert_eq!(configured["total_epochs"], 4);
-    // 60 conversations = 0.3 of the 200-conversation reference, 4 epochs = 2x the preset's 2:
-    // 8-10 h x 0.3 x 2 = 4.8-6 h at the H100 spot rate of $2.50.
-    assert_eq!(configured["estimated_duration_hours_min"], 4.8);
-    assert_eq!(configured["estimated_cost_min"], 12.0);
-    assert_eq!(configured["estimated_cost_max"], 15.0);
+    // Nothing measured yet for SmolLM2-135M on an H100, so the throughput is modelled: the
+    // H100's 989 TFLOP/s × the assumed 8% ÷ (4 × 135M parameters) per token. The file's
+    // 60 conversations hold 1,730 estimated tokens (each: 3 messages of 4 tokens' template
+    // plus a quarter of their characters); 4 epochs train on 6,920.
+    let basis = &configured["estimate_basis"];
+    assert_eq!(basis["throughput"]["source"], "modelled", "{basis}");
+    let tokens_per_second = 989e12 * 0.08 / (4.0 * 0.135e9);
+    let modelled = basis["throughput"]["tokens_per_second"]
+        .as_f64()
+        .expect("tokens/s");
+    assert!((modelled - tokens_per_second).abs() < 1e-6, "{basis}");
+    assert_eq!(basis["tokens_per_epoch"], 1730);
+    assert_eq!(basis["total_tokens"], 6920);
+    let hours = |field: &str| configured[field].as_f64().expect(field);
+    // Half to twice the modelled speed.
+    let expected_min = 6920.0 / (tokens_per_second * 2.0) / 3600.0;
+    assert!((hours("estimated_duration_hours_min") - expected_min).abs() < 1e-12);
+    assert!((hours("estimated_duration_hours_max") - expected_min * 4.0).abs() < 1e-12);
+    assert_eq!(configured["estimated_cost_max"], 0.0, "seconds on an H100");
     assert_eq!(configured["hourly_rate"], 2.5);
     let time = |job: &Value| {
         chrono::DateTime::parse_from_rfc3339(job["updated_at"].as_str().expect("updated_at"))
