@@ -336,7 +336,7 @@ impl Default for Budgets {
     }
 }
 
-/// How cost estimates find their throughput.
+/// How cost estimates find their throughput, and how often storage costs are updated.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Estimates {
@@ -345,6 +345,10 @@ pub struct Estimates {
     pub throughput_samples: i64,
     /// Share of the GPU's peak FLOP/s a run is assumed to reach when nothing is measured.
     pub assumed_utilization: f64,
+    /// How often every cost record's storage cost is brought up to date (artifacts cost
+    /// while they are kept); a record is also updated when its job stops and on each
+    /// download.
+    pub storage_refresh_minutes: u64,
 }
 
 impl Default for Estimates {
@@ -353,6 +357,7 @@ impl Default for Estimates {
             throughput_samples: 20,
             // The H200 runs measured 4–9% of peak for 0.5B–1B models (README, Performance).
             assumed_utilization: 0.08,
+            storage_refresh_minutes: 60,
         }
     }
 }

@@ -138,6 +138,7 @@ impl Application {
     ) -> std::io::Result<()> {
         tracing::info!(address = %self.address, database = self.state.db.backend(), "control plane listening");
         crate::service::recovery::spawn_sweeper(self.state.clone());
+        crate::service::cost::spawn_storage_sweeper(self.state.clone());
         let metrics = self.state.metrics.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(5));

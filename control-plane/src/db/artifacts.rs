@@ -126,7 +126,7 @@ pub async fn get(db: &Db, id: Uuid) -> Result<Option<Artifact>, DbError> {
     )
 }
 
-/// Counts a download link handed out.
+/// Counts a download of the artifact's bytes.
 pub async fn count_download(db: &Db, id: Uuid, at: DateTime<Utc>) -> Result<(), DbError> {
     on_pool!(db, pool => sqlx::query(
         "UPDATE model_artifacts SET download_count = download_count + 1, last_downloaded_at = $2 WHERE id = $1",

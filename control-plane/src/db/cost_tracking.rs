@@ -10,6 +10,7 @@ use sqlx::QueryBuilder;
 
 use super::jobs::{Job, Viewer};
 use super::{on_pool, BeginWrite, Db, DbError};
+use crate::domain::gpu_catalog::Pricing;
 use crate::domain::JobStatus;
 
 /// What a job's record holds besides the job's own attribution.
@@ -55,6 +56,56 @@ pub async fn replace(
         tx.commit().await?;
     });
     Ok(())
+}
+
+/// Rewrites the storage and network cost of the cost record of `job` (of every record when
+/// `None`) from its artifacts as of `at`: each artifact's bytes × the storage price ×
+/// the months it has been kept, and × the network price × its downloads; the total follows.
+/// One statement; only the date arithmetic differs between the backends.
+pub async fn refresh_artifact_costs(
+    db: &Db,
+    job: Option<Uuid>,
+    pricing: &Pricing,
+    at: DateTime<Utc>,
+) -> Result<u64, DbError> {
+    const GB: f64 = 1e9;
+    const MONTH_DAYS: f64 = 30.4375;
+    let days_kept = match db {
+        Db::Sqlite(_) => "MAX(0, julianday($1) - julianday(a.created_at))",
+        Db::Postgres(_) => {
+            "GREATEST(0, EXTRACT(EPOCH FROM ($1::timestamptz - a.created_at)) / 86400.0)"
+        }
+    };
+    let storage = format!(
+        "COALESCE((SELECT SUM(a.file_size * {days_kept}) FROM model_artifacts a
+                   WHERE a.job_id = cost_tracking.job_id), 0) * $2"
+    );
+    let network = "COALESCE((SELECT SUM(a.file_size * a.download_count) FROM model_artifacts a
+                    WHERE a.job_id = cost_tracking.job_id), 0) * $3";
+    let sql = format!(
+        "UPDATE cost_tracking SET storage_cost = {storage}, network_cost = {network},
+             total_cost = compute_cost + {storage} + {network}
+         WHERE $4 IS NULL OR job_id = $4"
+    );
+    let updated = on_pool!(db, pool => sqlx::query(&sql)
+        .bind(at)
+        .bind(pricing.storage_gb_month / GB / MONTH_DAYS)
+        .bind(pricing.network_gb / GB)
+        .bind(job)
+        .execute(pool)
+        .await
+        .map(|r| r.rows_affected()))?;
+    Ok(updated)
+}
+
+/// The storage and network cost on the job's record; `None` before it has one.
+pub async fn artifact_costs(db: &Db, job_id: Uuid) -> Result<Option<(f64, f64)>, DbError> {
+    Ok(on_pool!(db, pool => sqlx::query_as(
+        "SELECT storage_cost, network_cost FROM cost_tracking WHERE job_id = $1",
+    )
+    .bind(job_id)
+    .fetch_optional(pool)
+    .await)?)
 }
 
 /// When a job's spend counts as incurred: its first start (its creation before that).

@@ -69,6 +69,28 @@ impl GpuOffer {
 pub struct GpuCatalog {
     #[serde(rename = "gpu")]
     pub gpus: Vec<GpuOffer>,
+    #[serde(default)]
+    pub pricing: Pricing,
+}
+
+/// What storing and downloading artifacts costs (GB = 10⁹ bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Pricing {
+    /// Dollars per GB held for a month (30.4375 days), prorated by the second.
+    pub storage_gb_month: f64,
+    /// Dollars per GB downloaded through a signed link.
+    pub network_gb: f64,
+}
+
+impl Default for Pricing {
+    fn default() -> Self {
+        // S3 Standard and internet egress list prices.
+        Pricing {
+            storage_gb_month: 0.023,
+            network_gb: 0.09,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +128,12 @@ impl GpuCatalog {
         let catalog: GpuCatalog = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         if catalog.gpus.is_empty() {
             return Err(invalid("it lists no GPU".into()));
+        }
+        let pricing = catalog.pricing;
+        if !(pricing.storage_gb_month >= 0.0 && pricing.network_gb >= 0.0) {
+            return Err(invalid(
+                "pricing: storage_gb_month and network_gb must be at least 0".into(),
+            ));
         }
         for gpu in &catalog.gpus {
             if !(gpu.spot_hourly >= 0.0 && gpu.ondemand_hourly >= 0.0 && gpu.memory_gb > 0.0) {

@@ -69,7 +69,7 @@ fn signed_message(id: Uuid, expires: i64) -> String {
 }
 
 /// A signed link under `base_url` to one of the user's artifacts, valid for
-/// `storage.signed_url_ttl_seconds`; counts the download.
+/// `storage.signed_url_ttl_seconds`.
 pub async fn signed_download(
     state: &AppState,
     user: &CurrentUser,
@@ -87,7 +87,6 @@ pub async fn signed_download(
     let expires_at = at + Duration::seconds(state.settings.storage.signed_url_ttl_seconds);
     let expires = expires_at.timestamp();
     let signature = sign(&state.signing_key, &signed_message(id, expires));
-    artifacts::count_download(&state.db, id, at).await?;
     Ok(DownloadLink {
         download_url: format!(
             "{base_url}/api/v1/artifacts/{id}/content?expires={expires}&signature={signature}"
@@ -96,8 +95,8 @@ pub async fn signed_download(
     })
 }
 
-/// An artifact and its bytes, through a signed link: refused once it expired or when the
-/// signature does not match.
+/// An artifact and its bytes, through a signed link (counting the download): refused once
+/// it expired or when the signature does not match.
 pub async fn signed_content(
     state: &AppState,
     id: Uuid,
@@ -120,6 +119,9 @@ pub async fn signed_content(
         .get(&artifact.file_path)
         .await
         .map_err(|e| ServiceError::Internal(e.to_string()))?;
+    // Each fetch of the bytes is a download: counted, and priced as network cost.
+    artifacts::count_download(&state.db, id, now()).await?;
+    super::cost::after_download(state, artifact.job_id).await;
     Ok((artifact, download))
 }
 

@@ -1,6 +1,7 @@
 //! A job's cost record (spec §7): every attempt's GPU hours and cost, and what spot
-//! capacity saved against the on-demand price of the same GPU; cost reports (spec §5.8),
-//! summed by the database over the cost records.
+//! capacity saved against the on-demand price of the same GPU, plus its artifacts' storage
+//! (prorated while kept) and network (per download) at the catalog's `[pricing]`; cost
+//! reports (spec §5.8), summed by the database over the cost records.
 
 use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
@@ -18,7 +19,13 @@ use crate::domain::{AttemptStatus, BudgetPeriod, FieldError, GpuType};
 /// What a job has cost so far, attempt by attempt.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct JobCost {
+    /// Compute + storage + network.
+    pub total_cost: f64,
     pub compute_cost: f64,
+    /// Its artifacts kept so far, prorated (as of the record's last update).
+    pub storage_cost: f64,
+    /// Its artifacts' downloads.
+    pub network_cost: f64,
     pub gpu_hours: f64,
     /// What the spot attempts saved against the on-demand price of the same GPU.
     pub spot_savings: f64,
@@ -45,8 +52,14 @@ fn ondemand_rate(state: &AppState, job: &Job) -> Option<f64> {
 /// Sums a job's attempts at `at` (a running attempt counts up to then).
 pub async fn job_cost(state: &AppState, job: &Job, at: DateTime<Utc>) -> Result<JobCost, DbError> {
     let ondemand = ondemand_rate(state, job);
+    let (storage_cost, network_cost) = cost_tracking::artifact_costs(&state.db, job.id)
+        .await?
+        .unwrap_or_default();
     let mut total = JobCost {
+        total_cost: 0.0,
         compute_cost: 0.0,
+        storage_cost: round_cents(storage_cost),
+        network_cost: round_cents(network_cost),
         gpu_hours: 0.0,
         spot_savings: 0.0,
         attempts: Vec::new(),
@@ -73,6 +86,7 @@ pub async fn job_cost(state: &AppState, job: &Job, at: DateTime<Utc>) -> Result<
     }
     total.compute_cost = round_cents(total.compute_cost);
     total.spot_savings = round_cents(total.spot_savings);
+    total.total_cost = round_cents(total.compute_cost + total.storage_cost + total.network_cost);
     Ok(total)
 }
 
@@ -87,7 +101,47 @@ pub async fn record(state: &AppState, job: &Job) -> ServiceResult<()> {
         spot_savings: cost.spot_savings,
     };
     cost_tracking::replace(&state.db, job, &record, at).await?;
+    cost_tracking::refresh_artifact_costs(&state.db, Some(job.id), &state.catalog.pricing, at)
+        .await?;
     super::budget::alert_if_crossed(state, job).await
+}
+
+/// Keeps the storage cost of every record current: artifacts cost while they are kept.
+/// Every replica runs it; the statement is idempotent, so overlapping runs are harmless.
+pub fn spawn_storage_sweeper(state: AppState) {
+    let period = std::time::Duration::from_secs(
+        state.settings.estimates.storage_refresh_minutes.max(1) * 60,
+    );
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(period).await;
+            let refreshed = cost_tracking::refresh_artifact_costs(
+                &state.db,
+                None,
+                &state.catalog.pricing,
+                now(),
+            )
+            .await;
+            match refreshed {
+                Ok(records) => tracing::debug!(records, "storage costs refreshed"),
+                Err(error) => tracing::warn!(%error, "could not refresh storage costs"),
+            }
+        }
+    });
+}
+
+/// After an artifact of `job_id` was downloaded: its network cost counts at once.
+pub async fn after_download(state: &AppState, job_id: uuid::Uuid) {
+    let refreshed = cost_tracking::refresh_artifact_costs(
+        &state.db,
+        Some(job_id),
+        &state.catalog.pricing,
+        now(),
+    )
+    .await;
+    if let Err(error) = refreshed {
+        tracing::warn!(%job_id, %error, "could not record a download's network cost");
+    }
 }
 
 /// What a cost report covers: its dates (a period ending now, or start and end dates,

@@ -82,6 +82,9 @@ struct CostPage {
     budgets: Vec<BudgetCard>,
     total: String,
     compute: String,
+    /// Artifacts kept and downloaded.
+    storage: String,
+    network: String,
     gpu_hours: String,
     savings: String,
     job_count: i64,
@@ -193,6 +196,8 @@ async fn costs(State(state): State<AppState>, user: PageUser) -> PageResult {
         budgets: budgets.into_iter().map(card).collect(),
         total: money(month.totals.total_cost),
         compute: money(month.totals.compute_cost),
+        storage: money(month.totals.storage_cost),
+        network: money(month.totals.network_cost),
         gpu_hours: format!("{:.2}", month.totals.total_gpu_hours),
         savings: money(month.totals.total_spot_savings),
         job_count: month.totals.job_count,

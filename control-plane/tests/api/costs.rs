@@ -21,6 +21,7 @@ on_both_backends!(templates_carry_attribution_to_their_jobs);
 on_both_backends!(new_jobs_take_the_user_s_default_attribution);
 on_both_backends!(estimates_are_answered_before_a_job_exists);
 on_both_backends!(increase_requests_are_asked_for_and_decided_by_admins);
+on_both_backends!(artifacts_cost_storage_while_kept_and_network_per_download);
 
 fn budget(name: &str, amount: f64) -> Value {
     json!({"name": name, "amount": amount, "period": "monthly"})
@@ -1074,4 +1075,97 @@ async fn increase_requests_are_asked_for_and_decided_by_admins(backend: Backend)
 async fn requests_seen(app: &TestApp, user: &User) -> usize {
     let (_, list) = json_of(app.get(user, "/api/v1/budget-increase-requests").await).await;
     list["data"].as_array().expect("data").len()
+}
+
+/// A job's record carries its artifacts' storage (bytes × price × months kept) and network
+/// (bytes × price × downloads through signed links), in the job's cost and the reports.
+async fn artifacts_cost_storage_while_kept_and_network_per_download(backend: Backend) {
+    use sha2::Digest;
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let ada = app.user("ada@example.com", Role::User).await;
+    let job = app.queued_job(&ada).await;
+    let secret = app.enroll_agent("host").await;
+    let (_, assignment) = app.claim_now(&secret).await;
+    let attempt = assignment["attempt_id"].as_str().expect("attempt");
+    let bytes = vec![7u8; 1000];
+    let sha = hex::encode(sha2::Sha256::digest(&bytes));
+    let uploaded = app
+        .client
+        .put(app.url(&format!(
+            "/api/v1/agent/attempts/{attempt}/artifacts?kind=adapter_weights&name=a.safetensors&sha256={sha}"
+        )))
+        .bearer_auth(&secret)
+        .body(bytes)
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(uploaded.status(), StatusCode::CREATED);
+    let cancelled = app
+        .post(
+            &ada,
+            &format!("/api/v1/jobs/{job}/cancel"),
+            json!({"reason": "enough"}),
+        )
+        .await;
+    assert_eq!(cancelled.status(), StatusCode::OK);
+    let (_, artifacts) = json_of(
+        app.get(&ada, &format!("/api/v1/jobs/{job}/artifacts"))
+            .await,
+    )
+    .await;
+    let artifact = &artifacts["data"][0];
+    let artifact_id = artifact["id"].as_str().expect("id");
+    for _ in 0..2 {
+        let (_, link) = json_of(
+            app.get(&ada, &format!("/api/v1/artifacts/{artifact_id}/download"))
+                .await,
+        )
+        .await;
+        let served = app
+            .client
+            .get(link["download_url"].as_str().expect("url"))
+            .send()
+            .await
+            .expect("download");
+        assert_eq!(served.bytes().await.expect("bytes").len(), 1000);
+    }
+    // A month after the upload, at $1,000,000 per GB-month and $2,000,000 per GB
+    // downloaded: 1,000 bytes kept a month cost $1, downloaded twice $4.
+    let stored = chrono::DateTime::parse_from_rfc3339(artifact["created_at"].as_str().expect("at"))
+        .expect("time")
+        .with_timezone(&chrono::Utc);
+    let month = chrono::Duration::milliseconds((30.4375 * 86_400_000.0) as i64);
+    let pricing = control_plane::domain::gpu_catalog::Pricing {
+        storage_gb_month: 1e6,
+        network_gb: 2e6,
+    };
+    let job_id: Uuid = job.parse().expect("uuid");
+    let updated =
+        cost_tracking::refresh_artifact_costs(&app.db, Some(job_id), &pricing, stored + month)
+            .await
+            .expect("refresh");
+    assert_eq!(updated, 1);
+    let (_, cost) = json_of(app.get(&ada, &format!("/api/v1/jobs/{job}/cost")).await).await;
+    assert_eq!(cost["storage_cost"], 1.0, "{cost}");
+    assert_eq!(cost["network_cost"], 4.0, "{cost}");
+    let compute = cost["compute_cost"].as_f64().expect("compute");
+    assert_eq!(
+        cost["total_cost"].as_f64(),
+        Some(jobs::round_cents(compute + 5.0))
+    );
+    let (_, summary) = json_of(app.get(&ada, "/api/v1/cost-tracking/summary").await).await;
+    assert_eq!(summary["storage_cost"], 1.0, "{summary}");
+    assert_eq!(summary["network_cost"], 4.0);
+    // The shipped prices: 1,000 bytes for a month are far below a cent.
+    cost_tracking::refresh_artifact_costs(
+        &app.db,
+        Some(job_id),
+        &Default::default(),
+        stored + month,
+    )
+    .await
+    .expect("refresh");
+    let (_, cost) = json_of(app.get(&ada, &format!("/api/v1/jobs/{job}/cost")).await).await;
+    assert_eq!(cost["storage_cost"], 0.0);
 }
