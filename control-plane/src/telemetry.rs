@@ -154,7 +154,7 @@ impl Metrics {
         name: &'static str,
         help: &'static str,
         label: &'static str,
-        counts: &[(String, i64)],
+        counts: &[(String, f64)],
     ) {
         let mut known = self.gauge_labels.lock().unwrap_or_else(|e| e.into_inner());
         let seen = known.entry(name).or_default();
@@ -164,7 +164,7 @@ impl Metrics {
                 gauge!(name, label => stale.clone()).set(0.0);
             }
             for (value, count) in counts {
-                gauge!(name, label => value.clone()).set(*count as f64);
+                gauge!(name, label => value.clone()).set(*count);
             }
         });
         seen.extend(counts.iter().map(|(value, _)| value.clone()));

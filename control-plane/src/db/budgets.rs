@@ -120,6 +120,14 @@ pub async fn get_visible(db: &Db, id: Uuid, user_id: Uuid) -> Result<Option<Budg
         .await)?)
 }
 
+/// Every active budget, everyone's.
+pub async fn active(db: &Db) -> Result<Vec<Budget>, DbError> {
+    let sql = format!("SELECT {COLUMNS} FROM budgets WHERE is_active ORDER BY created_at");
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, Budget>(&sql)
+        .fetch_all(pool)
+        .await)?)
+}
+
 /// The budgets `user_id` sees: their own and the shared ones, by name.
 pub async fn list_visible(db: &Db, user_id: Uuid) -> Result<Vec<Budget>, DbError> {
     let sql = format!(

@@ -74,9 +74,32 @@ async fn metrics(State(state): State<AppState>) -> Response {
     ];
     for (name, help, gauge) in gauges {
         match counts(&state.db, gauge).await {
-            Ok(rows) => state.metrics.set_gauges(name, help, "status", &rows),
+            Ok(rows) => {
+                let rows: Vec<(String, f64)> =
+                    rows.into_iter().map(|(s, n)| (s, n as f64)).collect();
+                state.metrics.set_gauges(name, help, "status", &rows)
+            }
             Err(error) => tracing::warn!(%error, metric = name, "could not read a gauge"),
         }
+    }
+    match crate::service::budget::standings(&state).await {
+        Ok(standings) => {
+            let (spend, amount): (Vec<_>, Vec<_>) = standings
+                .into_iter()
+                .map(|(id, spend, amount)| ((id.clone(), spend), (id, amount)))
+                .unzip();
+            let (spend_help, amount_help) = (
+                "Each active budget's spend in its current period, in dollars.",
+                "Each active budget's amount per period, in dollars.",
+            );
+            state
+                .metrics
+                .set_gauges("lora_budget_spend_dollars", spend_help, "budget", &spend);
+            state
+                .metrics
+                .set_gauges("lora_budget_amount_dollars", amount_help, "budget", &amount);
+        }
+        Err(error) => tracing::warn!(%error, "could not read the budgets' spend"),
     }
     (
         [(

@@ -312,6 +312,21 @@ async fn views(state: &AppState, budgets: Vec<Budget>) -> ServiceResult<Vec<Budg
     Ok(views)
 }
 
+/// Every active budget's (id, spend this period, amount), for `/metrics`.
+pub async fn standings(state: &AppState) -> ServiceResult<Vec<(String, f64, f64)>> {
+    Ok(views(state, budgets::active(&state.db).await?)
+        .await?
+        .into_iter()
+        .map(|view| {
+            (
+                view.budget.id.to_string(),
+                view.current_spend,
+                view.budget.amount,
+            )
+        })
+        .collect())
+}
+
 /// One line per active budget of the caller's (or shared) that alerted this period, for
 /// the banner every dashboard page shows: the highest threshold it crossed, and the spend
 /// when it did. Two indexed reads (budgets, then this period's alerts), no spend totals,

@@ -348,6 +348,26 @@ async fn budgets_alert_once_per_threshold_and_block_starts(backend: Backend) {
     assert_eq!(standing["remaining"], 0.0);
     assert_eq!(standing["percent_used"], 110.0);
     assert_eq!(standing["alerts"].as_array().expect("alerts").len(), 2);
+    // Prometheus: each active budget's spend and amount.
+    let exposition = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let budget_id = created["id"].as_str().expect("id");
+    assert!(
+        exposition.contains(&format!(
+            "lora_budget_spend_dollars{{budget=\"{budget_id}\"}} 11"
+        )),
+        "{exposition}"
+    );
+    assert!(exposition.contains(&format!(
+        "lora_budget_amount_dollars{{budget=\"{budget_id}\"}} 10"
+    )));
     // A job of another project does not count.
     job_costing(&app, &ada, json!({"project": "other"}), 50.0).await;
     let (_, standing) = json_of(app.get(&ada, &budget_path).await).await;
