@@ -2,7 +2,7 @@
 //! whenever the job stops running; a job that runs now counts with its live cost instead
 //! (its record, if an earlier attempt left one, is already inside that live cost).
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -27,8 +27,10 @@ pub async fn replace(
     record: &CostRecord,
     at: DateTime<Utc>,
 ) -> Result<(), DbError> {
+    let roll = rollup_job_sql(db);
     on_pool!(db, pool => {
         let mut tx = pool.begin_write().await?;
+        sqlx::query(&roll).bind(job.id).bind(-1.0).bind(-1i64).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM cost_tracking WHERE job_id = $1")
             .bind(job.id)
             .execute(&mut *tx)
@@ -53,9 +55,55 @@ pub async fn replace(
         .bind(at)
         .execute(&mut *tx)
         .await?;
+        sqlx::query(&roll).bind(job.id).bind(1.0).bind(1i64).execute(&mut *tx).await?;
         tx.commit().await?;
     });
     Ok(())
+}
+
+/// The UTC day (YYYY-MM-DD) of `incurred_at`: SQLite keeps RFC 3339 text in UTC, whose
+/// first ten characters are the date.
+fn incurred_day(db: &Db) -> &'static str {
+    match db {
+        Db::Sqlite(_) => "substr(incurred_at, 1, 10)",
+        Db::Postgres(_) => "to_char(incurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+    }
+}
+
+/// Adds the record of job `$1` to its day's rollup row, times `$2` (1.0 or -1.0) with a
+/// job count of `$3` (1 or -1): taken away before the record changes, added back after.
+fn rollup_job_sql(db: &Db) -> String {
+    let day = incurred_day(db);
+    format!(
+        "INSERT INTO cost_daily (user_id, day, team, project, cost_center, total_cost, compute_cost,
+                                 storage_cost, network_cost, gpu_hours, spot_savings, job_count)
+         SELECT user_id, {day}, COALESCE(team, ''), COALESCE(project, ''), COALESCE(cost_center, ''),
+                $2 * total_cost, $2 * compute_cost, $2 * storage_cost, $2 * network_cost,
+                $2 * COALESCE(gpu_hours, 0), $2 * spot_savings, $3
+           FROM cost_tracking WHERE job_id = $1 AND user_id IS NOT NULL
+         ON CONFLICT (user_id, day, team, project, cost_center) DO UPDATE SET
+           total_cost = cost_daily.total_cost + excluded.total_cost,
+           compute_cost = cost_daily.compute_cost + excluded.compute_cost,
+           storage_cost = cost_daily.storage_cost + excluded.storage_cost,
+           network_cost = cost_daily.network_cost + excluded.network_cost,
+           gpu_hours = cost_daily.gpu_hours + excluded.gpu_hours,
+           spot_savings = cost_daily.spot_savings + excluded.spot_savings,
+           job_count = cost_daily.job_count + excluded.job_count"
+    )
+}
+
+/// Rebuilds the whole rollup from the records (after every record changed at once).
+fn rebuild_rollup_sql(db: &Db) -> String {
+    let day = incurred_day(db);
+    format!(
+        "INSERT INTO cost_daily (user_id, day, team, project, cost_center, total_cost, compute_cost,
+                                 storage_cost, network_cost, gpu_hours, spot_savings, job_count)
+         SELECT user_id, {day}, COALESCE(team, ''), COALESCE(project, ''), COALESCE(cost_center, ''),
+                SUM(total_cost), SUM(compute_cost), SUM(storage_cost), SUM(network_cost),
+                SUM(COALESCE(gpu_hours, 0)), SUM(spot_savings), COUNT(*)
+           FROM cost_tracking WHERE user_id IS NOT NULL
+          GROUP BY 1, 2, 3, 4, 5"
+    )
 }
 
 /// Rewrites the storage and network cost of the cost record of `job` (of every record when
@@ -87,14 +135,34 @@ pub async fn refresh_artifact_costs(
              total_cost = compute_cost + {storage} + {network}
          WHERE $4 IS NULL OR job_id = $4"
     );
-    let updated = on_pool!(db, pool => sqlx::query(&sql)
-        .bind(at)
-        .bind(pricing.storage_gb_month / GB / MONTH_DAYS)
-        .bind(pricing.network_gb / GB)
-        .bind(job)
-        .execute(pool)
-        .await
-        .map(|r| r.rows_affected()))?;
+    let (roll, rebuild) = (rollup_job_sql(db), rebuild_rollup_sql(db));
+    // The rollup moves with the records: one job's contribution around its update, or
+    // rebuilt after all of them changed.
+    let updated = on_pool!(db, pool => {
+        let mut tx = pool.begin_write().await?;
+        if let Some(job) = job {
+            sqlx::query(&roll).bind(job).bind(-1.0).bind(-1i64).execute(&mut *tx).await?;
+        }
+        let updated = sqlx::query(&sql)
+            .bind(at)
+            .bind(pricing.storage_gb_month / GB / MONTH_DAYS)
+            .bind(pricing.network_gb / GB)
+            .bind(job)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        match job {
+            Some(job) => {
+                sqlx::query(&roll).bind(job).bind(1.0).bind(1i64).execute(&mut *tx).await?;
+            }
+            None => {
+                sqlx::query("DELETE FROM cost_daily").execute(&mut *tx).await?;
+                sqlx::query(&rebuild).execute(&mut *tx).await?;
+            }
+        }
+        tx.commit().await?;
+        updated
+    });
     Ok(updated)
 }
 
@@ -137,78 +205,166 @@ impl SpendFilter {
     }
 }
 
-/// Starts `query` with `WITH spend AS (…)`: one row per job the filter covers, the cost
-/// record of a job that is not running and the live cost of one that is. The filter's
-/// conditions go inside each branch, and only those it sets, so each branch reads
-/// through an index (owner and time, team, project) instead of every record.
-fn push_spend<'a, DB: sqlx::Database>(query: &mut QueryBuilder<'a, DB>, filter: &'a SpendFilter)
+/// The filter's conditions on a record or a running job, only those it sets, so each
+/// branch reads through an index (owner and time, team, project) instead of every row.
+fn push_conditions<'a, DB: sqlx::Database>(
+    query: &mut QueryBuilder<'a, DB>,
+    filter: &'a SpendFilter,
+) where
+    Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    DateTime<Utc>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    if let Some(user_id) = filter.user_id {
+        query.push(" AND user_id = ").push_bind(user_id);
+    }
+    if let Some(from) = filter.from {
+        query.push(" AND incurred_at >= ").push_bind(from);
+    }
+    if let Some(until) = filter.until {
+        query.push(" AND incurred_at < ").push_bind(until);
+    }
+    for (column, value) in [
+        ("team", &filter.team),
+        ("project", &filter.project),
+        ("cost_center", &filter.cost_center),
+    ] {
+        if let Some(value) = value {
+            query
+                .push(format!(" AND {column} = "))
+                .push_bind(value.as_str());
+        }
+    }
+}
+
+/// Starts `query` with `WITH running AS (…)`: the jobs running now, by the status index
+/// alone (a handful of rows); left to itself the planner reached them through the owner's
+/// index, reading all their jobs.
+fn push_running<'a, DB: sqlx::Database>(query: &mut QueryBuilder<'a, DB>)
 where
+    JobStatus: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    query.push(
+        "WITH running AS MATERIALIZED (
+           SELECT id, user_id, COALESCE(started_at, created_at) AS incurred_at, current_cost, team,
+                  project, cost_center
+             FROM training_jobs WHERE status IN (",
+    );
+    query
+        .push_bind(JobStatus::Provisioning)
+        .push(", ")
+        .push_bind(JobStatus::Training)
+        .push(")) ");
+}
+
+/// Starts `query` with `WITH running AS (…), <name> AS (…)`: one row per job the filter
+/// covers, the cost record of a job that is not running and the live cost of one that is.
+fn push_spend<'a, DB: sqlx::Database>(
+    query: &mut QueryBuilder<'a, DB>,
+    filter: &'a SpendFilter,
+    name: &str,
+) where
     Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     DateTime<Utc>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     JobStatus: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
 {
-    fn running<'a, DB: sqlx::Database>(query: &mut QueryBuilder<'a, DB>)
-    where
-        JobStatus: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    {
-        query
-            .push("status IN (")
-            .push_bind(JobStatus::Provisioning)
-            .push(", ")
-            .push_bind(JobStatus::Training)
-            .push(")");
-    }
-    fn conditions<'a, DB: sqlx::Database>(query: &mut QueryBuilder<'a, DB>, filter: &'a SpendFilter)
-    where
-        Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-        DateTime<Utc>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-        &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
-    {
-        if let Some(user_id) = filter.user_id {
-            query.push(" AND user_id = ").push_bind(user_id);
-        }
-        if let Some(from) = filter.from {
-            query.push(" AND incurred_at >= ").push_bind(from);
-        }
-        if let Some(until) = filter.until {
-            query.push(" AND incurred_at < ").push_bind(until);
-        }
-        for (column, value) in [
-            ("team", &filter.team),
-            ("project", &filter.project),
-            ("cost_center", &filter.cost_center),
-        ] {
-            if let Some(value) = value {
-                query
-                    .push(format!(" AND {column} = "))
-                    .push_bind(value.as_str());
-            }
-        }
-    }
-    // The running jobs first, by the status index alone (a handful of rows); left to
-    // itself the planner reached them through the owner's index, reading all their jobs.
-    query.push(
-        "WITH running AS MATERIALIZED (
-           SELECT id, user_id, COALESCE(started_at, created_at) AS incurred_at, current_cost, team,
-                  project, cost_center
-             FROM training_jobs WHERE ",
-    );
-    running(query);
-    query.push(
-        "), spend AS (
+    push_running(query);
+    query.push(format!(
+        ", {name} AS (
            SELECT job_id, user_id, incurred_at, compute_cost, storage_cost, network_cost, total_cost,
                   gpu_hours, spot_savings, team, project, cost_center
-             FROM cost_tracking WHERE job_id NOT IN (SELECT id FROM running)",
-    );
-    conditions(query, filter);
+             FROM cost_tracking WHERE job_id NOT IN (SELECT id FROM running)"
+    ));
+    push_conditions(query, filter);
     query.push(
         " UNION ALL
            SELECT id, user_id, incurred_at, current_cost, 0.0, 0.0, current_cost, NULL, 0.0, team,
                   project, cost_center
              FROM running WHERE 1 = 1",
     );
-    conditions(query, filter);
+    push_conditions(query, filter);
+    query.push(") ");
+}
+
+/// A filter's range as whole UTC days (`day >= from`, `day < until`, as YYYY-MM-DD), for
+/// the rollup; `None` when either end falls inside a day, so the records are read instead.
+fn day_bounds(filter: &SpendFilter) -> Option<(Option<String>, Option<String>)> {
+    let day = |at: Option<DateTime<Utc>>| match at {
+        None => Some(None),
+        Some(at) if at.time() == NaiveTime::MIN => Some(Some(at.date_naive().to_string())),
+        Some(_) => None,
+    };
+    Some((day(filter.from)?, day(filter.until)?))
+}
+
+/// Starts `query` with `WITH … spend AS (…)` for sums: rows of (day, team, project,
+/// cost_center, total_cost, compute_cost, storage_cost, network_cost, gpu_hours,
+/// spot_savings, jobs) whose sums are the filter's spend. Over whole days it reads the
+/// daily rollup, takes away the records of the jobs running now and adds their live
+/// cost; otherwise it reads the records (`jobs` is then 1 a row).
+fn push_summed<'a, DB: sqlx::Database>(
+    query: &mut QueryBuilder<'a, DB>,
+    filter: &'a SpendFilter,
+    days: Option<&'a (Option<String>, Option<String>)>,
+    incurred_day: &'static str,
+) where
+    Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    DateTime<Utc>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+    JobStatus: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
+    let Some((from_day, until_day)) = days else {
+        push_spend(query, filter, "spend_rows");
+        query.push(format!(
+            ", spend AS (SELECT {incurred_day} AS day, team, project, cost_center, total_cost,
+                    compute_cost, storage_cost, network_cost, COALESCE(gpu_hours, 0.0) AS gpu_hours,
+                    spot_savings, 1 AS jobs FROM spend_rows) "
+        ));
+        return;
+    };
+    push_running(query);
+    query.push(
+        ", spend AS (
+           SELECT day, NULLIF(team, '') AS team, NULLIF(project, '') AS project,
+                  NULLIF(cost_center, '') AS cost_center, total_cost, compute_cost, storage_cost,
+                  network_cost, gpu_hours, spot_savings, job_count AS jobs
+             FROM cost_daily WHERE 1 = 1",
+    );
+    if let Some(user_id) = filter.user_id {
+        query.push(" AND user_id = ").push_bind(user_id);
+    }
+    if let Some(from) = from_day {
+        query.push(" AND day >= ").push_bind(from.as_str());
+    }
+    if let Some(until) = until_day {
+        query.push(" AND day < ").push_bind(until.as_str());
+    }
+    for (column, value) in [
+        ("team", &filter.team),
+        ("project", &filter.project),
+        ("cost_center", &filter.cost_center),
+    ] {
+        if let Some(value) = value {
+            query
+                .push(format!(" AND {column} = "))
+                .push_bind(value.as_str());
+        }
+    }
+    query.push(format!(
+        " UNION ALL
+           SELECT {incurred_day}, team, project, cost_center, -total_cost, -compute_cost,
+                  -storage_cost, -network_cost, -COALESCE(gpu_hours, 0.0), -spot_savings, -1
+             FROM cost_tracking WHERE job_id IN (SELECT id FROM running)"
+    ));
+    push_conditions(query, filter);
+    query.push(format!(
+        " UNION ALL
+           SELECT {incurred_day}, team, project, cost_center, current_cost, current_cost, 0.0, 0.0,
+                  0.0, 0.0, 1
+             FROM running WHERE 1 = 1"
+    ));
+    push_conditions(query, filter);
     query.push(") ");
 }
 
@@ -225,14 +381,16 @@ pub struct Totals {
 }
 
 pub async fn totals(db: &Db, filter: &SpendFilter) -> Result<Totals, DbError> {
+    let (days, day) = (day_bounds(filter), incurred_day(db));
     Ok(on_pool!(db, pool => {
         let mut query = QueryBuilder::new("");
-        push_spend(&mut query, filter);
+        push_summed(&mut query, filter, days.as_ref(), day);
         query.push(
             "SELECT COALESCE(SUM(total_cost), 0.0) AS total_cost, COALESCE(SUM(compute_cost), 0.0) AS compute_cost,
                     COALESCE(SUM(storage_cost), 0.0) AS storage_cost, COALESCE(SUM(network_cost), 0.0) AS network_cost,
                     COALESCE(SUM(gpu_hours), 0.0) AS total_gpu_hours,
-                    COALESCE(SUM(spot_savings), 0.0) AS total_spot_savings, COUNT(*) AS job_count
+                    COALESCE(SUM(spot_savings), 0.0) AS total_spot_savings,
+                    CAST(COALESCE(SUM(jobs), 0) AS BIGINT) AS job_count
                FROM spend",
         );
         query.build_query_as::<Totals>().fetch_one(pool).await
@@ -257,7 +415,7 @@ pub struct JobSpend {
 pub async fn by_job(db: &Db, filter: &SpendFilter, limit: i64) -> Result<Vec<JobSpend>, DbError> {
     Ok(on_pool!(db, pool => {
         let mut query = QueryBuilder::new("");
-        push_spend(&mut query, filter);
+        push_spend(&mut query, filter, "spend");
         query.push(
             "SELECT s.job_id, j.name AS job_name, s.total_cost, COALESCE(s.gpu_hours, 0.0) AS gpu_hours,
                     s.spot_savings, s.team, s.project, s.cost_center, s.incurred_at
@@ -279,18 +437,14 @@ pub struct DaySpend {
 }
 
 pub async fn by_day(db: &Db, filter: &SpendFilter) -> Result<Vec<DaySpend>, DbError> {
-    // The one dialect difference: the UTC date of a timestamp (SQLite keeps RFC 3339 text
-    // in UTC, whose first ten characters are the date).
-    let day = match db {
-        Db::Sqlite(_) => "substr(incurred_at, 1, 10)",
-        Db::Postgres(_) => "to_char(incurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
-    };
+    let (days, day) = (day_bounds(filter), incurred_day(db));
     let rows: Vec<(String, f64, f64, i64)> = on_pool!(db, pool => {
         let mut query = QueryBuilder::new("");
-        push_spend(&mut query, filter);
-        query.push(format!(
-            "SELECT {day} AS day, SUM(total_cost), SUM(compute_cost), COUNT(*) FROM spend GROUP BY 1 ORDER BY 1"
-        ));
+        push_summed(&mut query, filter, days.as_ref(), day);
+        query.push(
+            "SELECT day, SUM(total_cost), SUM(compute_cost), CAST(SUM(jobs) AS BIGINT) FROM spend
+              GROUP BY day HAVING SUM(jobs) > 0 ORDER BY day",
+        );
         query.build_query_as().fetch_all(pool).await
     })?;
     Ok(rows
@@ -333,12 +487,14 @@ pub async fn by_dimension(
         Dimension::Project => "project",
         Dimension::CostCenter => "cost_center",
     };
+    let (days, day) = (day_bounds(filter), incurred_day(db));
     Ok(on_pool!(db, pool => {
         let mut query = QueryBuilder::new("");
-        push_spend(&mut query, filter);
+        push_summed(&mut query, filter, days.as_ref(), day);
         query.push(format!(
-            "SELECT {column} AS name, SUM(total_cost) AS total_cost, COUNT(*) AS job_count
-               FROM spend GROUP BY {column} ORDER BY 2 DESC"
+            "SELECT {column} AS name, SUM(total_cost) AS total_cost,
+                    CAST(SUM(jobs) AS BIGINT) AS job_count
+               FROM spend GROUP BY {column} HAVING SUM(jobs) > 0 ORDER BY 2 DESC"
         ));
         query.build_query_as::<GroupSpend>().fetch_all(pool).await
     })?)

@@ -2,6 +2,7 @@
 //! period and threshold, `block_start`) and cost reports equal to the cost records they
 //! sum, with attribution filters and isolation, on both backends.
 
+use chrono::TimeZone;
 use control_plane::db::cost_tracking::{self, CostRecord};
 use control_plane::db::jobs;
 use control_plane::domain::Role;
@@ -22,6 +23,7 @@ on_both_backends!(new_jobs_take_the_user_s_default_attribution);
 on_both_backends!(estimates_are_answered_before_a_job_exists);
 on_both_backends!(increase_requests_are_asked_for_and_decided_by_admins);
 on_both_backends!(artifacts_cost_storage_while_kept_and_network_per_download);
+on_both_backends!(a_running_job_counts_with_its_live_cost_in_every_report);
 
 fn budget(name: &str, amount: f64) -> Value {
     json!({"name": name, "amount": amount, "period": "monthly"})
@@ -1188,4 +1190,100 @@ async fn artifacts_cost_storage_while_kept_and_network_per_download(backend: Bac
     .expect("refresh");
     let (_, cost) = json_of(app.get(&ada, &format!("/api/v1/jobs/{job}/cost")).await).await;
     assert_eq!(cost["storage_cost"], 0.0);
+}
+
+/// Reports over whole days read the daily rollup, others the records; both count a running
+/// job at its live cost, not the record an earlier attempt left, and agree.
+async fn a_running_job_counts_with_its_live_cost_in_every_report(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let ada = app.user("ada@example.com", Role::User).await;
+    job_costing(&app, &ada, json!({"team": "ml"}), 2.0).await;
+    let running = app.queued_job(&ada).await;
+    let secret = app.enroll_agent("host").await;
+    app.claim_now(&secret).await;
+    let running: Uuid = running.parse().expect("uuid");
+    // An earlier attempt left a $5 record; the attempt running now has cost $7 in all.
+    record_cost(&app, running, 5.0).await;
+    let job = jobs::get_any(&app.db, running)
+        .await
+        .expect("read")
+        .expect("job");
+    assert_eq!(job.status, control_plane::domain::JobStatus::Provisioning);
+    sqlx_update_current_cost(&app, running, 7.0).await;
+
+    let (_, summary) = json_of(app.get(&ada, "/api/v1/cost-tracking/summary").await).await;
+    assert_eq!(summary["total_cost"], 9.0, "{summary}");
+    assert_eq!(summary["job_count"], 2);
+    let (_, trends) = json_of(app.get(&ada, "/api/v1/cost-tracking/trends").await).await;
+    let trend_total: f64 = trends["data"]
+        .as_array()
+        .expect("buckets")
+        .iter()
+        .filter_map(|b| b["total_cost"].as_f64())
+        .sum();
+    assert!((trend_total - 9.0).abs() < 1e-9, "{trends}");
+    // A range that does not fall on day boundaries reads the records: the same answer.
+    let now = control_plane::db::now();
+    let filter = cost_tracking::SpendFilter {
+        user_id: Some(ada.id),
+        from: Some(now - chrono::Duration::hours(1)),
+        until: Some(now + chrono::Duration::hours(1)),
+        ..Default::default()
+    };
+    let totals = cost_tracking::totals(&app.db, &filter)
+        .await
+        .expect("totals");
+    assert!((totals.total_cost - 9.0).abs() < 1e-9, "{totals:?}");
+    assert_eq!(totals.job_count, 2);
+    let by_team = cost_tracking::by_dimension(&app.db, &filter, cost_tracking::Dimension::Team)
+        .await
+        .expect("teams");
+    let whole_days = cost_tracking::SpendFilter {
+        from: Some(
+            chrono::Utc.from_utc_datetime(&now.date_naive().and_time(chrono::NaiveTime::MIN)),
+        ),
+        until: None,
+        ..filter.clone()
+    };
+    let by_team_days =
+        cost_tracking::by_dimension(&app.db, &whole_days, cost_tracking::Dimension::Team)
+            .await
+            .expect("teams");
+    let lines = |groups: &[cost_tracking::GroupSpend]| -> Vec<(Option<String>, i64, i64)> {
+        groups
+            .iter()
+            .map(|g| {
+                (
+                    g.name.clone(),
+                    (g.total_cost * 100.0).round() as i64,
+                    g.job_count,
+                )
+            })
+            .collect()
+    };
+    assert_eq!(lines(&by_team), lines(&by_team_days));
+    assert_eq!(
+        lines(&by_team),
+        [(None, 700, 1), (Some("ml".to_owned()), 200, 1)]
+    );
+}
+
+async fn sqlx_update_current_cost(app: &TestApp, job: Uuid, cost: f64) {
+    let sql = "UPDATE training_jobs SET current_cost = $2 WHERE id = $1";
+    match &app.db {
+        control_plane::db::Db::Sqlite(pool) => sqlx::query(sql)
+            .bind(job)
+            .bind(cost)
+            .execute(pool)
+            .await
+            .map(drop),
+        control_plane::db::Db::Postgres(pool) => sqlx::query(sql)
+            .bind(job)
+            .bind(cost)
+            .execute(pool)
+            .await
+            .map(drop),
+    }
+    .expect("current cost");
 }
