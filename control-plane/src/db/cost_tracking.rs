@@ -237,9 +237,10 @@ fn push_conditions<'a, DB: sqlx::Database>(
     }
 }
 
-/// Starts `query` with `WITH running AS (…)`: the jobs running now, by the status index
-/// alone (a handful of rows); left to itself the planner reached them through the owner's
-/// index, reading all their jobs.
+/// Starts `query` with `WITH running AS (…)`: the jobs running now. They are reached
+/// through the partial index of attempts that have not ended (a handful), their status
+/// checked after: bound statuses alone left PostgreSQL's cached generic plan scanning
+/// every job, not knowing which statuses they named.
 fn push_running<'a, DB: sqlx::Database>(query: &mut QueryBuilder<'a, DB>)
 where
     JobStatus: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
@@ -248,7 +249,8 @@ where
         "WITH running AS MATERIALIZED (
            SELECT id, user_id, COALESCE(started_at, created_at) AS incurred_at, current_cost, team,
                   project, cost_center
-             FROM training_jobs WHERE status IN (",
+             FROM training_jobs
+            WHERE id IN (SELECT job_id FROM job_attempts WHERE ended_at IS NULL) AND status IN (",
     );
     query
         .push_bind(JobStatus::Provisioning)
@@ -257,12 +259,12 @@ where
         .push(")) ");
 }
 
-/// Starts `query` with `WITH running AS (…), <name> AS (…)`: one row per job the filter
-/// covers, the cost record of a job that is not running and the live cost of one that is.
-fn push_spend<'a, DB: sqlx::Database>(
+/// Starts `query` with `WITH running AS (…), spend_rows AS (…)`: one row per job the
+/// filter covers, the cost record of a job that is not running and the live cost of one
+/// that is.
+fn push_spend_rows<'a, DB: sqlx::Database>(
     query: &mut QueryBuilder<'a, DB>,
     filter: &'a SpendFilter,
-    name: &str,
 ) where
     Uuid: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
     DateTime<Utc>: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
@@ -270,12 +272,12 @@ fn push_spend<'a, DB: sqlx::Database>(
     JobStatus: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
 {
     push_running(query);
-    query.push(format!(
-        ", {name} AS (
+    query.push(
+        ", spend_rows AS (
            SELECT job_id, user_id, incurred_at, compute_cost, storage_cost, network_cost, total_cost,
                   gpu_hours, spot_savings, team, project, cost_center
-             FROM cost_tracking WHERE job_id NOT IN (SELECT id FROM running)"
-    ));
+             FROM cost_tracking WHERE job_id NOT IN (SELECT id FROM running)",
+    );
     push_conditions(query, filter);
     query.push(
         " UNION ALL
@@ -315,7 +317,7 @@ fn push_summed<'a, DB: sqlx::Database>(
     JobStatus: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
 {
     let Some((from_day, until_day)) = days else {
-        push_spend(query, filter, "spend_rows");
+        push_spend_rows(query, filter);
         query.push(format!(
             ", spend AS (SELECT {incurred_day} AS day, team, project, cost_center, total_cost,
                     compute_cost, storage_cost, network_cost, COALESCE(gpu_hours, 0.0) AS gpu_hours,
@@ -411,13 +413,31 @@ pub struct JobSpend {
     pub incurred_at: DateTime<Utc>,
 }
 
-/// The costliest `limit` jobs the filter covers.
+/// The costliest `limit` jobs the filter covers: the records' costliest found in the
+/// report index alone (no record read but the ones listed), and the running jobs at their
+/// live cost.
 pub async fn by_job(db: &Db, filter: &SpendFilter, limit: i64) -> Result<Vec<JobSpend>, DbError> {
     Ok(on_pool!(db, pool => {
         let mut query = QueryBuilder::new("");
-        push_spend(&mut query, filter, "spend");
+        push_running(&mut query);
         query.push(
-            "SELECT s.job_id, j.name AS job_name, s.total_cost, COALESCE(s.gpu_hours, 0.0) AS gpu_hours,
+            ", top AS (
+               SELECT job_id FROM cost_tracking WHERE job_id NOT IN (SELECT id FROM running)",
+        );
+        push_conditions(&mut query, filter);
+        query.push(" ORDER BY total_cost DESC, incurred_at DESC LIMIT ");
+        query.push_bind(limit);
+        query.push(
+            "), spend AS (
+               SELECT job_id, incurred_at, total_cost, gpu_hours, spot_savings, team, project, cost_center
+                 FROM cost_tracking WHERE job_id IN (SELECT job_id FROM top)
+               UNION ALL
+               SELECT id, incurred_at, current_cost, NULL, 0.0, team, project, cost_center
+                 FROM running WHERE 1 = 1",
+        );
+        push_conditions(&mut query, filter);
+        query.push(
+            ") SELECT s.job_id, j.name AS job_name, s.total_cost, COALESCE(s.gpu_hours, 0.0) AS gpu_hours,
                     s.spot_savings, s.team, s.project, s.cost_center, s.incurred_at
                FROM spend s JOIN training_jobs j ON j.id = s.job_id
               ORDER BY s.total_cost DESC, s.incurred_at DESC LIMIT ",

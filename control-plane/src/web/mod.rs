@@ -14,6 +14,7 @@ use crate::service::AppState;
 use crate::service::CurrentUser;
 use crate::service::ServiceError;
 
+mod account;
 pub mod charts;
 mod costs;
 mod create;
@@ -29,6 +30,7 @@ mod validation;
 
 pub fn router() -> Router<AppState> {
     login::router()
+        .merge(account::router())
         .merge(home::router())
         .merge(jobs::router())
         .merge(files::router())

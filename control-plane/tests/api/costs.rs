@@ -798,6 +798,48 @@ async fn new_jobs_take_the_user_s_default_attribution(backend: Backend) {
     let theirs = job_costing(&app, &bob, json!({}), 1.0).await;
     let (_, theirs) = json_of(app.get(&bob, &format!("/api/v1/jobs/{theirs}")).await).await;
     assert_eq!(theirs["team"], Value::Null);
+
+    // The dashboard's account page keeps the same setting.
+    let cookie = crate::dashboard::sign_in(&app, "bob@example.com").await;
+    let (status, page) = submit(
+        &app,
+        &cookie,
+        "/account/attribution",
+        &[
+            ("team", "search"),
+            ("project", ""),
+            ("cost_center", ""),
+            ("tags", "experiment=lr\n"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        (status, page.as_str()),
+        (StatusCode::SEE_OTHER, "/account?saved=1")
+    );
+    let (_, page) = crate::dashboard::page(&app, &cookie, "/account").await;
+    assert!(
+        page.contains("value=\"search\"") && page.contains("experiment=lr"),
+        "{page}"
+    );
+    let next = job_costing(&app, &bob, json!({}), 1.0).await;
+    let (_, next) = json_of(app.get(&bob, &format!("/api/v1/jobs/{next}")).await).await;
+    assert_eq!(next["team"], "search");
+    assert_eq!(next["tags"], json!({"experiment": "lr"}));
+    let (status, page) = submit(
+        &app,
+        &cookie,
+        "/account/attribution",
+        &[
+            ("team", " "),
+            ("project", ""),
+            ("cost_center", ""),
+            ("tags", "=orphan"),
+        ],
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(page.contains("tags"), "{page}");
 }
 
 /// `POST /jobs/estimate`: the body of create + configure, answered with tokens (counted by
