@@ -224,6 +224,17 @@ fn push_conditions<'a, DB: sqlx::Database>(
     if let Some(until) = filter.until {
         query.push(" AND incurred_at < ").push_bind(until);
     }
+    push_attribution(query, filter);
+}
+
+/// The filter's team, project and cost center, those it sets (the same columns on records,
+/// jobs and the rollup).
+fn push_attribution<'a, DB: sqlx::Database>(
+    query: &mut QueryBuilder<'a, DB>,
+    filter: &'a SpendFilter,
+) where
+    &'a str: sqlx::Encode<'a, DB> + sqlx::Type<DB>,
+{
     for (column, value) in [
         ("team", &filter.team),
         ("project", &filter.project),
@@ -342,17 +353,7 @@ fn push_summed<'a, DB: sqlx::Database>(
     if let Some(until) = until_day {
         query.push(" AND day < ").push_bind(until.as_str());
     }
-    for (column, value) in [
-        ("team", &filter.team),
-        ("project", &filter.project),
-        ("cost_center", &filter.cost_center),
-    ] {
-        if let Some(value) = value {
-            query
-                .push(format!(" AND {column} = "))
-                .push_bind(value.as_str());
-        }
-    }
+    push_attribution(query, filter);
     query.push(format!(
         " UNION ALL
            SELECT {incurred_day}, team, project, cost_center, -total_cost, -compute_cost,
