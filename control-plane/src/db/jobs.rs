@@ -304,6 +304,21 @@ pub async fn request_stop(db: &Db, job_id: Uuid, reason: &str) -> Result<Option<
     .await)?)
 }
 
+/// Writes a running job's live cost; `None` when it no longer runs.
+pub async fn set_live_cost(db: &Db, job_id: Uuid, cost: f64) -> Result<Option<Job>, DbError> {
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, Job>(
+        "UPDATE training_jobs SET current_cost = $2, updated_at = $3
+         WHERE id = $1 AND status IN ($4, $5) RETURNING *",
+    )
+    .bind(job_id)
+    .bind(cost)
+    .bind(now())
+    .bind(JobStatus::Provisioning)
+    .bind(JobStatus::Training)
+    .fetch_optional(pool)
+    .await)?)
+}
+
 /// Queued jobs, oldest first: the scheduler's candidates.
 pub async fn queued(db: &Db, limit: i64) -> Result<Vec<Job>, DbError> {
     Ok(on_pool!(db, pool => sqlx::query_as::<_, Job>(

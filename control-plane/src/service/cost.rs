@@ -106,6 +106,26 @@ pub async fn record(state: &AppState, job: &Job) -> ServiceResult<()> {
     super::budget::alert_if_crossed(state, job).await
 }
 
+/// A running job's live cost, its attempts' time so far × their rates, written on each of
+/// its agent's heartbeats (report batches write it too) so it moves while nothing else
+/// does (a long model download), and sent to the job's live subscribers.
+pub async fn refresh_live_cost(state: &AppState, job: Job) -> ServiceResult<Job> {
+    let cost = round_cents(attempts::job_cost(&state.db, job.id, now()).await?);
+    if cost == job.current_cost {
+        return Ok(job);
+    }
+    let Some(updated) = crate::db::jobs::set_live_cost(&state.db, job.id, cost).await? else {
+        return Ok(job);
+    };
+    state
+        .live
+        .publish(crate::live::JobUpdate::Status {
+            job: Box::new(updated.clone()),
+        })
+        .await;
+    Ok(updated)
+}
+
 /// Keeps the storage cost of every record current: artifacts cost while they are kept.
 /// Every replica runs it; the statement is idempotent, so overlapping runs are harmless.
 pub fn spawn_storage_sweeper(state: AppState) {

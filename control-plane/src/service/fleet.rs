@@ -62,8 +62,9 @@ async fn instruction(state: &AppState, attempt: &Attempt) -> ServiceResult<Instr
     let Some(job) = job.filter(|job| runs_attempt(Some(job), attempt)) else {
         return Ok(Instruction::STOP);
     };
-    // While it runs, its budgets see its live cost: alerts go out as it crosses them,
-    // and a stop_at_cap budget at its amount stops it.
+    // While it runs, its live cost moves with time, and its budgets see it: alerts go out
+    // as it crosses them, and a stop_at_cap budget at its amount stops it.
+    let job = super::cost::refresh_live_cost(state, job).await?;
     let job = match job.stop_requested {
         Some(_) => job,
         None => super::budget::watch_running(state, job).await?,
