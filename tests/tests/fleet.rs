@@ -485,6 +485,38 @@ async fn a_budget_cap_stops_the_job_and_keeps_its_adapter() {
         trained |= name.contains("lora_B") && ours.iter().any(|v| *v != 0.0);
     }
     assert!(trained, "the adapter has learned something");
+    // It loads and evaluates with `trainer eval`, better than the base model.
+    let adapter_dir = scratch.path().join("capped-adapter");
+    std::fs::create_dir_all(&adapter_dir).expect("adapter dir");
+    for name in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::write(adapter_dir.join(name), file_named(name)).expect("adapter file");
+    }
+    let data_path = scratch.path().join("capped-data.jsonl");
+    std::fs::write(&data_path, chat_jsonl(40)).expect("data");
+    let eval = |adapter: Option<&std::path::Path>| -> Value {
+        let mut command = std::process::Command::new(end_to_end::binary("trainer"));
+        command
+            .arg("eval")
+            .arg("--model")
+            .arg(&model)
+            .arg("--data")
+            .arg(&data_path);
+        if let Some(adapter) = adapter {
+            command.arg("--adapter").arg(adapter);
+        }
+        let output = command.output().expect("trainer eval");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("eval JSON")
+    };
+    let (base, tuned) = (eval(None), eval(Some(&adapter_dir)));
+    assert!(
+        tuned["loss"].as_f64() < base["loss"].as_f64(),
+        "the kept adapter helps: {base} vs {tuned}"
+    );
 
     // The budget stands past its amount, and a new job against it may not start.
     let standing = api
