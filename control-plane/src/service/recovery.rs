@@ -170,19 +170,10 @@ pub async fn end_attempt(
             );
                 (end, JobAfter::Interrupt { resume_from }, vec![event])
             }
-            // An agent stopped on its own (an operator's Ctrl-C) while it still owned the job.
-            Ending::Reported(AttemptOutcome::Cancelled) => (
-                AttemptEnd::new(AttemptStatus::Interrupted),
-                JobAfter::Interrupt { resume_from },
-                vec![status_event(
-                    Severity::Warning,
-                    format!("Agent stopped attempt {number}"),
-                    json!({"from": job.status, "to": JobStatus::Interrupted}),
-                )],
-            ),
-            // Only the control plane asks for a stop that publishes the adapter; one it did
-            // not ask for (the request was lost) is an agent stopping on its own.
-            Ending::Reported(AttemptOutcome::Stopped { .. }) => (
+            // An agent stopped on its own (an operator's Ctrl-C) while it still owned the
+            // job; a stop that publishes the adapter the control plane did not ask for (its
+            // request was lost) is one too.
+            Ending::Reported(AttemptOutcome::Cancelled | AttemptOutcome::Stopped { .. }) => (
                 AttemptEnd::new(AttemptStatus::Interrupted),
                 JobAfter::Interrupt { resume_from },
                 vec![status_event(
@@ -314,6 +305,7 @@ fn stopped_on_request<'a>(
     ending: &'a Ending,
     reason: &'a str,
 ) -> (AttemptEnd<'a>, JobAfter<'a>, Vec<Event>) {
+    let why = reason.replace('_', " ");
     let (end, message, checkpoint_step) = match ending {
         Ending::Reported(AttemptOutcome::Stopped {
             checkpoint_step: Some(step),
@@ -324,8 +316,7 @@ fn stopped_on_request<'a>(
                 ..AttemptEnd::new(AttemptStatus::Cancelled)
             },
             format!(
-                "Stopped at the {} after step {step} (attempt {number}): the adapter as of the checkpoint at step {step} is the job's adapter",
-                reason.replace('_', " ")
+                "Stopped at the {why} after step {step} (attempt {number}): the adapter as of the checkpoint at step {step} is the job's adapter"
             ),
             Some(*step),
         ),
@@ -334,19 +325,18 @@ fn stopped_on_request<'a>(
                 error_message: Some(message.as_str()),
                 ..AttemptEnd::new(AttemptStatus::Failed)
             },
-            format!("Stopped at the {} after attempt {number} failed ({message}); no adapter was published", reason.replace('_', " ")),
+            format!("Stopped at the {why} after attempt {number} failed ({message}); no adapter was published"),
             None,
         ),
         Ending::Lost => (
             AttemptEnd::new(AttemptStatus::Lost),
-            format!("Stopped at the {}: contact with the agent running attempt {number} was lost before it published an adapter", reason.replace('_', " ")),
+            format!("Stopped at the {why}: contact with the agent running attempt {number} was lost before it published an adapter"),
             None,
         ),
         Ending::Reported(_) => (
             AttemptEnd::new(AttemptStatus::Cancelled),
             format!(
-                "Stopped at the {}: attempt {number} ended without publishing an adapter (no step since its last checkpoint)",
-                reason.replace('_', " ")
+                "Stopped at the {why}: attempt {number} ended without publishing an adapter (no step since its last checkpoint)"
             ),
             None,
         ),
