@@ -382,17 +382,21 @@ async fn a_budget_cap_stops_the_job_and_keeps_its_adapter() {
     let model = tiny_model(scratch.path());
     let file = api.upload("codes", chat_jsonl(40)).await;
     let _agent = Agent::start(&plane, "worker", &["--spot-provider", "none"]);
-    let job = api
-        .start_job(&file, "capped", &model, hyperparameters(50))
-        .await;
-    // Training is under way (and has cost more than $1 at $10 a second) before the
-    // budget exists, so the stop lands mid-training.
-    wait_for_step(&api, &job, 2).await;
+    // Steps of about a tenth of a second: a stop's own checkpoint and uploads then take
+    // less than a step, as on a real model.
+    let mut settings = hyperparameters(50);
+    settings["batch_size"] = json!(4);
+    settings["gradient_accumulation_steps"] = json!(5);
+    let job = api.start_job(&file, "capped", &model, settings).await;
+    // Training is under way before the budget exists; its cap lies 3 seconds of spend
+    // ($10 a second) ahead, past the next heartbeat, so the stop lands mid-training.
+    let running = wait_for_step(&api, &job, 2).await;
+    let cap = running["current_cost"].as_f64().expect("live cost") + 30.0;
     let budget = api
         .send(
             Method::POST,
             "/budgets",
-            json!({"name": "lab", "amount": 1, "period": "monthly", "enforcement": "stop_at_cap"}),
+            json!({"name": "lab", "amount": cap, "period": "monthly", "enforcement": "stop_at_cap"}),
         )
         .await;
     assert_eq!(budget["enforcement"], "stop_at_cap", "{budget}");
@@ -403,6 +407,26 @@ async fn a_budget_cap_stops_the_job_and_keeps_its_adapter() {
     let total = ended["total_steps"].as_i64().expect("total steps");
     let last = *metric_steps(&api, &job).await.last().expect("some steps");
     assert!(last < total, "stopped at step {last} of {total}");
+    // The spend stays within one step's cost of the cap (the step's cost as measured over
+    // the run: its seconds at the rate).
+    let history = api
+        .get(&format!("/jobs/{job}/metrics?limit=10000&interval=1"))
+        .await;
+    let points = history["data"].as_array().expect("points");
+    let at = |point: &Value| {
+        let recorded = point["recorded_at"].as_str().expect("recorded_at");
+        let recorded = chrono::DateTime::parse_from_rfc3339(recorded).expect("timestamp");
+        (point["step"].as_f64().expect("step"), recorded)
+    };
+    let ((first_step, first_at), (last_step, last_at)) =
+        (at(&points[0]), at(&points[points.len() - 1]));
+    let seconds = (last_at - first_at).as_seconds_f64();
+    let step_cost = seconds / (last_step - first_step) * 10.0;
+    let spent = ended["final_cost"].as_f64().expect("final cost");
+    assert!(
+        (spent - cap).abs() <= step_cost,
+        "spent ${spent} against a ${cap} cap; a step costs ${step_cost}"
+    );
 
     // The story: which budget stopped it, then the step whose adapter it keeps.
     let events = api.get(&format!("/jobs/{job}/events?limit=200")).await;
@@ -415,7 +439,7 @@ async fn a_budget_cap_stops_the_job_and_keeps_its_adapter() {
     assert!(
         messages
             .iter()
-            .any(|m| m.starts_with("Budget \"lab\" reached its cap")),
+            .any(|m| m.starts_with("Budget \"lab\" reaches its cap")),
         "{messages:?}"
     );
     let stopped = format!(
@@ -518,14 +542,21 @@ async fn a_budget_cap_stops_the_job_and_keeps_its_adapter() {
         "the kept adapter helps: {base} vs {tuned}"
     );
 
-    // The budget stands past its amount, and a new job against it may not start.
-    let standing = api
-        .get(&format!("/budgets/{}", budget["id"].as_str().expect("id")))
-        .await;
-    assert!(
-        standing["current_spend"].as_f64() >= Some(1.0),
+    // The budget's spend is the job's. Lowered to it, the budget has nothing left, and a
+    // new job against it may not start.
+    let budget_path = format!("/budgets/{}", budget["id"].as_str().expect("id"));
+    let standing = api.get(&budget_path).await;
+    assert_eq!(
+        standing["current_spend"].as_f64(),
+        Some(spent),
         "{standing}"
     );
+    api.send(
+        Method::PUT,
+        &budget_path,
+        json!({"name": "lab", "amount": spent, "period": "monthly", "enforcement": "stop_at_cap"}),
+    )
+    .await;
     let next = api
         .send(
             Method::POST,

@@ -116,6 +116,20 @@ pub async fn checkpoints(db: &Db, job_id: Uuid) -> Result<Vec<Checkpoint>, DbErr
     )
 }
 
+/// How long the job's latest checkpoint took to be stored: from its step's metric to the
+/// archive's arrival (saving, packing and uploading it).
+pub async fn latest_checkpoint_seconds(db: &Db, job_id: Uuid) -> Result<Option<f64>, DbError> {
+    let times: Option<(DateTime<Utc>, DateTime<Utc>)> = on_pool!(db, pool => sqlx::query_as(
+        "SELECT m.recorded_at, c.created_at FROM checkpoints c
+         JOIN training_metrics m ON m.job_id = c.job_id AND m.step = c.step
+         WHERE c.job_id = $1 ORDER BY c.step DESC LIMIT 1",
+    )
+    .bind(job_id)
+    .fetch_optional(pool)
+    .await)?;
+    Ok(times.map(|(step_done, stored)| (stored - step_done).as_seconds_f64().max(0.0)))
+}
+
 pub async fn checkpoint(db: &Db, id: Uuid) -> Result<Option<Checkpoint>, DbError> {
     let sql = format!("SELECT {CHECKPOINT_COLUMNS} FROM checkpoints WHERE id = $1");
     Ok(

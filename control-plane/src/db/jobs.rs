@@ -62,6 +62,12 @@ pub struct Job {
     /// takes there, and the job ends cancelled with that reason.
     #[sqlx(default)]
     pub stop_requested: Option<String>,
+    /// While it runs under a `stop_at_cap` budget: the job cost at which its agent is asked
+    /// to stop (with a step in flight): where the tightest such budget runs out, less what
+    /// the stop itself costs (twice its latest checkpoint's time). Kept by
+    /// heartbeats; report batches compare the job's cost with it.
+    #[sqlx(default)]
+    pub stop_cost: Option<f64>,
     /// The configured estimate in full: tokens, the throughput it rests on (measured,
     /// modelled or the preset's table), duration, cost and completion window.
     #[sqlx(default)]
@@ -304,6 +310,20 @@ pub async fn request_stop(db: &Db, job_id: Uuid, reason: &str) -> Result<Option<
     .await)?)
 }
 
+/// Keeps a running job's `stop_cost` (`None`: no `stop_at_cap` budget). Unchanged values
+/// are not written.
+pub async fn set_stop_cost(db: &Db, job_id: Uuid, stop_cost: Option<f64>) -> Result<(), DbError> {
+    on_pool!(db, pool => sqlx::query(
+        "UPDATE training_jobs SET stop_cost = $2 WHERE id = $1 AND stop_cost IS DISTINCT FROM $2",
+    )
+    .bind(job_id)
+    .bind(stop_cost)
+    .execute(pool)
+    .await
+    .map(|_| ()))?;
+    Ok(())
+}
+
 /// Writes a running job's live cost; `None` when it no longer runs.
 pub async fn set_live_cost(db: &Db, job_id: Uuid, cost: f64) -> Result<Option<Job>, DbError> {
     Ok(on_pool!(db, pool => sqlx::query_as::<_, Job>(
@@ -326,6 +346,18 @@ pub async fn queued(db: &Db, limit: i64) -> Result<Vec<Job>, DbError> {
     )
     .bind(JobStatus::Queued)
     .bind(limit)
+    .fetch_all(pool)
+    .await)?)
+}
+
+/// Jobs an agent runs (provisioning or training), of one owner or of everyone.
+pub async fn running(db: &Db, owner: Option<Uuid>) -> Result<Vec<Job>, DbError> {
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, Job>(
+        "SELECT * FROM training_jobs WHERE status IN ($1, $2) AND ($3 IS NULL OR user_id = $3)",
+    )
+    .bind(JobStatus::Provisioning)
+    .bind(JobStatus::Training)
+    .bind(owner)
     .fetch_all(pool)
     .await)?)
 }

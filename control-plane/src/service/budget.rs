@@ -12,6 +12,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::{AppState, CurrentUser, ServiceError, ServiceResult};
+use crate::db::attempts;
 use crate::db::budgets::{self, Budget, BudgetAlert, BudgetFields};
 use crate::db::cost_tracking::{self, SpendFilter};
 use crate::db::events::{self, Event};
@@ -197,6 +198,7 @@ pub async fn create_budget(
     require_admin_for(fields.scope, user)?;
     let budget = budgets::insert(&state.db, user.0.id, &fields).await?;
     tracing::info!(budget_id = %budget.id, scope = %budget.scope, "budget created");
+    watch_jobs_under(state, &[&budget]).await?;
     view(state, budget).await
 }
 
@@ -226,6 +228,7 @@ pub async fn replace_budget(
     let updated = budgets::update(&state.db, budget.id, &fields)
         .await?
         .ok_or(ServiceError::NotFound("budget"))?;
+    watch_jobs_under(state, &[&budget, &updated]).await?;
     view(state, updated).await
 }
 
@@ -233,6 +236,24 @@ pub async fn delete_budget(state: &AppState, user: &CurrentUser, id: Uuid) -> Se
     let budget = editable(state, user, id).await?;
     if !budgets::delete(&state.db, budget.id).await? {
         return Err(ServiceError::NotFound("budget"));
+    }
+    watch_jobs_under(state, &[&budget]).await
+}
+
+/// A budget created, changed or deleted applies to the jobs running under it at once,
+/// not at their next heartbeat: their `stop_cost` follows it, and a cap already reached
+/// stops them.
+/// (`versions`: the budget before and after a change.)
+async fn watch_jobs_under(state: &AppState, versions: &[&Budget]) -> ServiceResult<()> {
+    let personal = versions
+        .iter()
+        .all(|budget| budget.scope == BudgetScope::Personal);
+    let owner = personal.then(|| versions[0].user_id);
+    for job in jobs::running(&state.db, owner).await? {
+        if job.stop_requested.is_none() {
+            let job = super::cost::refresh_live_cost(state, job).await?;
+            watch_running(state, job, 0.0).await?;
+        }
     }
     Ok(())
 }
@@ -383,18 +404,37 @@ pub async fn alert_if_crossed(state: &AppState, job: &Job) -> ServiceResult<()> 
 
 async fn alert(state: &AppState, job: &Job) -> ServiceResult<()> {
     let budgets = counted_against(state, job).await?;
-    check_budgets(state, job, &budgets).await.map(|_| ())
+    check_budgets(state, job, &budgets, 0.0).await.map(|_| ())
 }
 
-/// While a job runs (on each of its agent's heartbeats): its budgets alert as its live
-/// cost crosses them, and a `stop_at_cap` budget at its amount asks the agent to stop
-/// (once; the event says which budget and where it stands). Returns the job as it is now.
-pub async fn watch_running(state: &AppState, job: Job) -> ServiceResult<Job> {
+/// While a job runs (on each of its agent's heartbeats, and from a report batch whose
+/// cost reached the job's `stop_cost`): its budgets alert as its live cost crosses them,
+/// and a `stop_at_cap` budget that the stop would take to its amount asks the agent to
+/// stop (once; the event says which budget and where it stands). Until it lands the stop
+/// costs `in_flight` (the steps it waits for; nothing from a heartbeat) and its own
+/// checkpoint and uploads. Keeps the job's
+/// `stop_cost` current. Returns the job as it is now.
+pub async fn watch_running(state: &AppState, job: Job, in_flight: f64) -> ServiceResult<Job> {
     let budgets = counted_against(state, &job).await?;
-    if budgets.is_empty() {
-        return Ok(job);
+    if !budgets
+        .iter()
+        .any(|budget| budget.enforcement == Enforcement::StopAtCap)
+    {
+        jobs::set_stop_cost(&state.db, job.id, None).await?;
+        return check_budgets(state, &job, &budgets, 0.0).await.map(|_| job);
     }
-    let Some((budget, spent)) = check_budgets(state, &job, &budgets).await? else {
+    // A stop stores its checkpoint, then the adapter and the run's results (about as
+    // long again, measured): twice what the latest checkpoint took.
+    let checkpoint_seconds = attempts::latest_checkpoint_seconds(&state.db, job.id).await?;
+    let stop_seconds = 2.0 * checkpoint_seconds.unwrap_or(0.0);
+    let stopping_cost = stop_seconds * job.hourly_rate.unwrap_or(0.0) / 3600.0;
+    let allowance = in_flight + stopping_cost;
+    let standing = check_budgets(state, &job, &budgets, allowance).await?;
+    let stop_cost = standing
+        .headroom
+        .map(|left| round_cents(job.current_cost + left - stopping_cost));
+    jobs::set_stop_cost(&state.db, job.id, stop_cost).await?;
+    let Some((budget, spent)) = standing.capped else {
         return Ok(job);
     };
     let Some(stopping) = jobs::request_stop(&state.db, job.id, STOP_BUDGET_CAP).await? else {
@@ -405,17 +445,24 @@ pub async fn watch_running(state: &AppState, job: Job) -> ServiceResult<Job> {
         EventType::Warning,
         Severity::Warning,
         format!(
-            "Budget \"{}\" reached its cap (${spent:.2} of ${:.2} this {} period): stopping at the next step boundary with a checkpoint, whose adapter becomes the job's",
-            budget.name, budget.amount, budget.period
+            "Budget \"{}\" {} its cap (${spent:.2} of ${:.2} this {} period): stopping at the next step boundary with a checkpoint, whose adapter becomes the job's",
+            budget.name,
+            if spent >= budget.amount {
+                "reached"
+            } else {
+                "reaches"
+            },
+            budget.amount,
+            budget.period
         ),
     )
     .with_details(json!({
         "budget_id": budget.id, "spend": spent, "amount": budget.amount,
-        "enforcement": budget.enforcement, "reason": STOP_BUDGET_CAP,
+        "stop_allowance": allowance, "enforcement": budget.enforcement, "reason": STOP_BUDGET_CAP,
     }));
     events::insert(&state.db, &event).await?;
     state.metrics.count_budget_stop();
-    tracing::warn!(job_id = %job.id, budget_id = %budget.id, spent, "budget cap: stopping the job");
+    tracing::warn!(job_id = %job.id, budget_id = %budget.id, spent, allowance, "budget cap: stopping the job");
     state
         .live
         .publish_all(vec![
@@ -430,20 +477,31 @@ pub async fn watch_running(state: &AppState, job: Job) -> ServiceResult<Job> {
     Ok(stopping)
 }
 
+/// Where a running job stands against its `stop_at_cap` budgets.
+struct CapStanding<'a> {
+    /// The first budget the job's spend (plus the allowance) takes to its amount, with its
+    /// spend.
+    capped: Option<(&'a Budget, f64)>,
+    /// The least any of them has left this period; `None` without such a budget.
+    headroom: Option<f64>,
+}
+
 /// The reason a job stopped at a budget's cap ends cancelled with.
 pub const STOP_BUDGET_CAP: &str = "budget_cap";
 
 /// Each of `budgets` whose period the job's spend falls in: alerts for the thresholds its
-/// spend reached (once per period and threshold), and the first `stop_at_cap` budget at
-/// its amount, with its spend.
+/// spend reached (once per period and threshold), and where the job stands against the
+/// `stop_at_cap` ones, `allowance` more spend counted.
 async fn check_budgets<'a>(
     state: &AppState,
     job: &Job,
     budgets: &'a [Budget],
-) -> ServiceResult<Option<(&'a Budget, f64)>> {
+    allowance: f64,
+) -> ServiceResult<CapStanding<'a>> {
     let at = now();
     let incurred = cost_tracking::incurred_at(job);
     let mut capped = None;
+    let mut headroom: Option<f64> = None;
     for budget in budgets {
         let stops = budget.enforcement == Enforcement::StopAtCap;
         if !budget.alert_enabled && !stops {
@@ -455,8 +513,12 @@ async fn check_budgets<'a>(
             continue;
         }
         let spent = spend(state, budget, window).await?;
-        if stops && spent >= budget.amount && capped.is_none() {
-            capped = Some((budget, spent));
+        if stops {
+            let left = budget.amount - spent;
+            headroom = Some(headroom.map_or(left, |least| least.min(left)));
+            if spent + allowance >= budget.amount && capped.is_none() {
+                capped = Some((budget, spent));
+            }
         }
         if !budget.alert_enabled {
             continue;
@@ -517,7 +579,7 @@ async fn check_budgets<'a>(
             tracing::warn!(budget_id = %budget.id, job_id = %job.id, threshold, spent, "budget alert");
         }
     }
-    Ok(capped)
+    Ok(CapStanding { capped, headroom })
 }
 
 /// Sends the alert to the configured webhook in the background, so the job's own path

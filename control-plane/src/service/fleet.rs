@@ -67,7 +67,7 @@ async fn instruction(state: &AppState, attempt: &Attempt) -> ServiceResult<Instr
     let job = super::cost::refresh_live_cost(state, job).await?;
     let job = match job.stop_requested {
         Some(_) => job,
-        None => super::budget::watch_running(state, job).await?,
+        None => super::budget::watch_running(state, job, 0.0).await?,
     };
     Ok(Instruction::for_running(&job))
 }
@@ -170,6 +170,10 @@ pub async fn claim(
         let notified = state.work_available.notified();
         if let Some(assignment) = super::scheduler::claim(state, &agent, &request.heartbeat).await?
         {
+            // Its stop_at_cap budgets hold from its first step, not from its first heartbeat.
+            if let Some(job) = jobs::get_any(&state.db, assignment.job_id).await? {
+                super::budget::watch_running(state, job, 0.0).await?;
+            }
             return Ok(Some(protocol::agent::Work::Training(assignment)));
         }
         if let Some(work) = super::validation::claim(state, &agent).await? {
@@ -324,15 +328,18 @@ pub async fn reports(
     }
     let at = now();
     let cost = attempts::job_cost(&state.db, attempt.job_id, at).await?;
-    let remaining = latest.map(|m| {
+    let step_seconds = latest.map(|m| {
         let done = m
             .step
             .saturating_sub(attempt.resumed_from_step.unwrap_or(0) as u64)
             .max(1);
-        let left = m.total_steps.saturating_sub(m.step);
-        let per_step = m.elapsed_seconds / done as f64;
-        (per_step * left as f64) as i64
+        m.elapsed_seconds / done as f64
     });
+    let remaining = latest
+        .zip(step_seconds)
+        .map(|(m, per_step)| (per_step * m.total_steps.saturating_sub(m.step) as f64) as i64);
+    let step_cost =
+        step_seconds.map(|per_step| per_step * attempt.hourly_rate.unwrap_or(0.0) / 3600.0);
     let progress = Progress {
         stage,
         step: latest.map(|m| m.step as i64),
@@ -375,14 +382,34 @@ pub async fn reports(
             }),
     );
     state.live.publish_all(updates).await;
-    // The job as read before the batch says whether a budget's cap stopped it; the
-    // budgets themselves are checked on heartbeats, off this hot path.
+    let job = stop_before_cap(state, job, cost, step_cost).await?;
     let instruction = Instruction::for_running(&job);
     Ok(ReportReply {
         accepted: outcome.accepted,
         stop_attempt: instruction.stop_attempt,
         publish_adapter: instruction.publish_adapter,
     })
+}
+
+/// Budgets are checked on heartbeats, off the report path, which only compares the job's
+/// fresh cost with the `stop_cost` heartbeats keep (the cap less the stop's checkpoint).
+/// Agents report every step, and the agent hears the reply while the next step runs; so
+/// the stop is asked for when two more steps would reach the cap. The job then ends under
+/// its cap by at most a step's cost, when its stop takes as long as its last checkpoint.
+async fn stop_before_cap(
+    state: &AppState,
+    job: jobs::Job,
+    cost: f64,
+    step_cost: Option<f64>,
+) -> ServiceResult<jobs::Job> {
+    let in_flight = 2.0 * step_cost.unwrap_or(0.0);
+    match job.stop_cost {
+        Some(stop_cost) if job.stop_requested.is_none() && cost + in_flight >= stop_cost => {
+            let job = super::cost::refresh_live_cost(state, job).await?;
+            super::budget::watch_running(state, job, in_flight).await
+        }
+        _ => Ok(job),
+    }
 }
 
 /// The attempt's first report: provisioning is over, training has begun.
