@@ -80,6 +80,14 @@ async fn two_agents_train_five_jobs_exactly_once() {
     let scratch = tempfile::tempdir().expect("temp dir");
     let model = tiny_model(scratch.path());
     let file = api.upload("codes", chat_jsonl(24)).await;
+    let estimate_body = json!({"training_file_id": file, "base_model": model.display().to_string(),
+                               "gpu_type": "spot", "gpu_model": "H100-80GB", "hyperparameters": hyperparameters(1)});
+    // Before any run, the estimate models throughput from the size counted in the local
+    // model's config.json (its name says nothing).
+    let modelled = api
+        .send(Method::POST, "/jobs/estimate", estimate_body.clone())
+        .await;
+    assert_eq!(modelled["throughput"]["source"], "modelled", "{modelled}");
     let mut jobs = Vec::new();
     for i in 0..5 {
         jobs.push(
@@ -129,12 +137,7 @@ async fn two_agents_train_five_jobs_exactly_once() {
     // The next estimate for this model on this GPU rests on the five runs: the median of
     // the tokens/s their trainers measured.
     let estimate = api
-        .send(
-            Method::POST,
-            "/jobs/estimate",
-            json!({"training_file_id": file, "base_model": model.display().to_string(),
-                   "gpu_type": "spot", "gpu_model": "H100-80GB", "hyperparameters": hyperparameters(1)}),
-        )
+        .send(Method::POST, "/jobs/estimate", estimate_body)
         .await;
     measured.sort_by(f64::total_cmp);
     assert_eq!(estimate["throughput"]["source"], "measured", "{estimate}");

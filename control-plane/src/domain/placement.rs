@@ -30,6 +30,28 @@ pub fn parameters_billions(base_model: &str) -> Option<f64> {
         .next_back()
 }
 
+/// Parameters (in billions) of a Llama-family model from its `config.json`: embeddings,
+/// attention with grouped K/V, the gated MLP, norms and an untied head. `None` when a
+/// field is missing.
+pub fn parameters_from_config(config: &serde_json::Value) -> Option<f64> {
+    let field = |name: &str| config.get(name)?.as_f64().filter(|v| *v > 0.0);
+    let hidden = field("hidden_size")?;
+    let layers = field("num_hidden_layers")?;
+    let vocab = field("vocab_size")?;
+    let intermediate = field("intermediate_size")?;
+    let heads = field("num_attention_heads")?;
+    let kv_heads = field("num_key_value_heads").unwrap_or(heads);
+    let head_dim = field("head_dim").unwrap_or(hidden / heads);
+    let attention = 2.0 * hidden * heads * head_dim + 2.0 * hidden * kv_heads * head_dim;
+    let per_layer = attention + 3.0 * hidden * intermediate + 2.0 * hidden;
+    let tied = config
+        .get("tie_word_embeddings")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
+    let embeddings = vocab * hidden * if tied { 1.0 } else { 2.0 };
+    Some((layers * per_layer + embeddings + hidden) / 1e9)
+}
+
 /// GPU memory a LoRA run needs, in GiB: bf16 base weights with 20% workspace, plus
 /// activations that grow with tokens per micro-batch and model width (roughly sqrt of
 /// size). A heuristic: an underestimate ends in an out-of-memory retry with half the
@@ -86,6 +108,22 @@ mod tests {
             Some(0.135)
         );
         assert_eq!(parameters_billions("/models/tiny"), None);
+    }
+
+    #[test]
+    fn counts_parameters_from_a_config() {
+        // Llama-3.2-1B's config: 1,235,814,400 parameters (tied embeddings).
+        let config = serde_json::json!({
+            "hidden_size": 2048, "num_hidden_layers": 16, "vocab_size": 128256,
+            "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "head_dim": 64, "tie_word_embeddings": true,
+        });
+        let billions = parameters_from_config(&config).expect("a full config");
+        assert!((billions * 1e9 - 1_235_814_400.0).abs() < 1.0, "{billions}");
+        assert_eq!(
+            parameters_from_config(&serde_json::json!({"hidden_size": 64})),
+            None
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::db::presets::{self, Preset};
 use crate::db::{attempts, files, now};
 use crate::domain::estimate::{Estimate, Throughput, TOKEN_METHOD};
 use crate::domain::gpu_catalog::GpuOffer;
-use crate::domain::placement::parameters_billions;
+use crate::domain::placement::{parameters_billions, parameters_from_config};
 use crate::domain::{hyperparameters, FieldError, GpuType, Hyperparameters};
 
 /// The parts of `POST /jobs` and `PUT /jobs/{id}/configure` an estimate needs; the rest of
@@ -118,10 +118,11 @@ pub async fn estimate(
                 state.settings.estimates.throughput_samples,
             )
             .await?;
+            let parameters = model_parameters(base_model).await;
             Throughput::measured(&samples)
                 .or_else(|| {
                     Throughput::modelled(
-                        parameters_billions(base_model),
+                        parameters,
                         plan.gpu.bf16_tflops,
                         state.settings.estimates.assumed_utilization,
                     )
@@ -152,6 +153,18 @@ pub async fn estimate(
         completion_earliest: start + hours(shortest),
         completion_latest: start + hours(longest),
     })
+}
+
+/// The base model's size: counted from its `config.json` when it is a directory the
+/// control plane can read (a local model, as on one host), else read from its name.
+async fn model_parameters(base_model: &str) -> Option<f64> {
+    let config = std::path::Path::new(base_model).join("config.json");
+    tokio::fs::read(&config)
+        .await
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .and_then(|config| parameters_from_config(&config))
+        .or_else(|| parameters_billions(base_model))
 }
 
 /// Spec §7.1: a preset's durations are for 200 conversations and scale linearly; they
