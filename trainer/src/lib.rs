@@ -14,6 +14,7 @@ pub mod error;
 pub mod evaluation;
 pub mod frozen;
 pub mod fused_lora;
+pub mod gguf;
 pub mod hub;
 pub mod init;
 pub mod kernel_check;

@@ -156,6 +156,22 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Export an adapter for another runtime: `gguf`, a llama.cpp LoRA adapter (load it
+    /// with `llama-cli -m BASE.gguf --lora FILE`). Prints JSON.
+    Export {
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long, value_parser = ["gguf"])]
+        format: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// The base model's directory, for its config (default: the adapter's
+        /// base_model_name_or_path, when it is a local directory).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        #[arg(long, value_parser = ["f32", "f16", "bf16"], default_value = "f32")]
+        dtype: String,
+    },
     /// Write a tiny random model directory (config, weights, tokenizer, chat template).
     InitModel {
         #[arg(long)]
@@ -528,6 +544,22 @@ fn main() -> anyhow::Result<()> {
             let merged = trainer::merge::merge_adapter(&model, &adapter, &out)?;
             eprintln!("{merged} weights updated");
             println!("{}", out.display());
+        }
+        Command::Export {
+            adapter,
+            format: _,
+            out,
+            model,
+            dtype,
+        } => {
+            let model = match model {
+                Some(model) => model,
+                None => trainer::peft::base_model_dir(&adapter)?,
+            };
+            let dtype = trainer::gguf::GgufDtype::parse(&dtype)
+                .ok_or_else(|| anyhow::anyhow!("unknown --dtype {dtype}"))?;
+            let written = trainer::gguf::export_lora(&adapter, &model, &out, dtype)?;
+            println!("{}", serde_json::to_string(&written)?);
         }
         Command::InitModel {
             out,

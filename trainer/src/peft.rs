@@ -59,6 +59,27 @@ pub fn save_adapter(
     Ok(())
 }
 
+/// The adapter's base model as a local directory (its `base_model_name_or_path`); an
+/// error naming the field when it is not one.
+pub fn base_model_dir(adapter_dir: &Path) -> Result<std::path::PathBuf> {
+    let path = adapter_dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| TrainerError::Config {
+            path: path.display().to_string(),
+            message: format!("invalid JSON: {e}"),
+        })?;
+    let base = value
+        .get("base_model_name_or_path")
+        .and_then(|v| v.as_str())
+        .map(std::path::PathBuf::from)
+        .filter(|dir| dir.join("config.json").is_file());
+    base.ok_or_else(|| TrainerError::Config {
+        path: path.display().to_string(),
+        message: "base_model_name_or_path is not a local model directory: pass --model".into(),
+    })
+}
+
 /// Reads an adapter's configuration.
 pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
     let path = dir.join("adapter_config.json");
