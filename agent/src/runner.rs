@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use chrono::Utc;
 use protocol::agent::{
-    ArtifactKind, ArtifactUpload, Assignment, AttemptOutcome, FailureKind, GpuTelemetry,
-    Hyperparameters, MetricReport, Report, Severity, Stage,
+    ArtifactKind, ArtifactUpload, Assignment, AttemptOutcome, ExportFormat, FailureKind,
+    GpuTelemetry, Hyperparameters, MetricReport, Report, Severity, Stage,
 };
 use tokio::sync::mpsc;
 use trainer::train::{Control, DeviceChoice, Observer, StepMetrics, TrainOptions};
@@ -207,6 +207,37 @@ async fn upload_checkpoint(
     Ok(())
 }
 
+/// Writes the adapter in the formats the job asked for besides PEFT's, next to it. A
+/// failed export is a warning on the job, never a failed run: the PEFT adapter stands.
+fn export_adapter(options: &TrainOptions, exports: &[ExportFormat], outbox: &Outbox) {
+    for format in exports {
+        match format {
+            ExportFormat::Gguf => {
+                let written = trainer::gguf::export_lora(
+                    &options.out.join("adapter"),
+                    &options.model,
+                    &options.out.join(GGUF_ADAPTER),
+                    trainer::gguf::GgufDtype::F16,
+                );
+                if let Err(error) = written {
+                    tracing::warn!(%error, "GGUF export failed");
+                    outbox.push(Report::Event {
+                        key: "gguf-export".into(),
+                        event_type: "warning".into(),
+                        severity: Severity::Warning,
+                        message: format!("The GGUF export failed: {error}"),
+                        details: None,
+                        at: Utc::now(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The GGUF adapter's file name in the attempt's output directory.
+const GGUF_ADAPTER: &str = "adapter.gguf";
+
 async fn upload_outputs(client: &ControlPlane, attempt: uuid::Uuid, out: &Path) -> Result<()> {
     let files = [
         (
@@ -216,6 +247,7 @@ async fn upload_outputs(client: &ControlPlane, attempt: uuid::Uuid, out: &Path) 
         ("adapter/adapter_config.json", ArtifactKind::AdapterWeights),
         ("summary.json", ArtifactKind::TrainingReport),
         ("metrics.jsonl", ArtifactKind::MetricsExport),
+        (GGUF_ADAPTER, ArtifactKind::GgufAdapter),
     ];
     for (relative, kind) in files {
         let path = out.join(relative);
@@ -378,6 +410,7 @@ pub async fn run(
             // The trainer saved the adapter of its last step, the step it checkpointed;
             // with no new checkpoint (stopped before a step) there is nothing to publish.
             if last_checkpoint.is_some() {
+                export_adapter(&options, &assignment.exports, &outbox);
                 upload_outputs(client, attempt, &options.out).await?;
             }
             (
@@ -390,6 +423,7 @@ pub async fn run(
         }
         (Ok(summary), None) if summary.cancelled => (AttemptOutcome::Cancelled, Ended::Normally),
         (Ok(summary), None) => {
+            export_adapter(&options, &assignment.exports, &outbox);
             upload_outputs(client, attempt, &options.out).await?;
             (
                 AttemptOutcome::Succeeded {

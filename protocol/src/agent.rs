@@ -124,7 +124,19 @@ pub struct Assignment {
     pub hyperparameters: Hyperparameters,
     /// Checkpoint every this many optimizer steps (0: only when asked).
     pub checkpoint_every: u32,
+    /// Other formats to write the adapter in after training, each uploaded as its own
+    /// artifact.
+    #[serde(default)]
+    pub exports: Vec<ExportFormat>,
     pub resume_from: Option<ResumePoint>,
+}
+
+/// A format an adapter can be exported to besides PEFT's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportFormat {
+    /// A llama.cpp LoRA adapter (`llama-cli --lora`), uploaded as `gguf_adapter`.
+    Gguf,
 }
 
 /// What a claim hands an agent: a training attempt or a validation.
@@ -325,16 +337,19 @@ pub enum ArtifactKind {
     /// A base model with the adapter merged in.
     FinalModel,
     ValidationReport,
+    /// The adapter as a llama.cpp GGUF LoRA adapter.
+    GgufAdapter,
 }
 
 impl ArtifactKind {
-    pub const ALL: [ArtifactKind; 6] = [
+    pub const ALL: [ArtifactKind; 7] = [
         ArtifactKind::AdapterWeights,
         ArtifactKind::Checkpoint,
         ArtifactKind::TrainingReport,
         ArtifactKind::MetricsExport,
         ArtifactKind::FinalModel,
         ArtifactKind::ValidationReport,
+        ArtifactKind::GgufAdapter,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -345,6 +360,7 @@ impl ArtifactKind {
             ArtifactKind::MetricsExport => "metrics_export",
             ArtifactKind::FinalModel => "final_model",
             ArtifactKind::ValidationReport => "validation_report",
+            ArtifactKind::GgufAdapter => "gguf_adapter",
         }
     }
 }

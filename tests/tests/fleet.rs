@@ -766,3 +766,88 @@ async fn with_no_interruptions_allowed_an_interruption_waits_for_a_resume() {
     )
     .await;
 }
+
+/// A job that asks for a GGUF export ends with a `gguf_adapter` artifact: the llama.cpp
+/// adapter `trainer export` writes from the job's own PEFT adapter, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_asks_for_a_gguf_adapter_and_gets_one() {
+    let (plane, api, scratch, model, file) = setup(chat_jsonl(20)).await;
+    let job = api
+        .send(
+            Method::POST,
+            "/jobs",
+            json!({"training_file_id": file, "name": "gguf", "base_model": model.display().to_string()}),
+        )
+        .await;
+    let id = job["id"].as_str().expect("id").to_owned();
+    let configure = |exports: Value| {
+        json!({"hyperparameters": hyperparameters(1), "gpu_type": "spot", "gpu_model": "H100-80GB",
+               "exports": exports})
+    };
+    let (status, refused) = api
+        .try_send(
+            Method::PUT,
+            &format!("/jobs/{id}/configure"),
+            Some(configure(json!(["gguf", "onnx"]))),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    assert!(refused.to_string().contains("exports[1]"), "{refused}");
+    let configured = api
+        .send(
+            Method::PUT,
+            &format!("/jobs/{id}/configure"),
+            configure(json!(["gguf"])),
+        )
+        .await;
+    assert_eq!(configured["exports"], json!(["gguf"]), "{configured}");
+    api.send(Method::POST, &format!("/jobs/{id}/start"), json!({}))
+        .await;
+    let _agent = Agent::start(&plane, "worker", &["--spot-provider", "none"]);
+    api.wait_status(&id, "completed", LONG).await;
+
+    let artifacts = api.get(&format!("/jobs/{id}/artifacts")).await;
+    assert!(
+        artifacts["data"]
+            .as_array()
+            .expect("artifacts")
+            .iter()
+            .any(|a| a["artifact_type"] == "gguf_adapter" && a["name"] == "adapter.gguf"),
+        "{artifacts}"
+    );
+    let files = api.download_artifacts(&id).await;
+    let file_named = |name: &str| {
+        files
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, bytes)| bytes.clone())
+            .unwrap_or_else(|| panic!("{name} published"))
+    };
+    let gguf = file_named("adapter.gguf");
+    assert_eq!(&gguf[..4], b"GGUF");
+    let adapter_dir = scratch.path().join("downloaded").join("adapter");
+    std::fs::create_dir_all(&adapter_dir).expect("adapter dir");
+    for name in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::write(adapter_dir.join(name), file_named(name)).expect("adapter file");
+    }
+    let exported = scratch.path().join("exported.gguf");
+    let output = std::process::Command::new(end_to_end::binary("trainer"))
+        .args(["export", "--format", "gguf", "--dtype", "f16"])
+        .arg("--adapter")
+        .arg(&adapter_dir)
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(&exported)
+        .output()
+        .expect("trainer export");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        std::fs::read(&exported).expect("exported") == gguf,
+        "the job's GGUF adapter is its PEFT adapter's export"
+    );
+}

@@ -16,6 +16,7 @@ use crate::domain::estimate::Estimate;
 use crate::domain::{
     AttemptStatus, Attribution, GpuType, Hyperparameters, JobStatus, RecoveryPolicy,
 };
+use protocol::agent::ExportFormat;
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Job {
@@ -68,6 +69,11 @@ pub struct Job {
     /// heartbeats; report batches compare the job's cost with it.
     #[sqlx(default)]
     pub stop_cost: Option<f64>,
+    /// Formats the adapter is also exported to after training (`gguf`), each its own
+    /// artifact.
+    #[sqlx(default)]
+    #[schema(value_type = Option<Vec<String>>)]
+    pub exports: Option<Json<Vec<ExportFormat>>>,
     /// The configured estimate in full: tokens, the throughput it rests on (measured,
     /// modelled or the preset's table), duration, cost and completion window.
     #[sqlx(default)]
@@ -383,6 +389,7 @@ pub struct Configuration<'a> {
     /// Its duration, cost and rate, and what they rest on.
     pub estimate: &'a Estimate,
     pub attribution: &'a Attribution,
+    pub exports: &'a [ExportFormat],
 }
 
 /// A new attempt, started when a queued job is given to an agent.
@@ -592,7 +599,8 @@ pub async fn change_status(
                      estimated_duration_hours_min = $12, estimated_duration_hours_max = $13,
                      estimated_cost_min = $14, estimated_cost_max = $15, required_labels = $16,
                      max_retries = $17, max_interruptions = $18, auto_resume = $19,
-                     team = $20, project = $21, cost_center = $22, tags = $23, estimate_basis = $24"))
+                     team = $20, project = $21, cost_center = $22, tags = $23, estimate_basis = $24,
+                     exports = $25"))
             .bind(job_id).bind(from).bind(to).bind(at).bind(change.holder())
             .bind(c.preset_id)
             .bind(c.gpu_type)
@@ -612,7 +620,8 @@ pub async fn change_status(
             .bind(c.attribution.project.as_deref())
             .bind(c.attribution.cost_center.as_deref())
             .bind(c.attribution.tags.as_ref().map(Json))
-            .bind(Json(c.estimate)),
+            .bind(Json(c.estimate))
+            .bind(Json(c.exports)),
             Change::Queue { estimated_start_time } => sqlx::query_as::<_, Job>(guarded!(
                 "UPDATE training_jobs SET status = $3, updated_at = $4, queued_at = $4, estimated_start_time = $6"))
             .bind(job_id).bind(from).bind(to).bind(at).bind(change.holder())

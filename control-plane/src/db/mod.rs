@@ -26,6 +26,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod presets;
 pub mod report_writer;
+mod sqlite_rebuild;
 pub mod users;
 pub mod validations;
 
@@ -42,6 +43,9 @@ pub enum DbError {
     WriterGone,
     #[error("unsupported database URL {0:?}: expected postgres://… or sqlite://…")]
     UnsupportedUrl(String),
+    /// A table rebuild after the migrations would have broken references.
+    #[error("rebuilding {0}")]
+    Rebuild(String),
 }
 
 impl DbError {
@@ -164,7 +168,10 @@ impl Db {
 
     pub async fn migrate(&self) -> Result<(), DbError> {
         match self {
-            Db::Sqlite(pool) => sqlx::migrate!("../migrations/sqlite").run(pool).await?,
+            Db::Sqlite(pool) => {
+                sqlx::migrate!("../migrations/sqlite").run(pool).await?;
+                sqlite_rebuild::run(pool).await?;
+            }
             Db::Postgres(pool) => sqlx::migrate!("../migrations/postgres").run(pool).await?,
         }
         Ok(())

@@ -18,6 +18,7 @@ use crate::db::{attempts, files, now, presets};
 use crate::domain::{
     Attribution, EnrichmentStatus, EventType, FieldError, JobStatus, RecoveryPolicy, Severity,
 };
+use protocol::agent::ExportFormat;
 
 #[derive(Serialize, ToSchema)]
 pub struct JobView {
@@ -234,6 +235,30 @@ pub struct ConfigureJob {
     /// to validations run by hand.
     #[serde(default)]
     pub validate_on_completion: Option<super::validation::RunRequest>,
+    /// Also write the adapter in these formats after training, each uploaded as its own
+    /// artifact: `gguf` (a llama.cpp LoRA adapter, artifact `gguf_adapter`). Absent: the
+    /// job's current choice (none at first).
+    #[serde(default)]
+    pub exports: Option<Vec<String>>,
+}
+
+/// The export formats a request names; an unknown one is reported by its index.
+fn parse_exports(requested: &[String], errors: &mut Vec<FieldError>) -> Vec<ExportFormat> {
+    let mut formats = Vec::new();
+    for (index, name) in requested.iter().enumerate() {
+        match name.as_str() {
+            "gguf" => {
+                if !formats.contains(&ExportFormat::Gguf) {
+                    formats.push(ExportFormat::Gguf);
+                }
+            }
+            other => errors.push(FieldError::new(
+                format!("exports[{index}]"),
+                format!("unknown export format \"{other}\"; known: gguf"),
+            )),
+        }
+    }
+    formats
 }
 
 /// Sets hyperparameters, GPU and recovery policy, with the cost estimate. Every invalid
@@ -267,6 +292,14 @@ pub async fn configure_job(
         &mut errors,
     )
     .await?;
+    let exports = match &request.exports {
+        Some(requested) => parse_exports(requested, &mut errors),
+        None => job
+            .exports
+            .as_ref()
+            .map(|e| e.0.clone())
+            .unwrap_or_default(),
+    };
     for (key, value) in &request.required_labels {
         if !value.is_string() {
             errors.push(FieldError::new(
@@ -326,6 +359,7 @@ pub async fn configure_job(
         recovery,
         estimate: &estimate,
         attribution: &attribution,
+        exports: &exports,
     };
     let resume = if recovery.auto_resume {
         format!(
@@ -353,6 +387,7 @@ pub async fn configure_job(
     .with_details(json!({
         "from": job.status, "to": JobStatus::Configured,
         "hyperparameters": plan.hyperparameters, "recovery": recovery, "estimate": estimate,
+        "exports": exports,
     }));
     let changed = change_status(
         state,

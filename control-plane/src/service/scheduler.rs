@@ -103,6 +103,11 @@ pub async fn claim(
             validation_file,
             hyperparameters: hp,
             checkpoint_every: state.settings.fleet.checkpoint_every_steps,
+            exports: job
+                .exports
+                .as_ref()
+                .map(|e| e.0.clone())
+                .unwrap_or_default(),
             resume_from: checkpoint.map(resume_point),
         }));
     }

@@ -217,6 +217,7 @@ pub async fn job_from_template(
             cost_center: None,
             tags: None,
             validate_on_completion: None,
+            exports: None,
         };
         let recovery = template.recovery.as_ref().map(|r| r.0);
         job = configure_job(state, job, &configuration, recovery).await?;

@@ -24,6 +24,7 @@ use crate::service::job::{
 };
 use crate::service::AppState;
 use crate::service::ServiceError;
+use protocol::agent::ExportFormat;
 
 type PageResult = Result<Response, PageError>;
 
@@ -191,6 +192,8 @@ struct ConfigurePage {
     chosen_type: String,
     /// The policy the form shows: as posted, else the job's.
     recovery: RecoveryPolicy,
+    /// Whether the adapter is also exported as a llama.cpp GGUF adapter.
+    export_gguf: bool,
     problems: Vec<String>,
 }
 
@@ -274,6 +277,14 @@ async fn configure_page(
             .or(job.gpu_type.map(|t| t.as_str().to_owned()))
             .unwrap_or_else(|| "spot".into()),
         recovery,
+        export_gguf: form.map_or_else(
+            || {
+                job.exports
+                    .as_ref()
+                    .is_some_and(|e| e.0.contains(&ExportFormat::Gguf))
+            },
+            |f| f.export_gguf.is_some(),
+        ),
         problems,
     })
 }
@@ -307,6 +318,8 @@ struct ConfigureForm {
     max_interruptions: String,
     /// A checkbox: present when ticked.
     auto_resume: Option<String>,
+    /// A checkbox: also export a GGUF adapter.
+    export_gguf: Option<String>,
 }
 
 impl ConfigureForm {
@@ -376,6 +389,7 @@ async fn configure(
         cost_center: None,
         tags: None,
         validate_on_completion: None,
+        exports: Some(form.export_gguf.iter().map(|_| "gguf".to_owned()).collect()),
     };
     match configure_job(&state, job, &request, None).await {
         Ok(job) => Ok(
