@@ -3,7 +3,10 @@
 //! `checkpoints/step-N/` holds the LoRA weights (`adapter_model.safetensors`), the AdamW
 //! moments (`optimizer.safetensors`), `state.json` (step, epoch, the optimizer's step
 //! count, and hashes of the run's configuration and data) and
-//! `manifest.json` (SHA-256 of each file). It is written into a temporary directory and
+//! `manifest.json` (SHA-256 of each file). A run that keeps its best evaluation also keeps
+//! that evaluation's LoRA weights (`best_adapter.safetensors`) and where it stands
+//! (`best` in `state.json`: the step, its validation loss, the evaluations since), so a
+//! resumed run keeps its best-so-far and its patience. It is written into a temporary directory and
 //! renamed into place, so a crash never leaves a half-written checkpoint under its name.
 
 use std::collections::HashMap;
@@ -31,7 +34,22 @@ pub struct CheckpointState {
     pub config_hash: String,
     /// SHA-256 of the training (and validation) data.
     pub data_hash: String,
+    /// The best validation loss so far, when the run evaluates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best: Option<BestSoFar>,
 }
+
+/// The best evaluation of a run so far, for keep-best and early stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BestSoFar {
+    pub step: usize,
+    pub validation_loss: f64,
+    /// Evaluations since, none of which improved on it by the minimum delta.
+    pub evaluations_since: usize,
+}
+
+/// The best evaluation's LoRA weights, kept by keep-best runs.
+const BEST_ADAPTER: &str = "best_adapter.safetensors";
 
 /// What a checkpoint restores.
 pub struct Restored {
@@ -39,6 +57,8 @@ pub struct Restored {
     pub lora: HashMap<String, Tensor>,
     pub first_moments: Vec<Tensor>,
     pub second_moments: Vec<Tensor>,
+    /// The best evaluation's LoRA weights, when the run kept them.
+    pub best_weights: Option<HashMap<String, Tensor>>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainerError + '_ {
@@ -65,6 +85,7 @@ pub fn save(
     state: &CheckpointState,
     lora: &[(String, Var)],
     moments: (&[Tensor], &[Tensor]),
+    best_weights: Option<&HashMap<String, Tensor>>,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(checkpoints_dir).map_err(io(checkpoints_dir))?;
     let final_dir = checkpoints_dir.join(format!("step-{}", state.step));
@@ -97,6 +118,13 @@ pub fn save(
     .map_err(io(&state_path))?;
 
     let mut manifest = serde_json::Map::new();
+    if let Some(best) = best_weights {
+        crate::tensor_file::save(best, &temporary.join(BEST_ADAPTER))?;
+        manifest.insert(
+            BEST_ADAPTER.to_owned(),
+            sha256_file(&temporary.join(BEST_ADAPTER))?.into(),
+        );
+    }
     for name in FILES {
         manifest.insert(name.to_owned(), sha256_file(&temporary.join(name))?.into());
     }
@@ -131,9 +159,11 @@ pub fn load(
             .map_err(|e| refuse(format!("no readable manifest.json ({e})")))?,
     )
     .map_err(|e| refuse(format!("manifest.json is invalid ({e})")))?;
-    for name in FILES {
+    let kept_best = manifest.contains_key(BEST_ADAPTER);
+    let listed = FILES.iter().chain(kept_best.then_some(&BEST_ADAPTER));
+    for name in listed {
         let expected = manifest
-            .get(name)
+            .get(*name)
             .ok_or_else(|| refuse(format!("the manifest does not list {name}")))?;
         let actual = sha256_file(&dir.join(name)).map_err(|e| refuse(e.to_string()))?;
         if &actual != expected {
@@ -176,10 +206,18 @@ pub fn load(
             return Err(refuse(format!("LoRA weight {name} is missing")));
         }
     }
+    let best_weights = match kept_best {
+        true => Some(candle_core::safetensors::load(
+            dir.join(BEST_ADAPTER),
+            device,
+        )?),
+        false => None,
+    };
     Ok(Restored {
         state,
         lora,
         first_moments,
         second_moments,
+        best_weights,
     })
 }

@@ -255,6 +255,15 @@ struct TrainArgs {
     /// Base weights and activations (default: bf16 on CUDA, f32 on CPU).
     #[arg(long, value_parser = ["bf16", "f32"])]
     dtype: Option<String>,
+    /// The adapter is the best evaluation's (lowest validation loss), not the last step's.
+    #[arg(long)]
+    keep_best: bool,
+    /// Stop after this many evaluations in a row without improvement (needs --eval-every).
+    #[arg(long)]
+    early_stopping_patience: Option<usize>,
+    /// The improvement in validation loss that counts (default 0).
+    #[arg(long)]
+    early_stopping_min_delta: Option<f64>,
 }
 
 fn precision(name: &str) -> Precision {
@@ -303,6 +312,13 @@ impl TrainArgs {
         options.checkpoint_every = self.checkpoint_every.or(options.checkpoint_every);
         options.resume_from = self.resume_from.or(options.resume_from);
         options.use_rslora |= self.use_rslora;
+        options.keep_best |= self.keep_best;
+        options.early_stopping_patience = self
+            .early_stopping_patience
+            .or(options.early_stopping_patience);
+        if let Some(delta) = self.early_stopping_min_delta {
+            options.early_stopping_min_delta = delta;
+        }
         if let Some(device) = self.device {
             options.device = if device == "cuda" {
                 DeviceChoice::Cuda
@@ -370,6 +386,10 @@ impl Observer for ProgressBar {
 
     fn warning(&mut self, message: &str) {
         eprintln!("warning: {message}");
+    }
+
+    fn notice(&mut self, message: &str) {
+        eprintln!("\n{message}");
     }
 
     fn checkpoint(&mut self, step: usize, dir: &std::path::Path) {

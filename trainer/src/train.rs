@@ -1,6 +1,7 @@
 //! The training loop: data, model, AdamW with warmup and cosine decay, gradient
 //! accumulation, clipping, evaluation, metrics, and the PEFT adapter at the end.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,6 +52,21 @@ pub struct TrainOptions {
     /// Base weights and activations; `None`: bf16 on CUDA, f32 on CPU. LoRA weights and
     /// the optimizer stay f32.
     pub dtype: Option<Precision>,
+    /// The final adapter is the one of the best evaluation (lowest validation loss), not
+    /// the last step's. (Left out of the recipe when off, as the options below when
+    /// unset, so runs without them resume from checkpoints made before they existed.)
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub keep_best: bool,
+    /// Stop once this many evaluations in a row have not improved on the best validation
+    /// loss by `early_stopping_min_delta`. Needs `eval_every`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub early_stopping_patience: Option<usize>,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub early_stopping_min_delta: f64,
+}
+
+fn is_zero(value: &f64) -> bool {
+    *value == 0.0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +122,9 @@ impl Default for TrainOptions {
             resume_from: None,
             device: DeviceChoice::Cpu,
             dtype: None,
+            keep_best: false,
+            early_stopping_patience: None,
+            early_stopping_min_delta: 0.0,
         }
     }
 }
@@ -180,6 +199,18 @@ impl TrainOptions {
         if !(0.0..1.0).contains(&self.warmup_ratio) || !(0.0..1.0).contains(&self.val_split) {
             return invalid("warmup_ratio and val_split must be in [0, 1)".into());
         }
+        if self.early_stopping_patience == Some(0) {
+            return invalid("early_stopping_patience must be at least 1".into());
+        }
+        if self.early_stopping_patience.is_some() && !self.eval_every.is_some_and(|n| n > 0) {
+            return invalid(
+                "early_stopping_patience needs eval_every: stopping early compares evaluations"
+                    .into(),
+            );
+        }
+        if !(self.early_stopping_min_delta >= 0.0) {
+            return invalid("early_stopping_min_delta must be at least 0".into());
+        }
         Ok(())
     }
 }
@@ -215,6 +246,18 @@ pub struct Summary {
     pub tokens_per_second: f64,
     pub peak_memory_bytes: Option<u64>,
     pub cancelled: bool,
+    /// The evaluation with the lowest validation loss: its step and loss.
+    #[serde(default)]
+    pub best_step: Option<usize>,
+    #[serde(default)]
+    pub best_validation_loss: Option<f64>,
+    /// The step whose LoRA weights the adapter holds: the best evaluation's with
+    /// keep-best, else the last step's.
+    #[serde(default)]
+    pub adapter_step: usize,
+    /// Why training stopped before its last step, when early stopping stopped it.
+    #[serde(default)]
+    pub stopped_early: Option<String>,
 }
 
 /// Receives progress; every method has a default so callers implement what they need.
@@ -222,6 +265,8 @@ pub trait Observer {
     fn stage(&mut self, _stage: Stage) {}
     fn step(&mut self, _metrics: &StepMetrics) {}
     fn warning(&mut self, _message: &str) {}
+    /// Something the run decided that a user should hear of (an early stop).
+    fn notice(&mut self, _message: &str) {}
     fn checkpoint(&mut self, _step: usize, _dir: &Path) {}
 }
 
@@ -263,6 +308,7 @@ fn write_checkpoint(
     state: &checkpoint::CheckpointState,
     parameters: &[(String, Var)],
     optimizer: &AdamW,
+    best_weights: Option<&HashMap<String, Tensor>>,
     observer: &mut dyn Observer,
 ) -> Result<()> {
     let (first, second) = optimizer.moments()?;
@@ -271,9 +317,18 @@ fn write_checkpoint(
         state,
         parameters,
         (&first, &second),
+        best_weights,
     )?;
     observer.checkpoint(state.step, &dir);
     Ok(())
+}
+
+/// A copy of the LoRA weights as they are now.
+fn snapshot(parameters: &[(String, Var)]) -> Result<HashMap<String, Tensor>> {
+    parameters
+        .iter()
+        .map(|(name, var)| Ok((name.clone(), var.as_tensor().to_dtype(DType::F32)?.copy()?)))
+        .collect()
 }
 
 pub(crate) fn device(choice: DeviceChoice) -> Result<Device> {
@@ -425,6 +480,13 @@ pub fn train(
             "no training examples left after the validation split".into(),
         ));
     }
+    if (options.keep_best || options.early_stopping_patience.is_some())
+        && validation_examples.is_empty()
+    {
+        return Err(TrainerError::Invalid(
+            "keep_best and early stopping need validation examples (val_data, or val_split above 0 with enough conversations)".into(),
+        ));
+    }
     let pad_id = encoder
         .tokenizer
         .token_to_id("<|endoftext|>")
@@ -452,6 +514,8 @@ pub fn train(
         .unwrap_or(options.epochs * steps_per_epoch);
     let warmup_steps = (options.warmup_ratio * total_steps as f64).ceil() as usize;
     let mut start_step = 0;
+    let mut best: Option<checkpoint::BestSoFar> = None;
+    let mut best_weights: Option<HashMap<String, Tensor>> = None;
     if let Some(dir) = &options.resume_from {
         let names: Vec<String> = parameters.iter().map(|(name, _)| name.clone()).collect();
         let restored = checkpoint::load(dir, &names, &config_hash, &data_hash, &device)?;
@@ -464,6 +528,8 @@ pub fn train(
             restored.state.optimizer_steps,
         )?;
         start_step = restored.state.step;
+        best = restored.state.best;
+        best_weights = restored.best_weights;
         if start_step >= total_steps {
             return Err(TrainerError::Invalid(format!(
                 "the checkpoint is at step {start_step}, and the run has {total_steps} steps: nothing is left to train"
@@ -478,13 +544,17 @@ pub fn train(
     let mut steps_done = start_step;
     // The step of the newest checkpoint (the resumed one counts).
     let mut checkpointed_at = start_step;
+    let mut stopped_early = None;
     let checkpoint_state =
-        |step: usize, epoch: usize, optimizer: &AdamW| checkpoint::CheckpointState {
-            step,
-            epoch,
-            optimizer_steps: optimizer.steps(),
-            config_hash: config_hash.clone(),
-            data_hash: data_hash.clone(),
+        |step: usize, epoch: usize, optimizer: &AdamW, best: Option<checkpoint::BestSoFar>| {
+            checkpoint::CheckpointState {
+                step,
+                epoch,
+                optimizer_steps: optimizer.steps(),
+                config_hash: config_hash.clone(),
+                data_hash: data_hash.clone(),
+                best,
+            }
         };
     for step in start_step..total_steps {
         if control.cancelled() {
@@ -572,6 +642,32 @@ pub fn train(
             None
         };
         last_validation = validation_loss.or(last_validation);
+        if let Some(loss) = validation_loss {
+            let improved =
+                best.is_none_or(|b| loss < b.validation_loss - options.early_stopping_min_delta);
+            if improved {
+                best = Some(checkpoint::BestSoFar {
+                    step: steps_done,
+                    validation_loss: loss,
+                    evaluations_since: 0,
+                });
+                if options.keep_best {
+                    best_weights = Some(snapshot(&parameters)?);
+                }
+            } else if let Some(best) = &mut best {
+                best.evaluations_since += 1;
+                if options
+                    .early_stopping_patience
+                    .is_some_and(|patience| best.evaluations_since >= patience)
+                {
+                    let message = format!(
+                        "Stopped early after step {steps_done}: {} evaluations in a row did not improve on the best validation loss {:.4} (step {}) by more than {}",
+                        best.evaluations_since, best.validation_loss, best.step, options.early_stopping_min_delta
+                    );
+                    stopped_early = Some(message);
+                }
+            }
+        }
         let metrics = StepMetrics {
             step: steps_done,
             total_steps,
@@ -591,19 +687,52 @@ pub fn train(
             .checkpoint_every
             .is_some_and(|n| n > 0 && steps_done % n == 0);
         if control.take_checkpoint_request() || scheduled {
-            let state = checkpoint_state(steps_done, epoch, &optimizer);
-            write_checkpoint(&options.out, &state, &parameters, &optimizer, observer)?;
+            let state = checkpoint_state(steps_done, epoch, &optimizer, best);
+            write_checkpoint(
+                &options.out,
+                &state,
+                &parameters,
+                &optimizer,
+                best_weights.as_ref(),
+                observer,
+            )?;
             checkpointed_at = steps_done;
+        }
+        if let Some(message) = &stopped_early {
+            observer.notice(message);
+            break;
         }
     }
     // A checkpoint asked for after the last step's own check (a stop's request racing the
     // step) is written now, so a stop always ends on a checkpoint of the final parameters.
     if control.take_checkpoint_request() && checkpointed_at != steps_done {
-        let state = checkpoint_state(steps_done, (steps_done - 1) / steps_per_epoch, &optimizer);
-        write_checkpoint(&options.out, &state, &parameters, &optimizer, observer)?;
+        let state = checkpoint_state(
+            steps_done,
+            (steps_done - 1) / steps_per_epoch,
+            &optimizer,
+            best,
+        );
+        write_checkpoint(
+            &options.out,
+            &state,
+            &parameters,
+            &optimizer,
+            best_weights.as_ref(),
+            observer,
+        )?;
     }
 
     observer.stage(Stage::Finalization);
+    // With keep-best the adapter is the best evaluation's weights.
+    let adapter_step = match (&best_weights, best) {
+        (Some(weights), Some(best)) if options.keep_best => {
+            for (name, var) in &parameters {
+                var.set(&weights[name].to_dtype(var.dtype())?)?;
+            }
+            best.step
+        }
+        _ => steps_done,
+    };
     let base_model = crate::hub::base_model_reference(&options.model);
     peft::save_adapter(&options.out.join("adapter"), &model, &lora, &base_model)?;
     let seconds = started.elapsed().as_secs_f64();
@@ -619,6 +748,10 @@ pub fn train(
         tokens_per_second: tokens_seen as f64 / seconds.max(1e-9),
         peak_memory_bytes: peak_memory_bytes(),
         cancelled: control.cancelled(),
+        best_step: best.map(|b| b.step),
+        best_validation_loss: best.map(|b| b.validation_loss),
+        adapter_step,
+        stopped_early,
     };
     let path = options.out.join("summary.json");
     std::fs::write(
