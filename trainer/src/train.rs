@@ -202,13 +202,13 @@ impl TrainOptions {
         if self.early_stopping_patience == Some(0) {
             return invalid("early_stopping_patience must be at least 1".into());
         }
-        if self.early_stopping_patience.is_some() && !self.eval_every.is_some_and(|n| n > 0) {
+        if self.early_stopping_patience.is_some() && self.eval_every.is_none_or(|n| n == 0) {
             return invalid(
                 "early_stopping_patience needs eval_every: stopping early compares evaluations"
                     .into(),
             );
         }
-        if !(self.early_stopping_min_delta >= 0.0) {
+        if self.early_stopping_min_delta.is_nan() || self.early_stopping_min_delta < 0.0 {
             return invalid("early_stopping_min_delta must be at least 0".into());
         }
         Ok(())
