@@ -125,6 +125,17 @@ impl Observer for Reporter {
         });
     }
 
+    fn notice(&mut self, message: &str) {
+        self.outbox.push(Report::Event {
+            key: "notice-early-stop".into(),
+            event_type: "info".into(),
+            severity: Severity::Info,
+            message: message.to_owned(),
+            details: None,
+            at: Utc::now(),
+        });
+    }
+
     fn checkpoint(&mut self, step: usize, dir: &Path) {
         let _ = self.checkpoints.send((step, dir.to_path_buf()));
     }
@@ -213,12 +224,15 @@ fn export_adapter(options: &TrainOptions, exports: &[ExportFormat], outbox: &Out
     for format in exports {
         match format {
             ExportFormat::Gguf => {
-                let written = trainer::gguf::export_lora(
-                    &options.out.join("adapter"),
-                    &options.model,
-                    &options.out.join(GGUF_ADAPTER),
-                    trainer::gguf::GgufDtype::F16,
-                );
+                // The base model as training resolved it (a hub id is in the cache now).
+                let written = trainer::hub::resolve_model(&options.model).and_then(|model| {
+                    trainer::gguf::export_lora(
+                        &options.out.join("adapter"),
+                        &model,
+                        &options.out.join(GGUF_ADAPTER),
+                        trainer::gguf::GgufDtype::F16,
+                    )
+                });
                 if let Err(error) = written {
                     tracing::warn!(%error, "GGUF export failed");
                     outbox.push(Report::Event {
@@ -539,10 +553,13 @@ pub fn train_options(
         max_seq_len: recipe.max_seq_len as usize,
         warmup_ratio: recipe.warmup_ratio,
         seed: recipe.seed,
-        eval_every: checkpoint_every,
+        eval_every: recipe.eval_every.map(|n| n as usize).or(checkpoint_every),
         checkpoint_every,
         resume_from,
         device,
+        keep_best: recipe.keep_best,
+        early_stopping_patience: recipe.early_stopping_patience.map(|n| n as usize),
+        early_stopping_min_delta: recipe.early_stopping_min_delta.unwrap_or(0.0),
         ..TrainOptions::default()
     }
 }

@@ -95,6 +95,19 @@ pub struct Hyperparameters {
     pub warmup_ratio: f64,
     pub target_modules: Vec<String>,
     pub seed: u64,
+    /// Evaluate on the validation set every this many optimizer steps (default: at each
+    /// checkpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_every: Option<u32>,
+    /// Stop after this many evaluations in a row without improvement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stopping_patience: Option<u32>,
+    /// The validation-loss improvement that counts (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stopping_min_delta: Option<f64>,
+    /// The adapter is the best evaluation's, not the last step's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_best: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -292,6 +292,24 @@ impl Api {
         Api { http, base, token }
     }
 
+    /// A dashboard page's HTML (the same credentials work there).
+    pub async fn page(&self, path: &str) -> String {
+        let root = self.base.trim_end_matches("/api/v1");
+        let response = self
+            .http
+            .get(format!("{root}{path}"))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("page");
+        assert!(
+            response.status().is_success(),
+            "GET {path}: {}",
+            response.status()
+        );
+        response.text().await.expect("page text")
+    }
+
     pub async fn get(&self, path: &str) -> Value {
         let response = self
             .http

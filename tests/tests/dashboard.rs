@@ -76,10 +76,13 @@ async fn a_user_signs_in_uploads_watches_a_job_live_and_cancels_it() {
     browser.type_into("input[name=epochs]", "100").await;
     browser.type_into("input[name=batch_size]", "2").await;
     browser.wait_for_text("#estimate", "(spot at $", LONG).await;
-    // What it rests on, from POST /api/v1/jobs/estimate: no run of this model yet.
+    // What it rests on, from POST /api/v1/jobs/estimate: no run of this model yet, so
+    // throughput modelled from the size its config.json gives.
     browser
-        .wait_for_text("#estimate-basis", "from the preset's duration table", LONG)
+        .wait_for_text("#estimate-basis", "modelled:", LONG)
         .await;
+    browser.click("input[name=keep_best]").await;
+    browser.click("input[name=export_gguf]").await;
     browser.screenshot("configure").await;
     browser.click("form.stacked button[type=submit]").await;
     browser
@@ -94,6 +97,13 @@ async fn a_user_signs_in_uploads_watches_a_job_live_and_cancels_it() {
         .expect("job id")
         .to_owned();
     browser.wait_for_text("h1", "watched live", LONG).await;
+    // The form's evaluation and export choices are the job's.
+    let configured = api.get(&format!("/jobs/{job}")).await;
+    assert_eq!(
+        configured["hyperparameters"]["keep_best"], true,
+        "{configured}"
+    );
+    assert_eq!(configured["exports"], serde_json::json!(["gguf"]));
     browser.eval("window.__samePage = true").await;
     let _agent = Agent::start(&plane, "worker", &["--spot-provider", "none"]);
     let first = browser.wait_for_text("#progress", "step", LONG).await;

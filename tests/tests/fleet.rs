@@ -851,3 +851,57 @@ async fn a_job_asks_for_a_gguf_adapter_and_gets_one() {
         "the job's GGUF adapter is its PEFT adapter's export"
     );
 }
+
+/// Keep-best and early stopping through the platform: the job's hyperparameters reach
+/// the trainer, an event says why training stopped early, the published adapter is the
+/// best evaluation's and the job page's loss chart marks that step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_stops_early_and_keeps_its_best_adapter() {
+    let (plane, api, _scratch, model, file) = setup(chat_jsonl(20)).await;
+    let mut settings = hyperparameters(5);
+    // No evaluation improves by 100 nats: training stops after two evaluations.
+    settings["eval_every"] = json!(1);
+    settings["early_stopping_patience"] = json!(1);
+    settings["early_stopping_min_delta"] = json!(100.0);
+    settings["keep_best"] = json!(true);
+    let job = api.start_job(&file, "early", &model, settings).await;
+    let _agent = Agent::start(&plane, "worker", &["--spot-provider", "none"]);
+    let ended = api.wait_status(&job, "completed", LONG).await;
+    assert_eq!(ended["current_step"], 2, "{ended}");
+    assert_eq!(ended["hyperparameters"]["keep_best"], true);
+
+    let events = api.get(&format!("/jobs/{job}/events?limit=200")).await;
+    assert!(
+        events["data"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .any(|e| e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("Stopped early after step 2"))),
+        "{events}"
+    );
+    let files = api.download_artifacts(&job).await;
+    let summary: Value = files
+        .iter()
+        .find(|(name, _)| name == "summary.json")
+        .map(|(_, bytes)| serde_json::from_slice(bytes).expect("summary"))
+        .expect("summary");
+    let best = summary["best_step"].as_i64().expect("best step");
+    assert_eq!(
+        summary["adapter_step"], best,
+        "the best evaluation's adapter"
+    );
+
+    let page = api.page(&format!("/training/job/{job}")).await;
+    assert!(
+        page.contains(&format!("best · step {best}")),
+        "the loss chart marks the best step: {}",
+        page.split("<figcaption>Loss</figcaption>")
+            .nth(1)
+            .unwrap_or(&page)
+            .split("</svg>")
+            .next()
+            .unwrap_or_default()
+    );
+}

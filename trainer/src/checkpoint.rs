@@ -44,7 +44,8 @@ pub struct CheckpointState {
 pub struct BestSoFar {
     pub step: usize,
     pub validation_loss: f64,
-    /// Evaluations since, none of which improved on it by the minimum delta.
+    /// Evaluations in a row that did not improve on the best before them by more than
+    /// the minimum delta (early stopping's patience count).
     pub evaluations_since: usize,
 }
 

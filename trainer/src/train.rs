@@ -323,6 +323,35 @@ fn write_checkpoint(
     Ok(())
 }
 
+/// Folds an evaluation into the best so far. The lowest validation loss is the best (the
+/// adapter keep-best keeps); patience restarts only when an evaluation beats the previous
+/// best by more than `min_delta`, as in transformers' early stopping. Returns whether this
+/// evaluation is the new best.
+fn record_evaluation(
+    best: &mut Option<checkpoint::BestSoFar>,
+    step: usize,
+    loss: f64,
+    min_delta: f64,
+) -> bool {
+    let previous = *best;
+    let lowest = previous.is_none_or(|b| loss < b.validation_loss);
+    let improved = previous.is_none_or(|b| loss < b.validation_loss - min_delta);
+    let mut now = match (lowest, previous) {
+        (false, Some(previous)) => previous,
+        _ => checkpoint::BestSoFar {
+            step,
+            validation_loss: loss,
+            evaluations_since: 0,
+        },
+    };
+    now.evaluations_since = match (improved, previous) {
+        (false, Some(previous)) => previous.evaluations_since + 1,
+        _ => 0,
+    };
+    *best = Some(now);
+    lowest
+}
+
 /// A copy of the LoRA weights as they are now.
 fn snapshot(parameters: &[(String, Var)]) -> Result<HashMap<String, Tensor>> {
     parameters
@@ -643,28 +672,21 @@ pub fn train(
         };
         last_validation = validation_loss.or(last_validation);
         if let Some(loss) = validation_loss {
-            let improved =
-                best.is_none_or(|b| loss < b.validation_loss - options.early_stopping_min_delta);
-            if improved {
-                best = Some(checkpoint::BestSoFar {
-                    step: steps_done,
-                    validation_loss: loss,
-                    evaluations_since: 0,
-                });
-                if options.keep_best {
-                    best_weights = Some(snapshot(&parameters)?);
-                }
-            } else if let Some(best) = &mut best {
-                best.evaluations_since += 1;
-                if options
-                    .early_stopping_patience
-                    .is_some_and(|patience| best.evaluations_since >= patience)
-                {
-                    let message = format!(
-                        "Stopped early after step {steps_done}: {} evaluations in a row did not improve on the best validation loss {:.4} (step {}) by more than {}",
-                        best.evaluations_since, best.validation_loss, best.step, options.early_stopping_min_delta
-                    );
-                    stopped_early = Some(message);
+            if record_evaluation(
+                &mut best,
+                steps_done,
+                loss,
+                options.early_stopping_min_delta,
+            ) && options.keep_best
+            {
+                best_weights = Some(snapshot(&parameters)?);
+            }
+            if let (Some(best), Some(patience)) = (best, options.early_stopping_patience) {
+                if best.evaluations_since >= patience {
+                    stopped_early = Some(format!(
+                        "Stopped early after step {steps_done}: {} evaluations in a row did not improve the validation loss by more than {} (best {:.4} at step {})",
+                        best.evaluations_since, options.early_stopping_min_delta, best.validation_loss, best.step
+                    ));
                 }
             }
         }

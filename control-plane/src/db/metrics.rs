@@ -207,6 +207,19 @@ pub async fn evaluations(db: &Db, job_id: Uuid, limit: i64) -> Result<Vec<Metric
         .await)?)
 }
 
+/// The job's evaluation with the lowest validation loss (the earliest of equals): the
+/// step a keep-best run's adapter comes from.
+pub async fn best_evaluation(db: &Db, job_id: Uuid) -> Result<Option<MetricPoint>, DbError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM training_metrics
+         WHERE job_id = $1 AND validation_loss IS NOT NULL ORDER BY validation_loss, step LIMIT 1"
+    );
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, MetricPoint>(&sql)
+        .bind(job_id)
+        .fetch_optional(pool)
+        .await)?)
+}
+
 #[derive(sqlx::FromRow)]
 struct JobPoint {
     job_id: Uuid,

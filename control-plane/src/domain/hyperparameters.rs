@@ -98,6 +98,28 @@ pub fn resolve(
     });
     let target_modules = field.target_modules(get("target_modules"));
     let seed = field.integer(get("seed"), "seed", 42, 0, i64::MAX);
+    let eval_every =
+        get("eval_every").map(|v| field.integer(Some(v), "eval_every", 1, 1, 1_000_000));
+    let early_stopping_patience = get("early_stopping_patience")
+        .map(|v| field.integer(Some(v), "early_stopping_patience", 1, 1, 1_000));
+    let early_stopping_min_delta = get("early_stopping_min_delta").map(|v| {
+        field.number(Some(v), "early_stopping_min_delta", 0.0, |x| {
+            (0.0..=100.0)
+                .contains(&x)
+                .then_some(())
+                .ok_or("must be between 0 and 100")
+        })
+    });
+    let keep_best = match get("keep_best") {
+        None => false,
+        Some(Value::Bool(keep)) => *keep,
+        Some(_) => {
+            field
+                .errors
+                .push(FieldError::new("keep_best", "must be true or false"));
+            false
+        }
+    };
 
     if !errors.is_empty() {
         return Err(errors);
@@ -114,10 +136,14 @@ pub fn resolve(
         warmup_ratio,
         target_modules,
         seed: seed as u64,
+        eval_every: eval_every.map(|n| n as u32),
+        early_stopping_patience: early_stopping_patience.map(|n| n as u32),
+        early_stopping_min_delta,
+        keep_best,
     })
 }
 
-const FIELDS: [&str; 11] = [
+const FIELDS: [&str; 15] = [
     "rank",
     "lora_alpha",
     "lora_dropout",
@@ -129,6 +155,10 @@ const FIELDS: [&str; 11] = [
     "warmup_ratio",
     "target_modules",
     "seed",
+    "eval_every",
+    "early_stopping_patience",
+    "early_stopping_min_delta",
+    "keep_best",
 ];
 
 struct Field<'a> {

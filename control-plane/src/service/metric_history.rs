@@ -136,6 +136,11 @@ pub async fn chart_points(state: &AppState, job_id: Uuid) -> ServiceResult<Vec<M
     Ok(points)
 }
 
+/// The evaluation with the lowest validation loss, which the loss chart marks.
+pub async fn best_evaluation(state: &AppState, job_id: Uuid) -> ServiceResult<Option<MetricPoint>> {
+    Ok(metrics::best_evaluation(&state.db, job_id).await?)
+}
+
 /// About as many points as a chart is pixels wide.
 pub const CHART_POINTS: i64 = 400;
 

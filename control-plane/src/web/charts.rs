@@ -13,6 +13,13 @@ const TOP: f64 = 12.0;
 const BOTTOM: f64 = 36.0;
 const COLORS: [&str; 4] = ["#2563eb", "#dc2626", "#059669", "#d97706"];
 
+/// A point the chart calls out, with a dashed line down to the x axis.
+pub struct Marker {
+    pub x: f64,
+    pub y: f64,
+    pub label: String,
+}
+
 pub struct Series<'a> {
     pub name: &'a str,
     /// (x, y) in data units; non-finite values are skipped.
@@ -101,6 +108,16 @@ fn escape(text: &str) -> String {
 /// An SVG line chart of `series` against a shared x axis labelled `x_label`; an empty
 /// chart says so instead of drawing axes over nothing.
 pub fn line_chart(title: &str, x_label: &str, series: &[Series<'_>]) -> String {
+    marked_line_chart(title, x_label, series, None)
+}
+
+/// A line chart with `marker` called out (when it lies in the chart's x range).
+pub fn marked_line_chart(
+    title: &str,
+    x_label: &str,
+    series: &[Series<'_>],
+    marker: Option<&Marker>,
+) -> String {
     let lines: Vec<(&str, Vec<(f64, f64)>)> = series
         .iter()
         .map(|s| (s.name, thin(&s.points)))
@@ -198,6 +215,23 @@ pub fn line_chart(title: &str, x_label: &str, series: &[Series<'_>]) -> String {
             escape(name)
         );
     }
+    if let Some(marker) = marker.filter(|m| (x_min..=x_max).contains(&m.x) && m.y.is_finite()) {
+        let (x, y) = (sx(marker.x), sy(marker.y.clamp(y_min, y_max)));
+        let anchor = if x > LEFT + plot_w / 2.0 {
+            "end"
+        } else {
+            "start"
+        };
+        let shift = if anchor == "end" { -6.0 } else { 6.0 };
+        let _ = write!(
+            svg,
+            r##"<g class="marker"><line x1="{x:.1}" x2="{x:.1}" y1="{y:.1}" y2="{:.1}" stroke="#111827" stroke-dasharray="3 3"/><circle cx="{x:.1}" cy="{y:.1}" r="4.5" fill="none" stroke="#111827" stroke-width="1.5"/><text class="legend" x="{:.1}" y="{:.1}" text-anchor="{anchor}">{}</text></g>"##,
+            HEIGHT - BOTTOM,
+            x + shift,
+            (y - 8.0).max(TOP + 22.0),
+            escape(&marker.label)
+        );
+    }
     svg.push_str("</svg>");
     svg
 }
@@ -259,6 +293,25 @@ mod tests {
             tick(low, spacing)
         );
         assert_eq!(y_range(0.0, 0.0), (-0.5, 0.5));
+    }
+
+    #[test]
+    fn a_marker_is_called_out_inside_the_range_only() {
+        let series = [Series {
+            name: "validation loss",
+            points: vec![(1.0, 3.0), (2.0, 2.5), (3.0, 2.8)],
+        }];
+        let inside = Marker {
+            x: 2.0,
+            y: 2.5,
+            label: "best · step 2".into(),
+        };
+        let svg = marked_line_chart("Loss", "step", &series, Some(&inside));
+        assert!(svg.contains(r#"<g class="marker">"#), "{svg}");
+        assert!(svg.contains("best · step 2"));
+        let outside = Marker { x: 9.0, ..inside };
+        let svg = marked_line_chart("Loss", "step", &series, Some(&outside));
+        assert!(!svg.contains("marker"), "{svg}");
     }
 
     #[test]

@@ -320,6 +320,12 @@ struct ConfigureForm {
     auto_resume: Option<String>,
     /// A checkbox: also export a GGUF adapter.
     export_gguf: Option<String>,
+    #[serde(default)]
+    eval_every: String,
+    #[serde(default)]
+    early_stopping_patience: String,
+    /// A checkbox: keep the best evaluation's adapter.
+    keep_best: Option<String>,
 }
 
 impl ConfigureForm {
@@ -332,6 +338,8 @@ impl ConfigureForm {
             ("learning_rate", &self.learning_rate),
             ("rank", &self.rank),
             ("batch_size", &self.batch_size),
+            ("eval_every", &self.eval_every),
+            ("early_stopping_patience", &self.early_stopping_patience),
         ] {
             let text = text.trim();
             if text.is_empty() {
@@ -343,6 +351,9 @@ impl ConfigureForm {
                 .or_else(|_| text.parse::<f64>().map(Value::from))
                 .unwrap_or_else(|_| Value::from(text));
             map.insert(key.to_owned(), value);
+        }
+        if self.keep_best.is_some() {
+            map.insert("keep_best".into(), Value::Bool(true));
         }
         map
     }

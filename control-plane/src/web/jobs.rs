@@ -9,7 +9,7 @@ use axum::{Form, Router};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::charts::{line_chart, Series};
+use super::charts::{line_chart, marked_line_chart, Marker, Series};
 use super::frame::{ago, duration, money, viewer, Frame, PageResult};
 use super::{render, PageError, PageUser};
 use crate::db::artifacts::Artifact;
@@ -189,13 +189,23 @@ async fn job_live_view(state: &AppState, job: Job) -> Result<JobLive, PageError>
             .filter_map(|p| value(p).map(|v| (p.step as f64, v)))
             .collect(),
     };
-    let loss_chart = line_chart(
+    // The best evaluation is called out: a keep-best run's adapter comes from it.
+    let best = metric_history::best_evaluation(state, job.id).await?;
+    let best = best.and_then(|p| {
+        Some(Marker {
+            x: p.step as f64,
+            y: p.validation_loss?,
+            label: format!("best · step {}", p.step),
+        })
+    });
+    let loss_chart = marked_line_chart(
         "Loss",
         "step",
         &[
             series("training loss", |p| p.training_loss),
             series("validation loss", |p| p.validation_loss),
         ],
+        best.as_ref(),
     );
     let learning_rate_chart = line_chart(
         "Learning rate",

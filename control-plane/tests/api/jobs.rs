@@ -214,7 +214,9 @@ async fn hyperparameters_are_checked_field_by_field(backend: Backend) {
                 "hyperparameters": {
                     "rank": 1000, "lora_alpha": 0, "lora_dropout": 1, "learning_rate": -1, "epochs": 0,
                     "batch_size": "two", "gradient_accumulation_steps": 0, "max_seq_len": 8,
-                    "warmup_ratio": 0.9, "target_modules": ["q_proj", "embed_tokens"], "seed": -5
+                    "warmup_ratio": 0.9, "target_modules": ["q_proj", "embed_tokens"], "seed": -5,
+                    "eval_every": 0, "early_stopping_patience": "3", "early_stopping_min_delta": -1,
+                    "keep_best": "yes"
                 }
             }),
         )
@@ -239,6 +241,10 @@ async fn hyperparameters_are_checked_field_by_field(backend: Backend) {
             "hyperparameters.warmup_ratio",
             "hyperparameters.target_modules",
             "hyperparameters.seed",
+            "hyperparameters.eval_every",
+            "hyperparameters.early_stopping_patience",
+            "hyperparameters.early_stopping_min_delta",
+            "hyperparameters.keep_best",
         ]
     );
     assert_eq!(
