@@ -411,6 +411,18 @@ impl Api {
             .await
     }
 
+    /// Creates a draft job training `model` on the file; returns its id.
+    pub async fn create_job(&self, file_id: &str, name: &str, model: &Path) -> String {
+        let job = self
+            .send(
+                reqwest::Method::POST,
+                "/jobs",
+                json!({"training_file_id": file_id, "name": name, "base_model": model.display().to_string()}),
+            )
+            .await;
+        job["id"].as_str().expect("job id").to_owned()
+    }
+
     /// Creates, configures (spot, with `recovery` as its recovery policy) and starts a
     /// job; returns its id.
     pub async fn start_job_with(
@@ -421,14 +433,7 @@ impl Api {
         hyperparameters: Value,
         recovery: Value,
     ) -> String {
-        let job = self
-            .send(
-                reqwest::Method::POST,
-                "/jobs",
-                json!({"training_file_id": file_id, "name": name, "base_model": model.display().to_string()}),
-            )
-            .await;
-        let id = job["id"].as_str().expect("job id").to_owned();
+        let id = self.create_job(file_id, name, model).await;
         let configured = self
             .send(
                 reqwest::Method::PUT,

@@ -38,6 +38,15 @@ async fn setup(
     (plane, api, scratch, model, file)
 }
 
+/// The bytes of the downloaded artifact named `name`.
+fn published(files: &[(String, Vec<u8>)], name: &str) -> Vec<u8> {
+    files
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, bytes)| bytes.clone())
+        .unwrap_or_else(|| panic!("{name} published"))
+}
+
 /// Waits until the job has reported `step`; returns its view then.
 async fn wait_for_step(api: &Api, job: &str, step: i64) -> Value {
     poll(&format!("step {step}"), LONG, || async {
@@ -125,11 +134,8 @@ async fn two_agents_train_five_jobs_exactly_once() {
         ] {
             assert!(names.contains(expected), "{expected} in {names:?}");
         }
-        let summary = files
-            .iter()
-            .find(|(name, _)| name == "summary.json")
-            .map(|(_, bytes)| serde_json::from_slice::<Value>(bytes).expect("summary"))
-            .expect("summary");
+        let summary: Value =
+            serde_json::from_slice(&published(&files, "summary.json")).expect("summary");
         measured.push(summary["tokens_per_second"].as_f64().expect("tokens/s"));
     }
     assert_eq!(agents_used.len(), 2, "both agents took work");
@@ -454,13 +460,7 @@ async fn a_budget_cap_stops_the_job_and_keeps_its_adapter() {
 
     // The published adapter is the checkpoint taken at the stop, tensor for tensor.
     let files = api.download_artifacts(&job).await;
-    let file_named = |name: &str| {
-        files
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, bytes)| bytes.clone())
-            .unwrap_or_else(|| panic!("{name} published"))
-    };
+    let file_named = |name: &str| published(&files, name);
     let summary: Value = serde_json::from_slice(&file_named("summary.json")).expect("summary");
     assert_eq!(summary["steps"], last, "{summary}");
     let adapter = candle_core::safetensors::load_buffer(
@@ -560,14 +560,7 @@ async fn a_budget_cap_stops_the_job_and_keeps_its_adapter() {
         json!({"name": "lab", "amount": spent, "period": "monthly", "enforcement": "stop_at_cap"}),
     )
     .await;
-    let next = api
-        .send(
-            Method::POST,
-            "/jobs",
-            json!({"training_file_id": file, "name": "after", "base_model": model.display().to_string()}),
-        )
-        .await;
-    let next_id = next["id"].as_str().expect("id");
+    let next_id = &api.create_job(&file, "after", &model).await;
     api.send(
         Method::PUT,
         &format!("/jobs/{next_id}/configure"),
@@ -772,14 +765,7 @@ async fn with_no_interruptions_allowed_an_interruption_waits_for_a_resume() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_asks_for_a_gguf_adapter_and_gets_one() {
     let (plane, api, scratch, model, file) = setup(chat_jsonl(20)).await;
-    let job = api
-        .send(
-            Method::POST,
-            "/jobs",
-            json!({"training_file_id": file, "name": "gguf", "base_model": model.display().to_string()}),
-        )
-        .await;
-    let id = job["id"].as_str().expect("id").to_owned();
+    let id = api.create_job(&file, "gguf", &model).await;
     let configure = |exports: Value| {
         json!({"hyperparameters": hyperparameters(1), "gpu_type": "spot", "gpu_model": "H100-80GB",
                "exports": exports})
@@ -816,13 +802,7 @@ async fn a_job_asks_for_a_gguf_adapter_and_gets_one() {
         "{artifacts}"
     );
     let files = api.download_artifacts(&id).await;
-    let file_named = |name: &str| {
-        files
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, bytes)| bytes.clone())
-            .unwrap_or_else(|| panic!("{name} published"))
-    };
+    let file_named = |name: &str| published(&files, name);
     let gguf = file_named("adapter.gguf");
     assert_eq!(&gguf[..4], b"GGUF");
     let adapter_dir = scratch.path().join("downloaded").join("adapter");
@@ -882,11 +862,8 @@ async fn a_job_stops_early_and_keeps_its_best_adapter() {
         "{events}"
     );
     let files = api.download_artifacts(&job).await;
-    let summary: Value = files
-        .iter()
-        .find(|(name, _)| name == "summary.json")
-        .map(|(_, bytes)| serde_json::from_slice(bytes).expect("summary"))
-        .expect("summary");
+    let summary: Value =
+        serde_json::from_slice(&published(&files, "summary.json")).expect("summary");
     let best = summary["best_step"].as_i64().expect("best step");
     assert_eq!(
         summary["adapter_step"], best,

@@ -352,15 +352,7 @@ async fn suites_gates_comparison_and_exports(postgres: bool) {
         text.contains("test_suites[0]") && text.contains("gates.bogus"),
         "{text}"
     );
-    let draft = api
-        .send(
-            Method::POST,
-            "/jobs",
-            json!({"training_file_id": training, "name": "draft",
-                                            "base_model": model.display().to_string()}),
-        )
-        .await;
-    let draft = draft["id"].as_str().expect("draft id");
+    let draft = &api.create_job(&training, "draft", &model).await;
     let (status, body) = api
         .try_send(
             Method::POST,

@@ -62,13 +62,7 @@ pub fn save_adapter(
 /// The adapter's base model as a local directory (its `base_model_name_or_path`); an
 /// error naming the field when it is not one.
 pub fn base_model_dir(adapter_dir: &Path) -> Result<std::path::PathBuf> {
-    let path = adapter_dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| TrainerError::Config {
-            path: path.display().to_string(),
-            message: format!("invalid JSON: {e}"),
-        })?;
+    let (path, value) = adapter_config_json(adapter_dir)?;
     let base = value
         .get("base_model_name_or_path")
         .and_then(|v| v.as_str())
@@ -80,15 +74,20 @@ pub fn base_model_dir(adapter_dir: &Path) -> Result<std::path::PathBuf> {
     })
 }
 
-/// Reads an adapter's configuration.
-pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
+/// The adapter's `adapter_config.json`, parsed, with its path.
+fn adapter_config_json(dir: &Path) -> Result<(std::path::PathBuf, serde_json::Value)> {
     let path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&path).map_err(io(&path))?;
-    let value: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| TrainerError::Config {
-            path: path.display().to_string(),
-            message: format!("invalid JSON: {e}"),
-        })?;
+    let value = serde_json::from_str(&text).map_err(|e| TrainerError::Config {
+        path: path.display().to_string(),
+        message: format!("invalid JSON: {e}"),
+    })?;
+    Ok((path, value))
+}
+
+/// Reads an adapter's configuration.
+pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
+    let (path, value) = adapter_config_json(dir)?;
     let invalid = |message: &str| TrainerError::Config {
         path: path.display().to_string(),
         message: message.to_owned(),

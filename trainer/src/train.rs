@@ -574,17 +574,29 @@ pub fn train(
     // The step of the newest checkpoint (the resumed one counts).
     let mut checkpointed_at = start_step;
     let mut stopped_early = None;
-    let checkpoint_state =
-        |step: usize, epoch: usize, optimizer: &AdamW, best: Option<checkpoint::BestSoFar>| {
-            checkpoint::CheckpointState {
-                step,
-                epoch,
-                optimizer_steps: optimizer.steps(),
-                config_hash: config_hash.clone(),
-                data_hash: data_hash.clone(),
-                best,
-            }
+    let save_checkpoint = |step: usize,
+                           epoch: usize,
+                           optimizer: &AdamW,
+                           best: Option<checkpoint::BestSoFar>,
+                           best_weights: Option<&HashMap<String, Tensor>>,
+                           observer: &mut dyn Observer| {
+        let state = checkpoint::CheckpointState {
+            step,
+            epoch,
+            optimizer_steps: optimizer.steps(),
+            config_hash: config_hash.clone(),
+            data_hash: data_hash.clone(),
+            best,
         };
+        write_checkpoint(
+            &options.out,
+            &state,
+            &parameters,
+            optimizer,
+            best_weights,
+            observer,
+        )
+    };
     for step in start_step..total_steps {
         if control.cancelled() {
             break;
@@ -709,12 +721,11 @@ pub fn train(
             .checkpoint_every
             .is_some_and(|n| n > 0 && steps_done % n == 0);
         if control.take_checkpoint_request() || scheduled {
-            let state = checkpoint_state(steps_done, epoch, &optimizer, best);
-            write_checkpoint(
-                &options.out,
-                &state,
-                &parameters,
+            save_checkpoint(
+                steps_done,
+                epoch,
                 &optimizer,
+                best,
                 best_weights.as_ref(),
                 observer,
             )?;
@@ -728,17 +739,11 @@ pub fn train(
     // A checkpoint asked for after the last step's own check (a stop's request racing the
     // step) is written now, so a stop always ends on a checkpoint of the final parameters.
     if control.take_checkpoint_request() && checkpointed_at != steps_done {
-        let state = checkpoint_state(
+        save_checkpoint(
             steps_done,
             (steps_done - 1) / steps_per_epoch,
             &optimizer,
             best,
-        );
-        write_checkpoint(
-            &options.out,
-            &state,
-            &parameters,
-            &optimizer,
             best_weights.as_ref(),
             observer,
         )?;

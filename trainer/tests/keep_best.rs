@@ -6,7 +6,10 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use trainer::init::{write_tiny_model, TinyModel};
-use trainer::train::{train, Control, Observer, StepMetrics, TrainOptions};
+mod common;
+
+use common::{metrics, StopAfter};
+use trainer::train::{train, Control, StepMetrics, TrainOptions};
 
 /// Conversations whose answers all say `answer`.
 fn write_dataset(path: &Path, answer: &str) {
@@ -47,14 +50,6 @@ fn options(dir: &Path) -> TrainOptions {
         checkpoint_every: Some(1),
         ..TrainOptions::default()
     }
-}
-
-fn metrics(out: &Path) -> Vec<StepMetrics> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .expect("metrics")
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("metrics line"))
-        .collect()
 }
 
 fn weights(path: &Path) -> HashMap<String, Vec<f32>> {
@@ -137,20 +132,6 @@ fn keep_best_returns_the_adapter_of_the_best_evaluation() {
         summary.steps
     )));
     assert_ne!(kept, last);
-}
-
-/// Cancels the run once it has finished step `at`, as a lost host would stop it.
-struct StopAfter<'a> {
-    control: &'a Control,
-    at: usize,
-}
-
-impl Observer for StopAfter<'_> {
-    fn step(&mut self, metrics: &StepMetrics) {
-        if metrics.step == self.at {
-            self.control.cancel();
-        }
-    }
 }
 
 #[test]

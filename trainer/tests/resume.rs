@@ -6,7 +6,10 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use trainer::init::{write_tiny_model, TinyModel};
-use trainer::train::{train, Control, Observer, StepMetrics, TrainOptions};
+mod common;
+
+use common::{metrics, StopAfter};
+use trainer::train::{train, Control, TrainOptions};
 
 fn write_dataset(path: &Path) {
     let lines: String = (0..24)
@@ -21,28 +24,6 @@ fn write_dataset(path: &Path) {
         })
         .collect();
     std::fs::write(path, lines).expect("dataset");
-}
-
-/// Cancels the run once it has finished step `at`, as a lost host would stop it.
-struct StopAfter<'a> {
-    control: &'a Control,
-    at: usize,
-}
-
-impl Observer for StopAfter<'_> {
-    fn step(&mut self, metrics: &StepMetrics) {
-        if metrics.step == self.at {
-            self.control.cancel();
-        }
-    }
-}
-
-fn metrics(out: &Path) -> Vec<StepMetrics> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .expect("metrics")
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("metrics line"))
-        .collect()
 }
 
 fn adapter(out: &Path) -> HashMap<String, Tensor> {
