@@ -499,6 +499,27 @@ impl Api {
 }
 
 /// A chat dataset the tiny model can learn: each answer repeats its question's number.
+/// `trainer eval` on `data`, with the adapter in `adapter` when given.
+pub fn trainer_eval(model: &Path, adapter: Option<&Path>, data: &Path) -> Value {
+    let mut command = std::process::Command::new(binary("trainer"));
+    command
+        .args(["eval", "--model"])
+        .arg(model)
+        .arg("--data")
+        .arg(data);
+    command.args(["--max-seq-len", "64"]);
+    if let Some(adapter) = adapter {
+        command.arg("--adapter").arg(adapter);
+    }
+    let output = command.output().expect("trainer eval");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("eval JSON")
+}
+
 pub fn chat_jsonl(count: usize) -> Vec<u8> {
     let mut out = String::new();
     for i in 0..count {

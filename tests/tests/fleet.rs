@@ -6,7 +6,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use end_to_end::{chat_jsonl, poll, tiny_model, Agent, Api, Cloud, ControlPlane, MetadataStandIn};
+use end_to_end::{
+    chat_jsonl, poll, tiny_model, trainer_eval, Agent, Api, Cloud, ControlPlane, MetadataStandIn,
+};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -520,26 +522,10 @@ async fn a_budget_cap_stops_the_job_and_keeps_its_adapter() {
     }
     let data_path = scratch.path().join("capped-data.jsonl");
     std::fs::write(&data_path, chat_jsonl(40)).expect("data");
-    let eval = |adapter: Option<&std::path::Path>| -> Value {
-        let mut command = std::process::Command::new(end_to_end::binary("trainer"));
-        command
-            .arg("eval")
-            .arg("--model")
-            .arg(&model)
-            .arg("--data")
-            .arg(&data_path);
-        if let Some(adapter) = adapter {
-            command.arg("--adapter").arg(adapter);
-        }
-        let output = command.output().expect("trainer eval");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        serde_json::from_slice(&output.stdout).expect("eval JSON")
-    };
-    let (base, tuned) = (eval(None), eval(Some(&adapter_dir)));
+    let (base, tuned) = (
+        trainer_eval(&model, None, &data_path),
+        trainer_eval(&model, Some(&adapter_dir), &data_path),
+    );
     assert!(
         tuned["loss"].as_f64() < base["loss"].as_f64(),
         "the kept adapter helps: {base} vs {tuned}"

@@ -6,10 +6,11 @@
 //! `validate_on_completion` runs on its own.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use end_to_end::{binary, chat_jsonl, poll, tiny_model, Agent, Api, ControlPlane, JudgeStandIn};
+use end_to_end::{
+    chat_jsonl, poll, tiny_model, trainer_eval, Agent, Api, ControlPlane, JudgeStandIn,
+};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -93,27 +94,6 @@ async fn wait_run(api: &Api, id: &str) -> Value {
         matches!(run["status"].as_str(), Some("completed" | "failed")).then_some(run)
     })
     .await
-}
-
-/// `trainer eval` on `data`, with the adapter in `adapter` when given.
-fn trainer_eval(model: &Path, adapter: Option<&Path>, data: &Path) -> Value {
-    let mut command = Command::new(binary("trainer"));
-    command
-        .args(["eval", "--model"])
-        .arg(model)
-        .arg("--data")
-        .arg(data);
-    command.args(["--max-seq-len", "64"]);
-    if let Some(adapter) = adapter {
-        command.arg("--adapter").arg(adapter);
-    }
-    let output = command.output().expect("trainer eval");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("eval JSON")
 }
 
 fn close(a: &Value, b: &Value) -> bool {

@@ -316,12 +316,9 @@ pub async fn request_stop(db: &Db, job_id: Uuid, reason: &str) -> Result<Option<
     .await)?)
 }
 
-/// Keeps a running job's `stop_cost` (`None`: no `stop_at_cap` budget). Unchanged values
-/// are not written.
+/// Sets a running job's `stop_cost` (`None`: no `stop_at_cap` budget).
 pub async fn set_stop_cost(db: &Db, job_id: Uuid, stop_cost: Option<f64>) -> Result<(), DbError> {
-    on_pool!(db, pool => sqlx::query(
-        "UPDATE training_jobs SET stop_cost = $2 WHERE id = $1 AND stop_cost IS DISTINCT FROM $2",
-    )
+    on_pool!(db, pool => sqlx::query("UPDATE training_jobs SET stop_cost = $2 WHERE id = $1")
     .bind(job_id)
     .bind(stop_cost)
     .execute(pool)

@@ -420,7 +420,9 @@ pub async fn watch_running(state: &AppState, job: Job, in_flight: f64) -> Servic
         .iter()
         .any(|budget| budget.enforcement == Enforcement::StopAtCap)
     {
-        jobs::set_stop_cost(&state.db, job.id, None).await?;
+        if job.stop_cost.is_some() {
+            jobs::set_stop_cost(&state.db, job.id, None).await?;
+        }
         return check_budgets(state, &job, &budgets, 0.0).await.map(|_| job);
     }
     // A stop stores its checkpoint, then the adapter and the run's results (about as
@@ -433,7 +435,10 @@ pub async fn watch_running(state: &AppState, job: Job, in_flight: f64) -> Servic
     let stop_cost = standing
         .headroom
         .map(|left| round_cents(job.current_cost + left - stopping_cost));
-    jobs::set_stop_cost(&state.db, job.id, stop_cost).await?;
+    // Heartbeats come every few seconds: write only a change (no write lock otherwise).
+    if stop_cost != job.stop_cost {
+        jobs::set_stop_cost(&state.db, job.id, stop_cost).await?;
+    }
     let Some((budget, spent)) = standing.capped else {
         return Ok(job);
     };
