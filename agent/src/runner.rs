@@ -74,6 +74,7 @@ struct Reporter {
     checkpoints: mpsc::UnboundedSender<(usize, PathBuf)>,
     latest_gpu: LatestGpu,
     warnings: usize,
+    notices: usize,
 }
 
 impl Observer for Reporter {
@@ -126,8 +127,9 @@ impl Observer for Reporter {
     }
 
     fn notice(&mut self, message: &str) {
+        self.notices += 1;
         self.outbox.push(Report::Event {
-            key: "notice-early-stop".into(),
+            key: format!("notice-{}", self.notices),
             event_type: "info".into(),
             severity: Severity::Info,
             message: message.to_owned(),
@@ -363,6 +365,7 @@ pub async fn run(
             checkpoints: checkpoint_sender,
             latest_gpu,
             warnings: 0,
+            notices: 0,
         };
         let control = control.clone();
         let options = options.clone();
@@ -560,6 +563,7 @@ pub fn train_options(
         keep_best: recipe.keep_best,
         early_stopping_patience: recipe.early_stopping_patience.map(|n| n as usize),
         early_stopping_min_delta: recipe.early_stopping_min_delta.unwrap_or(0.0),
+        packing: recipe.packing,
         ..TrainOptions::default()
     }
 }

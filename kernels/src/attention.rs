@@ -1,8 +1,9 @@
 //! Causal self-attention as one op whose memory is O(B·H·L·D), not O(B·H·L²): each query
 //! row runs an online softmax over the keys it may see, and the backward recomputes the
-//! probabilities instead of keeping them. Causality and padding come from positions and
-//! each row's length (right padding), so no L² bias tensor is built; grouped-query heads
-//! read their shared key/value head directly, so K and V are never repeated.
+//! probabilities instead of keeping them. Causality, padding and packing come from
+//! positions and each row's [`Segments`] (a query sees the earlier keys of its own
+//! sequence), so no L² bias tensor is built; grouped-query heads read their shared
+//! key/value head directly, so K and V are never repeated.
 //!
 //! This file is the op and its CPU implementation (f32 and f64); `attention_cuda.rs` holds
 //! the CUDA kernels (f32 and bf16, head dimensions 16, 32 and 64).
@@ -11,18 +12,27 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::real::{contiguous, values, Real};
+use crate::segments::{Bounds, Segments};
 
-/// `softmax(q·kᵀ·scale + causal and padding mask)·v` for q (B, H, L, D) and k, v
-/// (B, KV, L, D), H a multiple of KV; `lengths[b]` keys of row b are real.
+/// `softmax(q·kᵀ·scale + causal, padding and segment mask)·v` for q (B, H, L, D) and
+/// k, v (B, KV, L, D), H a multiple of KV; row b holds the sequences `segments` gives it.
 pub fn causal_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    lengths: &[usize],
+    segments: &Segments,
     scale: f64,
 ) -> Result<Tensor> {
+    let (batch, _, len, _) = q.dims4()?;
+    if segments.rows() != batch {
+        candle_core::bail!(
+            "causal attention: {batch} rows but segments for {}",
+            segments.rows()
+        );
+    }
     let op = CausalAttention {
-        lengths: lengths.to_vec(),
+        lengths: segments.lengths(),
+        bounds: segments.bounds(len)?,
         scale,
         logsumexp: std::sync::Mutex::new(None),
         #[cfg(feature = "cuda")]
@@ -50,7 +60,10 @@ pub fn supported(device: &candle_core::Device, dtype: DType, head_dim: usize) ->
 }
 
 struct CausalAttention {
+    /// Each row's real tokens: keys at or past them are padding, seen by no query.
     lengths: Vec<usize>,
+    /// Each position's first visible key and the end of the queries that see it.
+    bounds: Bounds,
     scale: f64,
     /// Each query row's logsumexp (B·H·L numbers), kept by the forward pass so the
     /// backward recomputes the probabilities without a pass to find them; `-inf` for a
@@ -113,9 +126,10 @@ impl Dims {
 }
 
 impl CausalAttention {
-    /// The keys query `i` of row `b` sees: those at or before it, and real.
-    fn visible(&self, b: usize, i: usize) -> usize {
-        (i + 1).min(self.lengths.get(b).copied().unwrap_or(0))
+    /// The keys query `i` of row `b` sees: real ones of its sequence, at or before it.
+    fn visible(&self, dims: Dims, b: usize, i: usize) -> std::ops::Range<usize> {
+        let start = self.bounds.starts[b * dims.len + i] as usize;
+        start..(i + 1).min(self.lengths.get(b).copied().unwrap_or(0))
     }
 
     /// Running max and normaliser of query row `q_row`'s scores (its logsumexp is
@@ -131,10 +145,12 @@ impl CausalAttention {
         let scale = T::of(self.scale);
         let q_row = &q[dims.row(dims.heads, b, h, i)];
         let (mut max, mut sum) = (T::default(), T::default());
-        for j in 0..self.visible(b, i) {
+        let visible = self.visible(dims, b, i);
+        let first = visible.start;
+        for j in visible {
             let score = dot(q_row, &k[dims.row(dims.kv_heads, b, kvh, j)]) * scale;
-            let p = if j == 0 || score > max {
-                let correction = if j == 0 {
+            let p = if j == first || score > max {
+                let correction = if j == first {
                     T::of(0.0)
                 } else {
                     (max - score).exp()
@@ -234,11 +250,13 @@ impl CausalAttention {
                         let delta = dot(g_row, &out[row]);
                         let dq_start = (member * dims.len + i) * dims.dim;
                         let dq_row = &mut dq[dq_start..dq_start + dims.dim];
-                        let visible = self.visible(b, i);
-                        let rows = dk[..visible * dims.dim]
+                        let visible = self.visible(dims, b, i);
+                        let first = visible.start;
+                        let keys = visible.start * dims.dim..visible.end.max(first) * dims.dim;
+                        let rows = dk[keys.clone()]
                             .chunks_exact_mut(dims.dim)
-                            .zip(dv[..visible * dims.dim].chunks_exact_mut(dims.dim));
-                        for (j, (dk_row, dv_row)) in rows.enumerate() {
+                            .zip(dv[keys].chunks_exact_mut(dims.dim));
+                        for (j, (dk_row, dv_row)) in (first..).zip(rows) {
                             let kv_row = dims.row(dims.kv_heads, b, kvh, j);
                             let (k_row, v_row) = (&k[kv_row.clone()], &v[kv_row]);
                             let p = (dot(q_row, k_row) * scale - logsumexp).exp();
@@ -348,7 +366,7 @@ impl CustomOp3 for CausalAttention {
             (q, q_layout),
             (k, k_layout),
             (v, v_layout),
-            &self.lengths,
+            (&self.lengths, &self.bounds),
             self.scale,
             shape,
         )?;
@@ -419,6 +437,7 @@ impl CausalAttention {
             None => {
                 let again = CausalAttention {
                     lengths: self.lengths.clone(),
+                    bounds: self.bounds.clone(),
                     scale: self.scale,
                     logsumexp: std::sync::Mutex::new(None),
                     cuda_logsumexp: std::sync::Mutex::new(None),
@@ -436,6 +455,7 @@ impl CausalAttention {
         };
         let op = crate::cuda::OnCuda(CudaGradients {
             lengths: self.lengths.clone(),
+            bounds: self.bounds.clone(),
             scale: self.scale,
             out: out.contiguous()?,
             grad: grad.contiguous()?,
@@ -455,6 +475,7 @@ impl CausalAttention {
 #[cfg(feature = "cuda")]
 struct CudaGradients {
     lengths: Vec<usize>,
+    bounds: Bounds,
     scale: f64,
     out: Tensor,
     grad: Tensor,
@@ -490,7 +511,7 @@ impl crate::cuda::CudaOp3 for CudaGradients {
             (k, k_layout),
             (v, v_layout),
             saved,
-            &self.lengths,
+            (&self.lengths, &self.bounds),
             self.scale,
             shape,
         )?;
@@ -505,11 +526,13 @@ mod tests {
     use candle_core::{Device, Var, D};
 
     /// The composed attention the op replaces: repeated K/V, an L² bias, softmax, matmul.
+    /// `rows[b]` are row b's sequence lengths; query i sees key j when j ≤ i, j is real
+    /// and both are of one sequence (padding belonging to the last).
     fn composed(
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        lengths: &[usize],
+        rows: &[Vec<usize>],
         scale: f64,
     ) -> Result<Tensor> {
         let (batch, heads, len, _) = q.dims4()?;
@@ -520,10 +543,28 @@ mod tests {
                 .broadcast_as((b, kv, groups, l, d))?
                 .reshape((b, kv * groups, l, d))
         };
+        let sequence_of = |b: usize, i: usize| {
+            let mut end = 0;
+            for (index, length) in rows[b].iter().enumerate() {
+                end += length;
+                if i < end {
+                    return index;
+                }
+            }
+            rows[b].len().saturating_sub(1)
+        };
         let bias: Vec<f64> = (0..batch)
             .flat_map(|b| {
+                let length: usize = rows[b].iter().sum();
                 (0..len).flat_map(move |i| {
-                    (0..len).map(move |j| if j <= i && j < lengths[b] { 0.0 } else { -1e30 })
+                    (0..len).map(move |j| {
+                        let seen = j <= i && j < length && sequence_of(b, i) == sequence_of(b, j);
+                        if seen {
+                            0.0
+                        } else {
+                            -1e30
+                        }
+                    })
                 })
             })
             .collect();
@@ -552,16 +593,32 @@ mod tests {
     #[test]
     fn equals_composed_attention_and_its_gradients_in_f64() -> Result<()> {
         // Two rows (one padded), four query heads sharing two key/value heads.
-        let (batch, heads, kv_heads, len, dim) = (2, 4, 2, 5, 3);
-        let lengths = [5, 3];
+        equals_composed(&[vec![5], vec![3]])
+    }
+
+    #[test]
+    fn packed_rows_attend_within_their_sequences_only() -> Result<()> {
+        // Three sequences in the first row; two and padding in the second.
+        equals_composed(&[vec![2, 1, 2], vec![1, 2]])
+    }
+
+    fn equals_composed(rows: &[Vec<usize>]) -> Result<()> {
+        let (batch, heads, kv_heads, len, dim) = (rows.len(), 4, 2, 5, 3);
+        let segments = Segments::packed(rows.to_vec());
         let scale = 1.0 / (dim as f64).sqrt();
         let q = random((batch, heads, len, dim), 1)?;
         let k = random((batch, kv_heads, len, dim), 2)?;
         let v = random((batch, kv_heads, len, dim), 3)?;
         let weights = random((batch, heads, len, dim), 4)?;
 
-        let ours = causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), &lengths, scale)?;
-        let theirs = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), &lengths, scale)?;
+        let ours = causal_attention(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            &segments,
+            scale,
+        )?;
+        let theirs = composed(q.as_tensor(), k.as_tensor(), v.as_tensor(), rows, scale)?;
         let difference = (&ours - &theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
         assert!(difference < 1e-12, "outputs differ by {difference}");
 
@@ -580,7 +637,8 @@ mod tests {
     fn refuses_shapes_that_do_not_fit() -> Result<()> {
         let q = Tensor::zeros((1, 3, 4, 2), DType::F32, &Device::Cpu)?;
         let k = Tensor::zeros((1, 2, 4, 2), DType::F32, &Device::Cpu)?;
-        let error = causal_attention(&q, &k, &k, &[4], 1.0).expect_err("3 heads over 2");
+        let error = causal_attention(&q, &k, &k, &Segments::unpacked(&[4]), 1.0)
+            .expect_err("3 heads over 2");
         assert!(error.to_string().contains("do not fit"), "{error}");
         Ok(())
     }

@@ -1,5 +1,5 @@
-//! The causal attention op on CUDA: the same online softmax, the same masks from positions
-//! and row lengths, and the same recomputing backward as the CPU implementation in
+//! The causal attention op on CUDA: the same online softmax, the same masks from positions,
+//! row lengths and sequence bounds (packed rows), and the same recomputing backward as the CPU implementation in
 //! `attention.rs`, with f32 arithmetic over f32 or bf16 tensors.
 //!
 //! One thread owns one query row (forward, dQ) or one key row (dK, dV, summed over the
@@ -14,6 +14,8 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result};
+
+use crate::segments::Bounds;
 
 /// Head dimensions with a compiled kernel.
 pub(crate) const HEAD_DIMS: [usize; 3] = [16, 32, 64];
@@ -65,16 +67,36 @@ fn contiguous_range(layout: &Layout) -> Result<std::ops::Range<usize>> {
     Ok(start..end)
 }
 
-/// Each row's real length, clamped to the sequence, on the device.
-fn upload_lengths(
+/// What the kernels read of which keys each query sees, on the device.
+struct Visibility {
+    /// Each row's real length, clamped to the sequence (B entries).
+    lengths: CudaSlice<u32>,
+    /// Each position's first visible key (B·L entries).
+    starts: CudaSlice<u32>,
+    /// One past the last query that sees each key (B·L entries).
+    ends: CudaSlice<u32>,
+}
+
+fn upload_visibility(
     device: &candle_core::CudaDevice,
-    lengths: &[usize],
+    (lengths, bounds): (&[usize], &Bounds),
     shape: Shape,
-) -> Result<CudaSlice<u32>> {
+) -> Result<Visibility> {
     let lengths: Vec<u32> = (0..shape.batch)
         .map(|b| lengths.get(b).copied().unwrap_or(0).min(shape.len) as u32)
         .collect();
-    device.clone_htod(&lengths)
+    let positions = shape.batch * shape.len;
+    if bounds.starts.len() != positions || bounds.ends.len() != positions {
+        candle_core::bail!(
+            "causal attention: bounds for {} positions, not {positions}",
+            bounds.starts.len()
+        );
+    }
+    Ok(Visibility {
+        lengths: device.clone_htod(&lengths)?,
+        starts: device.clone_htod(&bounds.starts)?,
+        ends: device.clone_htod(&bounds.ends)?,
+    })
 }
 
 fn grid(rows: usize, per_block: u32, blocks_y: usize) -> LaunchConfig {
@@ -91,13 +113,13 @@ pub(crate) fn forward(
     (q, q_layout): (&CudaStorage, &Layout),
     (k, k_layout): (&CudaStorage, &Layout),
     (v, v_layout): (&CudaStorage, &Layout),
-    lengths: &[usize],
+    visibility: (&[usize], &Bounds),
     scale: f64,
     shape: Shape,
 ) -> Result<(CudaStorage, CudaSlice<f32>)> {
     fn launch<T: CudaDType + DeviceRepr>(
         inputs: [(&CudaStorage, std::ops::Range<usize>); 3],
-        lengths: &[usize],
+        visibility: (&[usize], &Bounds),
         scale: f32,
         shape: Shape,
         name: &str,
@@ -112,7 +134,7 @@ pub(crate) fn forward(
         let q = q.0.as_cuda_slice::<T>()?.slice(q.1);
         let k = k.0.as_cuda_slice::<T>()?.slice(k.1);
         let v = v.0.as_cuda_slice::<T>()?.slice(v.1);
-        let lengths = upload_lengths(&device, lengths, shape)?;
+        let visibility = upload_visibility(&device, visibility, shape)?;
         // SAFETY: every output entry and every logsumexp is written by the kernel (one
         // thread per query row) before anything reads it.
         let out = unsafe { device.alloc::<T>(shape.query_entries())? };
@@ -125,14 +147,15 @@ pub(crate) fn forward(
         builder.arg(&v);
         builder.arg(&out);
         builder.arg(&logsumexp);
-        builder.arg(&lengths);
+        builder.arg(&visibility.lengths);
+        builder.arg(&visibility.starts);
         builder.arg(&heads);
         builder.arg(&kv_heads);
         builder.arg(&len);
         builder.arg(&scale);
         let config = grid(shape.len, QUERY_ROWS, shape.batch * shape.heads);
         // SAFETY: q holds B·H·L·D entries and k, v B·KV·L·D (checked by the caller), the
-        // outputs were sized from the same shape, and lengths holds B entries.
+        // outputs were sized from the same shape, lengths holds B entries and starts B·L.
         unsafe { builder.launch(config) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, device), logsumexp))
     }
@@ -144,8 +167,8 @@ pub(crate) fn forward(
         (v, contiguous_range(v_layout)?),
     ];
     match q.dtype() {
-        DType::F32 => launch::<f32>(inputs, lengths, scale as f32, shape, &name),
-        _ => launch::<half::bf16>(inputs, lengths, scale as f32, shape, &name),
+        DType::F32 => launch::<f32>(inputs, visibility, scale as f32, shape, &name),
+        _ => launch::<half::bf16>(inputs, visibility, scale as f32, shape, &name),
     }
 }
 
@@ -164,14 +187,14 @@ pub(crate) fn backward(
     (k, k_layout): (&CudaStorage, &Layout),
     (v, v_layout): (&CudaStorage, &Layout),
     saved: Saved<'_>,
-    lengths: &[usize],
+    visibility: (&[usize], &Bounds),
     scale: f64,
     shape: Shape,
 ) -> Result<CudaStorage> {
     fn launch<T: CudaDType + DeviceRepr>(
         inputs: [(&CudaStorage, std::ops::Range<usize>); 5],
         logsumexp: &CudaSlice<f32>,
-        lengths: &[usize],
+        visibility: (&[usize], &Bounds),
         scale: f32,
         shape: Shape,
         name: &str,
@@ -190,7 +213,7 @@ pub(crate) fn backward(
             Ok(storage.as_cuda_slice::<T>()?.slice(range.clone()))
         };
         let (q, k, v, out, grad) = (view(0)?, view(1)?, view(2)?, view(3)?, view(4)?);
-        let lengths = upload_lengths(&device, lengths, shape)?;
+        let visibility = upload_visibility(&device, visibility, shape)?;
         let (heads, kv_heads, len) = (shape.heads as i32, shape.kv_heads as i32, shape.len as i32);
         let rows = shape.rows() as u64;
 
@@ -236,7 +259,13 @@ pub(crate) fn backward(
             builder.arg(&grad);
             builder.arg(logsumexp);
             builder.arg(&delta);
-            builder.arg(&lengths);
+            builder.arg(&visibility.lengths);
+            // dQ reads each query's first key; dK and dV each key's last query.
+            if kernel == "grad_q" {
+                builder.arg(&visibility.starts);
+            } else {
+                builder.arg(&visibility.ends);
+            }
             builder.arg(&heads);
             builder.arg(&kv_heads);
             builder.arg(&len);
@@ -272,13 +301,14 @@ pub(crate) fn backward(
     ];
     let scale = scale as f32;
     match q.dtype() {
-        DType::F32 => launch::<f32>(inputs, saved.logsumexp, lengths, scale, shape, &name),
-        _ => launch::<half::bf16>(inputs, saved.logsumexp, lengths, scale, shape, &name),
+        DType::F32 => launch::<f32>(inputs, saved.logsumexp, visibility, scale, shape, &name),
+        _ => launch::<half::bf16>(inputs, saved.logsumexp, visibility, scale, shape, &name),
     }
 }
 
-/// The kernels. Row `i` of batch row `b` sees keys
-/// `j < min(i + 1, length[b])`; a row that sees none outputs 0 and has logsumexp −∞.
+/// The kernels. Row `i` of batch row `b` sees keys `starts[b·L + i] ≤ j < min(i + 1,
+/// length[b])`, and key `j` is seen by queries `j ≤ i < ends[b·L + j]` (its sequence's
+/// end); a row that sees none outputs 0 and has logsumexp −∞.
 const SOURCE: &str = crate::cuda::cuda_source!(
     r#"
 #define NEG_INF __int_as_float(0xff800000)
@@ -305,22 +335,27 @@ __device__ void load_tile(float (*tile)[D], const T *matrix, int first, int len)
 template <typename T>
 struct QueryRow {
     bool active;      /* a row of the sequence, not past its end */
-    int visible;      /* keys it sees: min(i + 1, length) */
-    int block_keys;   /* keys any row of its block sees */
+    int first;        /* the first key it sees: its sequence's start */
+    int visible;      /* one past the last key it sees: min(i + 1, length) */
+    int block_first;  /* the first key any row of its block sees */
+    int block_keys;   /* one past the last key any row of its block sees */
     u64 row;          /* its index among the B·H·L query rows */
     const T *keys, *values;
 };
 
 template <typename T, int D>
 __device__ QueryRow<T> query_row(const T *k, const T *v, const unsigned int *lengths,
-                                 int heads, int kv_heads, int len) {
+                                 const unsigned int *starts, int heads, int kv_heads, int len) {
     const int bh = blockIdx.y, b = bh / heads, h = bh % heads;
     const int kvh = h / (heads / kv_heads);
     const int i = blockIdx.x * QUERY_ROWS + threadIdx.x;
     const int length = (int)lengths[b];
     QueryRow<T> at;
     at.active = i < len;
+    at.first = at.active ? (int)starts[(u64)b * len + i] : 0;
     at.visible = at.active ? min(i + 1, length) : 0;
+    /* Starts never decrease along a row, so the block's first row starts first. */
+    at.block_first = (int)starts[(u64)b * len + min((int)(blockIdx.x * QUERY_ROWS), len - 1)];
     at.block_keys = min(min((int)(blockIdx.x * QUERY_ROWS + QUERY_ROWS), len), length);
     at.row = (u64)bh * len + i;
     at.keys = k + (u64)(b * kv_heads + kvh) * len * D;
@@ -330,13 +365,13 @@ __device__ QueryRow<T> query_row(const T *k, const T *v, const unsigned int *len
 
 template <typename T, int D>
 __device__ void forward(const T *q, const T *k, const T *v, T *out, float *lse,
-                        const unsigned int *lengths, int heads, int kv_heads, int len,
-                        float scale) {
+                        const unsigned int *lengths, const unsigned int *starts, int heads,
+                        int kv_heads, int len, float scale) {
     __shared__ float ks[KEY_TILE][D];
     __shared__ float vs[KEY_TILE][D];
-    const QueryRow<T> at = query_row<T, D>(k, v, lengths, heads, kv_heads, len);
+    const QueryRow<T> at = query_row<T, D>(k, v, lengths, starts, heads, kv_heads, len);
     const bool active = at.active;
-    const int visible = at.visible, block_keys = at.block_keys;
+    const int first = at.first, visible = at.visible, block_keys = at.block_keys;
     const u64 row = at.row;
     const T *keys = at.keys, *values = at.values;
     float qr[D], acc[D];
@@ -346,13 +381,16 @@ __device__ void forward(const T *q, const T *k, const T *v, T *out, float *lse,
         acc[d] = 0.0f;
     }
     float m = NEG_INF, s = 0.0f;
-    for (int j0 = 0; j0 < block_keys; j0 += KEY_TILE) {
+    for (int j0 = at.block_first; j0 < block_keys; j0 += KEY_TILE) {
         __syncthreads();
         load_tile<T, D, KEY_TILE>(ks, keys, j0, len);
         load_tile<T, D, KEY_TILE>(vs, values, j0, len);
         __syncthreads();
-        const int count = min(KEY_TILE, visible - j0);
+        const int count = min(KEY_TILE, visible - j0), skip = first - j0;
         for (int r0 = 0; r0 < count; r0 += SCORE_GROUP) {
+            /* A group wholly before the row's sequence: skipped, so every group taken
+               holds a seen key and the running max stays finite. */
+            if (r0 + SCORE_GROUP <= skip) continue;
             float score[SCORE_GROUP];
             float group_max = NEG_INF;
 #pragma unroll
@@ -360,7 +398,7 @@ __device__ void forward(const T *q, const T *k, const T *v, T *out, float *lse,
                 float x = 0.0f;
 #pragma unroll
                 for (int d = 0; d < D; ++d) x += qr[d] * ks[r0 + t][d];
-                score[t] = r0 + t < count ? x : NEG_INF;
+                score[t] = r0 + t < count && r0 + t >= skip ? x : NEG_INF;
                 group_max = fmaxf(group_max, score[t]);
             }
             const float m_new = fmaxf(m, group_max);
@@ -398,13 +436,14 @@ __device__ void delta(const T *out, const T *grad, float *result, u64 rows) {
 /* dQ_i = scale · Σ_j p_ij (dO_i·v_j − Δ_i) k_j, one thread per query row. */
 template <typename T, int D>
 __device__ void grad_q(const T *q, const T *k, const T *v, const T *grad, const float *lse,
-                       const float *deltas, const unsigned int *lengths, int heads,
-                       int kv_heads, int len, float scale, T *dq) {
+                       const float *deltas, const unsigned int *lengths,
+                       const unsigned int *starts, int heads, int kv_heads, int len,
+                       float scale, T *dq) {
     __shared__ float ks[KEY_TILE][D];
     __shared__ float vs[KEY_TILE][D];
-    const QueryRow<T> at = query_row<T, D>(k, v, lengths, heads, kv_heads, len);
+    const QueryRow<T> at = query_row<T, D>(k, v, lengths, starts, heads, kv_heads, len);
     const bool active = at.active;
-    const int visible = at.visible, block_keys = at.block_keys;
+    const int first = at.first, visible = at.visible, block_keys = at.block_keys;
     const u64 row = at.row;
     const T *keys = at.keys, *values = at.values;
     float qr[D], gr[D], dqr[D];
@@ -416,13 +455,13 @@ __device__ void grad_q(const T *q, const T *k, const T *v, const T *grad, const 
     }
     const float row_lse = active ? lse[row] : 0.0f;
     const float row_delta = active ? deltas[row] : 0.0f;
-    for (int j0 = 0; j0 < block_keys; j0 += KEY_TILE) {
+    for (int j0 = at.block_first; j0 < block_keys; j0 += KEY_TILE) {
         __syncthreads();
         load_tile<T, D, KEY_TILE>(ks, keys, j0, len);
         load_tile<T, D, KEY_TILE>(vs, values, j0, len);
         __syncthreads();
         const int count = min(KEY_TILE, visible - j0);
-        for (int r = 0; r < count; ++r) {
+        for (int r = max(0, first - j0); r < count; ++r) {
             float score = 0.0f, dp = 0.0f;
 #pragma unroll
             for (int d = 0; d < D; ++d) {
@@ -447,8 +486,9 @@ __device__ void grad_q(const T *q, const T *k, const T *v, const T *grad, const 
    row. Each head writes its share (dK, then dV, in f32) for `sum_shares` to add up. */
 template <typename T, int D>
 __device__ void grad_kv(const T *q, const T *k, const T *v, const T *grad, const float *lse,
-                        const float *deltas, const unsigned int *lengths, int heads,
-                        int kv_heads, int len, float scale, float *shares) {
+                        const float *deltas, const unsigned int *lengths,
+                        const unsigned int *ends, int heads, int kv_heads, int len,
+                        float scale, float *shares) {
     __shared__ float qs[QUERY_TILE][D];
     __shared__ float gs[QUERY_TILE][D];
     __shared__ float own_k[KEY_ROWS][D + 1];
@@ -462,6 +502,10 @@ __device__ void grad_kv(const T *q, const T *k, const T *v, const T *grad, const
     const int length = (int)lengths[b];
     const bool active = j < len;
     const bool seen = active && j < length;
+    /* The queries that see this key end with its sequence; ends never decrease along a
+       row, so the block's last key's end bounds them all. */
+    const int last_query = active ? (int)ends[(u64)b * len + j] : 0;
+    const int block_end = (int)ends[(u64)b * len + min(first_key + KEY_ROWS, len) - 1];
     const u64 key_row = (u64)bkv * len + j;
     /* The thread's own key and value rows, read for every query. A bf16 key row is packed
        two to a register (exact: it is bf16), so reading it costs none of the
@@ -495,7 +539,7 @@ __device__ void grad_kv(const T *q, const T *k, const T *v, const T *grad, const
             const u64 bh = (u64)b * heads + kvh * group + member;
             const T *queries = q + bh * len * D;
             const T *grads = grad + bh * len * D;
-            for (int i0 = first_key; i0 < len; i0 += QUERY_TILE) {
+            for (int i0 = first_key; i0 < block_end; i0 += QUERY_TILE) {
                 __syncthreads();
                 load_tile<T, D, QUERY_TILE>(qs, queries, i0, len);
                 load_tile<T, D, QUERY_TILE>(gs, grads, i0, len);
@@ -506,7 +550,7 @@ __device__ void grad_kv(const T *q, const T *k, const T *v, const T *grad, const
                 }
                 __syncthreads();
                 if (!seen) continue;
-                const int rows = min(QUERY_TILE, len - i0);
+                const int rows = min(QUERY_TILE, last_query - i0);
                 for (int r = max(0, j - i0); r < rows; ++r) {
                     float score = 0.0f, dp = 0.0f;
 #pragma unroll
@@ -563,8 +607,8 @@ __device__ void sum_shares(const float *shares, T *dkv, u64 entries, int members
 #define INSTANTIATE(NAME, T, D)                                                              \
 extern "C" __global__ void attention_forward_##NAME##_##D(                                 \
     const T *q, const T *k, const T *v, T *out, float *lse, const unsigned int *lengths,    \
-    int heads, int kv_heads, int len, float scale) {                                       \
-    forward<T, D>(q, k, v, out, lse, lengths, heads, kv_heads, len, scale);                \
+    const unsigned int *starts, int heads, int kv_heads, int len, float scale) {           \
+    forward<T, D>(q, k, v, out, lse, lengths, starts, heads, kv_heads, len, scale);        \
 }                                                                                          \
 extern "C" __global__ void attention_delta_##NAME##_##D(                                   \
     const T *out, const T *grad, float *result, u64 rows) {                                \
@@ -572,15 +616,17 @@ extern "C" __global__ void attention_delta_##NAME##_##D(                        
 }                                                                                          \
 extern "C" __global__ void attention_grad_q_##NAME##_##D(                                  \
     const T *q, const T *k, const T *v, const T *grad, const float *lse,                   \
-    const float *deltas, const unsigned int *lengths, int heads, int kv_heads, int len,    \
-    float scale, T *dq) {                                                                  \
-    grad_q<T, D>(q, k, v, grad, lse, deltas, lengths, heads, kv_heads, len, scale, dq);    \
+    const float *deltas, const unsigned int *lengths, const unsigned int *starts,           \
+    int heads, int kv_heads, int len, float scale, T *dq) {                                \
+    grad_q<T, D>(q, k, v, grad, lse, deltas, lengths, starts, heads, kv_heads, len, scale,  \
+                 dq);                                                                      \
 }                                                                                          \
 extern "C" __global__ void attention_grad_kv_##NAME##_##D(                                 \
     const T *q, const T *k, const T *v, const T *grad, const float *lse,                   \
-    const float *deltas, const unsigned int *lengths, int heads, int kv_heads, int len,    \
-    float scale, float *shares) {                                                          \
-    grad_kv<T, D>(q, k, v, grad, lse, deltas, lengths, heads, kv_heads, len, scale, shares);\
+    const float *deltas, const unsigned int *lengths, const unsigned int *ends,             \
+    int heads, int kv_heads, int len, float scale, float *shares) {                        \
+    grad_kv<T, D>(q, k, v, grad, lse, deltas, lengths, ends, heads, kv_heads, len, scale,   \
+                  shares);                                                                 \
 }                                                                                          \
 extern "C" __global__ void attention_sum_shares_##NAME##_##D(                              \
     const float *shares, T *dkv, u64 entries, int members) {                               \

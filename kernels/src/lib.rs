@@ -16,6 +16,7 @@ mod norm_gate_cuda;
 mod real;
 pub mod rms_norm;
 pub mod rope;
+pub mod segments;
 pub mod swiglu;
 
 pub use adamw::{adamw_step, AdamWStep};
@@ -23,6 +24,7 @@ pub use attention::causal_attention;
 pub use dropout::{dropout, Dropout};
 pub use rms_norm::rms_norm;
 pub use rope::rope_heads_major;
+pub use segments::Segments;
 pub use swiglu::swiglu;
 
 /// Whether the fused RMSNorm, SwiGLU and rotary ops run for tensors of `dtype` on

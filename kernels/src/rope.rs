@@ -12,8 +12,9 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use crate::real::{contiguous, Real};
 
-/// `x·cos + rotate_half(x)·sin` for `x` (B, L, H, D) and tables (L, D), returned as
-/// (B, H, L, D).
+/// `x·cos + rotate_half(x)·sin` for `x` (B, L, H, D) and tables (L, D), shared by the
+/// rows, or (B, L, D), each row its own (packed rows restart positions per sequence);
+/// returned as (B, H, L, D).
 pub fn rope_heads_major(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?;
     let op = Rope {
@@ -42,13 +43,29 @@ struct Dims {
     heads: usize,
     len: usize,
     dim: usize,
+    /// Whether each row has its own tables.
+    per_row: bool,
+}
+
+impl Dims {
+    /// Where the tables hold the entries for row `b`, position `l`.
+    fn table_row(&self, b: usize, l: usize) -> usize {
+        if self.per_row {
+            (b * self.len + l) * self.dim
+        } else {
+            l * self.dim
+        }
+    }
 }
 
 impl Rope {
     fn dims(&self, input: &Layout) -> Result<(Dims, Shape)> {
         let (batch, a, b, dim) = input.shape().dims4()?;
         let (len, heads) = if self.to_heads_major { (a, b) } else { (b, a) };
-        if self.cos.dims() != [len, dim] || self.sin.dims() != [len, dim] || dim % 2 != 0 {
+        let per_row = self.cos.dims() == [batch, len, dim];
+        let fits = |t: &Tensor| t.dims() == [len, dim] || t.dims() == [batch, len, dim];
+        let same = self.cos.dims() == self.sin.dims();
+        if !fits(&self.cos) || !same || dim % 2 != 0 {
             candle_core::bail!(
                 "rope: tables {:?} for an input of {:?}",
                 self.cos.dims(),
@@ -60,6 +77,7 @@ impl Rope {
             heads,
             len,
             dim,
+            per_row,
         };
         let shape = if self.to_heads_major {
             Shape::from((batch, heads, len, dim))
@@ -75,6 +93,7 @@ impl Rope {
             heads,
             len,
             dim,
+            ..
         } = dims;
         let half = dim / 2;
         let mut out = vec![T::default(); x.len()];
@@ -94,7 +113,7 @@ impl Rope {
                         } else {
                             (d - half, 1.0)
                         };
-                        let table = l * dim + d;
+                        let table = dims.table_row(b, l) + d;
                         out[to + d] = x[from + d] * cos[table]
                             + T::of(side * self.sign) * sin[table] * x[from + partner];
                     }
@@ -196,6 +215,7 @@ mod cuda {
         let out = unsafe { device.alloc::<T>(count)? };
         let sizes = [dims.batch, dims.heads, dims.len, dims.dim].map(|n| n as u64);
         let (sign, to_heads_major) = (op.sign as f32, op.to_heads_major as i32);
+        let per_row = dims.per_row as i32;
         let mut builder = function.builder();
         builder.arg(&input);
         builder.arg(&cos);
@@ -206,8 +226,9 @@ mod cuda {
         }
         builder.arg(&sign);
         builder.arg(&to_heads_major);
-        // SAFETY: input and output hold B·H·L·D entries and the tables L·D (checked by
-        // `Rope::dims`).
+        builder.arg(&per_row);
+        // SAFETY: input and output hold B·H·L·D entries and the tables L·D, or B·L·D when
+        // per row (checked by `Rope::dims`).
         unsafe { builder.launch(LaunchConfig::for_num_elems(count as u32)) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, device))
     }
@@ -230,7 +251,7 @@ mod cuda {
 /* One thread per entry of the (B, H, L, D) side; the other side is (B, L, H, D). */
 template <typename T>
 __device__ void rope(const T *x, const T *cos, const T *sin, T *out, u64 batch, u64 heads,
-                     u64 len, u64 dim, float sign, int to_heads_major) {
+                     u64 len, u64 dim, float sign, int to_heads_major, int per_row) {
     const u64 count = batch * heads * len * dim, half = dim / 2;
     for (u64 e = blockIdx.x * (u64)blockDim.x + threadIdx.x; e < count;
          e += (u64)blockDim.x * gridDim.x) {
@@ -241,7 +262,7 @@ __device__ void rope(const T *x, const T *cos, const T *sin, T *out, u64 batch, 
         const u64 to = to_heads_major ? heads_major : seq_major;
         const u64 partner = d < half ? d + half : d - half;
         const float side = d < half ? -sign : sign;
-        const u64 table = l * dim + d;
+        const u64 table = (per_row ? b * len + l : l) * dim + d;
         store(out, to + d, load(x, from + d) * load(cos, table)
                            + side * load(sin, table) * load(x, from + partner));
     }
@@ -249,15 +270,16 @@ __device__ void rope(const T *x, const T *cos, const T *sin, T *out, u64 batch, 
 
 extern "C" __global__ void rope_f32(const float *x, const float *cos, const float *sin,
                                     float *out, u64 batch, u64 heads, u64 len, u64 dim,
-                                    float sign, int to_heads_major) {
-    rope<float>(x, cos, sin, out, batch, heads, len, dim, sign, to_heads_major);
+                                    float sign, int to_heads_major, int per_row) {
+    rope<float>(x, cos, sin, out, batch, heads, len, dim, sign, to_heads_major, per_row);
 }
 
 extern "C" __global__ void rope_bf16(const unsigned short *x, const unsigned short *cos,
                                      const unsigned short *sin, unsigned short *out,
                                      u64 batch, u64 heads, u64 len, u64 dim, float sign,
-                                     int to_heads_major) {
-    rope<unsigned short>(x, cos, sin, out, batch, heads, len, dim, sign, to_heads_major);
+                                     int to_heads_major, int per_row) {
+    rope<unsigned short>(x, cos, sin, out, batch, heads, len, dim, sign, to_heads_major,
+                         per_row);
 }
 "#
     );
@@ -281,11 +303,24 @@ mod tests {
             ],
             D::Minus1,
         )?;
-        x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+        let (cos, sin) = match cos.rank() {
+            3 => (cos.unsqueeze(1)?, sin.unsqueeze(1)?),
+            _ => (cos.clone(), sin.clone()),
+        };
+        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
     }
 
     #[test]
     fn equals_the_composed_rotation_and_its_gradient_in_f64() -> Result<()> {
+        equals_composed(false)
+    }
+
+    #[test]
+    fn rows_with_their_own_tables_equal_the_composed_rotation() -> Result<()> {
+        equals_composed(true)
+    }
+
+    fn equals_composed(per_row: bool) -> Result<()> {
         let device = Device::Cpu;
         let (batch, len, heads, dim) = (2, 5, 3, 8);
         let x = Var::from_tensor(&Tensor::randn(
@@ -299,6 +334,13 @@ mod tests {
             .flat_map(|l| (0..dim).map(move |d| l as f64 * (1.0 + (d % (dim / 2)) as f64)))
             .collect();
         let angles = Tensor::from_vec(angles, (len, dim), &device)?;
+        let angles = if per_row {
+            // The second row's positions restart at 2, as a packed row's second sequence.
+            let restarted = Tensor::cat(&[angles.narrow(0, 0, 2)?, angles.narrow(0, 0, 3)?], 0)?;
+            Tensor::stack(&[angles, restarted], 0)?
+        } else {
+            angles
+        };
         let (cos, sin) = (angles.cos()?, angles.sin()?);
         let upstream = Tensor::randn(0f64, 1.0, (batch, heads, len, dim), &device)?;
         let ours = rope_heads_major(x.as_tensor(), &cos, &sin)?;

@@ -108,6 +108,11 @@ pub struct Hyperparameters {
     /// The adapter is the best evaluation's, not the last step's.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keep_best: bool,
+    /// Training examples packed into rows of `max_seq_len` tokens, each its own sequence.
+    /// New jobs pack unless told not to; a job stored before packing existed reads as
+    /// unpacked, as it ran, so its checkpoints still resume.
+    #[serde(default)]
+    pub packing: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

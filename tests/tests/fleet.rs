@@ -171,7 +171,8 @@ fn reference_adapter(
     let recipe: protocol::agent::Hyperparameters = serde_json::from_value(
         json!({"target_modules": protocol::LORA_TARGET_MODULES, "rank": 4, "lora_alpha": 8.0,
             "lora_dropout": 0.05, "learning_rate": 0.01, "epochs": LONG_RUN_EPOCHS, "batch_size": 2,
-            "gradient_accumulation_steps": 1, "max_seq_len": 64, "warmup_ratio": 0.0, "seed": 7}),
+            "gradient_accumulation_steps": 1, "max_seq_len": 64, "warmup_ratio": 0.0, "seed": 7,
+            "packing": true}),
     )
     .expect("recipe");
     let options = agent::runner::train_options(

@@ -4,6 +4,11 @@
 //! (forward with loss, backward, clipping and AdamW), each phase timed after the device has
 //! finished it.
 //!
+//! With `--lengths mixed` the examples' lengths are uniform in [32, seq] (as chat data
+//! varies), and a step takes `batch` rows: padded examples, one per row, or with
+//! `--packing on` examples packed into rows of `seq` as training packs them. Tokens/s then
+//! counts real tokens, not padding, so the two compare as a user sees them.
+//!
 //! FLOPs per token, for MFU: `4·N + 6·N_lora + 6·layers·seq·q_dim`, where `N` is the number
 //! of frozen linear weights (every projection and the LM head; embeddings are lookups):
 //! 2·N forward and 2·N for the input gradients of the backward, no weight gradients;
@@ -19,6 +24,7 @@ use candle_nn::VarBuilder;
 use serde::Serialize;
 
 use crate::config::ModelConfig;
+use crate::data::{self, Batch, Example};
 use crate::error::{Result, TrainerError};
 use crate::lora::LoraConfig;
 use crate::model::Model;
@@ -106,7 +112,14 @@ pub struct BenchOptions {
     pub dtype: Option<Precision>,
     /// The device's dense peak in TFLOPS at `dtype`, for MFU.
     pub peak_tflops: Option<f64>,
+    /// Example lengths uniform in [32, seq] rather than all `seq`.
+    pub mixed_lengths: bool,
+    /// Examples packed into rows of `seq`.
+    pub packing: bool,
 }
+
+/// The shortest example with `mixed_lengths`.
+const SHORTEST_MIXED: usize = 32;
 
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
@@ -128,6 +141,10 @@ pub struct BenchReport {
     pub mfu: Option<f64>,
     pub frozen_parameters: usize,
     pub lora_parameters: usize,
+    pub mixed_lengths: bool,
+    pub packing: bool,
+    /// Real tokens ÷ token slots computed (1 when every row is full).
+    pub packing_efficiency: f64,
 }
 
 /// Random base weights made on the device: N(0, 0.02²), norms at 1.
@@ -209,13 +226,7 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
     let mut optimizer = optim::AdamW::new(parameters.clone(), 0.0)?;
 
     let (batch, seq) = (options.batch, options.seq);
-    let ids: Vec<u32> = (0..batch * (seq + 1))
-        .map(|_| (rng.next_u64() % config.vocab_size as u64) as u32)
-        .collect();
-    let tokens = Tensor::from_vec(ids, (batch, seq + 1), &device)?;
-    let input_ids = tokens.narrow(1, 0, seq)?.contiguous()?;
-    let targets = tokens.narrow(1, 1, seq)?.contiguous()?;
-    let mask = Tensor::ones((batch, seq), DType::F32, &device)?;
+    let batches = step_batches(options, config.vocab_size, &mut rng, &device)?;
 
     let mut peak = memory_in_use(&device);
     let mut sample = |device: &Device| {
@@ -223,9 +234,15 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
     };
     let (mut forward, mut backward, mut update) = (0.0, 0.0, 0.0);
     // The first step warms up (allocations, kernel loading) and is not timed.
-    for step in 0..=options.steps {
+    for (step, inputs) in batches.iter().enumerate() {
         let started = Instant::now();
-        let loss = model.loss(&input_ids, None, &targets, &mask, None)?;
+        let loss = model.loss(
+            &inputs.input_ids,
+            Some(&inputs.segments),
+            &inputs.targets,
+            &inputs.loss_mask,
+            None,
+        )?;
         synchronize(&device)?;
         sample(&device);
         let forward_done = Instant::now();
@@ -245,8 +262,10 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
         }
     }
     let steps = options.steps as f64;
-    let step_seconds = (forward + backward + update) / steps;
-    let tokens_per_second = (batch * seq) as f64 / step_seconds.max(1e-12);
+    let timed = &batches[1..];
+    let tokens: usize = timed.iter().map(|b| b.tokens).sum();
+    let slots: usize = timed.iter().map(|b| b.slots).sum();
+    let tokens_per_second = tokens as f64 / (forward + backward + update).max(1e-12);
     let frozen_parameters = frozen_linear_parameters(&config);
     let q_dim = config.num_attention_heads * config.head_dim;
     let flops_per_token = 4.0 * frozen_parameters as f64
@@ -274,5 +293,64 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
             .map(|peak| flops_per_token * tokens_per_second / (peak * 1e12)),
         frozen_parameters,
         lora_parameters,
+        mixed_lengths: options.mixed_lengths,
+        packing: options.packing,
+        packing_efficiency: tokens as f64 / slots.max(1) as f64,
     })
+}
+
+/// One batch per step and one for the warm-up: `batch` rows of random tokens, every
+/// token counted by the loss. Mixed lengths draw a pool of examples four times the rows
+/// needed; unpacked rows take them in order, packed rows are the training loop's plan.
+fn step_batches(
+    options: &BenchOptions,
+    vocab: usize,
+    rng: &mut Rng,
+    device: &Device,
+) -> Result<Vec<Batch>> {
+    let (rows_needed, seq) = (options.batch * (options.steps + 1), options.seq);
+    let pool = if options.mixed_lengths {
+        4 * rows_needed
+    } else {
+        rows_needed
+    };
+    let examples: Vec<Example> = (0..pool)
+        .map(|_| {
+            let length = if options.mixed_lengths {
+                rng.uniform(SHORTEST_MIXED.min(seq) as f64, seq as f64 + 1.0) as usize
+            } else {
+                seq
+            };
+            let ids: Vec<u32> = (0..=length)
+                .map(|_| (rng.next_u64() % vocab as u64) as u32)
+                .collect();
+            Example {
+                input_ids: ids[..length].to_vec(),
+                targets: ids[1..].to_vec(),
+                loss_mask: vec![1.0; length],
+            }
+        })
+        .collect();
+    let lengths: Vec<usize> = examples.iter().map(|e| e.input_ids.len()).collect();
+    let rows = if options.packing {
+        data::epoch_rows(&lengths, Some(seq), 0, 0)
+    } else {
+        (0..pool).map(|index| vec![index]).collect()
+    };
+    if rows.len() < rows_needed {
+        return Err(TrainerError::Invalid(format!(
+            "{} packed rows from {pool} examples, {rows_needed} needed",
+            rows.len()
+        )));
+    }
+    rows[..rows_needed]
+        .chunks(options.batch)
+        .map(|micro| {
+            let micro: Vec<Vec<&Example>> = micro
+                .iter()
+                .map(|row| row.iter().map(|i| &examples[*i]).collect())
+                .collect();
+            Ok(data::make_packed_batch(&micro, 0, device)?)
+        })
+        .collect()
 }

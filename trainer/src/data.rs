@@ -7,6 +7,7 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use protocol::dataset::{self, Conversation, DatasetError, Limits};
 use tokenizers::Tokenizer;
+use trainer_kernels::Segments;
 
 use crate::chat::{ChatTemplate, DataField};
 use crate::error::{Result, TrainerError};
@@ -233,74 +234,131 @@ pub fn epoch_order(count: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
+/// The rows of one epoch, in the order steps take them: each row the indices of the
+/// examples it holds. Unpacked, one example per row in [`epoch_order`]. Packed, the
+/// examples go into rows of `capacity` tokens by first-fit decreasing (longest first,
+/// equal lengths in the epoch's seeded order), and the rows are then shuffled by the seed
+/// and epoch. Either way the plan is a function of (seed, epoch, data), so a resumed run
+/// rebuilds it; and the number of rows is the same every epoch (first fit sees the same
+/// lengths in the same order, ties aside).
+pub fn epoch_rows(
+    lengths: &[usize],
+    packing: Option<usize>,
+    seed: u64,
+    epoch: usize,
+) -> Vec<Vec<usize>> {
+    let order = epoch_order(lengths.len(), seed, epoch);
+    let Some(capacity) = packing else {
+        return order.into_iter().map(|index| vec![index]).collect();
+    };
+    let mut longest_first = order;
+    longest_first.sort_by_key(|index| std::cmp::Reverse(lengths[*index]));
+    let mut rows = first_fit(&longest_first, lengths, capacity);
+    Rng::new(seed.wrapping_mul(0xA24B_AED4_963E_E407) ^ epoch as u64).shuffle(&mut rows);
+    rows
+}
+
+/// First fit: each item into the first row with room for it, a new row when none has.
+/// A max-tree over the rows' free space finds that row in O(log n); rows not yet opened
+/// count as wholly free, so the first of them is the new row when no open one fits.
+fn first_fit(items: &[usize], lengths: &[usize], capacity: usize) -> Vec<Vec<usize>> {
+    let leaves = items.len().next_power_of_two().max(1);
+    let mut free = vec![capacity; 2 * leaves];
+    let mut rows: Vec<Vec<usize>> = Vec::new();
+    for &item in items {
+        let need = lengths[item].min(capacity);
+        let mut node = 1;
+        while node < leaves {
+            node = if free[2 * node] >= need {
+                2 * node
+            } else {
+                2 * node + 1
+            };
+        }
+        let row = node - leaves;
+        if row == rows.len() {
+            rows.push(Vec::new());
+        }
+        rows[row].push(item);
+        free[node] -= need;
+        while node > 1 {
+            node /= 2;
+            free[node] = free[2 * node].max(free[2 * node + 1]);
+        }
+    }
+    rows
+}
+
 /// A padded batch on a device.
 pub struct Batch {
     pub input_ids: Tensor,
     pub attention_mask: Tensor,
-    /// Each row's real tokens, on the host (the model's attention reads these, so it never
+    /// Each row's sequences, on the host (the model's attention reads these, so it never
     /// reads the mask back from the device).
-    pub lengths: Vec<usize>,
+    pub segments: Segments,
     pub targets: Tensor,
     pub loss_mask: Tensor,
     /// Real (unpadded) tokens in the batch.
     pub tokens: usize,
+    /// Token slots the batch computes: rows × the longest row.
+    pub slots: usize,
     /// Tokens the loss counts.
     pub loss_tokens: usize,
 }
 
-/// Pads `examples` on the right to the longest one.
+/// One example per row, padded on the right to the longest.
 pub fn make_batch(
     examples: &[&Example],
     pad_id: u32,
     device: &Device,
 ) -> candle_core::Result<Batch> {
-    let length = examples
-        .iter()
-        .map(|e| e.input_ids.len())
-        .max()
-        .unwrap_or(0)
-        .max(1);
-    let mut input_ids = Vec::with_capacity(examples.len() * length);
-    let mut attention_mask = Vec::with_capacity(examples.len() * length);
-    let mut targets = Vec::with_capacity(examples.len() * length);
-    let mut loss_mask = Vec::with_capacity(examples.len() * length);
-    for example in examples {
-        let padding = length - example.input_ids.len();
-        input_ids.extend(
-            example
-                .input_ids
-                .iter()
-                .copied()
-                .chain(std::iter::repeat_n(pad_id, padding)),
-        );
-        attention_mask.extend(
-            std::iter::repeat_n(1u32, example.input_ids.len())
-                .chain(std::iter::repeat_n(0, padding)),
-        );
-        targets.extend(
-            example
-                .targets
-                .iter()
-                .copied()
-                .chain(std::iter::repeat_n(pad_id, padding)),
-        );
-        loss_mask.extend(
-            example
-                .loss_mask
-                .iter()
-                .copied()
-                .chain(std::iter::repeat_n(0.0, padding)),
-        );
+    let rows: Vec<Vec<&Example>> = examples.iter().map(|example| vec![*example]).collect();
+    make_packed_batch(&rows, pad_id, device)
+}
+
+/// Rows of examples placed back to back, each example its own sequence (positions from
+/// 0, attending only within itself, its own loss mask), padded on the right to the
+/// longest row.
+pub fn make_packed_batch(
+    rows: &[Vec<&Example>],
+    pad_id: u32,
+    device: &Device,
+) -> candle_core::Result<Batch> {
+    let row_length = |row: &Vec<&Example>| row.iter().map(|e| e.input_ids.len()).sum::<usize>();
+    let length = rows.iter().map(row_length).max().unwrap_or(0).max(1);
+    let capacity = rows.len() * length;
+    let mut input_ids = Vec::with_capacity(capacity);
+    let mut attention_mask = Vec::with_capacity(capacity);
+    let mut targets = Vec::with_capacity(capacity);
+    let mut loss_mask = Vec::with_capacity(capacity);
+    for row in rows {
+        for example in row {
+            input_ids.extend_from_slice(&example.input_ids);
+            targets.extend_from_slice(&example.targets);
+            loss_mask.extend_from_slice(&example.loss_mask);
+        }
+        let (real, padding) = (row_length(row), length - row_length(row));
+        input_ids.extend(std::iter::repeat_n(pad_id, padding));
+        targets.extend(std::iter::repeat_n(pad_id, padding));
+        loss_mask.extend(std::iter::repeat_n(0.0, padding));
+        attention_mask
+            .extend(std::iter::repeat_n(1u32, real).chain(std::iter::repeat_n(0, padding)));
     }
-    let shape = (examples.len(), length);
+    let shape = (rows.len(), length);
+    let examples = || rows.iter().flatten();
     Ok(Batch {
         input_ids: Tensor::from_vec(input_ids, shape, device)?,
         attention_mask: Tensor::from_vec(attention_mask, shape, device)?,
-        lengths: examples.iter().map(|e| e.input_ids.len()).collect(),
+        segments: Segments::packed(
+            rows.iter()
+                .map(|row| row.iter().map(|e| e.input_ids.len()).collect())
+                .collect(),
+        ),
         targets: Tensor::from_vec(targets, shape, device)?,
         loss_mask: Tensor::from_vec(loss_mask, shape, device)?,
-        tokens: examples.iter().map(|e| e.input_ids.len()).sum(),
-        loss_tokens: examples.iter().map(|e| e.loss_tokens()).sum(),
+        tokens: examples().map(|e| e.input_ids.len()).sum(),
+        slots: capacity,
+        loss_tokens: examples().map(|e| e.loss_tokens()).sum(),
     })
 }
 
@@ -337,5 +395,73 @@ mod tests {
         assert!(validation.iter().all(|v| !train.contains(v)));
         assert_ne!(epoch_order(20, 42, 0), epoch_order(20, 42, 1));
         assert_eq!(epoch_order(20, 42, 3), epoch_order(20, 42, 3));
+    }
+
+    #[test]
+    fn packing_places_every_example_once_by_first_fit_decreasing() {
+        let mut rng = Rng::new(5);
+        let lengths: Vec<usize> = (0..300).map(|_| rng.uniform(1.0, 100.0) as usize).collect();
+        let rows = epoch_rows(&lengths, Some(100), 7, 0);
+        let mut placed: Vec<usize> = rows.iter().flatten().copied().collect();
+        placed.sort_unstable();
+        assert_eq!(
+            placed,
+            (0..300).collect::<Vec<_>>(),
+            "each example exactly once"
+        );
+        let filled: Vec<usize> = rows
+            .iter()
+            .map(|row| row.iter().map(|i| lengths[*i]).sum())
+            .collect();
+        assert!(filled.iter().all(|f| *f <= 100), "{filled:?}");
+        // First-fit decreasing needs at most 11/9 of the optimum (+ 6/9) rows.
+        let lower_bound = lengths.iter().sum::<usize>().div_ceil(100);
+        assert!(
+            rows.len() * 9 <= lower_bound * 11 + 6,
+            "{} rows for {lower_bound}",
+            rows.len()
+        );
+        // A function of (seed, epoch, data): the same again, shuffled otherwise next epoch,
+        // with as many rows.
+        assert_eq!(epoch_rows(&lengths, Some(100), 7, 0), rows);
+        let next = epoch_rows(&lengths, Some(100), 7, 1);
+        assert_ne!(next, rows);
+        assert_eq!(next.len(), rows.len());
+        // Unpacked, the rows are the epoch's order.
+        let unpacked: Vec<usize> = epoch_rows(&lengths, None, 7, 0)
+            .into_iter()
+            .flatten()
+            .collect();
+        assert_eq!(unpacked, epoch_order(300, 7, 0));
+    }
+
+    #[test]
+    fn a_packed_batch_keeps_each_example_its_own_sequence() -> candle_core::Result<()> {
+        let example = |ids: &[u32], mask: &[f32]| Example {
+            input_ids: ids.to_vec(),
+            targets: ids.iter().map(|i| i + 100).collect(),
+            loss_mask: mask.to_vec(),
+        };
+        let (a, b, c) = (
+            example(&[1, 2, 3], &[0.0, 1.0, 1.0]),
+            example(&[4, 5], &[1.0, 0.0]),
+            example(&[6], &[1.0]),
+        );
+        let batch = make_packed_batch(&[vec![&a, &b], vec![&c]], 0, &Device::Cpu)?;
+        assert_eq!(
+            batch.input_ids.to_vec2::<u32>()?,
+            [[1, 2, 3, 4, 5], [6, 0, 0, 0, 0]]
+        );
+        assert_eq!(
+            batch.targets.to_vec2::<u32>()?,
+            [[101, 102, 103, 104, 105], [106, 0, 0, 0, 0]]
+        );
+        assert_eq!(
+            batch.loss_mask.to_vec2::<f32>()?,
+            [[0.0, 1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]]
+        );
+        assert_eq!(batch.segments, Segments::packed(vec![vec![3, 2], vec![1]]));
+        assert_eq!((batch.tokens, batch.slots, batch.loss_tokens), (6, 10, 4));
+        Ok(())
     }
 }

@@ -103,7 +103,7 @@ pub fn evaluate_examples(
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = data::make_batch(&refs, pad_id, &device)?;
         let logits = model
-            .forward(&batch.input_ids, Some(&batch.lengths), None)?
+            .forward(&batch.input_ids, Some(&batch.segments), None)?
             .detach();
         let all_mask = batch.attention_mask.to_dtype(DType::F32)?;
         let (count, count_all) = (batch.loss_tokens as f64, batch.tokens as f64);

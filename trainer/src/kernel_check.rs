@@ -171,11 +171,12 @@ fn attention_bf16(device: &Device, rng: &mut Rng) -> Result<f64> {
     attention(device, rng, dtype)
 }
 
-/// Two rows (one padded to 61 of 100 positions), four query heads over two key/value
-/// heads, head dimension 64: more than one tile each way, a partial last tile.
+/// Three rows (one full, one padded to 61 of 100 positions, one packed with three
+/// sequences crossing tile boundaries), four query heads over two key/value heads, head
+/// dimension 64: more than one tile each way, a partial last tile.
 fn attention(device: &Device, rng: &mut Rng, dtype: DType) -> Result<f64> {
-    let (batch, heads, kv_heads, len, dim) = (2, 4, 2, 100, 64);
-    let lengths = [100, 61];
+    let (batch, heads, kv_heads, len, dim) = (3, 4, 2, 100, 64);
+    let segments = trainer_kernels::Segments::packed(vec![vec![100], vec![61], vec![30, 45, 20]]);
     let scale = 1.0 / (dim as f64).sqrt();
     let (query_shape, key_shape) = ((batch, heads, len, dim), (batch, kv_heads, len, dim));
     let queries = random(rng, batch * heads * len * dim, 1.0);
@@ -196,7 +197,7 @@ fn attention(device: &Device, rng: &mut Rng, dtype: DType) -> Result<f64> {
             q.as_tensor(),
             k.as_tensor(),
             v.as_tensor(),
-            &lengths,
+            &segments,
             scale,
         )?;
         let weights = Tensor::from_vec(weights.clone(), query_shape, device)?;
@@ -260,7 +261,8 @@ fn norm_and_gate(device: &Device, rng: &mut Rng) -> Result<f64> {
     worst_difference(&on(device)?, &on(&Device::Cpu)?)
 }
 
-/// The rotary embedding with its move to heads-major, in f32: output and input gradient.
+/// The rotary embedding with its move to heads-major, in f32: output and input gradient,
+/// with tables shared by the rows and with each row's own (as packed rows have).
 fn rope(device: &Device, rng: &mut Rng) -> Result<f64> {
     let (batch, len, heads, dim) = (2, 70, 6, 64);
     let x = random(rng, batch * len * heads * dim, 1.0);
@@ -273,10 +275,21 @@ fn rope(device: &Device, rng: &mut Rng) -> Result<f64> {
             device,
         )?)?;
         let half = Tensor::from_vec(angles.clone(), (len, dim / 2), device)?;
-        let angles = Tensor::cat(&[&half, &half], 1)?;
-        let out = trainer_kernels::rope_heads_major(x.as_tensor(), &angles.cos()?, &angles.sin()?)?;
+        let shared = Tensor::cat(&[&half, &half], 1)?;
+        // The second row's positions restart at 30, as a packed row's second sequence.
+        let restarted = Tensor::cat(
+            &[shared.narrow(0, 0, 30)?, shared.narrow(0, 0, len - 30)?],
+            0,
+        )?;
+        let per_row = Tensor::stack(&[&shared, &restarted], 0)?;
         let upstream = Tensor::from_vec(upstream.clone(), (batch, heads, len, dim), device)?;
-        output_and_gradients("rope", out, &upstream, &[&x])
+        let mut results = Vec::new();
+        for angles in [shared, per_row] {
+            let out =
+                trainer_kernels::rope_heads_major(x.as_tensor(), &angles.cos()?, &angles.sin()?)?;
+            results.extend(output_and_gradients("rope", out, &upstream, &[&x])?);
+        }
+        Ok(results)
     };
     worst_difference(&on(device)?, &on(&Device::Cpu)?)
 }

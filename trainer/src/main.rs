@@ -136,6 +136,12 @@ enum Command {
         /// The device's dense peak TFLOPS at that dtype, for MFU (H100/H200 bf16: 989).
         #[arg(long)]
         peak_tflops: Option<f64>,
+        /// Example lengths: all --seq tokens, or uniform in [32, --seq] (chat-like).
+        #[arg(long, value_parser = ["full", "mixed"], default_value = "full")]
+        lengths: String,
+        /// Pack examples into rows of --seq tokens, as training does.
+        #[arg(long, value_parser = ["on", "off"], default_value = "off")]
+        packing: String,
         /// Print the shape's sizes as JSON and stop (for peers benched at the same shape).
         #[arg(long)]
         describe: bool,
@@ -264,6 +270,10 @@ struct TrainArgs {
     /// The improvement in validation loss that counts (default 0).
     #[arg(long)]
     early_stopping_min_delta: Option<f64>,
+    /// Pack training examples into rows of max_seq_len tokens, each still its own
+    /// sequence (default on; evaluation never packs).
+    #[arg(long, value_parser = ["on", "off"])]
+    packing: Option<String>,
 }
 
 fn precision(name: &str) -> Precision {
@@ -318,6 +328,9 @@ impl TrainArgs {
             .or(options.early_stopping_patience);
         if let Some(delta) = self.early_stopping_min_delta {
             options.early_stopping_min_delta = delta;
+        }
+        if let Some(packing) = self.packing {
+            options.packing = packing == "on";
         }
         if let Some(device) = self.device {
             options.device = if device == "cuda" {
@@ -507,6 +520,8 @@ fn main() -> anyhow::Result<()> {
             device,
             dtype,
             peak_tflops,
+            lengths,
+            packing,
             describe,
         } => {
             let mut spec = trainer::bench::shape(&shape)?;
@@ -533,6 +548,8 @@ fn main() -> anyhow::Result<()> {
                 },
                 dtype: dtype.map(|d| precision(&d)),
                 peak_tflops,
+                mixed_lengths: lengths == "mixed",
+                packing: packing == "on",
             })?;
             println!("{}", serde_json::to_string(&report)?);
         }

@@ -15,6 +15,7 @@ use crate::config::{ModelConfig, RopeScaling};
 use crate::frozen;
 use crate::lora::{LoraAdapter, LoraConfig};
 use crate::rng::{DropoutKey, Rng};
+pub use trainer_kernels::Segments;
 
 /// Added to the attention scores of masked positions: far below any real score, yet finite
 /// so that no row of the softmax becomes NaN.
@@ -114,7 +115,8 @@ impl RmsNorm {
     }
 }
 
-/// Rotary position embedding tables for positions `offset..offset + len`.
+/// Rotary position embedding tables for positions `offset..offset + len`: (len, dim),
+/// or (batch, len, dim) when each row has its own positions (packed rows).
 struct Rotary {
     cos: Tensor,
     sin: Tensor,
@@ -176,6 +178,23 @@ impl Rotary {
         })
     }
 
+    /// Each row's own tables, for positions that restart with every sequence of a packed
+    /// row: these tables' rows gathered by position (all below `len`).
+    fn per_row(&self, segments: &Segments) -> Result<Rotary> {
+        let (len, dim) = self.cos.dims2()?;
+        let positions = segments.positions(len);
+        let positions = Tensor::from_vec(positions, segments.rows() * len, self.cos.device())?;
+        let gather = |table: &Tensor| -> Result<Tensor> {
+            table
+                .index_select(&positions, 0)?
+                .reshape((segments.rows(), len, dim))
+        };
+        Ok(Rotary {
+            cos: gather(&self.cos)?,
+            sin: gather(&self.sin)?,
+        })
+    }
+
     /// A projection's output (batch, len, heads · head_dim) split into heads and rotated:
     /// (batch, heads, len, head_dim). One op does both where it runs (fewer graph nodes,
     /// each a pass over q or k).
@@ -195,7 +214,12 @@ impl Rotary {
         let first = x.narrow(D::Minus1, 0, half)?;
         let second = x.narrow(D::Minus1, half, half)?;
         let rotated = Tensor::cat(&[&second.neg()?, &first], D::Minus1)?;
-        frozen::scale(x, &self.cos)? + frozen::scale(&rotated, &self.sin)?
+        // Per-row tables (batch, len, dim) broadcast over the heads.
+        let (cos, sin) = match self.cos.rank() {
+            3 => (self.cos.unsqueeze(1)?, self.sin.unsqueeze(1)?),
+            _ => (self.cos.clone(), self.sin.clone()),
+        };
+        frozen::scale(x, &cos)? + frozen::scale(&rotated, &sin)?
     }
 }
 
@@ -296,8 +320,8 @@ impl Attention {
         }
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let mask = match visibility {
-            Visibility::Lengths(lengths) => {
-                let out = trainer_kernels::causal_attention(&q, &k, &v, lengths, scale)?
+            Visibility::Segments(segments) => {
+                let out = trainer_kernels::causal_attention(&q, &k, &v, segments, scale)?
                     .transpose(1, 2)?
                     .reshape((batch, len, self.heads * self.head_dim))?;
                 return self.o_proj.forward(&out, dropout);
@@ -502,17 +526,18 @@ impl Model {
         &self.config
     }
 
-    /// Logits of shape (batch, len, vocab) for `input_ids` (batch, len). `lengths` gives
-    /// each row's real tokens (the rest is right padding, whose keys are hidden; `None`:
-    /// no padding). They come from the host, so nothing is read back from the device.
-    /// `dropout` keys the LoRA dropout masks during training; `None` evaluates.
+    /// Logits of shape (batch, len, vocab) for `input_ids` (batch, len). `segments` gives
+    /// each row's sequences (one, then right padding whose keys are hidden; or several
+    /// packed, each attending within itself with positions from 0; `None`: one sequence
+    /// filling each row). They come from the host, so nothing is read back from the
+    /// device. `dropout` keys the LoRA dropout masks during training; `None` evaluates.
     pub fn forward(
         &self,
         input_ids: &Tensor,
-        lengths: Option<&[usize]>,
+        segments: Option<&Segments>,
         dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids, lengths, dropout)?;
+        let hidden = self.hidden_states(input_ids, segments, dropout)?;
         frozen::linear(&hidden, &self.lm_head)
     }
 
@@ -521,12 +546,12 @@ impl Model {
     pub fn hidden_states(
         &self,
         input_ids: &Tensor,
-        lengths: Option<&[usize]>,
+        segments: Option<&Segments>,
         dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
         let (batch, len) = input_ids.dims2()?;
-        if lengths.is_some_and(|lengths| lengths.len() != batch) {
-            candle_core::bail!("{batch} rows of input but {lengths:?} row lengths");
+        if let Some(segments) = segments.filter(|s| s.rows() != batch) {
+            candle_core::bail!("{batch} rows of input but segments for {}", segments.rows());
         }
         let device = input_ids.device();
         // Token embeddings of a frozen table: nothing upstream needs a gradient.
@@ -540,17 +565,20 @@ impl Model {
         } else {
             DType::F32
         };
-        let rotary = Rotary::new(&self.config, 0, len, x.dtype(), device)?;
+        let mut rotary = Rotary::new(&self.config, 0, len, x.dtype(), device)?;
+        if let Some(segments) = segments.filter(|s| s.is_packed()) {
+            rotary = rotary.per_row(segments)?;
+        }
         // Where the attention op runs (the CPU; CUDA at the head sizes it has kernels for),
         // it needs no L² mask; elsewhere attention is composed from matmuls and a softmax
-        // over a causal and padding bias.
+        // over a causal, padding and sequence bias.
         let (bias, full);
         let visibility =
             if trainer_kernels::attention::supported(device, x.dtype(), self.config.head_dim) {
-                full = vec![len; batch];
-                Visibility::Lengths(lengths.unwrap_or(&full))
+                full = Segments::unpacked(&vec![len; batch]);
+                Visibility::Segments(segments.unwrap_or(&full))
             } else {
-                bias = attention_bias(0, len, len, lengths, wide, device)?;
+                bias = attention_bias(0, len, len, segments, wide, device)?;
                 Visibility::Bias(&bias)
             };
         for layer in &self.layers {
@@ -607,12 +635,12 @@ impl Model {
     pub fn loss(
         &self,
         input_ids: &Tensor,
-        lengths: Option<&[usize]>,
+        segments: Option<&Segments>,
         targets: &Tensor,
         loss_mask: &Tensor,
         dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids, lengths, dropout)?;
+        let hidden = self.hidden_states(input_ids, segments, dropout)?;
         let logits_per_chunk = if hidden.device().is_cpu() {
             LOSS_CHUNK_LOGITS
         } else {
@@ -649,8 +677,8 @@ impl Model {
 
 /// Which keys each query may see.
 enum Visibility<'a> {
-    /// Causal, within each row's real length (right padding): the attention op.
-    Lengths(&'a [usize]),
+    /// Causal, within each sequence of each row: the attention op.
+    Segments(&'a Segments),
     /// An additive bias (B or 1, 1, queries, keys) of 0 or `MASKED`.
     Bias(&'a Tensor),
     /// Every key (one new token after a cache).
@@ -659,13 +687,14 @@ enum Visibility<'a> {
 
 /// Additive attention bias (batch or 1, 1, queries, keys) for queries at positions
 /// `first_query..first_query + queries` over keys `0..keys`: 0 where the key is not later
-/// than the query and is not padding (at or past its row's `lengths` entry), [`MASKED`]
-/// elsewhere. Built on the device from positions, so no L² tensor crosses from the host.
+/// than the query, is not padding (past its row's sequences) and is of the query's
+/// sequence, [`MASKED`] elsewhere. Built on the device from positions and sequence ids,
+/// so no L² tensor crosses from the host.
 fn attention_bias(
     first_query: usize,
     queries: usize,
     keys: usize,
-    lengths: Option<&[usize]>,
+    segments: Option<&Segments>,
     dtype: DType,
     device: &Device,
 ) -> Result<Tensor> {
@@ -677,12 +706,23 @@ fn attention_bias(
         .broadcast_le(&query_positions)?
         .to_dtype(dtype)?
         .reshape((1, 1, queries, keys))?;
-    if let Some(lengths) = lengths {
-        let batch = lengths.len();
-        let lengths: Vec<u32> = lengths.iter().map(|length| *length as u32).collect();
+    if let Some(segments) = segments {
+        let batch = segments.rows();
+        let lengths: Vec<u32> = segments.lengths().iter().map(|l| *l as u32).collect();
         let lengths = Tensor::from_vec(lengths, (batch, 1), device)?;
         let real = key_positions.broadcast_lt(&lengths)?.to_dtype(dtype)?;
         visible = visible.broadcast_mul(&real.reshape((batch, 1, 1, keys))?)?;
+        if segments.is_packed() {
+            if first_query != 0 || queries != keys {
+                candle_core::bail!("packed rows attend without a cache");
+            }
+            let ids = Tensor::from_vec(segments.sequence_ids(keys), (batch, keys), device)?;
+            let same = ids
+                .reshape((batch, 1, keys, 1))?
+                .broadcast_eq(&ids.reshape((batch, 1, 1, keys))?)?
+                .to_dtype(dtype)?;
+            visible = visible.broadcast_mul(&same)?;
+        }
     }
     // 1 ↦ 0 and 0 ↦ MASKED, exactly.
     visible.affine(-MASKED, MASKED)
@@ -818,9 +858,11 @@ mod tests {
     #[test]
     fn the_attention_bias_is_causal_and_hides_padding() -> Result<()> {
         let device = Device::Cpu;
-        let bias: Vec<Vec<Vec<f32>>> = attention_bias(0, 4, 4, Some(&[4, 2]), DType::F32, &device)?
-            .squeeze(1)?
-            .to_vec3()?;
+        let segments = Segments::unpacked(&[4, 2]);
+        let bias: Vec<Vec<Vec<f32>>> =
+            attention_bias(0, 4, 4, Some(&segments), DType::F32, &device)?
+                .squeeze(1)?
+                .to_vec3()?;
         let lengths = [4, 2];
         for (row, length) in bias.iter().zip(lengths) {
             for (query, keys) in row.iter().enumerate() {

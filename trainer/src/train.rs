@@ -63,6 +63,12 @@ pub struct TrainOptions {
     pub early_stopping_patience: Option<usize>,
     #[serde(skip_serializing_if = "is_zero")]
     pub early_stopping_min_delta: f64,
+    /// Training examples packed into rows of `max_seq_len` tokens (each still its own
+    /// sequence) rather than one per row padded to the longest; on by default. Evaluation
+    /// never packs. (In the recipe only when on: runs without it, made before it existed,
+    /// were unpacked and resume unpacked.)
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub packing: bool,
 }
 
 fn is_zero(value: &f64) -> bool {
@@ -125,6 +131,7 @@ impl Default for TrainOptions {
             keep_best: false,
             early_stopping_patience: None,
             early_stopping_min_delta: 0.0,
+            packing: true,
         }
     }
 }
@@ -231,6 +238,9 @@ pub struct StepMetrics {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub validation_loss: Option<f64>,
     pub elapsed_seconds: f64,
+    /// Real tokens ÷ token slots computed in this step (padding is the rest).
+    #[serde(default)]
+    pub packing_efficiency: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -258,6 +268,11 @@ pub struct Summary {
     /// Why training stopped before its last step, when early stopping stopped it.
     #[serde(default)]
     pub stopped_early: Option<String>,
+    /// Whether training examples were packed, and real tokens ÷ token slots over the run.
+    #[serde(default)]
+    pub packing: bool,
+    #[serde(default)]
+    pub packing_efficiency: f64,
 }
 
 /// Receives progress; every method has a default so callers implement what they need.
@@ -449,7 +464,7 @@ pub fn evaluate(
         let tokens = batch.loss_tokens as f64;
         let loss = model.loss(
             &batch.input_ids,
-            Some(&batch.lengths),
+            Some(&batch.segments),
             &batch.targets,
             &batch.loss_mask,
             None,
@@ -458,6 +473,29 @@ pub fn evaluate(
         count += tokens;
     }
     Ok(if count > 0.0 { total / count } else { f64::NAN })
+}
+
+/// What packing does to the first epoch: rows, and the share of token slots that are real
+/// tokens packed and as padded micro-batches would have it.
+fn packing_notice(rows: &[Vec<usize>], lengths: &[usize], options: &TrainOptions) -> String {
+    let efficiency = |rows: &[Vec<usize>]| {
+        let (mut tokens, mut slots) = (0, 0);
+        for micro in rows.chunks(options.batch_size) {
+            let row_tokens = |row: &Vec<usize>| row.iter().map(|i| lengths[*i]).sum::<usize>();
+            tokens += micro.iter().map(row_tokens).sum::<usize>();
+            slots += micro.len() * micro.iter().map(row_tokens).max().unwrap_or(0);
+        }
+        100.0 * tokens as f64 / slots.max(1) as f64
+    };
+    let unpacked = data::epoch_rows(lengths, None, options.seed, 0);
+    format!(
+        "Packed {} conversations into {} rows of up to {} tokens: {:.1}% of the token slots are real tokens ({:.1}% unpacked)",
+        lengths.len(),
+        rows.len(),
+        options.max_seq_len,
+        efficiency(rows),
+        efficiency(&unpacked)
+    )
 }
 
 pub fn train(
@@ -536,8 +574,16 @@ pub fn train(
         options.weight_decay,
     )?;
 
+    // A step takes `window` rows: examples, or rows of packed examples.
     let window = options.batch_size * options.grad_accum;
-    let steps_per_epoch = train_examples.len().div_ceil(window);
+    let example_lengths: Vec<usize> = train_examples.iter().map(|e| e.input_ids.len()).collect();
+    let packing = options.packing.then_some(options.max_seq_len);
+    let rows_of = |epoch: usize| data::epoch_rows(&example_lengths, packing, options.seed, epoch);
+    let mut rows: (usize, Vec<Vec<usize>>) = (0, rows_of(0));
+    if options.packing {
+        observer.notice(&packing_notice(&rows.1, &example_lengths, options));
+    }
+    let steps_per_epoch = rows.1.len().div_ceil(window);
     let total_steps = options
         .max_steps
         .unwrap_or(options.epochs * steps_per_epoch);
@@ -569,7 +615,7 @@ pub fn train(
 
     observer.stage(Stage::Training);
     let (mut tokens_seen, mut last_loss, mut last_validation) = (0usize, f64::NAN, None);
-    let mut order: (usize, Vec<usize>) = (usize::MAX, Vec::new());
+    let mut slots_computed = 0usize;
     let mut steps_done = start_step;
     // The step of the newest checkpoint (the resumed one counts).
     let mut checkpointed_at = start_step;
@@ -603,18 +649,15 @@ pub fn train(
         }
         let step_started = Instant::now();
         let epoch = step / steps_per_epoch;
-        if order.0 != epoch {
-            order = (
-                epoch,
-                data::epoch_order(train_examples.len(), options.seed, epoch),
-            );
+        if rows.0 != epoch {
+            rows = (epoch, rows_of(epoch));
         }
         let offset = (step % steps_per_epoch) * window;
-        let selected: Vec<&Example> = order.1[offset..(offset + window).min(train_examples.len())]
+        let selected: Vec<Vec<&Example>> = rows.1[offset..(offset + window).min(rows.1.len())]
             .iter()
-            .map(|i| &train_examples[*i])
+            .map(|row| row.iter().map(|i| &train_examples[*i]).collect())
             .collect();
-        let window_loss_tokens: usize = selected.iter().map(|e| e.loss_tokens()).sum();
+        let window_loss_tokens: usize = selected.iter().flatten().map(|e| e.loss_tokens()).sum();
 
         // Each micro-batch's loss is weighted by its share of the window's loss tokens, so
         // the accumulated gradient is that of one batch of the whole window.
@@ -622,9 +665,9 @@ pub fn train(
         // gradient norm; token counts come from the host-side batches.
         let mut gradient: Option<Tensor> = None;
         let mut window_loss: Option<Tensor> = None;
-        let mut window_tokens = 0;
+        let (mut window_tokens, mut window_slots) = (0, 0);
         for (index, micro) in selected.chunks(options.batch_size).enumerate() {
-            let batch = data::make_batch(micro, pad_id, &device)?;
+            let batch = data::make_packed_batch(micro, pad_id, &device)?;
             let dropout = DropoutKey {
                 seed: options.seed,
                 step: step as u64,
@@ -632,7 +675,7 @@ pub fn train(
             };
             let loss = model.loss(
                 &batch.input_ids,
-                Some(&batch.lengths),
+                Some(&batch.segments),
                 &batch.targets,
                 &batch.loss_mask,
                 Some(dropout),
@@ -645,6 +688,7 @@ pub fn train(
                 None => detached,
             });
             window_tokens += batch.tokens;
+            window_slots += batch.slots;
             let micro_gradient = optimizer.flat_gradient(&weighted.backward()?)?;
             gradient = Some(match gradient.take() {
                 Some(sum) => (sum + micro_gradient)?,
@@ -665,6 +709,7 @@ pub fn train(
 
         steps_done = step + 1;
         tokens_seen += window_tokens;
+        slots_computed += window_slots;
         last_loss = window_loss;
         let evaluate_now = !validation_examples.is_empty()
             && (steps_done == total_steps
@@ -713,6 +758,7 @@ pub fn train(
                 / step_started.elapsed().as_secs_f64().max(1e-9),
             validation_loss,
             elapsed_seconds: started.elapsed().as_secs_f64(),
+            packing_efficiency: window_tokens as f64 / window_slots.max(1) as f64,
         };
         output.record(&metrics)?;
         observer.step(&metrics);
@@ -779,6 +825,8 @@ pub fn train(
         best_validation_loss: best.map(|b| b.validation_loss),
         adapter_step,
         stopped_early,
+        packing: options.packing,
+        packing_efficiency: tokens_seen as f64 / slots_computed.max(1) as f64,
     };
     let path = options.out.join("summary.json");
     std::fs::write(

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::VarBuilder;
 use trainer::init::random_weights;
-use trainer::model::{chunked_token_loss, token_loss};
+use trainer::model::{chunked_token_loss, token_loss, Segments};
 use trainer::rng::Rng;
 use trainer::{LoraConfig, Model, ModelConfig};
 
@@ -24,7 +24,7 @@ fn tiny_config(architecture: &str, tie: bool) -> ModelConfig {
 struct Fixture {
     model: Model,
     input_ids: Tensor,
-    lengths: Vec<usize>,
+    segments: Segments,
     targets: Tensor,
     loss_mask: Tensor,
 }
@@ -53,7 +53,7 @@ fn fixture(architecture: &str, tie: bool) -> Result<Fixture> {
     }
     let input_ids = Tensor::new(&[[1u32, 5, 9, 3, 7, 2], [4, 8, 15, 16, 0, 0]], &device)?;
     // The second row is padded after four tokens.
-    let lengths = vec![6, 4];
+    let segments = Segments::unpacked(&[6, 4]);
     let targets = Tensor::new(&[[5u32, 9, 3, 7, 2, 0], [8, 15, 16, 23, 0, 0]], &device)?;
     let loss_mask = Tensor::new(
         &[[0f64, 1., 1., 1., 1., 0.], [0., 0., 1., 1., 0., 0.]],
@@ -62,7 +62,7 @@ fn fixture(architecture: &str, tie: bool) -> Result<Fixture> {
     Ok(Fixture {
         model,
         input_ids,
-        lengths,
+        segments,
         targets,
         loss_mask,
     })
@@ -72,7 +72,7 @@ impl Fixture {
     fn loss(&self) -> Result<Tensor> {
         self.model.loss(
             &self.input_ids,
-            Some(&self.lengths),
+            Some(&self.segments),
             &self.targets,
             &self.loss_mask,
             None,
@@ -145,12 +145,12 @@ fn qwen2_gradients_match_finite_differences_with_biases_and_tied_embeddings() ->
 fn the_chunked_loss_equals_the_loss_over_all_logits() -> Result<()> {
     let fixture = fixture("Qwen2ForCausalLM", true)?;
     let model = &fixture.model;
-    let logits = model.forward(&fixture.input_ids, Some(&fixture.lengths), None)?;
+    let logits = model.forward(&fixture.input_ids, Some(&fixture.segments), None)?;
     let reference = token_loss(&logits, &fixture.targets, &fixture.loss_mask)?;
     let reference_grads = reference.backward()?;
     let reference = reference.to_scalar::<f64>()?;
     for chunk_tokens in [1, 5, 12, 100] {
-        let hidden = model.hidden_states(&fixture.input_ids, Some(&fixture.lengths), None)?;
+        let hidden = model.hidden_states(&fixture.input_ids, Some(&fixture.segments), None)?;
         let loss = chunked_token_loss(
             &hidden,
             model.lm_head(),

@@ -48,6 +48,9 @@ fn options(dir: &Path) -> TrainOptions {
         max_seq_len: 64,
         eval_every: Some(1),
         checkpoint_every: Some(1),
+        // The plateau is crafted for eight conversations a step; packed, a step would
+        // hold them all and overshoot it.
+        packing: false,
         ..TrainOptions::default()
     }
 }

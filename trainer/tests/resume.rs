@@ -1,5 +1,6 @@
 //! A run interrupted after a checkpoint and resumed from it reproduces the uninterrupted
-//! run exactly (CPU, f32): same losses at every step, same final adapter.
+//! run exactly (CPU, f32): same losses at every step, same final adapter; with examples
+//! packed into rows and one per row.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -33,6 +34,17 @@ fn adapter(out: &Path) -> HashMap<String, Tensor> {
 
 #[test]
 fn resuming_reproduces_the_uninterrupted_run() {
+    resumes_exactly(false);
+}
+
+/// Packed, the rows are rebuilt from (seed, epoch, data): ten steps here run through
+/// several epochs of packed rows.
+#[test]
+fn resuming_a_packed_run_reproduces_it() {
+    resumes_exactly(true);
+}
+
+fn resumes_exactly(packing: bool) {
     let dir = tempfile::tempdir().expect("temp dir");
     let model = dir.path().join("model");
     write_tiny_model(&model, &TinyModel::default()).expect("model");
@@ -51,6 +63,7 @@ fn resuming_reproduces_the_uninterrupted_run() {
         max_seq_len: 64,
         checkpoint_every: Some(4),
         eval_every: Some(5),
+        packing,
         ..TrainOptions::default()
     };
 
@@ -120,15 +133,22 @@ fn resuming_reproduces_the_uninterrupted_run() {
     }
 
     // A resume with other settings or a damaged checkpoint is refused, naming why.
-    let other = TrainOptions {
-        lr: 1e-3,
-        ..resumed.clone()
-    };
-    let error = train(&other, &mut (), &Control::default()).expect_err("refused");
-    assert!(
-        error.to_string().contains("different configuration"),
-        "{error}"
-    );
+    for other in [
+        TrainOptions {
+            lr: 1e-3,
+            ..resumed.clone()
+        },
+        TrainOptions {
+            packing: !packing,
+            ..resumed.clone()
+        },
+    ] {
+        let error = train(&other, &mut (), &Control::default()).expect_err("refused");
+        assert!(
+            error.to_string().contains("different configuration"),
+            "{error}"
+        );
+    }
     let optimizer = checkpoint.join("optimizer.safetensors");
     let mut bytes = std::fs::read(&optimizer).expect("read");
     let last = bytes.len() - 1;

@@ -110,16 +110,8 @@ pub fn resolve(
                 .ok_or("must be between 0 and 100")
         })
     });
-    let keep_best = match get("keep_best") {
-        None => false,
-        Some(Value::Bool(keep)) => *keep,
-        Some(_) => {
-            field
-                .errors
-                .push(FieldError::new("keep_best", "must be true or false"));
-            false
-        }
-    };
+    let keep_best = field.boolean(get("keep_best"), "keep_best", false);
+    let packing = field.boolean(get("packing"), "packing", true);
 
     if !errors.is_empty() {
         return Err(errors);
@@ -140,10 +132,11 @@ pub fn resolve(
         early_stopping_patience: early_stopping_patience.map(|n| n as u32),
         early_stopping_min_delta,
         keep_best,
+        packing,
     })
 }
 
-const FIELDS: [&str; 15] = [
+const FIELDS: [&str; 16] = [
     "rank",
     "lora_alpha",
     "lora_dropout",
@@ -159,6 +152,7 @@ const FIELDS: [&str; 15] = [
     "early_stopping_patience",
     "early_stopping_min_delta",
     "keep_best",
+    "packing",
 ];
 
 struct Field<'a> {
@@ -166,6 +160,18 @@ struct Field<'a> {
 }
 
 impl Field<'_> {
+    fn boolean(&mut self, value: Option<&Value>, name: &str, default: bool) -> bool {
+        match value {
+            None => default,
+            Some(Value::Bool(value)) => *value,
+            Some(_) => {
+                self.errors
+                    .push(FieldError::new(name, "must be true or false"));
+                default
+            }
+        }
+    }
+
     fn integer(
         &mut self,
         value: Option<&Value>,

@@ -326,6 +326,8 @@ struct ConfigureForm {
     early_stopping_patience: String,
     /// A checkbox: keep the best evaluation's adapter.
     keep_best: Option<String>,
+    /// A checkbox, ticked by default: pack training examples into rows.
+    packing: Option<String>,
 }
 
 impl ConfigureForm {
@@ -355,6 +357,8 @@ impl ConfigureForm {
         if self.keep_best.is_some() {
             map.insert("keep_best".into(), Value::Bool(true));
         }
+        // The form always holds the box, so an unticked one turns packing off.
+        map.insert("packing".into(), Value::Bool(self.packing.is_some()));
         map
     }
 
