@@ -15,7 +15,7 @@ use protocol::agent::{
     GpuTelemetry, Hyperparameters, MetricReport, Report, Severity, Stage,
 };
 use tokio::sync::mpsc;
-use trainer::train::{Control, DeviceChoice, Observer, StepMetrics, TrainOptions};
+use trainer::train::{Control, DeviceChoice, Observer, PackingPlan, StepMetrics, TrainOptions};
 use trainer::TrainerError;
 
 use crate::client::{sha256_file, ControlPlane};
@@ -77,6 +77,20 @@ struct Reporter {
     notices: usize,
 }
 
+impl Reporter {
+    fn push_notice(&mut self, message: String, details: Option<serde_json::Value>) {
+        self.notices += 1;
+        self.outbox.push(Report::Event {
+            key: format!("notice-{}", self.notices),
+            event_type: "info".into(),
+            severity: Severity::Info,
+            message,
+            details,
+            at: Utc::now(),
+        });
+    }
+}
+
 impl Observer for Reporter {
     fn stage(&mut self, stage: Stage) {
         self.outbox.push(Report::Stage {
@@ -127,15 +141,12 @@ impl Observer for Reporter {
     }
 
     fn notice(&mut self, message: &str) {
-        self.notices += 1;
-        self.outbox.push(Report::Event {
-            key: format!("notice-{}", self.notices),
-            event_type: "info".into(),
-            severity: Severity::Info,
-            message: message.to_owned(),
-            details: None,
-            at: Utc::now(),
-        });
+        self.push_notice(message.to_owned(), None);
+    }
+
+    /// With its figures as details, which the job page shows.
+    fn packed(&mut self, plan: &PackingPlan) {
+        self.push_notice(plan.message(), serde_json::to_value(plan).ok());
     }
 
     fn checkpoint(&mut self, step: usize, dir: &Path) {

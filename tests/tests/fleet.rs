@@ -869,3 +869,51 @@ async fn a_job_stops_early_and_keeps_its_best_adapter() {
             .unwrap_or_default()
     );
 }
+
+/// Packing through the platform: a new job packs by default, its agent reports the plan
+/// (an event with its figures), the job page shows it and the trainer's summary counts
+/// the run's efficiency; a step then holds more conversations than rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_packed_job_shows_its_packing_on_the_job_page() {
+    let (plane, api, _scratch, model, file) = setup(chat_jsonl(24)).await;
+    let mut settings = hyperparameters(1);
+    // Rows long enough for several of these short conversations each.
+    settings["max_seq_len"] = json!(256);
+    let job = api.start_job(&file, "packed", &model, settings).await;
+    let _agent = Agent::start(&plane, "worker", &["--spot-provider", "none"]);
+    let ended = api.wait_status(&job, "completed", LONG).await;
+    assert_eq!(ended["hyperparameters"]["packing"], true, "{ended}");
+
+    let events = api.get(&format!("/jobs/{job}/events?limit=200")).await;
+    let plan = events["data"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .find(|e| e["details"]["packing_efficiency"].is_number())
+        .map(|e| e["details"].clone())
+        .expect("the packing plan's event");
+    let (conversations, rows) = (
+        plan["conversations"].as_u64().expect("conversations"),
+        plan["rows"].as_u64().expect("rows"),
+    );
+    assert!(rows * 2 <= conversations, "{plan}");
+
+    let files = api.download_artifacts(&job).await;
+    let summary: Value =
+        serde_json::from_slice(&published(&files, "summary.json")).expect("summary");
+    assert_eq!(summary["packing"], true);
+    assert_eq!(summary["train_examples"].as_u64(), Some(conversations));
+    assert_eq!(
+        summary["steps"].as_u64(),
+        Some(rows.div_ceil(2)),
+        "two rows a step, not two conversations"
+    );
+    let efficiency = summary["packing_efficiency"].as_f64().expect("efficiency");
+    assert!(efficiency > 0.0 && efficiency <= 1.0, "{summary}");
+
+    let page = api.page(&format!("/training/job/{job}")).await;
+    let expected = format!(
+        "Batching: packed: {conversations} conversations in {rows} rows of up to 256 tokens"
+    );
+    assert!(page.contains(&expected), "{expected:?} on the job page");
+}

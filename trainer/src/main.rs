@@ -405,6 +405,10 @@ impl Observer for ProgressBar {
         eprintln!("\n{message}");
     }
 
+    fn packed(&mut self, plan: &trainer::train::PackingPlan) {
+        eprintln!("{}", plan.message());
+    }
+
     fn checkpoint(&mut self, step: usize, dir: &std::path::Path) {
         eprintln!("\ncheckpoint at step {step}: {}", dir.display());
     }

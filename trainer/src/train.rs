@@ -282,6 +282,8 @@ pub trait Observer {
     fn warning(&mut self, _message: &str) {}
     /// Something the run decided that a user should hear of (an early stop).
     fn notice(&mut self, _message: &str) {}
+    /// How the training examples were packed (before the first step of a packed run).
+    fn packed(&mut self, _plan: &PackingPlan) {}
     fn checkpoint(&mut self, _step: usize, _dir: &Path) {}
 }
 
@@ -475,27 +477,47 @@ pub fn evaluate(
     Ok(if count > 0.0 { total / count } else { f64::NAN })
 }
 
-/// What packing does to the first epoch: rows, and the share of token slots that are real
-/// tokens packed and as padded micro-batches would have it.
-fn packing_notice(rows: &[Vec<usize>], lengths: &[usize], options: &TrainOptions) -> String {
-    let efficiency = |rows: &[Vec<usize>]| {
-        let (mut tokens, mut slots) = (0, 0);
-        for micro in rows.chunks(options.batch_size) {
-            let row_tokens = |row: &Vec<usize>| row.iter().map(|i| lengths[*i]).sum::<usize>();
-            tokens += micro.iter().map(row_tokens).sum::<usize>();
-            slots += micro.len() * micro.iter().map(row_tokens).max().unwrap_or(0);
+/// What packing does to an epoch: its rows, and the share of token slots that are real
+/// tokens, packed and as padded micro-batches would have it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PackingPlan {
+    pub conversations: usize,
+    pub rows: usize,
+    pub max_seq_len: usize,
+    pub packing_efficiency: f64,
+    pub unpacked_efficiency: f64,
+}
+
+impl PackingPlan {
+    fn of(rows: &[Vec<usize>], lengths: &[usize], options: &TrainOptions) -> PackingPlan {
+        let efficiency = |rows: &[Vec<usize>]| {
+            let (mut tokens, mut slots) = (0, 0);
+            for micro in rows.chunks(options.batch_size) {
+                let row_tokens = |row: &Vec<usize>| row.iter().map(|i| lengths[*i]).sum::<usize>();
+                tokens += micro.iter().map(row_tokens).sum::<usize>();
+                slots += micro.len() * micro.iter().map(row_tokens).max().unwrap_or(0);
+            }
+            tokens as f64 / slots.max(1) as f64
+        };
+        PackingPlan {
+            conversations: lengths.len(),
+            rows: rows.len(),
+            max_seq_len: options.max_seq_len,
+            packing_efficiency: efficiency(rows),
+            unpacked_efficiency: efficiency(&data::epoch_rows(lengths, None, options.seed, 0)),
         }
-        100.0 * tokens as f64 / slots.max(1) as f64
-    };
-    let unpacked = data::epoch_rows(lengths, None, options.seed, 0);
-    format!(
-        "Packed {} conversations into {} rows of up to {} tokens: {:.1}% of the token slots are real tokens ({:.1}% unpacked)",
-        lengths.len(),
-        rows.len(),
-        options.max_seq_len,
-        efficiency(rows),
-        efficiency(&unpacked)
-    )
+    }
+
+    pub fn message(&self) -> String {
+        format!(
+            "Packed {} conversations into {} rows of up to {} tokens: {:.1}% of the token slots are real tokens ({:.1}% unpacked)",
+            self.conversations,
+            self.rows,
+            self.max_seq_len,
+            100.0 * self.packing_efficiency,
+            100.0 * self.unpacked_efficiency
+        )
+    }
 }
 
 pub fn train(
@@ -581,7 +603,7 @@ pub fn train(
     let rows_of = |epoch: usize| data::epoch_rows(&example_lengths, packing, options.seed, epoch);
     let mut rows: (usize, Vec<Vec<usize>>) = (0, rows_of(0));
     if options.packing {
-        observer.notice(&packing_notice(&rows.1, &example_lengths, options));
+        observer.packed(&PackingPlan::of(&rows.1, &example_lengths, options));
     }
     let steps_per_epoch = rows.1.len().div_ceil(window);
     let total_steps = options

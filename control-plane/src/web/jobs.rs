@@ -329,6 +329,8 @@ struct JobPage {
     notice: Option<String>,
     /// The latest validation's verdict and overall score, shown by the adapter.
     quality: Option<(String, String)>,
+    /// How training batches conversations: padded, or packed and how well.
+    batching: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -362,6 +364,7 @@ async fn job_detail(
             (verdict.label().to_owned(), score)
         })
     });
+    let batching = batching(&job, &recent);
     let live = job_live_view(&state, job).await?;
     let status = live.job.status;
     let page = JobPage {
@@ -375,12 +378,41 @@ async fn job_detail(
         artifacts,
         notice: notice.notice,
         quality,
+        batching,
         live_html: live
             .render()
             .map_err(|e| ServiceError::Internal(e.to_string()))?,
         job: live.job,
     };
     Ok(render(&page))
+}
+
+/// How the job batches its conversations, from its hyperparameters and the packing plan its
+/// agent reported (an event whose details hold the plan's figures).
+fn batching(job: &Job, events: &[Event]) -> Option<String> {
+    let hyperparameters = job.hyperparameters.as_ref()?;
+    if !hyperparameters.packing {
+        return Some("padded: one conversation per row".into());
+    }
+    let plan = events.iter().find_map(|event| {
+        let details = event.details.as_ref()?;
+        let figure = |key: &str| details.get(key).and_then(serde_json::Value::as_f64);
+        Some((
+            figure("conversations")?,
+            figure("rows")?,
+            figure("packing_efficiency")?,
+            figure("unpacked_efficiency")?,
+        ))
+    });
+    let max_seq_len = hyperparameters.max_seq_len;
+    Some(match plan {
+        Some((conversations, rows, packed, padded)) => format!(
+            "packed: {conversations:.0} conversations in {rows:.0} rows of up to {max_seq_len} tokens; {:.1}% of token slots hold real tokens ({:.1}% padded)",
+            100.0 * packed,
+            100.0 * padded
+        ),
+        None => format!("packed into rows of up to {max_seq_len} tokens"),
+    })
 }
 
 /// The live region alone, fetched by the page's script when the stream says it changed.
