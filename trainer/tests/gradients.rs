@@ -4,22 +4,11 @@
 
 use std::collections::HashSet;
 
-use candle_core::{DType, Device, Result, Tensor, Var};
-use candle_nn::VarBuilder;
-use trainer::init::random_weights;
+use candle_core::{Device, Result, Tensor, Var};
 use trainer::model::{chunked_token_loss, token_loss, Segments};
-use trainer::rng::Rng;
-use trainer::{LoraConfig, Model, ModelConfig};
+use trainer::Model;
 
-fn tiny_config(architecture: &str, tie: bool) -> ModelConfig {
-    ModelConfig::parse(&format!(
-        r#"{{"architectures": ["{architecture}"], "hidden_size": 16, "intermediate_size": 24,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "rms_norm_eps": 1e-6, "vocab_size": 32, "max_position_embeddings": 64,
-            "rope_theta": 10000.0, "tie_word_embeddings": {tie}, "hidden_act": "silu"}}"#
-    ))
-    .expect("tiny config")
-}
+mod common;
 
 struct Fixture {
     model: Model,
@@ -31,26 +20,7 @@ struct Fixture {
 
 fn fixture(architecture: &str, tie: bool) -> Result<Fixture> {
     let device = Device::Cpu;
-    let config = tiny_config(architecture, tie);
-    let weights = random_weights(&config, 3, DType::F64, &device)?;
-    let vb = VarBuilder::from_tensors(weights, DType::F64, &device);
-    let lora = LoraConfig {
-        rank: 2,
-        alpha: 4.0,
-        dropout: 0.0,
-        ..LoraConfig::default()
-    };
-    let mut rng = Rng::new(11);
-    let model = Model::new(&config, vb, &lora, DType::F64, &mut rng)?;
-    // B starts at zero (so A's gradient would be zero): give it values for the check.
-    for (name, parameter) in model.lora_parameters() {
-        if name.ends_with("lora_B.weight") {
-            let values: Vec<f64> = (0..parameter.elem_count())
-                .map(|_| rng.normal() * 0.5)
-                .collect();
-            parameter.set(&Tensor::from_vec(values, parameter.shape(), &device)?)?;
-        }
-    }
+    let model = common::tiny_f64_model(architecture, tie)?;
     let input_ids = Tensor::new(&[[1u32, 5, 9, 3, 7, 2], [4, 8, 15, 16, 0, 0]], &device)?;
     // The second row is padded after four tokens.
     let segments = Segments::unpacked(&[6, 4]);

@@ -4,43 +4,12 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Device, Result, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{Device, Result, Tensor};
 use trainer::data::{make_batch, make_packed_batch, Batch, Example};
-use trainer::init::random_weights;
 use trainer::rng::Rng;
-use trainer::{LoraConfig, Model, ModelConfig};
+use trainer::Model;
 
-fn tiny_model(architecture: &str) -> Result<Model> {
-    let config = ModelConfig::parse(&format!(
-        r#"{{"architectures": ["{architecture}"], "hidden_size": 16, "intermediate_size": 24,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "rms_norm_eps": 1e-6, "vocab_size": 32, "max_position_embeddings": 64,
-            "rope_theta": 10000.0, "tie_word_embeddings": false, "hidden_act": "silu"}}"#
-    ))
-    .expect("tiny config");
-    let device = Device::Cpu;
-    let weights = random_weights(&config, 3, DType::F64, &device)?;
-    let vb = VarBuilder::from_tensors(weights, DType::F64, &device);
-    let lora = LoraConfig {
-        rank: 2,
-        alpha: 4.0,
-        dropout: 0.0,
-        ..LoraConfig::default()
-    };
-    let mut rng = Rng::new(11);
-    let model = Model::new(&config, vb, &lora, DType::F64, &mut rng)?;
-    // B starts at zero (so A's gradient would be zero): give it values for the check.
-    for (name, parameter) in model.lora_parameters() {
-        if name.ends_with("lora_B.weight") {
-            let values: Vec<f64> = (0..parameter.elem_count())
-                .map(|_| rng.normal() * 0.5)
-                .collect();
-            parameter.set(&Tensor::from_vec(values, parameter.shape(), &device)?)?;
-        }
-    }
-    Ok(model)
-}
+mod common;
 
 /// Examples of mixed lengths, each with a loss mask over part of its tokens.
 fn examples(rng: &mut Rng, lengths: &[usize]) -> Vec<Example> {
@@ -101,7 +70,7 @@ fn step(model: &Model, batches: &[Batch]) -> Result<(f64, BTreeMap<String, Vec<f
 #[test]
 fn a_packed_step_equals_the_unpacked_step_over_the_same_examples() -> Result<()> {
     for architecture in ["LlamaForCausalLM", "Qwen2ForCausalLM"] {
-        let model = tiny_model(architecture)?;
+        let model = common::tiny_f64_model(architecture, false)?;
         let mut rng = Rng::new(3);
         let all = examples(&mut rng, &[9, 3, 6, 2, 7, 5, 4]);
         let refs: Vec<&Example> = all.iter().collect();
@@ -142,7 +111,7 @@ fn a_packed_step_equals_the_unpacked_step_over_the_same_examples() -> Result<()>
 
 #[test]
 fn no_token_sees_across_a_sequence_boundary() -> Result<()> {
-    let model = tiny_model("LlamaForCausalLM")?;
+    let model = common::tiny_f64_model("LlamaForCausalLM", false)?;
     let mut rng = Rng::new(8);
     let [first, middle, last]: [Example; 3] = examples(&mut rng, &[5, 4, 6])
         .try_into()
