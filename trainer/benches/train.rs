@@ -64,7 +64,7 @@ fn main() {
     let (_, model) = trainer::loader::load_model(
         &options.model,
         &LoraConfig::default(),
-        DType::F32,
+        (DType::F32, trainer::quantized::BaseQuant::None),
         DType::F32,
         &Device::Cpu,
         &mut Rng::new(1),

@@ -29,6 +29,7 @@ use crate::error::{Result, TrainerError};
 use crate::lora::LoraConfig;
 use crate::model::Model;
 use crate::optim;
+use crate::quantized::BaseQuant;
 use crate::rng::Rng;
 use crate::train::{DeviceChoice, Precision};
 use protocol::LORA_TARGET_MODULES;
@@ -116,6 +117,8 @@ pub struct BenchOptions {
     pub mixed_lengths: bool,
     /// Examples packed into rows of `seq`.
     pub packing: bool,
+    /// How the frozen projections are held.
+    pub base_quant: BaseQuant,
 }
 
 /// The shortest example with `mixed_lengths`.
@@ -145,6 +148,9 @@ pub struct BenchReport {
     pub packing: bool,
     /// Real tokens ÷ token slots computed (1 when every row is full).
     pub packing_efficiency: f64,
+    pub base_quant: BaseQuant,
+    /// Bytes the frozen projections take as held (quantized or not).
+    pub projection_bytes: u64,
 }
 
 /// Random base weights made on the device: N(0, 0.02²), norms at 1.
@@ -220,7 +226,8 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
     };
     let mut rng = Rng::new(0);
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
-    let model = Model::new(&config, vb, &lora, DType::F32, &mut rng)?;
+    let model = Model::new(&config, vb, &lora, DType::F32, options.base_quant, &mut rng)?;
+    let projection_bytes = model.projection_report().held_bytes;
     let parameters: Vec<_> = model.lora_parameters().into_values().collect();
     let lora_parameters: usize = parameters.iter().map(|v| v.elem_count()).sum();
     let mut optimizer = optim::AdamW::new(parameters.clone(), 0.0)?;
@@ -296,6 +303,8 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport> {
         mixed_lengths: options.mixed_lengths,
         packing: options.packing,
         packing_efficiency: tokens as f64 / slots.max(1) as f64,
+        base_quant: options.base_quant,
+        projection_bytes,
     })
 }
 

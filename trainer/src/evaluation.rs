@@ -52,7 +52,7 @@ pub fn load_for_inference(
     let (_, model) = loader::load_model(
         model_dir,
         &lora,
-        DType::F32,
+        (DType::F32, crate::quantized::BaseQuant::None),
         DType::F32,
         device,
         &mut Rng::new(0),

@@ -9,22 +9,23 @@
 //! `dA = s·(dy·B)ᵀ·dropout(x)`, `dB = s·dyᵀ·dropout(x)·Aᵀ`). The matmuls run in `x`'s
 //! dtype against A and B cast from their f32 masters; their gradients come back in f32.
 
-use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+use crate::frozen::{transposed, FrozenWeight, OnBackend};
 
 /// `x·Wᵀ + scale·dropout(x)·Aᵀ·Bᵀ` for x (..., in), W (out, in), A (r, in), B (out, r).
 /// `dropout` is the mask's (stream, keep probability), `None` for no dropout.
 pub fn lora_linear(
     x: &Tensor,
-    weight: &Tensor,
+    weight: &FrozenWeight,
     (a, b): (&Tensor, &Tensor),
     scale: f64,
     dropout: Option<(u64, f64)>,
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
     let op = LoraLinear {
-        weight: weight.to_dtype(x.dtype())?,
+        weight: weight.in_dtype(x.dtype())?,
         scale,
         dropout: dropout
             .map(|(stream, keep)| {
@@ -36,33 +37,23 @@ pub fn lora_linear(
 }
 
 struct LoraLinear {
-    weight: Tensor,
+    weight: FrozenWeight,
     scale: f64,
     dropout: Option<(trainer_kernels::Dropout, u64, f64)>,
 }
 
-/// A row-major (rows, cols) matrix at `offset`, transposed (as a batch of one).
-fn transposed(rows: usize, cols: usize, offset: usize) -> Layout {
-    Layout::new(
-        Shape::from((1, cols, rows)),
-        vec![rows * cols, 1, cols],
-        offset,
-    )
-}
-
 impl LoraLinear {
     /// The forward on one backend; `dropped` is `x` after dropout, when there is dropout.
-    fn forward<S: BackendStorage>(
+    fn forward<S: OnBackend>(
         &self,
         (x, x_layout): (&S, &Layout),
         dropped: Option<(S, Shape)>,
         (a, a_layout): (&S, &Layout),
         (b, b_layout): (&S, &Layout),
-        (w, w_layout): (&S, &Layout),
     ) -> Result<(S, Shape)> {
         let dims = x_layout.dims();
         let k = *dims.last().unwrap_or(&0);
-        let (n, k_w) = w_layout.shape().dims2()?;
+        let (n, k_w) = self.weight.dims()?;
         let (rank, k_a) = a_layout.shape().dims2()?;
         let (n_b, rank_b) = b_layout.shape().dims2()?;
         if (k_w, k_a, n_b, rank_b) != (k, k, n, rank) {
@@ -70,22 +61,13 @@ impl LoraLinear {
                 "lora linear: input of {k} features, weight {n}×{k_w}, A {rank}×{k_a}, B {n_b}×{rank_b}"
             );
         }
-        let (Some(w_start), true, true) = (
-            w_layout.contiguous_offsets().map(|(start, _)| start),
-            a_layout.is_contiguous(),
-            b_layout.is_contiguous(),
-        ) else {
-            candle_core::bail!("lora linear: the weights must be contiguous");
-        };
+        if !a_layout.is_contiguous() || !b_layout.is_contiguous() {
+            candle_core::bail!("lora linear: A and B must be contiguous");
+        }
         let m = x_layout.shape().elem_count() / k.max(1);
         let rows =
             |cols: usize, offset: usize| Layout::contiguous_with_offset((1, m, cols), offset);
-        let base = x.matmul(
-            w,
-            (1, m, n, k),
-            &rows(k, x_layout.start_offset()),
-            &transposed(n, k, w_start),
-        )?;
+        let (base, _) = self.weight.product(x, x_layout)?;
         let dtype = x.dtype();
         // The scale goes on B (out × r), not on the product (rows × out).
         let b = b.affine(b_layout, self.scale, 0.0)?;
@@ -129,21 +111,11 @@ impl CustomOp3 for LoraLinear {
         b_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         use candle_core::CustomOp1;
-        let (storage, w_layout) = self.weight.storage_and_layout();
-        let Storage::Cpu(w) = &*storage else {
-            candle_core::bail!("lora linear: the weight is not on the CPU");
-        };
         let dropped = match &self.dropout {
             Some((op, _, _)) => Some(op.cpu_fwd(x, x_layout)?),
             None => None,
         };
-        self.forward(
-            (x, x_layout),
-            dropped,
-            (a, a_layout),
-            (b, b_layout),
-            (w, w_layout),
-        )
+        self.forward((x, x_layout), dropped, (a, a_layout), (b, b_layout))
     }
 
     #[cfg(feature = "cuda")]
@@ -157,21 +129,11 @@ impl CustomOp3 for LoraLinear {
         b_layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::CustomOp1;
-        let (storage, w_layout) = self.weight.storage_and_layout();
-        let Storage::Cuda(w) = &*storage else {
-            candle_core::bail!("lora linear: the weight is not on the GPU");
-        };
         let dropped = match &self.dropout {
             Some((op, _, _)) => Some(op.cuda_fwd(x, x_layout)?),
             None => None,
         };
-        self.forward(
-            (x, x_layout),
-            dropped,
-            (a, a_layout),
-            (b, b_layout),
-            (w, w_layout),
-        )
+        self.forward((x, x_layout), dropped, (a, a_layout), (b, b_layout))
     }
 
     fn bwd(
@@ -184,7 +146,7 @@ impl CustomOp3 for LoraLinear {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dtype = x.dtype();
         let k = x.dim(candle_core::D::Minus1)?;
-        let n = self.weight.dim(0)?;
+        let (n, _) = self.weight.dims()?;
         let m = x.elem_count() / k.max(1);
         let x2 = x.detach().reshape((m, k))?;
         let g2 = grad.contiguous()?.reshape((m, n))?;
@@ -200,7 +162,7 @@ impl CustomOp3 for LoraLinear {
         let b_scaled = b.detach().affine(self.scale, 0.0)?.to_dtype(dtype)?;
         let grad_down = g2.matmul(&b_scaled)?;
         let lora_dx = drop(grad_down.matmul(&a_cast)?)?;
-        let dx = (g2.matmul(&self.weight)? + lora_dx)?.reshape(x.shape())?;
+        let dx = (self.weight.input_gradient(&g2)? + lora_dx)?.reshape(x.shape())?;
         let down = input.matmul(&a_cast.t()?)?;
         let da = grad_down.t()?.matmul(&input)?;
         let db = g2.t()?.matmul(&down)?.affine(self.scale, 0.0)?;
@@ -215,7 +177,9 @@ impl CustomOp3 for LoraLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use crate::quantized::QuantizedWeight;
+    use candle_core::quantized::GgmlDType;
+    use candle_core::{DType, Device, Var};
 
     /// What the op replaces, composed from candle ops: the reference its test checks it
     /// against.
@@ -249,26 +213,33 @@ mod tests {
     #[test]
     fn equals_the_composed_projection_and_its_gradients_in_f64() -> Result<()> {
         let device = Device::Cpu;
-        for dropout in [None, Some((0xABCD, 0.8))] {
-            let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 5, 12), &device)?)?;
-            let w = Tensor::randn(0f64, 1.0, (7, 12), &device)?;
-            let a = Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 12), &device)?)?;
-            let b = Var::from_tensor(&Tensor::randn(0f64, 1.0, (7, 3), &device)?)?;
-            let upstream = Tensor::randn(0f64, 1.0, (2, 5, 7), &device)?;
-            let pair = (a.as_tensor(), b.as_tensor());
-            let ours = lora_linear(x.as_tensor(), &w, pair, 0.5, dropout)?;
-            let theirs = composed(x.as_tensor(), &w, pair, 0.5, dropout)?;
-            assert!(
-                difference(&ours, &theirs) < 1e-12,
-                "{dropout:?}: outputs differ"
-            );
-            let ours_grads = (ours * &upstream)?.sum_all()?.backward()?;
-            let theirs_grads = (theirs * &upstream)?.sum_all()?.backward()?;
-            for (name, var) in [("x", &x), ("A", &a), ("B", &b)] {
-                let (Some(g1), Some(g2)) = (ours_grads.get(var), theirs_grads.get(var)) else {
-                    panic!("{name} has no gradient");
-                };
-                assert!(difference(g1, g2) < 1e-12, "{dropout:?}: d{name} differs");
+        let w = Tensor::randn(0f64, 1.0, (7, 64), &device)?;
+        // A quantized weight in tiles of 3 rows, against its own dequantized values.
+        let quantized = QuantizedWeight::tiled(&w, GgmlDType::Q8_0, &device, 3)?;
+        let dequantized = quantized.dequantize(DType::F64)?;
+        let weights = [
+            (FrozenWeight::Dense(w.clone()), w),
+            (FrozenWeight::Quantized(quantized), dequantized),
+        ];
+        for (weight, dense) in &weights {
+            for dropout in [None, Some((0xABCD, 0.8))] {
+                let x = Var::from_tensor(&Tensor::randn(0f64, 1.0, (2, 5, 64), &device)?)?;
+                let a = Var::from_tensor(&Tensor::randn(0f64, 1.0, (3, 64), &device)?)?;
+                let b = Var::from_tensor(&Tensor::randn(0f64, 1.0, (7, 3), &device)?)?;
+                let upstream = Tensor::randn(0f64, 1.0, (2, 5, 7), &device)?;
+                let pair = (a.as_tensor(), b.as_tensor());
+                let ours = lora_linear(x.as_tensor(), weight, pair, 0.5, dropout)?;
+                let theirs = composed(x.as_tensor(), dense, pair, 0.5, dropout)?;
+                let case = format!("{weight:?} {dropout:?}");
+                assert!(difference(&ours, &theirs) < 1e-12, "{case}: outputs differ");
+                let ours_grads = (ours * &upstream)?.sum_all()?.backward()?;
+                let theirs_grads = (theirs * &upstream)?.sum_all()?.backward()?;
+                for (name, var) in [("x", &x), ("A", &a), ("B", &b)] {
+                    let (Some(g1), Some(g2)) = (ours_grads.get(var), theirs_grads.get(var)) else {
+                        panic!("{name} has no gradient");
+                    };
+                    assert!(difference(g1, g2) < 1e-12, "{case}: d{name} differs");
+                }
             }
         }
         Ok(())

@@ -6,9 +6,12 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::Serialize;
 
 use crate::error::{Result, TrainerError};
+use crate::frozen::FrozenWeight;
 use crate::model::chunked_token_loss;
+use crate::quantized::QuantizedWeight;
 use crate::rng::Rng;
 use crate::train::{self, DeviceChoice};
+use candle_core::quantized::GgmlDType;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct KernelCheck {
@@ -24,13 +27,15 @@ pub struct KernelCheck {
 pub fn run(choice: DeviceChoice) -> Result<Vec<KernelCheck>> {
     let device = train::device(choice)?;
     let mut rng = Rng::new(17);
-    let checks: [(&'static str, f64, Check); 8] = [
+    let checks: [(&'static str, f64, Check); 10] = [
         ("dropout", 0.0, dropout),
         ("fused_adamw", 1e-6, adamw),
         ("chunked_cross_entropy", 1e-4, chunked_loss),
         ("causal_attention_f32", 1e-4, attention_f32),
         ("causal_attention_bf16", 5e-2, attention_bf16),
         ("fused_lora_linear", 1e-3, lora_linear),
+        ("fused_lora_linear_q4k", 1e-3, lora_linear_q4k),
+        ("fused_lora_linear_q8_0", 1e-3, lora_linear_q8_0),
         ("rms_norm_and_swiglu", 1e-4, norm_and_gate),
         ("rope", 1e-5, rope),
     ];
@@ -208,6 +213,20 @@ fn attention(device: &Device, rng: &mut Rng, dtype: DType) -> Result<f64> {
 
 /// The fused LoRA projection with dropout, in f32: output and the gradients of x, A, B.
 fn lora_linear(device: &Device, rng: &mut Rng) -> Result<f64> {
+    lora_linear_on(device, rng, None)
+}
+
+/// As [`lora_linear`] over a q4k base weight in several tiles: the device's dequantization
+/// and tiled products against the CPU's.
+fn lora_linear_q4k(device: &Device, rng: &mut Rng) -> Result<f64> {
+    lora_linear_on(device, rng, Some(GgmlDType::Q4K))
+}
+
+fn lora_linear_q8_0(device: &Device, rng: &mut Rng) -> Result<f64> {
+    lora_linear_on(device, rng, Some(GgmlDType::Q8_0))
+}
+
+fn lora_linear_on(device: &Device, rng: &mut Rng, format: Option<GgmlDType>) -> Result<f64> {
     let (rows, inputs, outputs, rank) = (300, 256, 192, 16);
     let x = random(rng, rows * inputs, 1.0);
     let w = random(rng, outputs * inputs, 1.0 / 16.0);
@@ -228,6 +247,12 @@ fn lora_linear(device: &Device, rng: &mut Rng) -> Result<f64> {
             var(&b, (outputs, rank))?,
         );
         let w = Tensor::from_vec(w.clone(), (outputs, inputs), device)?;
+        let w = match format {
+            Some(format) => {
+                FrozenWeight::Quantized(QuantizedWeight::tiled(&w, format, device, 64)?)
+            }
+            None => FrozenWeight::Dense(w),
+        };
         let out = crate::fused_lora::lora_linear(
             x.as_tensor(),
             &w,
@@ -301,7 +326,7 @@ mod tests {
     #[test]
     fn every_check_passes_on_the_cpu() -> Result<()> {
         let checks = run(DeviceChoice::Cpu)?;
-        assert_eq!(checks.len(), 8);
+        assert_eq!(checks.len(), 10);
         for check in checks {
             assert!(check.passed, "{check:?}");
             assert_eq!(check.max_abs_difference, 0.0, "CPU against CPU: {check:?}");

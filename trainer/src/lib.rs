@@ -24,6 +24,7 @@ pub mod merge;
 pub mod model;
 pub mod optim;
 pub mod peft;
+pub mod quantized;
 pub mod rng;
 pub mod tensor_file;
 pub mod train;

@@ -12,6 +12,7 @@ use crate::config::ModelConfig;
 use crate::error::{Result, TrainerError};
 use crate::lora::LoraConfig;
 use crate::model::Model;
+use crate::quantized::BaseQuant;
 use crate::rng::Rng;
 
 /// The safetensors files holding a model's weights.
@@ -60,11 +61,12 @@ pub fn load_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
 }
 
 /// The model in `dir` (a directory or a hub id, see [`crate::hub`]) with fresh LoRA
-/// adapters: base weights in `dtype`, adapters in `lora_dtype`.
+/// adapters: base weights in `dtype`, adapters in `lora_dtype`, the decoder layers'
+/// projections quantized when `base_quant` says so.
 pub fn load_model(
     dir: &Path,
     lora: &LoraConfig,
-    dtype: DType,
+    (dtype, base_quant): (DType, BaseQuant),
     lora_dtype: DType,
     device: &Device,
     rng: &mut Rng,
@@ -72,12 +74,19 @@ pub fn load_model(
     let dir = crate::hub::resolve_model(dir)?;
     let dir = dir.as_path();
     let config = ModelConfig::from_file(&dir.join("config.json"))?;
-    let weights = load_weights(dir, device)?;
+    // Weights to be quantized are read on the host and only their blocks go to the device;
+    // the others move there one by one as the model takes them.
+    let weights = if base_quant.is_none() {
+        load_weights(dir, device)?
+    } else {
+        load_weights(dir, &Device::Cpu)?
+    };
     let vb = VarBuilder::from_tensors(weights, dtype, device);
-    let model =
-        Model::new(&config, vb, lora, lora_dtype, rng).map_err(|e| TrainerError::Config {
+    let model = Model::new(&config, vb, lora, lora_dtype, base_quant, rng).map_err(|e| {
+        TrainerError::Config {
             path: dir.display().to_string(),
             message: format!("the weights do not match config.json: {e}"),
-        })?;
+        }
+    })?;
     Ok((config, model))
 }

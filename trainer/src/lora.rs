@@ -113,7 +113,7 @@ impl LoraAdapter {
     pub fn project(
         &self,
         x: &Tensor,
-        weight: &Tensor,
+        weight: &crate::frozen::FrozenWeight,
         dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
         let mask = match dropout {

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use trainer::config::Architecture;
 use trainer::evaluation::{evaluate_file, generate, load_for_inference};
 use trainer::init::{write_tiny_model, TinyModel};
+use trainer::quantized::BaseQuant;
 use trainer::train::{
     train, Control, DeviceChoice, Observer, Precision, Stage, StepMetrics, TrainOptions,
 };
@@ -142,6 +143,9 @@ enum Command {
         /// Pack examples into rows of --seq tokens, as training does.
         #[arg(long, value_parser = ["on", "off"], default_value = "off")]
         packing: String,
+        /// Hold the frozen projections quantized, as training with --base-quant does.
+        #[arg(long, value_parser = BaseQuant::NAMES, default_value = "none")]
+        base_quant: String,
         /// Print the shape's sizes as JSON and stop (for peers benched at the same shape).
         #[arg(long)]
         describe: bool,
@@ -274,6 +278,11 @@ struct TrainArgs {
     /// sequence (default on; evaluation never packs).
     #[arg(long, value_parser = ["on", "off"])]
     packing: Option<String>,
+    /// Hold the decoder layers' frozen projections quantized (QLoRA-style): q4k (4.5 bits
+    /// a weight; q5_0 where rows are not a multiple of 256), q8_0, or none. LoRA and the
+    /// optimizer stay f32.
+    #[arg(long, value_parser = BaseQuant::NAMES)]
+    base_quant: Option<String>,
 }
 
 fn precision(name: &str) -> Precision {
@@ -331,6 +340,9 @@ impl TrainArgs {
         }
         if let Some(packing) = self.packing {
             options.packing = packing == "on";
+        }
+        if let Some(base_quant) = self.base_quant {
+            options.base_quant = base_quant.parse().map_err(anyhow::Error::msg)?;
         }
         if let Some(device) = self.device {
             options.device = if device == "cuda" {
@@ -526,6 +538,7 @@ fn main() -> anyhow::Result<()> {
             peak_tflops,
             lengths,
             packing,
+            base_quant,
             describe,
         } => {
             let mut spec = trainer::bench::shape(&shape)?;
@@ -554,6 +567,7 @@ fn main() -> anyhow::Result<()> {
                 peak_tflops,
                 mixed_lengths: lengths == "mixed",
                 packing: packing == "on",
+                base_quant: base_quant.parse().map_err(anyhow::Error::msg)?,
             })?;
             println!("{}", serde_json::to_string(&report)?);
         }

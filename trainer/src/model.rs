@@ -12,8 +12,9 @@ use candle_core::{DType, Device, Result, Tensor, Var, D};
 use candle_nn::VarBuilder;
 
 use crate::config::{ModelConfig, RopeScaling};
-use crate::frozen;
+use crate::frozen::{self, FrozenWeight};
 use crate::lora::{LoraAdapter, LoraConfig};
+use crate::quantized::{BaseQuant, QuantizationReport, QuantizedWeight};
 use crate::rng::{DropoutKey, Rng};
 pub use trainer_kernels::Segments;
 
@@ -21,40 +22,74 @@ pub use trainer_kernels::Segments;
 /// so that no row of the softmax becomes NaN.
 const MASKED: f64 = -1e9;
 
+/// What building the layers needs besides their weights: the adapters to add, and how to
+/// hold the frozen projections. Collects what quantization did.
+struct Build<'a> {
+    lora: &'a LoraConfig,
+    lora_dtype: DType,
+    base_quant: BaseQuant,
+    rng: &'a mut Rng,
+    report: QuantizationReport,
+}
+
 /// A frozen projection, with its LoRA adapter when the module is targeted.
 struct Projection {
-    weight: Tensor,
+    weight: FrozenWeight,
     bias: Option<Tensor>,
     lora: Option<LoraAdapter>,
 }
 
 impl Projection {
-    #[allow(clippy::too_many_arguments)]
     fn new(
         vb: &VarBuilder,
         name: &str,
         in_features: usize,
         out_features: usize,
         bias: bool,
-        lora: &LoraConfig,
-        lora_dtype: DType,
-        rng: &mut Rng,
+        build: &mut Build,
     ) -> Result<Projection> {
         let vb = vb.pp(name);
-        let weight = vb.get((out_features, in_features), "weight")?;
+        let shape = (out_features, in_features);
+        let weight = match build.base_quant.format_for(in_features) {
+            // Read in f32 on the host and quantized tile by tile onto the device: the
+            // full-precision weight never reaches the device.
+            Some(format) => {
+                let host = vb.clone().set_device(Device::Cpu).set_dtype(DType::F32);
+                let weight =
+                    QuantizedWeight::new(&host.get(shape, "weight")?, format, vb.device())?;
+                *build
+                    .report
+                    .projections
+                    .entry(crate::quantized::format_name(format))
+                    .or_default() += 1;
+                build.report.held_bytes += weight.bytes() as u64;
+                FrozenWeight::Quantized(weight)
+            }
+            None => {
+                if !build.base_quant.is_none() {
+                    build.report.dense_projections += 1;
+                }
+                let weight = vb.get(shape, "weight")?;
+                build.report.held_bytes +=
+                    (weight.elem_count() * weight.dtype().size_in_bytes()) as u64;
+                FrozenWeight::Dense(weight)
+            }
+        };
+        build.report.dense_bytes +=
+            (out_features * in_features * vb.dtype().size_in_bytes()) as u64;
         let bias = if bias {
             Some(vb.get(out_features, "bias")?)
         } else {
             None
         };
-        let lora = if lora.targets(name) {
+        let lora = if build.lora.targets(name) {
             Some(LoraAdapter::new(
                 &vb.prefix(),
                 (in_features, out_features),
-                lora,
-                lora_dtype,
-                weight.device(),
-                rng,
+                build.lora,
+                build.lora_dtype,
+                vb.device(),
+                build.rng,
             )?)
         } else {
             None
@@ -65,7 +100,7 @@ impl Projection {
     fn forward(&self, x: &Tensor, dropout: Option<DropoutKey>) -> Result<Tensor> {
         let y = match &self.lora {
             Some(lora) => lora.project(x, &self.weight, dropout)?,
-            None => frozen::linear(x, &self.weight)?,
+            None => frozen::frozen_linear(x, &self.weight)?,
         };
         match &self.bias {
             Some(bias) => frozen::shift(&y, bias),
@@ -234,13 +269,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn new(
-        config: &ModelConfig,
-        vb: VarBuilder,
-        lora: &LoraConfig,
-        lora_dtype: DType,
-        rng: &mut Rng,
-    ) -> Result<Attention> {
+    fn new(config: &ModelConfig, vb: VarBuilder, build: &mut Build) -> Result<Attention> {
         let (hidden, heads, kv_heads, head_dim) = (
             config.hidden_size,
             config.num_attention_heads,
@@ -249,45 +278,16 @@ impl Attention {
         );
         let bias = config.qkv_bias;
         Ok(Attention {
-            q_proj: Projection::new(
-                &vb,
-                "q_proj",
-                hidden,
-                heads * head_dim,
-                bias,
-                lora,
-                lora_dtype,
-                rng,
-            )?,
-            k_proj: Projection::new(
-                &vb,
-                "k_proj",
-                hidden,
-                kv_heads * head_dim,
-                bias,
-                lora,
-                lora_dtype,
-                rng,
-            )?,
-            v_proj: Projection::new(
-                &vb,
-                "v_proj",
-                hidden,
-                kv_heads * head_dim,
-                bias,
-                lora,
-                lora_dtype,
-                rng,
-            )?,
+            q_proj: Projection::new(&vb, "q_proj", hidden, heads * head_dim, bias, build)?,
+            k_proj: Projection::new(&vb, "k_proj", hidden, kv_heads * head_dim, bias, build)?,
+            v_proj: Projection::new(&vb, "v_proj", hidden, kv_heads * head_dim, bias, build)?,
             o_proj: Projection::new(
                 &vb,
                 "o_proj",
                 heads * head_dim,
                 hidden,
                 config.o_bias,
-                lora,
-                lora_dtype,
-                rng,
+                build,
             )?,
             heads,
             kv_heads,
@@ -374,40 +374,16 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn new(
-        config: &ModelConfig,
-        vb: VarBuilder,
-        lora: &LoraConfig,
-        lora_dtype: DType,
-        rng: &mut Rng,
-    ) -> Result<Mlp> {
+    fn new(config: &ModelConfig, vb: VarBuilder, build: &mut Build) -> Result<Mlp> {
         let (hidden, inner, bias) = (
             config.hidden_size,
             config.intermediate_size,
             config.mlp_bias,
         );
         Ok(Mlp {
-            gate_proj: Projection::new(
-                &vb,
-                "gate_proj",
-                hidden,
-                inner,
-                bias,
-                lora,
-                lora_dtype,
-                rng,
-            )?,
-            up_proj: Projection::new(&vb, "up_proj", hidden, inner, bias, lora, lora_dtype, rng)?,
-            down_proj: Projection::new(
-                &vb,
-                "down_proj",
-                inner,
-                hidden,
-                bias,
-                lora,
-                lora_dtype,
-                rng,
-            )?,
+            gate_proj: Projection::new(&vb, "gate_proj", hidden, inner, bias, build)?,
+            up_proj: Projection::new(&vb, "up_proj", hidden, inner, bias, build)?,
+            down_proj: Projection::new(&vb, "down_proj", inner, hidden, bias, build)?,
         })
     }
 
@@ -431,26 +407,20 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn new(
-        config: &ModelConfig,
-        vb: VarBuilder,
-        lora: &LoraConfig,
-        lora_dtype: DType,
-        rng: &mut Rng,
-    ) -> Result<DecoderLayer> {
+    fn new(config: &ModelConfig, vb: VarBuilder, build: &mut Build) -> Result<DecoderLayer> {
         Ok(DecoderLayer {
             input_layernorm: RmsNorm::new(
                 vb.pp("input_layernorm"),
                 config.hidden_size,
                 config.rms_norm_eps,
             )?,
-            self_attn: Attention::new(config, vb.pp("self_attn"), lora, lora_dtype, rng)?,
+            self_attn: Attention::new(config, vb.pp("self_attn"), build)?,
             post_attention_layernorm: RmsNorm::new(
                 vb.pp("post_attention_layernorm"),
                 config.hidden_size,
                 config.rms_norm_eps,
             )?,
-            mlp: Mlp::new(config, vb.pp("mlp"), lora, lora_dtype, rng)?,
+            mlp: Mlp::new(config, vb.pp("mlp"), build)?,
         })
     }
 
@@ -487,24 +457,37 @@ pub struct Model {
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Tensor,
+    projections: QuantizationReport,
 }
 
 impl Model {
     /// Builds the model from checkpoint weights in `vb` and adds fresh LoRA adapters
-    /// (drawn from `rng`) in `lora_dtype`.
+    /// (drawn from `rng`) in `lora_dtype`. With a `base_quant`, the decoder layers' frozen
+    /// projections are held in that block format ([`crate::quantized`]).
     pub fn new(
         config: &ModelConfig,
         vb: VarBuilder,
         lora: &LoraConfig,
         lora_dtype: DType,
+        base_quant: BaseQuant,
         rng: &mut Rng,
     ) -> Result<Model> {
         let model_vb = vb.pp("model");
         let embed_tokens = model_vb
             .pp("embed_tokens")
             .get((config.vocab_size, config.hidden_size), "weight")?;
+        let mut build = Build {
+            lora,
+            lora_dtype,
+            base_quant,
+            rng,
+            report: QuantizationReport {
+                base_quant,
+                ..QuantizationReport::default()
+            },
+        };
         let layers = (0..config.num_hidden_layers)
-            .map(|i| DecoderLayer::new(config, model_vb.pp("layers").pp(i), lora, lora_dtype, rng))
+            .map(|i| DecoderLayer::new(config, model_vb.pp("layers").pp(i), &mut build))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(model_vb.pp("norm"), config.hidden_size, config.rms_norm_eps)?;
         let lm_head = if config.tie_word_embeddings {
@@ -519,11 +502,22 @@ impl Model {
             layers,
             norm,
             lm_head,
+            projections: build.report,
         })
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// What quantizing the base did, when it is quantized.
+    pub fn quantization(&self) -> Option<&QuantizationReport> {
+        Some(&self.projections).filter(|report| !report.base_quant.is_none())
+    }
+
+    /// How the decoder layers' frozen projections are held, and their bytes.
+    pub fn projection_report(&self) -> &QuantizationReport {
+        &self.projections
     }
 
     /// Logits of shape (batch, len, vocab) for `input_ids` (batch, len). `segments` gives

@@ -15,6 +15,7 @@ use crate::error::{Result, TrainerError};
 use crate::lora::LoraConfig;
 use crate::model::Model;
 use crate::optim::{self, AdamW};
+use crate::quantized::{BaseQuant, QuantizationReport};
 use crate::rng::{DropoutKey, Rng};
 use crate::{checkpoint, loader, peft};
 
@@ -69,6 +70,10 @@ pub struct TrainOptions {
     /// were unpacked and resume unpacked.)
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub packing: bool,
+    /// The decoder layers' frozen projections held quantized (QLoRA-style): `q4k` or
+    /// `q8_0`. (In the recipe only when set, so older runs resume unchanged.)
+    #[serde(skip_serializing_if = "BaseQuant::is_none")]
+    pub base_quant: BaseQuant,
 }
 
 fn is_zero(value: &f64) -> bool {
@@ -132,6 +137,7 @@ impl Default for TrainOptions {
             early_stopping_patience: None,
             early_stopping_min_delta: 0.0,
             packing: true,
+            base_quant: BaseQuant::None,
         }
     }
 }
@@ -273,6 +279,10 @@ pub struct Summary {
     pub packing: bool,
     #[serde(default)]
     pub packing_efficiency: f64,
+    /// How the frozen base was held, when it was quantized: trained against a quantized
+    /// base, as with QLoRA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<QuantizationReport>,
 }
 
 /// Receives progress; every method has a default so callers implement what they need.
@@ -585,8 +595,17 @@ pub fn train(
     observer.stage(Stage::ModelLoading);
     let lora = options.lora();
     let mut init_rng = Rng::new(options.seed);
-    let (model_config, model) =
-        loader::load_model(&model_dir, &lora, dtype, lora_dtype, &device, &mut init_rng)?;
+    let (model_config, model) = loader::load_model(
+        &model_dir,
+        &lora,
+        (dtype, options.base_quant),
+        lora_dtype,
+        &device,
+        &mut init_rng,
+    )?;
+    if let Some(report) = model.quantization() {
+        observer.notice(&report.message());
+    }
     model_config
         .check_sequence_length(options.max_seq_len)
         .map_err(TrainerError::Invalid)?;
@@ -849,6 +868,7 @@ pub fn train(
         stopped_early,
         packing: options.packing,
         packing_efficiency: tokens_seen as f64 / slots_computed.max(1) as f64,
+        quantization: model.quantization().cloned(),
     };
     let path = options.out.join("summary.json");
     std::fs::write(

@@ -26,6 +26,7 @@ fn cached_decoding_matches_the_full_forward_pass() -> Result<()> {
         vb,
         &LoraConfig::default(),
         DType::F64,
+        trainer::quantized::BaseQuant::None,
         &mut Rng::new(1),
     )?;
     let tokens = [3u32, 14, 15, 9, 2, 6];

@@ -55,7 +55,14 @@ pub fn tiny_f64_model(architecture: &str, tie: bool) -> candle_core::Result<Mode
         ..LoraConfig::default()
     };
     let mut rng = Rng::new(11);
-    let model = Model::new(&config, vb, &lora, DType::F64, &mut rng)?;
+    let model = Model::new(
+        &config,
+        vb,
+        &lora,
+        DType::F64,
+        trainer::quantized::BaseQuant::None,
+        &mut rng,
+    )?;
     // B starts at zero (so A's gradient would be zero): give it values for the check.
     for (name, parameter) in model.lora_parameters() {
         if name.ends_with("lora_B.weight") {
