@@ -11,10 +11,11 @@ use std::time::Instant;
 
 use chrono::Utc;
 use protocol::agent::{
-    ArtifactKind, ArtifactUpload, Assignment, AttemptOutcome, ExportFormat, FailureKind,
+    ArtifactKind, ArtifactUpload, Assignment, AttemptOutcome, BaseQuant, ExportFormat, FailureKind,
     GpuTelemetry, Hyperparameters, MetricReport, Report, Severity, Stage,
 };
 use tokio::sync::mpsc;
+use trainer::quantized::QuantizationReport;
 use trainer::train::{Control, DeviceChoice, Observer, PackingPlan, StepMetrics, TrainOptions};
 use trainer::TrainerError;
 
@@ -147,6 +148,11 @@ impl Observer for Reporter {
     /// With its figures as details, which the job page shows.
     fn packed(&mut self, plan: &PackingPlan) {
         self.push_notice(plan.message(), serde_json::to_value(plan).ok());
+    }
+
+    /// With the held and full-precision sizes as details, which the job page shows.
+    fn quantized(&mut self, report: &QuantizationReport) {
+        self.push_notice(report.message(), serde_json::to_value(report).ok());
     }
 
     fn checkpoint(&mut self, step: usize, dir: &Path) {
@@ -575,6 +581,11 @@ pub fn train_options(
         early_stopping_patience: recipe.early_stopping_patience.map(|n| n as usize),
         early_stopping_min_delta: recipe.early_stopping_min_delta.unwrap_or(0.0),
         packing: recipe.packing,
+        base_quant: match recipe.base_quant {
+            BaseQuant::None => trainer::quantized::BaseQuant::None,
+            BaseQuant::Q8_0 => trainer::quantized::BaseQuant::Q8_0,
+            BaseQuant::Q4k => trainer::quantized::BaseQuant::Q4k,
+        },
         ..TrainOptions::default()
     }
 }

@@ -113,6 +113,46 @@ pub struct Hyperparameters {
     /// unpacked, as it ran, so its checkpoints still resume.
     #[serde(default)]
     pub packing: bool,
+    /// How the frozen base's decoder projections are held (QLoRA-style when quantized).
+    #[serde(default)]
+    pub base_quant: BaseQuant,
+}
+
+/// How a job's frozen base weights are held: as they are, or quantized to a GGUF block
+/// format. LoRA weights and optimizer state stay f32 either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BaseQuant {
+    #[default]
+    #[serde(rename = "none")]
+    None,
+    /// 8.5 bits per weight.
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// 4.5 bits per weight (k-quant super-blocks of 256).
+    #[serde(rename = "q4k")]
+    Q4k,
+}
+
+impl BaseQuant {
+    pub const ALL: [BaseQuant; 3] = [BaseQuant::None, BaseQuant::Q8_0, BaseQuant::Q4k];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BaseQuant::None => "none",
+            BaseQuant::Q8_0 => "q8_0",
+            BaseQuant::Q4k => "q4k",
+        }
+    }
+
+    /// Bytes a quantized projection weight takes (a block's scales included); `None` when
+    /// the weight stays in the base dtype.
+    pub fn bytes_per_weight(self) -> Option<f64> {
+        match self {
+            BaseQuant::None => None,
+            BaseQuant::Q8_0 => Some(34.0 / 32.0),
+            BaseQuant::Q4k => Some(144.0 / 256.0),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -917,3 +917,43 @@ async fn a_packed_job_shows_its_packing_on_the_job_page() {
     );
     assert!(page.contains(&expected), "{expected:?} on the job page");
 }
+
+/// A quantized base through the platform: the job asks for q8_0, its agent trains on the
+/// quantized projections and reports their sizes (an event with its figures), the job
+/// page shows them and the trainer's summary records the quantization.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_on_a_quantized_base_shows_how_it_was_held() {
+    let (plane, api, _scratch, model, file) = setup(chat_jsonl(20)).await;
+    let mut settings = hyperparameters(1);
+    settings["base_quant"] = json!("q8_0");
+    let job = api.start_job(&file, "quantized", &model, settings).await;
+    let _agent = Agent::start(&plane, "worker", &["--spot-provider", "none"]);
+    let ended = api.wait_status(&job, "completed", LONG).await;
+    assert_eq!(ended["hyperparameters"]["base_quant"], "q8_0", "{ended}");
+
+    let events = api.get(&format!("/jobs/{job}/events?limit=200")).await;
+    let sizes = events["data"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .find(|e| e["details"]["held_bytes"].is_number())
+        .map(|e| e["details"].clone())
+        .expect("the quantization report's event");
+    let (held, dense) = (
+        sizes["held_bytes"].as_f64().expect("held"),
+        sizes["dense_bytes"].as_f64().expect("dense"),
+    );
+    // f32 weights held as q8_0 blocks: 34 bytes for every 32 weights of 4 bytes.
+    assert!((held / dense - 34.0 / 128.0).abs() < 1e-9, "{sizes}");
+
+    let files = api.download_artifacts(&job).await;
+    let summary: Value =
+        serde_json::from_slice(&published(&files, "summary.json")).expect("summary");
+    assert_eq!(summary["quantization"]["base_quant"], "q8_0", "{summary}");
+
+    let page = api.page(&format!("/training/job/{job}")).await;
+    assert!(
+        page.contains("Base: decoder projections quantized to q8_0"),
+        "the job page says how the base was held"
+    );
+}

@@ -294,6 +294,10 @@ pub trait Observer {
     fn notice(&mut self, _message: &str) {}
     /// How the training examples were packed (before the first step of a packed run).
     fn packed(&mut self, _plan: &PackingPlan) {}
+    /// How the frozen base is held, when it is quantized (before the first step).
+    fn quantized(&mut self, report: &QuantizationReport) {
+        self.notice(&report.message());
+    }
     fn checkpoint(&mut self, _step: usize, _dir: &Path) {}
 }
 
@@ -604,7 +608,7 @@ pub fn train(
         &mut init_rng,
     )?;
     if let Some(report) = model.quantization() {
-        observer.notice(&report.message());
+        observer.quantized(report);
     }
     model_config
         .check_sequence_length(options.max_seq_len)

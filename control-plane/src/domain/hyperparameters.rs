@@ -5,6 +5,7 @@ use serde_json::{Map, Value};
 
 use crate::configuration::Limits;
 
+use protocol::agent::BaseQuant;
 use protocol::LORA_TARGET_MODULES;
 
 /// The one definition, shared with the agent, which hands it to the trainer.
@@ -112,6 +113,7 @@ pub fn resolve(
     });
     let keep_best = field.boolean(get("keep_best"), "keep_best", false);
     let packing = field.boolean(get("packing"), "packing", true);
+    let base_quant = field.base_quant(get("base_quant"));
 
     if !errors.is_empty() {
         return Err(errors);
@@ -133,10 +135,11 @@ pub fn resolve(
         early_stopping_min_delta,
         keep_best,
         packing,
+        base_quant,
     })
 }
 
-const FIELDS: [&str; 16] = [
+const FIELDS: [&str; 17] = [
     "rank",
     "lora_alpha",
     "lora_dropout",
@@ -153,6 +156,7 @@ const FIELDS: [&str; 16] = [
     "early_stopping_min_delta",
     "keep_best",
     "packing",
+    "base_quant",
 ];
 
 struct Field<'a> {
@@ -217,6 +221,26 @@ impl Field<'_> {
             None => {
                 self.errors.push(FieldError::new(name, "must be a number"));
                 default
+            }
+        }
+    }
+
+    fn base_quant(&mut self, value: Option<&Value>) -> BaseQuant {
+        let Some(value) = value else {
+            return BaseQuant::None;
+        };
+        match BaseQuant::ALL
+            .into_iter()
+            .find(|quant| value.as_str() == Some(quant.name()))
+        {
+            Some(quant) => quant,
+            None => {
+                let names: Vec<&str> = BaseQuant::ALL.iter().map(|q| q.name()).collect();
+                self.errors.push(FieldError::new(
+                    "base_quant",
+                    format!("unknown {value}; known: {}", names.join(", ")),
+                ));
+                BaseQuant::None
             }
         }
     }
@@ -287,7 +311,7 @@ mod tests {
     fn every_bad_field_is_named() {
         let overrides = object(json!({
             "rank": 0, "lora_dropout": 1.5, "learning_rate": "fast", "epochs": 2.5,
-            "target_modules": ["q_proj", "lm_head"], "colour": "blue"
+            "target_modules": ["q_proj", "lm_head"], "colour": "blue", "base_quant": "q3k"
         }));
         let errors = resolve(&Map::new(), &overrides, &Limits::default()).expect_err("invalid");
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
@@ -299,9 +323,26 @@ mod tests {
                 "lora_dropout",
                 "learning_rate",
                 "epochs",
-                "target_modules"
+                "target_modules",
+                "base_quant"
             ]
         );
+        let quant = errors.last().expect("base_quant error");
+        assert_eq!(quant.message, "unknown \"q3k\"; known: none, q8_0, q4k");
+    }
+
+    #[test]
+    fn the_base_is_held_as_asked_and_full_precision_by_default() {
+        let limits = Limits::default();
+        let default = resolve(&Map::new(), &Map::new(), &limits).expect("valid");
+        assert_eq!(default.base_quant, BaseQuant::None);
+        let quantized =
+            resolve(&Map::new(), &object(json!({"base_quant": "q4k"})), &limits).expect("valid");
+        assert_eq!(quantized.base_quant, BaseQuant::Q4k);
+        let stored: Hyperparameters =
+            serde_json::from_value(serde_json::to_value(&quantized).expect("serializes"))
+                .expect("reads back");
+        assert_eq!(stored.base_quant, BaseQuant::Q4k);
     }
 
     #[test]

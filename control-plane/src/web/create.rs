@@ -328,6 +328,9 @@ struct ConfigureForm {
     keep_best: Option<String>,
     /// A checkbox, ticked by default: pack training examples into rows.
     packing: Option<String>,
+    /// How the frozen base is held: none, q8_0 or q4k.
+    #[serde(default)]
+    base_quant: String,
 }
 
 impl ConfigureForm {
@@ -359,6 +362,10 @@ impl ConfigureForm {
         }
         // The form always holds the box, so an unticked one turns packing off.
         map.insert("packing".into(), Value::Bool(self.packing.is_some()));
+        let base_quant = self.base_quant.trim();
+        if !base_quant.is_empty() {
+            map.insert("base_quant".into(), Value::from(base_quant));
+        }
         map
     }
 

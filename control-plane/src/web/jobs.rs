@@ -331,6 +331,8 @@ struct JobPage {
     quality: Option<(String, String)>,
     /// How training batches conversations: padded, or packed and how well.
     batching: Option<String>,
+    /// How the frozen base is held, when the job quantizes it.
+    base_weights: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -365,6 +367,7 @@ async fn job_detail(
         })
     });
     let batching = batching(&job, &recent);
+    let base_weights = base_weights(&job, &recent);
     let live = job_live_view(&state, job).await?;
     let status = live.job.status;
     let page = JobPage {
@@ -379,6 +382,7 @@ async fn job_detail(
         notice: notice.notice,
         quality,
         batching,
+        base_weights,
         live_html: live
             .render()
             .map_err(|e| ServiceError::Internal(e.to_string()))?,
@@ -414,6 +418,30 @@ fn batching(job: &Job, events: &[Event]) -> Option<String> {
         None => format!("packed into rows of up to {max_seq_len} tokens"),
     })
 }
+
+/// How a quantized job holds its frozen base, from its hyperparameters and the
+/// quantization report its agent sent (an event whose details hold the sizes).
+fn base_weights(job: &Job, events: &[Event]) -> Option<String> {
+    let quant = job.hyperparameters.as_ref()?.base_quant;
+    quant.bytes_per_weight()?;
+    let sizes = events.iter().find_map(|event| {
+        let details = event.details.as_ref()?;
+        let bytes = |key: &str| details.get(key).and_then(serde_json::Value::as_f64);
+        Some((bytes("held_bytes")?, bytes("dense_bytes")?))
+    });
+    let name = quant.name();
+    Some(match sizes {
+        Some((held, dense)) => format!(
+            "decoder projections quantized to {name}: {:.1} MiB instead of {:.1} MiB ({:.0}%); the adapter was trained against this quantized base, as with QLoRA",
+            held / MIB,
+            dense / MIB,
+            100.0 * held / dense.max(1.0)
+        ),
+        None => format!("decoder projections quantized to {name} (sizes once training starts)"),
+    })
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
 
 /// The live region alone, fetched by the page's script when the stream says it changed.
 async fn job_live(
