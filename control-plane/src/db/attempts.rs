@@ -88,6 +88,16 @@ pub async fn for_job(db: &Db, job_id: Uuid) -> Result<Vec<Attempt>, DbError> {
     Ok(on_pool!(db, pool => sqlx::query_as::<_, Attempt>(&sql).bind(job_id).fetch_all(pool).await)?)
 }
 
+/// Every attempt of the job that attempt `id` belongs to, in order: one read where a
+/// caller needs the attempt and its job's cost. Empty when there is no such attempt.
+pub async fn with_siblings(db: &Db, id: Uuid) -> Result<Vec<Attempt>, DbError> {
+    let sql = format!(
+        "SELECT {ATTEMPT_COLUMNS} FROM job_attempts
+         WHERE job_id = (SELECT job_id FROM job_attempts WHERE id = $1) ORDER BY attempt_number"
+    );
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, Attempt>(&sql).bind(id).fetch_all(pool).await)?)
+}
+
 /// The number the job's next attempt takes.
 pub async fn next_number(db: &Db, job_id: Uuid) -> Result<i64, DbError> {
     let (number,): (i64,) = on_pool!(db, pool => sqlx::query_as(

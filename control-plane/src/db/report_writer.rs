@@ -80,19 +80,36 @@ async fn commit_group(pool: &SqlitePool, group: Vec<(AttemptReports, Reply)>) {
         Err(error) => return answer_all(group, error),
     };
     let mut outcomes = Vec::with_capacity(group.len());
-    for (batch, _) in &group {
-        let stored = async {
-            let mut savepoint = sqlx::Acquire::begin(&mut *tx).await?;
-            let outcome = store_reports!(&mut savepoint, batch).await?;
-            savepoint.commit().await?;
-            Ok::<_, sqlx::Error>(outcome)
+    if let [(batch, _)] = group.as_slice() {
+        // Alone, a batch needs no savepoint: its failure rolls the transaction back, and
+        // its agent hears its own error, as with one.
+        outcomes.push(store_reports!(&mut tx, batch).await);
+        if outcomes[0].is_err() {
+            drop(tx);
+            return answer_each(group, outcomes);
         }
-        .await;
-        outcomes.push(stored);
+    } else {
+        for (batch, _) in &group {
+            let stored = async {
+                let mut savepoint = sqlx::Acquire::begin(&mut *tx).await?;
+                let outcome = store_reports!(&mut savepoint, batch).await?;
+                savepoint.commit().await?;
+                Ok::<_, sqlx::Error>(outcome)
+            }
+            .await;
+            outcomes.push(stored);
+        }
     }
     if let Err(error) = tx.commit().await {
         return answer_all(group, error);
     }
+    answer_each(group, outcomes);
+}
+
+fn answer_each(
+    group: Vec<(AttemptReports, Reply)>,
+    outcomes: Vec<Result<ReportOutcome, sqlx::Error>>,
+) {
     for ((_, reply), outcome) in group.into_iter().zip(outcomes) {
         // An agent that hung up resends; its batch is stored either way.
         let _ = reply.send(outcome.map_err(DbError::from));

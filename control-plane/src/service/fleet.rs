@@ -267,7 +267,13 @@ pub async fn reports(
     attempt_id: Uuid,
     batch: &ReportBatch,
 ) -> ServiceResult<ReportReply> {
-    let attempt = own_attempt(state, agent, attempt_id).await?;
+    // The attempt and its job's other attempts in one read: the job's cost sums them all.
+    let siblings = attempts::with_siblings(&state.db, attempt_id).await?;
+    let attempt = siblings
+        .iter()
+        .find(|attempt| attempt.id == attempt_id && attempt.agent_id == Some(agent.id))
+        .cloned()
+        .ok_or(ServiceError::NotFound("attempt"))?;
     // One read of the job answers both whether to stop and whether training has begun.
     let job = match attempt.ended_at {
         Some(_) => None,
@@ -327,7 +333,7 @@ pub async fn reports(
         }
     }
     let at = now();
-    let cost = attempts::job_cost(&state.db, attempt.job_id, at).await?;
+    let cost: f64 = siblings.iter().map(|a| a.cost_at(at)).sum();
     let step_seconds = latest.map(|m| {
         let done = m
             .step
