@@ -52,14 +52,36 @@ impl FromRequestParts<AppState> for CurrentAgent {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let secret = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or(ServiceError::Unauthorized)?;
-        fleet::authenticate(state, secret).await.map(CurrentAgent)
+        fleet::authenticate(state, bearer_secret(parts)?)
+            .await
+            .map(CurrentAgent)
     }
+}
+
+/// The asking agent's id alone, which the report path needs: known without a read once
+/// this replica has seen the agent.
+pub struct CurrentAgentId(pub Uuid);
+
+impl FromRequestParts<AppState> for CurrentAgentId {
+    type Rejection = ServiceError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        fleet::authenticate_id(state, bearer_secret(parts)?)
+            .await
+            .map(CurrentAgentId)
+    }
+}
+
+fn bearer_secret(parts: &Parts) -> Result<&str, ServiceError> {
+    parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(ServiceError::Unauthorized)
 }
 
 /// Records the agent's telemetry; tells it whether to stop its current attempt.
@@ -156,11 +178,11 @@ async fn checkpoint_archive(
     responses((status = 200, body = Object, description = "protocol::agent::ReportReply"), (status = 404, body = ErrorBody)))]
 async fn reports(
     State(state): State<AppState>,
-    CurrentAgent(agent): CurrentAgent,
+    CurrentAgentId(agent_id): CurrentAgentId,
     ApiPath(id): ApiPath<Uuid>,
     ApiJson(batch): ApiJson<ReportBatch>,
 ) -> ServiceResult<Json<ReportReply>> {
-    Ok(Json(fleet::reports(&state, &agent, id, &batch).await?))
+    Ok(Json(fleet::reports(&state, agent_id, id, &batch).await?))
 }
 
 #[derive(Serialize, ToSchema)]

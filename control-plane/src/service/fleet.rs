@@ -28,6 +28,43 @@ use crate::domain::{AgentStatus, EventType, FieldError, JobStatus, Severity};
 use crate::live::JobUpdate;
 use crate::storage::{Download, StorageError};
 
+/// Agent ids by the hash of their secret, as this replica has met them. An agent's secret
+/// never changes and agents are never removed, so an entry never goes stale; the report
+/// path, the busiest an agent calls, then needs no read to know who is asking.
+#[derive(Default)]
+pub struct KnownAgents(std::sync::RwLock<std::collections::HashMap<String, Uuid>>);
+
+impl KnownAgents {
+    /// Past this many agents the map starts over rather than grow.
+    const MAX: usize = 10_000;
+
+    fn get(&self, secret_hash: &str) -> Option<Uuid> {
+        self.0.read().ok()?.get(secret_hash).copied()
+    }
+
+    fn insert(&self, secret_hash: String, id: Uuid) {
+        if let Ok(mut known) = self.0.write() {
+            if known.len() >= Self::MAX {
+                known.clear();
+            }
+            known.insert(secret_hash, id);
+        }
+    }
+}
+
+/// The id of the agent a secret belongs to, from memory once it has been seen.
+pub async fn authenticate_id(state: &AppState, secret: &str) -> ServiceResult<Uuid> {
+    let secret_hash = token_hash(secret.trim());
+    if let Some(id) = state.known_agents.get(&secret_hash) {
+        return Ok(id);
+    }
+    let agent = agents::authenticate(&state.db, &secret_hash)
+        .await?
+        .ok_or(ServiceError::Unauthorized)?;
+    state.known_agents.insert(secret_hash, agent.id);
+    Ok(agent.id)
+}
+
 /// The agent a secret belongs to.
 pub async fn authenticate(state: &AppState, secret: &str) -> ServiceResult<Agent> {
     agents::authenticate(&state.db, &token_hash(secret.trim()))
@@ -263,7 +300,7 @@ fn metric_point(metric: &protocol::agent::MetricReport) -> MetricPoint {
 /// training. The reply says whether to stop.
 pub async fn reports(
     state: &AppState,
-    agent: &Agent,
+    agent_id: Uuid,
     attempt_id: Uuid,
     batch: &ReportBatch,
 ) -> ServiceResult<ReportReply> {
@@ -271,7 +308,7 @@ pub async fn reports(
     let siblings = attempts::with_siblings(&state.db, attempt_id).await?;
     let attempt = siblings
         .iter()
-        .find(|attempt| attempt.id == attempt_id && attempt.agent_id == Some(agent.id))
+        .find(|attempt| attempt.id == attempt_id && attempt.agent_id == Some(agent_id))
         .cloned()
         .ok_or(ServiceError::NotFound("attempt"))?;
     // One read of the job answers both whether to stop and whether training has begun.

@@ -57,6 +57,7 @@ pub struct AppState {
     pub signing_key: Arc<str>,
     /// Wakes claims waiting for work when a job is queued on this replica.
     pub work_available: Arc<tokio::sync::Notify>,
+    pub known_agents: Arc<fleet::KnownAgents>,
 }
 
 pub const MAX_PAGE_SIZE: i64 = 500;

@@ -173,6 +173,25 @@ async fn the_agent_protocol_needs_the_agent_secret(backend: Backend) {
         .await
         .expect("claim");
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    // Report batches know the agent from memory once seen; other secrets are still refused.
+    let report = |bearer: String| {
+        app.client
+            .post(app.url(&format!(
+                "/api/v1/agent/attempts/{}/reports",
+                uuid::Uuid::new_v4()
+            )))
+            .bearer_auth(bearer)
+            .json(&json!({"reports": []}))
+            .send()
+    };
+    for (bearer, expected) in [
+        (secret.clone(), StatusCode::NOT_FOUND),
+        (secret.clone(), StatusCode::NOT_FOUND),
+        (user.token.clone(), StatusCode::UNAUTHORIZED),
+        (format!("{secret}x"), StatusCode::UNAUTHORIZED),
+    ] {
+        assert_eq!(report(bearer).await.expect("report").status(), expected);
+    }
     // Another agent's attempt is not found.
     let response = app
         .client
