@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use chrono::Utc;
 use protocol::agent::{
-    ArtifactKind, ArtifactUpload, Assignment, AttemptOutcome, BaseQuant, ExportFormat, FailureKind,
+    ArtifactKind, ArtifactUpload, Assignment, AttemptOutcome, ExportFormat, FailureKind,
     GpuTelemetry, Hyperparameters, MetricReport, Report, Severity, Stage,
 };
 use tokio::sync::mpsc;
@@ -581,11 +581,7 @@ pub fn train_options(
         early_stopping_patience: recipe.early_stopping_patience.map(|n| n as usize),
         early_stopping_min_delta: recipe.early_stopping_min_delta.unwrap_or(0.0),
         packing: recipe.packing,
-        base_quant: match recipe.base_quant {
-            BaseQuant::None => trainer::quantized::BaseQuant::None,
-            BaseQuant::Q8_0 => trainer::quantized::BaseQuant::Q8_0,
-            BaseQuant::Q4k => trainer::quantized::BaseQuant::Q4k,
-        },
+        base_quant: recipe.base_quant,
         ..TrainOptions::default()
     }
 }

@@ -118,23 +118,27 @@ pub struct Hyperparameters {
     pub base_quant: BaseQuant,
 }
 
-/// How a job's frozen base weights are held: as they are, or quantized to a GGUF block
-/// format. LoRA weights and optimizer state stay f32 either way.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// How a job's frozen base weights are held (`--base-quant` to the trainer): as they are,
+/// or the decoder projections quantized to a GGUF block format. LoRA weights and optimizer
+/// state stay f32 either way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum BaseQuant {
+    /// In the base dtype (bf16 or f32).
     #[default]
     #[serde(rename = "none")]
     None,
-    /// 8.5 bits per weight.
+    /// 8-bit blocks of 32 weights with an f16 scale: 8.5 bits a weight.
     #[serde(rename = "q8_0")]
     Q8_0,
-    /// 4.5 bits per weight (k-quant super-blocks of 256).
+    /// 4-bit k-quant super-blocks of 256 weights: 4.5 bits a weight. Projections whose
+    /// input width is not a multiple of 256 fall back to q5_0 (blocks of 32), as
+    /// llama.cpp's quantizer does.
     #[serde(rename = "q4k")]
     Q4k,
 }
 
 impl BaseQuant {
-    pub const ALL: [BaseQuant; 3] = [BaseQuant::None, BaseQuant::Q8_0, BaseQuant::Q4k];
+    pub const NAMES: [&'static str; 3] = ["none", "q8_0", "q4k"];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -142,6 +146,10 @@ impl BaseQuant {
             BaseQuant::Q8_0 => "q8_0",
             BaseQuant::Q4k => "q4k",
         }
+    }
+
+    pub fn is_none(&self) -> bool {
+        *self == BaseQuant::None
     }
 
     /// Bytes a quantized projection weight takes (a block's scales included); `None` when
@@ -152,6 +160,23 @@ impl BaseQuant {
             BaseQuant::Q8_0 => Some(34.0 / 32.0),
             BaseQuant::Q4k => Some(144.0 / 256.0),
         }
+    }
+}
+
+impl std::fmt::Display for BaseQuant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for BaseQuant {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        [BaseQuant::None, BaseQuant::Q8_0, BaseQuant::Q4k]
+            .into_iter()
+            .find(|quant| quant.name() == text)
+            .ok_or_else(|| format!("unknown {text:?}; known: {}", BaseQuant::NAMES.join(", ")))
     }
 }
 

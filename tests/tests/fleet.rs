@@ -40,6 +40,19 @@ async fn setup(
     (plane, api, scratch, model, file)
 }
 
+/// The details of the job's event that reports the figure `key` (the agent's packing plan,
+/// its quantization report).
+async fn event_details(api: &Api, job: &str, key: &str) -> Value {
+    let events = api.get(&format!("/jobs/{job}/events?limit=200")).await;
+    events["data"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .find(|e| e["details"][key].is_number())
+        .map(|e| e["details"].clone())
+        .unwrap_or_else(|| panic!("an event with {key} in its details"))
+}
+
 /// The bytes of the downloaded artifact named `name`.
 fn published(files: &[(String, Vec<u8>)], name: &str) -> Vec<u8> {
     files
@@ -884,14 +897,7 @@ async fn a_packed_job_shows_its_packing_on_the_job_page() {
     let ended = api.wait_status(&job, "completed", LONG).await;
     assert_eq!(ended["hyperparameters"]["packing"], true, "{ended}");
 
-    let events = api.get(&format!("/jobs/{job}/events?limit=200")).await;
-    let plan = events["data"]
-        .as_array()
-        .expect("events")
-        .iter()
-        .find(|e| e["details"]["packing_efficiency"].is_number())
-        .map(|e| e["details"].clone())
-        .expect("the packing plan's event");
+    let plan = event_details(&api, &job, "packing_efficiency").await;
     let (conversations, rows) = (
         plan["conversations"].as_u64().expect("conversations"),
         plan["rows"].as_u64().expect("rows"),
@@ -931,14 +937,7 @@ async fn a_job_on_a_quantized_base_shows_how_it_was_held() {
     let ended = api.wait_status(&job, "completed", LONG).await;
     assert_eq!(ended["hyperparameters"]["base_quant"], "q8_0", "{ended}");
 
-    let events = api.get(&format!("/jobs/{job}/events?limit=200")).await;
-    let sizes = events["data"]
-        .as_array()
-        .expect("events")
-        .iter()
-        .find(|e| e["details"]["held_bytes"].is_number())
-        .map(|e| e["details"].clone())
-        .expect("the quantization report's event");
+    let sizes = event_details(&api, &job, "held_bytes").await;
     let (held, dense) = (
         sizes["held_bytes"].as_f64().expect("held"),
         sizes["dense_bytes"].as_f64().expect("dense"),

@@ -50,7 +50,7 @@ impl Projection {
     ) -> Result<Projection> {
         let vb = vb.pp(name);
         let shape = (out_features, in_features);
-        let weight = match build.base_quant.format_for(in_features) {
+        let weight = match crate::quantized::block_format(build.base_quant, in_features) {
             // Read in f32 on the host and quantized tile by tile onto the device: the
             // full-precision weight never reaches the device.
             Some(format) => {

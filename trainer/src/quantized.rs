@@ -10,7 +10,6 @@
 //! the language model head stay in the base dtype).
 
 use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -21,79 +20,21 @@ use serde::{Deserialize, Serialize};
 /// (16 MiB in f32) while keeping each tile's matmul large enough to run at speed.
 pub const TILE_WEIGHTS: usize = 1 << 22;
 
-/// How the frozen projections of the base model are stored during training.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum BaseQuant {
-    /// In the base dtype (bf16 or f32).
-    #[default]
-    #[serde(rename = "none")]
-    None,
-    /// 8-bit blocks of 32 weights with an f16 scale: 8.5 bits a weight.
-    #[serde(rename = "q8_0")]
-    Q8_0,
-    /// 4-bit k-quant super-blocks of 256 weights: 4.5 bits a weight. Projections whose
-    /// input width is not a multiple of 256 fall back to q5_0 (blocks of 32), as
-    /// llama.cpp's quantizer does.
-    #[serde(rename = "q4k")]
-    Q4k,
-}
+/// How the frozen projections are held: the job's setting, one definition with the wire.
+pub use protocol::agent::BaseQuant;
 
-impl BaseQuant {
-    pub const NAMES: [&'static str; 3] = ["none", "q8_0", "q4k"];
-
-    pub fn is_none(&self) -> bool {
-        *self == BaseQuant::None
-    }
-
-    /// The block format for a projection with `in_features` inputs: this setting's, a
-    /// fallback when the blocks do not tile a row, or `None` (kept in the base dtype).
-    pub fn format_for(&self, in_features: usize) -> Option<GgmlDType> {
-        let candidates: &[GgmlDType] = match self {
-            BaseQuant::None => &[],
-            BaseQuant::Q8_0 => &[GgmlDType::Q8_0],
-            BaseQuant::Q4k => &[GgmlDType::Q4K, GgmlDType::Q5_0],
-        };
-        candidates
-            .iter()
-            .copied()
-            .find(|format| in_features.is_multiple_of(format.block_size()))
-    }
-
-    /// Bytes a (out, in) weight takes in this format (`dense_bytes` per weight when it
-    /// stays dense): what the scheduler's memory estimate needs.
-    pub fn weight_bytes(&self, out_features: usize, in_features: usize, dense_bytes: f64) -> f64 {
-        let weights = (out_features * in_features) as f64;
-        match self.format_for(in_features) {
-            Some(format) => weights * format.type_size() as f64 / format.block_size() as f64,
-            None => weights * dense_bytes,
-        }
-    }
-}
-
-impl fmt::Display for BaseQuant {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            BaseQuant::None => "none",
-            BaseQuant::Q8_0 => "q8_0",
-            BaseQuant::Q4k => "q4k",
-        })
-    }
-}
-
-impl FromStr for BaseQuant {
-    type Err = String;
-
-    fn from_str(text: &str) -> std::result::Result<Self, String> {
-        match text {
-            "none" => Ok(BaseQuant::None),
-            "q8_0" => Ok(BaseQuant::Q8_0),
-            "q4k" => Ok(BaseQuant::Q4k),
-            other => Err(format!(
-                "unknown base quantization {other:?}: use one of {}",
-                BaseQuant::NAMES.join(", ")
-            )),
-        }
-    }
+/// The block format for a projection with `in_features` inputs under `quant`: its own, a
+/// fallback when its blocks do not tile a row, or `None` (kept in the base dtype).
+pub fn block_format(quant: BaseQuant, in_features: usize) -> Option<GgmlDType> {
+    let candidates: &[GgmlDType] = match quant {
+        BaseQuant::None => &[],
+        BaseQuant::Q8_0 => &[GgmlDType::Q8_0],
+        BaseQuant::Q4k => &[GgmlDType::Q4K, GgmlDType::Q5_0],
+    };
+    candidates
+        .iter()
+        .copied()
+        .find(|format| in_features.is_multiple_of(format.block_size()))
 }
 
 /// A frozen (out, in) weight as row tiles in one block format.
@@ -278,15 +219,26 @@ mod tests {
 
     #[test]
     fn q4k_falls_back_to_q5_0_where_super_blocks_do_not_tile_a_row() {
-        assert_eq!(BaseQuant::Q4k.format_for(512), Some(GgmlDType::Q4K));
-        assert_eq!(BaseQuant::Q4k.format_for(896), Some(GgmlDType::Q5_0));
-        assert_eq!(BaseQuant::Q4k.format_for(100), None);
-        assert_eq!(BaseQuant::Q8_0.format_for(96), Some(GgmlDType::Q8_0));
-        assert_eq!(BaseQuant::None.format_for(512), None);
-        // 144 bytes per 256 weights; 34 per 32.
-        assert_eq!(BaseQuant::Q4k.weight_bytes(2, 256, 2.0), 288.0);
-        assert_eq!(BaseQuant::Q8_0.weight_bytes(1, 64, 2.0), 68.0);
-        assert_eq!(BaseQuant::None.weight_bytes(1, 64, 2.0), 128.0);
+        assert_eq!(block_format(BaseQuant::Q4k, 512), Some(GgmlDType::Q4K));
+        assert_eq!(block_format(BaseQuant::Q4k, 896), Some(GgmlDType::Q5_0));
+        assert_eq!(block_format(BaseQuant::Q4k, 100), None);
+        assert_eq!(block_format(BaseQuant::Q8_0, 96), Some(GgmlDType::Q8_0));
+        assert_eq!(block_format(BaseQuant::None, 512), None);
+    }
+
+    /// The sizes the scheduler's estimate assumes are candle's blocks: 144 bytes per 256
+    /// weights, 34 per 32.
+    #[test]
+    fn the_wire_sizes_are_the_block_formats_sizes() {
+        for quant in [BaseQuant::Q8_0, BaseQuant::Q4k] {
+            let format = block_format(quant, 256).expect("a block format");
+            assert_eq!(
+                quant.bytes_per_weight(),
+                Some(format.type_size() as f64 / format.block_size() as f64),
+                "{quant}"
+            );
+        }
+        assert_eq!(BaseQuant::None.bytes_per_weight(), None);
     }
 
     #[test]

@@ -229,16 +229,12 @@ impl Field<'_> {
         let Some(value) = value else {
             return BaseQuant::None;
         };
-        match BaseQuant::ALL
-            .into_iter()
-            .find(|quant| value.as_str() == Some(quant.name()))
-        {
-            Some(quant) => quant,
-            None => {
-                let names: Vec<&str> = BaseQuant::ALL.iter().map(|q| q.name()).collect();
+        match value.as_str().map(str::parse::<BaseQuant>) {
+            Some(Ok(quant)) => quant,
+            _ => {
                 self.errors.push(FieldError::new(
                     "base_quant",
-                    format!("unknown {value}; known: {}", names.join(", ")),
+                    format!("unknown {value}; known: {}", BaseQuant::NAMES.join(", ")),
                 ));
                 BaseQuant::None
             }

@@ -76,12 +76,7 @@ impl FromRequestParts<AppState> for CurrentAgentId {
 }
 
 fn bearer_secret(parts: &Parts) -> Result<&str, ServiceError> {
-    parts
-        .headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(ServiceError::Unauthorized)
+    crate::request::bearer_token(&parts.headers).ok_or(ServiceError::Unauthorized)
 }
 
 /// Records the agent's telemetry; tells it whether to stop its current attempt.

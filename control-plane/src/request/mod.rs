@@ -16,15 +16,18 @@ pub const SESSION_COOKIE: &str = "lora_session";
 
 /// The credential a request carries: `Authorization: Bearer`, else the session cookie.
 pub fn credential(headers: &HeaderMap) -> Option<Credential> {
-    if let Some(value) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    {
-        return value
-            .strip_prefix("Bearer ")
-            .map(|token| Credential::Bearer(token.trim().to_owned()));
+    if headers.contains_key(header::AUTHORIZATION) {
+        return bearer_token(headers).map(|token| Credential::Bearer(token.trim().to_owned()));
     }
     session_cookie(headers).map(Credential::Session)
+}
+
+/// The token of an `Authorization: Bearer` header (users' API tokens, agents' secrets).
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
 }
 
 pub fn session_cookie(headers: &HeaderMap) -> Option<String> {

@@ -423,7 +423,9 @@ fn batching(job: &Job, events: &[Event]) -> Option<String> {
 /// quantization report its agent sent (an event whose details hold the sizes).
 fn base_weights(job: &Job, events: &[Event]) -> Option<String> {
     let quant = job.hyperparameters.as_ref()?.base_quant;
-    quant.bytes_per_weight()?;
+    if quant.is_none() {
+        return None;
+    }
     let sizes = events.iter().find_map(|event| {
         let details = event.details.as_ref()?;
         let bytes = |key: &str| details.get(key).and_then(serde_json::Value::as_f64);
