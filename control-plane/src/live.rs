@@ -3,11 +3,14 @@
 //! Writers publish after their transaction commits. On SQLite (one server) an update goes
 //! straight to this process's subscribers. On PostgreSQL it goes out with `pg_notify`, and
 //! every replica, this one included, forwards what it hears on `LISTEN` to its subscribers,
-//! so a client connected to any replica sees every replica's writes.
+//! so a client connected to any replica sees every replica's writes. The notifications
+//! are sent by one task per process, in the order they were published: a writer hands
+//! its updates over and answers its caller without waiting for their round trip, and
+//! updates published together while that task was busy go out in one statement.
 
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgListener;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use uuid::Uuid;
 
 use crate::db::events::Event;
@@ -18,6 +21,10 @@ use crate::db::Db;
 const CHANNEL: &str = "lora_job_updates";
 /// PostgreSQL refuses NOTIFY payloads of 8000 bytes or more.
 const MAX_NOTIFY_BYTES: usize = 7900;
+/// Publications waiting for the notifying task before publishers wait for it in turn.
+const NOTIFY_QUEUE: usize = 4096;
+/// Publications one notifying statement takes at most.
+const PUBLICATIONS_PER_NOTIFY: usize = 256;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -76,12 +83,27 @@ impl JobUpdate {
 pub struct LiveUpdates {
     sender: broadcast::Sender<JobUpdate>,
     db: Db,
+    /// On PostgreSQL, the notifying task's queue.
+    notifier: Option<mpsc::Sender<Vec<JobUpdate>>>,
 }
 
 impl LiveUpdates {
+    /// On PostgreSQL it spawns the notifying task, which ends with the last clone.
     pub fn new(db: Db) -> LiveUpdates {
         let (sender, _) = broadcast::channel(1024);
-        LiveUpdates { sender, db }
+        let notifier = match &db {
+            Db::Sqlite(_) => None,
+            Db::Postgres(pool) => {
+                let (notifier, queue) = mpsc::channel(NOTIFY_QUEUE);
+                tokio::spawn(notify_in_order(pool.clone(), queue));
+                Some(notifier)
+            }
+        };
+        LiveUpdates {
+            sender,
+            db,
+            notifier,
+        }
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<JobUpdate> {
@@ -92,39 +114,21 @@ impl LiveUpdates {
         self.publish_all(vec![update]).await;
     }
 
-    /// Publishes `updates` in order. On PostgreSQL they go out as one statement, so a
-    /// report batch costs one write transaction however many points it carries.
+    /// Publishes `updates` in order.
     pub async fn publish_all(&self, updates: Vec<JobUpdate>) {
-        match &self.db {
-            crate::db::Db::Sqlite(_) => {
+        if updates.is_empty() {
+            return;
+        }
+        match &self.notifier {
+            None => {
                 for update in updates {
                     // No subscriber is not an error.
                     let _ = self.sender.send(update);
                 }
             }
-            crate::db::Db::Postgres(pool) => {
-                if updates.is_empty() {
-                    return;
-                }
-                let payloads: Vec<String> = updates
-                    .into_iter()
-                    .map(|update| match serde_json::to_string(&update) {
-                        Ok(text) if text.len() <= MAX_NOTIFY_BYTES => text,
-                        _ => serde_json::to_string(&update.slimmed()).unwrap_or_default(),
-                    })
-                    .collect();
-                // `WITH ORDINALITY … ORDER BY` keeps the notifications in the given order.
-                if let Err(error) = sqlx::query(
-                    "SELECT pg_notify($1, payload)
-                     FROM unnest($2::text[]) WITH ORDINALITY AS batch(payload, position)
-                     ORDER BY position",
-                )
-                .bind(CHANNEL)
-                .bind(payloads)
-                .execute(pool)
-                .await
-                {
-                    tracing::warn!(%error, "could not publish live updates");
+            Some(notifier) => {
+                if notifier.send(updates).await.is_err() {
+                    tracing::warn!("the live update notifier has stopped");
                 }
             }
         }
@@ -161,5 +165,34 @@ impl LiveUpdates {
             }
         });
         Ok(())
+    }
+}
+
+/// Sends what is published as PostgreSQL notifications, in order, taking together the
+/// publications that wait: one statement, one transaction, for each such group.
+async fn notify_in_order(pool: sqlx::PgPool, mut queue: mpsc::Receiver<Vec<JobUpdate>>) {
+    let mut waiting = Vec::with_capacity(PUBLICATIONS_PER_NOTIFY);
+    while queue.recv_many(&mut waiting, PUBLICATIONS_PER_NOTIFY).await > 0 {
+        let payloads: Vec<String> = waiting
+            .drain(..)
+            .flatten()
+            .map(|update| match serde_json::to_string(&update) {
+                Ok(text) if text.len() <= MAX_NOTIFY_BYTES => text,
+                _ => serde_json::to_string(&update.slimmed()).unwrap_or_default(),
+            })
+            .collect();
+        // `WITH ORDINALITY … ORDER BY` keeps the notifications in the given order.
+        if let Err(error) = sqlx::query(
+            "SELECT pg_notify($1, payload)
+             FROM unnest($2::text[]) WITH ORDINALITY AS batch(payload, position)
+             ORDER BY position",
+        )
+        .bind(CHANNEL)
+        .bind(payloads)
+        .execute(&pool)
+        .await
+        {
+            tracing::warn!(%error, "could not publish live updates");
+        }
     }
 }

@@ -2,6 +2,8 @@
 //! ending an attempt change the job's status, so they are written by
 //! `db::jobs::change_status`; this module reads attempts and stores what they report.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::types::Json;
@@ -222,98 +224,255 @@ pub struct ReportOutcome {
     pub new_events: Vec<Event>,
 }
 
-/// Stores a [`AttemptReports`] inside the open transaction `$tx` (of either backend):
-/// one multi-row INSERT of its metrics, its events, and one update of the job row.
-/// Evaluates to `Result<ReportOutcome, sqlx::Error>`; `db::report_writer` commits.
-macro_rules! store_reports {
-    ($tx:expr, $batch:expr) => {
-        async {
-            let tx = $tx;
-            let batch: &$crate::db::attempts::AttemptReports = $batch;
-            let (attempt, progress) = (&batch.attempt, &batch.progress);
-            let now = $crate::db::now();
-            let mut outcome = $crate::db::attempts::ReportOutcome {
-                accepted: 0,
-                job: None,
-                new_metrics: Vec::new(),
-                new_events: Vec::new(),
-            };
-            // One multi-row INSERT per chunk, not one per step; RETURNING names the steps
-            // that were new (a resent step conflicts and is skipped), and within a batch
-            // the first point of a step is the one stored.
-            for chunk in batch.metrics.chunks($crate::db::metrics::ROWS_PER_INSERT) {
-                let stored = $crate::db::metrics::insert_points!(
-                    &mut **tx,
-                    attempt.job_id,
-                    Some(attempt.id),
-                    chunk
-                )
-                .await?;
-                let mut seen = std::collections::HashSet::new();
-                for point in chunk {
-                    if stored.contains(&point.step) && seen.insert(point.step) {
-                        outcome.accepted += 1;
-                        outcome.new_metrics.push(point.clone());
-                    }
-                }
-            }
-            for event in &batch.events {
-                let inserted = $crate::db::events::insert_event!(event)
-                    .execute(&mut **tx)
-                    .await?
-                    .rows_affected();
-                if inserted == 1 {
-                    outcome.accepted += 1;
-                    outcome.new_events.push(event.clone());
-                }
-            }
-            if let Some(step) = progress.step {
-                sqlx::query(
-                    "UPDATE job_attempts SET last_step = $2 WHERE id = $1 AND last_step < $2",
-                )
-                .bind(attempt.id)
-                .bind(step)
-                .execute(&mut **tx)
-                .await?;
-            }
-            let percentage = match (progress.step, progress.total_steps) {
-                (Some(step), Some(total)) if total > 0 => Some((step * 100 / total).clamp(0, 100)),
-                _ => None,
-            };
-            outcome.job = sqlx::query_as::<_, $crate::db::jobs::Job>(
-                "UPDATE training_jobs SET updated_at = $3,
-                     current_stage = COALESCE($4, current_stage),
-                     current_step = COALESCE($5, current_step),
-                     total_steps = COALESCE($6, total_steps),
-                     current_epoch = COALESCE($7, current_epoch),
-                     total_epochs = COALESCE($8, total_epochs),
-                     progress_percentage = COALESCE($9, progress_percentage),
-                     elapsed_seconds = COALESCE($10, elapsed_seconds),
-                     estimated_remaining_seconds = COALESCE($11, estimated_remaining_seconds),
-                     current_cost = $12
-                 WHERE id = $1 AND agent_id = $2 AND status IN ($13, $14) RETURNING *",
-            )
+/// The job row's progress update, the same on both backends: `$1` job, `$2` agent,
+/// `$3` now, `$4`…`$11` the progress, `$12` cost, `$13`, `$14` the statuses it may be in.
+const UPDATE_JOB_PROGRESS: &str = "UPDATE training_jobs SET updated_at = $3,
+         current_stage = COALESCE($4, current_stage),
+         current_step = COALESCE($5, current_step),
+         total_steps = COALESCE($6, total_steps),
+         current_epoch = COALESCE($7, current_epoch),
+         total_epochs = COALESCE($8, total_epochs),
+         progress_percentage = COALESCE($9, progress_percentage),
+         elapsed_seconds = COALESCE($10, elapsed_seconds),
+         estimated_remaining_seconds = COALESCE($11, estimated_remaining_seconds),
+         current_cost = $12
+     WHERE id = $1 AND agent_id = $2 AND status IN ($13, $14) RETURNING *";
+
+impl Progress {
+    fn percentage(&self) -> Option<i64> {
+        match (self.step, self.total_steps) {
+            (Some(step), Some(total)) if total > 0 => Some((step * 100 / total).clamp(0, 100)),
+            _ => None,
+        }
+    }
+}
+
+/// Binds [`UPDATE_JOB_PROGRESS`]'s parameters, in order, to a query of either backend.
+macro_rules! bind_job_progress {
+    ($query:expr, $attempt:expr, $progress:expr, $now:expr) => {{
+        let (attempt, progress): (&Attempt, &Progress) = ($attempt, $progress);
+        $query
             .bind(attempt.job_id)
             .bind(attempt.agent_id)
-            .bind(now)
+            .bind($now)
             .bind(progress.stage)
             .bind(progress.step)
             .bind(progress.total_steps)
             .bind(progress.epoch)
             .bind(progress.total_epochs)
-            .bind(percentage)
+            .bind(progress.percentage())
             .bind(progress.elapsed_seconds)
             .bind(progress.remaining_seconds)
             .bind(progress.cost)
-            .bind($crate::domain::JobStatus::Provisioning)
-            .bind($crate::domain::JobStatus::Training)
-            .fetch_optional(&mut **tx)
-            .await?;
-            Ok::<_, sqlx::Error>(outcome)
-        }
-    };
+            .bind(crate::domain::JobStatus::Provisioning)
+            .bind(crate::domain::JobStatus::Training)
+    }};
 }
-pub(crate) use store_reports;
+
+impl ReportOutcome {
+    /// The outcome once the store named the steps and events that were new; within a
+    /// batch the first point of a step is the one stored.
+    fn from_stored(
+        batch: &AttemptReports,
+        new_steps: &HashSet<i64>,
+        new_events: &HashSet<Uuid>,
+        job: Option<Job>,
+    ) -> ReportOutcome {
+        let mut seen = HashSet::new();
+        let new_metrics: Vec<MetricPoint> = batch
+            .metrics
+            .iter()
+            .filter(|point| new_steps.contains(&point.step) && seen.insert(point.step))
+            .cloned()
+            .collect();
+        let new_events: Vec<Event> = batch
+            .events
+            .iter()
+            .filter(|event| new_events.contains(&event.id))
+            .cloned()
+            .collect();
+        ReportOutcome {
+            accepted: new_metrics.len() + new_events.len(),
+            job,
+            new_metrics,
+            new_events,
+        }
+    }
+}
+
+/// Stores a [`AttemptReports`] inside an open SQLite transaction: one multi-row INSERT
+/// of its metrics per chunk, its events, and one update of the job row;
+/// `db::report_writer` commits.
+pub(crate) async fn store_reports_sqlite(
+    tx: &mut sqlx::SqliteConnection,
+    batch: &AttemptReports,
+) -> Result<ReportOutcome, sqlx::Error> {
+    let (attempt, progress) = (&batch.attempt, &batch.progress);
+    let mut new_steps = HashSet::new();
+    for chunk in batch.metrics.chunks(super::metrics::ROWS_PER_INSERT) {
+        // RETURNING names the steps that were new: a resent step conflicts and is skipped.
+        new_steps.extend(
+            super::metrics::insert_points!(&mut *tx, attempt.job_id, Some(attempt.id), chunk)
+                .await?,
+        );
+    }
+    let mut new_events = HashSet::new();
+    for event in &batch.events {
+        let inserted = super::events::insert_event!(event)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if inserted == 1 {
+            new_events.insert(event.id);
+        }
+    }
+    if let Some(step) = progress.step {
+        sqlx::query("UPDATE job_attempts SET last_step = $2 WHERE id = $1 AND last_step < $2")
+            .bind(attempt.id)
+            .bind(step)
+            .execute(&mut *tx)
+            .await?;
+    }
+    let job = bind_job_progress!(
+        sqlx::query_as::<_, Job>(UPDATE_JOB_PROGRESS),
+        attempt,
+        progress,
+        super::now()
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(ReportOutcome::from_stored(
+        batch,
+        &new_steps,
+        &new_events,
+        job,
+    ))
+}
+
+/// Stores a [`AttemptReports`] on PostgreSQL in one statement, atomic on its own: the
+/// metrics and events from arrays (`unnest`, in the batch's order), the attempt's last
+/// step and the job row, as data-modifying parts of one query. One round trip where a
+/// transaction of separate statements takes five.
+pub(crate) async fn store_reports_postgres(
+    pool: &sqlx::PgPool,
+    batch: &AttemptReports,
+) -> Result<ReportOutcome, sqlx::Error> {
+    use sqlx::Row;
+    let (attempt, progress) = (&batch.attempt, &batch.progress);
+    let points = &batch.metrics;
+    let column = |value: fn(&MetricPoint) -> Option<f64>| -> Vec<Option<f64>> {
+        points.iter().map(value).collect()
+    };
+    let events = &batch.events;
+    let sql = format!(
+        "WITH job AS ({UPDATE_JOB_PROGRESS}),
+         stored_points AS (
+             INSERT INTO training_metrics (id, job_id, attempt_id, step, epoch, training_loss,
+                 validation_loss, learning_rate, grad_norm, tokens_per_second, gpu_utilization,
+                 memory_used_gb, recorded_at)
+             SELECT gen_random_uuid(), $1, $15, step, epoch, training_loss, validation_loss,
+                    learning_rate, grad_norm, tokens_per_second, gpu_utilization,
+                    memory_used_gb, recorded_at
+             FROM unnest($16::bigint[], $17::bigint[], $18::float8[], $19::float8[],
+                         $20::float8[], $21::float8[], $22::float8[], $23::bigint[],
+                         $24::float8[], $25::timestamptz[])
+                  WITH ORDINALITY AS point(step, epoch, training_loss, validation_loss,
+                      learning_rate, grad_norm, tokens_per_second, gpu_utilization,
+                      memory_used_gb, recorded_at, position)
+             ORDER BY position
+             ON CONFLICT (job_id, step) DO NOTHING RETURNING step),
+         stored_events AS (
+             INSERT INTO event_logs (id, job_id, attempt_id, event_type, severity, message,
+                 details, source, idempotency_key, created_at)
+             SELECT id, $1, $15, event_type, severity, message, details::jsonb, source,
+                    idempotency_key, created_at
+             FROM unnest($26::uuid[], $27::text[], $28::text[], $29::text[], $30::text[],
+                         $31::text[], $32::text[], $33::timestamptz[])
+                  WITH ORDINALITY AS event(id, event_type, severity, message, details,
+                      source, idempotency_key, created_at, position)
+             ORDER BY position
+             ON CONFLICT (job_id, idempotency_key) DO NOTHING RETURNING id),
+         attempt AS (
+             UPDATE job_attempts SET last_step = $34 WHERE id = $15 AND last_step < $34)
+         SELECT (SELECT array_agg(step) FROM stored_points) AS new_steps,
+                (SELECT array_agg(id) FROM stored_events) AS new_events, job.*
+         FROM (VALUES (1)) AS one LEFT JOIN job ON true"
+    );
+    let row = bind_job_progress!(sqlx::query(&sql), attempt, progress, super::now())
+        .bind(attempt.id)
+        .bind(points.iter().map(|p| p.step).collect::<Vec<_>>())
+        .bind(points.iter().map(|p| p.epoch).collect::<Vec<_>>())
+        .bind(column(|p| p.training_loss))
+        .bind(column(|p| p.validation_loss))
+        .bind(column(|p| p.learning_rate))
+        .bind(column(|p| p.grad_norm))
+        .bind(column(|p| p.tokens_per_second))
+        .bind(points.iter().map(|p| p.gpu_utilization).collect::<Vec<_>>())
+        .bind(column(|p| p.memory_used_gb))
+        .bind(points.iter().map(|p| p.recorded_at).collect::<Vec<_>>())
+        .bind(events.iter().map(|e| e.id).collect::<Vec<_>>())
+        .bind(
+            events
+                .iter()
+                .map(|e| e.event_type.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            events
+                .iter()
+                .map(|e| e.severity.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            events
+                .iter()
+                .map(|e| e.message.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            events
+                .iter()
+                .map(|e| e.details.as_ref().map(|details| details.0.to_string()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            events
+                .iter()
+                .map(|e| e.source.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            events
+                .iter()
+                .map(|e| e.idempotency_key.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(events.iter().map(|e| e.created_at).collect::<Vec<_>>())
+        .bind(progress.step)
+        .fetch_one(pool)
+        .await?;
+    let new_steps: HashSet<i64> = row
+        .try_get::<Option<Vec<i64>>, _>("new_steps")?
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    let new_events: HashSet<Uuid> = row
+        .try_get::<Option<Vec<Uuid>>, _>("new_events")?
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    // The job's columns are NULL when its row did not change.
+    let job = match row.try_get::<Option<Uuid>, _>("id")? {
+        Some(_) => Some(<Job as sqlx::FromRow<_>>::from_row(&row)?),
+        None => None,
+    };
+    Ok(ReportOutcome::from_stored(
+        batch,
+        &new_steps,
+        &new_events,
+        job,
+    ))
+}
 
 /// Ends an attempt whose job already left it (cancelled by its user, given elsewhere):
 /// only the attempt row changes. `false` when it had already ended.

@@ -237,6 +237,16 @@ pub async fn get_any(db: &Db, id: Uuid) -> Result<Option<Job>, DbError> {
     )
 }
 
+/// The job that attempt `attempt_id` belongs to.
+pub async fn of_attempt(db: &Db, attempt_id: Uuid) -> Result<Option<Job>, DbError> {
+    Ok(on_pool!(db, pool => sqlx::query_as::<_, Job>(
+        "SELECT * FROM training_jobs WHERE id = (SELECT job_id FROM job_attempts WHERE id = $1)",
+    )
+    .bind(attempt_id)
+    .fetch_optional(pool)
+    .await)?)
+}
+
 pub async fn list(
     db: &Db,
     viewer: Viewer,

@@ -124,6 +124,9 @@ pub fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
+/// How long a PostgreSQL connection may sit idle before it is pinged when next used.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(30);
+
 impl Db {
     /// Connects with the default [`DatabaseSettings`].
     pub async fn connect(url: &str) -> Result<Db, DbError> {
@@ -135,6 +138,18 @@ impl Db {
             let pool = PgPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(Duration::from_secs(10))
+                // sqlx pings every connection it hands out, a round trip per statement
+                // run on the pool; only one idle long enough to have been dropped (a
+                // server restart, a proxy's idle timeout) is worth asking.
+                .test_before_acquire(false)
+                .before_acquire(|connection, meta| {
+                    Box::pin(async move {
+                        if meta.idle_for >= IDLE_BEFORE_PING {
+                            sqlx::Connection::ping(connection).await?;
+                        }
+                        Ok(true)
+                    })
+                })
                 .connect(url)
                 .await?;
             Ok(Db::Postgres(pool))
@@ -158,6 +173,9 @@ impl Db {
                 .pragma("cache_size", "-16384");
             let pool = SqlitePoolOptions::new()
                 .max_connections(8)
+                // An in-process connection does not drop; sqlx's ping before each use
+                // would only cost a trip to its worker thread.
+                .test_before_acquire(false)
                 .connect_with(options)
                 .await?;
             Ok(Db::Sqlite(pool))

@@ -6,14 +6,16 @@
 //! each batch in its own savepoint, so a batch that fails leaves the others standing, and
 //! each agent is answered only after the commit that holds its batch, so a batch that was
 //! acknowledged is stored (the agent's outbox resends anything else). PostgreSQL has no
-//! such lock and commits each batch in its own transaction.
+//! such lock: each batch is one statement, its own transaction.
 
 use std::sync::Arc;
 
 use sqlx::sqlite::SqlitePool;
 use tokio::sync::{mpsc, oneshot};
 
-use super::attempts::{store_reports, AttemptReports, ReportOutcome};
+use super::attempts::{
+    store_reports_postgres, store_reports_sqlite, AttemptReports, ReportOutcome,
+};
 use super::{BeginWrite, Db, DbError};
 use crate::configuration::DatabaseSettings;
 
@@ -52,12 +54,7 @@ impl ReportWriter {
                     .map_err(|_| DbError::WriterGone)?;
                 answer.await.map_err(|_| DbError::WriterGone)?
             }
-            ReportWriter::Postgres(pool) => {
-                let mut tx = pool.begin_write().await?;
-                let outcome = store_reports!(&mut tx, &batch).await?;
-                tx.commit().await?;
-                Ok(outcome)
-            }
+            ReportWriter::Postgres(pool) => Ok(store_reports_postgres(pool, &batch).await?),
         }
     }
 }
@@ -83,7 +80,7 @@ async fn commit_group(pool: &SqlitePool, group: Vec<(AttemptReports, Reply)>) {
     if let [(batch, _)] = group.as_slice() {
         // Alone, a batch needs no savepoint: its failure rolls the transaction back, and
         // its agent hears its own error, as with one.
-        outcomes.push(store_reports!(&mut tx, batch).await);
+        outcomes.push(store_reports_sqlite(&mut tx, batch).await);
         if outcomes[0].is_err() {
             drop(tx);
             return answer_each(group, outcomes);
@@ -92,7 +89,7 @@ async fn commit_group(pool: &SqlitePool, group: Vec<(AttemptReports, Reply)>) {
         for (batch, _) in &group {
             let stored = async {
                 let mut savepoint = sqlx::Acquire::begin(&mut *tx).await?;
-                let outcome = store_reports!(&mut savepoint, batch).await?;
+                let outcome = store_reports_sqlite(&mut savepoint, batch).await?;
                 savepoint.commit().await?;
                 Ok::<_, sqlx::Error>(outcome)
             }

@@ -304,18 +304,19 @@ pub async fn reports(
     attempt_id: Uuid,
     batch: &ReportBatch,
 ) -> ServiceResult<ReportReply> {
-    // The attempt and its job's other attempts in one read: the job's cost sums them all.
-    let siblings = attempts::with_siblings(&state.db, attempt_id).await?;
+    // The attempt with its job's other attempts (the job's cost sums them all), and the
+    // job (whether to stop, whether training has begun): two reads at once, on two
+    // connections, so a report waits for one round trip before its write, not two.
+    let (siblings, job) = tokio::try_join!(
+        attempts::with_siblings(&state.db, attempt_id),
+        jobs::of_attempt(&state.db, attempt_id),
+    )?;
     let attempt = siblings
         .iter()
         .find(|attempt| attempt.id == attempt_id && attempt.agent_id == Some(agent_id))
         .cloned()
         .ok_or(ServiceError::NotFound("attempt"))?;
-    // One read of the job answers both whether to stop and whether training has begun.
-    let job = match attempt.ended_at {
-        Some(_) => None,
-        None => jobs::get_any(&state.db, attempt.job_id).await?,
-    };
+    let job = job.filter(|_| attempt.ended_at.is_none());
     let Some(job) = job.filter(|job| runs_attempt(Some(job), &attempt)) else {
         return Ok(ReportReply {
             accepted: 0,
