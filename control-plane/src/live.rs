@@ -146,6 +146,10 @@ impl LiveUpdates {
         tokio::spawn(async move {
             loop {
                 match listener.recv().await {
+                    // With no one here subscribed there is nothing to forward, nor to
+                    // parse. A subscriber reads what it shows after subscribing, so an
+                    // update that passed before it did is in that read.
+                    Ok(_) if sender.receiver_count() == 0 => {}
                     Ok(notification) => {
                         match serde_json::from_str::<JobUpdate>(notification.payload()) {
                             Ok(update) => {

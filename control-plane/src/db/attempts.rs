@@ -359,11 +359,11 @@ pub(crate) async fn store_reports_postgres(
 ) -> Result<ReportOutcome, sqlx::Error> {
     use sqlx::Row;
     let (attempt, progress) = (&batch.attempt, &batch.progress);
-    let points = &batch.metrics;
-    let column = |value: fn(&MetricPoint) -> Option<f64>| -> Vec<Option<f64>> {
-        points.iter().map(value).collect()
-    };
-    let events = &batch.events;
+    /// One column of the batch, as the array `unnest` reads.
+    fn each<'a, T, U>(items: &'a [T], value: impl Fn(&'a T) -> U) -> Vec<U> {
+        items.iter().map(value).collect()
+    }
+    let (points, events) = (&batch.metrics, &batch.events);
     let sql = format!(
         "WITH job AS ({UPDATE_JOB_PROGRESS}),
          stored_points AS (
@@ -400,54 +400,26 @@ pub(crate) async fn store_reports_postgres(
     );
     let row = bind_job_progress!(sqlx::query(&sql), attempt, progress, super::now())
         .bind(attempt.id)
-        .bind(points.iter().map(|p| p.step).collect::<Vec<_>>())
-        .bind(points.iter().map(|p| p.epoch).collect::<Vec<_>>())
-        .bind(column(|p| p.training_loss))
-        .bind(column(|p| p.validation_loss))
-        .bind(column(|p| p.learning_rate))
-        .bind(column(|p| p.grad_norm))
-        .bind(column(|p| p.tokens_per_second))
-        .bind(points.iter().map(|p| p.gpu_utilization).collect::<Vec<_>>())
-        .bind(column(|p| p.memory_used_gb))
-        .bind(points.iter().map(|p| p.recorded_at).collect::<Vec<_>>())
-        .bind(events.iter().map(|e| e.id).collect::<Vec<_>>())
-        .bind(
-            events
-                .iter()
-                .map(|e| e.event_type.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            events
-                .iter()
-                .map(|e| e.severity.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            events
-                .iter()
-                .map(|e| e.message.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            events
-                .iter()
-                .map(|e| e.details.as_ref().map(|details| details.0.to_string()))
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            events
-                .iter()
-                .map(|e| e.source.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            events
-                .iter()
-                .map(|e| e.idempotency_key.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(events.iter().map(|e| e.created_at).collect::<Vec<_>>())
+        .bind(each(points, |p| p.step))
+        .bind(each(points, |p| p.epoch))
+        .bind(each(points, |p| p.training_loss))
+        .bind(each(points, |p| p.validation_loss))
+        .bind(each(points, |p| p.learning_rate))
+        .bind(each(points, |p| p.grad_norm))
+        .bind(each(points, |p| p.tokens_per_second))
+        .bind(each(points, |p| p.gpu_utilization))
+        .bind(each(points, |p| p.memory_used_gb))
+        .bind(each(points, |p| p.recorded_at))
+        .bind(each(events, |e| e.id))
+        .bind(each(events, |e| e.event_type.as_str()))
+        .bind(each(events, |e| e.severity.as_str()))
+        .bind(each(events, |e| e.message.as_str()))
+        .bind(each(events, |e| {
+            e.details.as_ref().map(|d| d.0.to_string())
+        }))
+        .bind(each(events, |e| e.source.as_deref()))
+        .bind(each(events, |e| e.idempotency_key.as_deref()))
+        .bind(each(events, |e| e.created_at))
         .bind(progress.step)
         .fetch_one(pool)
         .await?;
