@@ -6,7 +6,8 @@
 //! so a client connected to any replica sees every replica's writes. The notifications
 //! are sent by one task per process, in the order they were published: a writer hands
 //! its updates over and answers its caller without waiting for their round trip, and
-//! updates published together while that task was busy go out in one statement.
+//! updates published together while that task was busy go out in one statement, packed
+//! as JSON arrays into as few notifications as PostgreSQL's payload limit allows.
 
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgListener;
@@ -151,9 +152,11 @@ impl LiveUpdates {
                     // update that passed before it did is in that read.
                     Ok(_) if sender.receiver_count() == 0 => {}
                     Ok(notification) => {
-                        match serde_json::from_str::<JobUpdate>(notification.payload()) {
-                            Ok(update) => {
-                                let _ = sender.send(update);
+                        match serde_json::from_str::<Vec<JobUpdate>>(notification.payload()) {
+                            Ok(updates) => {
+                                for update in updates {
+                                    let _ = sender.send(update);
+                                }
                             }
                             Err(error) => {
                                 tracing::warn!(%error, "ignoring a malformed live update")
@@ -172,19 +175,41 @@ impl LiveUpdates {
     }
 }
 
+/// Updates (as JSON) packed in order into JSON arrays, each under PostgreSQL's payload
+/// limit: a report batch's points go out as a few notifications, not one per point. An
+/// update is at most [`MAX_NOTIFY_BYTES`], so an array of one stays under 8000 bytes.
+fn packed(updates: impl Iterator<Item = String>) -> Vec<String> {
+    let mut packs = Vec::new();
+    let mut pack = String::from("[");
+    for update in updates {
+        if pack.len() > 1 && pack.len() + update.len() + 2 > MAX_NOTIFY_BYTES {
+            pack.push(']');
+            packs.push(std::mem::replace(&mut pack, String::from("[")));
+        }
+        if pack.len() > 1 {
+            pack.push(',');
+        }
+        pack.push_str(&update);
+    }
+    if pack.len() > 1 {
+        pack.push(']');
+        packs.push(pack);
+    }
+    packs
+}
+
 /// Sends what is published as PostgreSQL notifications, in order, taking together the
 /// publications that wait: one statement, one transaction, for each such group.
 async fn notify_in_order(pool: sqlx::PgPool, mut queue: mpsc::Receiver<Vec<JobUpdate>>) {
     let mut waiting = Vec::with_capacity(PUBLICATIONS_PER_NOTIFY);
     while queue.recv_many(&mut waiting, PUBLICATIONS_PER_NOTIFY).await > 0 {
-        let payloads: Vec<String> = waiting
-            .drain(..)
-            .flatten()
-            .map(|update| match serde_json::to_string(&update) {
-                Ok(text) if text.len() <= MAX_NOTIFY_BYTES => text,
-                _ => serde_json::to_string(&update.slimmed()).unwrap_or_default(),
-            })
-            .collect();
+        let payloads =
+            packed(waiting.drain(..).flatten().map(|update| {
+                match serde_json::to_string(&update) {
+                    Ok(text) if text.len() <= MAX_NOTIFY_BYTES => text,
+                    _ => serde_json::to_string(&update.slimmed()).unwrap_or_default(),
+                }
+            }));
         // `WITH ORDINALITY … ORDER BY` keeps the notifications in the given order.
         if let Err(error) = sqlx::query(
             "SELECT pg_notify($1, payload)
@@ -198,5 +223,48 @@ async fn notify_in_order(pool: sqlx::PgPool, mut queue: mpsc::Receiver<Vec<JobUp
         {
             tracing::warn!(%error, "could not publish live updates");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(step: i64) -> JobUpdate {
+        JobUpdate::Metrics {
+            job_id: Uuid::nil(),
+            point: Box::new(MetricPoint {
+                step,
+                epoch: Some(0),
+                training_loss: Some(1.0),
+                validation_loss: None,
+                learning_rate: Some(2e-4),
+                grad_norm: Some(0.5),
+                tokens_per_second: Some(3000.0),
+                gpu_utilization: Some(95),
+                memory_used_gb: Some(40.0),
+                recorded_at: chrono::Utc::now(),
+            }),
+        }
+    }
+
+    #[test]
+    fn packs_keep_every_update_in_order_under_the_payload_limit() {
+        let updates: Vec<JobUpdate> = (1..=200).map(point).collect();
+        let texts = updates.iter().map(|u| serde_json::to_string(u).unwrap());
+        let packs = packed(texts);
+        assert!(packs.len() > 1 && packs.len() < 20, "{} packs", packs.len());
+        let mut steps = Vec::new();
+        for pack in &packs {
+            assert!(pack.len() <= MAX_NOTIFY_BYTES, "{} bytes", pack.len());
+            for update in serde_json::from_str::<Vec<JobUpdate>>(pack).unwrap() {
+                let JobUpdate::Metrics { point, .. } = update else {
+                    panic!("not a point")
+                };
+                steps.push(point.step);
+            }
+        }
+        assert_eq!(steps, (1..=200).collect::<Vec<_>>());
+        assert!(packed(std::iter::empty()).is_empty());
     }
 }
