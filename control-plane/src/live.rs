@@ -251,13 +251,15 @@ mod tests {
     #[test]
     fn packs_keep_every_update_in_order_under_the_payload_limit() {
         let updates: Vec<JobUpdate> = (1..=200).map(point).collect();
-        let texts = updates.iter().map(|u| serde_json::to_string(u).unwrap());
+        let texts = updates
+            .iter()
+            .map(|u| serde_json::to_string(u).expect("an update serializes"));
         let packs = packed(texts);
         assert!(packs.len() > 1 && packs.len() < 20, "{} packs", packs.len());
         let mut steps = Vec::new();
         for pack in &packs {
             assert!(pack.len() <= MAX_NOTIFY_BYTES, "{} bytes", pack.len());
-            for update in serde_json::from_str::<Vec<JobUpdate>>(pack).unwrap() {
+            for update in serde_json::from_str::<Vec<JobUpdate>>(pack).expect("a pack parses") {
                 let JobUpdate::Metrics { point, .. } = update else {
                     panic!("not a point")
                 };
