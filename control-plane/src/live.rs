@@ -198,18 +198,28 @@ fn packed(updates: impl Iterator<Item = String>) -> Vec<String> {
     packs
 }
 
+/// An update as a notification's JSON, slimmed when it is too large; `None` (and a
+/// warning) when even that is: one update over PostgreSQL's limit would fail the
+/// statement, and with it every update sent alongside.
+fn notification_text(update: JobUpdate) -> Option<String> {
+    let fits = |text: &String| text.len() <= MAX_NOTIFY_BYTES;
+    if let Some(text) = serde_json::to_string(&update).ok().filter(fits) {
+        return Some(text);
+    }
+    let job_id = update.job_id();
+    let text = serde_json::to_string(&update.slimmed()).ok().filter(fits);
+    if text.is_none() {
+        tracing::warn!(%job_id, "a live update too large to send even slimmed was dropped");
+    }
+    text
+}
+
 /// Sends what is published as PostgreSQL notifications, in order, taking together the
 /// publications that wait: one statement, one transaction, for each such group.
 async fn notify_in_order(pool: sqlx::PgPool, mut queue: mpsc::Receiver<Vec<JobUpdate>>) {
     let mut waiting = Vec::with_capacity(PUBLICATIONS_PER_NOTIFY);
     while queue.recv_many(&mut waiting, PUBLICATIONS_PER_NOTIFY).await > 0 {
-        let payloads =
-            packed(waiting.drain(..).flatten().map(|update| {
-                match serde_json::to_string(&update) {
-                    Ok(text) if text.len() <= MAX_NOTIFY_BYTES => text,
-                    _ => serde_json::to_string(&update.slimmed()).unwrap_or_default(),
-                }
-            }));
+        let payloads = packed(waiting.drain(..).flatten().filter_map(notification_text));
         // `WITH ORDINALITY … ORDER BY` keeps the notifications in the given order.
         if let Err(error) = sqlx::query(
             "SELECT pg_notify($1, payload)

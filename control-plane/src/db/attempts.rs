@@ -349,22 +349,11 @@ pub(crate) async fn store_reports_sqlite(
     ))
 }
 
-/// Stores a [`AttemptReports`] on PostgreSQL in one statement, atomic on its own: the
-/// metrics and events from arrays (`unnest`, in the batch's order), the attempt's last
-/// step and the job row, as data-modifying parts of one query. One round trip where a
-/// transaction of separate statements takes five.
-pub(crate) async fn store_reports_postgres(
-    pool: &sqlx::PgPool,
-    batch: &AttemptReports,
-) -> Result<ReportOutcome, sqlx::Error> {
-    use sqlx::Row;
-    let (attempt, progress) = (&batch.attempt, &batch.progress);
-    /// One column of the batch, as the array `unnest` reads.
-    fn each<'a, T, U>(items: &'a [T], value: impl Fn(&'a T) -> U) -> Vec<U> {
-        items.iter().map(value).collect()
-    }
-    let (points, events) = (&batch.metrics, &batch.events);
-    let sql = format!(
+/// [`store_reports_postgres`]'s statement, written out once: `$1`…`$14` as in
+/// [`UPDATE_JOB_PROGRESS`], `$15` the attempt, `$16`…`$25` the points' columns,
+/// `$26`…`$33` the events' columns, `$34` the batch's last step.
+static STORE_REPORTS_POSTGRES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
         "WITH job AS ({UPDATE_JOB_PROGRESS}),
          stored_points AS (
              INSERT INTO training_metrics (id, job_id, attempt_id, step, epoch, training_loss,
@@ -397,32 +386,54 @@ pub(crate) async fn store_reports_postgres(
          SELECT (SELECT array_agg(step) FROM stored_points) AS new_steps,
                 (SELECT array_agg(id) FROM stored_events) AS new_events, job.*
          FROM (VALUES (1)) AS one LEFT JOIN job ON true"
-    );
-    let row = bind_job_progress!(sqlx::query(&sql), attempt, progress, super::now())
-        .bind(attempt.id)
-        .bind(each(points, |p| p.step))
-        .bind(each(points, |p| p.epoch))
-        .bind(each(points, |p| p.training_loss))
-        .bind(each(points, |p| p.validation_loss))
-        .bind(each(points, |p| p.learning_rate))
-        .bind(each(points, |p| p.grad_norm))
-        .bind(each(points, |p| p.tokens_per_second))
-        .bind(each(points, |p| p.gpu_utilization))
-        .bind(each(points, |p| p.memory_used_gb))
-        .bind(each(points, |p| p.recorded_at))
-        .bind(each(events, |e| e.id))
-        .bind(each(events, |e| e.event_type.as_str()))
-        .bind(each(events, |e| e.severity.as_str()))
-        .bind(each(events, |e| e.message.as_str()))
-        .bind(each(events, |e| {
-            e.details.as_ref().map(|d| d.0.to_string())
-        }))
-        .bind(each(events, |e| e.source.as_deref()))
-        .bind(each(events, |e| e.idempotency_key.as_deref()))
-        .bind(each(events, |e| e.created_at))
-        .bind(progress.step)
-        .fetch_one(pool)
-        .await?;
+    )
+});
+
+/// Stores a [`AttemptReports`] on PostgreSQL in one statement, atomic on its own: the
+/// metrics and events from arrays (`unnest`, in the batch's order), the attempt's last
+/// step and the job row, as data-modifying parts of one query. One round trip where a
+/// transaction of separate statements takes five.
+pub(crate) async fn store_reports_postgres(
+    pool: &sqlx::PgPool,
+    batch: &AttemptReports,
+) -> Result<ReportOutcome, sqlx::Error> {
+    use sqlx::Row;
+    let (attempt, progress) = (&batch.attempt, &batch.progress);
+    /// One column of the batch, as the array `unnest` reads.
+    fn each<'a, T, U>(items: &'a [T], value: impl Fn(&'a T) -> U) -> Vec<U> {
+        items.iter().map(value).collect()
+    }
+    let (points, events) = (&batch.metrics, &batch.events);
+    let row = bind_job_progress!(
+        sqlx::query(&STORE_REPORTS_POSTGRES),
+        attempt,
+        progress,
+        super::now()
+    )
+    .bind(attempt.id)
+    .bind(each(points, |p| p.step))
+    .bind(each(points, |p| p.epoch))
+    .bind(each(points, |p| p.training_loss))
+    .bind(each(points, |p| p.validation_loss))
+    .bind(each(points, |p| p.learning_rate))
+    .bind(each(points, |p| p.grad_norm))
+    .bind(each(points, |p| p.tokens_per_second))
+    .bind(each(points, |p| p.gpu_utilization))
+    .bind(each(points, |p| p.memory_used_gb))
+    .bind(each(points, |p| p.recorded_at))
+    .bind(each(events, |e| e.id))
+    .bind(each(events, |e| e.event_type.as_str()))
+    .bind(each(events, |e| e.severity.as_str()))
+    .bind(each(events, |e| e.message.as_str()))
+    .bind(each(events, |e| {
+        e.details.as_ref().map(|d| d.0.to_string())
+    }))
+    .bind(each(events, |e| e.source.as_deref()))
+    .bind(each(events, |e| e.idempotency_key.as_deref()))
+    .bind(each(events, |e| e.created_at))
+    .bind(progress.step)
+    .fetch_one(pool)
+    .await?;
     let new_steps: HashSet<i64> = row
         .try_get::<Option<Vec<i64>>, _>("new_steps")?
         .unwrap_or_default()
