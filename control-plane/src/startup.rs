@@ -105,6 +105,7 @@ impl Application {
             signing_key: Arc::from(signing_key),
             work_available: Arc::new(tokio::sync::Notify::new()),
             known_agents: Arc::default(),
+            running_attempts: Arc::default(),
             login_limiter: Arc::new(LoginLimiter::new(
                 settings.auth.login_max_failures,
                 Duration::from_secs(settings.auth.login_window_seconds),

@@ -100,11 +100,13 @@ pub async fn with_siblings(db: &Db, id: Uuid) -> Result<Vec<Attempt>, DbError> {
     Ok(on_pool!(db, pool => sqlx::query_as::<_, Attempt>(&sql).bind(id).fetch_all(pool).await)?)
 }
 
+/// `$1`'s next attempt number.
+pub(crate) const NEXT_NUMBER: &str =
+    "SELECT COALESCE(MAX(attempt_number), 0) + 1 FROM job_attempts WHERE job_id = $1";
+
 /// The number the job's next attempt takes.
 pub async fn next_number(db: &Db, job_id: Uuid) -> Result<i64, DbError> {
-    let (number,): (i64,) = on_pool!(db, pool => sqlx::query_as(
-        "SELECT COALESCE(MAX(attempt_number), 0) + 1 FROM job_attempts WHERE job_id = $1",
-    )
+    let (number,): (i64,) = on_pool!(db, pool => sqlx::query_as(NEXT_NUMBER)
     .bind(job_id)
     .fetch_one(pool)
     .await)?;
@@ -218,14 +220,17 @@ pub struct AttemptReports {
 pub struct ReportOutcome {
     /// Items not seen before.
     pub accepted: usize,
-    /// Present when the job row changed.
+    /// The job row as the batch left it; `None` when the job no longer runs the attempt
+    /// (it ended, or the job was cancelled or given elsewhere), and nothing was stored.
     pub job: Option<Job>,
     pub new_metrics: Vec<MetricPoint>,
     pub new_events: Vec<Event>,
 }
 
 /// The job row's progress update, the same on both backends: `$1` job, `$2` agent,
-/// `$3` now, `$4`…`$11` the progress, `$12` cost, `$13`, `$14` the statuses it may be in.
+/// `$3` now, `$4`…`$11` the progress, `$12` cost, `$13`, `$14` the statuses it may be in,
+/// `$15` the attempt. It changes the row only while the job runs that attempt of that
+/// agent, so the report path needs no read to know whether it still does.
 const UPDATE_JOB_PROGRESS: &str = "UPDATE training_jobs SET updated_at = $3,
          current_stage = COALESCE($4, current_stage),
          current_step = COALESCE($5, current_step),
@@ -236,7 +241,9 @@ const UPDATE_JOB_PROGRESS: &str = "UPDATE training_jobs SET updated_at = $3,
          elapsed_seconds = COALESCE($10, elapsed_seconds),
          estimated_remaining_seconds = COALESCE($11, estimated_remaining_seconds),
          current_cost = $12
-     WHERE id = $1 AND agent_id = $2 AND status IN ($13, $14) RETURNING *";
+     WHERE id = $1 AND agent_id = $2 AND status IN ($13, $14)
+       AND EXISTS (SELECT 1 FROM job_attempts WHERE id = $15 AND ended_at IS NULL)
+     RETURNING *";
 
 impl Progress {
     fn percentage(&self) -> Option<i64> {
@@ -266,6 +273,7 @@ macro_rules! bind_job_progress {
             .bind(progress.cost)
             .bind(crate::domain::JobStatus::Provisioning)
             .bind(crate::domain::JobStatus::Training)
+            .bind(attempt.id)
     }};
 }
 
@@ -300,14 +308,30 @@ impl ReportOutcome {
     }
 }
 
-/// Stores a [`AttemptReports`] inside an open SQLite transaction: one multi-row INSERT
-/// of its metrics per chunk, its events, and one update of the job row;
-/// `db::report_writer` commits.
+/// Stores a [`AttemptReports`] inside an open SQLite transaction: one update of the job
+/// row, and while the job still runs the attempt, one multi-row INSERT of its metrics per
+/// chunk and its events; `db::report_writer` commits.
 pub(crate) async fn store_reports_sqlite(
     tx: &mut sqlx::SqliteConnection,
     batch: &AttemptReports,
 ) -> Result<ReportOutcome, sqlx::Error> {
     let (attempt, progress) = (&batch.attempt, &batch.progress);
+    let job = bind_job_progress!(
+        sqlx::query_as::<_, Job>(UPDATE_JOB_PROGRESS),
+        attempt,
+        progress,
+        super::now()
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
+    if job.is_none() {
+        return Ok(ReportOutcome::from_stored(
+            batch,
+            &HashSet::new(),
+            &HashSet::new(),
+            None,
+        ));
+    }
     let mut new_steps = HashSet::new();
     for chunk in batch.metrics.chunks(super::metrics::ROWS_PER_INSERT) {
         // RETURNING names the steps that were new: a resent step conflicts and is skipped.
@@ -327,20 +351,16 @@ pub(crate) async fn store_reports_sqlite(
         }
     }
     if let Some(step) = progress.step {
-        sqlx::query("UPDATE job_attempts SET last_step = $2 WHERE id = $1 AND last_step < $2")
-            .bind(attempt.id)
-            .bind(step)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE job_attempts SET last_step = $2, updated_at = $3
+             WHERE id = $1 AND last_step < $2",
+        )
+        .bind(attempt.id)
+        .bind(step)
+        .bind(super::now())
+        .execute(&mut *tx)
+        .await?;
     }
-    let job = bind_job_progress!(
-        sqlx::query_as::<_, Job>(UPDATE_JOB_PROGRESS),
-        attempt,
-        progress,
-        super::now()
-    )
-    .fetch_optional(&mut *tx)
-    .await?;
     Ok(ReportOutcome::from_stored(
         batch,
         &new_steps,
@@ -349,9 +369,11 @@ pub(crate) async fn store_reports_sqlite(
     ))
 }
 
-/// [`store_reports_postgres`]'s statement, written out once: `$1`…`$14` as in
-/// [`UPDATE_JOB_PROGRESS`], `$15` the attempt, `$16`…`$25` the points' columns,
-/// `$26`…`$33` the events' columns, `$34` the batch's last step.
+/// [`store_reports_postgres`]'s statement, written out once: `$1`…`$15` as in
+/// [`UPDATE_JOB_PROGRESS`], `$16`…`$25` the points' columns, `$26`…`$33` the events'
+/// columns, `$34` the batch's last step. Points, events and the attempt's last step are
+/// stored only when the job row changed (`EXISTS (SELECT 1 FROM job)`): while the job
+/// still runs the attempt.
 static STORE_REPORTS_POSTGRES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH job AS ({UPDATE_JOB_PROGRESS}),
@@ -368,6 +390,7 @@ static STORE_REPORTS_POSTGRES: std::sync::LazyLock<String> = std::sync::LazyLock
                   WITH ORDINALITY AS point(step, epoch, training_loss, validation_loss,
                       learning_rate, grad_norm, tokens_per_second, gpu_utilization,
                       memory_used_gb, recorded_at, position)
+             WHERE EXISTS (SELECT 1 FROM job)
              ORDER BY position
              ON CONFLICT (job_id, step) DO NOTHING RETURNING step),
          stored_events AS (
@@ -379,10 +402,12 @@ static STORE_REPORTS_POSTGRES: std::sync::LazyLock<String> = std::sync::LazyLock
                          $31::text[], $32::text[], $33::timestamptz[])
                   WITH ORDINALITY AS event(id, event_type, severity, message, details,
                       source, idempotency_key, created_at, position)
+             WHERE EXISTS (SELECT 1 FROM job)
              ORDER BY position
              ON CONFLICT (job_id, idempotency_key) DO NOTHING RETURNING id),
          attempt AS (
-             UPDATE job_attempts SET last_step = $34 WHERE id = $15 AND last_step < $34)
+             UPDATE job_attempts SET last_step = $34, updated_at = $3
+             WHERE id = $15 AND last_step < $34 AND EXISTS (SELECT 1 FROM job))
          SELECT (SELECT array_agg(step) FROM stored_points) AS new_steps,
                 (SELECT array_agg(id) FROM stored_events) AS new_events, job.*
          FROM (VALUES (1)) AS one LEFT JOIN job ON true"
@@ -410,7 +435,6 @@ pub(crate) async fn store_reports_postgres(
         progress,
         super::now()
     )
-    .bind(attempt.id)
     .bind(each(points, |p| p.step))
     .bind(each(points, |p| p.epoch))
     .bind(each(points, |p| p.training_loss))
@@ -444,7 +468,8 @@ pub(crate) async fn store_reports_postgres(
         .unwrap_or_default()
         .into_iter()
         .collect();
-    // The job's columns are NULL when its row did not change.
+    // The job's columns are NULL when its row did not change: the job no longer runs the
+    // attempt.
     let job = match row.try_get::<Option<Uuid>, _>("id")? {
         Some(_) => Some(<Job as sqlx::FromRow<_>>::from_row(&row)?),
         None => None,

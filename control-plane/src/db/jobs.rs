@@ -9,7 +9,7 @@ use sqlx::types::Json;
 use sqlx::QueryBuilder;
 use uuid::Uuid;
 
-use super::attempts::{Attempt, Checkpoint, ATTEMPT_COLUMNS, CHECKPOINT_COLUMNS};
+use super::attempts::{self, Attempt, Checkpoint, ATTEMPT_COLUMNS, CHECKPOINT_COLUMNS};
 use super::events::{insert_event, Event};
 use super::{now, on_pool, BeginWrite, Db, DbError};
 use crate::domain::estimate::Estimate;
@@ -235,16 +235,6 @@ pub async fn get_any(db: &Db, id: Uuid) -> Result<Option<Job>, DbError> {
         .fetch_optional(pool)
         .await)?,
     )
-}
-
-/// The job that attempt `attempt_id` belongs to.
-pub async fn of_attempt(db: &Db, attempt_id: Uuid) -> Result<Option<Job>, DbError> {
-    Ok(on_pool!(db, pool => sqlx::query_as::<_, Job>(
-        "SELECT * FROM training_jobs WHERE id = (SELECT job_id FROM job_attempts WHERE id = $1)",
-    )
-    .bind(attempt_id)
-    .fetch_optional(pool)
-    .await)?)
 }
 
 pub async fn list(
@@ -711,6 +701,15 @@ pub async fn change_status(
         };
         let mut started = None;
         if let Change::Assign(a) = change {
+            // The number was read before this transaction: when another claim assigned the
+            // job and its attempt ended meanwhile, the number is taken. Leave the job as it was.
+            let (next,): (i64,) = sqlx::query_as(attempts::NEXT_NUMBER)
+            .bind(job_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            if next != a.number {
+                return Ok(ChangeOutcome::Conflict(from));
+            }
             let checkpoint = match job.resume_from_checkpoint_id {
                 Some(id) => sqlx::query_as::<_, Checkpoint>(&checkpoint_sql)
                     .bind(id)

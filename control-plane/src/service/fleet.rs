@@ -52,6 +52,90 @@ impl KnownAgents {
     }
 }
 
+/// What the report path needs of an attempt, kept by this replica from the attempt's first
+/// report on: the attempt as it began, what its job's earlier attempts cost, and whether
+/// its training has begun. While an attempt runs, none of that changes but the last (an
+/// attempt's row changes only when it ends, and a job's next attempt begins only after
+/// that), and the report's write changes nothing once the job no longer runs the attempt;
+/// so a report is one statement, not two reads and a write.
+#[derive(Default)]
+pub struct RunningAttempts(std::sync::RwLock<std::collections::HashMap<Uuid, RunningAttempt>>);
+
+#[derive(Clone)]
+struct RunningAttempt {
+    attempt: Attempt,
+    /// The final cost of the job's attempts before this one.
+    earlier_cost: f64,
+    /// The job has left provisioning under this attempt.
+    training: bool,
+}
+
+impl RunningAttempts {
+    /// Past this many attempts the map starts over rather than grow.
+    const MAX: usize = 10_000;
+
+    fn get(&self, id: Uuid) -> Option<RunningAttempt> {
+        self.0.read().ok()?.get(&id).cloned()
+    }
+
+    fn insert(&self, running: RunningAttempt) {
+        if let Ok(mut known) = self.0.write() {
+            if known.len() >= Self::MAX {
+                known.clear();
+            }
+            known.insert(running.attempt.id, running);
+        }
+    }
+
+    fn mark_training(&self, id: Uuid) {
+        if let Ok(mut known) = self.0.write() {
+            if let Some(running) = known.get_mut(&id) {
+                running.training = true;
+            }
+        }
+    }
+
+    fn forget(&self, id: Uuid) {
+        if let Ok(mut known) = self.0.write() {
+            known.remove(&id);
+        }
+    }
+}
+
+/// The running attempt `attempt_id` of `agent_id`, from memory once this replica has seen
+/// it; `None` when it has ended.
+async fn running_attempt(
+    state: &AppState,
+    agent_id: Uuid,
+    attempt_id: Uuid,
+) -> ServiceResult<Option<RunningAttempt>> {
+    let running = match state.running_attempts.get(attempt_id) {
+        Some(running) => running,
+        None => {
+            let siblings = attempts::with_siblings(&state.db, attempt_id).await?;
+            let Some(attempt) = siblings.iter().find(|a| a.id == attempt_id).cloned() else {
+                return Err(ServiceError::NotFound("attempt"));
+            };
+            let others = siblings.iter().filter(|a| a.id != attempt_id);
+            let at = now();
+            let running = RunningAttempt {
+                earlier_cost: others.clone().map(|a| a.cost_at(at)).sum(),
+                attempt,
+                training: false,
+            };
+            // Kept only while every other attempt has ended, so their cost is final.
+            if running.attempt.ended_at.is_none() && others.clone().all(|a| a.ended_at.is_some()) {
+                state.running_attempts.insert(running.clone());
+            }
+            running
+        }
+    };
+    if running.attempt.agent_id != Some(agent_id) {
+        return Err(ServiceError::NotFound("attempt"));
+    }
+    Ok(running.attempt.ended_at.is_none().then_some(running))
+}
+
 /// The id of the agent a secret belongs to, from memory once it has been seen.
 pub async fn authenticate_id(state: &AppState, secret: &str) -> ServiceResult<Uuid> {
     let secret_hash = token_hash(secret.trim());
@@ -96,7 +180,7 @@ async fn instruction(state: &AppState, attempt: &Attempt) -> ServiceResult<Instr
         Some(_) => None,
         None => jobs::get_any(&state.db, attempt.job_id).await?,
     };
-    let Some(job) = job.filter(|job| runs_attempt(Some(job), attempt)) else {
+    let Some(job) = job.filter(|job| runs_attempt(job, attempt)) else {
         return Ok(Instruction::STOP);
     };
     // While it runs, its live cost moves with time, and its budgets see it: alerts go out
@@ -132,11 +216,9 @@ impl Instruction {
 }
 
 /// Whether `job` (as read) is still the attempt's to run.
-fn runs_attempt(job: Option<&jobs::Job>, attempt: &Attempt) -> bool {
-    job.is_some_and(|job| {
-        job.agent_id == attempt.agent_id
-            && matches!(job.status, JobStatus::Provisioning | JobStatus::Training)
-    })
+fn runs_attempt(job: &jobs::Job, attempt: &Attempt) -> bool {
+    job.agent_id == attempt.agent_id
+        && matches!(job.status, JobStatus::Provisioning | JobStatus::Training)
 }
 
 /// Records the agent's telemetry; tells it whether to stop its current attempt.
@@ -304,28 +386,17 @@ pub async fn reports(
     attempt_id: Uuid,
     batch: &ReportBatch,
 ) -> ServiceResult<ReportReply> {
-    // The attempt with its job's other attempts (the job's cost sums them all), and the
-    // job (whether to stop, whether training has begun): two reads at once, on two
-    // connections, so a report waits for one round trip before its write, not two.
-    let (siblings, job) = tokio::try_join!(
-        attempts::with_siblings(&state.db, attempt_id),
-        jobs::of_attempt(&state.db, attempt_id),
-    )?;
-    let attempt = siblings
-        .iter()
-        .find(|attempt| attempt.id == attempt_id && attempt.agent_id == Some(agent_id))
-        .cloned()
-        .ok_or(ServiceError::NotFound("attempt"))?;
-    let job = job.filter(|_| attempt.ended_at.is_none());
-    let Some(job) = job.filter(|job| runs_attempt(Some(job), &attempt)) else {
-        return Ok(ReportReply {
-            accepted: 0,
-            stop_attempt: true,
-            publish_adapter: false,
-        });
+    let Some(RunningAttempt {
+        attempt,
+        earlier_cost,
+        training,
+    }) = running_attempt(state, agent_id, attempt_id).await?
+    else {
+        return Ok(STOP_ATTEMPT);
     };
-    if job.status == JobStatus::Provisioning && !batch.reports.is_empty() {
-        start_training(state, &job, &attempt).await?;
+    let has_reports = !batch.reports.is_empty();
+    if !training && has_reports && !start_training(state, &attempt).await? {
+        return Ok(STOP_ATTEMPT);
     }
     let mut metrics = Vec::new();
     let mut events = Vec::new();
@@ -371,7 +442,7 @@ pub async fn reports(
         }
     }
     let at = now();
-    let cost: f64 = siblings.iter().map(|a| a.cost_at(at)).sum();
+    let cost = earlier_cost + attempt.cost_at(at);
     let step_seconds = latest.map(|m| {
         let done = m
             .step
@@ -404,10 +475,15 @@ pub async fn reports(
             progress,
         })
         .await?;
+    let Some(job) = outcome.job else {
+        // The job no longer runs the attempt: nothing was stored.
+        state.running_attempts.forget(attempt_id);
+        return Ok(STOP_ATTEMPT);
+    };
     let mut updates = Vec::with_capacity(1 + outcome.new_metrics.len() + outcome.new_events.len());
-    if let Some(job) = outcome.job {
-        updates.push(JobUpdate::Status { job: Box::new(job) });
-    }
+    updates.push(JobUpdate::Status {
+        job: Box::new(job.clone()),
+    });
     updates.extend(
         outcome
             .new_metrics
@@ -456,25 +532,40 @@ async fn stop_before_cap(
     }
 }
 
-/// The attempt's first report: provisioning is over, training has begun.
-async fn start_training(state: &AppState, job: &jobs::Job, attempt: &Attempt) -> ServiceResult<()> {
-    let Some(agent_id) = attempt.agent_id else {
-        return Ok(());
+/// The reply to a report for an attempt its job no longer runs.
+const STOP_ATTEMPT: ReportReply = ReportReply {
+    accepted: 0,
+    stop_attempt: true,
+    publish_adapter: false,
+};
+
+/// The attempt's first report: provisioning is over, training has begun. Read once per
+/// attempt, until this replica has seen its job in training; false when the job no longer
+/// runs the attempt.
+async fn start_training(state: &AppState, attempt: &Attempt) -> ServiceResult<bool> {
+    let job = jobs::get_any(&state.db, attempt.job_id).await?;
+    let Some(job) = job.filter(|job| runs_attempt(job, attempt)) else {
+        return Ok(false);
     };
-    let mut event = Event::new(
-        job.id,
-        EventType::Status,
-        Severity::Info,
-        format!("Training started (attempt {})", attempt.attempt_number),
-    )
-    .with_details(serde_json::json!({"from": job.status, "to": JobStatus::Training}));
-    event.attempt_id = Some(attempt.id);
-    let change = Change::StartTraining { agent_id };
-    match change_status(state, job, change, vec![event], Origin::AgentReport).await {
-        // Two batches raced to start it, or it was cancelled meanwhile: the reports still count.
-        Ok(_) | Err(ServiceError::Conflict(_)) => Ok(()),
-        Err(error) => Err(error),
+    if let (JobStatus::Provisioning, Some(agent_id)) = (job.status, attempt.agent_id) {
+        let mut event = Event::new(
+            job.id,
+            EventType::Status,
+            Severity::Info,
+            format!("Training started (attempt {})", attempt.attempt_number),
+        )
+        .with_details(serde_json::json!({"from": job.status, "to": JobStatus::Training}));
+        event.attempt_id = Some(attempt.id);
+        let change = Change::StartTraining { agent_id };
+        match change_status(state, &job, change, vec![event], Origin::AgentReport).await {
+            // Two batches raced to start it, or it was cancelled meanwhile: the write that
+            // follows stores the reports only if the job still runs the attempt.
+            Ok(_) | Err(ServiceError::Conflict(_)) => {}
+            Err(error) => return Err(error),
+        }
     }
+    state.running_attempts.mark_training(attempt.id);
+    Ok(true)
 }
 
 fn agent_event(mut event: Event, attempt: &Attempt, key: &str) -> Event {
@@ -599,6 +690,7 @@ pub async fn finish(
     outcome: AttemptOutcome,
 ) -> ServiceResult<Option<JobStatus>> {
     let attempt = own_attempt(state, agent, attempt_id).await?;
+    state.running_attempts.forget(attempt_id);
     end_attempt(
         state,
         &attempt,

@@ -58,6 +58,7 @@ pub struct AppState {
     /// Wakes claims waiting for work when a job is queued on this replica.
     pub work_available: Arc<tokio::sync::Notify>,
     pub known_agents: Arc<fleet::KnownAgents>,
+    pub running_attempts: Arc<fleet::RunningAttempts>,
 }
 
 pub const MAX_PAGE_SIZE: i64 = 500;
