@@ -196,6 +196,13 @@ async fn reports_and_uploads_are_idempotent_and_verified(backend: Backend) {
     assert_eq!(view["current_step"], 3);
     assert_eq!(view["progress_percentage"], 30);
     assert_eq!(view["current_metrics"]["gpu_utilization"], 80);
+    // The attempt's last step follows its reports.
+    let (_, attempts) = json_of(
+        app.get(&user, &format!("/api/v1/jobs/{job}/attempts"))
+            .await,
+    )
+    .await;
+    assert_eq!(attempts["data"][0]["last_step"], 3, "{attempts}");
     let (_, events) = json_of(
         app.get(
             &user,
