@@ -9,7 +9,9 @@ use sqlx::types::Json;
 use sqlx::QueryBuilder;
 use uuid::Uuid;
 
-use super::attempts::{self, Attempt, Checkpoint, ATTEMPT_COLUMNS, CHECKPOINT_COLUMNS};
+use super::attempts::{
+    self, newest_step, Attempt, Checkpoint, CHECKPOINT_COLUMNS, STORED_ATTEMPT_COLUMNS,
+};
 use super::events::{insert_event, Event};
 use super::{now, on_pool, BeginWrite, Db, DbError};
 use crate::domain::estimate::Estimate;
@@ -548,7 +550,7 @@ pub async fn change_status(
         "INSERT INTO job_attempts (id, job_id, agent_id, attempt_number, status, resumed_from_checkpoint_id,
              resumed_from_step, gpu_type, hourly_rate, cost, started_at, created_at, updated_at, recipe, last_step)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $10, $10, $11, $12)
-         RETURNING {ATTEMPT_COLUMNS}"
+         RETURNING {STORED_ATTEMPT_COLUMNS}"
     );
     Ok(on_pool!(db, pool => {
         let mut tx = pool.begin_write().await?;
@@ -556,12 +558,13 @@ pub async fn change_status(
         let mut total_cost = 0.0;
         if let Change::EndAttempt { attempt, end, .. } = change {
             let cost = attempt.cost_at(at);
-            let ended = sqlx::query(
+            let ended = sqlx::query(concat!(
                 "UPDATE job_attempts SET status = $2, error_message = $3, notice_deadline = $4,
                      interruption_provider = $5, notice_seconds_used = $6, cost = $7, ended_at = $8, updated_at = $8,
-                     tokens_per_second = $10
-                 WHERE id = $1 AND status = $9",
-            )
+                     tokens_per_second = $10, last_step = ",
+                newest_step!(),
+                " WHERE id = $1 AND status = $9"
+            ))
             .bind(attempt.id)
             .bind(end.status)
             .bind(end.error_message)

@@ -295,6 +295,22 @@ async fn reports_and_uploads_are_idempotent_and_verified(backend: Backend) {
     )
     .await;
     assert_eq!(listed["data"][0]["download_count"], 1);
+
+    // An attempt that ends keeps the step it reached.
+    finish(
+        &app,
+        &secret,
+        &assignment["attempt_id"],
+        json!({"outcome": "failed", "kind": "dataset", "message": "line 3: no assistant message"}),
+    )
+    .await;
+    let (_, attempts) = json_of(
+        app.get(&user, &format!("/api/v1/jobs/{job}/attempts"))
+            .await,
+    )
+    .await;
+    assert_eq!(attempts["data"][0]["status"], "failed", "{attempts}");
+    assert_eq!(attempts["data"][0]["last_step"], 3, "{attempts}");
 }
 
 async fn an_attempt_the_agent_stops_naming_is_ended(backend: Backend) {
