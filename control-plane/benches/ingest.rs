@@ -158,12 +158,19 @@ async fn our_ingest(
 }
 
 async fn mlflow_call(client: &Client, base: &str, path: &str, body: &Value) -> Value {
-    let response = client
-        .post(format!("{base}/api/2.0/mlflow/{path}"))
-        .json(body)
-        .send()
-        .await
-        .expect("mlflow");
+    let url = format!("{base}/api/2.0/mlflow/{path}");
+    // MLflow's gunicorn closes a kept-alive connection after 2 idle seconds (between
+    // cells), and a request sent on it as it closes fails before the server reads it
+    // (hyper's IncompleteMessage): send that one again on a fresh connection.
+    let mut tries = 0;
+    let response = loop {
+        tries += 1;
+        match client.post(&url).json(body).send().await {
+            Ok(response) => break response,
+            Err(error) if tries < 3 && error.is_request() => continue,
+            Err(error) => panic!("MLflow {path}: {error:?}"),
+        }
+    };
     let status = response.status();
     let text = response.text().await.expect("mlflow body");
     assert!(status.is_success(), "MLflow {path}: {status}: {text}");
