@@ -245,7 +245,7 @@ pub struct Progress {
 /// One report batch of an attempt, ready to store: metrics (one per step), events (one
 /// per idempotency key), and the job's progress while the attempt's agent still trains it.
 pub struct AttemptReports {
-    pub attempt: Attempt,
+    pub attempt: std::sync::Arc<Attempt>,
     pub metrics: Vec<MetricPoint>,
     pub events: Vec<Event>,
     pub progress: Progress,

@@ -707,9 +707,9 @@ pub async fn change_status(
             // The number was read before this transaction: when another claim assigned the
             // job and its attempt ended meanwhile, the number is taken. Leave the job as it was.
             let (next,): (i64,) = sqlx::query_as(attempts::NEXT_NUMBER)
-            .bind(job_id)
-            .fetch_one(&mut *tx)
-            .await?;
+                .bind(job_id)
+                .fetch_one(&mut *tx)
+                .await?;
             if next != a.number {
                 return Ok(ChangeOutcome::Conflict(from));
             }

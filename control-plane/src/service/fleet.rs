@@ -2,6 +2,7 @@
 //! (long-poll), the files an attempt needs, report batches from the agent's outbox,
 //! artifact uploads and the end of an attempt. The agent is authenticated by its secret.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,29 +29,59 @@ use crate::domain::{AgentStatus, EventType, FieldError, JobStatus, Severity};
 use crate::live::JobUpdate;
 use crate::storage::{Download, StorageError};
 
-/// Agent ids by the hash of their secret, as this replica has met them. An agent's secret
-/// never changes and agents are never removed, so an entry never goes stale; the report
-/// path, the busiest an agent calls, then needs no read to know who is asking.
-#[derive(Default)]
-pub struct KnownAgents(std::sync::RwLock<std::collections::HashMap<String, Uuid>>);
+/// Facts this replica has read once and keeps, because they do not go stale while it
+/// uses them; bounded: past [`Memo::MAX`] entries it starts over rather than grow.
+pub struct Memo<K, V>(std::sync::RwLock<std::collections::HashMap<K, V>>);
 
-impl KnownAgents {
-    /// Past this many agents the map starts over rather than grow.
+impl<K, V> Default for Memo<K, V> {
+    fn default() -> Self {
+        Memo(std::sync::RwLock::default())
+    }
+}
+
+impl<K: std::hash::Hash + Eq, V: Clone> Memo<K, V> {
     const MAX: usize = 10_000;
 
-    fn get(&self, secret_hash: &str) -> Option<Uuid> {
-        self.0.read().ok()?.get(secret_hash).copied()
+    fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.0.read().ok()?.get(key).cloned()
     }
 
-    fn insert(&self, secret_hash: String, id: Uuid) {
+    fn insert(&self, key: K, value: V) {
         if let Ok(mut known) = self.0.write() {
             if known.len() >= Self::MAX {
                 known.clear();
             }
-            known.insert(secret_hash, id);
+            known.insert(key, value);
+        }
+    }
+
+    fn update(&self, key: &K, change: impl FnOnce(&mut V)) {
+        if let Some(value) = self
+            .0
+            .write()
+            .ok()
+            .as_mut()
+            .and_then(|known| known.get_mut(key))
+        {
+            change(value);
+        }
+    }
+
+    fn forget(&self, key: &K) {
+        if let Ok(mut known) = self.0.write() {
+            known.remove(key);
         }
     }
 }
+
+/// Agent ids by the hash of their secret, as this replica has met them. An agent's secret
+/// never changes and agents are never removed, so an entry never goes stale; the report
+/// path, the busiest an agent calls, then needs no read to know who is asking.
+pub type KnownAgents = Memo<String, Uuid>;
 
 /// What the report path needs of an attempt, kept by this replica from the attempt's first
 /// report on: the attempt as it began, what its job's earlier attempts cost, and whether
@@ -58,48 +89,16 @@ impl KnownAgents {
 /// attempt's row changes only when it ends, and a job's next attempt begins only after
 /// that), and the report's write changes nothing once the job no longer runs the attempt;
 /// so a report is one statement, not two reads and a write.
-#[derive(Default)]
-pub struct RunningAttempts(std::sync::RwLock<std::collections::HashMap<Uuid, RunningAttempt>>);
+pub type RunningAttempts = Memo<Uuid, RunningAttempt>;
 
 #[derive(Clone)]
-struct RunningAttempt {
-    attempt: Attempt,
+pub struct RunningAttempt {
+    /// Shared, not copied, by every report of the attempt.
+    attempt: Arc<Attempt>,
     /// The final cost of the job's attempts before this one.
     earlier_cost: f64,
     /// The job has left provisioning under this attempt.
     training: bool,
-}
-
-impl RunningAttempts {
-    /// Past this many attempts the map starts over rather than grow.
-    const MAX: usize = 10_000;
-
-    fn get(&self, id: Uuid) -> Option<RunningAttempt> {
-        self.0.read().ok()?.get(&id).cloned()
-    }
-
-    fn insert(&self, running: RunningAttempt) {
-        if let Ok(mut known) = self.0.write() {
-            if known.len() >= Self::MAX {
-                known.clear();
-            }
-            known.insert(running.attempt.id, running);
-        }
-    }
-
-    fn mark_training(&self, id: Uuid) {
-        if let Ok(mut known) = self.0.write() {
-            if let Some(running) = known.get_mut(&id) {
-                running.training = true;
-            }
-        }
-    }
-
-    fn forget(&self, id: Uuid) {
-        if let Ok(mut known) = self.0.write() {
-            known.remove(&id);
-        }
-    }
 }
 
 /// The running attempt `attempt_id` of `agent_id`, from memory once this replica has seen
@@ -109,7 +108,7 @@ async fn running_attempt(
     agent_id: Uuid,
     attempt_id: Uuid,
 ) -> ServiceResult<Option<RunningAttempt>> {
-    let running = match state.running_attempts.get(attempt_id) {
+    let running = match state.running_attempts.get(&attempt_id) {
         Some(running) => running,
         None => {
             let siblings = attempts::with_siblings(&state.db, attempt_id).await?;
@@ -120,12 +119,12 @@ async fn running_attempt(
             let at = now();
             let running = RunningAttempt {
                 earlier_cost: others.clone().map(|a| a.cost_at(at)).sum(),
-                attempt,
+                attempt: Arc::new(attempt),
                 training: false,
             };
             // Kept only while every other attempt has ended, so their cost is final.
             if running.attempt.ended_at.is_none() && others.clone().all(|a| a.ended_at.is_some()) {
-                state.running_attempts.insert(running.clone());
+                state.running_attempts.insert(attempt_id, running.clone());
             }
             running
         }
@@ -394,8 +393,7 @@ pub async fn reports(
     else {
         return Ok(STOP_ATTEMPT);
     };
-    let has_reports = !batch.reports.is_empty();
-    if !training && has_reports && !start_training(state, &attempt).await? {
+    if !training && !batch.reports.is_empty() && !start_training(state, &attempt).await? {
         return Ok(STOP_ATTEMPT);
     }
     let mut metrics = Vec::new();
@@ -477,7 +475,7 @@ pub async fn reports(
         .await?;
     let Some(job) = outcome.job else {
         // The job no longer runs the attempt: nothing was stored.
-        state.running_attempts.forget(attempt_id);
+        state.running_attempts.forget(&attempt_id);
         return Ok(STOP_ATTEMPT);
     };
     let mut updates = Vec::with_capacity(1 + outcome.new_metrics.len() + outcome.new_events.len());
@@ -564,7 +562,9 @@ async fn start_training(state: &AppState, attempt: &Attempt) -> ServiceResult<bo
             Err(error) => return Err(error),
         }
     }
-    state.running_attempts.mark_training(attempt.id);
+    state
+        .running_attempts
+        .update(&attempt.id, |running| running.training = true);
     Ok(true)
 }
 
@@ -690,7 +690,7 @@ pub async fn finish(
     outcome: AttemptOutcome,
 ) -> ServiceResult<Option<JobStatus>> {
     let attempt = own_attempt(state, agent, attempt_id).await?;
-    state.running_attempts.forget(attempt_id);
+    state.running_attempts.forget(&attempt_id);
     end_attempt(
         state,
         &attempt,
