@@ -432,8 +432,13 @@ async fn a_budget_cap_stops_the_job_and_keeps_its_adapter() {
     let total = ended["total_steps"].as_i64().expect("total steps");
     let last = *metric_steps(&api, &job).await.last().expect("some steps");
     assert!(last < total, "stopped at step {last} of {total}");
-    // The spend stays within one step's cost of the cap (the step's cost as measured over
-    // the run: its seconds at the rate).
+    // The spend never passes the cap by more than one step's cost (the step's cost as
+    // measured over the run: its seconds at the rate). It may fall short by what the stop
+    // expected to cost (its event's `stop_allowance`: the steps in flight and twice the
+    // latest checkpoint's time, which a loaded machine stretches) and a step.
+    let allowance = event_details(&api, &job, "stop_allowance").await["stop_allowance"]
+        .as_f64()
+        .expect("allowance");
     let history = api
         .get(&format!("/jobs/{job}/metrics?limit=10000&interval=1"))
         .await;
@@ -449,8 +454,8 @@ async fn a_budget_cap_stops_the_job_and_keeps_its_adapter() {
     let step_cost = seconds / (last_step - first_step) * 10.0;
     let spent = ended["final_cost"].as_f64().expect("final cost");
     assert!(
-        (spent - cap).abs() <= step_cost,
-        "spent ${spent} against a ${cap} cap; a step costs ${step_cost}"
+        spent <= cap + step_cost && spent >= cap - allowance - step_cost,
+        "spent ${spent} against a ${cap} cap; a step costs ${step_cost}, the stop allowed ${allowance}"
     );
 
     // The story: which budget stopped it, then the step whose adapter it keeps.
