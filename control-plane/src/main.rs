@@ -11,6 +11,7 @@ use control_plane::startup::{open_database, Application};
 
 /// Requests, report batches and enrichment allocate and free many small buffers across
 /// threads; glibc's malloc spent a fifth of enrichment's time in its own bookkeeping.
+/// The crate's `override` feature routes SQLite's own allocations here as well.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

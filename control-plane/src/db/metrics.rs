@@ -3,6 +3,8 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use futures::future::Either;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use sqlx::QueryBuilder;
 use uuid::Uuid;
@@ -118,7 +120,8 @@ pub async fn history(
 
 /// Every `interval`-th step of a job's history (and always the last), at most `limit`
 /// points, oldest first, as a stream read while it is sent: memory stays flat however
-/// long the run. The query runs in a task of its own and stops when the stream is dropped.
+/// long the run. The query runs in a task of its own and stops when the stream is dropped;
+/// it hands over the rows it has ready in chunks, not one by one (a wake-up per chunk).
 pub fn history_stream(
     db: &Db,
     job_id: Uuid,
@@ -139,19 +142,26 @@ pub fn history_stream(
                 .bind(interval)
                 .bind(limit)
                 .fetch(pool);
-            while let Some(row) = futures::StreamExt::next(&mut rows).await {
-                let failed = row.is_err();
-                if sender.send(row.map_err(DbError::from)).await.is_err() || failed {
+            let mut chunks = (&mut rows).ready_chunks(STREAM_CHUNK);
+            while let Some(chunk) = chunks.next().await {
+                let chunk: Result<Vec<MetricPoint>, sqlx::Error> = chunk.into_iter().collect();
+                let failed = chunk.is_err();
+                if sender.send(chunk.map_err(DbError::from)).await.is_err() || failed {
                     break;
                 }
             }
         });
     });
-    tokio_stream::wrappers::ReceiverStream::new(receiver)
+    tokio_stream::wrappers::ReceiverStream::new(receiver).flat_map(|chunk| match chunk {
+        Ok(points) => Either::Left(futures::stream::iter(points).map(Ok)),
+        Err(error) => Either::Right(futures::stream::once(std::future::ready(Err(error)))),
+    })
 }
 
-/// Rows a history stream reads ahead of the client.
-const STREAM_BUFFER: usize = 256;
+/// Rows a history stream hands over at most at once, and chunks it reads ahead of the
+/// client.
+const STREAM_CHUNK: usize = 256;
+const STREAM_BUFFER: usize = 4;
 
 /// The first and the last step of a job's history (two index seeks).
 pub async fn step_range(db: &Db, job_id: Uuid) -> Result<Option<(i64, i64)>, DbError> {
