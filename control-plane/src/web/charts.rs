@@ -45,18 +45,34 @@ fn thin(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
     kept
 }
 
-/// A compact number for tick labels: 1.2e-4, 0.53, 12.5, 1,200.
-fn label(value: f64) -> String {
-    let magnitude = value.abs();
-    if magnitude != 0.0 && !(1e-2..1e5).contains(&magnitude) {
-        format!("{value:.1e}")
-    } else if magnitude >= 100.0 {
-        format!("{value:.0}")
-    } else {
-        format!("{value:.3}")
-            .trim_end_matches('0')
-            .trim_end_matches('.')
-            .to_owned()
+/// A compact number for hover titles and tick labels: 1.2e-4, 0.53, 12.5, 1200. Written
+/// from integers where it can, as [`Tenths`] is: a chart titles every point it draws.
+struct Compact(f64);
+
+impl std::fmt::Display for Compact {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let value = self.0;
+        let magnitude = value.abs();
+        if magnitude != 0.0 && !(1e-2..1e5).contains(&magnitude) {
+            return write!(f, "{value:.1e}");
+        }
+        if magnitude >= 100.0 {
+            return write!(f, "{}", value.round() as i64);
+        }
+        // Up to three decimals, without trailing zeros.
+        let thousandths = (value * 1000.0).round() as i64;
+        let sign = if thousandths < 0 { "-" } else { "" };
+        let thousandths = thousandths.unsigned_abs();
+        let (whole, mut fraction, mut digits) = (thousandths / 1000, thousandths % 1000, 3);
+        while digits > 0 && fraction % 10 == 0 {
+            fraction /= 10;
+            digits -= 1;
+        }
+        if digits == 0 {
+            write!(f, "{sign}{whole}")
+        } else {
+            write!(f, "{sign}{whole}.{fraction:0digits$}")
+        }
     }
 }
 
@@ -64,7 +80,7 @@ fn label(value: f64) -> String {
 fn tick(value: f64, spacing: f64) -> String {
     let magnitude = value.abs().max(spacing.abs());
     if !spacing.is_finite() || spacing <= 0.0 {
-        return label(value);
+        return Compact(value).to_string();
     }
     if !(1e-3..1e5).contains(&magnitude) {
         return format!("{value:.2e}");
@@ -195,15 +211,16 @@ pub fn marked_line_chart(
         svg.push_str(r#""/>"#);
         // A lone point has no line to show it: draw its dot visibly.
         let dot = if points.len() == 1 { "dot solo" } else { "dot" };
+        let hover_name = escape(name);
         for (x, y) in points {
             let _ = write!(
                 svg,
                 r#"<circle class="{dot}" cx="{}" cy="{}" r="3" fill="{color}"><title>{} at {}: {}</title></circle>"#,
                 Tenths(sx(*x)),
                 Tenths(sy(*y)),
-                escape(name),
-                label(*x),
-                label(*y)
+                hover_name,
+                Compact(*x),
+                Compact(*y)
             );
         }
         let legend_x = LEFT + 8.0 + index as f64 * 130.0;
@@ -262,6 +279,27 @@ mod tests {
                 "{value}"
             );
         }
+    }
+
+    #[test]
+    fn compact_numbers_match_three_decimal_formatting_trimmed() {
+        for value in [
+            0.0, 0.01, 0.0312, 0.53, 1.25, 2.5, 12.3456, 99.9996, -0.75, 250.4, 1e-4,
+        ] {
+            let expected = if value != 0.0 && !(1e-2..1e5).contains(&f64::abs(value)) {
+                format!("{value:.1e}")
+            } else if value.abs() >= 100.0 {
+                format!("{value:.0}")
+            } else {
+                format!("{:.3}", (value * 1000.0_f64).round() / 1000.0)
+                    .trim_end_matches('0')
+                    .trim_end_matches('.')
+                    .to_owned()
+            };
+            assert_eq!(Compact(value).to_string(), expected, "{value}");
+        }
+        assert_eq!(Compact(-0.0001).to_string(), "-1.0e-4");
+        assert_eq!(Compact(-0.0).to_string(), "0");
     }
 
     #[test]
