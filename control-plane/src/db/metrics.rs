@@ -158,9 +158,9 @@ pub fn history_stream(
     })
 }
 
-/// Rows a history stream hands over at most at once, and chunks it reads ahead of the
-/// client.
+/// Rows a history stream hands over at most at once.
 const STREAM_CHUNK: usize = 256;
+/// Chunks a history stream reads ahead of the client.
 const STREAM_BUFFER: usize = 4;
 
 /// The first and the last step of a job's history (two index seeks).

@@ -46,7 +46,7 @@ fn thin(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
 }
 
 /// A compact number for hover titles and tick labels: 1.2e-4, 0.53, 12.5, 1200. Written
-/// from integers where it can, as [`Tenths`] is: a chart titles every point it draws.
+/// from integers where it can ([`write_fixed`]): a chart titles every point it draws.
 struct Compact(f64);
 
 impl std::fmt::Display for Compact {
@@ -56,23 +56,8 @@ impl std::fmt::Display for Compact {
         if magnitude != 0.0 && !(1e-2..1e5).contains(&magnitude) {
             return write!(f, "{value:.1e}");
         }
-        if magnitude >= 100.0 {
-            return write!(f, "{}", value.round() as i64);
-        }
-        // Up to three decimals, without trailing zeros.
-        let thousandths = (value * 1000.0).round() as i64;
-        let sign = if thousandths < 0 { "-" } else { "" };
-        let thousandths = thousandths.unsigned_abs();
-        let (whole, mut fraction, mut digits) = (thousandths / 1000, thousandths % 1000, 3);
-        while digits > 0 && fraction % 10 == 0 {
-            fraction /= 10;
-            digits -= 1;
-        }
-        if digits == 0 {
-            write!(f, "{sign}{whole}")
-        } else {
-            write!(f, "{sign}{whole}.{fraction:0digits$}")
-        }
+        let decimals = if magnitude >= 100.0 { 0 } else { 3 };
+        write_fixed(f, value, decimals, true)
     }
 }
 
@@ -253,16 +238,37 @@ pub fn marked_line_chart(
     svg
 }
 
-/// A coordinate to one decimal, written from its integer tenths: `{:.1}` takes the
-/// exact float-formatting path, and a page writes thousands of coordinates.
+/// A coordinate to one decimal: a page writes thousands of coordinates.
 struct Tenths(f64);
 
 impl std::fmt::Display for Tenths {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let tenths = (self.0 * 10.0).round() as i64;
-        let sign = if tenths < 0 { "-" } else { "" };
-        let tenths = tenths.unsigned_abs();
-        write!(f, "{sign}{}.{}", tenths / 10, tenths % 10)
+        write_fixed(f, self.0, 1, false)
+    }
+}
+
+/// `value` to `decimals` places, written from its scaled integer (`{:.N}` takes the exact
+/// float-formatting path, costly when a page writes thousands of numbers); with `trim`,
+/// without trailing zeros or a bare point.
+fn write_fixed(
+    f: &mut std::fmt::Formatter<'_>,
+    value: f64,
+    decimals: u32,
+    trim: bool,
+) -> std::fmt::Result {
+    let scale = 10_u64.pow(decimals);
+    let scaled = (value * scale as f64).round() as i64;
+    let sign = if scaled < 0 { "-" } else { "" };
+    let scaled = scaled.unsigned_abs();
+    let (whole, mut fraction, mut digits) = (scaled / scale, scaled % scale, decimals as usize);
+    while trim && digits > 0 && fraction % 10 == 0 {
+        fraction /= 10;
+        digits -= 1;
+    }
+    if digits == 0 {
+        write!(f, "{sign}{whole}")
+    } else {
+        write!(f, "{sign}{whole}.{fraction:0digits$}")
     }
 }
 
