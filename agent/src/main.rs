@@ -17,10 +17,16 @@ enum Command {
 /// The trainer runs in this process: its per-op tensor allocations are reused by mimalloc
 /// instead of being page-faulted in again every step (see the trainer's binary).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: allocator::MiMalloc = allocator::MiMalloc;
+
+fn main() -> anyhow::Result<()> {
+    // Before the runtime starts its threads: mimalloc's options are not synchronised.
+    allocator::keep_freed_memory();
+    run()
+}
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -1,6 +1,7 @@
-//! Causal self-attention as one op whose memory is O(B·H·L·D), not O(B·H·L²): each query
-//! row runs an online softmax over the keys it may see, and the backward recomputes the
-//! probabilities instead of keeping them. Causality, padding and packing come from
+//! Causal self-attention as one op whose memory is O(B·H·L·D), not O(B·H·L²): each block
+//! of query rows runs an online softmax over blocks of the keys it may see, each block's
+//! scores one matrix product, and the backward recomputes the probabilities instead of
+//! keeping them. Causality, padding and packing come from
 //! positions and each row's [`Segments`] (a query sees the earlier keys of its own
 //! sequence), so no L² bias tensor is built; grouped-query heads read their shared
 //! key/value head directly, so K and V are never repeated.
@@ -93,6 +94,97 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
     partial.iter().fold(tail, |sum, p| sum + *p)
 }
 
+/// Queries and keys are taken this many at a time: each block's scores are one matrix
+/// product (gemm's SIMD kernels), small enough to stay in cache while it is used.
+const BLOCK: usize = 64;
+
+/// A matrix inside a slice: `rows × cols`, element (r, c) at `r·row_stride + c·col_stride`.
+struct Matrix<S> {
+    data: S,
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<S> Matrix<S> {
+    /// Row-major: rows one after another, `cols` apart.
+    fn rows(data: S, rows: usize, cols: usize) -> Self {
+        Matrix {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    /// The same elements read as the transpose.
+    fn t(self) -> Self {
+        Matrix {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            data: self.data,
+        }
+    }
+
+    /// Whether every element lies inside a slice of `len` elements.
+    fn fits(&self, len: usize) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < len
+    }
+}
+
+/// `dst = dst·keep + scale·lhs·rhs` (`keep` 0 or 1), single-threaded: the op's tasks
+/// already fill the cores.
+#[allow(unsafe_code)]
+fn matmul<T: Real>(
+    dst: Matrix<&mut [T]>,
+    lhs: Matrix<&[T]>,
+    rhs: Matrix<&[T]>,
+    keep: bool,
+    scale: T,
+) {
+    let (m, n, k) = (dst.rows, dst.cols, lhs.cols);
+    assert!(
+        lhs.rows == m
+            && rhs.rows == k
+            && rhs.cols == n
+            && dst.fits(dst.data.len())
+            && lhs.fits(lhs.data.len())
+            && rhs.fits(rhs.data.len()),
+        "attention block product out of shape"
+    );
+    // SAFETY: the assertion above puts every element gemm reads or writes inside the three
+    // slices, and `dst` is borrowed mutably, so it overlaps neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.data.as_mut_ptr(),
+            dst.col_stride as isize,
+            dst.row_stride as isize,
+            keep,
+            lhs.data.as_ptr(),
+            lhs.col_stride as isize,
+            lhs.row_stride as isize,
+            rhs.data.as_ptr(),
+            rhs.col_stride as isize,
+            rhs.row_stride as isize,
+            T::of(1.0),
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// The sizes of one call: query heads, key/value heads, length, head dim (the batch is
 /// what the tensors' lengths imply).
 #[derive(Clone, Copy)]
@@ -119,9 +211,33 @@ impl Dims {
         })
     }
 
-    fn row(&self, tensor_heads: usize, b: usize, h: usize, i: usize) -> std::ops::Range<usize> {
-        let start = ((b * tensor_heads + h) * self.len + i) * self.dim;
-        start..start + self.dim
+    /// Head `h` of row `b` in a tensor of `tensor_heads` heads: L·D values.
+    fn head(&self, tensor_heads: usize, b: usize, h: usize) -> std::ops::Range<usize> {
+        let start = (b * tensor_heads + h) * self.len * self.dim;
+        start..start + self.len * self.dim
+    }
+}
+
+/// One block of queries: the keys each sees, and the span of keys any of them sees.
+struct QueryBlock {
+    queries: std::ops::Range<usize>,
+    visible: Vec<std::ops::Range<usize>>,
+    keys: std::ops::Range<usize>,
+}
+
+impl QueryBlock {
+    /// The key blocks to visit, each clipped to the keys this block sees, skipping those
+    /// no query of it sees (other sequences of a packed row).
+    fn key_blocks(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        self.keys
+            .clone()
+            .step_by(BLOCK)
+            .map(|start| start..(start + BLOCK).min(self.keys.end))
+            .filter(|block| {
+                self.visible
+                    .iter()
+                    .any(|seen| seen.start < block.end && block.start < seen.end)
+            })
     }
 }
 
@@ -132,152 +248,256 @@ impl CausalAttention {
         start..(i + 1).min(self.lengths.get(b).copied().unwrap_or(0))
     }
 
-    /// Running max and normaliser of query row `q_row`'s scores (its logsumexp is
-    /// `max + ln(sum)`), and with `v` given, its output.
-    fn softmax_row<T: Real>(
+    /// Row `b`'s query blocks that see at least one key.
+    fn query_blocks(&self, dims: Dims, b: usize) -> impl Iterator<Item = QueryBlock> + '_ {
+        (0..dims.len).step_by(BLOCK).filter_map(move |first| {
+            let queries = first..(first + BLOCK).min(dims.len);
+            let visible: Vec<_> = queries.clone().map(|i| self.visible(dims, b, i)).collect();
+            let seen = visible.iter().filter(|seen| !seen.is_empty());
+            let start = seen.clone().map(|seen| seen.start).min()?;
+            let end = seen.map(|seen| seen.end).max()?;
+            Some(QueryBlock {
+                queries,
+                visible,
+                keys: start..end,
+            })
+        })
+    }
+
+    /// Head `h` of row `b`: its output (L·D, zero-filled on entry) and each query's
+    /// logsumexp (`-inf` on entry, left so for a query that sees no key), by an online
+    /// softmax over blocks of keys.
+    fn forward_head<T: Real>(
         &self,
         dims: Dims,
         (q, k, v): (&[T], &[T], &[T]),
-        (b, h, i): (usize, usize, usize),
-        mut out: Option<&mut [T]>,
-    ) -> (T, T) {
+        (b, h): (usize, usize),
+        (out, logsumexp): (&mut [T], &mut [f64]),
+    ) {
         let kvh = h / (dims.heads / dims.kv_heads);
-        let scale = T::of(self.scale);
-        let q_row = &q[dims.row(dims.heads, b, h, i)];
-        let (mut max, mut sum) = (T::default(), T::default());
-        let visible = self.visible(dims, b, i);
-        let first = visible.start;
-        for j in visible {
-            let score = dot(q_row, &k[dims.row(dims.kv_heads, b, kvh, j)]) * scale;
-            let p = if j == first || score > max {
-                let correction = if j == first {
-                    T::of(0.0)
-                } else {
-                    (max - score).exp()
-                };
-                sum *= correction;
-                if let Some(out) = out.as_deref_mut() {
-                    out.iter_mut().for_each(|o| *o *= correction);
+        let (q, k, v) = (
+            &q[dims.head(dims.heads, b, h)],
+            &k[dims.head(dims.kv_heads, b, kvh)],
+            &v[dims.head(dims.kv_heads, b, kvh)],
+        );
+        let (d, scale, minus_infinity) = (dims.dim, T::of(self.scale), T::of(f64::NEG_INFINITY));
+        let mut probabilities = [T::default(); BLOCK * BLOCK];
+        for block in self.query_blocks(dims, b) {
+            let rows = block.queries.len();
+            let (mut max, mut sum) = (vec![minus_infinity; rows], vec![T::default(); rows]);
+            let q_block = &q[block.queries.start * d..block.queries.end * d];
+            let out_block = &mut out[block.queries.start * d..block.queries.end * d];
+            for keys in block.key_blocks() {
+                let cols = keys.len();
+                let p = &mut probabilities[..rows * cols];
+                matmul(
+                    Matrix::rows(&mut *p, rows, cols),
+                    Matrix::rows(q_block, rows, d),
+                    Matrix::rows(&k[keys.start * d..keys.end * d], cols, d).t(),
+                    false,
+                    scale,
+                );
+                for (r, p_row) in p.chunks_exact_mut(cols).enumerate() {
+                    let seen = &block.visible[r];
+                    let seen = seen.start.max(keys.start) - keys.start
+                        ..seen.end.min(keys.end).saturating_sub(keys.start);
+                    if seen.is_empty() {
+                        p_row.fill(T::default());
+                        continue;
+                    }
+                    let block_max = p_row[seen.clone()].iter().fold(minus_infinity, |m, s| {
+                        if *s > m {
+                            *s
+                        } else {
+                            m
+                        }
+                    });
+                    if block_max > max[r] {
+                        let correction = (max[r] - block_max).exp();
+                        sum[r] *= correction;
+                        out_block[r * d..(r + 1) * d]
+                            .iter_mut()
+                            .for_each(|o| *o *= correction);
+                        max[r] = block_max;
+                    }
+                    for (c, s) in p_row.iter_mut().enumerate() {
+                        *s = if seen.contains(&c) {
+                            (*s - max[r]).exp()
+                        } else {
+                            T::default()
+                        };
+                        sum[r] += *s;
+                    }
                 }
-                max = score;
-                T::of(1.0)
-            } else {
-                (score - max).exp()
-            };
-            sum += p;
-            if let Some(out) = out.as_deref_mut() {
-                let v_row = &v[dims.row(dims.kv_heads, b, kvh, j)];
-                out.iter_mut().zip(v_row).for_each(|(o, x)| *o += p * *x);
+                matmul(
+                    Matrix::rows(&mut *out_block, rows, d),
+                    Matrix::rows(&*p, rows, cols),
+                    Matrix::rows(&v[keys.start * d..keys.end * d], cols, d),
+                    true,
+                    T::of(1.0),
+                );
+            }
+            let lse_block = &mut logsumexp[block.queries.clone()];
+            for (r, (out_row, lse)) in out_block.chunks_exact_mut(d).zip(lse_block).enumerate() {
+                if sum[r] > T::default() {
+                    out_row.iter_mut().for_each(|o| *o /= sum[r]);
+                    *lse = (max[r] + sum[r].ln()).to_f64();
+                }
             }
         }
-        if let Some(out) = out {
-            if sum > T::default() {
-                out.iter_mut().for_each(|o| *o /= sum);
-            }
-        }
-        (max, sum)
     }
 
-    /// One task per (row, head): their outputs are disjoint. Keeps the rows' logsumexp.
-    fn forward<T: Real>(&self, dims: Dims, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+    /// The output and each query row's logsumexp (B·H·L, `-inf` for a row that sees no
+    /// key). One task per (row, head): their outputs are disjoint.
+    fn forward<T: Real>(&self, dims: Dims, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<f64>) {
         let mut out = vec![T::default(); q.len()];
         let mut logsumexp = vec![f64::NEG_INFINITY; q.len() / dims.dim.max(1)];
         out.par_chunks_mut(dims.len * dims.dim)
             .zip(logsumexp.par_chunks_mut(dims.len))
             .enumerate()
-            .for_each(|(row_head, (chunk, logsumexp))| {
+            .for_each(|(row_head, outputs)| {
                 let (b, h) = (row_head / dims.heads, row_head % dims.heads);
-                for (i, (out_row, lse)) in chunk.chunks_mut(dims.dim).zip(logsumexp).enumerate() {
-                    let (max, sum) = self.softmax_row(dims, (q, k, v), (b, h, i), Some(out_row));
-                    if sum > T::default() {
-                        *lse = (max + sum.ln()).to_f64();
-                    }
-                }
+                self.forward_head(dims, (q, k, v), (b, h), outputs);
             });
-        if let Ok(mut kept) = self.logsumexp.lock() {
-            *kept = Some(logsumexp);
-        }
-        out
+        (out, logsumexp)
     }
 
-    /// Row `(b, h, i)`'s logsumexp: kept by the forward pass, else recomputed.
-    fn row_logsumexp<T: Real>(
-        &self,
-        dims: Dims,
-        kept: Option<&[f64]>,
-        (q, k, v): (&[T], &[T], &[T]),
-        (b, h, i): (usize, usize, usize),
-    ) -> Option<T> {
-        if let Some(kept) = kept {
-            let lse = kept[(b * dims.heads + h) * dims.len + i];
-            return lse.is_finite().then(|| T::of(lse));
-        }
-        let (max, sum) = self.softmax_row(dims, (q, k, v), (b, h, i), None);
-        (sum > T::default()).then(|| max + sum.ln())
-    }
-
-    /// Gradients of q, k and v, recomputing each probability from the row's logsumexp.
-    /// One task per (row, key/value head): it owns that head's dK and dV and the dQ of the
-    /// query heads sharing it.
+    /// Gradients of q, k and v, recomputing each block's probabilities from the rows'
+    /// logsumexp (the forward's, else computed again). One task per (row, key/value head):
+    /// it owns that head's dK and dV and the dQ of the query heads sharing it.
     fn backward<T: Real>(&self, dims: Dims, saved: Saved<'_, T>) -> (Vec<T>, Vec<T>, Vec<T>) {
         let Saved { q, k, v, out, grad } = saved;
+        let kept = self.logsumexp.lock().ok().and_then(|mut kept| kept.take());
+        let logsumexp = match kept {
+            Some(kept) if kept.len() == q.len() / dims.dim.max(1) => kept,
+            _ => self.forward(dims, q, k, v).1,
+        };
         let (mut dq, mut dk, mut dv) = (
             vec![T::default(); q.len()],
             vec![T::default(); k.len()],
             vec![T::default(); v.len()],
         );
-        let scale = T::of(self.scale);
-        let kept = self.logsumexp.lock().ok().and_then(|mut kept| kept.take());
-        let kept = kept
-            .as_deref()
-            .filter(|kept| kept.len() == q.len() / dims.dim.max(1));
-        let (group, block) = (dims.heads / dims.kv_heads, dims.len * dims.dim);
-        dq.par_chunks_mut(group * block)
-            .zip(dk.par_chunks_mut(block))
-            .zip(dv.par_chunks_mut(block))
+        let (group, head) = (dims.heads / dims.kv_heads, dims.len * dims.dim);
+        dq.par_chunks_mut(group * head)
+            .zip(dk.par_chunks_mut(head))
+            .zip(dv.par_chunks_mut(head))
             .enumerate()
             .for_each(|(row_head, ((dq, dk), dv))| {
                 let (b, kvh) = (row_head / dims.kv_heads, row_head % dims.kv_heads);
-                for member in 0..group {
+                for (member, dq) in dq.chunks_exact_mut(head).enumerate() {
                     let h = kvh * group + member;
-                    for i in 0..dims.len {
-                        let Some(logsumexp) = self.row_logsumexp(dims, kept, (q, k, v), (b, h, i))
-                        else {
-                            continue;
-                        };
-                        let row = dims.row(dims.heads, b, h, i);
-                        let (q_row, g_row) = (&q[row.clone()], &grad[row.clone()]);
-                        let delta = dot(g_row, &out[row]);
-                        let dq_start = (member * dims.len + i) * dims.dim;
-                        let dq_row = &mut dq[dq_start..dq_start + dims.dim];
-                        let visible = self.visible(dims, b, i);
-                        let first = visible.start;
-                        let keys = visible.start * dims.dim..visible.end.max(first) * dims.dim;
-                        let rows = dk[keys.clone()]
-                            .chunks_exact_mut(dims.dim)
-                            .zip(dv[keys].chunks_exact_mut(dims.dim));
-                        for (j, (dk_row, dv_row)) in (first..).zip(rows) {
-                            let kv_row = dims.row(dims.kv_heads, b, kvh, j);
-                            let (k_row, v_row) = (&k[kv_row.clone()], &v[kv_row]);
-                            let p = (dot(q_row, k_row) * scale - logsumexp).exp();
-                            let ds = p * (dot(g_row, v_row) - delta) * scale;
-                            // Slices zipped, not indexed: no bounds checks, so the three
-                            // updates vectorise.
-                            for (dv, g) in dv_row.iter_mut().zip(g_row) {
-                                *dv += p * *g;
-                            }
-                            for (dq, k) in dq_row.iter_mut().zip(k_row) {
-                                *dq += ds * *k;
-                            }
-                            for (dk, q) in dk_row.iter_mut().zip(q_row) {
-                                *dk += ds * *q;
-                            }
-                        }
-                    }
+                    let rows = (b * dims.heads + h) * dims.len..(b * dims.heads + h + 1) * dims.len;
+                    let head = Head {
+                        q: &q[dims.head(dims.heads, b, h)],
+                        k: &k[dims.head(dims.kv_heads, b, kvh)],
+                        v: &v[dims.head(dims.kv_heads, b, kvh)],
+                        out: &out[dims.head(dims.heads, b, h)],
+                        grad: &grad[dims.head(dims.heads, b, h)],
+                        logsumexp: &logsumexp[rows],
+                    };
+                    self.backward_head(dims, b, head, (dq, dk, dv));
                 }
             });
         (dq, dk, dv)
     }
+
+    /// One query head's share of the gradients: its dQ, and what it adds to its key/value
+    /// head's dK and dV.
+    fn backward_head<T: Real>(
+        &self,
+        dims: Dims,
+        b: usize,
+        head: Head<'_, T>,
+        (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
+    ) {
+        let (d, scale) = (dims.dim, T::of(self.scale));
+        let mut probabilities = [T::default(); BLOCK * BLOCK];
+        let mut score_grads = [T::default(); BLOCK * BLOCK];
+        for block in self.query_blocks(dims, b) {
+            let rows = block.queries.len();
+            let span = block.queries.start * d..block.queries.end * d;
+            let (q_block, g_block) = (&head.q[span.clone()], &head.grad[span.clone()]);
+            let delta: Vec<T> = g_block
+                .chunks_exact(d)
+                .zip(head.out[span.clone()].chunks_exact(d))
+                .map(|(g, o)| dot(g, o))
+                .collect();
+            for keys in block.key_blocks() {
+                let cols = keys.len();
+                let key_span = keys.start * d..keys.end * d;
+                let (p, ds) = (
+                    &mut probabilities[..rows * cols],
+                    &mut score_grads[..rows * cols],
+                );
+                matmul(
+                    Matrix::rows(&mut *p, rows, cols),
+                    Matrix::rows(q_block, rows, d),
+                    Matrix::rows(&head.k[key_span.clone()], cols, d).t(),
+                    false,
+                    scale,
+                );
+                for (r, p_row) in p.chunks_exact_mut(cols).enumerate() {
+                    let lse = head.logsumexp[block.queries.start + r];
+                    let seen = &block.visible[r];
+                    for (c, s) in p_row.iter_mut().enumerate() {
+                        *s = if lse.is_finite() && seen.contains(&(keys.start + c)) {
+                            (*s - T::of(lse)).exp()
+                        } else {
+                            T::default()
+                        };
+                    }
+                }
+                matmul(
+                    Matrix::rows(&mut dv[key_span.clone()], cols, d),
+                    Matrix::rows(&*p, rows, cols).t(),
+                    Matrix::rows(g_block, rows, d),
+                    true,
+                    T::of(1.0),
+                );
+                matmul(
+                    Matrix::rows(&mut *ds, rows, cols),
+                    Matrix::rows(g_block, rows, d),
+                    Matrix::rows(&head.v[key_span.clone()], cols, d).t(),
+                    false,
+                    T::of(1.0),
+                );
+                for ((ds_row, p_row), delta) in ds
+                    .chunks_exact_mut(cols)
+                    .zip(p.chunks_exact(cols))
+                    .zip(&delta)
+                {
+                    for (ds, p) in ds_row.iter_mut().zip(p_row) {
+                        *ds = *p * (*ds - *delta) * scale;
+                    }
+                }
+                matmul(
+                    Matrix::rows(&mut dq[span.clone()], rows, d),
+                    Matrix::rows(&*ds, rows, cols),
+                    Matrix::rows(&head.k[key_span.clone()], cols, d),
+                    true,
+                    T::of(1.0),
+                );
+                matmul(
+                    Matrix::rows(&mut dk[key_span], cols, d),
+                    Matrix::rows(&*ds, rows, cols).t(),
+                    Matrix::rows(q_block, rows, d),
+                    true,
+                    T::of(1.0),
+                );
+            }
+        }
+    }
+}
+
+/// One query head's inputs to the backward, with its key/value head and its rows'
+/// logsumexp.
+struct Head<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    out: &'a [T],
+    grad: &'a [T],
+    logsumexp: &'a [f64],
 }
 
 impl CausalAttention {
@@ -329,25 +549,30 @@ impl CustomOp3 for CausalAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let dims = Dims::of(q_layout.dims(), k_layout.dims())?;
         let shape = q_layout.shape().clone();
-        let out = match (q, k, v) {
+        let (out, logsumexp) = match (q, k, v) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                CpuStorage::F32(self.forward(
+                let (out, logsumexp) = self.forward(
                     dims,
                     contiguous(q, q_layout, "causal attention")?,
                     contiguous(k, k_layout, "causal attention")?,
                     contiguous(v, v_layout, "causal attention")?,
-                ))
+                );
+                (CpuStorage::F32(out), logsumexp)
             }
             (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
-                CpuStorage::F64(self.forward(
+                let (out, logsumexp) = self.forward(
                     dims,
                     contiguous(q, q_layout, "causal attention")?,
                     contiguous(k, k_layout, "causal attention")?,
                     contiguous(v, v_layout, "causal attention")?,
-                ))
+                );
+                (CpuStorage::F64(out), logsumexp)
             }
             _ => candle_core::bail!("causal attention on the CPU takes f32 or f64"),
         };
+        if let Ok(mut kept) = self.logsumexp.lock() {
+            *kept = Some(logsumexp);
+        }
         Ok((out, shape))
     }
 
@@ -593,17 +818,27 @@ mod tests {
     #[test]
     fn equals_composed_attention_and_its_gradients_in_f64() -> Result<()> {
         // Two rows (one padded), four query heads sharing two key/value heads.
-        equals_composed(&[vec![5], vec![3]])
+        equals_composed(&[vec![5], vec![3]], 5, 3)
     }
 
     #[test]
     fn packed_rows_attend_within_their_sequences_only() -> Result<()> {
         // Three sequences in the first row; two and padding in the second.
-        equals_composed(&[vec![2, 1, 2], vec![1, 2]])
+        equals_composed(&[vec![2, 1, 2], vec![1, 2]], 5, 3)
     }
 
-    fn equals_composed(rows: &[Vec<usize>]) -> Result<()> {
-        let (batch, heads, kv_heads, len, dim) = (rows.len(), 4, 2, 5, 3);
+    #[test]
+    fn rows_longer_than_a_block_equal_the_composed_attention() -> Result<()> {
+        // Three blocks of queries and keys, the last one short: sequences that end inside
+        // a block and others that span blocks, a block of another sequence's keys that
+        // a query block skips, a padded row, and a row of one long sequence.
+        let len = 2 * BLOCK + 22;
+        let rows = [vec![30, BLOCK + 30, 5, 20], vec![BLOCK + 9], vec![len]];
+        equals_composed(&rows, len, 8)
+    }
+
+    fn equals_composed(rows: &[Vec<usize>], len: usize, dim: usize) -> Result<()> {
+        let (batch, heads, kv_heads) = (rows.len(), 4, 2);
         let segments = Segments::packed(rows.to_vec());
         let scale = 1.0 / (dim as f64).sqrt();
         let q = random((batch, heads, len, dim), 1)?;

@@ -14,6 +14,8 @@ pub(crate) trait Real:
     + std::ops::Div<Output = Self>
     + std::ops::Neg<Output = Self>
     + std::ops::AddAssign
+    + std::ops::MulAssign
+    + std::ops::DivAssign
 {
     fn of(x: f64) -> Self;
     fn exp(self) -> Self;

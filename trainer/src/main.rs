@@ -14,9 +14,9 @@ use trainer::train::{
 
 /// Every op allocates its output, and freed tensors go back to the system under glibc's
 /// malloc, so each step page-faults its activations in again (and flushes TLBs across
-/// threads); mimalloc keeps and reuses them.
+/// threads); mimalloc keeps and reuses them (for as long as `main` asks, below).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: allocator::MiMalloc = allocator::MiMalloc;
 
 /// LoRA fine-tuning of Llama-family models on chat data.
 #[derive(Parser)]
@@ -427,6 +427,7 @@ impl Observer for ProgressBar {
 }
 
 fn main() -> anyhow::Result<()> {
+    allocator::keep_freed_memory();
     match Cli::parse().command {
         Command::Train(args) => {
             let options = args.options()?;
