@@ -388,11 +388,13 @@ impl CausalAttention {
                     let h = kvh * group + member;
                     let rows = (b * dims.heads + h) * dims.len..(b * dims.heads + h + 1) * dims.len;
                     let head = Head {
-                        q: &q[dims.head(dims.heads, b, h)],
-                        k: &k[dims.head(dims.kv_heads, b, kvh)],
-                        v: &v[dims.head(dims.kv_heads, b, kvh)],
-                        out: &out[dims.head(dims.heads, b, h)],
-                        grad: &grad[dims.head(dims.heads, b, h)],
+                        saved: Saved {
+                            q: &q[dims.head(dims.heads, b, h)],
+                            k: &k[dims.head(dims.kv_heads, b, kvh)],
+                            v: &v[dims.head(dims.kv_heads, b, kvh)],
+                            out: &out[dims.head(dims.heads, b, h)],
+                            grad: &grad[dims.head(dims.heads, b, h)],
+                        },
                         logsumexp: &logsumexp[rows],
                     };
                     self.backward_head(dims, b, head, (dq, dk, dv));
@@ -410,16 +412,18 @@ impl CausalAttention {
         head: Head<'_, T>,
         (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
     ) {
+        let Head { saved, logsumexp } = head;
+        let Saved { q, k, v, out, grad } = saved;
         let (d, scale) = (dims.dim, T::of(self.scale));
         let mut probabilities = [T::default(); BLOCK * BLOCK];
         let mut score_grads = [T::default(); BLOCK * BLOCK];
         for block in self.query_blocks(dims, b) {
             let rows = block.queries.len();
             let span = block.queries.start * d..block.queries.end * d;
-            let (q_block, g_block) = (&head.q[span.clone()], &head.grad[span.clone()]);
+            let (q_block, g_block) = (&q[span.clone()], &grad[span.clone()]);
             let delta: Vec<T> = g_block
                 .chunks_exact(d)
-                .zip(head.out[span.clone()].chunks_exact(d))
+                .zip(out[span.clone()].chunks_exact(d))
                 .map(|(g, o)| dot(g, o))
                 .collect();
             for keys in block.key_blocks() {
@@ -432,12 +436,12 @@ impl CausalAttention {
                 matmul(
                     Matrix::rows(&mut *p, rows, cols),
                     Matrix::rows(q_block, rows, d),
-                    Matrix::rows(&head.k[key_span.clone()], cols, d).t(),
+                    Matrix::rows(&k[key_span.clone()], cols, d).t(),
                     false,
                     scale,
                 );
                 for (r, p_row) in p.chunks_exact_mut(cols).enumerate() {
-                    let lse = head.logsumexp[block.queries.start + r];
+                    let lse = logsumexp[block.queries.start + r];
                     let seen = &block.visible[r];
                     for (c, s) in p_row.iter_mut().enumerate() {
                         *s = if lse.is_finite() && seen.contains(&(keys.start + c)) {
@@ -457,7 +461,7 @@ impl CausalAttention {
                 matmul(
                     Matrix::rows(&mut *ds, rows, cols),
                     Matrix::rows(g_block, rows, d),
-                    Matrix::rows(&head.v[key_span.clone()], cols, d).t(),
+                    Matrix::rows(&v[key_span.clone()], cols, d).t(),
                     false,
                     T::of(1.0),
                 );
@@ -473,7 +477,7 @@ impl CausalAttention {
                 matmul(
                     Matrix::rows(&mut dq[span.clone()], rows, d),
                     Matrix::rows(&*ds, rows, cols),
-                    Matrix::rows(&head.k[key_span.clone()], cols, d),
+                    Matrix::rows(&k[key_span.clone()], cols, d),
                     true,
                     T::of(1.0),
                 );
@@ -489,14 +493,10 @@ impl CausalAttention {
     }
 }
 
-/// One query head's inputs to the backward, with its key/value head and its rows'
-/// logsumexp.
+/// One query head's inputs to the backward (its own rows of q, the output and its
+/// gradient, its key/value head's k and v) and its rows' logsumexp.
 struct Head<'a, T> {
-    q: &'a [T],
-    k: &'a [T],
-    v: &'a [T],
-    out: &'a [T],
-    grad: &'a [T],
+    saved: Saved<'a, T>,
     logsumexp: &'a [f64],
 }
 
