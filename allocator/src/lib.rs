@@ -1,4 +1,5 @@
-//! The programs' global allocator, mimalloc, and how long it keeps memory that was freed.
+//! The trainer's and the agent's global allocator, mimalloc, and how long it keeps memory
+//! that was freed.
 //!
 //! Training allocates and frees the same activations every step. mimalloc hands freed
 //! memory back to the OS after its `purge_delay` (1 s by default), and a CPU step that
@@ -9,7 +10,7 @@
 
 pub use mimalloc::MiMalloc;
 
-use libmimalloc_sys::{mi_option_get, mi_option_set, mi_option_t};
+use libmimalloc_sys::{mi_option_set, mi_option_t};
 
 /// `mi_option_purge_delay` in mimalloc.h (v3): milliseconds before freed memory is
 /// returned to the OS. The Rust bindings leave it unnamed "for stability reasons"; the
@@ -18,10 +19,10 @@ const PURGE_DELAY: mi_option_t = 15;
 
 /// How long freed memory stays mapped for reuse while a program trains: longer than a
 /// step takes on the CPU at the sizes a CPU trains.
-pub const TRAINING_PURGE_DELAY_MS: i64 = 10_000;
+const TRAINING_PURGE_DELAY_MS: i64 = 10_000;
 
 /// The environment variable mimalloc reads the delay from; when an operator sets it, it wins.
-pub const PURGE_DELAY_VARIABLE: &str = "MIMALLOC_PURGE_DELAY";
+const PURGE_DELAY_VARIABLE: &str = "MIMALLOC_PURGE_DELAY";
 
 /// Keeps freed memory for [`TRAINING_PURGE_DELAY_MS`] before returning it to the OS,
 /// unless [`PURGE_DELAY_VARIABLE`] sets the delay. Call it first thing in `main`, before
@@ -36,17 +37,18 @@ pub fn keep_freed_memory() {
     unsafe { mi_option_set(PURGE_DELAY, TRAINING_PURGE_DELAY_MS as std::os::raw::c_long) }
 }
 
-/// mimalloc's current purge delay in milliseconds (negative: never).
-#[allow(unsafe_code)]
-#[allow(clippy::useless_conversion)] // `c_long` is 64 bits here, 32 on Windows.
-pub fn purge_delay_ms() -> i64 {
-    // SAFETY: reads one entry of mimalloc's option table, a valid index.
-    i64::from(unsafe { mi_option_get(PURGE_DELAY) })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use libmimalloc_sys::mi_option_get;
+
+    /// mimalloc's current purge delay in milliseconds (negative: never).
+    #[allow(unsafe_code)]
+    #[allow(clippy::useless_conversion)] // `c_long` is 64 bits here, 32 on Windows.
+    fn purge_delay_ms() -> i64 {
+        // SAFETY: reads one entry of mimalloc's option table, a valid index.
+        i64::from(unsafe { mi_option_get(PURGE_DELAY) })
+    }
 
     /// One test, so no other test thread touches the option table while it is written.
     #[test]

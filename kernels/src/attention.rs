@@ -185,6 +185,26 @@ fn matmul<T: Real>(
     }
 }
 
+/// The keys of `seen` that lie in the block `keys`, counted from the block's first; empty
+/// (and inside the block) when none do.
+fn within(seen: &std::ops::Range<usize>, keys: &std::ops::Range<usize>) -> std::ops::Range<usize> {
+    let start = seen.start.clamp(keys.start, keys.end) - keys.start;
+    start..(seen.end.clamp(keys.start, keys.end) - keys.start).max(start)
+}
+
+/// A row of a block's scores becomes `e^(s − shift)` on the keys `seen` and 0 on the
+/// others (the forward's and the backward's one mask); returns the row's sum.
+fn exponentiate<T: Real>(row: &mut [T], seen: std::ops::Range<usize>, shift: T) -> T {
+    let (before, rest) = row.split_at_mut(seen.start);
+    let (inside, after) = rest.split_at_mut(seen.len());
+    before.fill(T::default());
+    after.fill(T::default());
+    inside.iter_mut().fold(T::default(), |sum, s| {
+        *s = (*s - shift).exp();
+        sum + *s
+    })
+}
+
 /// The sizes of one call: query heads, key/value heads, length, head dim (the batch is
 /// what the tensors' lengths imply).
 #[derive(Clone, Copy)]
@@ -298,13 +318,7 @@ impl CausalAttention {
                     scale,
                 );
                 for (r, p_row) in p.chunks_exact_mut(cols).enumerate() {
-                    let seen = &block.visible[r];
-                    let seen = seen.start.max(keys.start) - keys.start
-                        ..seen.end.min(keys.end).saturating_sub(keys.start);
-                    if seen.is_empty() {
-                        p_row.fill(T::default());
-                        continue;
-                    }
+                    let seen = within(&block.visible[r], &keys);
                     let block_max = p_row[seen.clone()].iter().fold(minus_infinity, |m, s| {
                         if *s > m {
                             *s
@@ -320,14 +334,7 @@ impl CausalAttention {
                             .for_each(|o| *o *= correction);
                         max[r] = block_max;
                     }
-                    for (c, s) in p_row.iter_mut().enumerate() {
-                        *s = if seen.contains(&c) {
-                            (*s - max[r]).exp()
-                        } else {
-                            T::default()
-                        };
-                        sum[r] += *s;
-                    }
+                    sum[r] += exponentiate(p_row, seen, max[r]);
                 }
                 matmul(
                     Matrix::rows(&mut *out_block, rows, d),
@@ -442,14 +449,11 @@ impl CausalAttention {
                 );
                 for (r, p_row) in p.chunks_exact_mut(cols).enumerate() {
                     let lse = logsumexp[block.queries.start + r];
-                    let seen = &block.visible[r];
-                    for (c, s) in p_row.iter_mut().enumerate() {
-                        *s = if lse.is_finite() && seen.contains(&(keys.start + c)) {
-                            (*s - T::of(lse)).exp()
-                        } else {
-                            T::default()
-                        };
-                    }
+                    let seen = match lse.is_finite() {
+                        true => within(&block.visible[r], &keys),
+                        false => 0..0,
+                    };
+                    exponentiate(p_row, seen, T::of(lse));
                 }
                 matmul(
                     Matrix::rows(&mut dv[key_span.clone()], cols, d),
