@@ -12,6 +12,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::matrix::{matmul, Matrix, Threads};
 use crate::real::{contiguous, values, Real};
 use crate::segments::{Bounds, Segments};
 
@@ -97,93 +98,6 @@ fn dot<T: Real>(a: &[T], b: &[T]) -> T {
 /// Queries and keys are taken this many at a time: each block's scores are one matrix
 /// product (gemm's SIMD kernels), small enough to stay in cache while it is used.
 const BLOCK: usize = 64;
-
-/// A matrix inside a slice: `rows × cols`, element (r, c) at `r·row_stride + c·col_stride`.
-struct Matrix<S> {
-    data: S,
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl<S> Matrix<S> {
-    /// Row-major: rows one after another, `cols` apart.
-    fn rows(data: S, rows: usize, cols: usize) -> Self {
-        Matrix {
-            data,
-            rows,
-            cols,
-            row_stride: cols,
-            col_stride: 1,
-        }
-    }
-
-    /// The same elements read as the transpose.
-    fn t(self) -> Self {
-        Matrix {
-            rows: self.cols,
-            cols: self.rows,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-            data: self.data,
-        }
-    }
-
-    /// Whether every element lies inside a slice of `len` elements.
-    fn fits(&self, len: usize) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride < len
-    }
-}
-
-/// `dst = dst·keep + scale·lhs·rhs` (`keep` 0 or 1), single-threaded: the op's tasks
-/// already fill the cores.
-#[allow(unsafe_code)]
-fn matmul<T: Real>(
-    dst: Matrix<&mut [T]>,
-    lhs: Matrix<&[T]>,
-    rhs: Matrix<&[T]>,
-    keep: bool,
-    scale: T,
-) {
-    let (m, n, k) = (dst.rows, dst.cols, lhs.cols);
-    assert!(
-        lhs.rows == m
-            && rhs.rows == k
-            && rhs.cols == n
-            && dst.fits(dst.data.len())
-            && lhs.fits(lhs.data.len())
-            && rhs.fits(rhs.data.len()),
-        "attention block product out of shape"
-    );
-    // SAFETY: the assertion above puts every element gemm reads or writes inside the three
-    // slices, and `dst` is borrowed mutably, so it overlaps neither input.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.data.as_mut_ptr(),
-            dst.col_stride as isize,
-            dst.row_stride as isize,
-            keep,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            T::of(1.0),
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
 
 /// The keys of `seen` that lie in the block `keys`, counted from the block's first; empty
 /// (and inside the block) when none do.
@@ -316,6 +230,7 @@ impl CausalAttention {
                     Matrix::rows(&k[keys.start * d..keys.end * d], cols, d).t(),
                     false,
                     scale,
+                    Threads::One,
                 );
                 for (r, p_row) in p.chunks_exact_mut(cols).enumerate() {
                     let seen = within(&block.visible[r], &keys);
@@ -342,6 +257,7 @@ impl CausalAttention {
                     Matrix::rows(&v[keys.start * d..keys.end * d], cols, d),
                     true,
                     T::of(1.0),
+                    Threads::One,
                 );
             }
             let lse_block = &mut logsumexp[block.queries.clone()];
@@ -446,6 +362,7 @@ impl CausalAttention {
                     Matrix::rows(&k[key_span.clone()], cols, d).t(),
                     false,
                     scale,
+                    Threads::One,
                 );
                 for (r, p_row) in p.chunks_exact_mut(cols).enumerate() {
                     let lse = logsumexp[block.queries.start + r];
@@ -461,6 +378,7 @@ impl CausalAttention {
                     Matrix::rows(g_block, rows, d),
                     true,
                     T::of(1.0),
+                    Threads::One,
                 );
                 matmul(
                     Matrix::rows(&mut *ds, rows, cols),
@@ -468,6 +386,7 @@ impl CausalAttention {
                     Matrix::rows(&v[key_span.clone()], cols, d).t(),
                     false,
                     T::of(1.0),
+                    Threads::One,
                 );
                 for ((ds_row, p_row), delta) in ds
                     .chunks_exact_mut(cols)
@@ -484,6 +403,7 @@ impl CausalAttention {
                     Matrix::rows(&k[key_span.clone()], cols, d),
                     true,
                     T::of(1.0),
+                    Threads::One,
                 );
                 matmul(
                     Matrix::rows(&mut dk[key_span], cols, d),
@@ -491,6 +411,7 @@ impl CausalAttention {
                     Matrix::rows(q_block, rows, d),
                     true,
                     T::of(1.0),
+                    Threads::One,
                 );
             }
         }

@@ -11,8 +11,10 @@ pub mod cross_entropy_cuda;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod dropout;
+mod matrix;
 #[cfg(feature = "cuda")]
 mod norm_gate_cuda;
+pub mod product;
 mod real;
 pub mod rms_norm;
 pub mod rope;

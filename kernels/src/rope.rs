@@ -10,6 +10,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
+use rayon::prelude::*;
+
 use crate::real::{contiguous, Real};
 
 /// `x·cos + rotate_half(x)·sin` for `x` (B, L, H, D) and tables (L, D), shared by the
@@ -87,6 +89,8 @@ impl Rope {
         Ok((dims, shape))
     }
 
+    /// One output row (D entries) per (b, h, l), written in parallel; each half of a row is
+    /// one branch-free loop.
     fn forward<T: Real>(&self, dims: Dims, x: &[T], cos: &[T], sin: &[T]) -> Vec<T> {
         let Dims {
             batch,
@@ -95,31 +99,41 @@ impl Rope {
             dim,
             ..
         } = dims;
+        assert_eq!(
+            x.len(),
+            batch * heads * len * dim,
+            "rope: input of another shape"
+        );
         let half = dim / 2;
+        let sign = T::of(self.sign);
         let mut out = vec![T::default(); x.len()];
-        for b in 0..batch {
-            for h in 0..heads {
-                for l in 0..len {
-                    let heads_major = ((b * heads + h) * len + l) * dim;
-                    let seq_major = ((b * len + l) * heads + h) * dim;
-                    let (from, to) = if self.to_heads_major {
-                        (seq_major, heads_major)
-                    } else {
-                        (heads_major, seq_major)
-                    };
-                    for d in 0..dim {
-                        let (partner, side) = if d < half {
-                            (d + half, -1.0)
-                        } else {
-                            (d - half, 1.0)
-                        };
-                        let table = dims.table_row(b, l) + d;
-                        out[to + d] = x[from + d] * cos[table]
-                            + T::of(side * self.sign) * sin[table] * x[from + partner];
-                    }
+        out.par_chunks_mut(dim.max(1))
+            .enumerate()
+            .for_each(|(row, out)| {
+                // The output row's (b, h, l) or (b, l, h), and where its input row lies.
+                let (b, h, l) = if self.to_heads_major {
+                    (row / (heads * len), row / len % heads, row % len)
+                } else {
+                    (row / (len * heads), row % heads, row / heads % len)
+                };
+                let from = if self.to_heads_major {
+                    ((b * len + l) * heads + h) * dim
+                } else {
+                    ((b * heads + h) * len + l) * dim
+                };
+                let table = dims.table_row(b, l);
+                let (x, cos, sin) = (
+                    &x[from..from + dim],
+                    &cos[table..table + dim],
+                    &sin[table..table + dim],
+                );
+                let (low, high) = x.split_at(half);
+                let (out_low, out_high) = out.split_at_mut(half);
+                for d in 0..half {
+                    out_low[d] = low[d] * cos[d] - sign * sin[d] * high[d];
+                    out_high[d] = high[d] * cos[half + d] + sign * sin[half + d] * low[d];
                 }
-            }
-        }
+            });
         out
     }
 }

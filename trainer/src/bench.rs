@@ -209,6 +209,10 @@ fn memory_in_use(device: &Device) -> Option<u64> {
 }
 
 pub fn run(options: &BenchOptions) -> Result<BenchReport> {
+    crate::train::on_compute_threads(options.device, || run_here(options))
+}
+
+fn run_here(options: &BenchOptions) -> Result<BenchReport> {
     if options.steps == 0 || options.seq < 2 || options.batch == 0 || options.rank == 0 {
         return Err(TrainerError::Invalid(
             "--steps, --batch and --rank must be at least 1, --seq at least 2".into(),

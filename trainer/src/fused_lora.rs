@@ -9,8 +9,9 @@
 //! `dA = s·(dy·B)ᵀ·dropout(x)`, `dB = s·dyᵀ·dropout(x)·Aᵀ`). The matmuls run in `x`'s
 //! dtype against A and B cast from their f32 masters; their gradients come back in f32.
 
+use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 use crate::frozen::{transposed, FrozenWeight, OnBackend};
 
@@ -43,16 +44,14 @@ struct LoraLinear {
 }
 
 impl LoraLinear {
-    /// The forward on one backend; `dropped` is `x` after dropout, when there is dropout.
-    fn forward<S: OnBackend>(
+    /// The input's rows and features, the output's features and the rank: (m, k, n, r).
+    fn dims(
         &self,
-        (x, x_layout): (&S, &Layout),
-        dropped: Option<(S, Shape)>,
-        (a, a_layout): (&S, &Layout),
-        (b, b_layout): (&S, &Layout),
-    ) -> Result<(S, Shape)> {
-        let dims = x_layout.dims();
-        let k = *dims.last().unwrap_or(&0);
+        x_layout: &Layout,
+        a_layout: &Layout,
+        b_layout: &Layout,
+    ) -> Result<(usize, usize, usize, usize)> {
+        let k = *x_layout.dims().last().unwrap_or(&0);
         let (n, k_w) = self.weight.dims()?;
         let (rank, k_a) = a_layout.shape().dims2()?;
         let (n_b, rank_b) = b_layout.shape().dims2()?;
@@ -64,7 +63,65 @@ impl LoraLinear {
         if !a_layout.is_contiguous() || !b_layout.is_contiguous() {
             candle_core::bail!("lora linear: A and B must be contiguous");
         }
-        let m = x_layout.shape().elem_count() / k.max(1);
+        Ok((x_layout.shape().elem_count() / k.max(1), k, n, rank))
+    }
+
+    /// The output's shape: the input's, with `n` features.
+    fn out_shape(x_layout: &Layout, n: usize) -> Shape {
+        let mut dims = x_layout.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Shape::from(dims)
+    }
+
+    /// The CPU forward for a dense weight in f32 or f64: the LoRA term accumulates into
+    /// the base product's output inside gemm ([`trainer_kernels::product`]).
+    fn cpu_forward(
+        &self,
+        (x, x_layout): (&CpuStorage, &Layout),
+        dropped: Option<&CpuStorage>,
+        weight: &Tensor,
+        (a, a_layout): (&CpuStorage, &Layout),
+        (b, b_layout): (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        use trainer_kernels::product::product_sum;
+        let (m, k, n, rank) = self.dims(x_layout, a_layout, b_layout)?;
+        let dtype = x.dtype();
+        let (a, b) = (a.to_dtype(a_layout, dtype)?, b.to_dtype(b_layout, dtype)?);
+        let rows = Layout::contiguous_with_offset((m, k), x_layout.start_offset());
+        let dropped_rows = Layout::contiguous((m, k));
+        let (input, input_rows) = match dropped {
+            Some(dropped) => (dropped, &dropped_rows),
+            None => (x, &rows),
+        };
+        let a_t = Layout::contiguous((rank, k)).transpose(0, 1)?;
+        let down = product_sum((input, input_rows), (&a, &a_t), None)?;
+        let (w, w_layout) = weight.storage_and_layout();
+        let candle_core::Storage::Cpu(w) = &*w else {
+            candle_core::bail!("lora linear: the frozen weight is not on the CPU");
+        };
+        let out = product_sum(
+            (x, &rows),
+            (w, &w_layout.transpose(0, 1)?),
+            Some((
+                (&down, &Layout::contiguous((m, rank))),
+                (&b, &Layout::contiguous((n, rank)).transpose(0, 1)?),
+                self.scale,
+            )),
+        )?;
+        Ok((out, Self::out_shape(x_layout, n)))
+    }
+
+    /// The forward on one backend; `dropped` is `x` after dropout, when there is dropout.
+    fn forward<S: OnBackend>(
+        &self,
+        (x, x_layout): (&S, &Layout),
+        dropped: Option<(S, Shape)>,
+        (a, a_layout): (&S, &Layout),
+        (b, b_layout): (&S, &Layout),
+    ) -> Result<(S, Shape)> {
+        let (m, k, n, rank) = self.dims(x_layout, a_layout, b_layout)?;
         let rows =
             |cols: usize, offset: usize| Layout::contiguous_with_offset((1, m, cols), offset);
         let (base, _) = self.weight.product(x, x_layout)?;
@@ -88,11 +145,7 @@ impl LoraLinear {
         let up = down.matmul(&b, (1, m, n, rank), &rows(rank, 0), &transposed(n, rank, 0))?;
         let out_layout = rows(n, 0);
         let out = base.binary_impl::<Add>(&up, &out_layout, &out_layout)?;
-        let mut out_dims = dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = n;
-        }
-        Ok((out, Shape::from(out_dims)))
+        Ok((out, Self::out_shape(x_layout, n)))
     }
 }
 
@@ -115,7 +168,17 @@ impl CustomOp3 for LoraLinear {
             Some((op, _, _)) => Some(op.cpu_fwd(x, x_layout)?),
             None => None,
         };
-        self.forward((x, x_layout), dropped, (a, a_layout), (b, b_layout))
+        match &self.weight {
+            FrozenWeight::Dense(weight) if matches!(x.dtype(), DType::F32 | DType::F64) => self
+                .cpu_forward(
+                    (x, x_layout),
+                    dropped.as_ref().map(|(storage, _)| storage),
+                    weight,
+                    (a, a_layout),
+                    (b, b_layout),
+                ),
+            _ => self.forward((x, x_layout), dropped, (a, a_layout), (b, b_layout)),
+        }
     }
 
     #[cfg(feature = "cuda")]
@@ -161,8 +224,20 @@ impl CustomOp3 for LoraLinear {
         let a_cast = a.detach().to_dtype(dtype)?;
         let b_scaled = b.detach().affine(self.scale, 0.0)?.to_dtype(dtype)?;
         let grad_down = g2.matmul(&b_scaled)?;
-        let lora_dx = drop(grad_down.matmul(&a_cast)?)?;
-        let dx = (self.weight.input_gradient(&g2)? + lora_dx)?.reshape(x.shape())?;
+        // Without dropout between them, gemm sums both terms of dx into one output (CPU).
+        let summed = match (&self.weight, &self.dropout) {
+            (FrozenWeight::Dense(weight), None) => trainer_kernels::product::tensor_product_sum(
+                &g2,
+                weight,
+                Some((&grad_down, &a_cast, 1.0)),
+            )?,
+            _ => None,
+        };
+        let dx = match summed {
+            Some(dx) => dx,
+            None => (self.weight.input_gradient(&g2)? + drop(grad_down.matmul(&a_cast)?)?)?,
+        }
+        .reshape(x.shape())?;
         let down = input.matmul(&a_cast.t()?)?;
         let da = grad_down.t()?.matmul(&input)?;
         let db = g2.t()?.matmul(&down)?.affine(self.scale, 0.0)?;

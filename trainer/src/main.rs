@@ -9,7 +9,8 @@ use trainer::evaluation::{evaluate_file, generate, load_for_inference};
 use trainer::init::{write_tiny_model, TinyModel};
 use trainer::quantized::BaseQuant;
 use trainer::train::{
-    train, Control, DeviceChoice, Observer, Precision, Stage, StepMetrics, TrainOptions,
+    on_compute_threads, train, Control, DeviceChoice, Observer, Precision, Stage, StepMetrics,
+    TrainOptions,
 };
 
 /// Every op allocates its output, and freed tensors go back to the system under glibc's
@@ -448,7 +449,9 @@ fn main() -> anyhow::Result<()> {
             max_seq_len,
             batch_size,
         } => {
-            let report = evaluate_file(&model, adapter.as_deref(), &data, max_seq_len, batch_size)?;
+            let report = on_compute_threads(DeviceChoice::Cpu, || {
+                evaluate_file(&model, adapter.as_deref(), &data, max_seq_len, batch_size)
+            })?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Validate {
@@ -505,22 +508,22 @@ fn main() -> anyhow::Result<()> {
         } => {
             let encoder =
                 trainer::data::TextEncoder::from_model_dir(&trainer::hub::resolve_model(&model)?)?;
-            let loaded = load_for_inference(&model, adapter.as_deref(), &candle_core::Device::Cpu)?;
-            println!(
-                "{}",
+            let generation = on_compute_threads(DeviceChoice::Cpu, || {
+                let loaded =
+                    load_for_inference(&model, adapter.as_deref(), &candle_core::Device::Cpu)?;
                 generate(
                     &loaded,
                     &encoder,
                     &[protocol::dataset::Message::new(
                         protocol::dataset::Role::User,
-                        prompt
+                        prompt,
                     )],
                     max_new_tokens,
                     temperature,
-                    seed
-                )?
-                .text
-            );
+                    seed,
+                )
+            })?;
+            println!("{}", generation.text);
         }
         Command::Bench {
             shape,

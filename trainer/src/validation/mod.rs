@@ -64,7 +64,9 @@ pub struct ValidationOptions {
 }
 
 /// Told how a validation goes.
-pub trait Progress {
+/// `Send`: a CPU run reports from a worker of the compute pool
+/// ([`crate::train::on_compute_threads`]).
+pub trait Progress: Send {
     fn progress(&mut self, suite: Option<Suite>, message: &str, done: usize, total: usize);
 }
 
@@ -156,6 +158,10 @@ fn sha256_of(path: &Path) -> Result<String> {
 
 /// Runs the suites of `options` and returns their reports.
 pub fn run(options: &ValidationOptions, progress: &mut dyn Progress) -> Result<ValidationResults> {
+    crate::train::on_compute_threads(options.device, || run_here(options, progress))
+}
+
+fn run_here(options: &ValidationOptions, progress: &mut dyn Progress) -> Result<ValidationResults> {
     let device = crate::train::device(options.device)?;
     let model_dir = crate::hub::resolve_model(&options.model)?;
     let encoder = TextEncoder::from_model_dir(&model_dir)?;
