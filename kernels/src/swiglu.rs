@@ -24,7 +24,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 struct SwiGlu;
 
 fn sigmoid<T: Real>(x: T) -> T {
-    T::of(1.0) / (T::of(1.0) + (-x).exp())
+    T::of(1.0) / (T::of(1.0) + (-x).exp_fast())
 }
 
 const CHUNK: usize = 1 << 12;
@@ -54,10 +54,11 @@ fn backward<T: Real>(gate: &[T], up: &[T], grad: &[T]) -> (Vec<T>, Vec<T>) {
                 .zip(grad.par_chunks(CHUNK)),
         )
         .for_each(|((d_gate, d_up), ((gate, up), grad))| {
-            for i in 0..gate.len() {
-                let (g, s) = (gate[i], sigmoid(gate[i]));
-                d_gate[i] = grad[i] * up[i] * s * (T::of(1.0) + g * (T::of(1.0) - s));
-                d_up[i] = grad[i] * g * s;
+            let inputs = gate.iter().zip(up).zip(grad);
+            for ((d_gate, d_up), ((&g, &u), &dy)) in d_gate.iter_mut().zip(d_up).zip(inputs) {
+                let s = sigmoid(g);
+                *d_gate = dy * u * s * (T::of(1.0) + g * (T::of(1.0) - s));
+                *d_up = dy * g * s;
             }
         });
     (d_gate, d_up)
