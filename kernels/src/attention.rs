@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::matrix::{matmul, Matrix, Threads};
-use crate::real::{contiguous, values, Real};
+use crate::real::{contiguous, with_values, Real};
 use crate::segments::{Bounds, Segments};
 
 /// `softmax(q·kᵀ·scale + causal, padding and segment mask)·v` for q (B, H, L, D) and
@@ -433,16 +433,9 @@ impl CausalAttention {
         dims: Dims,
         [q, k, v, out, grad]: [&Tensor; 5],
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (q_data, k_data, v_data) = (values(q)?, values(k)?, values(v)?);
-        let (out, grad) = (values(out)?, values(grad)?);
-        let saved = Saved {
-            q: &q_data,
-            k: &k_data,
-            v: &v_data,
-            out: &out,
-            grad: &grad,
-        };
-        let (dq, dk, dv) = self.backward(dims, saved);
+        let (dq, dk, dv) = with_values([q, k, v, out, grad], |[q, k, v, out, grad]| {
+            self.backward(dims, Saved { q, k, v, out, grad })
+        })?;
         let build =
             |data: Vec<T>, like: &Tensor| Tensor::from_vec(data, like.shape(), like.device());
         Ok((build(dq, q)?, build(dk, k)?, build(dv, v)?))

@@ -84,6 +84,30 @@ pub(crate) fn values<T: Real>(tensor: &candle_core::Tensor) -> candle_core::Resu
         .to_vec1::<T>()
 }
 
+/// Runs `f` on the tensors' entries, flat: borrowed from their storage where a tensor is
+/// contiguous on the CPU in `T` (the backward passes' usual case), copied otherwise.
+pub(crate) fn with_values<T: Real, R, const N: usize>(
+    tensors: [&candle_core::Tensor; N],
+    f: impl FnOnce([&[T]; N]) -> R,
+) -> candle_core::Result<R> {
+    use std::borrow::Cow;
+    let guards = tensors.map(|tensor| tensor.storage_and_layout());
+    let mut entries: Vec<Cow<[T]>> = Vec::with_capacity(N);
+    for (tensor, (storage, layout)) in tensors.iter().zip(&guards) {
+        let borrowed = match (&**storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(cpu), Some((start, end))) if tensor.dtype() == T::DTYPE => {
+                cpu.as_slice::<T>()?.get(start..end)
+            }
+            _ => None,
+        };
+        entries.push(match borrowed {
+            Some(slice) => Cow::Borrowed(slice),
+            None => Cow::Owned(values(tensor)?),
+        });
+    }
+    Ok(f(std::array::from_fn(|i| &*entries[i])))
+}
+
 /// The entries of a contiguous input, or an error naming `op`.
 pub(crate) fn contiguous<'a, T>(
     data: &'a [T],

@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::real::{contiguous, values, Real};
+use crate::real::{contiguous, with_values, Real};
 
 /// `x` (..., n) normalised over its last dimension and scaled by `weight` (n).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -122,11 +122,15 @@ impl CustomOp2 for RmsNorm {
         }
         let dx = match x.dtype() {
             DType::F32 => {
-                let dx = self.backward::<f32>(&values(x)?, &values(w)?, &values(grad)?);
+                let dx = with_values([x, w, grad], |[x, w, grad]| {
+                    self.backward::<f32>(x, w, grad)
+                })?;
                 Tensor::from_vec(dx, x.shape(), x.device())?
             }
             DType::F64 => {
-                let dx = self.backward::<f64>(&values(x)?, &values(w)?, &values(grad)?);
+                let dx = with_values([x, w, grad], |[x, w, grad]| {
+                    self.backward::<f64>(x, w, grad)
+                })?;
                 Tensor::from_vec(dx, x.shape(), x.device())?
             }
             other => candle_core::bail!("rms norm on the CPU takes f32 or f64, not {other:?}"),

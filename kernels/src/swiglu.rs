@@ -6,7 +6,7 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::real::{contiguous, values, Real};
+use crate::real::{contiguous, with_values, Real};
 
 /// `silu(gate) ⊙ up` for two tensors of one shape.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -132,11 +132,15 @@ impl CustomOp2 for SwiGlu {
         }
         let (d_gate, d_up) = match gate.dtype() {
             DType::F32 => build(
-                backward::<f32>(&values(gate)?, &values(up)?, &values(grad)?),
+                with_values([gate, up, grad], |[gate, up, grad]| {
+                    backward::<f32>(gate, up, grad)
+                })?,
                 gate,
             )?,
             DType::F64 => build(
-                backward::<f64>(&values(gate)?, &values(up)?, &values(grad)?),
+                with_values([gate, up, grad], |[gate, up, grad]| {
+                    backward::<f64>(gate, up, grad)
+                })?,
                 gate,
             )?,
             other => candle_core::bail!("swiglu on the CPU takes f32 or f64, not {other:?}"),

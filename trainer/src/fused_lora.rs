@@ -223,7 +223,7 @@ impl CustomOp3 for LoraLinear {
         // The scale rides on B as in the forward, so only small tensors are scaled.
         let a_cast = a.detach().to_dtype(dtype)?;
         let b_scaled = b.detach().affine(self.scale, 0.0)?.to_dtype(dtype)?;
-        let grad_down = g2.matmul(&b_scaled)?;
+        let grad_down = product(&g2, &b_scaled)?;
         // Without dropout between them, gemm sums both terms of dx into one output (CPU).
         let summed = match (&self.weight, &self.dropout) {
             (FrozenWeight::Dense(weight), None) => trainer_kernels::product::tensor_product_sum(
@@ -238,14 +238,24 @@ impl CustomOp3 for LoraLinear {
             None => (self.weight.input_gradient(&g2)? + drop(grad_down.matmul(&a_cast)?)?)?,
         }
         .reshape(x.shape())?;
-        let down = input.matmul(&a_cast.t()?)?;
-        let da = grad_down.t()?.matmul(&input)?;
-        let db = g2.t()?.matmul(&down)?.affine(self.scale, 0.0)?;
+        let down = product(&input, &a_cast.t()?)?;
+        let da = product(&grad_down.t()?, &input)?;
+        let db = product(&g2.t()?, &down)?.affine(self.scale, 0.0)?;
         Ok((
             Some(dx),
             Some(da.to_dtype(a.dtype())?),
             Some(db.to_dtype(b.dtype())?),
         ))
+    }
+}
+
+/// `lhs·rhs` for 2-D tensors: on the CPU through gemm directly, which writes the output
+/// without zero-filling it first and splits across the current pool (candle's matmul also
+/// parses /proc/cpuinfo on each call to count the cores); elsewhere candle's matmul.
+fn product(lhs: &Tensor, rhs: &Tensor) -> Result<Tensor> {
+    match trainer_kernels::product::tensor_product_sum(lhs, rhs, None)? {
+        Some(product) => Ok(product),
+        None => lhs.matmul(rhs),
     }
 }
 
