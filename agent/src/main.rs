@@ -20,8 +20,10 @@ enum Command {
 static ALLOCATOR: allocator::MiMalloc = allocator::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    // Before the runtime starts its threads: mimalloc's options are not synchronised.
+    // Before the runtime starts its threads: mimalloc's options and the environment are
+    // not synchronised.
     allocator::keep_freed_memory();
+    trainer::train::shorten_candle_spin();
     run()
 }
 

@@ -429,6 +429,7 @@ impl Observer for ProgressBar {
 
 fn main() -> anyhow::Result<()> {
     allocator::keep_freed_memory();
+    trainer::train::shorten_candle_spin();
     match Cli::parse().command {
         Command::Train(args) => {
             let options = args.options()?;

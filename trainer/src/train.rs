@@ -421,6 +421,20 @@ pub fn on_compute_threads<R: Send>(choice: DeviceChoice, work: impl FnOnce() -> 
     }
 }
 
+/// candle runs its elementwise ops on a small pool of its own, whose workers spin 25,000
+/// times after each op before they sleep. A CPU step interleaves those ops with gemm's
+/// products on the rayon pool ([`on_compute_threads`]), and a spinning worker takes a core
+/// from the products: a quarter of one core on 2 cores. This sets the limit to 200 spins
+/// unless the operator set `CANDLE_BARRIER_POOL_SPIN_LIMIT`. Call it first thing in `main`,
+/// before any thread starts (candle reads it once, and the environment is not
+/// synchronised).
+pub fn shorten_candle_spin() {
+    const VARIABLE: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+    if std::env::var_os(VARIABLE).is_none() {
+        std::env::set_var(VARIABLE, "200");
+    }
+}
+
 /// Peak resident memory of this process (Linux), for the summary.
 pub(crate) fn peak_memory_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
