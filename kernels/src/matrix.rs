@@ -72,40 +72,28 @@ pub(crate) fn matmul<T: Real>(
     scale: T,
     threads: Threads,
 ) {
-    let (m, n, k) = (dst.rows, dst.cols, lhs.cols);
     assert!(
-        lhs.rows == m
-            && rhs.rows == k
-            && rhs.cols == n
+        lhs.rows == dst.rows
+            && rhs.rows == lhs.cols
+            && rhs.cols == dst.cols
             && dst.fits(dst.data.len())
             && lhs.fits(lhs.data.len())
             && rhs.fits(rhs.data.len()),
         "matrix product out of shape"
     );
+    let strides = (dst.row_stride, dst.col_stride);
     // SAFETY: the assertion above puts every element gemm reads or writes inside the three
     // slices, and `dst` is borrowed mutably, so it overlaps neither input.
     unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
+        gemm_at(
             dst.data.as_mut_ptr(),
-            dst.col_stride as isize,
-            dst.row_stride as isize,
+            strides,
             keep,
-            lhs.data.as_ptr(),
-            lhs.col_stride as isize,
-            lhs.row_stride as isize,
-            rhs.data.as_ptr(),
-            rhs.col_stride as isize,
-            rhs.row_stride as isize,
-            T::of(1.0),
+            &lhs,
+            &rhs,
             scale,
-            false,
-            false,
-            false,
-            threads.parallelism(),
-        );
+            threads,
+        )
     }
 }
 
@@ -122,32 +110,62 @@ pub(crate) fn product<T: Real>(lhs: Matrix<&[T]>, rhs: Matrix<&[T]>, threads: Th
         "matrix product out of shape"
     );
     let mut out: Vec<T> = Vec::with_capacity(m * n);
-    // SAFETY: the destination is the vector's m·n reserved, unaligned-safe entries, row-major;
-    // with `read_dst` false and k ≥ 1 gemm writes each of them once and reads none, so all
-    // m·n are initialised when `set_len` runs. The inputs lie inside their slices (asserted).
+    // SAFETY: the destination is the vector's m·n reserved entries, row-major; with `keep`
+    // false and k ≥ 1 gemm writes each of them once and reads none, so all m·n are
+    // initialised when `set_len` runs. The inputs lie inside their slices (asserted).
+    unsafe {
+        gemm_at(
+            out.as_mut_ptr(),
+            (n, 1),
+            false,
+            &lhs,
+            &rhs,
+            T::of(1.0),
+            threads,
+        );
+        out.set_len(m * n);
+    }
+    out
+}
+
+/// gemm's `dst = dst·keep + scale·lhs·rhs` for a destination given by its first element
+/// and (row, column) strides; its size is lhs's rows by rhs's columns.
+///
+/// # Safety
+/// Every destination element must be valid for writes (and, with `keep`, initialised and
+/// valid for reads), overlap neither input, and every input element lie inside its slice.
+#[allow(unsafe_code)]
+unsafe fn gemm_at<T: Real>(
+    dst: *mut T,
+    (row_stride, col_stride): (usize, usize),
+    keep: bool,
+    lhs: &Matrix<&[T]>,
+    rhs: &Matrix<&[T]>,
+    scale: T,
+    threads: Threads,
+) {
+    // SAFETY: the caller's contract is gemm's.
     unsafe {
         gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
+            lhs.rows,
+            rhs.cols,
+            lhs.cols,
+            dst,
+            col_stride as isize,
+            row_stride as isize,
+            keep,
             lhs.data.as_ptr(),
             lhs.col_stride as isize,
             lhs.row_stride as isize,
             rhs.data.as_ptr(),
             rhs.col_stride as isize,
             rhs.row_stride as isize,
-            T::of(0.0),
-            T::of(1.0),
+            if keep { T::of(1.0) } else { T::of(0.0) },
+            scale,
             false,
             false,
             false,
             threads.parallelism(),
         );
-        out.set_len(m * n);
     }
-    out
 }
