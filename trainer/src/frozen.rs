@@ -56,10 +56,6 @@ impl FrozenWeight {
         }
         let m = x_layout.shape().elem_count() / k.max(1);
         let x3 = Layout::contiguous_with_offset((1, m, k), x_layout.start_offset());
-        let mut out_dims = dims.to_vec();
-        if let Some(last) = out_dims.last_mut() {
-            *last = n;
-        }
         let out = match self {
             FrozenWeight::Dense(weight) => {
                 let (storage, w_layout) = weight.storage_and_layout();
@@ -89,7 +85,7 @@ impl FrozenWeight {
                 out
             }
         };
-        Ok((out, Shape::from(out_dims)))
+        Ok((out, with_features(x_layout, n)))
     }
 
     /// `g · W` for `g` of shape (..., out): the input's gradient, (..., in).
@@ -159,6 +155,16 @@ pub(crate) fn transposed(rows: usize, cols: usize, offset: usize) -> Layout {
         vec![rows * cols, 1, cols],
         offset,
     )
+}
+
+/// The shape of a linear layer's output for an input laid out as `x_layout`: the input's,
+/// with `n` features.
+pub(crate) fn with_features(x_layout: &Layout, n: usize) -> Shape {
+    let mut dims = x_layout.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    Shape::from(dims)
 }
 
 /// `x · wᵀ` (a linear layer without bias); `x` of shape (..., in), `w` of shape (out, in).

@@ -13,7 +13,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use crate::frozen::{transposed, FrozenWeight, OnBackend};
+use crate::frozen::{transposed, with_features, FrozenWeight, OnBackend};
 
 /// `x·Wᵀ + scale·dropout(x)·Aᵀ·Bᵀ` for x (..., in), W (out, in), A (r, in), B (out, r).
 /// `dropout` is the mask's (stream, keep probability), `None` for no dropout.
@@ -66,15 +66,6 @@ impl LoraLinear {
         Ok((x_layout.shape().elem_count() / k.max(1), k, n, rank))
     }
 
-    /// The output's shape: the input's, with `n` features.
-    fn out_shape(x_layout: &Layout, n: usize) -> Shape {
-        let mut dims = x_layout.dims().to_vec();
-        if let Some(last) = dims.last_mut() {
-            *last = n;
-        }
-        Shape::from(dims)
-    }
-
     /// The CPU forward for a dense weight in f32 or f64: the LoRA term accumulates into
     /// the base product's output inside gemm ([`trainer_kernels::product`]).
     fn cpu_forward(
@@ -110,7 +101,7 @@ impl LoraLinear {
                 self.scale,
             )),
         )?;
-        Ok((out, Self::out_shape(x_layout, n)))
+        Ok((out, with_features(x_layout, n)))
     }
 
     /// The forward on one backend; `dropped` is `x` after dropout, when there is dropout.
@@ -145,7 +136,7 @@ impl LoraLinear {
         let up = down.matmul(&b, (1, m, n, rank), &rows(rank, 0), &transposed(n, rank, 0))?;
         let out_layout = rows(n, 0);
         let out = base.binary_impl::<Add>(&up, &out_layout, &out_layout)?;
-        Ok((out, Self::out_shape(x_layout, n)))
+        Ok((out, with_features(x_layout, n)))
     }
 }
 
