@@ -12,9 +12,11 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::lanes;
 use crate::matrix::{matmul, Matrix, Threads};
 use crate::real::{contiguous, with_values, Real};
 use crate::segments::{Bounds, Segments};
+use crate::vectorized::vectorized;
 
 /// `softmax(q·kᵀ·scale + causal, padding and segment mask)·v` for q (B, H, L, D) and
 /// k, v (B, KV, L, D), H a multiple of KV; row b holds the sequences `segments` gives it.
@@ -77,30 +79,13 @@ struct CausalAttention {
         std::sync::Mutex<Option<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>>,
 }
 
-/// `Σ aᵢbᵢ` in eight independent partial sums, so the compiler can keep them in one SIMD
-/// register (a single running sum is a chain it may not reorder).
-fn dot<T: Real>(a: &[T], b: &[T]) -> T {
-    let (a_lanes, b_lanes) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail = a_lanes
-        .remainder()
-        .iter()
-        .zip(b_lanes.remainder())
-        .fold(T::default(), |sum, (x, y)| sum + *x * *y);
-    let mut partial = [T::default(); 8];
-    for (x, y) in a_lanes.zip(b_lanes) {
-        for ((p, x), y) in partial.iter_mut().zip(x).zip(y) {
-            *p += *x * *y;
-        }
-    }
-    partial.iter().fold(tail, |sum, p| sum + *p)
-}
-
 /// Queries and keys are taken this many at a time: each block's scores are one matrix
 /// product (gemm's SIMD kernels), small enough to stay in cache while it is used.
 const BLOCK: usize = 64;
 
 /// The keys of `seen` that lie in the block `keys`, counted from the block's first; empty
 /// (and inside the block) when none do.
+#[inline(always)]
 fn within(seen: &std::ops::Range<usize>, keys: &std::ops::Range<usize>) -> std::ops::Range<usize> {
     let start = seen.start.clamp(keys.start, keys.end) - keys.start;
     start..(seen.end.clamp(keys.start, keys.end) - keys.start).max(start)
@@ -108,6 +93,7 @@ fn within(seen: &std::ops::Range<usize>, keys: &std::ops::Range<usize>) -> std::
 
 /// A row of a block's scores becomes `e^(s − shift)` on the keys `seen` and 0 on the
 /// others (the forward's and the backward's one mask); returns the row's sum.
+#[inline(always)]
 fn exponentiate<T: Real>(row: &mut [T], seen: std::ops::Range<usize>, shift: T) -> T {
     let (before, rest) = row.split_at_mut(seen.start);
     let (inside, after) = rest.split_at_mut(seen.len());
@@ -116,7 +102,7 @@ fn exponentiate<T: Real>(row: &mut [T], seen: std::ops::Range<usize>, shift: T) 
     // Exponentiate, then sum: a loop with nothing carried from one entry to the next
     // vectorises.
     inside.iter_mut().for_each(|s| *s = (*s - shift).exp_fast());
-    inside.iter().fold(T::default(), |sum, s| sum + *s)
+    lanes::sum(inside)
 }
 
 /// The sizes of one call: query heads, key/value heads, length, head dim (the batch is
@@ -201,6 +187,7 @@ impl CausalAttention {
     /// Head `h` of row `b`: its output (L·D, zero-filled on entry) and each query's
     /// logsumexp (`-inf` on entry, left so for a query that sees no key), by an online
     /// softmax over blocks of keys.
+    #[inline(always)]
     fn forward_head<T: Real>(
         &self,
         dims: Dims,
@@ -234,13 +221,7 @@ impl CausalAttention {
                 );
                 for (r, p_row) in p.chunks_exact_mut(cols).enumerate() {
                     let seen = within(&block.visible[r], &keys);
-                    let block_max = p_row[seen.clone()].iter().fold(minus_infinity, |m, s| {
-                        if *s > m {
-                            *s
-                        } else {
-                            m
-                        }
-                    });
+                    let block_max = lanes::max(&p_row[seen.clone()], minus_infinity);
                     if block_max > max[r] {
                         let correction = (max[r] - block_max).exp();
                         sum[r] *= correction;
@@ -280,7 +261,10 @@ impl CausalAttention {
             .enumerate()
             .for_each(|(row_head, outputs)| {
                 let (b, h) = (row_head / dims.heads, row_head % dims.heads);
-                self.forward_head(dims, (q, k, v), (b, h), outputs);
+                vectorized(
+                    #[inline(always)]
+                    || self.forward_head(dims, (q, k, v), (b, h), outputs),
+                );
             });
         (out, logsumexp)
     }
@@ -320,7 +304,10 @@ impl CausalAttention {
                         },
                         logsumexp: &logsumexp[rows],
                     };
-                    self.backward_head(dims, b, head, (dq, dk, dv));
+                    vectorized(
+                        #[inline(always)]
+                        || self.backward_head(dims, b, head, (dq, dk, dv)),
+                    );
                 }
             });
         (dq, dk, dv)
@@ -328,6 +315,7 @@ impl CausalAttention {
 
     /// One query head's share of the gradients: its dQ, and what it adds to its key/value
     /// head's dK and dV.
+    #[inline(always)]
     fn backward_head<T: Real>(
         &self,
         dims: Dims,
@@ -347,7 +335,7 @@ impl CausalAttention {
             let delta: Vec<T> = g_block
                 .chunks_exact(d)
                 .zip(out[span.clone()].chunks_exact(d))
-                .map(|(g, o)| dot(g, o))
+                .map(|(g, o)| lanes::dot(g, o))
                 .collect();
             for keys in block.key_blocks() {
                 let cols = keys.len();

@@ -11,6 +11,7 @@ pub mod cross_entropy_cuda;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod dropout;
+mod lanes;
 mod matrix;
 #[cfg(feature = "cuda")]
 mod norm_gate_cuda;
@@ -20,6 +21,7 @@ pub mod rms_norm;
 pub mod rope;
 pub mod segments;
 pub mod swiglu;
+mod vectorized;
 
 pub use adamw::{adamw_step, AdamWStep};
 pub use attention::causal_attention;

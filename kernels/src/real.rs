@@ -35,6 +35,7 @@ macro_rules! real {
             fn exp(self) -> $t {
                 <$t>::exp(self)
             }
+            #[inline(always)]
             fn exp_fast(self) -> $t {
                 $exp_fast(self)
             }

@@ -6,7 +6,9 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::lanes::{dot, dot3};
 use crate::real::{contiguous, with_values, Real};
+use crate::vectorized::vectorized;
 
 /// `x` (..., n) normalised over its last dimension and scaled by `weight` (n).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
@@ -21,9 +23,10 @@ struct RmsNorm {
 
 impl RmsNorm {
     /// `1 / √(mean(row²) + ε)`.
+    #[inline(always)]
     fn inverse_rms<T: Real>(&self, row: &[T]) -> T {
-        let sum = row.iter().fold(T::default(), |sum, x| sum + *x * *x);
-        T::of(1.0) / (sum / T::of(row.len() as f64) + T::of(self.eps)).sqrt()
+        let squares = dot(row, row);
+        T::of(1.0) / (squares / T::of(row.len() as f64) + T::of(self.eps)).sqrt()
     }
 
     fn forward<T: Real>(&self, x: &[T], w: &[T]) -> Vec<T> {
@@ -31,10 +34,15 @@ impl RmsNorm {
         out.par_chunks_mut(w.len())
             .zip(x.par_chunks(w.len()))
             .for_each(|(out, row)| {
-                let r = self.inverse_rms(row);
-                for ((o, x), w) in out.iter_mut().zip(row).zip(w) {
-                    *o = *x * r * *w;
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let r = self.inverse_rms(row);
+                        for ((o, x), w) in out.iter_mut().zip(row).zip(w) {
+                            *o = *x * r * *w;
+                        }
+                    },
+                )
             });
         out
     }
@@ -46,16 +54,17 @@ impl RmsNorm {
         dx.par_chunks_mut(n)
             .zip(x.par_chunks(n).zip(grad.par_chunks(n)))
             .for_each(|(dx, (row, grad))| {
-                let r = self.inverse_rms(row);
-                let projection = row
-                    .iter()
-                    .zip(grad)
-                    .zip(w)
-                    .fold(T::default(), |sum, ((x, g), w)| sum + *g * *w * *x);
-                let correction = projection * r * r * r / T::of(n as f64);
-                for (((d, x), g), w) in dx.iter_mut().zip(row).zip(grad).zip(w) {
-                    *d = *g * *w * r - *x * correction;
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let r = self.inverse_rms(row);
+                        let projection = dot3(grad, w, row);
+                        let correction = projection * r * r * r / T::of(n as f64);
+                        for (((d, x), g), w) in dx.iter_mut().zip(row).zip(grad).zip(w) {
+                            *d = *g * *w * r - *x * correction;
+                        }
+                    },
+                )
             });
         dx
     }

@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::real::{contiguous, Real};
+use crate::vectorized::vectorized;
 
 /// `x·cos + rotate_half(x)·sin` for `x` (B, L, H, D) and tables (L, D), shared by the
 /// rows, or (B, L, D), each row its own (packed rows restart positions per sequence);
@@ -129,10 +130,15 @@ impl Rope {
                 );
                 let (low, high) = x.split_at(half);
                 let (out_low, out_high) = out.split_at_mut(half);
-                for d in 0..half {
-                    out_low[d] = low[d] * cos[d] - sign * sin[d] * high[d];
-                    out_high[d] = high[d] * cos[half + d] + sign * sin[half + d] * low[d];
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for d in 0..half {
+                            out_low[d] = low[d] * cos[d] - sign * sin[d] * high[d];
+                            out_high[d] = high[d] * cos[half + d] + sign * sin[half + d] * low[d];
+                        }
+                    },
+                )
             });
         out
     }

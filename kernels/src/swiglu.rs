@@ -7,6 +7,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::real::{contiguous, with_values, Real};
+use crate::vectorized::vectorized;
 
 /// `silu(gate) ⊙ up` for two tensors of one shape.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -23,6 +24,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 #[derive(Debug, Clone, Copy)]
 struct SwiGlu;
 
+#[inline(always)]
 fn sigmoid<T: Real>(x: T) -> T {
     T::of(1.0) / (T::of(1.0) + (-x).exp_fast())
 }
@@ -34,9 +36,14 @@ fn forward<T: Real>(gate: &[T], up: &[T]) -> Vec<T> {
     out.par_chunks_mut(CHUNK)
         .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
         .for_each(|(out, (gate, up))| {
-            for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
-                *o = *g * sigmoid(*g) * *u;
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+                        *o = *g * sigmoid(*g) * *u;
+                    }
+                },
+            )
         });
     out
 }
@@ -54,12 +61,18 @@ fn backward<T: Real>(gate: &[T], up: &[T], grad: &[T]) -> (Vec<T>, Vec<T>) {
                 .zip(grad.par_chunks(CHUNK)),
         )
         .for_each(|((d_gate, d_up), ((gate, up), grad))| {
-            let inputs = gate.iter().zip(up).zip(grad);
-            for ((d_gate, d_up), ((&g, &u), &dy)) in d_gate.iter_mut().zip(d_up).zip(inputs) {
-                let s = sigmoid(g);
-                *d_gate = dy * u * s * (T::of(1.0) + g * (T::of(1.0) - s));
-                *d_up = dy * g * s;
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    let inputs = gate.iter().zip(up).zip(grad);
+                    for ((d_gate, d_up), ((&g, &u), &dy)) in d_gate.iter_mut().zip(d_up).zip(inputs)
+                    {
+                        let s = sigmoid(g);
+                        *d_gate = dy * u * s * (T::of(1.0) + g * (T::of(1.0) - s));
+                        *d_up = dy * g * s;
+                    }
+                },
+            )
         });
     (d_gate, d_up)
 }
