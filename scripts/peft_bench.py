@@ -29,6 +29,7 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--lora-dropout", type=float, default=0.0)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["bf16", "f32"])
     parser.add_argument("--threads", type=int)
@@ -53,7 +54,7 @@ def main():
     torch.manual_seed(0)
     with torch.device(args.device):
         model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype, attn_implementation="sdpa")
-    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=TARGETS)
+    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.lora_dropout, target_modules=TARGETS)
     model = get_peft_model(model, lora)
     for parameter in model.parameters():
         if parameter.requires_grad:

@@ -30,7 +30,7 @@ use crate::lora::LoraConfig;
 use crate::model::Model;
 use crate::optim;
 use crate::quantized::BaseQuant;
-use crate::rng::Rng;
+use crate::rng::{DropoutKey, Rng};
 use crate::train::{DeviceChoice, Precision};
 use protocol::LORA_TARGET_MODULES;
 
@@ -108,6 +108,8 @@ pub struct BenchOptions {
     pub batch: usize,
     pub rank: usize,
     pub steps: usize,
+    /// LoRA dropout probability; each step draws its own masks, as training does.
+    pub lora_dropout: f64,
     pub device: DeviceChoice,
     /// Base weights and activations; `None`: bf16 on CUDA, f32 on CPU.
     pub dtype: Option<Precision>,
@@ -131,6 +133,7 @@ pub struct BenchReport {
     pub batch: usize,
     pub rank: usize,
     pub steps: usize,
+    pub lora_dropout: f64,
     pub device: &'static str,
     pub dtype: String,
     pub tokens_per_second: f64,
@@ -224,10 +227,11 @@ fn run_here(options: &BenchOptions) -> Result<BenchReport> {
     let lora = LoraConfig {
         rank: options.rank,
         alpha: 2.0 * options.rank as f64,
-        dropout: 0.0,
+        dropout: options.lora_dropout,
         target_modules: LORA_TARGET_MODULES.iter().map(|m| m.to_string()).collect(),
         use_rslora: false,
     };
+    lora.validate().map_err(TrainerError::Invalid)?;
     let mut rng = Rng::new(0);
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
     let model = Model::new(&config, vb, &lora, DType::F32, options.base_quant, &mut rng)?;
@@ -252,7 +256,11 @@ fn run_here(options: &BenchOptions) -> Result<BenchReport> {
             Some(&inputs.segments),
             &inputs.targets,
             &inputs.loss_mask,
-            None,
+            Some(DropoutKey {
+                seed: 0,
+                step: step as u64,
+                micro_batch: 0,
+            }),
         )?;
         synchronize(&device)?;
         sample(&device);
@@ -288,6 +296,7 @@ fn run_here(options: &BenchOptions) -> Result<BenchReport> {
         batch,
         rank: options.rank,
         steps: options.steps,
+        lora_dropout: options.lora_dropout,
         device: match options.device {
             DeviceChoice::Cpu => "cpu",
             DeviceChoice::Cuda => "cuda",

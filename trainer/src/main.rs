@@ -130,6 +130,10 @@ enum Command {
         rank: usize,
         #[arg(long, default_value_t = 5)]
         steps: usize,
+        /// LoRA dropout on every adapter's input, as training applies it (training's
+        /// default is 0.05).
+        #[arg(long, default_value_t = 0.0)]
+        lora_dropout: f64,
         #[arg(long, value_parser = ["cpu", "cuda"], default_value = "cpu")]
         device: String,
         /// Base weights and activations (default: bf16 on CUDA, f32 on CPU).
@@ -538,6 +542,7 @@ fn main() -> anyhow::Result<()> {
             batch,
             rank,
             steps,
+            lora_dropout,
             device,
             dtype,
             peak_tflops,
@@ -563,6 +568,7 @@ fn main() -> anyhow::Result<()> {
                 batch,
                 rank,
                 steps,
+                lora_dropout,
                 device: if device == "cuda" {
                     DeviceChoice::Cuda
                 } else {
