@@ -13,6 +13,16 @@ fn run(args: &[&str]) -> (String, String) {
     (String::from_utf8_lossy(&output.stdout).into_owned(), stderr)
 }
 
+/// The trainer's stderr for a command that must fail.
+fn refused(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(args)
+        .output()
+        .expect("trainer runs");
+    assert!(!output.status.success(), "trainer {args:?} succeeded");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 #[test]
 fn init_train_eval_generate() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -191,12 +201,25 @@ fn bench_prints_one_json_line_of_figures() {
         report["flops_per_token"].as_f64(),
         Some((4 * frozen + 6 * lora + attention) as f64)
     );
-    let error = std::process::Command::new(env!("CARGO_BIN_EXE_trainer"))
-        .args(["bench", "--shape", "gpt-5"])
-        .output()
-        .expect("runs");
-    assert!(!error.status.success());
-    assert!(String::from_utf8_lossy(&error.stderr).contains("unknown shape \"gpt-5\""));
+    assert!(refused(&["bench", "--shape", "gpt-5"]).contains("unknown shape \"gpt-5\""));
+}
+
+#[test]
+fn bench_trains_with_lora_dropout_and_refuses_a_probability_of_one() {
+    let args = [
+        "bench", "--shape", "tiny", "--steps", "2", "--seq", "32", "--rank", "4",
+    ];
+    let (stdout, _) = run(&[&args[..], &["--lora-dropout", "0.1"]].concat());
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON");
+    assert_eq!(report["lora_dropout"].as_f64(), Some(0.1), "{report}");
+    assert!(report["tokens_per_second"]
+        .as_f64()
+        .is_some_and(|v| v > 0.0));
+    let stderr = refused(&[&args[..], &["--lora-dropout", "1"]].concat());
+    assert!(
+        stderr.contains("lora_dropout must be in [0, 1)"),
+        "{stderr}"
+    );
 }
 
 /// The GPU host's one script, rehearsed on CPU with this build: parity CPU against CPU and
