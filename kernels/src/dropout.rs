@@ -1,7 +1,8 @@
 //! Dropout with counter-based masks: entry `i` of a stream is kept when a SplitMix64 hash
 //! of `stream + i·φ` falls below `keep`, a pure function of (stream, index). The mask is
-//! drawn where the tensor lives (the same bits on the CPU and in the CUDA kernel), is
-//! never stored, and the backward pass draws it again.
+//! drawn where the tensor lives (the same bits on the CPU and in the CUDA kernel). On a
+//! GPU it is never stored and the backward pass draws it again; on the CPU, where the hash
+//! costs more than reading a bit, an op may keep it as one bit per entry ([`KeptMask`]).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
@@ -56,6 +57,28 @@ impl Dropout {
     }
 }
 
+impl Dropout {
+    /// The mask's first `count` entries as bits, drawn on the CPU.
+    pub fn draw(&self, count: usize) -> KeptMask {
+        let rule = Rule::new(self.stream, self.keep);
+        let words = (0..count.div_ceil(64))
+            .into_par_iter()
+            .with_min_len(1 << 8)
+            .map(|word| {
+                let first = word * 64;
+                (0..64.min(count - first)).fold(0u64, |bits, bit| {
+                    bits | u64::from(rule.keeps((first + bit) as u64)) << bit
+                })
+            })
+            .collect();
+        KeptMask {
+            words,
+            count,
+            scale: rule.scale,
+        }
+    }
+}
+
 /// Which entries survive, in integers: a draw's top 53 bits `u` give the uniform
 /// `u / 2⁵³`, which is below `keep` exactly when `u < ⌈keep · 2⁵³⌉`.
 #[derive(Debug, Clone, Copy)]
@@ -79,17 +102,91 @@ impl Rule {
     }
 }
 
-fn apply<T, U>(input: &[T], rule: Rule, multiply: U) -> Vec<T>
-where
-    T: Copy + Send + Sync,
-    U: Fn(T, bool) -> T + Send + Sync,
-{
-    input
-        .par_iter()
-        .enumerate()
-        .with_min_len(1 << 14)
-        .map(|(index, x)| multiply(*x, rule.keeps(index as u64)))
-        .collect()
+/// A mask drawn once on the CPU and kept as one bit per entry (1/32 of an f32 tensor), for
+/// an op that applies it again in its backward pass rather than hashing every entry again.
+#[derive(Debug, Clone)]
+pub struct KeptMask {
+    words: Vec<u64>,
+    count: usize,
+    scale: f64,
+}
+
+impl KeptMask {
+    /// Entry `i` of `input` times the mask's multiplier `i`: `1 / keep` or 0. f32, f64 and
+    /// bf16 (computed in f32 and rounded to nearest even, as [`dropout`] does).
+    pub fn apply(&self, storage: &CpuStorage, layout: &Layout) -> Result<CpuStorage> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("dropout: input is not contiguous".into()))?;
+        if end - start != self.count {
+            candle_core::bail!(
+                "dropout: a mask of {} entries applied to {}",
+                self.count,
+                end - start
+            );
+        }
+        let (scale, wide) = (self.scale as f32, self.scale);
+        Ok(match storage {
+            CpuStorage::F32(data) => {
+                CpuStorage::F32(self.multiply(&data[start..end], (scale, 0.0), |x, m| x * m))
+            }
+            CpuStorage::F64(data) => {
+                CpuStorage::F64(self.multiply(&data[start..end], (wide, 0.0), |x, m| x * m))
+            }
+            CpuStorage::BF16(data) => {
+                CpuStorage::BF16(self.multiply(&data[start..end], (scale, 0.0), |x, m| {
+                    half::bf16::from_f32(x.to_f32() * m)
+                }))
+            }
+            other => candle_core::bail!("dropout: {:?} is not supported", other.dtype()),
+        })
+    }
+
+    /// `multiply(x, m)` for each entry and its multiplier `m`, `kept` or `dropped`. Eight
+    /// entries at a time take their eight multipliers from a table indexed by the mask's
+    /// byte, so the loop runs as wide vector products rather than a bit test per entry.
+    fn multiply<T, M, U>(&self, input: &[T], (kept, dropped): (M, M), multiply: U) -> Vec<T>
+    where
+        T: Copy + Send + Sync,
+        M: Copy + Send + Sync,
+        U: Fn(T, M) -> T + Send + Sync,
+    {
+        const WORDS_PER_TASK: usize = 256;
+        let table: Vec<[M; 8]> = (0..256usize)
+            .map(|byte| {
+                std::array::from_fn(|bit| if byte >> bit & 1 != 0 { kept } else { dropped })
+            })
+            .collect();
+        let mut output = input.to_vec();
+        output
+            .par_chunks_mut(64 * WORDS_PER_TASK)
+            .zip(self.words.par_chunks(WORDS_PER_TASK))
+            .for_each(|(entries, words)| {
+                crate::vectorized::vectorized(
+                    #[inline(always)]
+                    || {
+                        let bytes = words.iter().flat_map(|word| word.to_le_bytes());
+                        for (eight, byte) in entries.chunks_mut(8).zip(bytes) {
+                            for (x, m) in eight.iter_mut().zip(&table[usize::from(byte)]) {
+                                *x = multiply(*x, *m);
+                            }
+                        }
+                    },
+                )
+            });
+        output
+    }
+}
+
+/// [`KeptMask::apply`] as an op on a contiguous CPU tensor, without a backward.
+impl CustomOp1 for KeptMask {
+    fn name(&self) -> &'static str {
+        "kept-dropout-mask"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((self.apply(storage, layout)?, layout.shape().clone()))
+    }
 }
 
 impl CustomOp1 for Dropout {
@@ -98,26 +195,8 @@ impl CustomOp1 for Dropout {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("dropout: input is not contiguous".into()))?;
-        let rule = Rule::new(self.stream, self.keep);
-        let (scale, wide) = (rule.scale as f32, rule.scale);
-        let output = match storage {
-            CpuStorage::F32(data) => CpuStorage::F32(apply(&data[start..end], rule, |x, kept| {
-                x * if kept { scale } else { 0.0 }
-            })),
-            CpuStorage::F64(data) => CpuStorage::F64(apply(&data[start..end], rule, |x, kept| {
-                x * if kept { wide } else { 0.0 }
-            })),
-            CpuStorage::BF16(data) => {
-                CpuStorage::BF16(apply(&data[start..end], rule, |x, kept| {
-                    half::bf16::from_f32(x.to_f32() * if kept { scale } else { 0.0 })
-                }))
-            }
-            other => candle_core::bail!("dropout: {:?} is not supported", other.dtype()),
-        };
-        Ok((output, layout.shape().clone()))
+        let mask = self.draw(layout.shape().elem_count());
+        Ok((mask.apply(storage, layout)?, layout.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -262,6 +341,31 @@ mod tests {
             assert!((g - f64::from(*m)).abs() < 1e-6, "{g} vs {m}");
         }
         assert_eq!(y.dtype(), candle_core::DType::F64);
+        Ok(())
+    }
+
+    /// A mask kept as bits gives the multipliers [`mask`] draws, at lengths that end
+    /// inside a byte, a word and a parallel task, and refuses a tensor of another length.
+    #[test]
+    fn a_kept_mask_gives_the_drawn_multipliers() -> Result<()> {
+        let op = Dropout::new(4321, 0.9)?;
+        for count in [1, 7, 63, 64, 65, 64 * 256 + 77] {
+            let values: Vec<f32> = (0..count).map(|i| 1.0 + i as f32).collect();
+            let x = Tensor::from_vec(values.clone(), count, &Device::Cpu)?;
+            let dropped: Vec<f32> = x.apply_op1_no_bwd(&op.draw(count))?.to_vec1()?;
+            for ((y, x), m) in dropped.iter().zip(&values).zip(mask(4321, count, 0.9)) {
+                assert_eq!(*y, x * m, "{count} entries");
+            }
+        }
+        let error = Tensor::zeros(10, candle_core::DType::F32, &Device::Cpu)?
+            .apply_op1_no_bwd(&op.draw(9))
+            .expect_err("a mask of 9 entries on 10");
+        assert!(
+            error
+                .to_string()
+                .contains("a mask of 9 entries applied to 10"),
+            "{error}"
+        );
         Ok(())
     }
 

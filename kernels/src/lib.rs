@@ -25,7 +25,7 @@ mod vectorized;
 
 pub use adamw::{adamw_step, AdamWStep};
 pub use attention::causal_attention;
-pub use dropout::{dropout, Dropout};
+pub use dropout::{dropout, Dropout, KeptMask};
 pub use rms_norm::rms_norm;
 pub use rope::rope_heads_major;
 pub use segments::Segments;

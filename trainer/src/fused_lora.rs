@@ -8,10 +8,14 @@
 //! op is one node with a hand-written backward of five matmuls (`dx = dy·W + s·mask(dy·B·A)`,
 //! `dA = s·(dy·B)ᵀ·dropout(x)`, `dB = s·dyᵀ·dropout(x)·Aᵀ`). The matmuls run in `x`'s
 //! dtype against A and B cast from their f32 masters; their gradients come back in f32.
+//! On the CPU the forward keeps its dropout mask as bits for the backward's two uses of it
+//! (on a GPU the hash is cheaper than the memory, and the backward draws it again).
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use std::sync::OnceLock;
+use trainer_kernels::KeptMask;
 
 use crate::frozen::{transposed, with_features, FrozenWeight, OnBackend};
 
@@ -29,10 +33,9 @@ pub fn lora_linear(
         weight: weight.in_dtype(x.dtype())?,
         scale,
         dropout: dropout
-            .map(|(stream, keep)| {
-                trainer_kernels::Dropout::new(stream, keep).map(|op| (op, stream, keep))
-            })
+            .map(|(stream, keep)| trainer_kernels::Dropout::new(stream, keep))
             .transpose()?,
+        kept_mask: OnceLock::new(),
     };
     x.apply_op3(a, b, op)
 }
@@ -40,7 +43,9 @@ pub fn lora_linear(
 struct LoraLinear {
     weight: FrozenWeight,
     scale: f64,
-    dropout: Option<(trainer_kernels::Dropout, u64, f64)>,
+    dropout: Option<trainer_kernels::Dropout>,
+    /// The mask the CPU forward drew, for the backward.
+    kept_mask: OnceLock<KeptMask>,
 }
 
 impl LoraLinear {
@@ -154,9 +159,13 @@ impl CustomOp3 for LoraLinear {
         b: &CpuStorage,
         b_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        use candle_core::CustomOp1;
         let dropped = match &self.dropout {
-            Some((op, _, _)) => Some(op.cpu_fwd(x, x_layout)?),
+            Some(op) => {
+                let mask = self
+                    .kept_mask
+                    .get_or_init(|| op.draw(x_layout.shape().elem_count()));
+                Some((mask.apply(x, x_layout)?, x_layout.shape().clone()))
+            }
             None => None,
         };
         match &self.weight {
@@ -184,7 +193,7 @@ impl CustomOp3 for LoraLinear {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::CustomOp1;
         let dropped = match &self.dropout {
-            Some((op, _, _)) => Some(op.cuda_fwd(x, x_layout)?),
+            Some(op) => Some(op.cuda_fwd(x, x_layout)?),
             None => None,
         };
         self.forward((x, x_layout), dropped, (a, a_layout), (b, b_layout))
@@ -205,9 +214,10 @@ impl CustomOp3 for LoraLinear {
         let x2 = x.detach().reshape((m, k))?;
         let g2 = grad.contiguous()?.reshape((m, n))?;
         let drop = |t: Tensor| -> Result<Tensor> {
-            match self.dropout {
-                Some((_, stream, keep)) => trainer_kernels::dropout(&t, stream, keep),
-                None => Ok(t),
+            match (&self.dropout, self.kept_mask.get()) {
+                (_, Some(mask)) => t.contiguous()?.apply_op1_no_bwd(mask),
+                (Some(op), None) => t.contiguous()?.apply_op1_no_bwd(op),
+                (None, None) => Ok(t),
             }
         };
         let input = drop(x2)?;
