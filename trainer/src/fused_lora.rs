@@ -8,12 +8,13 @@
 //! op is one node with a hand-written backward of five matmuls (`dx = dy·W + s·mask(dy·B·A)`,
 //! `dA = s·(dy·B)ᵀ·dropout(x)`, `dB = s·dyᵀ·dropout(x)·Aᵀ`). The matmuls run in `x`'s
 //! dtype against A and B cast from their f32 masters; their gradients come back in f32.
-//! On the CPU the forward keeps its dropout mask as bits for the backward's two uses of it
-//! (on a GPU the hash is cheaper than the memory, and the backward draws it again).
+//! On the CPU the forward keeps, for the backward, its dropout mask as bits (used twice
+//! there; on a GPU the hash is cheaper than the memory, and the backward draws it again)
+//! and `dropout(x)·Aᵀ` (rows × rank: small, and computing it again reads all of x).
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use std::sync::OnceLock;
 use trainer_kernels::KeptMask;
 
@@ -36,6 +37,7 @@ pub fn lora_linear(
             .map(|(stream, keep)| trainer_kernels::Dropout::new(stream, keep))
             .transpose()?,
         kept_mask: OnceLock::new(),
+        kept_down: OnceLock::new(),
     };
     x.apply_op3(a, b, op)
 }
@@ -46,6 +48,9 @@ struct LoraLinear {
     dropout: Option<trainer_kernels::Dropout>,
     /// The mask the CPU forward drew, for the backward.
     kept_mask: OnceLock<KeptMask>,
+    /// The CPU forward's `dropout(x)·Aᵀ` (rows × rank), for the backward: recomputing it
+    /// reads the whole input again, and these thin products are bound by that read.
+    kept_down: OnceLock<Tensor>,
 }
 
 impl LoraLinear {
@@ -93,6 +98,12 @@ impl LoraLinear {
         };
         let a_t = Layout::contiguous((rank, k)).transpose(0, 1)?;
         let down = product_sum((input, input_rows), (&a, &a_t), None)?;
+        let kept = match &down {
+            CpuStorage::F32(values) => Tensor::from_slice(values, (m, rank), &Device::Cpu)?,
+            CpuStorage::F64(values) => Tensor::from_slice(values, (m, rank), &Device::Cpu)?,
+            other => candle_core::bail!("lora linear: a {:?} product", other.dtype()),
+        };
+        let _ = self.kept_down.set(kept);
         let (w, w_layout) = weight.storage_and_layout();
         let candle_core::Storage::Cpu(w) = &*w else {
             candle_core::bail!("lora linear: the frozen weight is not on the CPU");
@@ -239,7 +250,10 @@ impl CustomOp3 for LoraLinear {
             None => (self.weight.input_gradient(&g2)? + drop(grad_down.matmul(&a_cast)?)?)?,
         }
         .reshape(x.shape())?;
-        let down = product(&input, &a_cast.t()?)?;
+        let down = match self.kept_down.get() {
+            Some(down) => down.clone(),
+            None => product(&input, &a_cast.t()?)?,
+        };
         let da = product(&grad_down.t()?, &input)?;
         let db = product(&g2.t()?, &down)?.affine(self.scale, 0.0)?;
         Ok((
