@@ -55,9 +55,7 @@ impl Dropout {
         }
         Ok(Dropout { stream, keep })
     }
-}
 
-impl Dropout {
     /// The mask's first `count` entries as bits, drawn on the CPU.
     pub fn draw(&self, count: usize) -> KeptMask {
         let rule = Rule::new(self.stream, self.keep);

@@ -7,6 +7,7 @@
 //! current rayon pool.
 
 use candle_core::backend::BackendStorage;
+use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, Device, Layout, Result, Storage, Tensor};
 
 use crate::matrix::{matmul, product, Matrix, Threads};
@@ -62,11 +63,12 @@ pub fn tensor_product_sum(
         (on_cpu(&rhs_storage)?, rhs_layout),
         extra_operands,
     )?;
-    Ok(Some(match sum {
-        CpuStorage::F32(values) => Tensor::from_vec(values, shape, &Device::Cpu)?,
-        CpuStorage::F64(values) => Tensor::from_vec(values, shape, &Device::Cpu)?,
-        _ => candle_core::bail!("product sum: an output in an unexpected dtype"),
-    }))
+    Ok(Some(Tensor::from_storage(
+        Storage::Cpu(sum),
+        shape,
+        BackpropOp::none(),
+        false,
+    )))
 }
 
 fn on_cpu(storage: &Storage) -> Result<&CpuStorage> {

@@ -13,8 +13,8 @@
 //! and `dropout(x)·Aᵀ` (rows × rank: small, and computing it again reads all of x).
 
 use candle_core::backend::BackendStorage;
-use candle_core::op::Add;
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use candle_core::op::{Add, BackpropOp};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use std::sync::OnceLock;
 use trainer_kernels::KeptMask;
 
@@ -98,12 +98,12 @@ impl LoraLinear {
         };
         let a_t = Layout::contiguous((rank, k)).transpose(0, 1)?;
         let down = product_sum((input, input_rows), (&a, &a_t), None)?;
-        let kept = match &down {
-            CpuStorage::F32(values) => Tensor::from_slice(values, (m, rank), &Device::Cpu)?,
-            CpuStorage::F64(values) => Tensor::from_slice(values, (m, rank), &Device::Cpu)?,
-            other => candle_core::bail!("lora linear: a {:?} product", other.dtype()),
-        };
-        let _ = self.kept_down.set(kept);
+        let _ = self.kept_down.set(Tensor::from_storage(
+            candle_core::Storage::Cpu(down.clone()),
+            (m, rank),
+            BackpropOp::none(),
+            false,
+        ));
         let (w, w_layout) = weight.storage_and_layout();
         let candle_core::Storage::Cpu(w) = &*w else {
             candle_core::bail!("lora linear: the frozen weight is not on the CPU");
