@@ -4,28 +4,16 @@
 
 use candle_core::cuda_backend::cudarc::nvrtc;
 
-/// A kernel module's CUDA C after the definitions every module shares: `u64`, and `load`
-/// and `store` of f32 and bf16 entries as f32.
+/// A kernel module's CUDA C after the definitions every module shares (`prelude.cuh`:
+/// `u64`, and `load` and `store` of f32 and bf16 entries as f32): the source itself, or
+/// `file "…"`, a file under `kernels/cuda/` (those are also compiled for the CPU by the
+/// emulated-kernel tests).
 macro_rules! cuda_source {
+    (file $path:literal) => {
+        concat!(include_str!("../cuda/prelude.cuh"), include_str!($path))
+    };
     ($source:literal) => {
-        concat!(
-            r#"typedef unsigned long long u64;
-
-/* bf16 travels as its bits: widened to f32 exactly, and rounded back to nearest even (as
-   the `half` crate does on the CPU), so no header is needed. */
-__device__ __forceinline__ float load(const float *p, u64 i) { return p[i]; }
-__device__ __forceinline__ float load(const unsigned short *p, u64 i) {
-    return __uint_as_float(((unsigned int)p[i]) << 16);
-}
-__device__ __forceinline__ void store(float *p, u64 i, float x) { p[i] = x; }
-__device__ __forceinline__ void store(unsigned short *p, u64 i, float x) {
-    const unsigned int bits = __float_as_uint(x);
-    p[i] = x != x ? (unsigned short)((bits >> 16) | 0x40)
-                  : (unsigned short)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
-"#,
-            $source
-        )
+        concat!(include_str!("../cuda/prelude.cuh"), $source)
     };
 }
 use candle_core::Result;
@@ -36,6 +24,9 @@ use std::sync::OnceLock;
 /// and reported again.
 pub(crate) struct Program {
     source: &'static str,
+    /// The virtual architecture it needs (`compute_80` for tensor-core instructions);
+    /// NVRTC's default otherwise.
+    arch: Option<&'static str>,
     ptx: OnceLock<std::result::Result<String, String>>,
 }
 
@@ -43,6 +34,16 @@ impl Program {
     pub(crate) const fn new(source: &'static str) -> Program {
         Program {
             source,
+            arch: None,
+            ptx: OnceLock::new(),
+        }
+    }
+
+    /// A program for GPUs of `arch` and newer only: the caller checks the device first.
+    pub(crate) const fn for_arch(source: &'static str, arch: &'static str) -> Program {
+        Program {
+            source,
+            arch: Some(arch),
             ptx: OnceLock::new(),
         }
     }
@@ -50,13 +51,24 @@ impl Program {
     pub(crate) fn ptx(&self) -> Result<String> {
         self.ptx
             .get_or_init(|| {
-                nvrtc::compile_ptx(self.source)
+                let options = nvrtc::CompileOptions {
+                    arch: self.arch,
+                    ..Default::default()
+                };
+                nvrtc::compile_ptx_with_opts(self.source, options)
                     .map(|ptx| ptx.to_src())
                     .map_err(|error| format!("compiling a trainer kernel with NVRTC: {error}"))
             })
             .clone()
             .map_err(candle_core::Error::Msg)
     }
+}
+
+/// Whether `device` has tensor cores for bf16 `mma.sync` (compute capability 8.0 and up).
+pub(crate) fn has_bf16_tensor_cores(device: &candle_core::CudaDevice) -> Result<bool> {
+    use candle_core::cuda_backend::WrapErr;
+    let (major, _) = device.cuda_stream().context().compute_capability().w()?;
+    Ok(major >= 8)
 }
 
 /// An op over three tensors that only CUDA tensors reach (a backward, a loss step): it
