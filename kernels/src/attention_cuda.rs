@@ -213,7 +213,7 @@ pub(crate) fn forward(
         DType::F32 => launch::<f32>(inputs, visibility, scale, shape, (name.as_str(), false)),
         // bf16 on tensor cores where the GPU has them.
         _ => {
-            let tensor_cores = crate::cuda::has_bf16_tensor_cores(&q.device)?;
+            let tensor_cores = crate::cuda::bf16_tensor_cores(&q.device)?;
             launch::<half::bf16>(
                 inputs,
                 visibility,
@@ -357,7 +357,7 @@ pub(crate) fn backward(
             (name.as_str(), false),
         ),
         _ => {
-            let tensor_cores = crate::cuda::has_bf16_tensor_cores(&q.device)?;
+            let tensor_cores = crate::cuda::bf16_tensor_cores(&q.device)?;
             let kernels = (name.as_str(), tensor_cores);
             launch::<half::bf16>(inputs, saved, visibility, scale, shape, kernels)
         }

@@ -64,9 +64,13 @@ impl Program {
     }
 }
 
-/// Whether `device` has tensor cores for bf16 `mma.sync` (compute capability 8.0 and up).
-pub(crate) fn has_bf16_tensor_cores(device: &candle_core::CudaDevice) -> Result<bool> {
+/// Whether bf16 kernels use tensor cores (`mma.sync`) on `device`: it has them (compute
+/// capability 8.0 and up) and they are allowed ([`crate::allow_tensor_cores`]).
+pub(crate) fn bf16_tensor_cores(device: &candle_core::CudaDevice) -> Result<bool> {
     use candle_core::cuda_backend::WrapErr;
+    if !crate::tensor_cores_allowed() {
+        return Ok(false);
+    }
     let (major, _) = device.cuda_stream().context().compute_capability().w()?;
     Ok(major >= 8)
 }

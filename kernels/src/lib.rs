@@ -31,6 +31,42 @@ pub use rope::rope_heads_major;
 pub use segments::Segments;
 pub use swiglu::swiglu;
 
+/// Whether CUDA kernels with a tensor-core version (the bf16 attention) may use it on GPUs
+/// that have tensor cores: unset, yes unless `TRAINER_TENSOR_CORES=0` is in the
+/// environment. Saying no takes the per-thread kernels every GPU runs: the way back should
+/// a tensor-core kernel misbehave on some GPU, and how `trainer kernel-check` checks both.
+/// Returns whether they were allowed before.
+pub fn allow_tensor_cores(allowed: bool) -> bool {
+    let before = tensor_cores_allowed();
+    TENSOR_CORES.store(
+        if allowed {
+            TensorCores::Allowed
+        } else {
+            TensorCores::Refused
+        } as u8,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    before
+}
+
+#[repr(u8)]
+enum TensorCores {
+    FromEnvironment,
+    Allowed,
+    Refused,
+}
+
+static TENSOR_CORES: std::sync::atomic::AtomicU8 =
+    std::sync::atomic::AtomicU8::new(TensorCores::FromEnvironment as u8);
+
+fn tensor_cores_allowed() -> bool {
+    match TENSOR_CORES.load(std::sync::atomic::Ordering::Relaxed) {
+        state if state == TensorCores::Allowed as u8 => true,
+        state if state == TensorCores::Refused as u8 => false,
+        _ => std::env::var("TRAINER_TENSOR_CORES").map_or(true, |value| value.trim() != "0"),
+    }
+}
+
 /// Whether the fused RMSNorm, SwiGLU and rotary ops run for tensors of `dtype` on
 /// `device`: on the CPU in f32 or f64, on CUDA in f32 or bf16.
 pub fn fused_ops_run(device: &candle_core::Device, dtype: candle_core::DType) -> bool {

@@ -27,12 +27,17 @@ pub struct KernelCheck {
 pub fn run(choice: DeviceChoice) -> Result<Vec<KernelCheck>> {
     let device = train::device(choice)?;
     let mut rng = Rng::new(17);
-    let checks: [(&'static str, f64, Check); 10] = [
+    let checks: [(&'static str, f64, Check); 11] = [
         ("dropout", 0.0, dropout),
         ("fused_adamw", 1e-6, adamw),
         ("chunked_cross_entropy", 1e-4, chunked_loss),
         ("causal_attention_f32", 1e-4, attention_f32),
         ("causal_attention_bf16", 5e-2, attention_bf16),
+        (
+            "causal_attention_bf16_per_thread",
+            5e-2,
+            attention_bf16_per_thread,
+        ),
         ("fused_lora_linear", 1e-3, lora_linear),
         ("fused_lora_linear_q4k", 1e-3, lora_linear_q4k),
         ("fused_lora_linear_q8_0", 1e-3, lora_linear_q8_0),
@@ -166,7 +171,8 @@ fn attention_f32(device: &Device, rng: &mut Rng) -> Result<f64> {
     attention(device, rng, DType::F32)
 }
 
-/// The same in bf16 where the device computes in it (CUDA), against the CPU in f32.
+/// The same in bf16 where the device computes in it (CUDA: on tensor cores where the GPU
+/// has them), against the CPU in f32.
 fn attention_bf16(device: &Device, rng: &mut Rng) -> Result<f64> {
     let dtype = if device.is_cuda() {
         DType::BF16
@@ -174,6 +180,14 @@ fn attention_bf16(device: &Device, rng: &mut Rng) -> Result<f64> {
         DType::F32
     };
     attention(device, rng, dtype)
+}
+
+/// The same with tensor cores refused: the per-thread kernels GPUs without them run.
+fn attention_bf16_per_thread(device: &Device, rng: &mut Rng) -> Result<f64> {
+    let allowed = trainer_kernels::allow_tensor_cores(false);
+    let difference = attention_bf16(device, rng);
+    trainer_kernels::allow_tensor_cores(allowed);
+    difference
 }
 
 /// Three rows (one full, one padded to 61 of 100 positions, one packed with three
