@@ -75,25 +75,59 @@ __device__ void load_left(unsigned int (&left)[D / 16][4], const unsigned short 
     }
 }
 
-/* Rows `first..first + 64` of a (len, D) bf16 matrix into shared memory as they are, or
-   transposed; zeros past the end. By the whole block. */
+/* Eight bf16 entries as four pairs: one 16-byte load or store. */
+struct __align__(16) EightEntries {
+    unsigned int pairs[4];
+};
+
+/* Entries 8c..8c + 8 of a (len, D) bf16 matrix's row as four pairs, zeros past the end:
+   one 16-byte load where the matrix is 16-byte aligned (as candle allocates it). */
 template <int D>
-__device__ void load_rows(unsigned int (*tile)[D / 2 + MMA_PAD], const unsigned short *matrix,
-                          int first, int len) {
-    for (int e = threadIdx.x; e < MMA_ROWS * D / 2; e += blockDim.x) {
-        const int r = e / (D / 2), w = e % (D / 2), row = first + r;
-        tile[r][w] = row < len ? bf16_pair(matrix, (u64)row * D + 2 * w) : 0u;
+__device__ __forceinline__ void load_eight(unsigned int (&pairs)[4], const unsigned short *matrix,
+                                           int row, int c, int len, bool aligned) {
+    const u64 at = (u64)row * D + 8 * c;
+    if (row >= len) {
+        pairs[0] = pairs[1] = pairs[2] = pairs[3] = 0u;
+    } else if (aligned) {
+        const EightEntries wide = *(const EightEntries *)(matrix + at);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) pairs[j] = wide.pairs[j];
+    } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) pairs[j] = bf16_pair(matrix, at + 2 * j);
     }
 }
 
+/* Rows `first..first + 64` of a (len, D) bf16 matrix into shared memory, zeros past the
+   end: as they are into `rows` and transposed into `columns`, either of which may be
+   null. Each step moves eight entries of two consecutive rows, its threads reading
+   consecutive stretches of a row. By the whole block. */
 template <int D>
-__device__ void load_transposed(unsigned int (*tile)[MMA_ROWS / 2 + MMA_PAD],
-                                const unsigned short *matrix, int first, int len) {
-    for (int e = threadIdx.x; e < D * MMA_ROWS / 2; e += blockDim.x) {
-        const int d = e % D, w = e / D, row = first + 2 * w;
-        const unsigned int low = row < len ? matrix[(u64)row * D + d] : 0u;
-        const unsigned int high = row + 1 < len ? matrix[(u64)(row + 1) * D + d] : 0u;
-        tile[d][w] = low | (high << 16);
+__device__ void load_tile(unsigned int (*rows)[D / 2 + MMA_PAD],
+                          unsigned int (*columns)[MMA_ROWS / 2 + MMA_PAD],
+                          const unsigned short *matrix, int first, int len) {
+    const bool aligned = ((u64)matrix & 15) == 0;
+    for (int e = threadIdx.x; e < (MMA_ROWS / 2) * (D / 8); e += blockDim.x) {
+        const int c = e % (D / 8), w = e / (D / 8), row = first + 2 * w;
+        unsigned int low[4], high[4];
+        load_eight<D>(low, matrix, row, c, len, aligned);
+        load_eight<D>(high, matrix, row + 1, c, len, aligned);
+        if (rows) {
+            EightEntries &first_row = *(EightEntries *)&rows[2 * w][4 * c];
+            EightEntries &second_row = *(EightEntries *)&rows[2 * w + 1][4 * c];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                first_row.pairs[j] = low[j];
+                second_row.pairs[j] = high[j];
+            }
+        }
+        if (columns) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                columns[8 * c + 2 * j][w] = (low[j] & 0xffffu) | (high[j] << 16);
+                columns[8 * c + 2 * j + 1][w] = (low[j] >> 16) | (high[j] & 0xffff0000u);
+            }
+        }
     }
 }
 
@@ -221,8 +255,8 @@ __device__ void forward_mma(const unsigned short *q, const unsigned short *k,
                             const unsigned short *v, unsigned short *out, float *lse,
                             const unsigned int *lengths, const unsigned int *starts, int heads,
                             int kv_heads, int len, float scale) {
-    __shared__ unsigned int keys_shared[MMA_ROWS][D / 2 + MMA_PAD];
-    __shared__ unsigned int values_shared[D][MMA_ROWS / 2 + MMA_PAD];
+    __shared__ __align__(16) unsigned int keys_shared[MMA_ROWS][D / 2 + MMA_PAD];
+    __shared__ __align__(16) unsigned int values_shared[D][MMA_ROWS / 2 + MMA_PAD];
     const QueryRows at = query_rows(k, v, lengths, starts, heads, kv_heads, len, D);
     unsigned int query[D / 16][4];
     load_left<D>(query, q + at.bh * len * D, at.index, len);
@@ -236,8 +270,8 @@ __device__ void forward_mma(const unsigned short *q, const unsigned short *k,
        tiles of those before them. */
     for (int j0 = at.block_first; j0 < at.block_keys; j0 += MMA_ROWS) {
         __syncthreads();
-        load_rows<D>(keys_shared, at.keys, j0, len);
-        load_transposed<D>(values_shared, at.values, j0, len);
+        load_tile<D>(keys_shared, nullptr, at.keys, j0, len);
+        load_tile<D>(nullptr, values_shared, at.values, j0, len);
         __syncthreads();
         Tile16x64 s;
         product_over_dims<D>(s, query, keys_shared);
@@ -297,9 +331,9 @@ __device__ void grad_q_mma(const unsigned short *q, const unsigned short *k,
                            const float *lse, const float *deltas, const unsigned int *lengths,
                            const unsigned int *starts, int heads, int kv_heads, int len,
                            float scale, unsigned short *dq) {
-    __shared__ unsigned int keys_shared[MMA_ROWS][D / 2 + MMA_PAD];
-    __shared__ unsigned int keys_transposed[D][MMA_ROWS / 2 + MMA_PAD];
-    __shared__ unsigned int values_shared[MMA_ROWS][D / 2 + MMA_PAD];
+    __shared__ __align__(16) unsigned int keys_shared[MMA_ROWS][D / 2 + MMA_PAD];
+    __shared__ __align__(16) unsigned int keys_transposed[D][MMA_ROWS / 2 + MMA_PAD];
+    __shared__ __align__(16) unsigned int values_shared[MMA_ROWS][D / 2 + MMA_PAD];
     const QueryRows at = query_rows(k, v, lengths, starts, heads, kv_heads, len, D);
     unsigned int query[D / 16][4], upstream[D / 16][4];
     load_left<D>(query, q + at.bh * len * D, at.index, len);
@@ -315,9 +349,8 @@ __device__ void grad_q_mma(const unsigned short *q, const unsigned short *k,
     zero<D>(acc);
     for (int j0 = at.block_first; j0 < at.block_keys; j0 += MMA_ROWS) {
         __syncthreads();
-        load_rows<D>(keys_shared, at.keys, j0, len);
-        load_transposed<D>(keys_transposed, at.keys, j0, len);
-        load_rows<D>(values_shared, at.values, j0, len);
+        load_tile<D>(keys_shared, keys_transposed, at.keys, j0, len);
+        load_tile<D>(values_shared, nullptr, at.values, j0, len);
         __syncthreads();
         Tile16x64 s, dp;
         product_over_dims<D>(s, query, keys_shared);
@@ -346,10 +379,10 @@ __device__ void grad_kv_mma(const unsigned short *q, const unsigned short *k,
                             const float *lse, const float *deltas, const unsigned int *lengths,
                             const unsigned int *ends, int heads, int kv_heads, int len,
                             float scale, float *shares) {
-    __shared__ unsigned int queries_shared[MMA_ROWS][D / 2 + MMA_PAD];
-    __shared__ unsigned int queries_transposed[D][MMA_ROWS / 2 + MMA_PAD];
-    __shared__ unsigned int grads_shared[MMA_ROWS][D / 2 + MMA_PAD];
-    __shared__ unsigned int grads_transposed[D][MMA_ROWS / 2 + MMA_PAD];
+    __shared__ __align__(16) unsigned int queries_shared[MMA_ROWS][D / 2 + MMA_PAD];
+    __shared__ __align__(16) unsigned int queries_transposed[D][MMA_ROWS / 2 + MMA_PAD];
+    __shared__ __align__(16) unsigned int grads_shared[MMA_ROWS][D / 2 + MMA_PAD];
+    __shared__ __align__(16) unsigned int grads_transposed[D][MMA_ROWS / 2 + MMA_PAD];
     __shared__ float tile_lse[MMA_ROWS];
     __shared__ float tile_delta[MMA_ROWS];
     const int bkv = blockIdx.y, b = bkv / kv_heads, kvh = bkv % kv_heads;
@@ -379,10 +412,8 @@ __device__ void grad_kv_mma(const unsigned short *q, const unsigned short *k,
     /* No query sees a key at or past its row's length. */
     for (int i0 = first_key; first_key < length && i0 < block_end; i0 += MMA_ROWS) {
         __syncthreads();
-        load_rows<D>(queries_shared, queries, i0, len);
-        load_transposed<D>(queries_transposed, queries, i0, len);
-        load_rows<D>(grads_shared, grads, i0, len);
-        load_transposed<D>(grads_transposed, grads, i0, len);
+        load_tile<D>(queries_shared, queries_transposed, queries, i0, len);
+        load_tile<D>(grads_shared, grads_transposed, grads, i0, len);
         for (int r = threadIdx.x; r < MMA_ROWS; r += blockDim.x) {
             const int i = i0 + r;
             tile_lse[r] = i < len ? lse[bh * len + i] : 0.0f;

@@ -131,11 +131,30 @@ unsigned int blocks(std::size_t count, unsigned int per_block) {
     return (unsigned int)((count + per_block - 1) / per_block);
 }
 
-// The forward and backward as `attention_cuda.rs` launches them.
-Result run(const Kernels &kernels, const Case &c, const Inputs &in) {
+// A copy one entry into a buffer: its start is off the 16-byte alignment the
+// tensor-core kernels' wide loads need, so they take their narrow ones.
+struct Shifted {
+    std::vector<unsigned short> buffer;
+    explicit Shifted(const std::vector<unsigned short> &values) : buffer(values.size() + 1) {
+        std::copy(values.begin(), values.end(), buffer.begin() + 1);
+    }
+    const unsigned short *data() const { return buffer.data() + 1; }
+};
+
+// The forward and backward as `attention_cuda.rs` launches them, from inputs at 16-byte
+// aligned addresses or not.
+Result run(const Kernels &kernels, const Case &c, const Inputs &inputs, bool aligned) {
+    const Shifted q(inputs.q), k(inputs.k), v(inputs.v), upstream(inputs.upstream);
+    struct {
+        const unsigned short *q, *k, *v, *upstream;
+    } in = {q.data(), k.data(), v.data(), upstream.data()};
+    if (aligned) in = {inputs.q.data(), inputs.k.data(), inputs.v.data(), inputs.upstream.data()};
+    const auto &lengths = inputs.lengths, &starts = inputs.starts, &ends = inputs.ends;
+    const int batch = inputs.batch;
+    const float scale = inputs.scale;
     Result r;
-    const std::size_t rows = (std::size_t)in.batch * c.heads * c.len;
-    const std::size_t key_entries = (std::size_t)in.batch * c.kv_heads * c.len * c.dim;
+    const std::size_t rows = (std::size_t)batch * c.heads * c.len;
+    const std::size_t key_entries = (std::size_t)batch * c.kv_heads * c.len * c.dim;
     const int group = c.heads / c.kv_heads;
     // NaN bits and NaN: an entry no thread writes shows as a mismatch.
     r.out.assign(rows * c.dim, 0xffff);
@@ -143,26 +162,26 @@ Result run(const Kernels &kernels, const Case &c, const Inputs &in) {
     r.dkv.assign(2 * key_entries, 0xffff);
     r.lse.assign(rows, std::numeric_limits<float>::quiet_NaN());
     std::vector<float> delta(rows, NAN), shares(group * 2 * key_entries, NAN);
-    const dim3 query_grid(blocks(c.len, 64), (unsigned int)(in.batch * c.heads));
+    const dim3 query_grid(blocks(c.len, 64), (unsigned int)(batch * c.heads));
     emulator::launch(query_grid, dim3(kernels.forward_threads), [&] {
-        kernels.forward(in.q.data(), in.k.data(), in.v.data(), r.out.data(), r.lse.data(),
-                        in.lengths.data(), in.starts.data(), c.heads, c.kv_heads, c.len,
-                        in.scale);
+        kernels.forward(in.q, in.k, in.v, r.out.data(), r.lse.data(),
+                        lengths.data(), starts.data(), c.heads, c.kv_heads, c.len,
+                        scale);
     });
     emulator::launch(dim3(blocks(rows, 64)), dim3(64), [&] {
-        kernels.delta(r.out.data(), in.upstream.data(), delta.data(), rows);
+        kernels.delta(r.out.data(), in.upstream, delta.data(), rows);
     });
     emulator::launch(query_grid, dim3(kernels.grad_q_threads), [&] {
-        kernels.grad_q(in.q.data(), in.k.data(), in.v.data(), in.upstream.data(),
-                       r.lse.data(), delta.data(), in.lengths.data(), in.starts.data(),
-                       c.heads, c.kv_heads, c.len, in.scale, r.dq.data());
+        kernels.grad_q(in.q, in.k, in.v, in.upstream,
+                       r.lse.data(), delta.data(), lengths.data(), starts.data(),
+                       c.heads, c.kv_heads, c.len, scale, r.dq.data());
     });
     const dim3 key_grid(blocks(c.len, kernels.kv_rows_per_block),
-                        (unsigned int)(in.batch * c.kv_heads), (unsigned int)group);
+                        (unsigned int)(batch * c.kv_heads), (unsigned int)group);
     emulator::launch(key_grid, dim3(kernels.grad_kv_threads), [&] {
-        kernels.grad_kv(in.q.data(), in.k.data(), in.v.data(), in.upstream.data(),
-                        r.lse.data(), delta.data(), in.lengths.data(), in.ends.data(),
-                        c.heads, c.kv_heads, c.len, in.scale, shares.data());
+        kernels.grad_kv(in.q, in.k, in.v, in.upstream,
+                        r.lse.data(), delta.data(), lengths.data(), ends.data(),
+                        c.heads, c.kv_heads, c.len, scale, shares.data());
     });
     emulator::launch(dim3(4), dim3(64), [&] {
         kernels.sum_shares(shares.data(), r.dkv.data(), 2 * key_entries, group);
@@ -267,8 +286,10 @@ int main() {
         const Inputs in = make_inputs(c, seed++);
         const Reference ref = reference(c, in);
         const auto [scalar, tensor_cores] = kernels_for(c.dim);
-        for (const Kernels &kernels : {scalar, tensor_cores}) {
-            const Result r = run(kernels, c, in);
+        const std::pair<Kernels, bool> runs[] = {
+            {scalar, true}, {tensor_cores, true}, {tensor_cores, false}};
+        for (const auto &[kernels, aligned] : runs) {
+            const Result r = run(kernels, c, in, aligned);
             const double errors[] = {
                 worst(r.out, ref.out, 0, from_bf16), worst(r.lse, ref.lse, 0, from_f32),
                 worst(r.dq, ref.dq, 0, from_bf16), worst(r.dkv, ref.dk, 0, from_bf16),
@@ -277,9 +298,9 @@ int main() {
                             errors[2] <= tolerance && errors[3] <= tolerance &&
                             errors[4] <= tolerance;
             passed &= ok;
-            std::printf("%-11s dim %2d len %3d: out %.1e  lse %.1e  dq %.1e  dk %.1e  dv %.1e  %s\n",
-                        kernels.name, c.dim, c.len, errors[0], errors[1], errors[2], errors[3],
-                        errors[4], ok ? "ok" : "FAILED");
+            std::printf("%-11s %-9s dim %2d len %3d: out %.1e  lse %.1e  dq %.1e  dk %.1e  dv %.1e  %s\n",
+                        kernels.name, aligned ? "aligned" : "unaligned", c.dim, c.len, errors[0],
+                        errors[1], errors[2], errors[3], errors[4], ok ? "ok" : "FAILED");
         }
     }
     return passed ? 0 : 1;

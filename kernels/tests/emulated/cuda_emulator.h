@@ -29,6 +29,7 @@
 #define __forceinline__ inline
 #define __shared__ static
 #define __restrict__ __restrict
+#define __align__(bytes) __attribute__((aligned(bytes)))
 
 struct uint3 {
     unsigned int x, y, z;
