@@ -367,12 +367,12 @@ pub(crate) fn backward(
 /// The kernels. Row `i` of batch row `b` sees keys `starts[b·L + i] ≤ j < min(i + 1,
 /// length[b])`, and key `j` is seen by queries `j ≤ i < ends[b·L + j]` (its sequence's
 /// end); a row that sees none outputs 0 and has logsumexp −∞.
-const SOURCE: &str = crate::cuda::cuda_source!(file "../cuda/attention.cu");
+const SOURCE: &str = crate::cuda::cuda_source!("../cuda/attention.cu");
 
 static PROGRAM: crate::cuda::Program = crate::cuda::Program::new(SOURCE);
 
 /// The forward on tensor cores (bf16 only): the same inputs, output and logsumexp.
-const TENSOR_CORE_SOURCE: &str = crate::cuda::cuda_source!(file "../cuda/attention_mma.cu");
+const TENSOR_CORE_SOURCE: &str = crate::cuda::cuda_source!("../cuda/attention_mma.cu");
 
 static TENSOR_CORE_PROGRAM: crate::cuda::Program =
     crate::cuda::Program::for_arch(TENSOR_CORE_SOURCE, "compute_80");

@@ -4,16 +4,12 @@
 
 use candle_core::cuda_backend::cudarc::nvrtc;
 
-/// A kernel module's CUDA C after the definitions every module shares (`prelude.cuh`:
-/// `u64`, and `load` and `store` of f32 and bf16 entries as f32): the source itself, or
-/// `file "…"`, a file under `kernels/cuda/` (those are also compiled for the CPU by the
-/// emulated-kernel tests).
+/// A kernel module's CUDA C: the definitions every module shares (`prelude.cuh`: `u64`,
+/// `to_bf16`, and `load` and `store` of f32 and bf16 entries as f32), then the module's file
+/// under `kernels/cuda/` (where the emulated-kernel tests also compile them for the CPU).
 macro_rules! cuda_source {
-    (file $path:literal) => {
+    ($path:literal) => {
         concat!(include_str!("../cuda/prelude.cuh"), include_str!($path))
-    };
-    ($source:literal) => {
-        concat!(include_str!("../cuda/prelude.cuh"), $source)
     };
 }
 use candle_core::Result;

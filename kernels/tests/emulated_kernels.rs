@@ -40,3 +40,13 @@ fn run_harness(harness: &str) {
 fn the_attention_kernels_match_attention_and_its_gradients_in_f64_when_emulated() {
     run_harness("attention");
 }
+
+#[test]
+fn the_loss_kernels_match_cross_entropy_and_its_gradient_in_f64_when_emulated() {
+    run_harness("cross_entropy");
+}
+
+#[test]
+fn the_rms_norm_and_swiglu_kernels_match_their_formulas_in_f64_when_emulated() {
+    run_harness("norm_gate");
+}

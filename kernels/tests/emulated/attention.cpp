@@ -11,8 +11,10 @@
 #include "../../cuda/attention_mma.cu"
 
 #include <algorithm>
+#include <cstdio>
 #include <limits>
-#include <string>
+
+#include "check.h"
 
 namespace {
 
@@ -72,22 +74,6 @@ struct Result {
     std::vector<float> lse;
 };
 
-float widen(unsigned short bits) { return __uint_as_float((unsigned int)bits << 16); }
-
-std::vector<unsigned short> random_bf16(std::size_t count, std::uint64_t &state) {
-    std::vector<unsigned short> values(count);
-    for (auto &value : values) {
-        // Sums of uniforms: roughly normal, unit variance, reproducible anywhere.
-        double sum = 0.0;
-        for (int i = 0; i < 12; ++i) {
-            state = state * 6364136223846793005ull + 1442695040888963407ull;
-            sum += (double)(state >> 11) / 9007199254740992.0;
-        }
-        value = to_bf16((float)(sum - 6.0));
-    }
-    return values;
-}
-
 struct Inputs {
     int batch;
     std::vector<unsigned short> q, k, v, upstream;
@@ -100,10 +86,10 @@ Inputs make_inputs(const Case &c, std::uint64_t seed) {
     in.batch = (int)c.rows.size();
     const std::size_t queries = (std::size_t)in.batch * c.heads * c.len * c.dim;
     const std::size_t keys = (std::size_t)in.batch * c.kv_heads * c.len * c.dim;
-    in.q = random_bf16(queries, seed);
-    in.k = random_bf16(keys, seed);
-    in.v = random_bf16(keys, seed);
-    in.upstream = random_bf16(queries, seed);
+    in.q = check::random<unsigned short>(queries, 1.0, seed);
+    in.k = check::random<unsigned short>(keys, 1.0, seed);
+    in.v = check::random<unsigned short>(keys, 1.0, seed);
+    in.upstream = check::random<unsigned short>(queries, 1.0, seed);
     in.scale = 1.0f / std::sqrt((float)c.dim);
     // As `Segments::bounds`: a sequence's positions start where it starts and end where
     // it ends, the last one's (and the padding's) at the row's end.
@@ -212,10 +198,10 @@ Reference reference(const Case &c, const Inputs &in) {
                 const int first = (int)in.starts[(std::size_t)b * c.len + i];
                 const int visible = std::min(i + 1, (int)in.lengths[b]);
                 if (first >= visible) continue;
-                const auto q = [&](int d) { return (double)widen(in.q[row * dim + d]); };
-                const auto up = [&](int d) { return (double)widen(in.upstream[row * dim + d]); };
-                const auto key = [&](int j, int d) { return (double)widen(in.k[(kv + j) * dim + d]); };
-                const auto value = [&](int j, int d) { return (double)widen(in.v[(kv + j) * dim + d]); };
+                const auto q = [&](int d) { return check::widen(in.q[row * dim + d]); };
+                const auto up = [&](int d) { return check::widen(in.upstream[row * dim + d]); };
+                const auto key = [&](int j, int d) { return check::widen(in.k[(kv + j) * dim + d]); };
+                const auto value = [&](int j, int d) { return check::widen(in.v[(kv + j) * dim + d]); };
                 std::vector<double> p, dp;
                 double max = -INFINITY;
                 for (int j = first; j < visible; ++j) {
@@ -248,24 +234,6 @@ Reference reference(const Case &c, const Inputs &in) {
     return ref;
 }
 
-// The largest |got − expected| over a tensor; a NaN counts as infinitely far, and an
-// infinity must be matched exactly.
-template <typename Got>
-double worst(const std::vector<Got> &got, const std::vector<double> &expected, std::size_t offset,
-             double (*value)(Got)) {
-    double worst = 0.0;
-    for (std::size_t i = 0; i < expected.size(); ++i) {
-        const double x = value(got[offset + i]), y = expected[i];
-        const double difference = std::isinf(x) || std::isinf(y) ? (x == y ? 0.0 : INFINITY)
-                                                                 : std::abs(x - y);
-        worst = std::isnan(difference) ? INFINITY : std::max(worst, difference);
-    }
-    return worst;
-}
-
-double from_bf16(unsigned short bits) { return widen(bits); }
-double from_f32(float x) { return x; }
-
 }  // namespace
 
 int main() {
@@ -276,9 +244,9 @@ int main() {
         {2, 1, 130, 32, {{130}, {5, 70, 40}, {}}},
         {2, 2, 70, 16, {{70}, {1, 33, 17}}},
     };
-    // Outputs and gradients are bf16 (a relative step of 2⁻⁸, against values up to about
-    // 4), and the tensor-core kernels round probabilities and their gradients to bf16
-    // before the products that follow.
+    // Outputs and gradients are bf16 (rounded to within 2⁻⁸ of values up to about 4), and
+    // the tensor-core kernels round probabilities and their gradients to bf16 before the
+    // products that follow.
     const double tolerance = 3e-2, lse_tolerance = 1e-3;
     bool passed = true;
     std::uint64_t seed = 1;
@@ -290,10 +258,9 @@ int main() {
             {scalar, true}, {tensor_cores, true}, {tensor_cores, false}};
         for (const auto &[kernels, aligned] : runs) {
             const Result r = run(kernels, c, in, aligned);
-            const double errors[] = {
-                worst(r.out, ref.out, 0, from_bf16), worst(r.lse, ref.lse, 0, from_f32),
-                worst(r.dq, ref.dq, 0, from_bf16), worst(r.dkv, ref.dk, 0, from_bf16),
-                worst(r.dkv, ref.dv, ref.dk.size(), from_bf16)};
+            const double errors[] = {check::worst(r.out, ref.out), check::worst(r.lse, ref.lse),
+                                     check::worst(r.dq, ref.dq), check::worst(r.dkv, ref.dk),
+                                     check::worst(r.dkv, ref.dv, ref.dk.size())};
             const bool ok = errors[0] <= tolerance && errors[1] <= lse_tolerance &&
                             errors[2] <= tolerance && errors[3] <= tolerance &&
                             errors[4] <= tolerance;

@@ -56,6 +56,7 @@ inline unsigned int __float_as_uint(float x) {
     return bits;
 }
 inline float __expf(float x) { return std::exp(x); }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 
@@ -69,7 +70,7 @@ struct Fiber {
     State state = State::Runnable;
 };
 
-inline constexpr std::size_t kStackBytes = 256 * 1024;
+inline constexpr std::size_t kStackBytes = 64 * 1024;
 inline ucontext_t scheduler;
 inline std::vector<Fiber> fibers;
 inline std::size_t current = 0;
