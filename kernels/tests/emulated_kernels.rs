@@ -50,3 +50,8 @@ fn the_loss_kernels_match_cross_entropy_and_its_gradient_in_f64_when_emulated() 
 fn the_rms_norm_and_swiglu_kernels_match_their_formulas_in_f64_when_emulated() {
     run_harness("norm_gate");
 }
+
+#[test]
+fn the_rotary_kernel_matches_rotation_in_f64_when_emulated() {
+    run_harness("rope");
+}
