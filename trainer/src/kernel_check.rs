@@ -340,7 +340,7 @@ mod tests {
     #[test]
     fn every_check_passes_on_the_cpu() -> Result<()> {
         let checks = run(DeviceChoice::Cpu)?;
-        assert_eq!(checks.len(), 10);
+        assert_eq!(checks.len(), 11);
         for check in checks {
             assert!(check.passed, "{check:?}");
             assert_eq!(check.max_abs_difference, 0.0, "CPU against CPU: {check:?}");
