@@ -7,8 +7,9 @@
 //! shared memory in tiles, so memory stays O(B·H·L·D) and no B·H·L² tensor exists. The
 //! head dimension is a template constant (16, 32 or 64) so each row's vectors stay in
 //! registers; other sizes keep the composed attention. In bf16 on GPUs with tensor cores
-//! (compute capability 8.0 and up) the forward is instead `attention_mma.cu`: a warp per
-//! 16 query rows, its products on tensor cores.
+//! (compute capability 8.0 and up) the forward, dQ and dK/dV kernels are instead those of
+//! `attention_mma.cu`: a warp per 16 rows, its products on tensor cores, the same inputs
+//! and outputs (so `delta` and `sum_shares` serve both).
 //!
 //! The kernels' CUDA C lives in `kernels/cuda/`, where `tests/emulated_kernels.rs` also
 //! compiles it for the CPU and runs it against attention in f64.
