@@ -63,6 +63,30 @@ pub fn supported(device: &candle_core::Device, dtype: DType, head_dim: usize) ->
     }
 }
 
+/// Which attention runs on `device` for tensors of `dtype` with heads of `head_dim`:
+/// `"tensor-core"` or `"per-thread"` kernels on CUDA, `"cpu"`, or `"composed"` from candle
+/// ops where the op does not run ([`supported`]).
+pub fn implementation(
+    device: &candle_core::Device,
+    dtype: DType,
+    head_dim: usize,
+) -> Result<&'static str> {
+    if !supported(device, dtype, head_dim) {
+        return Ok("composed");
+    }
+    match device {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(cuda) => Ok(
+            if dtype == DType::BF16 && crate::cuda::bf16_tensor_cores(cuda)? {
+                "tensor-core"
+            } else {
+                "per-thread"
+            },
+        ),
+        _ => Ok("cpu"),
+    }
+}
+
 struct CausalAttention {
     /// Each row's real tokens: keys at or past them are padding, seen by no query.
     lengths: Vec<usize>,

@@ -136,6 +136,9 @@ pub struct BenchReport {
     pub lora_dropout: f64,
     pub device: &'static str,
     pub dtype: String,
+    /// The attention that ran: `tensor-core` or `per-thread` kernels on CUDA, `cpu`, or
+    /// `composed`.
+    pub attention: &'static str,
     pub tokens_per_second: f64,
     pub forward_ms: f64,
     pub backward_ms: f64,
@@ -302,6 +305,7 @@ fn run_here(options: &BenchOptions) -> Result<BenchReport> {
             DeviceChoice::Cuda => "cuda",
         },
         dtype: format!("{dtype:?}").to_lowercase(),
+        attention: trainer_kernels::attention::implementation(&device, dtype, config.head_dim)?,
         tokens_per_second,
         forward_ms: forward / steps * 1e3,
         backward_ms: backward / steps * 1e3,
