@@ -131,16 +131,31 @@ __device__ void load_tile(unsigned int (*rows)[D / 2 + MMA_PAD],
     }
 }
 
+/* Which of a tile's eight column blocks of 8 (from row j0 of the other side) hold a row
+   in [first, end), the rows some row of the warp pairs with, as bits: the warp skips the
+   products of the others (causal diagonals, other sequences of a packed row), whose
+   entries are all masked. Equal across the warp, as `mma.sync` needs. */
+__device__ __forceinline__ unsigned int live_blocks(int j0, int first, int end) {
+    unsigned int live = 0u;
+#pragma unroll
+    for (int n = 0; n < MMA_ROWS / 8; ++n) {
+        if (j0 + 8 * n < end && j0 + 8 * n + 8 > first) live |= 1u << n;
+    }
+    return live;
+}
+
 /* out = left (16 × D) · tileᵀ, the tile's 64 rows as they are: scores, or their
-   gradient from the output's. */
+   gradient from the output's; zeros in the column blocks not `live`. */
 template <int D>
 __device__ void product_over_dims(Tile16x64 &out, const unsigned int (&left)[D / 16][4],
-                                  const unsigned int (*tile)[D / 2 + MMA_PAD]) {
+                                  const unsigned int (*tile)[D / 2 + MMA_PAD],
+                                  unsigned int live) {
     const int g = lane_group(), t = lane_in_group();
 #pragma unroll
     for (int n = 0; n < MMA_ROWS / 8; ++n) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) out[n][e] = 0.0f;
+        if (!(live >> n & 1u)) continue;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             const unsigned int right[2] = {tile[n * 8 + g][kk * 8 + t],
@@ -151,13 +166,15 @@ __device__ void product_over_dims(Tile16x64 &out, const unsigned int (&left)[D /
 }
 
 /* acc (16 × D) += weights (16 × 64, rounded to bf16) · the tile's 64 rows, from their
-   transposed copy. */
+   transposed copy; weights outside the `live` column blocks are zeros and skipped. */
 template <int D>
 __device__ void accumulate_over_rows(float (&acc)[D / 8][4], const Tile16x64 &weights,
-                                     const unsigned int (*tile)[MMA_ROWS / 2 + MMA_PAD]) {
+                                     const unsigned int (*tile)[MMA_ROWS / 2 + MMA_PAD],
+                                     unsigned int live) {
     const int g = lane_group(), t = lane_in_group();
 #pragma unroll
     for (int kk = 0; kk < MMA_ROWS / 16; ++kk) {
+        if (!(live >> (2 * kk) & 3u)) continue;
         const unsigned int left[4] = {
             round_pair(weights[2 * kk][0], weights[2 * kk][1]),
             round_pair(weights[2 * kk][2], weights[2 * kk][3]),
@@ -206,6 +223,7 @@ struct QueryRows {
     int first[2];   /* the first key each sees */
     int visible[2]; /* one past the last key each sees (0 past the row's end) */
     int block_first, block_keys; /* the keys any row of the block sees */
+    int warp_first, warp_keys;   /* the keys any row of the warp sees */
     u64 bh;         /* the (batch row, head) the block works on */
     const unsigned short *keys, *values;
 };
@@ -224,9 +242,12 @@ __device__ QueryRows query_rows(const unsigned short *k, const unsigned short *v
         at.first[half] = i < len ? (int)starts[(u64)b * len + i] : 0;
         at.visible[half] = i < len ? min(i + 1, length) : 0;
     }
-    /* Starts never decrease along a row, so the block's first row starts first. */
+    /* Starts never decrease along a row, so the block's (warp's) first row starts first. */
     at.block_first = (int)starts[(u64)b * len + min(block_row, len - 1)];
     at.block_keys = min(min(block_row + MMA_ROWS, len), length);
+    const int warp_first_row = block_row + (threadIdx.x / 32) * 16;
+    at.warp_first = (int)starts[(u64)b * len + min(warp_first_row, len - 1)];
+    at.warp_keys = min(min(warp_first_row + 16, len), length);
     at.bh = (u64)bh;
     at.keys = k + (u64)(b * kv_heads + kvh) * len * dim;
     at.values = v + (u64)(b * kv_heads + kvh) * len * dim;
@@ -273,8 +294,9 @@ __device__ void forward_mma(const unsigned short *q, const unsigned short *k,
         load_tile<D>(keys_shared, nullptr, at.keys, j0, len);
         load_tile<D>(nullptr, values_shared, at.values, j0, len);
         __syncthreads();
+        const unsigned int live = live_blocks(j0, at.warp_first, at.warp_keys);
         Tile16x64 s;
-        product_over_dims<D>(s, query, keys_shared);
+        product_over_dims<D>(s, query, keys_shared, live);
         float tile_max[2] = {NEG_INF, NEG_INF};
 #pragma unroll
         for (int n = 0; n < MMA_ROWS / 8; ++n) {
@@ -309,7 +331,7 @@ __device__ void forward_mma(const unsigned short *q, const unsigned short *k,
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[n][e] *= correction[e / 2];
         }
-        accumulate_over_rows<D>(acc, s, values_shared);
+        accumulate_over_rows<D>(acc, s, values_shared, live);
     }
 
     float inverse[2];
@@ -352,9 +374,10 @@ __device__ void grad_q_mma(const unsigned short *q, const unsigned short *k,
         load_tile<D>(keys_shared, keys_transposed, at.keys, j0, len);
         load_tile<D>(values_shared, nullptr, at.values, j0, len);
         __syncthreads();
+        const unsigned int live = live_blocks(j0, at.warp_first, at.warp_keys);
         Tile16x64 s, dp;
-        product_over_dims<D>(s, query, keys_shared);
-        product_over_dims<D>(dp, upstream, values_shared);
+        product_over_dims<D>(s, query, keys_shared, live);
+        product_over_dims<D>(dp, upstream, values_shared, live);
 #pragma unroll
         for (int n = 0; n < MMA_ROWS / 8; ++n) {
 #pragma unroll
@@ -364,7 +387,7 @@ __device__ void grad_q_mma(const unsigned short *q, const unsigned short *k,
                                          row_delta[half], scale);
             }
         }
-        accumulate_over_rows<D>(acc, dp, keys_transposed);
+        accumulate_over_rows<D>(acc, dp, keys_transposed, live);
     }
     const float one[2] = {1.0f, 1.0f};
     store_rows<unsigned short, D>(dq + at.bh * len * D, acc, at.index, one, len);
@@ -399,8 +422,14 @@ __device__ void grad_kv_mma(const unsigned short *q, const unsigned short *k,
            row's length. */
         last_query[half] = j < len && j < length ? (int)ends[(u64)b * len + j] : 0;
     }
-    /* Ends never decrease along a row, so the block's last key's end bounds them all. */
+    /* Ends never decrease along a row, so the block's (warp's) last key's end bounds them
+       all; the warp's queries start at its first key. */
     const int block_end = (int)ends[(u64)b * len + min(first_key + MMA_ROWS, len) - 1];
+    const int warp_first_key = first_key + (threadIdx.x / 32) * 16;
+    const int warp_queries =
+        warp_first_key < min(len, length)
+            ? (int)ends[(u64)b * len + min(warp_first_key + 16, len) - 1]
+            : 0;
     const u64 kv_offset = (u64)bkv * len * D;
     unsigned int own_keys[D / 16][4], own_values[D / 16][4];
     load_left<D>(own_keys, k + kv_offset, keys, len);
@@ -422,9 +451,10 @@ __device__ void grad_kv_mma(const unsigned short *q, const unsigned short *k,
         __syncthreads();
         /* Transposed scores and their gradients: rows are this warp's keys, columns the
            tile's queries. */
+        const unsigned int live = live_blocks(i0, warp_first_key, warp_queries);
         Tile16x64 p, ds;
-        product_over_dims<D>(p, own_keys, queries_shared);
-        product_over_dims<D>(ds, own_values, grads_shared);
+        product_over_dims<D>(p, own_keys, queries_shared, live);
+        product_over_dims<D>(ds, own_values, grads_shared, live);
 #pragma unroll
         for (int n = 0; n < MMA_ROWS / 8; ++n) {
 #pragma unroll
@@ -435,8 +465,8 @@ __device__ void grad_kv_mma(const unsigned short *q, const unsigned short *k,
                                          scale);
             }
         }
-        accumulate_over_rows<D>(dv, p, grads_transposed);
-        accumulate_over_rows<D>(dk, ds, queries_transposed);
+        accumulate_over_rows<D>(dv, p, grads_transposed, live);
+        accumulate_over_rows<D>(dk, ds, queries_transposed, live);
     }
     const u64 entries = (u64)gridDim.y * len * D;
     float *share = shares + (u64)blockIdx.z * 2 * entries + kv_offset;
