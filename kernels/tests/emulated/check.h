@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace check {
@@ -53,6 +54,21 @@ double worst(const std::vector<T> &got, const std::vector<double> &expected,
         worst = std::isnan(difference) ? INFINITY : std::max(worst, difference);
     }
     return worst;
+}
+
+// `compute()` with the emulator's threads run last to first between barriers: results
+// that differ from the usual order's (`same_bits`) show a race no barrier orders.
+template <typename Compute>
+auto in_reverse(Compute compute) {
+    emulator::reversed = true;
+    const auto result = compute();
+    emulator::reversed = false;
+    return result;
+}
+
+template <typename T>
+bool same_bits(const std::vector<T> &a, const std::vector<T> &b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
 }
 
 }  // namespace check

@@ -8,9 +8,11 @@
 // threads share it, as on the GPU. A barrier that can never open (threads of a block
 // waiting at different barriers) aborts with the state of every thread.
 //
-// What it cannot show: timing, memory coalescing and bank conflicts, register pressure,
-// and races between threads that a barrier does not order (the fibers interleave only at
-// barriers, so such a race goes unseen).
+// Races between threads that no barrier orders show as results that differ when the
+// threads run in another order between barriers (`emulator::reversed`: warps last first,
+// each running ahead), which the harnesses check; a race both orders settle alike goes
+// unseen. What it cannot show: timing, memory coalescing and bank conflicts, register
+// pressure.
 #pragma once
 
 #include <ucontext.h>
@@ -71,6 +73,11 @@ struct Fiber {
 };
 
 inline constexpr std::size_t kStackBytes = 64 * 1024;
+// The order threads run in between barriers: each to its next barrier in turn (false),
+// or warp by warp from the last, each warp as far as it can go before the next (true). A
+// kernel whose results differ between the two has a race its barriers do not order:
+// harnesses run both ways and compare.
+inline bool reversed = false;
 inline ucontext_t scheduler;
 inline std::vector<Fiber> fibers;
 inline std::size_t current = 0;
@@ -114,6 +121,22 @@ inline const char *name(State state) {
     std::exit(2);
 }
 
+// Opens the warp exchange of the warp starting at thread `warp` if all its threads that
+// have not returned wait at it.
+inline bool open_warp(std::size_t warp) {
+    const std::size_t end = std::min(warp + 32, fibers.size());
+    bool all_at_warp = true, any = false;
+    for (std::size_t i = warp; i < end; ++i) {
+        if (fibers[i].state == State::Returned) continue;
+        any = true;
+        all_at_warp &= fibers[i].state == State::AtWarpBarrier;
+    }
+    if (!any || !all_at_warp) return false;
+    for (std::size_t i = warp; i < end; ++i)
+        if (fibers[i].state == State::AtWarpBarrier) fibers[i].state = State::Runnable;
+    return true;
+}
+
 // Opens every barrier all the threads it concerns wait at; false when none could open.
 inline bool open_barriers() {
     bool opened = false, all_at_block = true, any_waiting = false;
@@ -128,19 +151,7 @@ inline bool open_barriers() {
             if (fiber.state == State::AtBlockBarrier) fiber.state = State::Runnable;
         return true;
     }
-    for (std::size_t warp = 0; warp < fibers.size(); warp += 32) {
-        const std::size_t end = std::min(warp + 32, fibers.size());
-        bool all_at_warp = true, any = false;
-        for (std::size_t i = warp; i < end; ++i) {
-            if (fibers[i].state == State::Returned) continue;
-            any = true;
-            all_at_warp &= fibers[i].state == State::AtWarpBarrier;
-        }
-        if (!any || !all_at_warp) continue;
-        for (std::size_t i = warp; i < end; ++i)
-            if (fibers[i].state == State::AtWarpBarrier) fibers[i].state = State::Runnable;
-        opened = true;
-    }
+    for (std::size_t warp = 0; warp < fibers.size(); warp += 32) opened |= open_warp(warp);
     return opened;
 }
 
@@ -157,20 +168,29 @@ inline void run_block(std::size_t threads) {
         fiber.context.uc_link = &scheduler;
         makecontext(&fiber.context, run_current, 0);
     }
+    const auto resume = [](std::size_t i) {
+        if (fibers[i].state != State::Runnable) return;
+        current = i;
+        threadIdx = {(unsigned int)(i % blockDim.x), (unsigned int)(i / blockDim.x % blockDim.y),
+                     (unsigned int)(i / (blockDim.x * blockDim.y))};
+        swapcontext(&scheduler, &fibers[i].context);
+    };
     for (;;) {
-        bool all_returned = true;
-        for (std::size_t i = 0; i < threads; ++i) {
-            if (fibers[i].state != State::Runnable) {
-                all_returned &= fibers[i].state == State::Returned;
-                continue;
+        if (!reversed) {
+            // Every thread in turn to its next barrier.
+            for (std::size_t i = 0; i < threads; ++i) resume(i);
+        } else {
+            // Warp by warp, last first, each as far as its own exchanges let it go: a warp
+            // runs ahead of the others between block barriers, as hardware may let it.
+            for (std::size_t warp = (threads - 1) / 32 * 32 + 32; warp > 0;) {
+                warp -= 32;
+                do {
+                    for (std::size_t i = std::min(warp + 32, threads); i > warp;) resume(--i);
+                } while (open_warp(warp));
             }
-            current = i;
-            threadIdx = {(unsigned int)(i % blockDim.x),
-                         (unsigned int)(i / blockDim.x % blockDim.y),
-                         (unsigned int)(i / (blockDim.x * blockDim.y))};
-            swapcontext(&scheduler, &fibers[i].context);
-            all_returned &= fibers[i].state == State::Returned;
         }
+        bool all_returned = true;
+        for (const Fiber &fiber : fibers) all_returned &= fiber.state == State::Returned;
         if (all_returned) return;
         if (!open_barriers()) deadlock();
     }
