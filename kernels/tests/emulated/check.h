@@ -56,13 +56,13 @@ double worst(const std::vector<T> &got, const std::vector<double> &expected,
     return worst;
 }
 
-// `compute()` with the emulator's threads run last to first between barriers: results
-// that differ from the usual order's (`same_bits`) show a race no barrier orders.
+// `compute()` with the emulator's warps run last first, each as far ahead as it can go:
+// results that differ from the usual order's (`same_bits`) show a race no barrier orders.
 template <typename Compute>
 auto in_reverse(Compute compute) {
-    emulator::reversed = true;
+    emulator::warps_run_ahead = true;
     const auto result = compute();
-    emulator::reversed = false;
+    emulator::warps_run_ahead = false;
     return result;
 }
 

@@ -9,9 +9,9 @@
 // waiting at different barriers) aborts with the state of every thread.
 //
 // Races between threads that no barrier orders show as results that differ when the
-// threads run in another order between barriers (`emulator::reversed`: warps last first,
-// each running ahead), which the harnesses check; a race both orders settle alike goes
-// unseen. What it cannot show: timing, memory coalescing and bank conflicts, register
+// threads run in another order between barriers (`emulator::warps_run_ahead`: warps last
+// first, each running ahead), which the harnesses check; a race both orders settle alike
+// goes unseen. What it cannot show: timing, memory coalescing and bank conflicts, register
 // pressure.
 #pragma once
 
@@ -77,7 +77,7 @@ inline constexpr std::size_t kStackBytes = 64 * 1024;
 // or warp by warp from the last, each warp as far as it can go before the next (true). A
 // kernel whose results differ between the two has a race its barriers do not order:
 // harnesses run both ways and compare.
-inline bool reversed = false;
+inline bool warps_run_ahead = false;
 inline ucontext_t scheduler;
 inline std::vector<Fiber> fibers;
 inline std::size_t current = 0;
@@ -176,7 +176,7 @@ inline void run_block(std::size_t threads) {
         swapcontext(&scheduler, &fibers[i].context);
     };
     for (;;) {
-        if (!reversed) {
+        if (!warps_run_ahead) {
             // Every thread in turn to its next barrier.
             for (std::size_t i = 0; i < threads; ++i) resume(i);
         } else {
