@@ -200,8 +200,12 @@ Reference reference(const Case &c, const Inputs &in) {
                 if (first >= visible) continue;
                 const auto q = [&](int d) { return check::widen(in.q[row * dim + d]); };
                 const auto up = [&](int d) { return check::widen(in.upstream[row * dim + d]); };
-                const auto key = [&](int j, int d) { return check::widen(in.k[(kv + j) * dim + d]); };
-                const auto value = [&](int j, int d) { return check::widen(in.v[(kv + j) * dim + d]); };
+                const auto key = [&](int j, int d) {
+                    return check::widen(in.k[(kv + j) * dim + d]);
+                };
+                const auto value = [&](int j, int d) {
+                    return check::widen(in.v[(kv + j) * dim + d]);
+                };
                 std::vector<double> p, dp;
                 double max = -INFINITY;
                 for (int j = first; j < visible; ++j) {
@@ -276,10 +280,11 @@ int main() {
                             errors[2] <= tolerance && errors[3] <= tolerance &&
                             errors[4] <= tolerance;
             passed &= ok;
-            std::printf("%-11s %-9s dim %2d len %3d: out %.1e  lse %.1e  dq %.1e  dk %.1e  dv %.1e  %s\n",
+            std::printf("%-11s %-9s dim %2d len %3d: out %.1e  lse %.1e  dq %.1e  dk %.1e  "
+                        "dv %.1e  %s\n",
                         kernels.name, aligned ? "aligned" : "unaligned", c.dim, c.len, errors[0],
                         errors[1], errors[2], errors[3], errors[4],
-                        ok ? "ok" : ordered ? "FAILED" : "FAILED (differs with the threads' order)");
+                        check::verdict(ok, ordered));
         }
     }
     return passed ? 0 : 1;

@@ -71,4 +71,9 @@ bool same_bits(const std::vector<T> &a, const std::vector<T> &b) {
     return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
 }
 
+// A harness line's last word: "ok", or why not.
+inline const char *verdict(bool ok, bool ordered) {
+    return ok ? "ok" : ordered ? "FAILED" : "FAILED (differs with the threads' order)";
+}
+
 }  // namespace check

@@ -220,8 +220,8 @@ T __shfl_xor_sync(unsigned int, T value, int lane_mask) {
     std::memcpy(&exchange[current].word, &value, sizeof(T));
     emulator::wait(emulator::State::AtWarpBarrier);
     T result;
-    std::memcpy(&result, &exchange[(current & ~std::size_t{31}) | (emulator::lane() ^ lane_mask)].word,
-                sizeof(T));
+    const std::size_t source = (current & ~std::size_t{31}) | (emulator::lane() ^ lane_mask);
+    std::memcpy(&result, &exchange[source].word, sizeof(T));
     emulator::wait(emulator::State::AtWarpBarrier);
     return result;
 }

@@ -56,9 +56,12 @@ bool run(const char *name, const Kernels<T> &kernels, double tolerance) {
     const std::vector<std::vector<T>> results = compute();
     const std::vector<std::vector<T>> reverse = check::in_reverse(compute);
     bool ordered = true;
-    for (std::size_t i = 0; i < results.size(); ++i) ordered &= check::same_bits(results[i], reverse[i]);
-    const std::vector<T> &y = results[0], &dx = results[1], &gated = results[2], &both = results[3];
-    std::vector<double> y_ref(rows * n), dx_ref(rows * n), gated_ref(count), dgate(count), dup(count);
+    for (std::size_t i = 0; i < results.size(); ++i)
+        ordered &= check::same_bits(results[i], reverse[i]);
+    const std::vector<T> &y = results[0], &dx = results[1];
+    const std::vector<T> &gated = results[2], &both = results[3];
+    std::vector<double> y_ref(rows * n), dx_ref(rows * n);
+    std::vector<double> gated_ref(count), dgate(count), dup(count);
     for (std::size_t r = 0; r < rows; ++r) {
         double squares = 0.0, projection = 0.0;
         for (std::size_t c = 0; c < n; ++c) {
@@ -87,9 +90,10 @@ bool run(const char *name, const Kernels<T> &kernels, double tolerance) {
                              check::worst(both, dup, count, true)};
     bool ok = ordered;
     for (double error : errors) ok &= error <= tolerance;
-    std::printf("norm_gate %-4s (relative): rms_norm %.1e  its dx %.1e  swiglu %.1e  d gate %.1e  d up %.1e  %s\n",
+    std::printf("norm_gate %-4s (relative): rms_norm %.1e  its dx %.1e  swiglu %.1e  "
+                "d gate %.1e  d up %.1e  %s\n",
                 name, errors[0], errors[1], errors[2], errors[3], errors[4],
-                ok ? "ok" : ordered ? "FAILED" : "FAILED (differs with the threads' order)");
+                check::verdict(ok, ordered));
     return ok;
 }
 

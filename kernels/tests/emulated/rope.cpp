@@ -31,7 +31,8 @@ bool run(const char *name, Kernel<T> kernel, double tolerance) {
         std::vector<T> cos(tables * dim), sin(tables * dim);
         std::vector<double> angle(tables * dim);
         for (std::size_t t = 0; t < tables; ++t) {
-            const double position = per_row && t >= len ? (double)(t - len) - 2.0 : (double)(t % len);
+            const double position =
+                per_row && t >= len ? (double)(t - len) - 2.0 : (double)(t % len);
             for (std::size_t d = 0; d < dim; ++d) {
                 const double a = position * std::pow(10000.0, -(double)(d % half) / half);
                 cos[t * dim + d] = check::narrow<T>(std::cos(a));
@@ -75,7 +76,7 @@ bool run(const char *name, Kernel<T> kernel, double tolerance) {
                 passed &= ok;
                 std::printf("rope %-4s per_row %d to_heads_major %d sign %+g: %.1e  %s\n", name,
                             per_row, to_heads_major, sign, error,
-                            ok ? "ok" : ordered ? "FAILED" : "FAILED (differs with the threads' order)");
+                            check::verdict(ok, ordered));
             }
         }
     }
