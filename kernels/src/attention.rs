@@ -76,13 +76,13 @@ pub fn implementation(
     }
     match device {
         #[cfg(feature = "cuda")]
-        candle_core::Device::Cuda(cuda) => Ok(
-            if dtype == DType::BF16 && crate::cuda::bf16_tensor_cores(cuda)? {
+        candle_core::Device::Cuda(cuda) => {
+            Ok(if crate::attention_cuda::tensor_cores(cuda, dtype)? {
                 "tensor-core"
             } else {
                 "per-thread"
-            },
-        ),
+            })
+        }
         _ => Ok("cpu"),
     }
 }

@@ -57,6 +57,18 @@ impl Shape {
     }
 }
 
+/// Whether attention over tensors of `dtype` runs on tensor cores on `device`: bf16, on a
+/// GPU that has them, where they are allowed ([`crate::allow_tensor_cores`]).
+pub(crate) fn tensor_cores(device: &candle_core::CudaDevice, dtype: DType) -> Result<bool> {
+    Ok(dtype == DType::BF16 && crate::cuda::bf16_tensor_cores(device)?)
+}
+
+/// The kernels' name suffix for `q` (dtype and head dimension), and whether they are the
+/// tensor-core ones.
+fn family(q: &CudaStorage, dim: usize) -> Result<(String, bool)> {
+    Ok((suffix(q.dtype(), dim)?, tensor_cores(&q.device, q.dtype())?))
+}
+
 fn suffix(dtype: DType, dim: usize) -> Result<String> {
     let name = match dtype {
         DType::F32 => "f32",
@@ -203,7 +215,8 @@ pub(crate) fn forward(
         Ok((CudaStorage::wrap_cuda_slice(out, device), logsumexp))
     }
 
-    let name = suffix(q.dtype(), shape.dim)?;
+    let (name, tensor_cores) = family(q, shape.dim)?;
+    let kernels = (name.as_str(), tensor_cores);
     let inputs = [
         (q, contiguous_range(q_layout)?),
         (k, contiguous_range(k_layout)?),
@@ -211,18 +224,8 @@ pub(crate) fn forward(
     ];
     let scale = scale as f32;
     match q.dtype() {
-        DType::F32 => launch::<f32>(inputs, visibility, scale, shape, (name.as_str(), false)),
-        // bf16 on tensor cores where the GPU has them.
-        _ => {
-            let tensor_cores = crate::cuda::bf16_tensor_cores(&q.device)?;
-            launch::<half::bf16>(
-                inputs,
-                visibility,
-                scale,
-                shape,
-                (name.as_str(), tensor_cores),
-            )
-        }
+        DType::F32 => launch::<f32>(inputs, visibility, scale, shape, kernels),
+        _ => launch::<half::bf16>(inputs, visibility, scale, shape, kernels),
     }
 }
 
@@ -338,7 +341,8 @@ pub(crate) fn backward(
         Ok(CudaStorage::wrap_cuda_slice(gradients, device))
     }
 
-    let name = suffix(q.dtype(), shape.dim)?;
+    let (name, tensor_cores) = family(q, shape.dim)?;
+    let kernels = (name.as_str(), tensor_cores);
     let inputs = [
         (q, contiguous_range(q_layout)?),
         (k, contiguous_range(k_layout)?),
@@ -349,19 +353,8 @@ pub(crate) fn backward(
     let scale = scale as f32;
     let saved = saved.logsumexp;
     match q.dtype() {
-        DType::F32 => launch::<f32>(
-            inputs,
-            saved,
-            visibility,
-            scale,
-            shape,
-            (name.as_str(), false),
-        ),
-        _ => {
-            let tensor_cores = crate::cuda::bf16_tensor_cores(&q.device)?;
-            let kernels = (name.as_str(), tensor_cores);
-            launch::<half::bf16>(inputs, saved, visibility, scale, shape, kernels)
-        }
+        DType::F32 => launch::<f32>(inputs, saved, visibility, scale, shape, kernels),
+        _ => launch::<half::bf16>(inputs, saved, visibility, scale, shape, kernels),
     }
 }
 

@@ -32,38 +32,39 @@ pub use segments::Segments;
 pub use swiglu::swiglu;
 
 /// Whether CUDA kernels with a tensor-core version (the bf16 attention) may use it on GPUs
-/// that have tensor cores: unset, yes unless `TRAINER_TENSOR_CORES=0` is in the
-/// environment. Saying no takes the per-thread kernels every GPU runs: the way back should
-/// a tensor-core kernel misbehave on some GPU, and how `trainer kernel-check` checks both.
-/// Returns whether they were allowed before.
+/// that have tensor cores: unless told here, yes unless `TRAINER_TENSOR_CORES=0` is in the
+/// environment (read once). Saying no takes the per-thread kernels every GPU runs: the way
+/// back should a tensor-core kernel misbehave on some GPU, and how `trainer kernel-check`
+/// checks both. Returns whether they were allowed before.
 pub fn allow_tensor_cores(allowed: bool) -> bool {
     let before = tensor_cores_allowed();
     TENSOR_CORES.store(
-        if allowed {
-            TensorCores::Allowed
-        } else {
-            TensorCores::Refused
-        } as u8,
+        if allowed { ALLOWED } else { REFUSED },
         std::sync::atomic::Ordering::Relaxed,
     );
     before
 }
 
-#[repr(u8)]
-enum TensorCores {
-    FromEnvironment,
-    Allowed,
-    Refused,
-}
-
-static TENSOR_CORES: std::sync::atomic::AtomicU8 =
-    std::sync::atomic::AtomicU8::new(TensorCores::FromEnvironment as u8);
+/// [`TENSOR_CORES`]: not yet decided (the environment decides at first use), allowed, or
+/// refused.
+const UNDECIDED: u8 = 0;
+const ALLOWED: u8 = 1;
+const REFUSED: u8 = 2;
+static TENSOR_CORES: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(UNDECIDED);
 
 fn tensor_cores_allowed() -> bool {
-    match TENSOR_CORES.load(std::sync::atomic::Ordering::Relaxed) {
-        state if state == TensorCores::Allowed as u8 => true,
-        state if state == TensorCores::Refused as u8 => false,
-        _ => std::env::var("TRAINER_TENSOR_CORES").map_or(true, |value| value.trim() != "0"),
+    use std::sync::atomic::Ordering::Relaxed;
+    match TENSOR_CORES.load(Relaxed) {
+        ALLOWED => true,
+        REFUSED => false,
+        _ => {
+            let allowed =
+                std::env::var("TRAINER_TENSOR_CORES").map_or(true, |value| value.trim() != "0");
+            // A racing `allow_tensor_cores` wins: it only replaces an undecided state.
+            let decided = if allowed { ALLOWED } else { REFUSED };
+            let _ = TENSOR_CORES.compare_exchange(UNDECIDED, decided, Relaxed, Relaxed);
+            TENSOR_CORES.load(Relaxed) == ALLOWED
+        }
     }
 }
 

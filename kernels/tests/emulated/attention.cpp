@@ -117,24 +117,28 @@ unsigned int blocks(std::size_t count, unsigned int per_block) {
     return (unsigned int)((count + per_block - 1) / per_block);
 }
 
-// A copy one entry into a buffer: its start is off the 16-byte alignment the
-// tensor-core kernels' wide loads need, so they take their narrow ones.
-struct Shifted {
+// A copy of `values` `offset` entries into a fresh buffer (whose start operator new
+// aligns to 16 bytes): at offset 1 the tensor-core kernels' wide loads do not apply and
+// they take their narrow ones.
+struct Placed {
     std::vector<unsigned short> buffer;
-    explicit Shifted(const std::vector<unsigned short> &values) : buffer(values.size() + 1) {
-        std::copy(values.begin(), values.end(), buffer.begin() + 1);
+    std::size_t offset;
+    Placed(const std::vector<unsigned short> &values, std::size_t offset)
+        : buffer(values.size() + offset), offset(offset) {
+        std::copy(values.begin(), values.end(), buffer.begin() + offset);
     }
-    const unsigned short *data() const { return buffer.data() + 1; }
+    const unsigned short *data() const { return buffer.data() + offset; }
 };
 
 // The forward and backward as `attention_cuda.rs` launches them, from inputs at 16-byte
 // aligned addresses or not.
 Result run(const Kernels &kernels, const Case &c, const Inputs &inputs, bool aligned) {
-    const Shifted q(inputs.q), k(inputs.k), v(inputs.v), upstream(inputs.upstream);
-    struct {
+    const std::size_t offset = aligned ? 0 : 1;
+    const Placed q(inputs.q, offset), k(inputs.k, offset), v(inputs.v, offset);
+    const Placed upstream(inputs.upstream, offset);
+    const struct {
         const unsigned short *q, *k, *v, *upstream;
     } in = {q.data(), k.data(), v.data(), upstream.data()};
-    if (aligned) in = {inputs.q.data(), inputs.k.data(), inputs.v.data(), inputs.upstream.data()};
     const auto &lengths = inputs.lengths, &starts = inputs.starts, &ends = inputs.ends;
     const int batch = inputs.batch;
     const float scale = inputs.scale;
