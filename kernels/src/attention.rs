@@ -27,6 +27,19 @@ pub fn causal_attention(
     segments: &Segments,
     scale: f64,
 ) -> Result<Tensor> {
+    let (op, [q, k, v]) = causal_attention_op(q, k, v, segments, scale)?;
+    q.apply_op3(&k, &v, op)
+}
+
+/// [`causal_attention`]'s op and its operands (contiguous), for a caller that applies it
+/// without a graph node and runs its `bwd` itself.
+pub fn causal_attention_op(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &Segments,
+    scale: f64,
+) -> Result<(CausalAttention, [Tensor; 3])> {
     let (batch, _, len, _) = q.dims4()?;
     if segments.rows() != batch {
         candle_core::bail!(
@@ -42,8 +55,7 @@ pub fn causal_attention(
         #[cfg(feature = "cuda")]
         cuda_logsumexp: std::sync::Mutex::new(None),
     };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    Ok((op, [q.contiguous()?, k.contiguous()?, v.contiguous()?]))
 }
 
 /// Whether the op runs on `device` for tensors of `dtype` with heads of `head_dim`: on the
@@ -87,7 +99,7 @@ pub fn implementation(
     }
 }
 
-struct CausalAttention {
+pub struct CausalAttention {
     /// Each row's real tokens: keys at or past them are padding, seen by no query.
     lengths: Vec<usize>,
     /// Each position's first visible key and the end of the queries that see it.

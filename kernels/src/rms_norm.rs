@@ -12,12 +12,20 @@ use crate::vectorized::vectorized;
 
 /// `x` (..., n) normalised over its last dimension and scaled by `weight` (n).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let (op, [x, weight]) = rms_norm_op(x, weight, eps)?;
+    x.apply_op2(&weight, op)
+}
+
+/// [`rms_norm`]'s op and its operands (`x` contiguous, the scale in `x`'s dtype), for a
+/// caller that applies it without a graph node and runs its `bwd` itself.
+pub fn rms_norm_op(x: &Tensor, weight: &Tensor, eps: f64) -> Result<(RmsNorm, [Tensor; 2])> {
     let x = x.contiguous()?;
-    x.apply_op2(&weight.to_dtype(x.dtype())?.contiguous()?, RmsNorm { eps })
+    let weight = weight.to_dtype(x.dtype())?.contiguous()?;
+    Ok((RmsNorm { eps }, [x, weight]))
 }
 
 #[derive(Debug, Clone, Copy)]
-struct RmsNorm {
+pub struct RmsNorm {
     eps: f64,
 }
 

@@ -19,6 +19,13 @@ use crate::vectorized::vectorized;
 /// rows, or (B, L, D), each row its own (packed rows restart positions per sequence);
 /// returned as (B, H, L, D).
 pub fn rope_heads_major(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (op, x) = rope_heads_major_op(x, cos, sin)?;
+    x.apply_op1(op)
+}
+
+/// [`rope_heads_major`]'s op and its operand (contiguous), for a caller that applies it
+/// without a graph node and runs its `bwd` itself.
+pub fn rope_heads_major_op(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Rope, Tensor)> {
     let x = x.contiguous()?;
     let op = Rope {
         cos: cos.to_dtype(x.dtype())?.contiguous()?,
@@ -26,11 +33,11 @@ pub fn rope_heads_major(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
         sign: 1.0,
         to_heads_major: true,
     };
-    x.apply_op1(op)
+    Ok((op, x))
 }
 
 #[derive(Clone)]
-struct Rope {
+pub struct Rope {
     cos: Tensor,
     sin: Tensor,
     /// 1 for the rotation, −1 for its transpose (the backward).

@@ -11,6 +11,13 @@ use crate::vectorized::vectorized;
 
 /// `silu(gate) ⊙ up` for two tensors of one shape.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    let (op, [gate, up]) = swiglu_op(gate, up)?;
+    gate.apply_op2(&up, op)
+}
+
+/// [`swiglu`]'s op and its operands (contiguous), for a caller that applies it without a
+/// graph node and runs its `bwd` itself.
+pub fn swiglu_op(gate: &Tensor, up: &Tensor) -> Result<(SwiGlu, [Tensor; 2])> {
     if gate.shape() != up.shape() {
         candle_core::bail!(
             "swiglu: gate {:?} and up {:?} differ",
@@ -18,11 +25,11 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
             up.dims()
         );
     }
-    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+    Ok((SwiGlu, [gate.contiguous()?, up.contiguous()?]))
 }
 
 #[derive(Debug, Clone, Copy)]
-struct SwiGlu;
+pub struct SwiGlu;
 
 #[inline(always)]
 fn sigmoid<T: Real>(x: T) -> T {

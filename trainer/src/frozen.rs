@@ -174,9 +174,16 @@ pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 
 /// `x · Wᵀ` for a dense or quantized frozen weight.
 pub fn frozen_linear(x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
+    let (op, x) = frozen_linear_op(x, weight)?;
+    x.apply_op1(op)
+}
+
+/// [`frozen_linear`]'s op and its input (contiguous), for a caller that applies it
+/// without a graph node and runs its `bwd` itself.
+pub fn frozen_linear_op(x: &Tensor, weight: &FrozenWeight) -> Result<(FrozenLinear, Tensor)> {
     let x = x.contiguous()?;
     let weight = weight.in_dtype(x.dtype())?;
-    x.apply_op1(FrozenLinear { weight })
+    Ok((FrozenLinear { weight }, x))
 }
 
 /// `x ⊙ w` with `w` broadcast to `x`'s shape.
@@ -190,7 +197,7 @@ pub fn shift(x: &Tensor, offset: &Tensor) -> Result<Tensor> {
 }
 
 /// Owns its weight so the graph keeps it alive for the backward pass.
-struct FrozenLinear {
+pub struct FrozenLinear {
     weight: FrozenWeight,
 }
 

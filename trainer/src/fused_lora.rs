@@ -29,6 +29,18 @@ pub fn lora_linear(
     scale: f64,
     dropout: Option<(u64, f64)>,
 ) -> Result<Tensor> {
+    let (op, x) = lora_linear_op(x, weight, scale, dropout)?;
+    x.apply_op3(a, b, op)
+}
+
+/// [`lora_linear`]'s op and its input (contiguous), for a caller that applies it without a
+/// graph node and runs its `bwd` itself.
+pub fn lora_linear_op(
+    x: &Tensor,
+    weight: &FrozenWeight,
+    scale: f64,
+    dropout: Option<(u64, f64)>,
+) -> Result<(LoraLinear, Tensor)> {
     let x = x.contiguous()?;
     let op = LoraLinear {
         weight: weight.in_dtype(x.dtype())?,
@@ -39,10 +51,10 @@ pub fn lora_linear(
         kept_mask: OnceLock::new(),
         kept_down: OnceLock::new(),
     };
-    x.apply_op3(a, b, op)
+    Ok((op, x))
 }
 
-struct LoraLinear {
+pub struct LoraLinear {
     weight: FrozenWeight,
     scale: f64,
     dropout: Option<trainer_kernels::Dropout>,

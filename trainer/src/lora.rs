@@ -116,16 +116,23 @@ impl LoraAdapter {
         weight: &crate::frozen::FrozenWeight,
         dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
+        let (op, x) = self.op(x, weight, dropout)?;
+        x.apply_op3(self.a.as_tensor(), self.b.as_tensor(), op)
+    }
+
+    /// [`LoraAdapter::project`]'s op and its input, for an op over a whole block that
+    /// applies it without a graph node and runs its `bwd` itself (with A and B as its
+    /// second and third operands).
+    pub fn op(
+        &self,
+        x: &Tensor,
+        weight: &crate::frozen::FrozenWeight,
+        dropout: Option<DropoutKey>,
+    ) -> Result<(crate::fused_lora::LoraLinear, Tensor)> {
         let mask = match dropout {
             Some(key) if self.dropout > 0.0 => Some((key.stream(self.module), 1.0 - self.dropout)),
             _ => None,
         };
-        crate::fused_lora::lora_linear(
-            x,
-            weight,
-            (self.a.as_tensor(), self.b.as_tensor()),
-            self.scale,
-            mask,
-        )
+        crate::fused_lora::lora_linear_op(x, weight, self.scale, mask)
     }
 }

@@ -16,6 +16,8 @@ use crate::frozen::{self, FrozenWeight};
 use crate::lora::{LoraAdapter, LoraConfig};
 use crate::quantized::{BaseQuant, QuantizationReport, QuantizedWeight};
 use crate::rng::{DropoutKey, Rng};
+
+mod block;
 pub use trainer_kernels::Segments;
 
 /// Added to the attention scores of masked positions: far below any real score, yet finite
@@ -424,6 +426,8 @@ impl DecoderLayer {
         })
     }
 
+    /// The layer over `x`; `blocks`: each half as one graph node ([`block`]) where its
+    /// fused ops all run (whole sequences, no cache), else op by op.
     fn forward(
         &self,
         x: &Tensor,
@@ -431,7 +435,16 @@ impl DecoderLayer {
         visibility: &Visibility,
         dropout: Option<DropoutKey>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        blocks: bool,
     ) -> Result<Tensor> {
+        if let (true, Visibility::Segments(segments), None) =
+            (blocks && fused_on(x), visibility, &cache)
+        {
+            let x = self
+                .self_attn
+                .block(&self.input_layernorm, x, rotary, segments, dropout)?;
+            return self.mlp.block(&self.post_attention_layernorm, &x, dropout);
+        }
         let normed = self.input_layernorm.forward(x)?;
         let attended = self
             .self_attn
@@ -458,6 +471,9 @@ pub struct Model {
     norm: RmsNorm,
     lm_head: Tensor,
     projections: QuantizationReport,
+    /// Whether each half layer is one graph node ([`block`]): yes unless
+    /// `TRAINER_BLOCK_OPS=0` is in the environment or [`Model::set_block_ops`] says no.
+    blocks: bool,
 }
 
 impl Model {
@@ -503,7 +519,14 @@ impl Model {
             norm,
             lm_head,
             projections: build.report,
+            blocks: std::env::var("TRAINER_BLOCK_OPS").map_or(true, |value| value.trim() != "0"),
         })
+    }
+
+    /// Whether each half of a decoder layer is one graph node with a hand-written backward
+    /// ([`block`]) or a node per op (the reference the block ops are checked against).
+    pub fn set_block_ops(&mut self, on: bool) {
+        self.blocks = on;
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -576,7 +599,7 @@ impl Model {
                 Visibility::Bias(&bias)
             };
         for layer in &self.layers {
-            x = layer.forward(&x, &rotary, &visibility, dropout, None)?;
+            x = layer.forward(&x, &rotary, &visibility, dropout, None, self.blocks)?;
         }
         self.norm.forward(&x)
     }
@@ -616,7 +639,7 @@ impl Model {
             cache.layers = vec![None; self.layers.len()];
         }
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, &rotary, &visibility, None, Some(layer_cache))?;
+            x = layer.forward(&x, &rotary, &visibility, None, Some(layer_cache), false)?;
         }
         cache.position += len;
         let last = self.norm.forward(&x.narrow(1, len - 1, 1)?)?;

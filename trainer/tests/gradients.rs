@@ -1,12 +1,14 @@
-//! The model's backward pass, checked against finite differences on a tiny f64 model; the
-//! chunked loss, against the loss over the whole logits; and the promise that frozen
-//! weights get no gradient at all.
+//! The model's backward pass, checked against finite differences on a tiny f64 model; its
+//! block ops (a half layer as one node), against the op-by-op graph; the chunked loss,
+//! against the loss over the whole logits; and the promise that frozen weights get no
+//! gradient at all.
 
 use std::collections::HashSet;
 
 use candle_core::{Device, Result, Tensor, Var};
 use trainer::model::{chunked_token_loss, token_loss, Segments};
-use trainer::Model;
+use trainer::rng::DropoutKey;
+use trainer::{LoraConfig, Model};
 
 mod common;
 
@@ -106,6 +108,86 @@ fn llama_gradients_match_finite_differences() -> Result<()> {
 #[test]
 fn qwen2_gradients_match_finite_differences_with_biases_and_tied_embeddings() -> Result<()> {
     check_gradients("Qwen2ForCausalLM", true)
+}
+
+/// A half layer as one graph node with a hand-written backward gives the loss and every
+/// LoRA gradient of the graph built op by op: with LoRA dropout, with padded and packed
+/// rows, with biases and tied embeddings, and with projections LoRA leaves frozen.
+#[test]
+fn block_ops_equal_the_op_by_op_graph() -> Result<()> {
+    let dropout = Some(DropoutKey {
+        seed: 7,
+        step: 3,
+        micro_batch: 1,
+    });
+    let padded = Segments::unpacked(&[6, 4]);
+    let packed = Segments::packed(vec![vec![2, 4], vec![3, 1]]);
+    let cases = [
+        ("LlamaForCausalLM", false, &padded, LoraConfig::default()),
+        ("Qwen2ForCausalLM", true, &packed, LoraConfig::default()),
+        (
+            "LlamaForCausalLM",
+            false,
+            &packed,
+            LoraConfig {
+                target_modules: vec!["q_proj".into(), "v_proj".into(), "up_proj".into()],
+                ..LoraConfig::default()
+            },
+        ),
+    ];
+    for (architecture, tie, segments, lora) in cases {
+        let lora = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.25,
+            ..lora
+        };
+        let mut model = common::tiny_f64_model_with(architecture, tie, &lora)?;
+        let fixture = fixture(architecture, tie)?;
+        let loss_and_gradients = |model: &Model| -> Result<(f64, Vec<Vec<f64>>)> {
+            let loss = model.loss(
+                &fixture.input_ids,
+                Some(segments),
+                &fixture.targets,
+                &fixture.loss_mask,
+                dropout,
+            )?;
+            let grads = loss.backward()?;
+            let gradients = model
+                .lora_parameters()
+                .values()
+                .map(|parameter| {
+                    grads
+                        .get(parameter)
+                        .expect("LoRA gradient")
+                        .flatten_all()?
+                        .to_vec1()
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok((loss.to_scalar()?, gradients))
+        };
+        model.set_block_ops(true);
+        let (loss, gradients) = loss_and_gradients(&model)?;
+        model.set_block_ops(false);
+        let (reference_loss, reference) = loss_and_gradients(&model)?;
+        assert!(
+            (loss - reference_loss).abs() <= 1e-12,
+            "{architecture}: loss {loss} vs {reference_loss}"
+        );
+        let names: Vec<String> = model.lora_parameters().into_keys().collect();
+        assert!(!names.is_empty());
+        for ((name, actual), expected) in names.iter().zip(&gradients).zip(&reference) {
+            let scale = expected.iter().fold(0f64, |m, e| m.max(e.abs()));
+            assert!(scale > 0.0, "{architecture}: {name} has a zero gradient");
+            for (a, e) in actual.iter().zip(expected) {
+                assert!(
+                    (a - e).abs() <= 1e-12 * scale.max(1.0),
+                    "{architecture}: {name}: {a} vs {e}"
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The chunked loss gives the loss and the LoRA gradients of `token_loss` over the whole

@@ -38,6 +38,21 @@ pub fn metrics(out: &Path) -> Vec<StepMetrics> {
 /// vocabulary) with rank-2 LoRA and no dropout, its B matrices given values so that every
 /// LoRA parameter has a gradient to check.
 pub fn tiny_f64_model(architecture: &str, tie: bool) -> candle_core::Result<Model> {
+    let lora = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout: 0.0,
+        ..LoraConfig::default()
+    };
+    tiny_f64_model_with(architecture, tie, &lora)
+}
+
+/// [`tiny_f64_model`] with the adapters `lora` describes.
+pub fn tiny_f64_model_with(
+    architecture: &str,
+    tie: bool,
+    lora: &LoraConfig,
+) -> candle_core::Result<Model> {
     let config = ModelConfig::parse(&format!(
         r#"{{"architectures": ["{architecture}"], "hidden_size": 16, "intermediate_size": 24,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -48,17 +63,11 @@ pub fn tiny_f64_model(architecture: &str, tie: bool) -> candle_core::Result<Mode
     let device = Device::Cpu;
     let weights = random_weights(&config, 3, DType::F64, &device)?;
     let vb = VarBuilder::from_tensors(weights, DType::F64, &device);
-    let lora = LoraConfig {
-        rank: 2,
-        alpha: 4.0,
-        dropout: 0.0,
-        ..LoraConfig::default()
-    };
     let mut rng = Rng::new(11);
     let model = Model::new(
         &config,
         vb,
-        &lora,
+        lora,
         DType::F64,
         trainer::quantized::BaseQuant::None,
         &mut rng,

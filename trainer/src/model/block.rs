@@ -1,0 +1,433 @@
+//! Each half of a decoder layer, `x + attention(norm(x))` and `x + mlp(norm(x))`, as one
+//! autograd node with a hand-written backward (Unsloth's one op per block).
+//!
+//! candle's backward gives every input of every node a zero-filled gradient and adds the
+//! node's contribution into it (`GradStore::or_insert`, then `add`): four passes over an
+//! activation-sized tensor per edge of the graph, views included. Built op by op, a layer
+//! has about twenty such edges (the norms, seven projections, two rotations, the views
+//! around the attention, the attention, SwiGLU, two residual sums); on an H200 their
+//! zero fills and adds were 11% of a step's kernel time (2026-12-04 profile). Here the
+//! same fused ops run without graph nodes, each kept with its operands and output, and the
+//! block's backward calls their backwards in reverse order: a gradient is summed only
+//! where a tensor really feeds several ops (the normed input of q, k and v; of gate and
+//! up). The graph keeps one node per half layer, over the residual stream and the half's
+//! LoRA parameters (flattened and concatenated, small).
+
+use candle_core::op::Add;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, Var,
+};
+use trainer_kernels::attention::{causal_attention_op, CausalAttention};
+use trainer_kernels::rms_norm::{rms_norm_op, RmsNorm as RmsNormOp};
+use trainer_kernels::rope::{rope_heads_major_op, Rope};
+use trainer_kernels::swiglu::{swiglu_op, SwiGlu};
+use trainer_kernels::Segments;
+
+use super::{Attention, Mlp, Projection, RmsNorm, Rotary};
+use crate::frozen::{self, FrozenLinear, OnBackend};
+use crate::fused_lora::LoraLinear;
+use crate::rng::DropoutKey;
+
+/// candle's three custom-op traits as one, by their operand count.
+trait Op<const N: usize> {
+    fn name(&self) -> &'static str;
+    fn apply(&self, inputs: &[Tensor; N]) -> Result<Tensor>;
+    fn gradients(
+        &self,
+        inputs: &[Tensor; N],
+        output: &Tensor,
+        grad: &Tensor,
+    ) -> Result<[Option<Tensor>; N]>;
+}
+
+impl<T: CustomOp1> Op<1> for T {
+    fn name(&self) -> &'static str {
+        CustomOp1::name(self)
+    }
+
+    fn apply(&self, [x]: &[Tensor; 1]) -> Result<Tensor> {
+        x.apply_op1_no_bwd(self)
+    }
+
+    fn gradients(
+        &self,
+        [x]: &[Tensor; 1],
+        output: &Tensor,
+        grad: &Tensor,
+    ) -> Result<[Option<Tensor>; 1]> {
+        Ok([self.bwd(x, output, grad)?])
+    }
+}
+
+impl<T: CustomOp2> Op<2> for T {
+    fn name(&self) -> &'static str {
+        CustomOp2::name(self)
+    }
+
+    fn apply(&self, [lhs, rhs]: &[Tensor; 2]) -> Result<Tensor> {
+        lhs.apply_op2_no_bwd(rhs, self)
+    }
+
+    fn gradients(
+        &self,
+        [lhs, rhs]: &[Tensor; 2],
+        output: &Tensor,
+        grad: &Tensor,
+    ) -> Result<[Option<Tensor>; 2]> {
+        let (d_lhs, d_rhs) = self.bwd(lhs, rhs, output, grad)?;
+        Ok([d_lhs, d_rhs])
+    }
+}
+
+impl<T: CustomOp3> Op<3> for T {
+    fn name(&self) -> &'static str {
+        CustomOp3::name(self)
+    }
+
+    fn apply(&self, [first, second, third]: &[Tensor; 3]) -> Result<Tensor> {
+        first.apply_op3_no_bwd(second, third, self)
+    }
+
+    fn gradients(
+        &self,
+        [first, second, third]: &[Tensor; 3],
+        output: &Tensor,
+        grad: &Tensor,
+    ) -> Result<[Option<Tensor>; 3]> {
+        let (d_first, d_second, d_third) = self.bwd(first, second, third, output, grad)?;
+        Ok([d_first, d_second, d_third])
+    }
+}
+
+/// An op applied without a graph node, with the tensors its `bwd` reads.
+struct Applied<O, const N: usize> {
+    op: O,
+    inputs: [Tensor; N],
+    output: Tensor,
+}
+
+impl<O: Op<N>, const N: usize> Applied<O, N> {
+    fn new(op: O, inputs: [Tensor; N]) -> Result<Self> {
+        let output = op.apply(&inputs)?;
+        Ok(Applied { op, inputs, output })
+    }
+
+    /// The gradient of each input for the output's `grad`.
+    fn backward(&self, grad: &Tensor) -> Result<[Option<Tensor>; N]> {
+        self.op.gradients(&self.inputs, &self.output, grad)
+    }
+
+    /// The gradient of the first input, which every op here returns.
+    fn input_gradient(&self, grad: &Tensor) -> Result<Tensor> {
+        let first = self.backward(grad)?.into_iter().next().flatten();
+        first.ok_or_else(|| {
+            candle_core::Error::Msg(format!("{}: no gradient for its input", self.op.name()))
+        })
+    }
+}
+
+/// One projection's forward, kept for its backward. A bias (frozen) adds nothing to it.
+enum ProjectionPass {
+    Lora(Applied<LoraLinear, 3>),
+    Frozen(Applied<FrozenLinear, 1>),
+}
+
+impl ProjectionPass {
+    /// The projection of `x`, bias included, and what its backward needs.
+    fn run(
+        projection: &Projection,
+        x: &Tensor,
+        dropout: Option<DropoutKey>,
+    ) -> Result<(ProjectionPass, Tensor)> {
+        let (pass, y) = match &projection.lora {
+            Some(lora) => {
+                let (op, x) = lora.op(x, &projection.weight, dropout)?;
+                let (a, b) = (lora.a.as_tensor().detach(), lora.b.as_tensor().detach());
+                let applied = Applied::new(op, [x, a, b])?;
+                let y = applied.output.clone();
+                (ProjectionPass::Lora(applied), y)
+            }
+            None => {
+                let (op, x) = frozen::frozen_linear_op(x, &projection.weight)?;
+                let applied = Applied::new(op, [x])?;
+                let y = applied.output.clone();
+                (ProjectionPass::Frozen(applied), y)
+            }
+        };
+        let y = match &projection.bias {
+            Some(bias) => frozen::shift(&y, bias)?,
+            None => y,
+        };
+        Ok((pass, y))
+    }
+
+    /// The input's gradient, and A's and B's (flattened) when the projection has LoRA.
+    fn backward(&self, grad: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        match self {
+            ProjectionPass::Lora(applied) => match applied.backward(grad)? {
+                [Some(dx), Some(da), Some(db)] => {
+                    Ok((dx, vec![da.flatten_all()?, db.flatten_all()?]))
+                }
+                _ => candle_core::bail!("lora linear: a gradient is missing"),
+            },
+            ProjectionPass::Frozen(applied) => Ok((applied.input_gradient(grad)?, Vec::new())),
+        }
+    }
+}
+
+/// The LoRA parameters of `projections`, A then B of each in turn: the order of the
+/// gradients their passes return.
+fn lora_of<'a>(projections: &[&'a Projection]) -> Vec<&'a Var> {
+    projections
+        .iter()
+        .filter_map(|projection| projection.lora.as_ref())
+        .flat_map(|lora| [&lora.a, &lora.b])
+        .collect()
+}
+
+/// The backward of a half layer's branch (what is added to the residual stream).
+trait Branch: Send + Sync + 'static {
+    const NAME: &'static str;
+
+    /// The gradient of the half layer's input through the branch (not through the
+    /// residual), and its LoRA parameters' gradients, flattened, in [`lora_of`]'s order.
+    fn backward(&self, grad: &Tensor) -> Result<(Tensor, Vec<Tensor>)>;
+}
+
+/// `x + branch` as one graph node over (x, the branch's LoRA parameters flattened and
+/// concatenated), whose backward is the branch's.
+struct Residual<B> {
+    branch: B,
+    /// The branch's output, computed before the node was made.
+    output: Tensor,
+}
+
+impl<B: Branch> Residual<B> {
+    fn forward<S: OnBackend>(&self, x: &S, x_layout: &Layout) -> Result<(S, Shape)> {
+        let (output, output_layout) = self.output.storage_and_layout();
+        let sum = x.binary_impl::<Add>(S::of(&output)?, x_layout, output_layout)?;
+        Ok((sum, x_layout.shape().clone()))
+    }
+}
+
+impl<B: Branch> CustomOp2 for Residual<B> {
+    fn name(&self) -> &'static str {
+        B::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward(x, x_layout)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_layout: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.forward(x, x_layout)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        parameters: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (through, lora) = self.branch.backward(grad)?;
+        let dx = (grad + through)?;
+        let d_parameters = if lora.is_empty() {
+            None
+        } else {
+            Some(Tensor::cat(&lora, 0)?.to_dtype(parameters.dtype())?)
+        };
+        Ok((Some(dx), d_parameters))
+    }
+}
+
+/// `x + output` as one node, `branch` its backward; `lora` the branch's LoRA parameters in
+/// the order its backward returns their gradients.
+fn residual<B: Branch>(x: &Tensor, branch: B, output: Tensor, lora: &[&Var]) -> Result<Tensor> {
+    let parameters = if lora.is_empty() {
+        // Nothing to train in this half: the node still carries x's gradient.
+        Tensor::zeros(0, DType::F32, x.device())?
+    } else {
+        let flat = lora
+            .iter()
+            .map(|var| var.as_tensor().flatten_all())
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&flat, 0)?
+    };
+    let x = x.contiguous()?;
+    x.apply_op2(&parameters, Residual { branch, output })
+}
+
+/// The attention half's branch: `o_proj(attention(rope(q), rope(k), v))` over the normed
+/// input's projections.
+struct AttentionBranch {
+    norm: Applied<RmsNormOp, 2>,
+    q: ProjectionPass,
+    k: ProjectionPass,
+    v: ProjectionPass,
+    q_rope: Applied<Rope, 1>,
+    k_rope: Applied<Rope, 1>,
+    attention: Applied<CausalAttention, 3>,
+    o: ProjectionPass,
+}
+
+impl Branch for AttentionBranch {
+    const NAME: &'static str = "attention-block";
+
+    /// Each gradient is dropped once used: they are activation-sized, and the
+    /// op-by-op graph would hold no more of them at once.
+    fn backward(&self, grad: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        let [q, k, _] = &self.attention.inputs;
+        let (batch, heads, len, dim) = q.dims4()?;
+        let kv_heads = k.dim(1)?;
+        let (d_out, o_lora) = self.o.backward(grad)?;
+        let d_out = d_out.reshape((batch, len, heads, dim))?.transpose(1, 2)?;
+        let [Some(dq), Some(dk), Some(dv)] = self.attention.backward(&d_out)? else {
+            candle_core::bail!("causal attention: a gradient is missing");
+        };
+        drop(d_out);
+        // Back from heads-major (B, H, L, D) to the projections' (B, L, H·D), and on
+        // through them to the normed input, which all three read.
+        let dq = self
+            .q_rope
+            .input_gradient(&dq)?
+            .reshape((batch, len, heads * dim))?;
+        let (d_normed, q_lora) = self.q.backward(&dq)?;
+        drop(dq);
+        let dk = self
+            .k_rope
+            .input_gradient(&dk)?
+            .reshape((batch, len, kv_heads * dim))?;
+        let (dn_k, k_lora) = self.k.backward(&dk)?;
+        drop(dk);
+        let d_normed = (d_normed + dn_k)?;
+        let dv = dv.transpose(1, 2)?.reshape((batch, len, kv_heads * dim))?;
+        let (dn_v, v_lora) = self.v.backward(&dv)?;
+        drop(dv);
+        let d_normed = (d_normed + dn_v)?;
+        let dx = self.norm.input_gradient(&d_normed)?;
+        Ok((dx, [q_lora, k_lora, v_lora, o_lora].concat()))
+    }
+}
+
+impl Attention {
+    /// `x + attention(norm(x))` as one node ([`AttentionBranch`]), for whole sequences
+    /// seen through `segments`.
+    pub(super) fn block(
+        &self,
+        norm: &RmsNorm,
+        x: &Tensor,
+        rotary: &Rotary,
+        segments: &Segments,
+        dropout: Option<DropoutKey>,
+    ) -> Result<Tensor> {
+        let (batch, len, _) = x.dims3()?;
+        let (op, inputs) = rms_norm_op(&x.detach(), &norm.weight, norm.eps)?;
+        let norm_pass = Applied::new(op, inputs)?;
+        let normed = &norm_pass.output;
+        let (q, q_out) = ProjectionPass::run(&self.q_proj, normed, dropout)?;
+        let (k, k_out) = ProjectionPass::run(&self.k_proj, normed, dropout)?;
+        let (v, v_out) = ProjectionPass::run(&self.v_proj, normed, dropout)?;
+        let heads_major = |out: &Tensor, heads: usize| -> Result<Applied<Rope, 1>> {
+            let out = out.reshape((batch, len, heads, self.head_dim))?;
+            let (op, out) = rope_heads_major_op(&out, &rotary.cos, &rotary.sin)?;
+            Applied::new(op, [out])
+        };
+        let q_rope = heads_major(&q_out, self.heads)?;
+        let k_rope = heads_major(&k_out, self.kv_heads)?;
+        let v_heads = v_out
+            .reshape((batch, len, self.kv_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let (op, inputs) =
+            causal_attention_op(&q_rope.output, &k_rope.output, &v_heads, segments, scale)?;
+        let attention = Applied::new(op, inputs)?;
+        let merged =
+            attention
+                .output
+                .transpose(1, 2)?
+                .reshape((batch, len, self.heads * self.head_dim))?;
+        let (o, output) = ProjectionPass::run(&self.o_proj, &merged, dropout)?;
+        let lora = lora_of(&[&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]);
+        let branch = AttentionBranch {
+            norm: norm_pass,
+            q,
+            k,
+            v,
+            q_rope,
+            k_rope,
+            attention,
+            o,
+        };
+        residual(x, branch, output, &lora)
+    }
+}
+
+/// The MLP half's branch: `down_proj(silu(gate_proj(n)) · up_proj(n))` over the normed
+/// input `n`.
+struct MlpBranch {
+    norm: Applied<RmsNormOp, 2>,
+    gate: ProjectionPass,
+    up: ProjectionPass,
+    swiglu: Applied<SwiGlu, 2>,
+    down: ProjectionPass,
+}
+
+impl Branch for MlpBranch {
+    const NAME: &'static str = "mlp-block";
+
+    fn backward(&self, grad: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+        let (d_gated, down_lora) = self.down.backward(grad)?;
+        let [Some(d_gate), Some(d_up)] = self.swiglu.backward(&d_gated)? else {
+            candle_core::bail!("swiglu: a gradient is missing");
+        };
+        drop(d_gated);
+        let (d_normed, gate_lora) = self.gate.backward(&d_gate)?;
+        drop(d_gate);
+        let (dn_up, up_lora) = self.up.backward(&d_up)?;
+        drop(d_up);
+        let dx = self.norm.input_gradient(&(d_normed + dn_up)?)?;
+        Ok((dx, [gate_lora, up_lora, down_lora].concat()))
+    }
+}
+
+impl Mlp {
+    /// `x + mlp(norm(x))` as one node ([`MlpBranch`]).
+    pub(super) fn block(
+        &self,
+        norm: &RmsNorm,
+        x: &Tensor,
+        dropout: Option<DropoutKey>,
+    ) -> Result<Tensor> {
+        let (op, inputs) = rms_norm_op(&x.detach(), &norm.weight, norm.eps)?;
+        let norm_pass = Applied::new(op, inputs)?;
+        let normed = &norm_pass.output;
+        let (gate, gate_out) = ProjectionPass::run(&self.gate_proj, normed, dropout)?;
+        let (up, up_out) = ProjectionPass::run(&self.up_proj, normed, dropout)?;
+        let (op, inputs) = swiglu_op(&gate_out, &up_out)?;
+        let swiglu = Applied::new(op, inputs)?;
+        let (down, output) = ProjectionPass::run(&self.down_proj, &swiglu.output, dropout)?;
+        let lora = lora_of(&[&self.gate_proj, &self.up_proj, &self.down_proj]);
+        let branch = MlpBranch {
+            norm: norm_pass,
+            gate,
+            up,
+            swiglu,
+            down,
+        };
+        residual(x, branch, output, &lora)
+    }
+}
