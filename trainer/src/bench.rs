@@ -139,6 +139,9 @@ pub struct BenchReport {
     /// The attention that ran: `tensor-core` or `per-thread` kernels on CUDA, `cpu`, or
     /// `composed`.
     pub attention: &'static str,
+    /// Whether each half of a decoder layer was one graph node (`TRAINER_BLOCK_OPS`, on
+    /// unless 0) or a node per op.
+    pub block_ops: bool,
     pub tokens_per_second: f64,
     pub forward_ms: f64,
     pub backward_ms: f64,
@@ -306,6 +309,7 @@ fn run_here(options: &BenchOptions) -> Result<BenchReport> {
         },
         dtype: format!("{dtype:?}").to_lowercase(),
         attention: trainer_kernels::attention::implementation(&device, dtype, config.head_dim)?,
+        block_ops: model.block_ops(),
         tokens_per_second,
         forward_ms: forward / steps * 1e3,
         backward_ms: backward / steps * 1e3,

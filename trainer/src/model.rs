@@ -529,6 +529,10 @@ impl Model {
         self.blocks = on;
     }
 
+    pub fn block_ops(&self) -> bool {
+        self.blocks
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }

@@ -258,8 +258,9 @@ impl<B: Branch> CustomOp2 for Residual<B> {
 /// the order its backward returns their gradients.
 fn residual<B: Branch>(x: &Tensor, branch: B, output: Tensor, lora: &[&Var]) -> Result<Tensor> {
     let parameters = if lora.is_empty() {
-        // Nothing to train in this half: the node still carries x's gradient.
-        Tensor::zeros(0, DType::F32, x.device())?
+        // Nothing to train in this half: the node still carries x's gradient. (One
+        // element, not none: CUDA refuses to allocate zero bytes.)
+        Tensor::zeros(1, DType::F32, x.device())?
     } else {
         let flat = lora
             .iter()
