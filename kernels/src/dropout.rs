@@ -56,6 +56,13 @@ impl Dropout {
         Ok(Dropout { stream, keep })
     }
 
+    /// What the CUDA kernel is given besides its tensors: the stream, the integer
+    /// threshold a draw's top 53 bits must fall below, and the scale of kept entries.
+    pub fn kernel_arguments(&self) -> (u64, u64, f32) {
+        let rule = Rule::new(self.stream, self.keep);
+        (rule.stream, rule.threshold, rule.scale as f32)
+    }
+
     /// The mask's first `count` entries as bits, drawn on the CPU.
     pub fn draw(&self, count: usize) -> KeptMask {
         let rule = Rule::new(self.stream, self.keep);
@@ -216,7 +223,7 @@ impl CustomOp1 for Dropout {
             name: &str,
             storage: &candle_core::CudaStorage,
             (start, end): (usize, usize),
-            rule: Rule,
+            (stream, threshold, scale): (u64, u64, f32),
         ) -> Result<candle_core::CudaStorage> {
             let device = storage.device.clone();
             let function =
@@ -225,11 +232,10 @@ impl CustomOp1 for Dropout {
             let count = (end - start) as u64;
             // SAFETY: every entry is written by the kernel before it is read.
             let output = unsafe { device.alloc::<T>(end - start)? };
-            let scale = rule.scale as f32;
             let mut builder = function.builder();
             builder.arg(&count);
-            builder.arg(&rule.stream);
-            builder.arg(&rule.threshold);
+            builder.arg(&stream);
+            builder.arg(&threshold);
             builder.arg(&scale);
             builder.arg(&input);
             builder.arg(&output);
@@ -241,10 +247,10 @@ impl CustomOp1 for Dropout {
         let range = layout
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("dropout: input is not contiguous".into()))?;
-        let rule = Rule::new(self.stream, self.keep);
+        let arguments = self.kernel_arguments();
         let output = match storage.dtype() {
-            DType::F32 => launch::<f32>("dropout_f32", storage, range, rule)?,
-            DType::BF16 => launch::<half::bf16>("dropout_bf16", storage, range, rule)?,
+            DType::F32 => launch::<f32>("dropout_f32", storage, range, arguments)?,
+            DType::BF16 => launch::<half::bf16>("dropout_bf16", storage, range, arguments)?,
             other => candle_core::bail!("dropout: {other:?} is not supported on CUDA"),
         };
         Ok((output, layout.shape().clone()))
