@@ -551,19 +551,34 @@ impl CustomOp3 for CausalAttention {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dq, dk, dv) = self.input_gradients(q, k, v, out, grad)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+impl CausalAttention {
+    /// The gradients of q, k and v for the output's `grad`: what `bwd` returns, for a
+    /// caller that chains the backward itself.
+    pub fn input_gradients(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         #[cfg(feature = "cuda")]
         if q.device().is_cuda() {
             return self.cuda_gradients(q, k, v, out, grad);
         }
         let dims = Dims::of(q.dims(), k.dims())?;
-        let (dq, dk, dv) = match q.dtype() {
-            DType::F32 => self.gradients::<f32>(dims, [q, k, v, out, grad])?,
-            DType::F64 => self.gradients::<f64>(dims, [q, k, v, out, grad])?,
+        match q.dtype() {
+            DType::F32 => self.gradients::<f32>(dims, [q, k, v, out, grad]),
+            DType::F64 => self.gradients::<f64>(dims, [q, k, v, out, grad]),
             other => {
                 candle_core::bail!("causal attention on the CPU takes f32 or f64, not {other:?}")
             }
-        };
-        Ok((Some(dq), Some(dk), Some(dv)))
+        }
     }
 }
 
@@ -592,7 +607,7 @@ impl CausalAttention {
         v: &Tensor,
         out: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let kept = self
             .cuda_logsumexp
             .lock()
@@ -633,7 +648,7 @@ impl CausalAttention {
         let dq = all.narrow(0, 0, nq)?.reshape(q.shape())?;
         let dk = all.narrow(0, nq, nk)?.reshape(k.shape())?;
         let dv = all.narrow(0, nq + nk, nk)?.reshape(k.shape())?;
-        Ok((Some(dq), Some(dk), Some(dv)))
+        Ok((dq, dk, dv))
     }
 }
 

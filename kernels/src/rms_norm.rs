@@ -131,13 +131,20 @@ impl CustomOp2 for RmsNorm {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(self.input_gradient(x, w, grad)?), None))
+    }
+}
+
+impl RmsNorm {
+    /// The gradient of `x` for the output's `grad` (the scale is frozen): what `bwd`
+    /// returns, for a caller that chains the backward itself.
+    pub fn input_gradient(&self, x: &Tensor, w: &Tensor, grad: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
             let op = crate::cuda::OnCuda(crate::norm_gate_cuda::RmsNormGradient { eps: self.eps });
-            let dx = x.apply_op3_no_bwd(&w.contiguous()?, &grad.contiguous()?, &op)?;
-            return Ok((Some(dx), None));
+            return x.apply_op3_no_bwd(&w.contiguous()?, &grad.contiguous()?, &op);
         }
-        let dx = match x.dtype() {
+        Ok(match x.dtype() {
             DType::F32 => {
                 let dx = with_values([x, w, grad], |[x, w, grad]| {
                     self.backward::<f32>(x, w, grad)
@@ -151,8 +158,7 @@ impl CustomOp2 for RmsNorm {
                 Tensor::from_vec(dx, x.shape(), x.device())?
             }
             other => candle_core::bail!("rms norm on the CPU takes f32 or f64, not {other:?}"),
-        };
-        Ok((Some(dx), None))
+        })
     }
 }
 

@@ -198,12 +198,20 @@ impl CustomOp1 for Rope {
     }
 
     fn bwd(&self, _x: &Tensor, _out: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.input_gradient(grad)?))
+    }
+}
+
+impl Rope {
+    /// The gradient of the input for the output's `grad`, which is all the backward reads:
+    /// what `bwd` returns, for a caller that chains the backward itself.
+    pub fn input_gradient(&self, grad: &Tensor) -> Result<Tensor> {
         let transpose = Rope {
             sign: -self.sign,
             to_heads_major: !self.to_heads_major,
             ..self.clone()
         };
-        Ok(Some(grad.contiguous()?.apply_op1(transpose)?))
+        grad.contiguous()?.apply_op1(transpose)
     }
 }
 

@@ -129,6 +129,15 @@ impl CustomOp2 for SwiGlu {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (d_gate, d_up) = self.gradients(gate, up, grad)?;
+        Ok((Some(d_gate), Some(d_up)))
+    }
+}
+
+impl SwiGlu {
+    /// The gradients of the gate and of the up projection for the output's `grad`: what
+    /// `bwd` returns, for a caller that chains the backward itself.
+    pub fn gradients(&self, gate: &Tensor, up: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor)> {
         #[cfg(feature = "cuda")]
         if gate.device().is_cuda() {
             let both = gate.apply_op3_no_bwd(
@@ -139,7 +148,7 @@ impl CustomOp2 for SwiGlu {
             let count = gate.elem_count();
             let d_gate = both.narrow(0, 0, count)?.reshape(gate.shape())?;
             let d_up = both.narrow(0, count, count)?.reshape(gate.shape())?;
-            return Ok((Some(d_gate), Some(d_up)));
+            return Ok((d_gate, d_up));
         }
         fn build<T: Real>(
             (d_gate, d_up): (Vec<T>, Vec<T>),
@@ -150,7 +159,7 @@ impl CustomOp2 for SwiGlu {
                 Tensor::from_vec(d_up, like.shape(), like.device())?,
             ))
         }
-        let (d_gate, d_up) = match gate.dtype() {
+        Ok(match gate.dtype() {
             DType::F32 => build(
                 with_values([gate, up, grad], |[gate, up, grad]| {
                     backward::<f32>(gate, up, grad)
@@ -164,8 +173,7 @@ impl CustomOp2 for SwiGlu {
                 gate,
             )?,
             other => candle_core::bail!("swiglu on the CPU takes f32 or f64, not {other:?}"),
-        };
-        Ok((Some(d_gate), Some(d_up)))
+        })
     }
 }
 

@@ -220,7 +220,15 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn bwd(&self, _x: &Tensor, _result: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.weight.input_gradient(grad)?))
+        Ok(Some(self.input_gradient(grad)?))
+    }
+}
+
+impl FrozenLinear {
+    /// The gradient of x for the output's `grad`, which is all the backward reads: what
+    /// `bwd` returns, for a caller that chains the backward itself.
+    pub fn input_gradient(&self, grad: &Tensor) -> Result<Tensor> {
+        self.weight.input_gradient(grad)
     }
 }
 

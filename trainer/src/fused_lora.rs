@@ -230,6 +230,21 @@ impl CustomOp3 for LoraLinear {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, da, db) = self.gradients(x, a, b, grad)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+impl LoraLinear {
+    /// The gradients of x, A and B for the output's `grad`: what `bwd` returns, for a
+    /// caller that chains the backward itself.
+    pub fn gradients(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let dtype = x.dtype();
         let k = x.dim(candle_core::D::Minus1)?;
         let (n, _) = self.weight.dims()?;
@@ -268,11 +283,7 @@ impl CustomOp3 for LoraLinear {
         };
         let da = product(&grad_down.t()?, &input)?;
         let db = product(&g2.t()?, &down)?.affine(self.scale, 0.0)?;
-        Ok((
-            Some(dx),
-            Some(da.to_dtype(a.dtype())?),
-            Some(db.to_dtype(b.dtype())?),
-        ))
+        Ok((dx, da.to_dtype(a.dtype())?, db.to_dtype(b.dtype())?))
     }
 }
 

@@ -12,11 +12,14 @@
 //! where a tensor really feeds several ops (the normed input of q, k and v; of gate and
 //! up). The graph keeps one node per half layer, over the residual stream and the half's
 //! LoRA parameters (flattened and concatenated, small).
+//!
+//! Each pass keeps only what its backward reads (the ops' `gradients` methods say what
+//! that is): not the projections' outputs, not the rotations' inputs, not the branch's
+//! output once it is added, all of which the op-by-op graph holds until the step ends.
 
 use candle_core::op::Add;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, Var,
-};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, Var};
+use std::sync::Mutex;
 use trainer_kernels::attention::{causal_attention_op, CausalAttention};
 use trainer_kernels::rms_norm::{rms_norm_op, RmsNorm as RmsNormOp};
 use trainer_kernels::rope::{rope_heads_major_op, Rope};
@@ -28,108 +31,36 @@ use crate::frozen::{self, FrozenLinear, OnBackend};
 use crate::fused_lora::LoraLinear;
 use crate::rng::DropoutKey;
 
-/// candle's three custom-op traits as one, by their operand count.
-trait Op<const N: usize> {
-    fn name(&self) -> &'static str;
-    fn apply(&self, inputs: &[Tensor; N]) -> Result<Tensor>;
-    fn gradients(
-        &self,
-        inputs: &[Tensor; N],
-        output: &Tensor,
-        grad: &Tensor,
-    ) -> Result<[Option<Tensor>; N]>;
+/// RMSNorm's forward, holding what its backward reads: its input and scale.
+struct NormPass {
+    op: RmsNormOp,
+    x: Tensor,
+    weight: Tensor,
 }
 
-impl<T: CustomOp1> Op<1> for T {
-    fn name(&self) -> &'static str {
-        CustomOp1::name(self)
+impl NormPass {
+    fn run(norm: &RmsNorm, x: &Tensor) -> Result<(NormPass, Tensor)> {
+        let (op, [x, weight]) = rms_norm_op(&x.detach(), &norm.weight, norm.eps)?;
+        let normed = x.apply_op2_no_bwd(&weight, &op)?;
+        Ok((NormPass { op, x, weight }, normed))
     }
 
-    fn apply(&self, [x]: &[Tensor; 1]) -> Result<Tensor> {
-        x.apply_op1_no_bwd(self)
-    }
-
-    fn gradients(
-        &self,
-        [x]: &[Tensor; 1],
-        output: &Tensor,
-        grad: &Tensor,
-    ) -> Result<[Option<Tensor>; 1]> {
-        Ok([self.bwd(x, output, grad)?])
+    fn backward(&self, grad: &Tensor) -> Result<Tensor> {
+        self.op.input_gradient(&self.x, &self.weight, grad)
     }
 }
 
-impl<T: CustomOp2> Op<2> for T {
-    fn name(&self) -> &'static str {
-        CustomOp2::name(self)
-    }
-
-    fn apply(&self, [lhs, rhs]: &[Tensor; 2]) -> Result<Tensor> {
-        lhs.apply_op2_no_bwd(rhs, self)
-    }
-
-    fn gradients(
-        &self,
-        [lhs, rhs]: &[Tensor; 2],
-        output: &Tensor,
-        grad: &Tensor,
-    ) -> Result<[Option<Tensor>; 2]> {
-        let (d_lhs, d_rhs) = self.bwd(lhs, rhs, output, grad)?;
-        Ok([d_lhs, d_rhs])
-    }
-}
-
-impl<T: CustomOp3> Op<3> for T {
-    fn name(&self) -> &'static str {
-        CustomOp3::name(self)
-    }
-
-    fn apply(&self, [first, second, third]: &[Tensor; 3]) -> Result<Tensor> {
-        first.apply_op3_no_bwd(second, third, self)
-    }
-
-    fn gradients(
-        &self,
-        [first, second, third]: &[Tensor; 3],
-        output: &Tensor,
-        grad: &Tensor,
-    ) -> Result<[Option<Tensor>; 3]> {
-        let (d_first, d_second, d_third) = self.bwd(first, second, third, output, grad)?;
-        Ok([d_first, d_second, d_third])
-    }
-}
-
-/// An op applied without a graph node, with the tensors its `bwd` reads.
-struct Applied<O, const N: usize> {
-    op: O,
-    inputs: [Tensor; N],
-    output: Tensor,
-}
-
-impl<O: Op<N>, const N: usize> Applied<O, N> {
-    fn new(op: O, inputs: [Tensor; N]) -> Result<Self> {
-        let output = op.apply(&inputs)?;
-        Ok(Applied { op, inputs, output })
-    }
-
-    /// The gradient of each input for the output's `grad`.
-    fn backward(&self, grad: &Tensor) -> Result<[Option<Tensor>; N]> {
-        self.op.gradients(&self.inputs, &self.output, grad)
-    }
-
-    /// The gradient of the first input, which every op here returns.
-    fn input_gradient(&self, grad: &Tensor) -> Result<Tensor> {
-        let first = self.backward(grad)?.into_iter().next().flatten();
-        first.ok_or_else(|| {
-            candle_core::Error::Msg(format!("{}: no gradient for its input", self.op.name()))
-        })
-    }
-}
-
-/// One projection's forward, kept for its backward. A bias (frozen) adds nothing to it.
+/// One projection's forward, holding what its backward reads: with LoRA its input, A and
+/// B (and the op, which may keep its dropout mask); a frozen weight needs only the op.
+/// A bias (frozen) adds nothing to the backward.
 enum ProjectionPass {
-    Lora(Applied<LoraLinear, 3>),
-    Frozen(Applied<FrozenLinear, 1>),
+    Lora {
+        op: LoraLinear,
+        x: Tensor,
+        a: Tensor,
+        b: Tensor,
+    },
+    Frozen(FrozenLinear),
 }
 
 impl ProjectionPass {
@@ -143,15 +74,13 @@ impl ProjectionPass {
             Some(lora) => {
                 let (op, x) = lora.op(x, &projection.weight, dropout)?;
                 let (a, b) = (lora.a.as_tensor().detach(), lora.b.as_tensor().detach());
-                let applied = Applied::new(op, [x, a, b])?;
-                let y = applied.output.clone();
-                (ProjectionPass::Lora(applied), y)
+                let y = x.apply_op3_no_bwd(&a, &b, &op)?;
+                (ProjectionPass::Lora { op, x, a, b }, y)
             }
             None => {
                 let (op, x) = frozen::frozen_linear_op(x, &projection.weight)?;
-                let applied = Applied::new(op, [x])?;
-                let y = applied.output.clone();
-                (ProjectionPass::Frozen(applied), y)
+                let y = x.apply_op1_no_bwd(&op)?;
+                (ProjectionPass::Frozen(op), y)
             }
         };
         let y = match &projection.bias {
@@ -164,13 +93,11 @@ impl ProjectionPass {
     /// The input's gradient, and A's and B's (flattened) when the projection has LoRA.
     fn backward(&self, grad: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
         match self {
-            ProjectionPass::Lora(applied) => match applied.backward(grad)? {
-                [Some(dx), Some(da), Some(db)] => {
-                    Ok((dx, vec![da.flatten_all()?, db.flatten_all()?]))
-                }
-                _ => candle_core::bail!("lora linear: a gradient is missing"),
-            },
-            ProjectionPass::Frozen(applied) => Ok((applied.input_gradient(grad)?, Vec::new())),
+            ProjectionPass::Lora { op, x, a, b } => {
+                let (dx, da, db) = op.gradients(x, a, b, grad)?;
+                Ok((dx, vec![da.flatten_all()?, db.flatten_all()?]))
+            }
+            ProjectionPass::Frozen(op) => Ok((op.input_gradient(grad)?, Vec::new())),
         }
     }
 }
@@ -198,13 +125,18 @@ trait Branch: Send + Sync + 'static {
 /// concatenated), whose backward is the branch's.
 struct Residual<B> {
     branch: B,
-    /// The branch's output, computed before the node was made.
-    output: Tensor,
+    /// The branch's output, computed before the node was made; the forward takes it,
+    /// so it is freed once added.
+    output: Mutex<Option<Tensor>>,
 }
 
 impl<B: Branch> Residual<B> {
     fn forward<S: OnBackend>(&self, x: &S, x_layout: &Layout) -> Result<(S, Shape)> {
-        let (output, output_layout) = self.output.storage_and_layout();
+        let output = self.output.lock().ok().and_then(|mut output| output.take());
+        let Some(output) = output else {
+            candle_core::bail!("{}: the forward ran twice", B::NAME);
+        };
+        let (output, output_layout) = output.storage_and_layout();
         let sum = x.binary_impl::<Add>(S::of(&output)?, x_layout, output_layout)?;
         Ok((sum, x_layout.shape().clone()))
     }
@@ -269,19 +201,30 @@ fn residual<B: Branch>(x: &Tensor, branch: B, output: Tensor, lora: &[&Var]) -> 
         Tensor::cat(&flat, 0)?
     };
     let x = x.contiguous()?;
+    let output = Mutex::new(Some(output));
     x.apply_op2(&parameters, Residual { branch, output })
+}
+
+/// The attention op's forward, holding what its backward reads: q, k and v as it read
+/// them, and its output.
+struct AttentionPass {
+    op: CausalAttention,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
 }
 
 /// The attention half's branch: `o_proj(attention(rope(q), rope(k), v))` over the normed
 /// input's projections.
 struct AttentionBranch {
-    norm: Applied<RmsNormOp, 2>,
+    norm: NormPass,
     q: ProjectionPass,
     k: ProjectionPass,
     v: ProjectionPass,
-    q_rope: Applied<Rope, 1>,
-    k_rope: Applied<Rope, 1>,
-    attention: Applied<CausalAttention, 3>,
+    q_rope: Rope,
+    k_rope: Rope,
+    attention: AttentionPass,
     o: ProjectionPass,
 }
 
@@ -291,14 +234,12 @@ impl Branch for AttentionBranch {
     /// Each gradient is dropped once used: they are activation-sized, and the
     /// op-by-op graph would hold no more of them at once.
     fn backward(&self, grad: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
-        let [q, k, _] = &self.attention.inputs;
+        let AttentionPass { op, q, k, v, out } = &self.attention;
         let (batch, heads, len, dim) = q.dims4()?;
         let kv_heads = k.dim(1)?;
         let (d_out, o_lora) = self.o.backward(grad)?;
         let d_out = d_out.reshape((batch, len, heads, dim))?.transpose(1, 2)?;
-        let [Some(dq), Some(dk), Some(dv)] = self.attention.backward(&d_out)? else {
-            candle_core::bail!("causal attention: a gradient is missing");
-        };
+        let (dq, dk, dv) = op.input_gradients(q, k, v, out, &d_out)?;
         drop(d_out);
         // Back from heads-major (B, H, L, D) to the projections' (B, L, H·D), and on
         // through them to the normed input, which all three read.
@@ -319,7 +260,7 @@ impl Branch for AttentionBranch {
         let (dn_v, v_lora) = self.v.backward(&dv)?;
         drop(dv);
         let d_normed = (d_normed + dn_v)?;
-        let dx = self.norm.input_gradient(&d_normed)?;
+        let dx = self.norm.backward(&d_normed)?;
         Ok((dx, [q_lora, k_lora, v_lora, o_lora].concat()))
     }
 }
@@ -336,42 +277,40 @@ impl Attention {
         dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
         let (batch, len, _) = x.dims3()?;
-        let (op, inputs) = rms_norm_op(&x.detach(), &norm.weight, norm.eps)?;
-        let norm_pass = Applied::new(op, inputs)?;
-        let normed = &norm_pass.output;
-        let (q, q_out) = ProjectionPass::run(&self.q_proj, normed, dropout)?;
-        let (k, k_out) = ProjectionPass::run(&self.k_proj, normed, dropout)?;
-        let (v, v_out) = ProjectionPass::run(&self.v_proj, normed, dropout)?;
-        let heads_major = |out: &Tensor, heads: usize| -> Result<Applied<Rope, 1>> {
+        let (norm_pass, normed) = NormPass::run(norm, x)?;
+        let (q_pass, q_out) = ProjectionPass::run(&self.q_proj, &normed, dropout)?;
+        let (k_pass, k_out) = ProjectionPass::run(&self.k_proj, &normed, dropout)?;
+        let (v_pass, v_out) = ProjectionPass::run(&self.v_proj, &normed, dropout)?;
+        drop(normed);
+        let heads_major = |out: Tensor, heads: usize| -> Result<(Rope, Tensor)> {
             let out = out.reshape((batch, len, heads, self.head_dim))?;
             let (op, out) = rope_heads_major_op(&out, &rotary.cos, &rotary.sin)?;
-            Applied::new(op, [out])
+            let rotated = out.apply_op1_no_bwd(&op)?;
+            Ok((op, rotated))
         };
-        let q_rope = heads_major(&q_out, self.heads)?;
-        let k_rope = heads_major(&k_out, self.kv_heads)?;
+        let (q_rope, q_heads) = heads_major(q_out, self.heads)?;
+        let (k_rope, k_heads) = heads_major(k_out, self.kv_heads)?;
         let v_heads = v_out
             .reshape((batch, len, self.kv_heads, self.head_dim))?
             .transpose(1, 2)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let (op, inputs) =
-            causal_attention_op(&q_rope.output, &k_rope.output, &v_heads, segments, scale)?;
-        let attention = Applied::new(op, inputs)?;
-        let merged =
-            attention
-                .output
-                .transpose(1, 2)?
-                .reshape((batch, len, self.heads * self.head_dim))?;
-        let (o, output) = ProjectionPass::run(&self.o_proj, &merged, dropout)?;
+        let (op, [q, k, v]) = causal_attention_op(&q_heads, &k_heads, &v_heads, segments, scale)?;
+        drop((q_heads, k_heads, v_heads));
+        let out = q.apply_op3_no_bwd(&k, &v, &op)?;
+        let merged = out
+            .transpose(1, 2)?
+            .reshape((batch, len, self.heads * self.head_dim))?;
+        let (o_pass, output) = ProjectionPass::run(&self.o_proj, &merged, dropout)?;
         let lora = lora_of(&[&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]);
         let branch = AttentionBranch {
             norm: norm_pass,
-            q,
-            k,
-            v,
+            q: q_pass,
+            k: k_pass,
+            v: v_pass,
             q_rope,
             k_rope,
-            attention,
-            o,
+            attention: AttentionPass { op, q, k, v, out },
+            o: o_pass,
         };
         residual(x, branch, output, &lora)
     }
@@ -380,10 +319,13 @@ impl Attention {
 /// The MLP half's branch: `down_proj(silu(gate_proj(n)) · up_proj(n))` over the normed
 /// input `n`.
 struct MlpBranch {
-    norm: Applied<RmsNormOp, 2>,
+    norm: NormPass,
     gate: ProjectionPass,
     up: ProjectionPass,
-    swiglu: Applied<SwiGlu, 2>,
+    swiglu: SwiGlu,
+    /// The gate's and the up projection's outputs, which SwiGLU's backward reads.
+    gate_out: Tensor,
+    up_out: Tensor,
     down: ProjectionPass,
 }
 
@@ -392,15 +334,15 @@ impl Branch for MlpBranch {
 
     fn backward(&self, grad: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
         let (d_gated, down_lora) = self.down.backward(grad)?;
-        let [Some(d_gate), Some(d_up)] = self.swiglu.backward(&d_gated)? else {
-            candle_core::bail!("swiglu: a gradient is missing");
-        };
+        let (d_gate, d_up) = self
+            .swiglu
+            .gradients(&self.gate_out, &self.up_out, &d_gated)?;
         drop(d_gated);
         let (d_normed, gate_lora) = self.gate.backward(&d_gate)?;
         drop(d_gate);
         let (dn_up, up_lora) = self.up.backward(&d_up)?;
         drop(d_up);
-        let dx = self.norm.input_gradient(&(d_normed + dn_up)?)?;
+        let dx = self.norm.backward(&(d_normed + dn_up)?)?;
         Ok((dx, [gate_lora, up_lora, down_lora].concat()))
     }
 }
@@ -413,20 +355,21 @@ impl Mlp {
         x: &Tensor,
         dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
-        let (op, inputs) = rms_norm_op(&x.detach(), &norm.weight, norm.eps)?;
-        let norm_pass = Applied::new(op, inputs)?;
-        let normed = &norm_pass.output;
-        let (gate, gate_out) = ProjectionPass::run(&self.gate_proj, normed, dropout)?;
-        let (up, up_out) = ProjectionPass::run(&self.up_proj, normed, dropout)?;
-        let (op, inputs) = swiglu_op(&gate_out, &up_out)?;
-        let swiglu = Applied::new(op, inputs)?;
-        let (down, output) = ProjectionPass::run(&self.down_proj, &swiglu.output, dropout)?;
+        let (norm_pass, normed) = NormPass::run(norm, x)?;
+        let (gate, gate_out) = ProjectionPass::run(&self.gate_proj, &normed, dropout)?;
+        let (up, up_out) = ProjectionPass::run(&self.up_proj, &normed, dropout)?;
+        drop(normed);
+        let (swiglu, [gate_out, up_out]) = swiglu_op(&gate_out, &up_out)?;
+        let gated = gate_out.apply_op2_no_bwd(&up_out, &swiglu)?;
+        let (down, output) = ProjectionPass::run(&self.down_proj, &gated, dropout)?;
         let lora = lora_of(&[&self.gate_proj, &self.up_proj, &self.down_proj]);
         let branch = MlpBranch {
             norm: norm_pass,
             gate,
             up,
             swiglu,
+            gate_out,
+            up_out,
             down,
         };
         residual(x, branch, output, &lora)
