@@ -50,13 +50,13 @@ impl NormPass {
     }
 }
 
-/// One projection's forward, holding what its backward reads: with LoRA its input, A and
-/// B (and the op, which may keep its dropout mask); a frozen weight needs only the op.
-/// A bias (frozen) adds nothing to the backward.
+/// One projection's forward, holding what its backward reads besides its input (which
+/// the branch holds, shared or recomputed): with LoRA, A and B (and the op, which may keep
+/// its dropout mask); a frozen weight needs only the op. A bias (frozen) adds nothing to
+/// the backward.
 enum ProjectionPass {
     Lora {
         op: LoraLinear,
-        x: Tensor,
         a: Tensor,
         b: Tensor,
     },
@@ -75,7 +75,7 @@ impl ProjectionPass {
                 let (op, x) = lora.op(x, &projection.weight, dropout)?;
                 let (a, b) = (lora.a.as_tensor().detach(), lora.b.as_tensor().detach());
                 let y = x.apply_op3_no_bwd(&a, &b, &op)?;
-                (ProjectionPass::Lora { op, x, a, b }, y)
+                (ProjectionPass::Lora { op, a, b }, y)
             }
             None => {
                 let (op, x) = frozen::frozen_linear_op(x, &projection.weight)?;
@@ -90,11 +90,12 @@ impl ProjectionPass {
         Ok((pass, y))
     }
 
-    /// The input's gradient, and A's and B's (flattened) when the projection has LoRA.
-    fn backward(&self, grad: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
+    /// The gradient of the input `x`, and A's and B's (flattened) when the projection has
+    /// LoRA.
+    fn backward(&self, x: &Tensor, grad: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
         match self {
-            ProjectionPass::Lora { op, x, a, b } => {
-                let (dx, da, db) = op.gradients(x, a, b, grad)?;
+            ProjectionPass::Lora { op, a, b } => {
+                let (dx, da, db) = op.gradients(&x.contiguous()?, a, b, grad)?;
                 Ok((dx, vec![da.flatten_all()?, db.flatten_all()?]))
             }
             ProjectionPass::Frozen(op) => Ok((op.input_gradient(grad)?, Vec::new())),
@@ -219,12 +220,16 @@ struct AttentionPass {
 /// input's projections.
 struct AttentionBranch {
     norm: NormPass,
+    /// The input of q, k and v.
+    normed: Tensor,
     q: ProjectionPass,
     k: ProjectionPass,
     v: ProjectionPass,
     q_rope: Rope,
     k_rope: Rope,
     attention: AttentionPass,
+    /// The attention's output as the o projection reads it, (B, L, H·D).
+    merged: Tensor,
     o: ProjectionPass,
 }
 
@@ -237,7 +242,7 @@ impl Branch for AttentionBranch {
         let AttentionPass { op, q, k, v, out } = &self.attention;
         let (batch, heads, len, dim) = q.dims4()?;
         let kv_heads = k.dim(1)?;
-        let (d_out, o_lora) = self.o.backward(grad)?;
+        let (d_out, o_lora) = self.o.backward(&self.merged, grad)?;
         let d_out = d_out.reshape((batch, len, heads, dim))?.transpose(1, 2)?;
         let (dq, dk, dv) = op.input_gradients(q, k, v, out, &d_out)?;
         drop(d_out);
@@ -247,17 +252,17 @@ impl Branch for AttentionBranch {
             .q_rope
             .input_gradient(&dq)?
             .reshape((batch, len, heads * dim))?;
-        let (d_normed, q_lora) = self.q.backward(&dq)?;
+        let (d_normed, q_lora) = self.q.backward(&self.normed, &dq)?;
         drop(dq);
         let dk = self
             .k_rope
             .input_gradient(&dk)?
             .reshape((batch, len, kv_heads * dim))?;
-        let (dn_k, k_lora) = self.k.backward(&dk)?;
+        let (dn_k, k_lora) = self.k.backward(&self.normed, &dk)?;
         drop(dk);
         let d_normed = (d_normed + dn_k)?;
         let dv = dv.transpose(1, 2)?.reshape((batch, len, kv_heads * dim))?;
-        let (dn_v, v_lora) = self.v.backward(&dv)?;
+        let (dn_v, v_lora) = self.v.backward(&self.normed, &dv)?;
         drop(dv);
         let d_normed = (d_normed + dn_v)?;
         let dx = self.norm.backward(&d_normed)?;
@@ -281,7 +286,6 @@ impl Attention {
         let (q_pass, q_out) = ProjectionPass::run(&self.q_proj, &normed, dropout)?;
         let (k_pass, k_out) = ProjectionPass::run(&self.k_proj, &normed, dropout)?;
         let (v_pass, v_out) = ProjectionPass::run(&self.v_proj, &normed, dropout)?;
-        drop(normed);
         let heads_major = |out: Tensor, heads: usize| -> Result<(Rope, Tensor)> {
             let out = out.reshape((batch, len, heads, self.head_dim))?;
             let (op, out) = rope_heads_major_op(&out, &rotary.cos, &rotary.sin)?;
@@ -304,12 +308,14 @@ impl Attention {
         let lora = lora_of(&[&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]);
         let branch = AttentionBranch {
             norm: norm_pass,
+            normed,
             q: q_pass,
             k: k_pass,
             v: v_pass,
             q_rope,
             k_rope,
             attention: AttentionPass { op, q, k, v, out },
+            merged,
             o: o_pass,
         };
         residual(x, branch, output, &lora)
@@ -317,13 +323,17 @@ impl Attention {
 }
 
 /// The MLP half's branch: `down_proj(silu(gate_proj(n)) · up_proj(n))` over the normed
-/// input `n`.
+/// input `n`. The down projection's input is computed again in the backward rather than
+/// kept: one pass over the gate and up outputs, which are kept anyway, against holding an
+/// intermediate-sized tensor a layer from the forward to the backward (as Unsloth does).
 struct MlpBranch {
     norm: NormPass,
+    /// The input of gate and up.
+    normed: Tensor,
     gate: ProjectionPass,
     up: ProjectionPass,
     swiglu: SwiGlu,
-    /// The gate's and the up projection's outputs, which SwiGLU's backward reads.
+    /// The gate's and the up projection's outputs, which SwiGLU reads.
     gate_out: Tensor,
     up_out: Tensor,
     down: ProjectionPass,
@@ -333,14 +343,16 @@ impl Branch for MlpBranch {
     const NAME: &'static str = "mlp-block";
 
     fn backward(&self, grad: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
-        let (d_gated, down_lora) = self.down.backward(grad)?;
+        let gated = self.gate_out.apply_op2_no_bwd(&self.up_out, &self.swiglu)?;
+        let (d_gated, down_lora) = self.down.backward(&gated, grad)?;
+        drop(gated);
         let (d_gate, d_up) = self
             .swiglu
             .gradients(&self.gate_out, &self.up_out, &d_gated)?;
         drop(d_gated);
-        let (d_normed, gate_lora) = self.gate.backward(&d_gate)?;
+        let (d_normed, gate_lora) = self.gate.backward(&self.normed, &d_gate)?;
         drop(d_gate);
-        let (dn_up, up_lora) = self.up.backward(&d_up)?;
+        let (dn_up, up_lora) = self.up.backward(&self.normed, &d_up)?;
         drop(d_up);
         let dx = self.norm.backward(&(d_normed + dn_up)?)?;
         Ok((dx, [gate_lora, up_lora, down_lora].concat()))
@@ -358,13 +370,14 @@ impl Mlp {
         let (norm_pass, normed) = NormPass::run(norm, x)?;
         let (gate, gate_out) = ProjectionPass::run(&self.gate_proj, &normed, dropout)?;
         let (up, up_out) = ProjectionPass::run(&self.up_proj, &normed, dropout)?;
-        drop(normed);
         let (swiglu, [gate_out, up_out]) = swiglu_op(&gate_out, &up_out)?;
         let gated = gate_out.apply_op2_no_bwd(&up_out, &swiglu)?;
         let (down, output) = ProjectionPass::run(&self.down_proj, &gated, dropout)?;
+        drop(gated);
         let lora = lora_of(&[&self.gate_proj, &self.up_proj, &self.down_proj]);
         let branch = MlpBranch {
             norm: norm_pass,
+            normed,
             gate,
             up,
             swiglu,
