@@ -121,6 +121,8 @@ pub struct BenchOptions {
     pub packing: bool,
     /// How the frozen projections are held.
     pub base_quant: BaseQuant,
+    /// The layers' activations computed again in the backward.
+    pub gradient_checkpointing: bool,
 }
 
 /// The shortest example with `mixed_lengths`.
@@ -142,6 +144,8 @@ pub struct BenchReport {
     /// Whether each half of a decoder layer was one graph node (`TRAINER_BLOCK_OPS`, on
     /// unless 0) or a node per op.
     pub block_ops: bool,
+    /// Whether the layers' activations were computed again in the backward.
+    pub gradient_checkpointing: bool,
     pub tokens_per_second: f64,
     pub forward_ms: f64,
     pub backward_ms: f64,
@@ -240,7 +244,8 @@ fn run_here(options: &BenchOptions) -> Result<BenchReport> {
     lora.validate().map_err(TrainerError::Invalid)?;
     let mut rng = Rng::new(0);
     let vb = VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone());
-    let model = Model::new(&config, vb, &lora, DType::F32, options.base_quant, &mut rng)?;
+    let mut model = Model::new(&config, vb, &lora, DType::F32, options.base_quant, &mut rng)?;
+    model.set_gradient_checkpointing(options.gradient_checkpointing);
     let projection_bytes = model.projection_report().held_bytes;
     let parameters: Vec<_> = model.lora_parameters().into_values().collect();
     let lora_parameters: usize = parameters.iter().map(|v| v.elem_count()).sum();
@@ -310,6 +315,7 @@ fn run_here(options: &BenchOptions) -> Result<BenchReport> {
         dtype: format!("{dtype:?}").to_lowercase(),
         attention: trainer_kernels::attention::implementation(&device, dtype, config.head_dim)?,
         block_ops: model.block_ops(),
+        gradient_checkpointing: model.gradient_checkpointing(),
         tokens_per_second,
         forward_ms: forward / steps * 1e3,
         backward_ms: backward / steps * 1e3,

@@ -71,6 +71,7 @@ impl LoraConfig {
 
 /// The trainable pair of one projection. Kept in f32 (or f64 for gradient checks) whatever
 /// the base model's dtype.
+#[derive(Clone)]
 pub struct LoraAdapter {
     pub a: Var,
     pub b: Var,

@@ -151,6 +151,10 @@ enum Command {
         /// Hold the frozen projections quantized, as training with --base-quant does.
         #[arg(long, value_parser = BaseQuant::NAMES, default_value = "none")]
         base_quant: String,
+        /// Compute each layer's activations again in the backward, as training with
+        /// --gradient-checkpointing does.
+        #[arg(long)]
+        gradient_checkpointing: bool,
         /// Print the shape's sizes as JSON and stop (for peers benched at the same shape).
         #[arg(long)]
         describe: bool,
@@ -288,6 +292,11 @@ struct TrainArgs {
     /// optimizer stay f32.
     #[arg(long, value_parser = BaseQuant::NAMES)]
     base_quant: Option<String>,
+    /// Compute each layer's activations again in the backward instead of keeping them:
+    /// about one more forward a step, a fraction of the activation memory, the same
+    /// gradients.
+    #[arg(long)]
+    gradient_checkpointing: bool,
 }
 
 fn precision(name: &str) -> Precision {
@@ -337,6 +346,7 @@ impl TrainArgs {
         options.resume_from = self.resume_from.or(options.resume_from);
         options.use_rslora |= self.use_rslora;
         options.keep_best |= self.keep_best;
+        options.gradient_checkpointing |= self.gradient_checkpointing;
         options.early_stopping_patience = self
             .early_stopping_patience
             .or(options.early_stopping_patience);
@@ -549,6 +559,7 @@ fn main() -> anyhow::Result<()> {
             lengths,
             packing,
             base_quant,
+            gradient_checkpointing,
             describe,
         } => {
             let mut spec = trainer::bench::shape(&shape)?;
@@ -579,6 +590,7 @@ fn main() -> anyhow::Result<()> {
                 mixed_lengths: lengths == "mixed",
                 packing: packing == "on",
                 base_quant: base_quant.parse().map_err(anyhow::Error::msg)?,
+                gradient_checkpointing,
             })?;
             println!("{}", serde_json::to_string(&report)?);
         }

@@ -35,6 +35,7 @@ struct Build<'a> {
 }
 
 /// A frozen projection, with its LoRA adapter when the module is targeted.
+#[derive(Clone)]
 struct Projection {
     weight: FrozenWeight,
     bias: Option<Tensor>,
@@ -118,6 +119,7 @@ fn fused_on(x: &Tensor) -> bool {
 }
 
 /// `x / sqrt(mean(x²) + eps) · weight`, normalised in f32 or wider.
+#[derive(Clone)]
 struct RmsNorm {
     weight: Tensor,
     eps: f64,
@@ -154,6 +156,7 @@ impl RmsNorm {
 
 /// Rotary position embedding tables for positions `offset..offset + len`: (len, dim),
 /// or (batch, len, dim) when each row has its own positions (packed rows).
+#[derive(Clone)]
 struct Rotary {
     cos: Tensor,
     sin: Tensor,
@@ -260,6 +263,7 @@ impl Rotary {
     }
 }
 
+#[derive(Clone)]
 struct Attention {
     q_proj: Projection,
     k_proj: Projection,
@@ -369,6 +373,7 @@ impl Attention {
     }
 }
 
+#[derive(Clone)]
 struct Mlp {
     gate_proj: Projection,
     up_proj: Projection,
@@ -426,8 +431,8 @@ impl DecoderLayer {
         })
     }
 
-    /// The layer over `x`; `blocks`: each half as one graph node ([`block`]) where its
-    /// fused ops all run (whole sequences, no cache), else op by op.
+    /// The layer over `x`; with `graph` in blocks, each half is one graph node ([`block`])
+    /// where its fused ops all run (whole sequences, no cache), else a node per op.
     fn forward(
         &self,
         x: &Tensor,
@@ -435,15 +440,21 @@ impl DecoderLayer {
         visibility: &Visibility,
         dropout: Option<DropoutKey>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
-        blocks: bool,
+        graph: Graph,
     ) -> Result<Tensor> {
-        if let (true, Visibility::Segments(segments), None) =
-            (blocks && fused_on(x), visibility, &cache)
+        if let (Graph::Blocks { checkpoint }, true, Visibility::Segments(segments), None) =
+            (graph, fused_on(x), visibility, &cache)
         {
-            let x = self
-                .self_attn
-                .block(&self.input_layernorm, x, rotary, segments, dropout)?;
-            return self.mlp.block(&self.post_attention_layernorm, &x, dropout);
+            let x = self.self_attn.block(
+                &self.input_layernorm,
+                x,
+                (rotary, segments),
+                dropout,
+                checkpoint,
+            )?;
+            return self
+                .mlp
+                .block(&self.post_attention_layernorm, &x, dropout, checkpoint);
         }
         let normed = self.input_layernorm.forward(x)?;
         let attended = self
@@ -474,6 +485,19 @@ pub struct Model {
     /// Whether each half layer is one graph node ([`block`]): yes unless
     /// `TRAINER_BLOCK_OPS=0` is in the environment or [`Model::set_block_ops`] says no.
     blocks: bool,
+    /// Whether those nodes run their forward again in the backward instead of keeping
+    /// its activations ([`Model::set_gradient_checkpointing`]).
+    checkpoint: bool,
+}
+
+/// How a decoder layer is put into the autograd graph.
+#[derive(Debug, Clone, Copy)]
+enum Graph {
+    /// A node per op.
+    OpByOp,
+    /// A node per half layer ([`block`]); with `checkpoint`, the forward again in the
+    /// backward.
+    Blocks { checkpoint: bool },
 }
 
 impl Model {
@@ -520,7 +544,32 @@ impl Model {
             lm_head,
             projections: build.report,
             blocks: std::env::var("TRAINER_BLOCK_OPS").map_or(true, |value| value.trim() != "0"),
+            checkpoint: false,
         })
+    }
+
+    fn graph(&self) -> Graph {
+        if self.blocks {
+            Graph::Blocks {
+                checkpoint: self.checkpoint,
+            }
+        } else {
+            Graph::OpByOp
+        }
+    }
+
+    /// Gradient checkpointing: each half layer keeps only its input for the backward,
+    /// which runs its forward again (the same dropout masks, the same gradients), for about
+    /// one more forward a step. Applies where the block ops run (see
+    /// [`Model::gradient_checkpointing`]).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.checkpoint = on;
+    }
+
+    /// Whether training checkpoints: asked for, and the block ops on. (Where the fused ops
+    /// do not run, on the CPU in bf16 or f16, layers are built op by op regardless.)
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.checkpoint && self.blocks
     }
 
     /// Whether each half of a decoder layer is one graph node with a hand-written backward
@@ -603,7 +652,7 @@ impl Model {
                 Visibility::Bias(&bias)
             };
         for layer in &self.layers {
-            x = layer.forward(&x, &rotary, &visibility, dropout, None, self.blocks)?;
+            x = layer.forward(&x, &rotary, &visibility, dropout, None, self.graph())?;
         }
         self.norm.forward(&x)
     }
@@ -643,7 +692,14 @@ impl Model {
             cache.layers = vec![None; self.layers.len()];
         }
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, &rotary, &visibility, None, Some(layer_cache), false)?;
+            x = layer.forward(
+                &x,
+                &rotary,
+                &visibility,
+                None,
+                Some(layer_cache),
+                Graph::OpByOp,
+            )?;
         }
         cache.position += len;
         let last = self.norm.forward(&x.narrow(1, len - 1, 1)?)?;

@@ -74,6 +74,12 @@ pub struct TrainOptions {
     /// `q8_0`. (In the recipe only when set, so older runs resume unchanged.)
     #[serde(skip_serializing_if = "BaseQuant::is_none")]
     pub base_quant: BaseQuant,
+    /// Gradient checkpointing: each half layer's activations are computed again in the
+    /// backward instead of kept until it (about one more forward a step, for a fraction
+    /// of the activation memory). The same gradients, so it is not part of the maths: a
+    /// run may resume with it on or off.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
 }
 
 fn is_zero(value: &f64) -> bool {
@@ -138,6 +144,7 @@ impl Default for TrainOptions {
             early_stopping_min_delta: 0.0,
             packing: true,
             base_quant: BaseQuant::None,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -163,6 +170,7 @@ impl TrainOptions {
         maths.checkpoint_every = None;
         maths.eval_every = None;
         maths.device = DeviceChoice::Cpu;
+        maths.gradient_checkpointing = false;
         maths.data = PathBuf::new();
         maths.val_data = None;
         // The model is identified by its files' hashes below, not where it lives, so a
@@ -283,6 +291,10 @@ pub struct Summary {
     /// base, as with QLoRA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<QuantizationReport>,
+    /// Whether the layers' activations were computed again in the backward (asked for,
+    /// and the block ops running).
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 /// Receives progress; every method has a default so callers implement what they need.
@@ -635,7 +647,7 @@ fn train_here(
     observer.stage(Stage::ModelLoading);
     let lora = options.lora();
     let mut init_rng = Rng::new(options.seed);
-    let (model_config, model) = loader::load_model(
+    let (model_config, mut model) = loader::load_model(
         &model_dir,
         &lora,
         (dtype, options.base_quant),
@@ -643,6 +655,7 @@ fn train_here(
         &device,
         &mut init_rng,
     )?;
+    model.set_gradient_checkpointing(options.gradient_checkpointing);
     if let Some(report) = model.quantization() {
         observer.quantized(report);
     }
@@ -909,6 +922,7 @@ fn train_here(
         packing: options.packing,
         packing_efficiency: tokens_seen as f64 / slots_computed.max(1) as f64,
         quantization: model.quantization().cloned(),
+        gradient_checkpointing: model.gradient_checkpointing(),
     };
     let path = options.out.join("summary.json");
     std::fs::write(

@@ -192,6 +192,7 @@ fn bench_prints_one_json_line_of_figures() {
     assert!(report["peak_memory_bytes"].as_u64().is_some_and(|v| v > 0));
     assert_eq!(report["attention"], "cpu", "{report}");
     assert_eq!(report["block_ops"], true, "{report}");
+    assert_eq!(report["gradient_checkpointing"], false, "{report}");
     // 4·N + 6·N_lora + 6·layers·seq·q_dim for the tiny shape (hidden 64, 2 layers, 4 heads
     // of 16, 2 KV heads, intermediate 128, vocab 512, rank 4 on all 7 projections).
     let frozen = 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128) + 64 * 512;

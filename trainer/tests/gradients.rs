@@ -111,7 +111,8 @@ fn qwen2_gradients_match_finite_differences_with_biases_and_tied_embeddings() ->
 }
 
 /// A half layer as one graph node with a hand-written backward gives the loss and every
-/// LoRA gradient of the graph built op by op: with LoRA dropout, with padded and packed
+/// LoRA gradient of the graph built op by op, and so does it with gradient checkpointing
+/// (the forward run again in the backward): with LoRA dropout, with padded and packed
 /// rows, with biases and tied embeddings, and with projections LoRA leaves frozen.
 #[test]
 fn block_ops_equal_the_op_by_op_graph() -> Result<()> {
@@ -166,24 +167,29 @@ fn block_ops_equal_the_op_by_op_graph() -> Result<()> {
                 .collect::<Result<Vec<_>>>()?;
             Ok((loss.to_scalar()?, gradients))
         };
-        model.set_block_ops(true);
-        let (loss, gradients) = loss_and_gradients(&model)?;
         model.set_block_ops(false);
         let (reference_loss, reference) = loss_and_gradients(&model)?;
-        assert!(
-            (loss - reference_loss).abs() <= 1e-12,
-            "{architecture}: loss {loss} vs {reference_loss}"
-        );
         let names: Vec<String> = model.lora_parameters().into_keys().collect();
         assert!(!names.is_empty());
-        for ((name, actual), expected) in names.iter().zip(&gradients).zip(&reference) {
-            let scale = expected.iter().fold(0f64, |m, e| m.max(e.abs()));
-            assert!(scale > 0.0, "{architecture}: {name} has a zero gradient");
-            for (a, e) in actual.iter().zip(expected) {
-                assert!(
-                    (a - e).abs() <= 1e-12 * scale.max(1.0),
-                    "{architecture}: {name}: {a} vs {e}"
-                );
+        model.set_block_ops(true);
+        for checkpoint in [false, true] {
+            model.set_gradient_checkpointing(checkpoint);
+            assert_eq!(model.gradient_checkpointing(), checkpoint);
+            let (loss, gradients) = loss_and_gradients(&model)?;
+            let case = format!("{architecture}, checkpointing {checkpoint}");
+            assert!(
+                (loss - reference_loss).abs() <= 1e-12,
+                "{case}: loss {loss} vs {reference_loss}"
+            );
+            for ((name, actual), expected) in names.iter().zip(&gradients).zip(&reference) {
+                let scale = expected.iter().fold(0f64, |m, e| m.max(e.abs()));
+                assert!(scale > 0.0, "{case}: {name} has a zero gradient");
+                for (a, e) in actual.iter().zip(expected) {
+                    assert!(
+                        (a - e).abs() <= 1e-12 * scale.max(1.0),
+                        "{case}: {name}: {a} vs {e}"
+                    );
+                }
             }
         }
     }

@@ -92,12 +92,16 @@ fn resumes_exactly(packing: bool) {
     let checkpoint = interrupted.out.join("checkpoints/step-4");
     assert!(checkpoint.join("manifest.json").exists());
 
+    // The resumed part computes its activations again in the backward (the same
+    // gradients, so not part of the run's maths): it resumes, and to the same result.
     let resumed = TrainOptions {
         resume_from: Some(checkpoint.clone()),
+        gradient_checkpointing: true,
         ..interrupted.clone()
     };
     let summary = train(&resumed, &mut (), &Control::default()).expect("resumed run");
     assert_eq!(summary.steps, 10);
+    assert!(summary.gradient_checkpointing);
 
     let (expected, actual) = (metrics(&uninterrupted.out), metrics(&resumed.out));
     let steps: Vec<usize> = actual.iter().map(|m| m.step).collect();

@@ -16,6 +16,13 @@
 //! Each pass keeps only what its backward reads (the ops' `gradients` methods say what
 //! that is): not the projections' outputs, not the rotations' inputs, not the branch's
 //! output once it is added, all of which the op-by-op graph holds until the step ends.
+//!
+//! With gradient checkpointing a node keeps none of its passes, only its input (the
+//! graph holds it anyway) and what running its forward again takes (the layer's weights,
+//! shared, not copied); its backward runs the forward again first. Dropout masks are a
+//! function of their key, so the second forward draws the same ones and the gradients are
+//! the same: a step costs about one more forward, and a layer's activations are freed as
+//! soon as its output is made.
 
 use candle_core::op::Add;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, Var};
@@ -122,10 +129,33 @@ trait Branch: Send + Sync + 'static {
     fn backward(&self, grad: &Tensor) -> Result<(Tensor, Vec<Tensor>)>;
 }
 
+/// A branch's forward run again from the half layer's input, for its backward.
+type Recompute<B> = Box<dyn Fn(&Tensor) -> Result<(B, Tensor)> + Send + Sync>;
+
+/// What a half layer's node holds for its backward.
+enum Held<B> {
+    /// The forward's passes.
+    Passes(B),
+    /// A way to run the forward again (gradient checkpointing).
+    Recompute(Recompute<B>),
+}
+
+impl<B: Branch> Held<B> {
+    /// The passes when `checkpoint` is off; else `recompute`, and the passes are freed.
+    fn new(branch: B, checkpoint: bool, recompute: impl FnOnce() -> Recompute<B>) -> Held<B> {
+        if checkpoint {
+            drop(branch);
+            Held::Recompute(recompute())
+        } else {
+            Held::Passes(branch)
+        }
+    }
+}
+
 /// `x + branch` as one graph node over (x, the branch's LoRA parameters flattened and
 /// concatenated), whose backward is the branch's.
 struct Residual<B> {
-    branch: B,
+    held: Held<B>,
     /// The branch's output, computed before the node was made; the forward takes it,
     /// so it is freed once added.
     output: Mutex<Option<Tensor>>,
@@ -171,12 +201,15 @@ impl<B: Branch> CustomOp2 for Residual<B> {
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         parameters: &Tensor,
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (through, lora) = self.branch.backward(grad)?;
+        let (through, lora) = match &self.held {
+            Held::Passes(branch) => branch.backward(grad)?,
+            Held::Recompute(forward) => forward(&x.detach())?.0.backward(grad)?,
+        };
         let dx = (grad + through)?;
         let d_parameters = if lora.is_empty() {
             None
@@ -189,7 +222,7 @@ impl<B: Branch> CustomOp2 for Residual<B> {
 
 /// `x + output` as one node, `branch` its backward; `lora` the branch's LoRA parameters in
 /// the order its backward returns their gradients.
-fn residual<B: Branch>(x: &Tensor, branch: B, output: Tensor, lora: &[&Var]) -> Result<Tensor> {
+fn residual<B: Branch>(x: &Tensor, held: Held<B>, output: Tensor, lora: &[&Var]) -> Result<Tensor> {
     let parameters = if lora.is_empty() {
         // Nothing to train in this half: the node still carries x's gradient. (One
         // element, not none: CUDA refuses to allocate zero bytes.)
@@ -203,7 +236,7 @@ fn residual<B: Branch>(x: &Tensor, branch: B, output: Tensor, lora: &[&Var]) -> 
     };
     let x = x.contiguous()?;
     let output = Mutex::new(Some(output));
-    x.apply_op2(&parameters, Residual { branch, output })
+    x.apply_op2(&parameters, Residual { held, output })
 }
 
 /// The attention op's forward, holding what its backward reads: q, k and v as it read
@@ -272,15 +305,33 @@ impl Branch for AttentionBranch {
 
 impl Attention {
     /// `x + attention(norm(x))` as one node ([`AttentionBranch`]), for whole sequences
-    /// seen through `segments`.
+    /// seen through `segments`; with `checkpoint` its backward runs the forward again.
     pub(super) fn block(
         &self,
         norm: &RmsNorm,
         x: &Tensor,
-        rotary: &Rotary,
-        segments: &Segments,
+        (rotary, segments): (&Rotary, &Segments),
         dropout: Option<DropoutKey>,
+        checkpoint: bool,
     ) -> Result<Tensor> {
+        let (branch, output) = self.branch(norm, x, (rotary, segments), dropout)?;
+        let held = Held::new(branch, checkpoint, || {
+            let (attention, norm) = (self.clone(), norm.clone());
+            let (rotary, segments) = (rotary.clone(), segments.clone());
+            Box::new(move |x| attention.branch(&norm, x, (&rotary, &segments), dropout))
+        });
+        let lora = lora_of(&[&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]);
+        residual(x, held, output, &lora)
+    }
+
+    /// The attention branch's passes and its output.
+    fn branch(
+        &self,
+        norm: &RmsNorm,
+        x: &Tensor,
+        (rotary, segments): (&Rotary, &Segments),
+        dropout: Option<DropoutKey>,
+    ) -> Result<(AttentionBranch, Tensor)> {
         let (batch, len, _) = x.dims3()?;
         let (norm_pass, normed) = NormPass::run(norm, x)?;
         let (q_pass, q_out) = ProjectionPass::run(&self.q_proj, &normed, dropout)?;
@@ -305,7 +356,6 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((batch, len, self.heads * self.head_dim))?;
         let (o_pass, output) = ProjectionPass::run(&self.o_proj, &merged, dropout)?;
-        let lora = lora_of(&[&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]);
         let branch = AttentionBranch {
             norm: norm_pass,
             normed,
@@ -318,7 +368,7 @@ impl Attention {
             merged,
             o: o_pass,
         };
-        residual(x, branch, output, &lora)
+        Ok((branch, output))
     }
 }
 
@@ -360,13 +410,31 @@ impl Branch for MlpBranch {
 }
 
 impl Mlp {
-    /// `x + mlp(norm(x))` as one node ([`MlpBranch`]).
+    /// `x + mlp(norm(x))` as one node ([`MlpBranch`]); with `checkpoint` its backward runs
+    /// the forward again.
     pub(super) fn block(
         &self,
         norm: &RmsNorm,
         x: &Tensor,
         dropout: Option<DropoutKey>,
+        checkpoint: bool,
     ) -> Result<Tensor> {
+        let (branch, output) = self.branch(norm, x, dropout)?;
+        let held = Held::new(branch, checkpoint, || {
+            let (mlp, norm) = (self.clone(), norm.clone());
+            Box::new(move |x| mlp.branch(&norm, x, dropout))
+        });
+        let lora = lora_of(&[&self.gate_proj, &self.up_proj, &self.down_proj]);
+        residual(x, held, output, &lora)
+    }
+
+    /// The MLP branch's passes and its output.
+    fn branch(
+        &self,
+        norm: &RmsNorm,
+        x: &Tensor,
+        dropout: Option<DropoutKey>,
+    ) -> Result<(MlpBranch, Tensor)> {
         let (norm_pass, normed) = NormPass::run(norm, x)?;
         let (gate, gate_out) = ProjectionPass::run(&self.gate_proj, &normed, dropout)?;
         let (up, up_out) = ProjectionPass::run(&self.up_proj, &normed, dropout)?;
@@ -374,7 +442,6 @@ impl Mlp {
         let gated = gate_out.apply_op2_no_bwd(&up_out, &swiglu)?;
         let (down, output) = ProjectionPass::run(&self.down_proj, &gated, dropout)?;
         drop(gated);
-        let lora = lora_of(&[&self.gate_proj, &self.up_proj, &self.down_proj]);
         let branch = MlpBranch {
             norm: norm_pass,
             normed,
@@ -385,6 +452,6 @@ impl Mlp {
             up_out,
             down,
         };
-        residual(x, branch, output, &lora)
+        Ok((branch, output))
     }
 }
