@@ -582,6 +582,7 @@ pub fn train_options(
         early_stopping_min_delta: recipe.early_stopping_min_delta.unwrap_or(0.0),
         packing: recipe.packing,
         base_quant: recipe.base_quant,
+        gradient_checkpointing: recipe.gradient_checkpointing,
         ..TrainOptions::default()
     }
 }

@@ -116,6 +116,10 @@ pub struct Hyperparameters {
     /// How the frozen base's decoder projections are held (QLoRA-style when quantized).
     #[serde(default)]
     pub base_quant: BaseQuant,
+    /// Each layer's activations computed again in the backward instead of kept: about a
+    /// third more compute for a fraction of the activation memory, the same gradients.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
 }
 
 /// How a job's frozen base weights are held (`--base-quant` to the trainer): as they are,

@@ -929,14 +929,16 @@ async fn a_packed_job_shows_its_packing_on_the_job_page() {
     assert!(page.contains(&expected), "{expected:?} on the job page");
 }
 
-/// A quantized base through the platform: the job asks for q8_0, its agent trains on the
-/// quantized projections and reports their sizes (an event with its figures), the job
-/// page shows them and the trainer's summary records the quantization.
+/// A quantized base and gradient checkpointing through the platform: the job asks for
+/// q8_0 and checkpointing, its agent trains on the quantized projections (computing each
+/// layer again in the backward) and reports their sizes (an event with its figures), the
+/// job page shows both and the trainer's summary records them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_on_a_quantized_base_shows_how_it_was_held() {
     let (plane, api, _scratch, model, file) = setup(chat_jsonl(20)).await;
     let mut settings = hyperparameters(1);
     settings["base_quant"] = json!("q8_0");
+    settings["gradient_checkpointing"] = json!(true);
     let job = api.start_job(&file, "quantized", &model, settings).await;
     let _agent = Agent::start(&plane, "worker", &["--spot-provider", "none"]);
     let ended = api.wait_status(&job, "completed", LONG).await;
@@ -954,10 +956,15 @@ async fn a_job_on_a_quantized_base_shows_how_it_was_held() {
     let summary: Value =
         serde_json::from_slice(&published(&files, "summary.json")).expect("summary");
     assert_eq!(summary["quantization"]["base_quant"], "q8_0", "{summary}");
+    assert_eq!(summary["gradient_checkpointing"], true, "{summary}");
 
     let page = api.page(&format!("/training/job/{job}")).await;
     assert!(
         page.contains("Base: decoder projections quantized to q8_0"),
         "the job page says how the base was held"
+    );
+    assert!(
+        page.contains("Memory: gradient checkpointing"),
+        "the job page says the activations are computed again"
     );
 }

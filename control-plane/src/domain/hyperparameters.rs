@@ -114,6 +114,11 @@ pub fn resolve(
     let keep_best = field.boolean(get("keep_best"), "keep_best", false);
     let packing = field.boolean(get("packing"), "packing", true);
     let base_quant = field.base_quant(get("base_quant"));
+    let gradient_checkpointing = field.boolean(
+        get("gradient_checkpointing"),
+        "gradient_checkpointing",
+        false,
+    );
 
     if !errors.is_empty() {
         return Err(errors);
@@ -136,10 +141,11 @@ pub fn resolve(
         keep_best,
         packing,
         base_quant,
+        gradient_checkpointing,
     })
 }
 
-const FIELDS: [&str; 17] = [
+const FIELDS: [&str; 18] = [
     "rank",
     "lora_alpha",
     "lora_dropout",
@@ -157,6 +163,7 @@ const FIELDS: [&str; 17] = [
     "keep_best",
     "packing",
     "base_quant",
+    "gradient_checkpointing",
 ];
 
 struct Field<'a> {
@@ -307,7 +314,8 @@ mod tests {
     fn every_bad_field_is_named() {
         let overrides = object(json!({
             "rank": 0, "lora_dropout": 1.5, "learning_rate": "fast", "epochs": 2.5,
-            "target_modules": ["q_proj", "lm_head"], "colour": "blue", "base_quant": "q3k"
+            "target_modules": ["q_proj", "lm_head"], "colour": "blue", "base_quant": "q3k",
+            "gradient_checkpointing": "yes"
         }));
         let errors = resolve(&Map::new(), &overrides, &Limits::default()).expect_err("invalid");
         let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
@@ -320,10 +328,11 @@ mod tests {
                 "learning_rate",
                 "epochs",
                 "target_modules",
-                "base_quant"
+                "base_quant",
+                "gradient_checkpointing"
             ]
         );
-        let quant = errors.last().expect("base_quant error");
+        let quant = &errors[errors.len() - 2];
         assert_eq!(quant.message, "unknown \"q3k\"; known: none, q8_0, q4k");
     }
 
@@ -339,6 +348,19 @@ mod tests {
             serde_json::from_value(serde_json::to_value(&quantized).expect("serializes"))
                 .expect("reads back");
         assert_eq!(stored.base_quant, BaseQuant::Q4k);
+    }
+
+    #[test]
+    fn gradient_checkpointing_is_off_unless_asked_for() {
+        let limits = Limits::default();
+        let default = resolve(&Map::new(), &Map::new(), &limits).expect("valid");
+        assert!(!default.gradient_checkpointing);
+        // Off, it is left out of what is stored and sent, as jobs stored before it read.
+        let stored = serde_json::to_value(&default).expect("serializes");
+        assert!(stored.get("gradient_checkpointing").is_none(), "{stored}");
+        let asked = object(json!({"gradient_checkpointing": true}));
+        let on = resolve(&Map::new(), &asked, &limits).expect("valid");
+        assert!(on.gradient_checkpointing);
     }
 
     #[test]

@@ -331,6 +331,8 @@ struct ConfigureForm {
     /// How the frozen base is held: none, q8_0 or q4k.
     #[serde(default)]
     base_quant: String,
+    /// A checkbox: compute activations again in the backward.
+    gradient_checkpointing: Option<String>,
 }
 
 impl ConfigureForm {
@@ -365,6 +367,9 @@ impl ConfigureForm {
         let base_quant = self.base_quant.trim();
         if !base_quant.is_empty() {
             map.insert("base_quant".into(), Value::from(base_quant));
+        }
+        if self.gradient_checkpointing.is_some() {
+            map.insert("gradient_checkpointing".into(), Value::Bool(true));
         }
         map
     }

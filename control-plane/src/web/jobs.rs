@@ -333,6 +333,8 @@ struct JobPage {
     batching: Option<String>,
     /// How the frozen base is held, when the job quantizes it.
     base_weights: Option<String>,
+    /// Whether training computes each layer's activations again in the backward.
+    checkpointing: bool,
 }
 
 #[derive(Deserialize)]
@@ -368,6 +370,10 @@ async fn job_detail(
     });
     let batching = batching(&job, &recent);
     let base_weights = base_weights(&job, &recent);
+    let checkpointing = job
+        .hyperparameters
+        .as_ref()
+        .is_some_and(|h| h.gradient_checkpointing);
     let live = job_live_view(&state, job).await?;
     let status = live.job.status;
     let page = JobPage {
@@ -383,6 +389,7 @@ async fn job_detail(
         quality,
         batching,
         base_weights,
+        checkpointing,
         live_html: live
             .render()
             .map_err(|e| ServiceError::Internal(e.to_string()))?,
