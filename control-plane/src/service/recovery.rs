@@ -89,23 +89,25 @@ pub async fn end_attempt(
                 };
                 let retries_left = job.retry_count < job.max_retries;
                 smaller_batch = matches!(kind, FailureKind::OutOfMemory)
-                    .then(|| halved_micro_batch(&job))
+                    .then(|| lighter(&job))
                     .flatten();
                 match kind {
                     FailureKind::OutOfMemory if retries_left && smaller_batch.is_some() => {
-                        let hp = smaller_batch.as_ref();
-                        let (batch, accumulation) =
-                            hp.map_or((0, 0), |hp| (hp.batch_size, hp.gradient_accumulation_steps));
+                        let (hp, change) = smaller_batch
+                            .as_ref()
+                            .map_or((None, ""), |(hp, change)| (Some(hp), change.as_str()));
                         let event = Event::new(
                         job.id,
                         EventType::Warning,
                         Severity::Warning,
                         format!(
-                            "Out of memory on attempt {number}: retrying with micro-batch {batch} and gradient accumulation {accumulation} (same effective batch){resume_note}"
+                            "Out of memory on attempt {number}: retrying with {change}{resume_note}"
                         ),
                     )
-                    .with_details(json!({"error": message, "batch_size": batch,
-                                         "gradient_accumulation_steps": accumulation,
+                    .with_details(json!({"error": message,
+                                         "batch_size": hp.map(|hp| hp.batch_size),
+                                         "gradient_accumulation_steps": hp.map(|hp| hp.gradient_accumulation_steps),
+                                         "gradient_checkpointing": hp.map(|hp| hp.gradient_checkpointing),
                                          "from": job.status, "to": JobStatus::Queued}));
                         (
                             failed,
@@ -116,9 +118,12 @@ pub async fn end_attempt(
                             vec![event],
                         )
                     }
-                    FailureKind::OutOfMemory if retries_left => {
-                        fail(&job, failed, message, "out of memory at micro-batch 1")
-                    }
+                    FailureKind::OutOfMemory if retries_left => fail(
+                        &job,
+                        failed,
+                        message,
+                        "out of memory at micro-batch 1 with gradient checkpointing",
+                    ),
                     FailureKind::Other if retries_left => {
                         let event = Event::new(
                             job.id,
@@ -364,16 +369,28 @@ fn fail<'a>(
     (end, JobAfter::Fail { message }, vec![event])
 }
 
-/// The job's hyperparameters with half the micro-batch and twice the accumulation, or
-/// `None` at micro-batch 1.
-fn halved_micro_batch(job: &Job) -> Option<Hyperparameters> {
+/// The job's hyperparameters for a retry after running out of memory, and what changed:
+/// half the micro-batch and twice the accumulation (the same effective batch) while the
+/// micro-batch is above 1, then gradient checkpointing (the same gradients, about a third
+/// more compute); `None` when both are spent. Neither changes the run's maths, so the
+/// retry resumes from the last checkpoint.
+fn lighter(job: &Job) -> Option<(Hyperparameters, String)> {
     let mut hp = job.hyperparameters.as_ref()?.0.clone();
-    if hp.batch_size <= 1 {
+    let change = if hp.batch_size > 1 {
+        hp.batch_size /= 2;
+        hp.gradient_accumulation_steps *= 2;
+        format!(
+            "micro-batch {} and gradient accumulation {} (same effective batch)",
+            hp.batch_size, hp.gradient_accumulation_steps
+        )
+    } else if !hp.gradient_checkpointing {
+        hp.gradient_checkpointing = true;
+        "gradient checkpointing (each layer computed again in the backward; same gradients)"
+            .to_owned()
+    } else {
         return None;
-    }
-    hp.batch_size /= 2;
-    hp.gradient_accumulation_steps *= 2;
-    Some(hp)
+    };
+    Some((hp, change))
 }
 
 /// Every few seconds: agents silent for `offline_after_seconds` go offline and their

@@ -1,5 +1,6 @@
 //! The agent protocol's failure paths, driven as an agent would: out-of-memory retries
-//! with half the micro-batch, dataset errors failing at once, an operator's resume, a
+//! with half the micro-batch, then with gradient checkpointing, dataset errors failing at
+//! once, an operator's resume, a
 //! silent agent's job going back to the queue, idempotent reports, verified uploads and
 //! signed download links.
 
@@ -13,7 +14,7 @@ use testkit::on_both_backends;
 
 on_both_backends!(
     an_attempt_the_agent_stops_naming_is_ended,
-    out_of_memory_is_retried_with_half_the_micro_batch,
+    out_of_memory_is_retried_with_half_the_micro_batch_then_checkpointing,
     dataset_errors_fail_at_once_and_operators_resume,
     a_silent_agents_job_goes_back_to_the_queue,
     reports_and_uploads_are_idempotent_and_verified
@@ -60,7 +61,7 @@ async fn finish(app: &TestApp, secret: &str, attempt: &Value, outcome: Value) ->
     reply
 }
 
-async fn out_of_memory_is_retried_with_half_the_micro_batch(backend: Backend) {
+async fn out_of_memory_is_retried_with_half_the_micro_batch_then_checkpointing(backend: Backend) {
     let database = TestDatabase::create(backend).await;
     let app = TestApp::spawn(&database).await;
     let (user, job, secret) = queued_job_and_agent(&app).await;
@@ -90,6 +91,53 @@ async fn out_of_memory_is_retried_with_half_the_micro_batch(backend: Backend) {
     let (_, view) = json_of(app.get(&user, &format!("/api/v1/jobs/{job}")).await).await;
     assert_eq!(view["retry_count"], 1);
     assert_eq!(view["interruption_count"], 0);
+
+    // Down to micro-batch 1, the next retry computes activations again in the backward;
+    // out of memory even so, the job fails saying why.
+    let mut attempt = second;
+    while attempt["hyperparameters"]["batch_size"] != 1 {
+        let oom =
+            json!({"outcome": "failed", "kind": "out_of_memory", "message": "CUDA out of memory"});
+        finish(&app, &secret, &attempt["attempt_id"], oom).await;
+        attempt = claim(&app, &secret).await;
+    }
+    assert_eq!(
+        attempt["hyperparameters"]["gradient_checkpointing"],
+        Value::Null
+    );
+    let oom =
+        json!({"outcome": "failed", "kind": "out_of_memory", "message": "CUDA out of memory"});
+    let reply = finish(&app, &secret, &attempt["attempt_id"], oom.clone()).await;
+    assert_eq!(reply["job_status"], "queued");
+    let checkpointing = claim(&app, &secret).await;
+    assert_eq!(checkpointing["hyperparameters"]["batch_size"], 1);
+    assert_eq!(
+        checkpointing["hyperparameters"]["gradient_checkpointing"],
+        true
+    );
+    let reply = finish(&app, &secret, &checkpointing["attempt_id"], oom).await;
+    assert_eq!(reply["job_status"], "failed");
+    let (_, view) = json_of(app.get(&user, &format!("/api/v1/jobs/{job}")).await).await;
+    assert_eq!(view["error_message"], "CUDA out of memory");
+    let (_, events) = json_of(app.get(&user, &format!("/api/v1/jobs/{job}/events")).await).await;
+    let messages: Vec<&str> = events["data"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|event| event["message"].as_str())
+        .collect();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("retrying with gradient checkpointing")),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("out of memory at micro-batch 1 with gradient checkpointing")),
+        "{messages:?}"
+    );
 }
 
 async fn dataset_errors_fail_at_once_and_operators_resume(backend: Backend) {
