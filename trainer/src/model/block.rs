@@ -7,7 +7,7 @@
 //! has about twenty such edges (the norms, seven projections, two rotations, the views
 //! around the attention, the attention, SwiGLU, two residual sums); on an H200 their
 //! zero fills and adds were 11% of a step's kernel time (2026-12-04 profile). Here the
-//! same fused ops run without graph nodes, each kept with its operands and output, and the
+//! same fused ops run without graph nodes, each kept with what its backward reads, and the
 //! block's backward calls their backwards in reverse order: a gradient is summed only
 //! where a tensor really feeds several ops (the normed input of q, k and v; of gate and
 //! up). The graph keeps one node per half layer, over the residual stream and the half's
