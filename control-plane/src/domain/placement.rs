@@ -144,15 +144,19 @@ mod tests {
         );
     }
 
+    /// A job's hyperparameters with nothing set.
+    fn defaults() -> Hyperparameters {
+        crate::domain::hyperparameters::resolve(
+            &serde_json::Map::new(),
+            &serde_json::Map::new(),
+            &crate::configuration::Limits::default(),
+        )
+        .expect("defaults are valid")
+    }
+
     #[test]
     fn a_quantized_base_fits_where_a_bf16_one_does_not() {
-        let limits = crate::configuration::Limits::default();
-        let mut hyperparameters = crate::domain::hyperparameters::resolve(
-            &serde_json::Map::new(),
-            &serde_json::Map::new(),
-            &limits,
-        )
-        .expect("defaults are valid");
+        let mut hyperparameters = defaults();
         hyperparameters.batch_size = 1;
         hyperparameters.max_seq_len = 512;
         let bf16 = estimated_memory_gib("Qwen2.5-14B", &hyperparameters).expect("sized");
@@ -166,13 +170,7 @@ mod tests {
 
     #[test]
     fn gradient_checkpointing_needs_less_memory_for_long_sequences() {
-        let limits = crate::configuration::Limits::default();
-        let mut hyperparameters = crate::domain::hyperparameters::resolve(
-            &serde_json::Map::new(),
-            &serde_json::Map::new(),
-            &limits,
-        )
-        .expect("defaults are valid");
+        let mut hyperparameters = defaults();
         hyperparameters.batch_size = 8;
         hyperparameters.max_seq_len = 4096;
         let kept = estimated_memory_gib("Llama-3.1-8B", &hyperparameters).expect("sized");
