@@ -566,10 +566,9 @@ impl Model {
         self.checkpoint = on;
     }
 
-    /// Whether training checkpoints: asked for, and the block ops on. (Where the fused ops
-    /// do not run, on the CPU in bf16 or f16, layers are built op by op regardless.)
+    /// Whether training checkpoints: asked for, and the block ops running.
     pub fn gradient_checkpointing(&self) -> bool {
-        self.checkpoint && self.blocks
+        self.checkpoint && self.block_ops()
     }
 
     /// Whether each half of a decoder layer is one graph node with a hand-written backward
@@ -578,8 +577,15 @@ impl Model {
         self.blocks = on;
     }
 
+    /// Whether training builds each half layer as one node: asked for (the default), and
+    /// its fused ops and the attention op all running for this model's dtype and device
+    /// (not on the CPU in bf16, nor at a head size CUDA has no attention kernels for);
+    /// otherwise layers are built op by op.
     pub fn block_ops(&self) -> bool {
+        let (device, dtype) = (self.embed_tokens.device(), self.embed_tokens.dtype());
         self.blocks
+            && trainer_kernels::fused_ops_run(device, dtype)
+            && trainer_kernels::attention::supported(device, dtype, self.config.head_dim)
     }
 
     pub fn config(&self) -> &ModelConfig {
