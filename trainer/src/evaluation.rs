@@ -102,9 +102,7 @@ pub fn evaluate_examples(
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = data::make_batch(&refs, pad_id, &device)?;
-        let logits = model
-            .forward(&batch.input_ids, Some(&batch.segments), None)?
-            .detach();
+        let logits = model.forward_inference(&batch.input_ids, Some(&batch.segments))?;
         let all_mask = batch.attention_mask.to_dtype(DType::F32)?;
         let (count, count_all) = (batch.loss_tokens as f64, batch.tokens as f64);
         let loss = token_loss(&logits, &batch.targets, &batch.loss_mask)?;

@@ -442,7 +442,7 @@ impl DecoderLayer {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         graph: Graph,
     ) -> Result<Tensor> {
-        if let (Graph::Blocks { checkpoint }, true, Visibility::Segments(segments), None) =
+        if let (Graph::Blocks(keep), true, Visibility::Segments(segments), None) =
             (graph, fused_on(x), visibility, &cache)
         {
             let x = self.self_attn.block(
@@ -450,11 +450,11 @@ impl DecoderLayer {
                 x,
                 (rotary, segments),
                 dropout,
-                checkpoint,
+                keep,
             )?;
             return self
                 .mlp
-                .block(&self.post_attention_layernorm, &x, dropout, checkpoint);
+                .block(&self.post_attention_layernorm, &x, dropout, keep);
         }
         let normed = self.input_layernorm.forward(x)?;
         let attended = self
@@ -495,9 +495,8 @@ pub struct Model {
 enum Graph {
     /// A node per op.
     OpByOp,
-    /// A node per half layer ([`block`]); with `checkpoint`, the forward again in the
-    /// backward.
-    Blocks { checkpoint: bool },
+    /// A node per half layer ([`block`]), keeping this much for its backward.
+    Blocks(block::Keep),
 }
 
 impl Model {
@@ -548,13 +547,13 @@ impl Model {
         })
     }
 
-    fn graph(&self) -> Graph {
-        if self.blocks {
-            Graph::Blocks {
-                checkpoint: self.checkpoint,
-            }
-        } else {
-            Graph::OpByOp
+    /// How the layers go into the graph; `inference`: no backward will run.
+    fn graph(&self, inference: bool) -> Graph {
+        match (self.blocks, inference, self.checkpoint) {
+            (false, _, _) => Graph::OpByOp,
+            (true, true, _) => Graph::Blocks(block::Keep::Nothing),
+            (true, false, true) => Graph::Blocks(block::Keep::Recompute),
+            (true, false, false) => Graph::Blocks(block::Keep::Passes),
         }
     }
 
@@ -617,6 +616,20 @@ impl Model {
         frozen::linear(&hidden, &self.lm_head)
     }
 
+    /// [`Model::forward`] for evaluation: no dropout, and no gradient (not even the LoRA
+    /// weights'), so a layer's activations are freed as soon as its output exists rather
+    /// than held for a backward that will not run (where the block ops run).
+    pub fn forward_inference(
+        &self,
+        input_ids: &Tensor,
+        segments: Option<&Segments>,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden(input_ids, segments, None, true)?;
+        // Where layers are built op by op they are still graph nodes: detached here, the
+        // graph goes as soon as the logits are made.
+        Ok(frozen::linear(&hidden, &self.lm_head)?.detach())
+    }
+
     /// The final hidden states (batch, len, hidden), after the last norm: what the language
     /// model head turns into logits.
     pub fn hidden_states(
@@ -624,6 +637,17 @@ impl Model {
         input_ids: &Tensor,
         segments: Option<&Segments>,
         dropout: Option<DropoutKey>,
+    ) -> Result<Tensor> {
+        self.hidden(input_ids, segments, dropout, false)
+    }
+
+    /// [`Model::hidden_states`]; `inference`: no backward will run.
+    fn hidden(
+        &self,
+        input_ids: &Tensor,
+        segments: Option<&Segments>,
+        dropout: Option<DropoutKey>,
+        inference: bool,
     ) -> Result<Tensor> {
         let (batch, len) = input_ids.dims2()?;
         if let Some(segments) = segments.filter(|s| s.rows() != batch) {
@@ -658,7 +682,14 @@ impl Model {
                 Visibility::Bias(&bias)
             };
         for layer in &self.layers {
-            x = layer.forward(&x, &rotary, &visibility, dropout, None, self.graph())?;
+            x = layer.forward(
+                &x,
+                &rotary,
+                &visibility,
+                dropout,
+                None,
+                self.graph(inference),
+            )?;
         }
         self.norm.forward(&x)
     }

@@ -196,6 +196,33 @@ fn block_ops_equal_the_op_by_op_graph() -> Result<()> {
     Ok(())
 }
 
+/// The inference forward gives the forward's logits, and nothing to differentiate: no
+/// LoRA weight gets a gradient through it, whichever way layers are built.
+#[test]
+fn the_inference_forward_equals_the_forward_and_keeps_no_graph() -> Result<()> {
+    let mut fixture = fixture("Qwen2ForCausalLM", true)?;
+    for blocks in [true, false] {
+        fixture.model.set_block_ops(blocks);
+        let model = &fixture.model;
+        let segments = Some(&fixture.segments);
+        let logits = model.forward(&fixture.input_ids, segments, None)?;
+        let inferred = model.forward_inference(&fixture.input_ids, segments)?;
+        let difference = (&logits - &inferred)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f64>()?;
+        assert!(difference <= 1e-12, "blocks {blocks}: {difference}");
+        let grads = inferred.sum_all()?.backward()?;
+        for (name, parameter) in model.lora_parameters() {
+            assert!(
+                grads.get(&parameter).is_none(),
+                "blocks {blocks}: {name} has a gradient"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The chunked loss gives the loss and the LoRA gradients of `token_loss` over the whole
 /// logits, whatever the chunk size: one token, a chunk that does not divide the batch's
 /// 12 tokens, exactly all of them, more than all of them.

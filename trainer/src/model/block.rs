@@ -140,16 +140,38 @@ enum Held<B> {
     Recompute(Recompute<B>),
 }
 
-impl<B: Branch> Held<B> {
-    /// The passes when `checkpoint` is off; else `recompute`, and the passes are freed.
-    fn new(branch: B, checkpoint: bool, recompute: impl FnOnce() -> Recompute<B>) -> Held<B> {
-        if checkpoint {
+/// What a half layer keeps for its backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Keep {
+    /// The forward's passes.
+    Passes,
+    /// Nothing but the way to run the forward again (gradient checkpointing).
+    Recompute,
+    /// Nothing: no backward will run (inference), so the layer is no graph node and its
+    /// passes are freed as soon as its output exists.
+    Nothing,
+}
+
+/// `x + output` for a half layer that keeps `keep` of `branch` for its backward.
+fn half_layer<B: Branch>(
+    x: &Tensor,
+    (branch, output): (B, Tensor),
+    keep: Keep,
+    recompute: impl FnOnce() -> Recompute<B>,
+    lora: &[&Var],
+) -> Result<Tensor> {
+    let held = match keep {
+        Keep::Passes => Held::Passes(branch),
+        Keep::Recompute => {
             drop(branch);
             Held::Recompute(recompute())
-        } else {
-            Held::Passes(branch)
         }
-    }
+        Keep::Nothing => {
+            drop(branch);
+            return x + output;
+        }
+    };
+    residual(x, held, output, lora)
 }
 
 /// `x + branch` as one graph node over (x, the branch's LoRA parameters flattened and
@@ -304,24 +326,24 @@ impl Branch for AttentionBranch {
 }
 
 impl Attention {
-    /// `x + attention(norm(x))` as one node ([`AttentionBranch`]), for whole sequences
-    /// seen through `segments`; with `checkpoint` its backward runs the forward again.
+    /// `x + attention(norm(x))` as one node ([`AttentionBranch`]) keeping `keep` for its
+    /// backward, for whole sequences seen through `segments`.
     pub(super) fn block(
         &self,
         norm: &RmsNorm,
         x: &Tensor,
         (rotary, segments): (&Rotary, &Segments),
         dropout: Option<DropoutKey>,
-        checkpoint: bool,
+        keep: Keep,
     ) -> Result<Tensor> {
-        let (branch, output) = self.branch(norm, x, (rotary, segments), dropout)?;
-        let held = Held::new(branch, checkpoint, || {
+        let branch = self.branch(norm, x, (rotary, segments), dropout)?;
+        let recompute = || -> Recompute<AttentionBranch> {
             let (attention, norm) = (self.clone(), norm.clone());
             let (rotary, segments) = (rotary.clone(), segments.clone());
             Box::new(move |x| attention.branch(&norm, x, (&rotary, &segments), dropout))
-        });
+        };
         let lora = lora_of(&[&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]);
-        residual(x, held, output, &lora)
+        half_layer(x, branch, keep, recompute, &lora)
     }
 
     /// The attention branch's passes and its output.
@@ -410,22 +432,21 @@ impl Branch for MlpBranch {
 }
 
 impl Mlp {
-    /// `x + mlp(norm(x))` as one node ([`MlpBranch`]); with `checkpoint` its backward runs
-    /// the forward again.
+    /// `x + mlp(norm(x))` as one node ([`MlpBranch`]) keeping `keep` for its backward.
     pub(super) fn block(
         &self,
         norm: &RmsNorm,
         x: &Tensor,
         dropout: Option<DropoutKey>,
-        checkpoint: bool,
+        keep: Keep,
     ) -> Result<Tensor> {
-        let (branch, output) = self.branch(norm, x, dropout)?;
-        let held = Held::new(branch, checkpoint, || {
+        let branch = self.branch(norm, x, dropout)?;
+        let recompute = || -> Recompute<MlpBranch> {
             let (mlp, norm) = (self.clone(), norm.clone());
             Box::new(move |x| mlp.branch(&norm, x, dropout))
-        });
+        };
         let lora = lora_of(&[&self.gate_proj, &self.up_proj, &self.down_proj]);
-        residual(x, held, output, &lora)
+        half_layer(x, branch, keep, recompute, &lora)
     }
 
     /// The MLP branch's passes and its output.
