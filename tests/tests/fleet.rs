@@ -158,7 +158,7 @@ async fn two_agents_train_five_jobs_exactly_once() {
     // The next estimate for this model on this GPU rests on the five runs: the median of
     // the tokens/s their trainers measured.
     let estimate = api
-        .send(Method::POST, "/jobs/estimate", estimate_body)
+        .send(Method::POST, "/jobs/estimate", estimate_body.clone())
         .await;
     measured.sort_by(f64::total_cmp);
     assert_eq!(estimate["throughput"]["source"], "measured", "{estimate}");
@@ -167,6 +167,26 @@ async fn two_agents_train_five_jobs_exactly_once() {
         estimate["throughput"]["tokens_per_second"].as_f64(),
         Some(measured[2]),
         "{estimate}"
+    );
+    // Runs that kept their activations say nothing of one that computes them again: a
+    // checkpointing job's estimate is modelled, at 6 FLOPs a parameter instead of 4.
+    let mut checkpointing = estimate_body;
+    checkpointing["hyperparameters"]["gradient_checkpointing"] = json!(true);
+    let slower = api
+        .send(Method::POST, "/jobs/estimate", checkpointing)
+        .await;
+    assert_eq!(slower["throughput"]["source"], "modelled", "{slower}");
+    let (plain, checkpointed) = (
+        modelled["throughput"]["flops_per_token"]
+            .as_f64()
+            .expect("flops"),
+        slower["throughput"]["flops_per_token"]
+            .as_f64()
+            .expect("flops"),
+    );
+    assert!(
+        (checkpointed / plain - 1.5).abs() < 1e-9,
+        "{modelled} {slower}"
     );
     let fleet = api.get("/agents").await;
     assert_eq!(fleet["data"].as_array().map(Vec::len), Some(2));

@@ -13,7 +13,7 @@ use super::events::Event;
 use super::jobs::Job;
 use super::metrics::MetricPoint;
 use super::{on_pool, BeginWrite, Db, DbError};
-use crate::domain::{AgentStatus, AttemptStatus, GpuType};
+use crate::domain::{AgentStatus, AttemptStatus, GpuType, Hyperparameters};
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct Attempt {
@@ -216,9 +216,10 @@ pub async fn throughput_samples(
     base_model: &str,
     gpu_model: &str,
     limit: i64,
-) -> Result<Vec<f64>, DbError> {
-    let rows: Vec<(f64,)> = on_pool!(db, pool => sqlx::query_as(
-        "SELECT a.tokens_per_second FROM job_attempts a JOIN training_jobs j ON j.id = a.job_id
+) -> Result<Vec<ThroughputSample>, DbError> {
+    let rows: Vec<(f64, Option<Json<Hyperparameters>>)> = on_pool!(db, pool => sqlx::query_as(
+        "SELECT a.tokens_per_second, j.hyperparameters
+         FROM job_attempts a JOIN training_jobs j ON j.id = a.job_id
          WHERE j.base_model = $1 AND j.gpu_model = $2 AND a.tokens_per_second > 0
          ORDER BY a.ended_at DESC LIMIT $3",
     )
@@ -227,7 +228,20 @@ pub async fn throughput_samples(
     .bind(limit)
     .fetch_all(pool)
     .await)?;
-    Ok(rows.into_iter().map(|(tps,)| tps).collect())
+    Ok(rows
+        .into_iter()
+        .map(|(tokens_per_second, hyperparameters)| ThroughputSample {
+            tokens_per_second,
+            gradient_checkpointing: hyperparameters.is_some_and(|h| h.gradient_checkpointing),
+        })
+        .collect())
+}
+
+/// An ended attempt's measured tokens/s, and whether its job checkpoints (which runs the
+/// forward twice, so its speed is no sample for a job that does not, nor the reverse).
+pub struct ThroughputSample {
+    pub tokens_per_second: f64,
+    pub gradient_checkpointing: bool,
 }
 
 /// Progress carried by a report batch, applied to the job row.

@@ -114,8 +114,9 @@ pub enum Throughput {
         fastest_quartile: f64,
     },
     /// The GPU's peak FLOP/s × an assumed utilisation ÷ FLOPs per token (4 × parameters:
-    /// forward and the backward through the frozen base; LoRA's and attention's terms
-    /// are left out). The range is half to twice the result.
+    /// forward and the backward through the frozen base, 6 × with gradient checkpointing,
+    /// whose backward runs the forward again; LoRA's and attention's terms are left out).
+    /// The range is half to twice the result.
     Modelled {
         tokens_per_second: f64,
         flops_per_token: f64,
@@ -152,14 +153,16 @@ impl Throughput {
         })
     }
 
-    /// From the base model's size (read from its name) and the GPU's peak; `None` when
-    /// either is unknown.
+    /// From the base model's size (read from its name) and the GPU's peak, for a run that
+    /// does or does not checkpoint; `None` when the size or the peak is unknown.
     pub fn modelled(
         parameters_billions: Option<f64>,
         peak_tflops: Option<f64>,
         assumed_utilization: f64,
+        gradient_checkpointing: bool,
     ) -> Option<Throughput> {
-        let flops_per_token = 4.0 * parameters_billions? * 1e9;
+        let passes = if gradient_checkpointing { 6.0 } else { 4.0 };
+        let flops_per_token = passes * parameters_billions? * 1e9;
         let peak_tflops = peak_tflops.filter(|p| *p > 0.0)?;
         Some(Throughput::Modelled {
             tokens_per_second: peak_tflops * 1e12 * assumed_utilization / flops_per_token,
@@ -275,12 +278,20 @@ mod tests {
     fn modelled_throughput_needs_a_size_and_a_peak() {
         let Some(Throughput::Modelled {
             tokens_per_second, ..
-        }) = Throughput::modelled(Some(1.0), Some(1000.0), 0.1)
+        }) = Throughput::modelled(Some(1.0), Some(1000.0), 0.1, false)
         else {
             panic!("modelled");
         };
         assert!((tokens_per_second - 25_000.0).abs() < 1e-6);
-        assert_eq!(Throughput::modelled(None, Some(1000.0), 0.1), None);
-        assert_eq!(Throughput::modelled(Some(1.0), None, 0.1), None);
+        // Checkpointing runs the forward twice: 6 FLOPs a parameter, not 4.
+        let Some(Throughput::Modelled {
+            tokens_per_second, ..
+        }) = Throughput::modelled(Some(1.0), Some(1000.0), 0.1, true)
+        else {
+            panic!("modelled");
+        };
+        assert!((tokens_per_second - 25_000.0 * 4.0 / 6.0).abs() < 1e-6);
+        assert_eq!(Throughput::modelled(None, Some(1000.0), 0.1, false), None);
+        assert_eq!(Throughput::modelled(Some(1.0), None, 0.1, false), None);
     }
 }

@@ -118,13 +118,19 @@ pub async fn estimate(
                 state.settings.estimates.throughput_samples,
             )
             .await?;
+            let alike: Vec<f64> = samples
+                .iter()
+                .filter(|sample| sample.gradient_checkpointing == hp.gradient_checkpointing)
+                .map(|sample| sample.tokens_per_second)
+                .collect();
             let parameters = model_parameters(base_model).await;
-            Throughput::measured(&samples)
+            Throughput::measured(&alike)
                 .or_else(|| {
                     Throughput::modelled(
                         parameters,
                         plan.gpu.bf16_tflops,
                         state.settings.estimates.assumed_utilization,
+                        hp.gradient_checkpointing,
                     )
                 })
                 .unwrap_or(Throughput::Preset)
