@@ -16,9 +16,9 @@ use crate::frozen::{self, FrozenWeight};
 use crate::lora::{LoraAdapter, LoraConfig};
 use crate::quantized::{BaseQuant, QuantizationReport, QuantizedWeight};
 use crate::rng::{DropoutKey, Rng};
+pub use trainer_kernels::Segments;
 
 mod block;
-pub use trainer_kernels::Segments;
 
 /// Added to the attention scores of masked positions: far below any real score, yet finite
 /// so that no row of the softmax becomes NaN.
