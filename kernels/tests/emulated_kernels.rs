@@ -98,10 +98,8 @@ fn the_dropout_kernel_draws_the_cpus_masks_when_emulated() -> candle_core::Resul
         for dtype in [DType::F32, DType::BF16] {
             let x = x.to_dtype(dtype)?;
             let y = trainer_kernels::dropout(&x, stream, keep)?;
-            let (name, x_bits, y_bits) = match dtype {
-                DType::F32 => ("f32", f32_bits(&x)?, f32_bits(&y)?),
-                _ => ("bf16", bf16_bits(&x)?, bf16_bits(&y)?),
-            };
+            let name = if dtype == DType::BF16 { "bf16" } else { "f32" };
+            let (x_bits, y_bits) = (bits(&x)?, bits(&y)?);
             cases += &format!(
                 "{name} {count} {stream} {threshold} {:x}\n{}\n{}\n",
                 scale.to_bits(),
@@ -114,16 +112,18 @@ fn the_dropout_kernel_draws_the_cpus_masks_when_emulated() -> candle_core::Resul
     Ok(())
 }
 
-fn f32_bits(t: &Tensor) -> candle_core::Result<Vec<String>> {
-    Ok(t.to_vec1::<f32>()?
-        .iter()
-        .map(|v| format!("{:x}", v.to_bits()))
-        .collect())
-}
-
-fn bf16_bits(t: &Tensor) -> candle_core::Result<Vec<String>> {
-    Ok(t.to_vec1::<half::bf16>()?
-        .iter()
-        .map(|v| format!("{:x}", v.to_bits()))
-        .collect())
+/// Each entry's bits in hex: f32, or bf16.
+fn bits(t: &Tensor) -> candle_core::Result<Vec<String>> {
+    Ok(match t.dtype() {
+        DType::BF16 => t
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .map(|v| format!("{:x}", v.to_bits()))
+            .collect(),
+        _ => t
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|v| format!("{:x}", v.to_bits()))
+            .collect(),
+    })
 }

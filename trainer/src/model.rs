@@ -431,8 +431,9 @@ impl DecoderLayer {
         })
     }
 
-    /// The layer over `x`; with `graph` in blocks, each half is one graph node ([`block`])
-    /// where its fused ops all run (whole sequences, no cache), else a node per op.
+    /// The layer over `x`; with `graph` in blocks (which [`Model::block_ops`] allows), each
+    /// half is one graph node ([`block`]) over whole sequences (no cache), else a node per
+    /// op.
     fn forward(
         &self,
         x: &Tensor,
@@ -442,8 +443,8 @@ impl DecoderLayer {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         graph: Graph,
     ) -> Result<Tensor> {
-        if let (Graph::Blocks(keep), true, Visibility::Segments(segments), None) =
-            (graph, fused_on(x), visibility, &cache)
+        if let (Graph::Blocks(keep), Visibility::Segments(segments), None) =
+            (graph, visibility, &cache)
         {
             let x = self.self_attn.block(
                 &self.input_layernorm,
@@ -549,7 +550,7 @@ impl Model {
 
     /// How the layers go into the graph; `inference`: no backward will run.
     fn graph(&self, inference: bool) -> Graph {
-        match (self.blocks, inference, self.checkpoint) {
+        match (self.block_ops(), inference, self.checkpoint) {
             (false, _, _) => Graph::OpByOp,
             (true, true, _) => Graph::Blocks(block::Keep::Nothing),
             (true, false, true) => Graph::Blocks(block::Keep::Recompute),
