@@ -425,11 +425,12 @@ async fn a_budget_cap_stops_the_job_and_keeps_its_adapter() {
     .await;
     let api = Api::login(&plane).await;
     let model = tiny_model(scratch.path());
-    let file = api.upload("codes", chat_jsonl(40)).await;
+    let file = api.upload("codes", chat_jsonl(200)).await;
     let _agent = Agent::start(&plane, "worker", &["--spot-provider", "none"]);
-    // Steps of about a tenth of a second: a stop's own checkpoint and uploads then take
-    // less than a step, as on a real model.
-    let mut settings = hyperparameters(50);
+    // Steps of 0.02–0.1 s: a stop's own checkpoint and uploads then take less than a step,
+    // as on a real model. About a thousand of them, so the run outlasts the cap on a fast
+    // machine too (100 steps once ended before it: 2.5 s of spend against 3).
+    let mut settings = hyperparameters(100);
     settings["batch_size"] = json!(4);
     settings["gradient_accumulation_steps"] = json!(5);
     let job = api.start_job(&file, "capped", &model, settings).await;
