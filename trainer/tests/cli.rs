@@ -252,6 +252,95 @@ fn the_gpu_check_rehearses_on_cpu() {
     );
 }
 
+/// A trainer that fails as a GPU's kernels might: each word in `STAND_IN_FAILS` names a
+/// failure (`tensor-core-kernels`: the kernel check fails unless TRAINER_TENSOR_CORES=0;
+/// `tensor-core-bench`: a bench does; `block-ops`: training on the "device" does unless
+/// TRAINER_BLOCK_OPS=0; `kernels`: the kernel check always does). Otherwise this build.
+fn failing_trainer(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("failing-trainer");
+    let script = r#"#!/usr/bin/env bash
+fails=" ${STAND_IN_FAILS:-} "
+refuse() { echo "stand-in: $1" >&2; exit 1; }
+tensor_cores_on() { [[ "${TRAINER_TENSOR_CORES:-1}" != 0 ]]; }
+case "$1" in
+  kernel-check)
+    [[ $fails == *" kernels "* ]] && refuse "adamw differs from the CPU"
+    [[ $fails == *" tensor-core-kernels "* ]] && tensor_cores_on && refuse "causal_attention_bf16 differs from the CPU" ;;
+  bench)
+    [[ $fails == *" tensor-core-bench "* && "$*" != *--describe* ]] && tensor_cores_on && refuse "an illegal memory access" ;;
+  train)
+    [[ $fails == *" block-ops "* && "$*" != *parity/cpu* && "${TRAINER_BLOCK_OPS:-1}" != 0 ]] && refuse "gradients differ" ;;
+esac
+exec REAL "$@"
+"#
+    .replace("REAL", env!("CARGO_BIN_EXE_trainer"));
+    std::fs::write(&path, script).expect("stand-in written");
+    let mode = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+    std::fs::set_permissions(&path, mode).expect("stand-in made executable");
+    path
+}
+
+/// `scripts/gpu-check --dry-run` with the failing stand-in: whether it passed, its log
+/// and its table.
+fn gpu_check_failing(fails: &str) -> (bool, String, String) {
+    let out = tempfile::tempdir().expect("temp dir");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/gpu-check");
+    let output = Command::new("bash")
+        .arg(script)
+        .arg("--dry-run")
+        .env("TRAINER", failing_trainer(out.path()))
+        .env("STAND_IN_FAILS", fails)
+        .env("OUT", out.path())
+        .output()
+        .expect("gpu-check runs");
+    let read = |name: &str| std::fs::read_to_string(out.path().join(name)).unwrap_or_default();
+    let environment = read("environment.sh");
+    let log = format!("{}\n{environment}", String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), log, read("table.md"))
+}
+
+/// Device time is scarce: a failure with a way back takes it, says so in the log, atop
+/// the table and in the environment scripts/gpu-profile reads, and the check goes on.
+#[test]
+fn the_gpu_check_falls_back_where_it_can() {
+    let (passed, log, table) = gpu_check_failing("tensor-core-kernels block-ops");
+    assert!(passed, "{log}");
+    for variable in ["TRAINER_TENSOR_CORES=0", "TRAINER_BLOCK_OPS=0"] {
+        assert!(
+            log.contains(&format!("falling back to {variable}")),
+            "{log}"
+        );
+        assert!(log.contains(&format!("export {variable}")), "{log}");
+        assert!(
+            table.contains(&format!("Fell back to {variable}")),
+            "{table}"
+        );
+    }
+    assert!(log.contains("causal_attention_bf16 differs"), "{log}");
+    assert!(log.contains("gradients differ"), "{log}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("| tiny | 64 × 2 | ") && !l.contains("failed")),
+        "{table}"
+    );
+
+    let (passed, log, table) = gpu_check_failing("tensor-core-bench");
+    assert!(passed, "{log}");
+    assert!(
+        table.starts_with("Fell back to TRAINER_TENSOR_CORES=0 (the tiny bench failed"),
+        "{table}"
+    );
+    assert!(!log.contains("TRAINER_BLOCK_OPS"), "{log}");
+
+    let (passed, log, _) = gpu_check_failing("kernels");
+    assert!(
+        !passed,
+        "a kernel check failing either way ends the check: {log}"
+    );
+    assert!(log.contains("FAILED: kernel check"), "{log}");
+}
+
 /// Attention keeps no L² tensor: from seq 512 to 2048 (4×) the memory a tiny-width
 /// model's step needs grows about 4×, where scores and probabilities kept for the
 /// backward would make it 16×.
