@@ -174,16 +174,16 @@ pub fn linear(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 
 /// `x · Wᵀ` for a dense or quantized frozen weight.
 pub fn frozen_linear(x: &Tensor, weight: &FrozenWeight) -> Result<Tensor> {
-    let (op, x) = frozen_linear_op(x, weight)?;
-    x.apply_op1(op)
+    let x = x.contiguous()?;
+    x.apply_op1(frozen_linear_op(weight, x.dtype())?)
 }
 
-/// [`frozen_linear`]'s op and its input (contiguous), for a caller that applies it
-/// without a graph node and runs its `bwd` itself.
-pub fn frozen_linear_op(x: &Tensor, weight: &FrozenWeight) -> Result<(FrozenLinear, Tensor)> {
-    let x = x.contiguous()?;
-    let weight = weight.in_dtype(x.dtype())?;
-    Ok((FrozenLinear { weight }, x))
+/// [`frozen_linear`]'s op for inputs of `dtype` (contiguous), for a caller that applies it
+/// without a graph node and runs its `bwd` itself, or only its backward.
+pub fn frozen_linear_op(weight: &FrozenWeight, dtype: candle_core::DType) -> Result<FrozenLinear> {
+    Ok(FrozenLinear {
+        weight: weight.in_dtype(dtype)?,
+    })
 }
 
 /// `x ⊙ w` with `w` broadcast to `x`'s shape.

@@ -29,29 +29,28 @@ pub fn lora_linear(
     scale: f64,
     dropout: Option<(u64, f64)>,
 ) -> Result<Tensor> {
-    let (op, x) = lora_linear_op(x, weight, scale, dropout)?;
+    let x = x.contiguous()?;
+    let op = lora_linear_op(weight, x.dtype(), scale, dropout)?;
     x.apply_op3(a, b, op)
 }
 
-/// [`lora_linear`]'s op and its input (contiguous), for a caller that applies it without a
-/// graph node and runs its `bwd` itself.
+/// [`lora_linear`]'s op for inputs of `dtype` (which it takes contiguous), for a caller
+/// that applies it without a graph node and runs its `bwd` itself, or only its backward.
 pub fn lora_linear_op(
-    x: &Tensor,
     weight: &FrozenWeight,
+    dtype: DType,
     scale: f64,
     dropout: Option<(u64, f64)>,
-) -> Result<(LoraLinear, Tensor)> {
-    let x = x.contiguous()?;
-    let op = LoraLinear {
-        weight: weight.in_dtype(x.dtype())?,
+) -> Result<LoraLinear> {
+    Ok(LoraLinear {
+        weight: weight.in_dtype(dtype)?,
         scale,
         dropout: dropout
             .map(|(stream, keep)| trainer_kernels::Dropout::new(stream, keep))
             .transpose()?,
         kept_mask: OnceLock::new(),
         kept_down: OnceLock::new(),
-    };
-    Ok((op, x))
+    })
 }
 
 pub struct LoraLinear {

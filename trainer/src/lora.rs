@@ -117,23 +117,24 @@ impl LoraAdapter {
         weight: &crate::frozen::FrozenWeight,
         dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
-        let (op, x) = self.op(x, weight, dropout)?;
+        let x = x.contiguous()?;
+        let op = self.op(weight, x.dtype(), dropout)?;
         x.apply_op3(self.a.as_tensor(), self.b.as_tensor(), op)
     }
 
-    /// [`LoraAdapter::project`]'s op and its input, for an op over a whole block that
-    /// applies it without a graph node and runs its `bwd` itself (with A and B as its
-    /// second and third operands).
+    /// [`LoraAdapter::project`]'s op for inputs of `dtype` (contiguous), for an op over a
+    /// whole block that applies it without a graph node and runs its `bwd` itself (with A
+    /// and B as its second and third operands).
     pub fn op(
         &self,
-        x: &Tensor,
         weight: &crate::frozen::FrozenWeight,
+        dtype: candle_core::DType,
         dropout: Option<DropoutKey>,
-    ) -> Result<(crate::fused_lora::LoraLinear, Tensor)> {
+    ) -> Result<crate::fused_lora::LoraLinear> {
         let mask = match dropout {
             Some(key) if self.dropout > 0.0 => Some((key.stream(self.module), 1.0 - self.dropout)),
             _ => None,
         };
-        crate::fused_lora::lora_linear_op(x, weight, self.scale, mask)
+        crate::fused_lora::lora_linear_op(weight, dtype, self.scale, mask)
     }
 }

@@ -292,9 +292,9 @@ struct TrainArgs {
     /// optimizer stay f32.
     #[arg(long, value_parser = BaseQuant::NAMES)]
     base_quant: Option<String>,
-    /// Compute each layer's activations again in the backward instead of keeping them:
-    /// about one more forward a step, a fraction of the activation memory, the same
-    /// gradients.
+    /// Compute each layer's activations again in the backward instead of keeping them
+    /// (all but the attention's output): about two thirds of a forward more a step, a
+    /// fraction of the activation memory, the same gradients.
     #[arg(long)]
     gradient_checkpointing: bool,
 }

@@ -558,9 +558,10 @@ impl Model {
         }
     }
 
-    /// Gradient checkpointing: each half layer keeps only its input for the backward,
-    /// which runs its forward again (the same dropout masks, the same gradients), for about
-    /// one more forward a step. Applies where the block ops run (see
+    /// Gradient checkpointing: each half layer keeps only its input (and the attention's
+    /// output) for the backward, which runs what it reads of the forward again (the same
+    /// dropout masks, the same gradients), for about two thirds of a forward more a step.
+    /// Applies where the block ops run (see
     /// [`Model::gradient_checkpointing`]).
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
         self.checkpoint = on;

@@ -58,9 +58,10 @@ pub fn parameters_from_config(config: &serde_json::Value) -> Option<f64> {
 /// that a quantized estimate errs high.
 const PROJECTION_SHARE: f64 = 0.72;
 
-/// What gradient checkpointing leaves of the activations: a layer keeps only its input
-/// until the backward (the rest is computed again there), so about a third, erring high
-/// (`trainer bench` on the CPU: peak memory, weights included, 33–62% lower with it).
+/// What gradient checkpointing leaves of the activations: a layer keeps only its two
+/// halves' inputs and its attention's output until the backward (the rest is computed
+/// again there), so about a third, erring high (`trainer bench` on the CPU: peak memory,
+/// weights included, 27–58% lower with it).
 const CHECKPOINTED_ACTIVATIONS: f64 = 1.0 / 3.0;
 
 /// GPU memory a LoRA run needs, in GiB: base weights (bf16, or the projections in their
