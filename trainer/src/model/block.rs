@@ -301,9 +301,16 @@ struct AttentionBranch {
     q_rope: Rope,
     k_rope: Rope,
     attention: AttentionPass,
-    /// The attention's output as the o projection reads it, (B, L, H·D).
-    merged: Tensor,
+    /// The o projection, whose input (the attention's output as (B, L, H·D)) is copied
+    /// again from the attention's in the backward rather than kept beside it: a pass over
+    /// a hidden-sized tensor, against holding a second copy a layer until the backward.
     o: ProjectionPass,
+}
+
+/// The attention's output (B, H, L, D) as the o projection reads it, (B, L, H·D).
+fn merge_heads(out: &Tensor) -> Result<Tensor> {
+    let (batch, heads, len, dim) = out.dims4()?;
+    out.transpose(1, 2)?.reshape((batch, len, heads * dim))
 }
 
 impl Branch for AttentionBranch {
@@ -315,7 +322,7 @@ impl Branch for AttentionBranch {
         let AttentionPass { op, q, k, v, out } = &self.attention;
         let (batch, heads, len, dim) = q.dims4()?;
         let kv_heads = k.dim(1)?;
-        let (d_out, o_lora) = self.o.backward(&self.merged, grad)?;
+        let (d_out, o_lora) = self.o.backward(&merge_heads(out)?, grad)?;
         let d_out = d_out.reshape((batch, len, heads, dim))?.transpose(1, 2)?;
         let (dq, dk, dv) = op.input_gradients(q, k, v, out, &d_out)?;
         drop(d_out);
@@ -420,15 +427,13 @@ impl Attention {
                 (Arc::new(op), out)
             }
         };
-        let merged = out
-            .transpose(1, 2)?
-            .reshape((batch, len, self.heads * self.head_dim))?;
         let (o_pass, output) = match again {
             Some(_) => (
-                ProjectionPass::new(&self.o_proj, merged.dtype(), dropout)?,
+                ProjectionPass::new(&self.o_proj, out.dtype(), dropout)?,
                 None,
             ),
             None => {
+                let merged = merge_heads(&out)?;
                 let (pass, output) = ProjectionPass::run(&self.o_proj, &merged, dropout)?;
                 (pass, Some(output))
             }
@@ -442,7 +447,6 @@ impl Attention {
             q_rope,
             k_rope,
             attention: AttentionPass { op, q, k, v, out },
-            merged,
             o: o_pass,
         };
         Ok((branch, output))
