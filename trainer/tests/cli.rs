@@ -250,6 +250,14 @@ fn the_gpu_check_rehearses_on_cpu() {
         table.lines().any(|l| l.starts_with("| tiny | 64 × 2 |")),
         "{table}"
     );
+    // The memory table: the plain run, a q4k base, and gradient checkpointing.
+    for row in [
+        "| tiny | f32 | False |",
+        "| tiny | q4k | False |",
+        "| tiny | f32 | True |",
+    ] {
+        assert!(table.lines().any(|l| l.starts_with(row)), "{row}: {table}");
+    }
 }
 
 /// A trainer that fails as a GPU's kernels might: each word in `STAND_IN_FAILS` names a
