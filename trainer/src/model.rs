@@ -322,7 +322,9 @@ impl Attention {
                 k = Tensor::cat(&[past_k, &k], 2)?;
                 v = Tensor::cat(&[past_v, &v], 2)?;
             }
-            *cache = Some((k.clone(), v.clone()));
+            // Kept detached: with a graph, each step's cached keys would hold every
+            // earlier step's, and their activations, until generation ends.
+            *cache = Some((k.detach(), v.detach()));
         }
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let mask = match visibility {
@@ -620,16 +622,14 @@ impl Model {
 
     /// [`Model::forward`] for evaluation: no dropout, and no gradient (not even the LoRA
     /// weights'), so a layer's activations are freed as soon as its output exists rather
-    /// than held for a backward that will not run (where the block ops run).
+    /// than held for a backward that will not run.
     pub fn forward_inference(
         &self,
         input_ids: &Tensor,
         segments: Option<&Segments>,
     ) -> Result<Tensor> {
         let hidden = self.hidden(input_ids, segments, None, true)?;
-        // Where layers are built op by op they are still graph nodes: detached here, the
-        // graph goes as soon as the logits are made.
-        Ok(frozen::linear(&hidden, &self.lm_head)?.detach())
+        frozen::linear(&hidden, &self.lm_head)
     }
 
     /// The final hidden states (batch, len, hidden), after the last norm: what the language
@@ -692,6 +692,11 @@ impl Model {
                 None,
                 self.graph(inference),
             )?;
+            if inference {
+                // Built op by op, a layer is still graph nodes over the LoRA weights:
+                // detached, its activations go once the next layer has read its output.
+                x = x.detach();
+            }
         }
         self.norm.forward(&x)
     }
@@ -730,19 +735,23 @@ impl Model {
         if cache.layers.len() != self.layers.len() {
             cache.layers = vec![None; self.layers.len()];
         }
+        // No backward runs through generation: each layer's output is detached, so the
+        // LoRA weights' graph behind it goes as soon as the next layer has read it.
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(
-                &x,
-                &rotary,
-                &visibility,
-                None,
-                Some(layer_cache),
-                Graph::OpByOp,
-            )?;
+            x = layer
+                .forward(
+                    &x,
+                    &rotary,
+                    &visibility,
+                    None,
+                    Some(layer_cache),
+                    Graph::OpByOp,
+                )?
+                .detach();
         }
         cache.position += len;
         let last = self.norm.forward(&x.narrow(1, len - 1, 1)?)?;
-        frozen::linear(&last, &self.lm_head)?.squeeze(1)
+        Ok(frozen::linear(&last, &self.lm_head)?.squeeze(1)?.detach())
     }
 
     /// Mean cross-entropy of predicting `targets` (batch, len), counting only positions
@@ -968,6 +977,42 @@ fn chunk_loss(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Generation keeps no graph over the LoRA weights: not in its logits, not in the
+    /// cached keys and values (which would otherwise hold every earlier step's).
+    #[test]
+    fn generation_keeps_no_graph() -> Result<()> {
+        let device = Device::Cpu;
+        let config = ModelConfig::parse(
+            r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 16,
+                "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "vocab_size": 32,
+                "rope_theta": 10000.0}"#,
+        )
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let weights = crate::init::random_weights(&config, 5, DType::F32, &device)?;
+        let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &device);
+        let lora = crate::LoraConfig::default();
+        let mut rng = crate::rng::Rng::new(1);
+        let model = Model::new(&config, vb, &lora, DType::F32, BaseQuant::None, &mut rng)?;
+        let mut cache = KvCache::default();
+        let prompt = Tensor::new(&[[3u32, 14, 15]], &device)?;
+        let mut logits = vec![model.forward_cached(&prompt, &mut cache)?];
+        for token in [9u32, 2] {
+            logits.push(model.forward_cached(&Tensor::new(&[[token]], &device)?, &mut cache)?);
+        }
+        assert!(logits.iter().all(|l| !l.track_op()), "logits keep a graph");
+        for (layer, kept) in cache.layers.iter().enumerate() {
+            let Some((k, v)) = kept else {
+                panic!("layer {layer} cached nothing");
+            };
+            assert!(
+                !k.track_op() && !v.track_op(),
+                "layer {layer}'s cache keeps a graph"
+            );
+        }
+        Ok(())
+    }
 
     /// The bias built on the device from positions: causal, padding hidden, and for cached
     /// generation every earlier key visible.
