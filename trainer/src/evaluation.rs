@@ -160,43 +160,129 @@ pub fn generate(
     temperature: f64,
     seed: u64,
 ) -> Result<Generation> {
-    let device = model.lm_head().device().clone();
-    let text = encoder.template.render(messages, None, true)?;
-    let prompt_ids = encoder.encode_text(&text)?;
-    if prompt_ids.is_empty() {
-        return Err(TrainerError::Invalid(
-            "the prompt encodes to no token".into(),
-        ));
+    let mut generations = generate_all(
+        model,
+        encoder,
+        &[messages],
+        (max_new_tokens, temperature, seed),
+        &mut |_, _| {},
+    )?;
+    generations
+        .pop()
+        .ok_or_else(|| TrainerError::Invalid("no generation".into()))
+}
+
+/// At most this many conversations are answered together.
+const GENERATION_ROWS: usize = 16;
+/// ... and together hold at most this many prompt tokens (padding included): the prompts'
+/// forward keeps its attention scores, rows × heads × prompt², before the cache takes over.
+const GENERATION_PROMPT_TOKENS: usize = 4096;
+
+/// [`generate`] for each of `conversations` (`(max_new_tokens, temperature, seed)`, each
+/// row sampling from its own generator seeded with `seed`): their prompts right-aligned in
+/// one batch, left padding that no query sees, so a step is one forward for all the rows
+/// instead of one each, and the products read the weights once for all of them. A row
+/// that ended its turn is carried along until all have or the budget is spent. `progress`
+/// hears (conversations answered, all of them) after each batch.
+pub fn generate_all(
+    model: &Model,
+    encoder: &TextEncoder,
+    conversations: &[&[protocol::dataset::Message]],
+    (max_new_tokens, temperature, seed): (usize, f64, u64),
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Generation>> {
+    let mut prompts = Vec::with_capacity(conversations.len());
+    for messages in conversations {
+        let text = encoder.template.render(messages, None, true)?;
+        let prompt = encoder.encode_text(&text)?;
+        if prompt.is_empty() {
+            return Err(TrainerError::Invalid(
+                "the prompt encodes to no token".into(),
+            ));
+        }
+        model
+            .config()
+            .check_sequence_length(prompt.len() + max_new_tokens)
+            .map_err(TrainerError::Invalid)?;
+        prompts.push(prompt);
     }
-    model
-        .config()
-        .check_sequence_length(prompt_ids.len() + max_new_tokens)
-        .map_err(TrainerError::Invalid)?;
+    let mut generations = Vec::with_capacity(prompts.len());
+    while generations.len() < prompts.len() {
+        let rest = &prompts[generations.len()..];
+        let mut rows = 1;
+        let mut longest = rest[0].len();
+        while rows < rest.len().min(GENERATION_ROWS) {
+            let wider = longest.max(rest[rows].len());
+            if wider * (rows + 1) > GENERATION_PROMPT_TOKENS {
+                break;
+            }
+            (rows, longest) = (rows + 1, wider);
+        }
+        let sampling = (max_new_tokens, temperature, seed);
+        generations.extend(generate_rows(model, encoder, &rest[..rows], sampling)?);
+        progress(generations.len(), prompts.len());
+    }
+    Ok(generations)
+}
+
+/// One batch of [`generate_all`].
+fn generate_rows(
+    model: &Model,
+    encoder: &TextEncoder,
+    prompts: &[Vec<u32>],
+    (max_new_tokens, temperature, seed): (usize, f64, u64),
+) -> Result<Vec<Generation>> {
+    let device = model.lm_head().device().clone();
+    let rows = prompts.len();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let padding: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+    let padded: Vec<u32> = prompts
+        .iter()
+        .flat_map(|prompt| std::iter::repeat_n(0, longest - prompt.len()).chain(prompt.clone()))
+        .collect();
+    let mut input = Tensor::from_vec(padded, (rows, longest), &device)?;
+    let mut cache = crate::model::KvCache::left_padded(padding);
     let stop = end_of_turn_tokens(encoder);
-    let mut cache = crate::model::KvCache::default();
-    let mut rng = Rng::new(seed);
-    let mut tokens = Vec::new();
-    let mut stopped = false;
-    let mut input = Tensor::new(prompt_ids.as_slice(), &device)?.unsqueeze(0)?;
+    let mut generators: Vec<Rng> = (0..rows).map(|_| Rng::new(seed)).collect();
+    let mut tokens = vec![Vec::new(); rows];
+    let mut stopped = vec![false; rows];
     for _ in 0..max_new_tokens {
-        let logits: Vec<f32> = model
-            .forward_cached(&input, &mut cache)?
-            .squeeze(0)?
-            .to_dtype(DType::F32)?
-            .to_vec1()?;
-        let next = sample(&logits, temperature, &mut rng);
-        if stop.contains(&next) {
-            stopped = true;
+        if stopped.iter().all(|s| *s) {
             break;
         }
-        tokens.push(next);
-        input = Tensor::new(&[next], &device)?.unsqueeze(0)?;
+        let logits: Vec<Vec<f32>> = model
+            .forward_cached(&input, &mut cache)?
+            .to_dtype(DType::F32)?
+            .to_vec2()?;
+        let mut next_tokens = Vec::with_capacity(rows);
+        for (row, logits) in logits.iter().enumerate() {
+            let next = if stopped[row] {
+                0
+            } else {
+                sample(logits, temperature, &mut generators[row])
+            };
+            if !stopped[row] {
+                if stop.contains(&next) {
+                    stopped[row] = true;
+                } else {
+                    tokens[row].push(next);
+                }
+            }
+            next_tokens.push(next);
+        }
+        input = Tensor::from_vec(next_tokens, (rows, 1), &device)?;
     }
-    Ok(Generation {
-        text: encoder.decode(&tokens)?,
-        tokens,
-        stopped,
-    })
+    tokens
+        .into_iter()
+        .zip(stopped)
+        .map(|(tokens, stopped)| {
+            Ok(Generation {
+                text: encoder.decode(&tokens)?,
+                tokens,
+                stopped,
+            })
+        })
+        .collect()
 }
 
 fn sample(logits: &[f32], temperature: f64, rng: &mut Rng) -> u32 {

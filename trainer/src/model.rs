@@ -471,11 +471,25 @@ impl DecoderLayer {
     }
 }
 
-/// Keys and values of the positions seen so far, per layer.
+/// Keys and values of the positions seen so far, per layer, for the rows generated
+/// together. A row's prompt may be right-aligned: its first `padding[row]` positions are
+/// then padding that no query sees. Its positions still count from the batch's first:
+/// rotary embeddings make a score depend only on how far a key is from its query.
 #[derive(Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     position: usize,
+    padding: Vec<usize>,
+}
+
+impl KvCache {
+    /// A cache for rows whose prompts are left-padded by `padding[row]` tokens.
+    pub fn left_padded(padding: Vec<usize>) -> KvCache {
+        KvCache {
+            padding,
+            ..KvCache::default()
+        }
+    }
 }
 
 pub struct Model {
@@ -706,8 +720,9 @@ impl Model {
         &self.lm_head
     }
 
-    /// Logits of the last position for `input_ids` (1, len) following what `cache` holds;
-    /// the new keys and values are appended to it. For generation.
+    /// Logits of each row's last position (batch, vocab) for `input_ids` (batch, len)
+    /// following what `cache` holds; the new keys and values are appended to it. For
+    /// generation.
     pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (batch, len) = input_ids.dims2()?;
         let device = input_ids.device();
@@ -720,10 +735,20 @@ impl Model {
         } else {
             DType::F32
         };
-        let rotary = Rotary::new(&self.config, cache.position, len, x.dtype(), device)?;
-        // New queries see every cached key and, among themselves, the earlier ones.
-        let bias = if len > 1 {
-            let past = cache.position;
+        let past = cache.position;
+        let padded = cache.padding.iter().any(|padding| *padding > 0);
+        if padded && cache.padding.len() != batch {
+            candle_core::bail!(
+                "{batch} rows of input but padding for {}",
+                cache.padding.len()
+            );
+        }
+        let rotary = Rotary::new(&self.config, past, len, x.dtype(), device)?;
+        // New queries see every cached key and, among themselves, the earlier ones; where
+        // rows are left-padded, not their padding.
+        let bias = if padded {
+            Some(left_padded_bias(past, len, &cache.padding, wide, device)?)
+        } else if len > 1 {
             Some(attention_bias(past, len, past + len, None, wide, device)?)
         } else {
             None
@@ -851,6 +876,33 @@ fn attention_bias(
     }
     // 1 ↦ 0 and 0 ↦ MASKED, exactly.
     visible.affine(-MASKED, MASKED)
+}
+
+/// The additive bias (batch, 1, queries, keys) for queries at `first_query`.. over rows
+/// left-padded by `padding[row]`: a query sees the keys up to itself but not its row's
+/// padding (a padding query sees itself, so that no row of scores is all masked).
+fn left_padded_bias(
+    first_query: usize,
+    queries: usize,
+    padding: &[usize],
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let keys = first_query + queries;
+    let mut bias = Vec::with_capacity(padding.len() * queries * keys);
+    for &padding in padding {
+        for query in first_query..keys {
+            bias.extend((0..keys).map(|key| {
+                let visible = key <= query && (key >= padding || key == query);
+                if visible {
+                    0.0
+                } else {
+                    MASKED
+                }
+            }));
+        }
+    }
+    Tensor::from_vec(bias, (padding.len(), 1, queries, keys), device)?.to_dtype(dtype)
 }
 
 /// Token-weighted mean cross-entropy over the positions where `mask` is 1.

@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 
 use crate::data::{self, Example, TextEncoder};
 use crate::error::{Result, TrainerError};
-use crate::evaluation::{evaluate_examples, generate, load_for_inference, Generation};
+use crate::evaluation::{evaluate_examples, generate_all, load_for_inference, Generation};
 use crate::model::Model;
 use crate::train::DeviceChoice;
 
@@ -281,17 +281,6 @@ impl Context<'_> {
         evaluate_examples(model, self.encoder, &examples, EVAL_BATCH)
     }
 
-    fn greedy(&self, model: &Model, messages: &[Message]) -> Result<Generation> {
-        generate(
-            model,
-            self.encoder,
-            messages,
-            self.options.max_new_tokens,
-            0.0,
-            0,
-        )
-    }
-
     fn retention_prompts(&self) -> Result<Vec<String>> {
         let limit = self.options.max_samples.max(1);
         let prompts: Vec<String> = match &self.options.retention_prompts {
@@ -376,18 +365,23 @@ impl Context<'_> {
         progress: &mut dyn Progress,
     ) -> Result<Vec<SuiteReport>> {
         let replies = if self.options.suites.iter().any(|s| s.generates_replies()) {
-            let mut replies = Vec::with_capacity(self.generated.len());
-            for (i, item) in self.generated.iter().enumerate() {
-                progress.progress(
-                    None,
-                    &format!("the {who} replies to the validation prompts"),
-                    i,
-                    self.generated.len(),
-                );
-                let (prompt, _) = item.prompt_and_reply().unwrap_or_default();
-                replies.push(self.greedy(subject, prompt)?);
-            }
-            replies
+            let prompts: Vec<&[Message]> = self
+                .generated
+                .iter()
+                .map(|item| item.prompt_and_reply().unwrap_or_default().0)
+                .collect();
+            let message = format!("the {who} replies to the validation prompts");
+            progress.progress(None, &message, 0, prompts.len());
+            let max_new_tokens = self.options.max_new_tokens;
+            greedy(
+                subject,
+                self.encoder,
+                &prompts,
+                max_new_tokens,
+                &mut |done, total| {
+                    progress.progress(None, &message, done, total);
+                },
+            )?
         } else {
             Vec::new()
         };
@@ -626,24 +620,54 @@ pub fn answer_prompts(
     max_new_tokens: usize,
     progress: &mut dyn Progress,
 ) -> Result<Vec<BaseAnswer>> {
-    let mut answers = Vec::with_capacity(prompts.len());
-    for (i, prompt) in prompts.iter().enumerate() {
-        progress.progress(
-            Some(Suite::KnowledgeRetention),
-            "the base model answers the general prompts",
-            i,
-            prompts.len(),
-        );
-        let messages = [Message::new(Role::User, prompt.clone())];
-        let generation = generate(model, encoder, &messages, max_new_tokens, 0.0, 0)?;
-        answers.push(BaseAnswer {
+    let message = "the base model answers the general prompts";
+    let suite = Some(Suite::KnowledgeRetention);
+    progress.progress(suite, message, 0, prompts.len());
+    let conversations = single_turns(prompts);
+    let conversations: Vec<&[Message]> = conversations.iter().map(|m| &m[..]).collect();
+    let generations = greedy(
+        model,
+        encoder,
+        &conversations,
+        max_new_tokens,
+        &mut |done, total| progress.progress(suite, message, done, total),
+    )?;
+    Ok(prompts
+        .iter()
+        .zip(generations)
+        .map(|(prompt, generation)| BaseAnswer {
             prompt: prompt.clone(),
             text: generation.text,
             tokens: generation.tokens,
             stopped: generation.stopped,
-        });
-    }
-    Ok(answers)
+        })
+        .collect())
+}
+
+/// Each prompt as a conversation of one user turn.
+fn single_turns<'a>(prompts: impl IntoIterator<Item = &'a String>) -> Vec<[Message; 1]> {
+    prompts
+        .into_iter()
+        .map(|prompt| [Message::new(Role::User, prompt.clone())])
+        .collect()
+}
+
+/// Greedy replies (no sampling) to each of `conversations`, answered together (see
+/// [`generate_all`]), `progress` told how many are done.
+fn greedy(
+    model: &Model,
+    encoder: &TextEncoder,
+    conversations: &[&[Message]],
+    max_new_tokens: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Generation>> {
+    generate_all(
+        model,
+        encoder,
+        conversations,
+        (max_new_tokens, 0.0, 0),
+        progress,
+    )
 }
 
 /// Knowledge retention of `subject` against `base` on the base's answers.
@@ -657,7 +681,16 @@ pub fn retention(
     let (mut base_sum, mut subject_sum, mut tokens) = (0.0, 0.0, 0usize);
     let mut agreement_sum = 0.0;
     let mut samples = Vec::with_capacity(answers.len());
-    for answer in answers {
+    let conversations = single_turns(answers.iter().map(|answer| &answer.prompt));
+    let conversations: Vec<&[Message]> = conversations.iter().map(|m| &m[..]).collect();
+    let own_answers = greedy(
+        subject,
+        encoder,
+        &conversations,
+        max_new_tokens,
+        &mut |_, _| {},
+    )?;
+    for (answer, own) in answers.iter().zip(own_answers) {
         let conversation = Conversation::chat(vec![
             Message::new(Role::User, answer.prompt.clone()),
             Message::new(Role::Assistant, answer.text.clone()),
@@ -677,14 +710,6 @@ pub fn retention(
             figures.insert("base_loss".into(), b.loss);
             figures.insert("adapter_loss".into(), s.loss);
         }
-        let own = generate(
-            subject,
-            encoder,
-            &[Message::new(Role::User, answer.prompt.clone())],
-            max_new_tokens,
-            0.0,
-            0,
-        )?;
         let agreement = token_agreement(&answer.tokens, &own.tokens);
         agreement_sum += agreement;
         figures.insert("token_agreement".into(), agreement);
