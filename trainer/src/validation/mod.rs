@@ -623,14 +623,14 @@ pub fn answer_prompts(
     let message = "the base model answers the general prompts";
     let suite = Some(Suite::KnowledgeRetention);
     progress.progress(suite, message, 0, prompts.len());
-    let conversations = single_turns(prompts);
-    let conversations: Vec<&[Message]> = conversations.iter().map(|m| &m[..]).collect();
-    let generations = greedy(
+    let generations = answer_each(
         model,
         encoder,
-        &conversations,
+        prompts,
         max_new_tokens,
-        &mut |done, total| progress.progress(suite, message, done, total),
+        &mut |done, total| {
+            progress.progress(suite, message, done, total);
+        },
     )?;
     Ok(prompts
         .iter()
@@ -644,12 +644,20 @@ pub fn answer_prompts(
         .collect())
 }
 
-/// Each prompt as a conversation of one user turn.
-fn single_turns<'a>(prompts: impl IntoIterator<Item = &'a String>) -> Vec<[Message; 1]> {
-    prompts
+/// [`greedy`] replies to each prompt as a conversation of one user turn.
+fn answer_each<'a>(
+    model: &Model,
+    encoder: &TextEncoder,
+    prompts: impl IntoIterator<Item = &'a String>,
+    max_new_tokens: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Generation>> {
+    let turns: Vec<[Message; 1]> = prompts
         .into_iter()
         .map(|prompt| [Message::new(Role::User, prompt.clone())])
-        .collect()
+        .collect();
+    let conversations: Vec<&[Message]> = turns.iter().map(|turn| &turn[..]).collect();
+    greedy(model, encoder, &conversations, max_new_tokens, progress)
 }
 
 /// Greedy replies (no sampling) to each of `conversations`, answered together (see
@@ -681,15 +689,8 @@ pub fn retention(
     let (mut base_sum, mut subject_sum, mut tokens) = (0.0, 0.0, 0usize);
     let mut agreement_sum = 0.0;
     let mut samples = Vec::with_capacity(answers.len());
-    let conversations = single_turns(answers.iter().map(|answer| &answer.prompt));
-    let conversations: Vec<&[Message]> = conversations.iter().map(|m| &m[..]).collect();
-    let own_answers = greedy(
-        subject,
-        encoder,
-        &conversations,
-        max_new_tokens,
-        &mut |_, _| {},
-    )?;
+    let prompts = answers.iter().map(|answer| &answer.prompt);
+    let own_answers = answer_each(subject, encoder, prompts, max_new_tokens, &mut |_, _| {})?;
     for (answer, own) in answers.iter().zip(own_answers) {
         let conversation = Conversation::chat(vec![
             Message::new(Role::User, answer.prompt.clone()),
