@@ -19,6 +19,9 @@ use crate::rng::{DropoutKey, Rng};
 pub use trainer_kernels::Segments;
 
 mod block;
+mod cache;
+
+pub use cache::KvCache;
 
 /// Added to the attention scores of masked positions: far below any real score, yet finite
 /// so that no row of the softmax becomes NaN.
@@ -307,7 +310,7 @@ impl Attention {
         rotary: &Rotary,
         visibility: &Visibility,
         dropout: Option<DropoutKey>,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut Option<cache::LayerCache>>,
     ) -> Result<Tensor> {
         let (batch, len, _) = x.dims3()?;
         let split = |t: Tensor, heads: usize| -> Result<Tensor> {
@@ -315,18 +318,18 @@ impl Attention {
                 .transpose(1, 2)
         };
         let q = rotary.heads(&self.q_proj.forward(x, dropout)?, self.heads)?;
-        let mut k = rotary.heads(&self.k_proj.forward(x, dropout)?, self.kv_heads)?;
-        let mut v = split(self.v_proj.forward(x, dropout)?, self.kv_heads)?;
-        if let Some(cache) = cache {
-            if let Some((past_k, past_v)) = cache.as_ref() {
-                k = Tensor::cat(&[past_k, &k], 2)?;
-                v = Tensor::cat(&[past_v, &v], 2)?;
-            }
-            // Kept detached: with a graph, each step's cached keys would hold every
-            // earlier step's, and their activations, until generation ends.
-            *cache = Some((k.detach(), v.detach()));
-        }
+        let k = rotary.heads(&self.k_proj.forward(x, dropout)?, self.kv_heads)?;
+        let v = split(self.v_proj.forward(x, dropout)?, self.kv_heads)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        if let Some(slot) = cache {
+            let cached = cache::LayerCache::append(slot, &k, &v)?;
+            let bias = match visibility {
+                Visibility::Bias(bias) => Some(*bias),
+                _ => None,
+            };
+            let out = cache::attend(&q, (&cached.0, &cached.1), bias, scale)?;
+            return self.o_proj.forward(&out, dropout);
+        }
         let mask = match visibility {
             Visibility::Segments(segments) => {
                 let out = trainer_kernels::causal_attention(&q, &k, &v, segments, scale)?
@@ -442,7 +445,7 @@ impl DecoderLayer {
         rotary: &Rotary,
         visibility: &Visibility,
         dropout: Option<DropoutKey>,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<&mut Option<cache::LayerCache>>,
         graph: Graph,
     ) -> Result<Tensor> {
         if let (Graph::Blocks(keep), Visibility::Segments(segments), None) =
@@ -468,27 +471,6 @@ impl DecoderLayer {
             .mlp
             .forward(&self.post_attention_layernorm.forward(&x)?, dropout)?;
         x + transformed
-    }
-}
-
-/// Keys and values of the positions seen so far, per layer, for the rows generated
-/// together. A row's prompt may be right-aligned: its first `padding[row]` positions are
-/// then padding that no query sees. Its positions still count from the batch's first:
-/// rotary embeddings make a score depend only on how far a key is from its query.
-#[derive(Default)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    position: usize,
-    padding: Vec<usize>,
-}
-
-impl KvCache {
-    /// A cache for rows whose prompts are left-padded by `padding[row]` tokens.
-    pub fn left_padded(padding: Vec<usize>) -> KvCache {
-        KvCache {
-            padding,
-            ..KvCache::default()
-        }
     }
 }
 
@@ -1055,11 +1037,11 @@ mod tests {
         }
         assert!(logits.iter().all(|l| !l.track_op()), "logits keep a graph");
         for (layer, kept) in cache.layers.iter().enumerate() {
-            let Some((k, v)) = kept else {
+            let Some(kept) = kept else {
                 panic!("layer {layer} cached nothing");
             };
             assert!(
-                !k.track_op() && !v.track_op(),
+                !kept.k.track_op() && !kept.v.track_op(),
                 "layer {layer}'s cache keeps a graph"
             );
         }
