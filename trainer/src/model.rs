@@ -313,24 +313,21 @@ impl Attention {
         cache: Option<&mut Option<cache::LayerCache>>,
     ) -> Result<Tensor> {
         let (batch, len, _) = x.dims3()?;
+        // Heads-major and contiguous: every attention below reads v in place.
         let split = |t: Tensor, heads: usize| -> Result<Tensor> {
             t.reshape((batch, len, heads, self.head_dim))?
-                .transpose(1, 2)
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = rotary.heads(&self.q_proj.forward(x, dropout)?, self.heads)?;
         let k = rotary.heads(&self.k_proj.forward(x, dropout)?, self.kv_heads)?;
         let v = split(self.v_proj.forward(x, dropout)?, self.kv_heads)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        if let Some(slot) = cache {
-            let cached = cache::LayerCache::append(slot, &k, &v)?;
-            let bias = match visibility {
-                Visibility::Bias(bias) => Some(*bias),
-                _ => None,
-            };
-            let out = cache::attend(&q, (&cached.0, &cached.1), bias, scale)?;
-            return self.o_proj.forward(&out, dropout);
-        }
-        let mask = match visibility {
+        let (k, v) = match cache {
+            Some(slot) => cache::LayerCache::append(slot, &k, &v)?,
+            None => (k, v),
+        };
+        let bias = match visibility {
             Visibility::Segments(segments) => {
                 let out = trainer_kernels::causal_attention(&q, &k, &v, segments, scale)?
                     .transpose(1, 2)?
@@ -340,41 +337,8 @@ impl Attention {
             Visibility::Bias(bias) => Some(*bias),
             Visibility::All => None,
         };
-        let (k, v) = (self.repeat_kv(k)?, self.repeat_kv(v)?);
-
-        let dtype = q.dtype();
-        let wide = if dtype == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
-        let scores = q
-            .contiguous()?
-            .matmul(&k.t()?.contiguous()?)?
-            .affine(scale, 0.0)?
-            .to_dtype(wide)?;
-        let scores = match mask {
-            Some(mask) => frozen::shift(&scores, mask)?,
-            None => scores,
-        };
-        let probabilities = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
-        let out = probabilities.matmul(&v.contiguous()?)?;
-        let out = out
-            .transpose(1, 2)?
-            .reshape((batch, len, self.heads * self.head_dim))?;
+        let out = composed_attention(&q, (&k, &v), bias, scale)?;
         self.o_proj.forward(&out, dropout)
-    }
-
-    /// Grouped-query attention: each key/value head serves `heads / kv_heads` query heads.
-    fn repeat_kv(&self, x: Tensor) -> Result<Tensor> {
-        let groups = self.heads / self.kv_heads;
-        if groups == 1 {
-            return Ok(x);
-        }
-        let (batch, kv_heads, len, dim) = x.dims4()?;
-        x.unsqueeze(2)?
-            .broadcast_as((batch, kv_heads, groups, len, dim))?
-            .reshape((batch, kv_heads * groups, len, dim))
     }
 }
 
@@ -858,6 +822,47 @@ fn attention_bias(
     }
     // 1 ↦ 0 and 0 ↦ MASKED, exactly.
     visible.affine(-MASKED, MASKED)
+}
+
+/// `softmax(q·kᵀ·scale + bias)·v` from candle ops, for queries q (batch, heads, len,
+/// head_dim) over keys and values k, v (batch, kv_heads, keys, head_dim), read in place
+/// (views of the KV cache included; the keys transposed as a view); `bias` (batch or 1, 1,
+/// len, keys) is added to every head's scores. Returns (batch, len, heads · head_dim).
+/// Where the attention op does not run, and over the KV cache.
+fn composed_attention(
+    q: &Tensor,
+    (k, v): (&Tensor, &Tensor),
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (batch, heads, len, dim) = q.dims4()?;
+    let (kv_heads, keys) = (k.dim(1)?, k.dim(2)?);
+    let groups = heads / kv_heads.max(1);
+    let dtype = q.dtype();
+    let wide = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    // Query head h reads key/value head h / groups: a key/value head's query heads are
+    // consecutive, so they are rows of one product with its keys.
+    let q = q
+        .contiguous()?
+        .reshape((batch, kv_heads, groups * len, dim))?;
+    let scores = q.matmul(&k.t()?)?.affine(scale, 0.0)?.to_dtype(wide)?;
+    let scores = match bias {
+        Some(bias) => scores
+            .reshape((batch, kv_heads, groups, len, keys))?
+            .broadcast_add(&bias.unsqueeze(2)?.to_dtype(wide)?)?
+            .reshape((batch, kv_heads, groups * len, keys))?,
+        None => scores,
+    };
+    let probabilities = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
+    probabilities
+        .matmul(v)?
+        .reshape((batch, heads, len, dim))?
+        .transpose(1, 2)?
+        .reshape((batch, len, heads * dim))
 }
 
 /// The additive bias (batch, 1, queries, keys) for queries at `first_query`.. over rows

@@ -1,14 +1,13 @@
-//! The KV cache of generation, and attention over it.
+//! The KV cache of generation.
 //!
 //! Each layer's keys and values live in buffers with room to spare (the capacity doubles
-//! when full), so a step writes only its own keys and values; the attention reads the
-//! filled part in place, the keys transposed as a view, and a key/value head's query
-//! heads go through its keys as rows of one product. Concatenating the cache with each
-//! step's keys, transposing them into a copy and repeating them for grouped-query heads
-//! had copied the whole cache three times a step: 42% of a batch of replies' time on the
-//! CPU, more than the products.
+//! when full), so a step writes only its own keys and values, and the attention
+//! ([`super::composed_attention`]) reads the filled part in place. Concatenating the cache
+//! with each step's keys, transposing them into a copy and repeating them for
+//! grouped-query heads had copied the whole cache three times a step: 42% of a batch of
+//! replies' time on the CPU, more than the products.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{Result, Tensor};
 
 /// Keys and values of the positions seen so far, per layer, for the rows generated
 /// together. A row's prompt may be right-aligned: its first `padding[row]` positions are
@@ -83,43 +82,4 @@ impl LayerCache {
         });
         Ok((filled_k, filled_v))
     }
-}
-
-/// `softmax(q·kᵀ·scale + bias)·v` for queries q (batch, heads, len, head_dim) over cached
-/// keys and values k, v (batch, kv_heads, keys, head_dim), read in place; `bias` (batch or
-/// 1, 1, len, keys) is added to every head's scores. Returns (batch, len, heads · head_dim).
-pub(super) fn attend(
-    q: &Tensor,
-    (k, v): (&Tensor, &Tensor),
-    bias: Option<&Tensor>,
-    scale: f64,
-) -> Result<Tensor> {
-    let (batch, heads, len, dim) = q.dims4()?;
-    let (kv_heads, keys) = (k.dim(1)?, k.dim(2)?);
-    let groups = heads / kv_heads.max(1);
-    let dtype = q.dtype();
-    let wide = if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    // Query head h reads key/value head h / groups: a key/value head's query heads are
-    // consecutive, so they are rows of one product with its keys.
-    let q = q
-        .contiguous()?
-        .reshape((batch, kv_heads, groups * len, dim))?;
-    let scores = q.matmul(&k.t()?)?.affine(scale, 0.0)?.to_dtype(wide)?;
-    let scores = match bias {
-        Some(bias) => scores
-            .reshape((batch, kv_heads, groups, len, keys))?
-            .broadcast_add(&bias.unsqueeze(2)?.to_dtype(wide)?)?
-            .reshape((batch, kv_heads, groups * len, keys))?,
-        None => scores,
-    };
-    let probabilities = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
-    probabilities
-        .matmul(v)?
-        .reshape((batch, heads, len, dim))?
-        .transpose(1, 2)?
-        .reshape((batch, len, heads * dim))
 }
