@@ -245,6 +245,17 @@ fn the_gpu_check_rehearses_on_cpu() {
     )
     .expect("parity JSON");
     assert_eq!(parity["passed"], true, "{parity}");
+    // Generation (the validation suites' replies) on the "device" and the CPU: here both
+    // are the CPU, so every reply is the same.
+    let generation: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("generation.json")).expect("generation.json"),
+    )
+    .expect("generation JSON");
+    assert_eq!(generation["complete"], true, "{generation}");
+    assert_eq!(
+        generation["identical_on_the_device"], generation["replies"],
+        "{generation}"
+    );
     let table = std::fs::read_to_string(out.path().join("table.md")).expect("table.md");
     assert!(
         table.lines().any(|l| l.starts_with("| tiny | 64 × 2 |")),
