@@ -250,17 +250,20 @@ fn generate_rows(
         if stopped.iter().all(|s| *s) {
             break;
         }
-        let logits: Vec<Vec<f32>> = model
-            .forward_cached(&input, &mut cache)?
-            .to_dtype(DType::F32)?
-            .to_vec2()?;
-        let mut next_tokens = Vec::with_capacity(rows);
-        for (row, logits) in logits.iter().enumerate() {
-            let next = if stopped[row] {
-                0
-            } else {
-                sample(logits, temperature, &mut generators[row])
-            };
+        let logits = model.forward_cached(&input, &mut cache)?;
+        // Greedy picks on the device: a token a row comes back, not a row of logits.
+        let picked: Vec<u32> = if temperature <= 0.0 {
+            logits.argmax(D::Minus1)?.to_vec1()?
+        } else {
+            let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+            let rows = logits.iter().zip(&mut generators).zip(&stopped);
+            rows.map(|((logits, generator), stopped)| match stopped {
+                true => 0,
+                false => sample(logits, temperature, generator),
+            })
+            .collect()
+        };
+        for (row, &next) in picked.iter().enumerate() {
             if !stopped[row] {
                 if stop.contains(&next) {
                     stopped[row] = true;
@@ -268,9 +271,8 @@ fn generate_rows(
                     tokens[row].push(next);
                 }
             }
-            next_tokens.push(next);
         }
-        input = Tensor::from_vec(next_tokens, (rows, 1), &device)?;
+        input = Tensor::from_vec(picked, (rows, 1), &device)?;
     }
     tokens
         .into_iter()
@@ -285,6 +287,7 @@ fn generate_rows(
         .collect()
 }
 
+/// A token drawn from `softmax(logits / temperature)`, `temperature` above 0.
 fn sample(logits: &[f32], temperature: f64, rng: &mut Rng) -> u32 {
     let argmax = || {
         logits
@@ -293,9 +296,6 @@ fn sample(logits: &[f32], temperature: f64, rng: &mut Rng) -> u32 {
             .max_by(|a, b| a.1.total_cmp(b.1))
             .map_or(0, |(i, _)| i as u32)
     };
-    if temperature <= 0.0 {
-        return argmax();
-    }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let weights: Vec<f64> = logits
         .iter()
