@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::data::{self, Example, TextEncoder};
 use crate::error::{Result, TrainerError};
 use crate::lora::LoraConfig;
-use crate::model::{token_loss, Model};
+use crate::model::{token_losses, Model};
 use crate::rng::Rng;
 use crate::{loader, peft};
 
@@ -85,6 +85,80 @@ pub fn evaluate_examples(
     examples: &[Example],
     batch_size: usize,
 ) -> Result<EvalReport> {
+    let rows = row_figures(model, encoder, examples, batch_size)?;
+    let whole = rows
+        .iter()
+        .fold(RowFigures::default(), |sum, row| sum.plus(row));
+    whole.report(examples.len())
+}
+
+/// [`evaluate_examples`] for each of `examples` on its own, computed in batches of
+/// `batch_size` (the figures per example that validation reports); every example must
+/// have an assistant token.
+pub fn evaluate_each(
+    model: &Model,
+    encoder: &TextEncoder,
+    examples: &[Example],
+    batch_size: usize,
+) -> Result<Vec<EvalReport>> {
+    row_figures(model, encoder, examples, batch_size)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, row)| {
+            row.report(1)
+                .map_err(|e| TrainerError::Invalid(format!("example {}: {e}", i + 1)))
+        })
+        .collect()
+}
+
+/// One example's sums: negative log-likelihood over its assistant tokens and over all its
+/// predicted tokens, assistant tokens predicted right, and both counts.
+#[derive(Debug, Clone, Copy, Default)]
+struct RowFigures {
+    loss_sum: f64,
+    all_sum: f64,
+    correct: f64,
+    tokens: f64,
+    tokens_all: f64,
+}
+
+impl RowFigures {
+    fn plus(self, other: &RowFigures) -> RowFigures {
+        RowFigures {
+            loss_sum: self.loss_sum + other.loss_sum,
+            all_sum: self.all_sum + other.all_sum,
+            correct: self.correct + other.correct,
+            tokens: self.tokens + other.tokens,
+            tokens_all: self.tokens_all + other.tokens_all,
+        }
+    }
+
+    fn report(&self, conversations: usize) -> Result<EvalReport> {
+        if self.tokens == 0.0 {
+            return Err(TrainerError::Invalid(
+                "no assistant token to evaluate".into(),
+            ));
+        }
+        let loss = self.loss_sum / self.tokens;
+        Ok(EvalReport {
+            loss,
+            loss_all_tokens: self.all_sum / self.tokens_all,
+            perplexity: loss.exp(),
+            token_accuracy: self.correct / self.tokens,
+            tokens: self.tokens as usize,
+            tokens_all: self.tokens_all as usize,
+            conversations,
+        })
+    }
+}
+
+/// Each example's [`RowFigures`], `batch_size` examples a forward pass.
+fn row_figures(
+    model: &Model,
+    encoder: &TextEncoder,
+    examples: &[Example],
+    batch_size: usize,
+) -> Result<Vec<RowFigures>> {
     let device = model.lm_head().device().clone();
     let longest = examples
         .iter()
@@ -96,40 +170,42 @@ pub fn evaluate_examples(
         .check_sequence_length(longest)
         .map_err(TrainerError::Invalid)?;
     let pad_id = encoder.tokenizer.token_to_id("<|endoftext|>").unwrap_or(0);
-
-    let (mut loss_sum, mut all_sum, mut correct) = (0.0, 0.0, 0.0);
-    let (mut tokens, mut tokens_all) = (0.0, 0.0);
+    let mut figures = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(batch_size.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = data::make_batch(&refs, pad_id, &device)?;
         let logits = model.forward_inference(&batch.input_ids, Some(&batch.segments))?;
-        let all_mask = batch.attention_mask.to_dtype(DType::F32)?;
-        let (count, count_all) = (batch.loss_tokens as f64, batch.tokens as f64);
-        let loss = token_loss(&logits, &batch.targets, &batch.loss_mask)?;
-        let loss_all = token_loss(&logits, &batch.targets, &all_mask)?;
-        loss_sum += loss.to_scalar::<f32>()? as f64 * count;
-        all_sum += loss_all.to_scalar::<f32>()? as f64 * count_all;
-        tokens += count;
-        tokens_all += count_all;
-        let predicted = logits.argmax(D::Minus1)?;
-        let hits = predicted.eq(&batch.targets)?.to_dtype(DType::F32)?;
-        correct += (hits * &batch.loss_mask)?.sum_all()?.to_scalar::<f32>()? as f64;
+        let wide = if logits.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let negative_log_likelihood = token_losses(&logits, &batch.targets)?;
+        let per_row = |mask: &Tensor, values: &Tensor| -> Result<Vec<f64>> {
+            let sums = (values * mask.to_dtype(wide)?)?.sum(1)?;
+            Ok(sums.to_dtype(DType::F64)?.to_vec1()?)
+        };
+        let ones = batch.attention_mask.ones_like()?.to_dtype(wide)?;
+        let hits = logits
+            .argmax(D::Minus1)?
+            .eq(&batch.targets)?
+            .to_dtype(wide)?;
+        let loss_sums = per_row(&batch.loss_mask, &negative_log_likelihood)?;
+        let all_sums = per_row(&batch.attention_mask, &negative_log_likelihood)?;
+        let correct = per_row(&batch.loss_mask, &hits)?;
+        let tokens = per_row(&batch.loss_mask, &ones)?;
+        let tokens_all = per_row(&batch.attention_mask, &ones)?;
+        for row in 0..chunk.len() {
+            figures.push(RowFigures {
+                loss_sum: loss_sums[row],
+                all_sum: all_sums[row],
+                correct: correct[row],
+                tokens: tokens[row],
+                tokens_all: tokens_all[row],
+            });
+        }
     }
-    if tokens == 0.0 {
-        return Err(TrainerError::Invalid(
-            "no assistant token to evaluate".into(),
-        ));
-    }
-    let loss = loss_sum / tokens;
-    Ok(EvalReport {
-        loss,
-        loss_all_tokens: all_sum / tokens_all,
-        perplexity: loss.exp(),
-        token_accuracy: correct / tokens,
-        tokens: tokens as usize,
-        tokens_all: tokens_all as usize,
-        conversations: examples.len(),
-    })
+    Ok(figures)
 }
 
 /// What [`generate`] produced.

@@ -894,6 +894,20 @@ fn left_padded_bias(
 
 /// Token-weighted mean cross-entropy over the positions where `mask` is 1.
 pub fn token_loss(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let losses = token_losses(logits, targets)?;
+    let (batch, len) = losses.dims2()?;
+    let losses = losses.reshape(batch * len)?;
+    let mask = mask.to_dtype(losses.dtype())?.reshape(batch * len)?;
+    // The count stays on the device (reading it back would stall a GPU every micro-batch),
+    // a constant of the graph: `frozen::scale` gives it no gradient.
+    let inverse_count = mask.sum_all()?.maximum(1.0)?.recip()?;
+    let total = frozen::scale(&losses, &mask)?.sum_all()?;
+    frozen::scale(&total, &inverse_count)
+}
+
+/// Each position's cross-entropy, the negative log-likelihood of its target: (batch, len)
+/// for logits (batch, len, vocab), in f32 (f64 for f64 logits).
+pub fn token_losses(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let (batch, len, vocab) = logits.dims3()?;
     let wide = if logits.dtype() == DType::F64 {
         DType::F64
@@ -903,15 +917,10 @@ pub fn token_loss(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Te
     let logits = logits.to_dtype(wide)?.reshape((batch * len, vocab))?;
     let log_probabilities = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let targets = targets.to_dtype(DType::U32)?.reshape((batch * len, 1))?;
-    let picked = log_probabilities
+    log_probabilities
         .gather(&targets, 1)?
-        .reshape(batch * len)?;
-    let mask = mask.to_dtype(wide)?.reshape(batch * len)?;
-    // The count stays on the device (reading it back would stall a GPU every micro-batch),
-    // a constant of the graph: `frozen::scale` gives it no gradient.
-    let inverse_count = mask.sum_all()?.maximum(1.0)?.recip()?.neg()?;
-    let total = frozen::scale(&picked, &mask)?.sum_all()?;
-    frozen::scale(&total, &inverse_count)
+        .reshape((batch, len))?
+        .neg()
 }
 
 /// How many logits the training loss holds at once: its chunks have this many ÷ the

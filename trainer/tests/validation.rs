@@ -7,7 +7,7 @@ use std::path::Path;
 use candle_core::Device;
 use protocol::validation::{Suite, SuiteStatus};
 use trainer::data::TextEncoder;
-use trainer::evaluation::{evaluate_file, load_for_inference};
+use trainer::evaluation::{evaluate_each, evaluate_examples, evaluate_file, load_for_inference};
 use trainer::init::{write_tiny_model, TinyModel};
 use trainer::train::{train, Control, DeviceChoice, TrainOptions};
 use trainer::validation::{answer_prompts, retention, run, ValidationOptions};
@@ -122,4 +122,27 @@ fn suites_measure_the_models() {
     let tuned = load_for_inference(&model, Some(&adapter), &Device::Cpu).expect("adapter model");
     let changed = retention(&base, &tuned, &encoder, &base_answers, 12).expect("retention");
     assert!(changed.score.expect("score") < 100.0, "{}", changed.figures);
+
+    // The figures per example, computed four examples a batch (rows of two lengths,
+    // padded), equal each example's alone.
+    let prepared = trainer::data::load_examples(&data, &encoder, Some(64)).expect("examples");
+    let each = evaluate_each(&tuned, &encoder, &prepared.examples, 4).expect("each");
+    assert_eq!(each.len(), 16);
+    for (i, (example, report)) in prepared.examples.iter().zip(&each).enumerate() {
+        let single = std::slice::from_ref(example);
+        let alone = evaluate_examples(&tuned, &encoder, single, 1).expect("alone");
+        assert_eq!(
+            (report.tokens, report.tokens_all),
+            (alone.tokens, alone.tokens_all)
+        );
+        assert!(
+            (report.loss - alone.loss).abs() < 1e-5,
+            "{i}: {report:?} {alone:?}"
+        );
+        assert!(
+            (report.loss_all_tokens - alone.loss_all_tokens).abs() < 1e-5,
+            "{i}"
+        );
+        assert_eq!(report.token_accuracy, alone.token_accuracy, "{i}");
+    }
 }

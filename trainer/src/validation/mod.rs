@@ -25,7 +25,9 @@ use sha2::{Digest, Sha256};
 
 use crate::data::{self, Example, TextEncoder};
 use crate::error::{Result, TrainerError};
-use crate::evaluation::{evaluate_examples, generate_all, load_for_inference, Generation};
+use crate::evaluation::{
+    evaluate_each, evaluate_examples, generate_all, load_for_inference, Generation,
+};
 use crate::model::Model;
 use crate::train::DeviceChoice;
 
@@ -418,13 +420,11 @@ impl Context<'_> {
         let adapter = self.evaluate(subject, self.items)?;
         let improvement = 100.0 * (base.perplexity - adapter.perplexity) / base.perplexity;
         let score = 100.0 * ((base.loss - adapter.loss) / base.loss).clamp(0.0, 1.0);
+        let examples: Vec<Example> = self.generated.iter().map(|i| i.example.clone()).collect();
+        let base_each = evaluate_each(self.base, self.encoder, &examples, EVAL_BATCH)?;
+        let adapter_each = evaluate_each(subject, self.encoder, &examples, EVAL_BATCH)?;
         let mut samples = Vec::new();
-        for item in self.generated {
-            let single = std::slice::from_ref(&item.example);
-            let (b, a) = (
-                evaluate_examples(self.base, self.encoder, single, 1)?,
-                evaluate_examples(subject, self.encoder, single, 1)?,
-            );
+        for ((item, b), a) in self.generated.iter().zip(base_each).zip(adapter_each) {
             let (prompt, reply) = item.prompt_and_reply().unwrap_or_default();
             samples.push(Sample {
                 prompt: last_user_text(prompt),
@@ -691,20 +691,24 @@ pub fn retention(
     let mut samples = Vec::with_capacity(answers.len());
     let prompts = answers.iter().map(|answer| &answer.prompt);
     let own_answers = answer_each(subject, encoder, prompts, max_new_tokens, &mut |_, _| {})?;
-    for (answer, own) in answers.iter().zip(own_answers) {
+    // Each base answer as a conversation to score, where it holds an assistant token.
+    let mut examples = Vec::with_capacity(answers.len());
+    for answer in answers {
         let conversation = Conversation::chat(vec![
             Message::new(Role::User, answer.prompt.clone()),
             Message::new(Role::Assistant, answer.text.clone()),
         ]);
         let encoded = encoder.encode_conversation(&conversation)?;
         let (example, _) = data::to_example(&encoded.ids, &encoded.trained, None);
+        examples.push((example.loss_tokens() > 0).then_some(example));
+    }
+    let scored: Vec<Example> = examples.iter().flatten().cloned().collect();
+    let base_each = evaluate_each(base, encoder, &scored, EVAL_BATCH)?;
+    let subject_each = evaluate_each(subject, encoder, &scored, EVAL_BATCH)?;
+    let mut losses = base_each.into_iter().zip(subject_each);
+    for ((answer, own), example) in answers.iter().zip(own_answers).zip(&examples) {
         let mut figures = BTreeMap::new();
-        if example.loss_tokens() > 0 {
-            let single = std::slice::from_ref(&example);
-            let (b, s) = (
-                evaluate_examples(base, encoder, single, 1)?,
-                evaluate_examples(subject, encoder, single, 1)?,
-            );
+        if let Some((b, s)) = example.as_ref().and_then(|_| losses.next()) {
             base_sum += b.loss * b.tokens as f64;
             subject_sum += s.loss * s.tokens as f64;
             tokens += b.tokens;
