@@ -41,25 +41,30 @@ pub fn load_for_inference(
     adapter_dir: Option<&Path>,
     device: &Device,
 ) -> Result<Model> {
-    let lora = match adapter_dir {
-        Some(dir) => peft::read_adapter_config(dir)?,
-        // No adapter: no LoRA module at all, so the base model is evaluated as it is.
-        None => LoraConfig {
-            target_modules: Vec::new(),
-            ..LoraConfig::default()
-        },
+    // No LoRA module at all, so the base model is evaluated as it is.
+    let none = LoraConfig {
+        target_modules: Vec::new(),
+        ..LoraConfig::default()
     };
-    let (_, model) = loader::load_model(
+    let (_, base) = loader::load_model(
         model_dir,
-        &lora,
+        &none,
         (DType::F32, crate::quantized::BaseQuant::None),
         DType::F32,
         device,
         &mut Rng::new(0),
     )?;
-    if let Some(dir) = adapter_dir {
-        peft::load_adapter_weights(dir, &model, device)?;
+    match adapter_dir {
+        Some(dir) => with_adapter(&base, dir),
+        None => Ok(base),
     }
+}
+
+/// `base` with the adapter in `adapter_dir`, sharing the base's weights (not a copy).
+pub fn with_adapter(base: &Model, adapter_dir: &Path) -> Result<Model> {
+    let lora = peft::read_adapter_config(adapter_dir)?;
+    let model = base.with_adapters(&lora, DType::F32, &mut Rng::new(0))?;
+    peft::load_adapter_weights(adapter_dir, &model, base.lm_head().device())?;
     Ok(model)
 }
 

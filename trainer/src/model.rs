@@ -375,6 +375,7 @@ impl Mlp {
     }
 }
 
+#[derive(Clone)]
 struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
@@ -382,7 +383,46 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
+/// A decoder layer's projections by their names under the layer (as PEFT names them).
+const PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
 impl DecoderLayer {
+    /// The layer's projections, in [`PROJECTIONS`]' order.
+    fn projections_mut(&mut self) -> [&mut Projection; 7] {
+        let (attention, mlp) = (&mut self.self_attn, &mut self.mlp);
+        [
+            &mut attention.q_proj,
+            &mut attention.k_proj,
+            &mut attention.v_proj,
+            &mut attention.o_proj,
+            &mut mlp.gate_proj,
+            &mut mlp.up_proj,
+            &mut mlp.down_proj,
+        ]
+    }
+
+    /// The same, to read.
+    fn projections(&self) -> [&Projection; 7] {
+        let (attention, mlp) = (&self.self_attn, &self.mlp);
+        [
+            &attention.q_proj,
+            &attention.k_proj,
+            &attention.v_proj,
+            &attention.o_proj,
+            &mlp.gate_proj,
+            &mlp.up_proj,
+            &mlp.down_proj,
+        ]
+    }
+
     fn new(config: &ModelConfig, vb: VarBuilder, build: &mut Build) -> Result<DecoderLayer> {
         Ok(DecoderLayer {
             input_layernorm: RmsNorm::new(
@@ -438,6 +478,7 @@ impl DecoderLayer {
     }
 }
 
+#[derive(Clone)]
 pub struct Model {
     config: ModelConfig,
     embed_tokens: Tensor,
@@ -747,19 +788,37 @@ impl Model {
     }
 
     /// The LoRA parameters by PEFT name (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
+    /// This model's frozen weights, shared rather than copied, with new LoRA adapters
+    /// where `lora` targets (in `dtype`, initialised as training would; none elsewhere):
+    /// another subject beside a loaded base, as validation measures an adapter against
+    /// its base, without a second copy of the base's weights.
+    pub fn with_adapters(&self, lora: &LoraConfig, dtype: DType, rng: &mut Rng) -> Result<Model> {
+        let mut model = self.clone();
+        for (i, layer) in model.layers.iter_mut().enumerate() {
+            for (name, projection) in PROJECTIONS.into_iter().zip(layer.projections_mut()) {
+                let module = name.rsplit('.').next().unwrap_or(name);
+                projection.lora = if lora.targets(module) {
+                    let (out_features, in_features) = projection.weight.dims()?;
+                    Some(LoraAdapter::new(
+                        &format!("model.layers.{i}.{name}"),
+                        (in_features, out_features),
+                        lora,
+                        dtype,
+                        &projection.weight.device(),
+                        rng,
+                    )?)
+                } else {
+                    None
+                };
+            }
+        }
+        Ok(model)
+    }
+
     pub fn lora_parameters(&self) -> BTreeMap<String, Var> {
         let mut parameters = BTreeMap::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            let projections = [
-                ("self_attn.q_proj", &layer.self_attn.q_proj),
-                ("self_attn.k_proj", &layer.self_attn.k_proj),
-                ("self_attn.v_proj", &layer.self_attn.v_proj),
-                ("self_attn.o_proj", &layer.self_attn.o_proj),
-                ("mlp.gate_proj", &layer.mlp.gate_proj),
-                ("mlp.up_proj", &layer.mlp.up_proj),
-                ("mlp.down_proj", &layer.mlp.down_proj),
-            ];
-            for (name, projection) in projections {
+            for (name, projection) in PROJECTIONS.into_iter().zip(layer.projections()) {
                 if let Some(lora) = &projection.lora {
                     let prefix = format!("base_model.model.model.layers.{i}.{name}");
                     parameters.insert(format!("{prefix}.lora_A.weight"), lora.a.clone());

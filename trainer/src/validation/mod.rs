@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use crate::data::{self, Example, TextEncoder};
 use crate::error::{Result, TrainerError};
 use crate::evaluation::{
-    evaluate_each, evaluate_examples, generate_all, load_for_inference, Generation,
+    evaluate_each, evaluate_examples, generate_all, load_for_inference, with_adapter, Generation,
 };
 use crate::model::Model;
 use crate::train::DeviceChoice;
@@ -220,12 +220,13 @@ fn run_here(options: &ValidationOptions, progress: &mut dyn Progress) -> Result<
         base_answers,
         style: trigram_profile_of(&options.training_data, &encoder)?,
     };
-    let adapter = load_for_inference(&options.model, Some(&options.adapter), &device)?;
+    // The adapters share the base's weights: one copy of the model in memory.
+    let adapter = with_adapter(&base, &options.adapter)?;
     let adapter_reports = context.suites(&adapter, &shared, "adapter", progress)?;
     drop(adapter);
     let baseline_reports = match &options.baseline {
         Some(dir) => {
-            let baseline = load_for_inference(&options.model, Some(dir), &device)?;
+            let baseline = with_adapter(&base, dir)?;
             Some(context.suites(&baseline, &shared, "baseline", progress)?)
         }
         None => None,
