@@ -180,35 +180,36 @@ fn row_figures(
         let refs: Vec<&Example> = chunk.iter().collect();
         let batch = data::make_batch(&refs, pad_id, &device)?;
         let logits = model.forward_inference(&batch.input_ids, Some(&batch.segments))?;
-        let wide = if logits.dtype() == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
-        let negative_log_likelihood = token_losses(&logits, &batch.targets)?;
-        let per_row = |mask: &Tensor, values: &Tensor| -> Result<Vec<f64>> {
-            let sums = (values * mask.to_dtype(wide)?)?.sum(1)?;
-            Ok(sums.to_dtype(DType::F64)?.to_vec1()?)
-        };
-        let ones = batch.attention_mask.ones_like()?.to_dtype(wide)?;
+        let losses = token_losses(&logits, &batch.targets)?;
+        let wide = losses.dtype();
+        let (assistant, all) = (
+            batch.loss_mask.to_dtype(wide)?,
+            batch.attention_mask.to_dtype(wide)?,
+        );
         let hits = logits
             .argmax(D::Minus1)?
             .eq(&batch.targets)?
             .to_dtype(wide)?;
-        let loss_sums = per_row(&batch.loss_mask, &negative_log_likelihood)?;
-        let all_sums = per_row(&batch.attention_mask, &negative_log_likelihood)?;
-        let correct = per_row(&batch.loss_mask, &hits)?;
-        let tokens = per_row(&batch.loss_mask, &ones)?;
-        let tokens_all = per_row(&batch.attention_mask, &ones)?;
-        for row in 0..chunk.len() {
-            figures.push(RowFigures {
-                loss_sum: loss_sums[row],
-                all_sum: all_sums[row],
-                correct: correct[row],
-                tokens: tokens[row],
-                tokens_all: tokens_all[row],
-            });
-        }
+        // Each row's five sums, read back at once: (rows, 5).
+        let sums: Vec<Vec<f64>> = Tensor::stack(
+            &[
+                (&losses * &assistant)?.sum(1)?,
+                (&losses * &all)?.sum(1)?,
+                (&hits * &assistant)?.sum(1)?,
+                assistant.sum(1)?,
+                all.sum(1)?,
+            ],
+            1,
+        )?
+        .to_dtype(DType::F64)?
+        .to_vec2()?;
+        figures.extend(sums.iter().map(|row| RowFigures {
+            loss_sum: row[0],
+            all_sum: row[1],
+            correct: row[2],
+            tokens: row[3],
+            tokens_all: row[4],
+        }));
     }
     Ok(figures)
 }
@@ -337,8 +338,8 @@ fn generate_rows(
             logits.argmax(D::Minus1)?.to_vec1()?
         } else {
             let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
-            let rows = logits.iter().zip(&mut generators).zip(&stopped);
-            rows.map(|((logits, generator), stopped)| match stopped {
+            let each = logits.iter().zip(&mut generators).zip(&stopped);
+            each.map(|((logits, generator), stopped)| match stopped {
                 true => 0,
                 false => sample(logits, temperature, generator),
             })

@@ -23,6 +23,16 @@ mod cache;
 
 pub use cache::KvCache;
 
+/// The dtype that sums, softmaxes and losses run in for tensors of `dtype`: f64 for f64,
+/// else f32 (bf16 and f16 lose too much there).
+fn wide_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// Added to the attention scores of masked positions: far below any real score, yet finite
 /// so that no row of the softmax becomes NaN.
 const MASKED: f64 = -1e9;
@@ -141,11 +151,7 @@ impl RmsNorm {
             return trainer_kernels::rms_norm(x, &self.weight, self.eps);
         }
         let dtype = x.dtype();
-        let wide = if dtype == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
+        let wide = wide_dtype(dtype);
         let x = x.to_dtype(wide)?;
         let rms = x
             .sqr()?
@@ -663,11 +669,7 @@ impl Model {
             .index_select(&input_ids.flatten_all()?, 0)?
             .detach();
         x = x.reshape((batch, len, self.config.hidden_size))?;
-        let wide = if x.dtype() == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
+        let wide = wide_dtype(x.dtype());
         let mut rotary = Rotary::new(&self.config, 0, len, x.dtype(), device)?;
         if let Some(segments) = segments.filter(|s| s.is_packed()) {
             rotary = rotary.per_row(segments)?;
@@ -717,11 +719,7 @@ impl Model {
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?;
         x = x.reshape((batch, len, self.config.hidden_size))?;
-        let wide = if x.dtype() == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
+        let wide = wide_dtype(x.dtype());
         let past = cache.position;
         let padded = cache.padding.iter().any(|padding| *padding > 0);
         if padded && cache.padding.len() != batch {
@@ -787,7 +785,6 @@ impl Model {
         chunked_token_loss(&hidden, &self.lm_head, targets, loss_mask, chunk_tokens)
     }
 
-    /// The LoRA parameters by PEFT name (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
     /// This model's frozen weights, shared rather than copied, with new LoRA adapters
     /// where `lora` targets (in `dtype`, initialised as training would; none elsewhere):
     /// another subject beside a loaded base, as validation measures an adapter against
@@ -815,6 +812,7 @@ impl Model {
         Ok(model)
     }
 
+    /// The LoRA parameters by PEFT name (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
     pub fn lora_parameters(&self) -> BTreeMap<String, Var> {
         let mut parameters = BTreeMap::new();
         for (i, layer) in self.layers.iter().enumerate() {
@@ -898,11 +896,7 @@ fn composed_attention(
     let (kv_heads, keys) = (k.dim(1)?, k.dim(2)?);
     let groups = heads / kv_heads.max(1);
     let dtype = q.dtype();
-    let wide = if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
+    let wide = wide_dtype(dtype);
     // Query head h reads key/value head h / groups: a key/value head's query heads are
     // consecutive, so they are rows of one product with its keys.
     let q = q
@@ -910,10 +904,12 @@ fn composed_attention(
         .reshape((batch, kv_heads, groups * len, dim))?;
     let scores = q.matmul(&k.t()?)?.affine(scale, 0.0)?.to_dtype(wide)?;
     let scores = match bias {
-        Some(bias) => scores
-            .reshape((batch, kv_heads, groups, len, keys))?
-            .broadcast_add(&bias.unsqueeze(2)?.to_dtype(wide)?)?
-            .reshape((batch, kv_heads, groups * len, keys))?,
+        // A constant of the graph: `frozen::shift` gives it no gradient.
+        Some(bias) => frozen::shift(
+            &scores.reshape((batch, kv_heads, groups, len, keys))?,
+            &bias.unsqueeze(2)?,
+        )?
+        .reshape((batch, kv_heads, groups * len, keys))?,
         None => scores,
     };
     let probabilities = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
@@ -968,11 +964,7 @@ pub fn token_loss(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Te
 /// for logits (batch, len, vocab), in f32 (f64 for f64 logits).
 pub fn token_losses(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let (batch, len, vocab) = logits.dims3()?;
-    let wide = if logits.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
+    let wide = wide_dtype(logits.dtype());
     let logits = logits.to_dtype(wide)?.reshape((batch * len, vocab))?;
     let log_probabilities = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let targets = targets.to_dtype(DType::U32)?.reshape((batch * len, 1))?;
@@ -1008,11 +1000,7 @@ pub fn chunked_token_loss(
 ) -> Result<Tensor> {
     let (batch, len, width) = hidden.dims3()?;
     let count = batch * len;
-    let wide = if hidden.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
+    let wide = wide_dtype(hidden.dtype());
     let flat = hidden.reshape((count, width))?;
     let constant = flat.detach();
     let head = lm_head.to_dtype(hidden.dtype())?;
