@@ -141,6 +141,42 @@ fn exponentiate<T: Real>(row: &mut [T], seen: std::ops::Range<usize>, shift: T) 
     lanes::sum(inside)
 }
 
+/// A head's keys or values (L × D, row-major) stored as D × L, for products with their
+/// transpose: a block of them is then contiguous along the keys, and gemm takes it as the
+/// right operand of `q·kᵀ` (or `dO·vᵀ`) as it is, where it packs a row-major block first
+/// for every block of queries. Rows are `stride` apart, a cache line more than a multiple
+/// of 16: at a power-of-two length a block's D rows would all fall in the same few sets of
+/// the L1 cache and evict each other.
+struct Columns<T> {
+    data: Vec<T>,
+    stride: usize,
+}
+
+impl<T: Real> Columns<T> {
+    fn of(head: &[T], dim: usize) -> Columns<T> {
+        let len = head.len() / dim.max(1);
+        let stride = len.next_multiple_of(16) + 16;
+        let mut data = vec![T::default(); dim * stride];
+        for (i, row) in head.chunks_exact(dim).enumerate() {
+            for (j, value) in row.iter().enumerate() {
+                data[j * stride + i] = *value;
+            }
+        }
+        Columns { data, stride }
+    }
+
+    /// The columns of `keys`: D × keys.len().
+    fn keys(&self, keys: &std::ops::Range<usize>) -> Matrix<&[T]> {
+        Matrix {
+            data: &self.data[keys.start..],
+            rows: self.data.len() / self.stride,
+            cols: keys.len(),
+            row_stride: self.stride,
+            col_stride: 1,
+        }
+    }
+}
+
 /// The sizes of one call: query heads, key/value heads, length, head dim (the batch is
 /// what the tensors' lengths imply).
 #[derive(Clone, Copy)]
@@ -227,14 +263,14 @@ impl CausalAttention {
     fn forward_head<T: Real>(
         &self,
         dims: Dims,
-        (q, k, v): (&[T], &[T], &[T]),
+        (q, k_columns, v): (&[T], &[Columns<T>], &[T]),
         (b, h): (usize, usize),
         (out, logsumexp): (&mut [T], &mut [f64]),
     ) {
         let kvh = h / (dims.heads / dims.kv_heads);
-        let (q, k, v) = (
+        let (q, k_t, v) = (
             &q[dims.head(dims.heads, b, h)],
-            &k[dims.head(dims.kv_heads, b, kvh)],
+            &k_columns[b * dims.kv_heads + kvh],
             &v[dims.head(dims.kv_heads, b, kvh)],
         );
         let (d, scale, minus_infinity) = (dims.dim, T::of(self.scale), T::of(f64::NEG_INFINITY));
@@ -250,7 +286,7 @@ impl CausalAttention {
                 matmul(
                     Matrix::rows(&mut *p, rows, cols),
                     Matrix::rows(q_block, rows, d),
-                    Matrix::rows(&k[keys.start * d..keys.end * d], cols, d).t(),
+                    k_t.keys(&keys),
                     false,
                     scale,
                     Threads::One,
@@ -292,6 +328,11 @@ impl CausalAttention {
     fn forward<T: Real>(&self, dims: Dims, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<f64>) {
         let mut out = vec![T::default(); q.len()];
         let mut logsumexp = vec![f64::NEG_INFINITY; q.len() / dims.dim.max(1)];
+        // Each key/value head's keys as columns, once for the query heads that share it.
+        let k_columns: Vec<Columns<T>> = k
+            .par_chunks((dims.len * dims.dim).max(1))
+            .map(|head| Columns::of(head, dims.dim))
+            .collect();
         out.par_chunks_mut(dims.len * dims.dim)
             .zip(logsumexp.par_chunks_mut(dims.len))
             .enumerate()
@@ -299,7 +340,7 @@ impl CausalAttention {
                 let (b, h) = (row_head / dims.heads, row_head % dims.heads);
                 vectorized(
                     #[inline(always)]
-                    || self.forward_head(dims, (q, k, v), (b, h), outputs),
+                    || self.forward_head(dims, (q, &k_columns, v), (b, h), outputs),
                 );
             });
         (out, logsumexp)
@@ -327,17 +368,23 @@ impl CausalAttention {
             .enumerate()
             .for_each(|(row_head, ((dq, dk), dv))| {
                 let (b, kvh) = (row_head / dims.kv_heads, row_head % dims.kv_heads);
+                let (k, v) = (
+                    &k[dims.head(dims.kv_heads, b, kvh)],
+                    &v[dims.head(dims.kv_heads, b, kvh)],
+                );
+                let transposed = (Columns::of(k, dims.dim), Columns::of(v, dims.dim));
                 for (member, dq) in dq.chunks_exact_mut(head).enumerate() {
                     let h = kvh * group + member;
                     let rows = (b * dims.heads + h) * dims.len..(b * dims.heads + h + 1) * dims.len;
                     let head = Head {
                         saved: Saved {
                             q: &q[dims.head(dims.heads, b, h)],
-                            k: &k[dims.head(dims.kv_heads, b, kvh)],
-                            v: &v[dims.head(dims.kv_heads, b, kvh)],
+                            k,
+                            v,
                             out: &out[dims.head(dims.heads, b, h)],
                             grad: &grad[dims.head(dims.heads, b, h)],
                         },
+                        transposed: (&transposed.0, &transposed.1),
                         logsumexp: &logsumexp[rows],
                     };
                     vectorized(
@@ -359,8 +406,19 @@ impl CausalAttention {
         head: Head<'_, T>,
         (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
     ) {
-        let Head { saved, logsumexp } = head;
-        let Saved { q, k, v, out, grad } = saved;
+        let Head {
+            saved,
+            transposed: (k_t, v_t),
+            logsumexp,
+        } = head;
+        // v is read through its columns (`v_t`) only.
+        let Saved {
+            q,
+            k,
+            v: _,
+            out,
+            grad,
+        } = saved;
         let (d, scale) = (dims.dim, T::of(self.scale));
         let mut probabilities = [T::default(); BLOCK * BLOCK];
         let mut score_grads = [T::default(); BLOCK * BLOCK];
@@ -383,7 +441,7 @@ impl CausalAttention {
                 matmul(
                     Matrix::rows(&mut *p, rows, cols),
                     Matrix::rows(q_block, rows, d),
-                    Matrix::rows(&k[key_span.clone()], cols, d).t(),
+                    k_t.keys(&keys),
                     false,
                     scale,
                     Threads::One,
@@ -407,7 +465,7 @@ impl CausalAttention {
                 matmul(
                     Matrix::rows(&mut *ds, rows, cols),
                     Matrix::rows(g_block, rows, d),
-                    Matrix::rows(&v[key_span.clone()], cols, d).t(),
+                    v_t.keys(&keys),
                     false,
                     T::of(1.0),
                     Threads::One,
@@ -443,9 +501,11 @@ impl CausalAttention {
 }
 
 /// One query head's inputs to the backward (its own rows of q, the output and its
-/// gradient, its key/value head's k and v) and its rows' logsumexp.
+/// gradient, its key/value head's k and v, and those two as [`Columns`]) and its rows'
+/// logsumexp.
 struct Head<'a, T> {
     saved: Saved<'a, T>,
+    transposed: (&'a Columns<T>, &'a Columns<T>),
     logsumexp: &'a [f64],
 }
 

@@ -15,6 +15,9 @@ use rayon::prelude::*;
 use crate::real::{contiguous, Real};
 use crate::vectorized::vectorized;
 
+/// About how many entries one parallel task writes.
+const CHUNK: usize = 1 << 12;
+
 /// `x·cos + rotate_half(x)·sin` for `x` (B, L, H, D) and tables (L, D), shared by the
 /// rows, or (B, L, D), each row its own (packed rows restart positions per sequence);
 /// returned as (B, H, L, D).
@@ -97,8 +100,8 @@ impl Rope {
         Ok((dims, shape))
     }
 
-    /// One output row (D entries) per (b, h, l), written in parallel; each half of a row is
-    /// one branch-free loop.
+    /// One output row (D entries) per (b, h, l), written in parallel tasks of rows; each half
+    /// of a row is one branch-free loop.
     fn forward<T: Real>(&self, dims: Dims, x: &[T], cos: &[T], sin: &[T]) -> Vec<T> {
         let Dims {
             batch,
@@ -115,34 +118,42 @@ impl Rope {
         let half = dim / 2;
         let sign = T::of(self.sign);
         let mut out = vec![T::default(); x.len()];
-        out.par_chunks_mut(dim.max(1))
+        // Tasks of whole rows, about CHUNK entries each: a task per row (D entries) spent
+        // more on the task and the vector-width dispatch than on the row.
+        let rows_per_task = (CHUNK / dim.max(1)).max(1);
+        out.par_chunks_mut(rows_per_task * dim.max(1))
             .enumerate()
-            .for_each(|(row, out)| {
-                // The output row's (b, h, l) or (b, l, h), and where its input row lies.
-                let (b, h, l) = if self.to_heads_major {
-                    (row / (heads * len), row / len % heads, row % len)
-                } else {
-                    (row / (len * heads), row % heads, row / heads % len)
-                };
-                let from = if self.to_heads_major {
-                    ((b * len + l) * heads + h) * dim
-                } else {
-                    ((b * heads + h) * len + l) * dim
-                };
-                let table = dims.table_row(b, l);
-                let (x, cos, sin) = (
-                    &x[from..from + dim],
-                    &cos[table..table + dim],
-                    &sin[table..table + dim],
-                );
-                let (low, high) = x.split_at(half);
-                let (out_low, out_high) = out.split_at_mut(half);
+            .for_each(|(task, rows)| {
                 vectorized(
                     #[inline(always)]
                     || {
-                        for d in 0..half {
-                            out_low[d] = low[d] * cos[d] - sign * sin[d] * high[d];
-                            out_high[d] = high[d] * cos[half + d] + sign * sin[half + d] * low[d];
+                        for (i, out) in rows.chunks_exact_mut(dim.max(1)).enumerate() {
+                            let row = task * rows_per_task + i;
+                            // The output row's (b, h, l) or (b, l, h), and where its input
+                            // row lies.
+                            let (b, h, l) = if self.to_heads_major {
+                                (row / (heads * len), row / len % heads, row % len)
+                            } else {
+                                (row / (len * heads), row % heads, row / heads % len)
+                            };
+                            let from = if self.to_heads_major {
+                                ((b * len + l) * heads + h) * dim
+                            } else {
+                                ((b * heads + h) * len + l) * dim
+                            };
+                            let table = dims.table_row(b, l);
+                            let (x, cos, sin) = (
+                                &x[from..from + dim],
+                                &cos[table..table + dim],
+                                &sin[table..table + dim],
+                            );
+                            let (low, high) = x.split_at(half);
+                            let (out_low, out_high) = out.split_at_mut(half);
+                            for d in 0..half {
+                                out_low[d] = low[d] * cos[d] - sign * sin[d] * high[d];
+                                out_high[d] =
+                                    high[d] * cos[half + d] + sign * sin[half + d] * low[d];
+                            }
                         }
                     },
                 )

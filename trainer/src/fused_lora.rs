@@ -280,9 +280,26 @@ impl LoraLinear {
             Some(down) => down.clone(),
             None => product(&input, &a_cast.t()?)?,
         };
-        let da = product(&grad_down.t()?, &input)?;
-        let db = product(&g2.t()?, &down)?.affine(self.scale, 0.0)?;
+        let da = product(&columns_contiguous(&grad_down)?.t()?, &input)?;
+        // dB = s·gᵀ·down, computed as its transpose so the thin operand is the left one.
+        let db = product(&columns_contiguous(&down)?.t()?, &g2)?
+            .t()?
+            .affine(self.scale, 0.0)?;
         Ok((dx, da.to_dtype(a.dtype())?, db.to_dtype(b.dtype())?))
+    }
+}
+
+/// The 2-D `t` with its columns contiguous on the CPU (elsewhere as it is), for a thin
+/// matrix (rows × rank) that a product reads transposed: gemm's thin products run faster
+/// when their thin operand is contiguous along the inner dimension, which for `tᵀ·y` is
+/// t's columns. Measured at rank 8 on two AVX-512 cores, rows × features 1,024 × 256,
+/// 512 × 512 and 512 × 1,376: dA = gdᵀ·x took 50, 34 and 127 µs with gd row-major, 33, 30
+/// and 75 µs after its transposed copy (about 2 µs); dBᵀ = downᵀ·g 32, 27 and 78 µs where
+/// dB = gᵀ·down took 120, 86 and 222. cuBLAS takes either layout as it is.
+fn columns_contiguous(t: &Tensor) -> Result<Tensor> {
+    match t.device() {
+        candle_core::Device::Cpu => t.t()?.contiguous()?.t(),
+        _ => Ok(t.clone()),
     }
 }
 

@@ -171,14 +171,47 @@ struct Rotary {
     sin: Tensor,
 }
 
-impl Rotary {
-    fn new(
+/// The tables for positions `0..n` in the dtype and on the device last asked for, shared by
+/// a model's clones: each forward reads its positions' rows as views instead of computing
+/// L·D sines and cosines on the host again (1–2% of a CPU training step at seq 1,024;
+/// on a GPU, an upload per step too).
+#[derive(Clone, Default)]
+struct RotaryCache(std::sync::Arc<std::sync::Mutex<Option<Rotary>>>);
+
+impl RotaryCache {
+    /// The tables for positions `offset..offset + len`. Computed again, for twice the
+    /// positions asked for, when the cache holds too few (generation asks for one more at
+    /// a time) or another dtype or device.
+    fn tables(
+        &self,
         config: &ModelConfig,
-        offset: usize,
-        len: usize,
+        (offset, len): (usize, usize),
         dtype: DType,
         device: &Device,
     ) -> Result<Rotary> {
+        let mut cached = self
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("the rotary tables' lock is poisoned".into()))?;
+        let fits = |tables: &Rotary| {
+            tables.cos.dtype() == dtype
+                && tables.cos.device().same_device(device)
+                && tables.cos.dim(0).is_ok_and(|n| n >= offset + len)
+        };
+        let tables = match cached.as_ref().filter(|tables| fits(tables)) {
+            Some(tables) => tables,
+            None => cached.insert(Rotary::new(config, 2 * (offset + len), dtype, device)?),
+        };
+        Ok(Rotary {
+            cos: tables.cos.narrow(0, offset, len)?,
+            sin: tables.sin.narrow(0, offset, len)?,
+        })
+    }
+}
+
+impl Rotary {
+    /// The tables for positions `0..len`.
+    fn new(config: &ModelConfig, len: usize, dtype: DType, device: &Device) -> Result<Rotary> {
         let dim = config.head_dim;
         let mut inverse_frequencies: Vec<f64> = (0..dim / 2)
             .map(|i| 1.0 / config.rope_theta.powf((2 * i) as f64 / dim as f64))
@@ -210,7 +243,7 @@ impl Rotary {
         }
         let mut cos = Vec::with_capacity(len * dim);
         let mut sin = Vec::with_capacity(len * dim);
-        for position in offset..offset + len {
+        for position in 0..len {
             let position = position as f64 * position_scale;
             // Each frequency appears twice, as in `torch.cat((freqs, freqs), dim=-1)`.
             for _ in 0..2 {
@@ -498,6 +531,7 @@ pub struct Model {
     /// Whether those nodes run their forward again in the backward instead of keeping
     /// its activations ([`Model::set_gradient_checkpointing`]).
     checkpoint: bool,
+    rotary: RotaryCache,
 }
 
 /// How a decoder layer is put into the autograd graph.
@@ -554,6 +588,7 @@ impl Model {
             projections: build.report,
             blocks: std::env::var("TRAINER_BLOCK_OPS").map_or(true, |value| value.trim() != "0"),
             checkpoint: false,
+            rotary: RotaryCache::default(),
         })
     }
 
@@ -670,7 +705,9 @@ impl Model {
             .detach();
         x = x.reshape((batch, len, self.config.hidden_size))?;
         let wide = wide_dtype(x.dtype());
-        let mut rotary = Rotary::new(&self.config, 0, len, x.dtype(), device)?;
+        let mut rotary = self
+            .rotary
+            .tables(&self.config, (0, len), x.dtype(), device)?;
         if let Some(segments) = segments.filter(|s| s.is_packed()) {
             rotary = rotary.per_row(segments)?;
         }
@@ -728,7 +765,9 @@ impl Model {
                 cache.padding.len()
             );
         }
-        let rotary = Rotary::new(&self.config, past, len, x.dtype(), device)?;
+        let rotary = self
+            .rotary
+            .tables(&self.config, (past, len), x.dtype(), device)?;
         // New queries see every cached key and, among themselves, the earlier ones; where
         // rows are left-padded, not their padding.
         let bias = if padded {
