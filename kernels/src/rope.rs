@@ -13,10 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::real::{contiguous, Real};
-use crate::vectorized::vectorized;
-
-/// About how many entries one parallel task writes.
-const CHUNK: usize = 1 << 12;
+use crate::vectorized::{vectorized, TASK_ENTRIES};
 
 /// `x·cos + rotate_half(x)·sin` for `x` (B, L, H, D) and tables (L, D), shared by the
 /// rows, or (B, L, D), each row its own (packed rows restart positions per sequence);
@@ -118,9 +115,8 @@ impl Rope {
         let half = dim / 2;
         let sign = T::of(self.sign);
         let mut out = vec![T::default(); x.len()];
-        // Tasks of whole rows, about CHUNK entries each: a task per row (D entries) spent
-        // more on the task and the vector-width dispatch than on the row.
-        let rows_per_task = (CHUNK / dim.max(1)).max(1);
+        // Tasks of whole rows, about TASK_ENTRIES entries each.
+        let rows_per_task = (TASK_ENTRIES / dim.max(1)).max(1);
         out.par_chunks_mut(rows_per_task * dim.max(1))
             .enumerate()
             .for_each(|(task, rows)| {

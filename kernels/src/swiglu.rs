@@ -7,7 +7,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::real::{contiguous, with_values, Real};
-use crate::vectorized::vectorized;
+use crate::vectorized::{vectorized, TASK_ENTRIES};
 
 /// `silu(gate) ⊙ up` for two tensors of one shape.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -36,12 +36,13 @@ fn sigmoid<T: Real>(x: T) -> T {
     T::of(1.0) / (T::of(1.0) + (-x).exp_fast())
 }
 
-const CHUNK: usize = 1 << 12;
-
 fn forward<T: Real>(gate: &[T], up: &[T]) -> Vec<T> {
     let mut out = vec![T::default(); gate.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+    out.par_chunks_mut(TASK_ENTRIES)
+        .zip(
+            gate.par_chunks(TASK_ENTRIES)
+                .zip(up.par_chunks(TASK_ENTRIES)),
+        )
         .for_each(|(out, (gate, up))| {
             vectorized(
                 #[inline(always)]
@@ -60,12 +61,12 @@ fn backward<T: Real>(gate: &[T], up: &[T], grad: &[T]) -> (Vec<T>, Vec<T>) {
     let mut d_gate = vec![T::default(); gate.len()];
     let mut d_up = vec![T::default(); gate.len()];
     d_gate
-        .par_chunks_mut(CHUNK)
-        .zip(d_up.par_chunks_mut(CHUNK))
+        .par_chunks_mut(TASK_ENTRIES)
+        .zip(d_up.par_chunks_mut(TASK_ENTRIES))
         .zip(
-            gate.par_chunks(CHUNK)
-                .zip(up.par_chunks(CHUNK))
-                .zip(grad.par_chunks(CHUNK)),
+            gate.par_chunks(TASK_ENTRIES)
+                .zip(up.par_chunks(TASK_ENTRIES))
+                .zip(grad.par_chunks(TASK_ENTRIES)),
         )
         .for_each(|((d_gate, d_up), ((gate, up), grad))| {
             vectorized(

@@ -5,6 +5,11 @@
 //! the same way; without this the ops' own loops (softmax numerators, SwiGLU, RMSNorm,
 //! rotary, AdamW) ran at a half or a quarter of the width the CPU has.
 
+/// About how many entries one parallel task of an elementwise op takes: enough that the
+/// task and the width dispatch below cost little beside its loop (a rotary task per
+/// 64-entry row had cost more than the row), few enough that both cores share the work.
+pub(crate) const TASK_ENTRIES: usize = 1 << 12;
+
 /// Runs `work`, inlined into a copy compiled with AVX-512 (16 floats wide) or with AVX2
 /// and FMA (8 wide), the widest the CPU has, else as it is. Only what inlines into `work`
 /// gains the wider registers: mark the closure and the helpers its loops call

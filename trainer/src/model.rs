@@ -1116,18 +1116,23 @@ fn chunk_loss(
 mod tests {
     use super::*;
 
-    /// Generation keeps no graph over the LoRA weights: not in its logits, not in the
-    /// cached keys and values (which would otherwise hold every earlier step's).
-    #[test]
-    fn generation_keeps_no_graph() -> Result<()> {
-        let device = Device::Cpu;
-        let config = ModelConfig::parse(
+    /// Two layers, four query heads over two key/value heads of 4 dimensions.
+    fn tiny_config() -> Result<ModelConfig> {
+        ModelConfig::parse(
             r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 16,
                 "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
                 "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "vocab_size": 32,
                 "rope_theta": 10000.0}"#,
         )
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))
+    }
+
+    /// Generation keeps no graph over the LoRA weights: not in its logits, not in the
+    /// cached keys and values (which would otherwise hold every earlier step's).
+    #[test]
+    fn generation_keeps_no_graph() -> Result<()> {
+        let device = Device::Cpu;
+        let config = tiny_config()?;
         let weights = crate::init::random_weights(&config, 5, DType::F32, &device)?;
         let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, &device);
         let lora = crate::LoraConfig::default();
@@ -1157,13 +1162,7 @@ mod tests {
     #[test]
     fn cached_rotary_tables_are_their_positions_tables() -> Result<()> {
         let device = Device::Cpu;
-        let config = ModelConfig::parse(
-            r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 16,
-                "intermediate_size": 24, "num_hidden_layers": 1, "num_attention_heads": 2,
-                "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "vocab_size": 32,
-                "rope_theta": 10000.0}"#,
-        )
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let config = tiny_config()?;
         let whole = Rotary::new(&config, 305, DType::F64, &device)?;
         let cache = RotaryCache::default();
         for (offset, len, dtype) in [
