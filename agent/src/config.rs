@@ -8,6 +8,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::gpu_choice::GpuChoice;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum SpotProvider {
@@ -53,6 +55,10 @@ pub struct AgentConfig {
     /// Longest a claim waits at the control plane for work.
     pub claim_wait_seconds: u64,
     pub device: Device,
+    /// The one GPU this agent uses, for one agent per GPU on a multi-GPU host (unset: the
+    /// GPUs `CUDA_VISIBLE_DEVICES` lists, or all; the trainer uses the first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuChoice>,
     /// Exit after this many attempts (0: run until stopped); for scripts and tests.
     pub max_attempts: u32,
 }
@@ -73,6 +79,7 @@ impl Default for AgentConfig {
             spot_poll_milliseconds: 2000,
             claim_wait_seconds: 20,
             device: Device::Auto,
+            gpu: None,
             max_attempts: 0,
         }
     }
@@ -109,6 +116,9 @@ pub struct Flags {
     pub spot_poll_milliseconds: Option<u64>,
     #[arg(long, value_enum)]
     pub device: Option<Device>,
+    /// One GPU of the host, by index (as nvidia-smi numbers them) or UUID (GPU-…).
+    #[arg(long)]
+    pub gpu: Option<GpuChoice>,
     #[arg(long)]
     pub max_attempts: Option<u32>,
 }
@@ -141,6 +151,7 @@ impl AgentConfig {
         config.enrollment_token = flags.enrollment_token.or(config.enrollment_token);
         config.name = flags.name.or(config.name);
         config.ca_cert = flags.ca_cert.or(config.ca_cert);
+        config.gpu = flags.gpu.or(config.gpu);
         for pair in flags.labels.unwrap_or_default() {
             let (key, value) = pair
                 .split_once('=')
@@ -190,6 +201,39 @@ mod tests {
             toml::to_string(&from_file).ok(),
             toml::to_string(&AgentConfig::default()).ok()
         );
+    }
+
+    fn load_file(text: &str) -> Result<AgentConfig, String> {
+        let file = tempfile::NamedTempFile::new().expect("temporary file");
+        std::fs::write(file.path(), text).expect("written");
+        AgentConfig::load(Flags {
+            config: Some(file.path().into()),
+            ..Flags::default()
+        })
+    }
+
+    #[test]
+    fn a_gpu_is_an_index_or_a_uuid_in_the_file_and_a_flag_wins() {
+        assert_eq!(
+            load_file("gpu = 2").map(|c| c.gpu),
+            Ok(Some(GpuChoice::Index(2)))
+        );
+        assert_eq!(
+            load_file("gpu = \"GPU-5f2c\"").map(|c| c.gpu),
+            Ok(Some(GpuChoice::Uuid("GPU-5f2c".into())))
+        );
+        let error = load_file("gpu = \"first\"").expect_err("neither");
+        assert!(
+            error.contains("\"first\" is neither a GPU index"),
+            "{error}"
+        );
+        let error = load_file("gpu = -1").expect_err("negative");
+        assert!(error.contains("-1 is not a GPU index"), "{error}");
+        let flagged = AgentConfig::load(Flags {
+            gpu: Some(GpuChoice::Index(1)),
+            ..Flags::default()
+        });
+        assert_eq!(flagged.map(|c| c.gpu), Ok(Some(GpuChoice::Index(1))));
     }
 
     #[test]

@@ -100,10 +100,30 @@ impl Shared {
     }
 }
 
+/// A `gpu` setting must name a GPU of this host: an agent that would otherwise train on
+/// the CPU, or report no GPU, stops at start instead.
+fn check_gpu_choice(config: &AgentConfig, probe: &Probe) -> Result<()> {
+    let Some(gpu) = &config.gpu else {
+        return Ok(());
+    };
+    match probe.host_gpu_count() {
+        None => Err(AgentError::Config(format!(
+            "gpu = {gpu}: this host has no NVIDIA driver (NVML did not load)"
+        ))),
+        Some(_) if probe.uses_gpus() => Ok(()),
+        Some(count) => Err(AgentError::Config(format!(
+            "gpu = {gpu}: no such GPU here; the driver lists {count} (indices 0 to {}, \
+             `nvidia-smi -L` prints their UUIDs)",
+            count.saturating_sub(1)
+        ))),
+    }
+}
+
 /// Runs until Ctrl-C, an interruption notice, or `max_attempts`.
 pub async fn run(config: AgentConfig) -> Result<()> {
     std::fs::create_dir_all(&config.work_dir).map_err(|e| AgentError::io(&config.work_dir, e))?;
     let probe = Probe::new(&config.work_dir);
+    check_gpu_choice(&config, &probe)?;
     let me = identity(&config, &probe).await?;
     let client = ControlPlane::new(&config.control_plane, config.ca_cert.as_deref())?
         .with_secret(me.secret.clone());

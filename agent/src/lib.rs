@@ -6,6 +6,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod gpu_choice;
 pub mod outbox;
 pub mod runner;
 pub mod spot;

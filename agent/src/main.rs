@@ -20,15 +20,18 @@ enum Command {
 static ALLOCATOR: allocator::MiMalloc = allocator::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
+    let Command::Run(flags) = Cli::parse().command;
+    let config = agent::config::AgentConfig::load(flags).map_err(anyhow::Error::msg)?;
     // Before the runtime starts its threads: mimalloc's options and the environment are
-    // not synchronised.
+    // not synchronised, and CUDA reads its variables once.
     allocator::keep_freed_memory();
     trainer::train::shorten_candle_spin();
-    run()
+    agent::gpu_choice::apply(config.gpu.as_ref()).map_err(anyhow::Error::msg)?;
+    run(config)
 }
 
 #[tokio::main]
-async fn run() -> anyhow::Result<()> {
+async fn run(config: agent::config::AgentConfig) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -38,11 +41,6 @@ async fn run() -> anyhow::Result<()> {
         // Colour codes only for a person at a terminal, never in log files or collectors.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match Cli::parse().command {
-        Command::Run(flags) => {
-            let config = agent::config::AgentConfig::load(flags).map_err(anyhow::Error::msg)?;
-            agent::daemon::run(config).await?;
-        }
-    }
+    agent::daemon::run(config).await?;
     Ok(())
 }

@@ -1,5 +1,5 @@
-//! What the host looks like right now: GPUs through NVML (none when there is no NVIDIA
-//! driver) and CPU, memory and work-dir disk through sysinfo.
+//! What the host looks like right now: the GPUs this agent uses, through NVML (none when
+//! there is no NVIDIA driver), and CPU, memory and work-dir disk through sysinfo.
 
 use std::path::{Path, PathBuf};
 
@@ -8,11 +8,16 @@ use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
 use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::{EventSet, Nvml};
 use protocol::agent::{GpuTelemetry, HostTelemetry};
+
+use crate::gpu_choice::{self, HostGpu};
 use sysinfo::{Disks, System};
 
 pub struct Probe {
     /// Lives as long as the agent: leaked so the XID event set can borrow it.
     nvml: Option<&'static Nvml>,
+    /// NVML's indices of the GPUs this process's CUDA sees, in CUDA's order: the trainer
+    /// trains on the first ([`gpu_choice::visible`]).
+    visible: Vec<u32>,
     xid_events: Option<EventSet<'static>>,
     system: System,
     work_dir: PathBuf,
@@ -27,8 +32,15 @@ impl Probe {
                 None
             }
         };
+        let visible = nvml
+            .map(|nvml| {
+                let listed = std::env::var(gpu_choice::VISIBLE_DEVICES).ok();
+                gpu_choice::visible(&host_gpus(nvml), listed.as_deref())
+            })
+            .unwrap_or_default();
         Probe {
-            xid_events: nvml.and_then(xid_event_set),
+            xid_events: nvml.and_then(|nvml| xid_event_set(nvml, &visible)),
+            visible,
             nvml,
             system: System::new(),
             work_dir: work_dir.to_path_buf(),
@@ -55,9 +67,9 @@ impl Probe {
             return Vec::new();
         };
         let xid_errors = self.drain_xid_errors();
-        let count = nvml.device_count().unwrap_or(0);
-        (0..count)
-            .filter_map(|index| {
+        self.visible
+            .iter()
+            .filter_map(|&index| {
                 let device = nvml.device_by_index(index).ok()?;
                 let memory = device.memory_info().ok()?;
                 let uuid = device.uuid().unwrap_or_default();
@@ -102,13 +114,33 @@ impl Probe {
             disk_free_mb: disk_free / (1 << 20),
         }
     }
+
+    /// Whether this agent has a GPU to use.
+    pub fn uses_gpus(&self) -> bool {
+        !self.visible.is_empty()
+    }
+
+    /// The GPUs the NVIDIA driver lists, `None` without a driver.
+    pub fn host_gpu_count(&self) -> Option<u32> {
+        self.nvml.map(|nvml| nvml.device_count().unwrap_or(0))
+    }
 }
 
-/// An event set that collects critical XID errors of every GPU (where the driver
-/// supports it).
-fn xid_event_set(nvml: &'static Nvml) -> Option<EventSet<'static>> {
+/// Every GPU of the host, by NVML index.
+fn host_gpus(nvml: &Nvml) -> Vec<HostGpu> {
+    (0..nvml.device_count().unwrap_or(0))
+        .filter_map(|index| {
+            let uuid = nvml.device_by_index(index).ok()?.uuid().ok()?;
+            Some(HostGpu { index, uuid })
+        })
+        .collect()
+}
+
+/// An event set that collects critical XID errors of the GPUs this agent uses (where the
+/// driver supports it).
+fn xid_event_set(nvml: &'static Nvml, visible: &[u32]) -> Option<EventSet<'static>> {
     let mut set = nvml.create_event_set().ok()?;
-    for index in 0..nvml.device_count().unwrap_or(0) {
+    for &index in visible {
         let device = nvml.device_by_index(index).ok()?;
         set = match device.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
             Ok(set) => set,
