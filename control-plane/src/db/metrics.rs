@@ -28,6 +28,15 @@ pub struct MetricPoint {
 const COLUMNS: &str = "step, epoch, training_loss, validation_loss, learning_rate, grad_norm, \
                        tokens_per_second, gpu_utilization, memory_used_gb, recorded_at";
 
+/// [`COLUMNS`], each qualified by `table`.
+fn qualified_columns(table: &str) -> String {
+    COLUMNS
+        .split(',')
+        .map(|column| format!("{table}.{}", column.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Metric rows per INSERT: 13 parameters each, well under SQLite's 32,766 (and
 /// PostgreSQL's 65,535) bound parameters per statement.
 pub(crate) const ROWS_PER_INSERT: usize = 1_000;
@@ -175,8 +184,8 @@ pub async fn step_range(db: &Db, job_id: Uuid) -> Result<Option<(i64, i64)>, DbE
 }
 
 /// About `points` points spread evenly over steps `first..=last` (the first stored step
-/// at or after each mark) and the point at `last`, oldest first. Each mark is one index
-/// seek, so the cost follows `points`, not the run's length.
+/// at or after each mark) and the point at `last`, oldest first. Each mark costs an index
+/// seek or two, so the cost follows `points`, not the run's length.
 pub async fn sampled(
     db: &Db,
     job_id: Uuid,
@@ -184,15 +193,33 @@ pub async fn sampled(
     points: i64,
 ) -> Result<Vec<MetricPoint>, DbError> {
     let spacing = ((last - first) / points.max(1)).max(1);
-    let sql = format!(
-        "WITH RECURSIVE marks(step) AS (
-             SELECT CAST($2 AS BIGINT) UNION ALL SELECT step + $3 FROM marks WHERE step + $3 <= $4)
-         SELECT {COLUMNS} FROM training_metrics
-         WHERE job_id = $1 AND (step = $4 OR step IN (
-             SELECT (SELECT MIN(m.step) FROM training_metrics m WHERE m.job_id = $1 AND m.step >= marks.step)
-             FROM marks))
-         ORDER BY step"
-    );
+    let marks = "WITH RECURSIVE marks(step) AS (
+             SELECT CAST($2 AS BIGINT) UNION ALL SELECT step + $3 FROM marks WHERE step + $3 <= $4)";
+    // Written as "the job's points whose step is one of the sampled steps", both databases
+    // plan a pass over all the job's points, each tested against that set (10,000 points:
+    // 4.7 ms a job page on PostgreSQL, most of the page's database time; 1.9 ms on SQLite).
+    // These start from the marks and read only their rows (2.0 and 0.9 ms).
+    let sql = match db {
+        // SQLite has no LATERAL: each mark's step, then each step's row; CROSS JOIN keeps
+        // the sampled steps as the outer loop.
+        Db::Sqlite(_) => format!(
+            "{marks},
+             sampled(step) AS (SELECT $4 UNION SELECT (SELECT MIN(m.step) FROM training_metrics m
+                 WHERE m.job_id = $1 AND m.step >= marks.step) FROM marks)
+             SELECT {point_columns} FROM sampled CROSS JOIN training_metrics point
+             WHERE point.job_id = $1 AND point.step = sampled.step
+             ORDER BY point.step",
+            point_columns = qualified_columns("point"),
+        ),
+        // One seek a mark, straight to its row.
+        Db::Postgres(_) => format!(
+            "{marks}
+             SELECT DISTINCT ON (point.step) point.* FROM (SELECT $4 AS step UNION ALL SELECT step FROM marks) mark
+             CROSS JOIN LATERAL (SELECT {COLUMNS} FROM training_metrics m
+                 WHERE m.job_id = $1 AND m.step >= mark.step ORDER BY m.step LIMIT 1) point
+             ORDER BY point.step"
+        ),
+    };
     Ok(on_pool!(db, pool => sqlx::query_as::<_, MetricPoint>(&sql)
         .bind(job_id)
         .bind(first)

@@ -13,6 +13,7 @@ on_both_backends!(
     illegal_transitions_answer_409_naming_the_status,
     queued_jobs_know_their_place,
     metrics_are_read_back_sampled_and_latest,
+    chart_samples_are_the_first_stored_step_at_each_mark,
 );
 
 async fn a_job_goes_from_draft_to_cancelled_with_an_event_per_step(backend: Backend) {
@@ -334,6 +335,63 @@ async fn queued_jobs_know_their_place(backend: Backend) {
         .await;
     let (_, third) = json_of(app.get(&ada, &paths[2].0).await).await;
     assert_eq!(third["queue_position"], 2);
+}
+
+/// The job page's charts read `metrics::sampled`: for each mark `first + i·spacing`, the
+/// first stored step at or after it, and the last step; each once, in order, over a run
+/// with gaps (each backend has its own SQL).
+async fn chart_samples_are_the_first_stored_step_at_each_mark(backend: Backend) {
+    let database = TestDatabase::create(backend).await;
+    let app = TestApp::spawn(&database).await;
+    let user = app.user("ada@example.com", Role::User).await;
+    let (_, job) = app.draft_job(&user).await;
+    let job_id = job["id"].as_str().expect("id").parse().expect("uuid");
+    let stored: Vec<i64> = (3..=40)
+        .chain([47, 48])
+        .chain((120..=180).step_by(3))
+        .chain([400, 401])
+        .collect();
+    let points: Vec<MetricPoint> = stored
+        .iter()
+        .map(|&step| MetricPoint {
+            step,
+            epoch: Some(0),
+            training_loss: Some(step as f64),
+            validation_loss: None,
+            learning_rate: Some(1e-4),
+            grad_norm: None,
+            tokens_per_second: None,
+            gpu_utilization: Some(50),
+            memory_used_gb: None,
+            recorded_at: control_plane::db::now(),
+        })
+        .collect();
+    metrics::record_all(&app.db, job_id, &points)
+        .await
+        .expect("stored");
+    let (first, last) = (3, 401);
+    for wanted in [1, 7, 40, 400] {
+        let sampled = metrics::sampled(&app.db, job_id, (first, last), wanted)
+            .await
+            .expect("sampled");
+        let spacing = ((last - first) / wanted).max(1);
+        let mut expected: Vec<i64> = (0..)
+            .map(|i| first + i * spacing)
+            .take_while(|mark| *mark <= last)
+            .chain([last])
+            .filter_map(|mark| stored.iter().copied().find(|step| *step >= mark))
+            .collect();
+        expected.sort_unstable();
+        expected.dedup();
+        let steps: Vec<i64> = sampled.iter().map(|p| p.step).collect();
+        assert_eq!(steps, expected, "{wanted} points");
+        assert!(
+            sampled
+                .iter()
+                .all(|p| p.training_loss == Some(p.step as f64) && p.gpu_utilization == Some(50)),
+            "each sample is its step's row"
+        );
+    }
 }
 
 async fn metrics_are_read_back_sampled_and_latest(backend: Backend) {
