@@ -88,7 +88,8 @@ impl fmt::Display for GpuChoice {
 
 /// Sets the process's CUDA environment for `choice`. Call it first thing in `main`, before
 /// any thread starts (the environment is not synchronised, and CUDA reads it once). An
-/// operator's own `CUDA_VISIBLE_DEVICES` stands unless it says otherwise than `choice`.
+/// operator's own `CUDA_VISIBLE_DEVICES` stands where it is written as `choice` is; written
+/// otherwise, even for the same GPU, it is refused rather than guessed at.
 pub fn apply(choice: Option<&GpuChoice>) -> Result<(), String> {
     let order = std::env::var_os(DEVICE_ORDER);
     let listed = std::env::var(VISIBLE_DEVICES).ok();
@@ -114,8 +115,8 @@ fn visible_devices_for(
     let wanted = choice.to_string();
     match listed {
         Some(listed) if listed.trim() != wanted => Err(format!(
-            "gpu = {wanted:?} and {VISIBLE_DEVICES}={listed:?} in the environment name other \
-             GPUs: set one of them"
+            "gpu = {wanted:?} and {VISIBLE_DEVICES}={listed:?} in the environment disagree: \
+             set one of them"
         )),
         Some(_) => Ok(None),
         None => Ok(Some(wanted)),

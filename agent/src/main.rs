@@ -20,12 +20,12 @@ enum Command {
 static ALLOCATOR: allocator::MiMalloc = allocator::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
-    let Command::Run(flags) = Cli::parse().command;
-    let config = agent::config::AgentConfig::load(flags).map_err(anyhow::Error::msg)?;
     // Before the runtime starts its threads: mimalloc's options and the environment are
     // not synchronised, and CUDA reads its variables once.
     allocator::keep_freed_memory();
     trainer::train::shorten_candle_spin();
+    let Command::Run(flags) = Cli::parse().command;
+    let config = agent::config::AgentConfig::load(flags).map_err(anyhow::Error::msg)?;
     agent::gpu_choice::apply(config.gpu.as_ref()).map_err(anyhow::Error::msg)?;
     run(config)
 }

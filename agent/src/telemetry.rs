@@ -8,9 +8,9 @@ use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
 use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::{EventSet, Nvml};
 use protocol::agent::{GpuTelemetry, HostTelemetry};
+use sysinfo::{Disks, System};
 
 use crate::gpu_choice::{self, HostGpu};
-use sysinfo::{Disks, System};
 
 pub struct Probe {
     /// Lives as long as the agent: leaked so the XID event set can borrow it.

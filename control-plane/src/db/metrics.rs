@@ -28,15 +28,6 @@ pub struct MetricPoint {
 const COLUMNS: &str = "step, epoch, training_loss, validation_loss, learning_rate, grad_norm, \
                        tokens_per_second, gpu_utilization, memory_used_gb, recorded_at";
 
-/// [`COLUMNS`], each qualified by `table`.
-fn qualified_columns(table: &str) -> String {
-    COLUMNS
-        .split(',')
-        .map(|column| format!("{table}.{}", column.trim()))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
 /// Metric rows per INSERT: 13 parameters each, well under SQLite's 32,766 (and
 /// PostgreSQL's 65,535) bound parameters per statement.
 pub(crate) const ROWS_PER_INSERT: usize = 1_000;
@@ -204,12 +195,11 @@ pub async fn sampled(
         // the sampled steps as the outer loop.
         Db::Sqlite(_) => format!(
             "{marks},
-             sampled(step) AS (SELECT $4 UNION SELECT (SELECT MIN(m.step) FROM training_metrics m
+             sampled(at) AS (SELECT $4 UNION SELECT (SELECT MIN(m.step) FROM training_metrics m
                  WHERE m.job_id = $1 AND m.step >= marks.step) FROM marks)
-             SELECT {point_columns} FROM sampled CROSS JOIN training_metrics point
-             WHERE point.job_id = $1 AND point.step = sampled.step
-             ORDER BY point.step",
-            point_columns = qualified_columns("point"),
+             SELECT {COLUMNS} FROM sampled CROSS JOIN training_metrics
+             WHERE job_id = $1 AND step = sampled.at
+             ORDER BY step"
         ),
         // One seek a mark, straight to its row.
         Db::Postgres(_) => format!(
